@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install (when missing) and start what specgate's tests and demo need on a Debian machine:
+# PostgreSQL, Redis, dcmtk, Orthanc, dicom3tools. Idempotent; safe to run on every `make test`.
+# Needs root (or sudo) only for what is missing.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+need=()
+command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
+command -v redis-server  >/dev/null 2>&1 || need+=(redis-server)
+command -v storescu      >/dev/null 2>&1 || need+=(dcmtk)
+command -v Orthanc       >/dev/null 2>&1 || need+=(orthanc)
+command -v dciodvfy      >/dev/null 2>&1 || need+=(dicom3tools)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "installing Debian packages: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# Debian's orthanc package starts a system Orthanc on 4242/8042; the tests run their own on free ports.
+
+# PostgreSQL: start the cluster when it is not answering on 127.0.0.1:5432.
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  ver=$(ls /etc/postgresql | sort -n | tail -1)
+  echo "starting PostgreSQL $ver"
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start
+  for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
+  pg_isready -h 127.0.0.1 -p 5432
+fi
+# The tests connect as root over TCP: make sure that role exists and may log in from loopback.
+if ! psql -h 127.0.0.1 -U root -d postgres -tAc "select 1" >/dev/null 2>&1; then
+  echo "creating PostgreSQL superuser 'root' for the tests (loopback, trust)"
+  $SUDO su postgres -c "psql -tAc \"select 1 from pg_roles where rolname='root'\" | grep -q 1 || createuser -s root"
+  hba=$($SUDO su postgres -c "psql -tAc 'show hba_file'")
+  if ! $SUDO grep -q "specgate-tests" "$hba"; then
+    $SUDO sed -i "1i host all root 127.0.0.1/32 trust # specgate-tests" "$hba"
+    $SUDO su postgres -c "psql -tAc 'select pg_reload_conf()'" >/dev/null
+  fi
+  psql -h 127.0.0.1 -U root -d postgres -tAc "select 1" >/dev/null
+fi
+
+# Redis: start it when it does not answer.
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "starting Redis"
+  $SUDO mkdir -p /var/lib/redis /var/log/redis
+  $SUDO redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  for _ in $(seq 1 40); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.25; done
+  redis-cli -h 127.0.0.1 -p 6379 ping
+fi
+echo "services ready: PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379, dcmtk, Orthanc, dicom3tools"

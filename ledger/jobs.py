@@ -1,0 +1,126 @@
+"""Job state transitions, allowed or refused in one place.
+
+A move is one conditional UPDATE (``... WHERE id = :id AND state = :from``) plus its audit event, in the
+caller's transaction. Two processes moving the same job at once: the database lets exactly one UPDATE
+match; the other gets :class:`StaleTransition` (or :class:`IllegalTransition` if it reads the new state
+first). Both are :class:`TransitionError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from . import audit
+from .schema import Job, JobState, Study, utcnow
+
+__all__ = [
+    "ALLOWED",
+    "TERMINAL",
+    "IllegalTransition",
+    "StaleTransition",
+    "TransitionError",
+    "create_job",
+    "is_allowed",
+    "transition",
+]
+
+S = JobState
+ALLOWED: Mapping[JobState, frozenset[JobState]] = {
+    S.RECEIVING: frozenset({S.QUEUED, S.SUPERSEDED, S.FAILED}),
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.SUPERSEDED}),
+    # running -> queued: the attempt died (worker killed, time limit) and is retried within max_attempts.
+    S.RUNNING: frozenset({S.RELEASED, S.HELD, S.FAILED, S.QUEUED, S.SUPERSEDED}),
+    S.RELEASED: frozenset({S.SENT, S.FAILED, S.SUPERSEDED}),
+    S.HELD: frozenset({S.APPROVED, S.REJECTED, S.SUPERSEDED}),
+    S.APPROVED: frozenset({S.SENT, S.FAILED}),
+    # failed -> queued only by an operator's explicit retry (audited), never automatically.
+    S.FAILED: frozenset({S.QUEUED}),
+    S.REJECTED: frozenset(),
+    S.SENT: frozenset(),
+    S.SUPERSEDED: frozenset(),
+}
+TERMINAL = frozenset(s for s, nxt in ALLOWED.items() if not nxt)
+
+
+class TransitionError(RuntimeError):
+    """A job could not be moved to the state asked for."""
+
+
+class IllegalTransition(TransitionError):
+    def __init__(self, job_id: int, current: JobState, to: JobState) -> None:
+        allowed = ", ".join(sorted(ALLOWED[current])) or "none (terminal state)"
+        super().__init__(f"job {job_id}: {current} -> {to} is not allowed (from {current}: {allowed})")
+        self.job_id, self.current, self.to = job_id, current, to
+
+
+class StaleTransition(TransitionError):
+    def __init__(self, job_id: int, expected: JobState, to: JobState) -> None:
+        super().__init__(f"job {job_id}: was no longer {expected} when moving it to {to} (another process moved it)")
+        self.job_id, self.expected, self.to = job_id, expected, to
+
+
+def is_allowed(current: JobState | str, to: JobState | str) -> bool:
+    return JobState(to) in ALLOWED[JobState(current)]
+
+
+def create_job(session: Session, study: Study, *, actor: str, state: JobState = JobState.QUEUED,
+               series_instance_uid: str | None = None, rule_name: str | None = None,
+               max_attempts: int = 3, details: Mapping[str, Any] | None = None) -> Job:
+    """Create the next version of ``study``'s job, audited. Earlier unfinished versions are superseded."""
+    if state not in (JobState.RECEIVING, JobState.QUEUED):
+        raise ValueError(f"a new job starts as receiving or queued, not {state}")
+    last = session.execute(select(func.max(Job.version)).where(Job.study_id == study.id)).scalar()
+    job = Job(study_id=study.id, version=(last or 0) + 1, state=state, series_instance_uid=series_instance_uid,
+              rule_name=rule_name, max_attempts=max_attempts)
+    session.add(job)
+    session.flush()
+    audit.append(session, actor=actor, action="job.created", object_type="job", object_id=job.id,
+                 details={"study_id": study.id, "version": job.version, "state": str(state),
+                          "series_instance_uid": series_instance_uid, "rule": rule_name, **(details or {})})
+    return job
+
+
+def transition(session: Session, job_id: int, to: JobState | str, *, actor: str,
+               expect: JobState | str | None = None, reason_code: str | None = None,
+               reason_detail: str | None = None, details: Mapping[str, Any] | None = None,
+               **fields: Any) -> Job:
+    """Move job ``job_id`` to ``to`` if that is allowed from its current state; audit the move.
+
+    ``expect`` pins the state the caller believes the job is in (refused if it is not). ``fields`` are
+    extra columns to set in the same UPDATE (``attempts``, ``worker_id``...). Raises :class:`TransitionError`.
+    """
+    to = JobState(to)
+    current = session.execute(select(Job.state).where(Job.id == job_id)).scalar()
+    if current is None:
+        raise LookupError(f"job {job_id} does not exist")
+    current = JobState(current)
+    if expect is not None and JobState(expect) != current:
+        raise StaleTransition(job_id, JobState(expect), to)
+    if to not in ALLOWED[current]:
+        raise IllegalTransition(job_id, current, to)
+    now = utcnow()
+    values: dict[str, Any] = {"state": to, "updated_at": now, **fields}
+    if reason_code is not None or to == JobState.FAILED:
+        values["reason_code"] = reason_code or "unspecified"
+        values["reason_detail"] = reason_detail
+    if to in TERMINAL:
+        values["finished_at"] = now
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.state == current).values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        raise StaleTransition(job_id, current, to)
+    body: dict[str, Any] = {"from": str(current), "to": str(to)}
+    if reason_code is not None or to == JobState.FAILED:
+        body["reason_code"] = values["reason_code"]
+    if details:
+        body.update(details)
+    audit.append(session, actor=actor, action=f"job.{to}", object_type="job", object_id=job_id, details=body)
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    return job

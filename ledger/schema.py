@@ -1,0 +1,250 @@
+"""The ledger's tables (SQLAlchemy 2 typed models): the source of truth for what exists and in which state.
+
+The broker only carries wake-up calls; everything a process must not forget is a row here. Every change of
+schema is an Alembic migration in ``migrations/``; this module and the newest migration must agree (a test
+compares them).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "AuditEvent",
+    "Base",
+    "Delivery",
+    "DeliveryState",
+    "Instance",
+    "Job",
+    "JobState",
+    "Result",
+    "Review",
+    "ReviewDecision",
+    "Series",
+    "Study",
+    "User",
+    "utcnow",
+]
+
+UID = String(64)
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSONType}
+
+
+class JobState(enum.StrEnum):
+    """Job states (ARCHITECTURE.md, "Job states"). Allowed moves live in :mod:`ledger.jobs`."""
+
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    RUNNING = "running"
+    RELEASED = "released"
+    HELD = "held"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    SENT = "sent"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class ReviewDecision(enum.StrEnum):
+    APPROVE = "approve"
+    REJECT = "reject"
+
+
+def _enum(e: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK constraint: portable, readable in SQL reports.
+    return Enum(e, name=name, native_enum=False, create_constraint=True, length=16,
+                values_callable=lambda x: [m.value for m in x])
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # Set when the study's quiet period ended and its instances were handed to a job (or to no job).
+    assembled_at: Mapped[datetime | None] = mapped_column(default=None)
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.version")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="RESTRICT"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="RESTRICT"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(UID)
+    spool_path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("study_id", "version", name="uq_jobs_study_version"),
+        Index("ix_jobs_state_updated", "state", "updated_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="RESTRICT"), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.QUEUED)
+    series_instance_uid: Mapped[str | None] = mapped_column(UID, default=None)
+    rule_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    reason_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    reason_detail: Mapped[str | None] = mapped_column(Text, default=None)
+    worker_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    task_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    results: Mapped[list[Result]] = relationship(back_populates="job")
+    reviews: Mapped[list[Review]] = relationship(back_populates="job", order_by="Review.id")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
+
+
+class Result(Base):
+    __tablename__ = "results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), unique=True)
+    seg_path: Mapped[str] = mapped_column(String(512))
+    seg_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    seg_series_instance_uid: Mapped[str] = mapped_column(UID)
+    prob_path: Mapped[str | None] = mapped_column(String(512), default=None)
+    evidence_path: Mapped[str | None] = mapped_column(String(512), default=None)
+    oodm: Mapped[float] = mapped_column(Float)
+    tau: Mapped[float] = mapped_column(Float)
+    is_ood: Mapped[bool] = mapped_column(Boolean)
+    model_id: Mapped[str] = mapped_column(String(128))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    job: Mapped[Job] = relationship(back_populates="results")
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str | None] = mapped_column(String(128), default=None)
+    password_hash: Mapped[str | None] = mapped_column(String(256), default=None)
+    role: Mapped[str] = mapped_column(String(32), default="radiologist")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Review(Base):
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
+    username: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[ReviewDecision] = mapped_column(_enum(ReviewDecision, "review_decision"))
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    job: Mapped[Job] = relationship(back_populates="reviews")
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "destination", name="uq_deliveries_result_destination"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="RESTRICT"))
+    destination: Mapped[str] = mapped_column(String(64))
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState, "delivery_state"),
+                                                 default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)
+    job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class AuditEvent(Base):
+    """One row of the append-only, hash-chained audit trail (see :mod:`ledger.audit`).
+
+    Database triggers refuse UPDATE and DELETE on this table (migration 0001).
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_object", "object_type", "object_id"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    ts: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    object_type: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[str] = mapped_column(String(128))
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)

@@ -1,0 +1,59 @@
+"""Alembic environment. It shares the application's Settings (STYLE.md habit 10).
+
+``specgate db upgrade`` passes its Settings in ``config.attributes["settings"]``; a bare ``alembic`` command
+run from the repository builds them the same way the CLI does (environment, then defaults).
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import Connection
+
+from ledger.db import open_engine
+from ledger.schema import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    settings = config.attributes.get("settings")
+    if settings is None:
+        from specgate.settings import Settings
+
+        settings = Settings.load()
+    return str(settings.db_url)
+
+
+def _run(connection: Connection) -> None:
+    context.configure(connection=connection, target_metadata=target_metadata,
+                      render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
+                      render_as_batch=_url().startswith("sqlite"))
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run(connection)
+        return
+    engine = open_engine(_url())
+    try:
+        with engine.connect() as conn:
+            _run(conn)
+            conn.commit()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,351 @@
+"""One typed settings object for every specgate process.
+
+Values come from, in order of precedence: keyword arguments (tests), environment variables with the
+prefix ``SPECGATE_``, an optional TOML file (``specgate --config FILE``), then the defaults below. The
+settings are built once, by the CLI, and passed down; nothing in specgate reads the environment anywhere
+else. A value that makes no sense stops start-up with a message naming the setting::
+
+    >>> Settings(scp_port=11112).scp_port
+    11112
+    >>> Settings(scp_port=0)
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for Settings
+    ...
+
+Comma-separated list settings (``SPECGATE_ALLOWED_CALLERS``, ``SPECGATE_DESTINATIONS``) are parsed here,
+at the boundary, into small typed records.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = [
+    "AllowedCaller",
+    "Destination",
+    "SeriesRule",
+    "Settings",
+    "SettingsError",
+    "validate_ae_title",
+]
+
+ENV_PREFIX = "SPECGATE_"
+_AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
+_HOST_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.\-]*|\[?[0-9A-Fa-f:]+\]?)$")
+
+
+class SettingsError(ValueError):
+    """Start-up configuration is invalid; the message names the setting(s) and value(s)."""
+
+
+def validate_ae_title(value: str, *, what: str = "AE title") -> str:
+    """Return ``value`` if it is a valid DICOM AE title (PS3.5 AE VR), else raise ``ValueError``.
+
+    1 to 16 characters of the default repertoire, no backslash or control characters, not only spaces.
+    Leading/trailing spaces are not significant and are stripped.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r}")
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError(f"{what} {value!r} is empty")
+    if len(stripped) > 16:
+        raise ValueError(f"{what} {value!r} is longer than 16 characters")
+    if _AE_FORBIDDEN.search(stripped) or not stripped.isascii():
+        raise ValueError(f"{what} {value!r} contains a backslash, a control or a non-ASCII character")
+    return stripped
+
+
+def _validate_host(host: str, *, allow_wildcard: bool) -> str:
+    host = host.strip()
+    if not host or not _HOST_RE.match(host) or (host == "*" and not allow_wildcard):
+        raise ValueError(f"host {host!r} is not a host name or IP address")
+    return host.strip("[]")
+
+
+class AllowedCaller(BaseModel):
+    """One entry of ``SPECGATE_ALLOWED_CALLERS``: ``AE_TITLE@HOST`` where HOST may be ``*``."""
+
+    model_config = ConfigDict(frozen=True)
+    ae_title: str
+    host: str
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedCaller:
+        if text.count("@") != 1:
+            raise ValueError(f"allowed caller {text!r} is not of the form AE_TITLE@HOST")
+        ae, host = text.rsplit("@", 1)
+        return cls(ae_title=validate_ae_title(ae, what="allowed caller AE title"),
+                   host=_validate_host(host, allow_wildcard=True))
+
+    def matches(self, ae_title: str, host: str) -> bool:
+        return ae_title.strip() == self.ae_title and (self.host == "*" or self.host == host)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}"
+
+
+class Destination(BaseModel):
+    """One entry of ``SPECGATE_DESTINATIONS``: ``NAME=AE_TITLE@HOST:PORT``."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*=\s*([^@]+)@(.+):(\d+)\s*", text)
+        if not m:
+            raise ValueError(f"destination {text!r} is not of the form NAME=AE_TITLE@HOST:PORT")
+        name, ae, host, port = m.groups()
+        return cls(name=name, ae_title=validate_ae_title(ae, what="destination AE title"),
+                   host=_validate_host(host, allow_wildcard=False), port=int(port))
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
+
+
+class SeriesRule(BaseModel):
+    """Which series are segmented, and as what (TOML ``[[rules]]`` tables).
+
+    Every condition that is set must match; unset conditions match anything.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    calling_ae: str | None = None
+    modalities: tuple[str, ...] = ("CT", "MR")
+    body_part: str | None = Field(default=None, description="regex, matched case-insensitively")
+    series_description: str | None = Field(default=None, description="regex, matched case-insensitively")
+    min_slices: int = Field(default=16, ge=1)
+    model: str = "default"
+    segment_label: str = "Organ"
+    # SNOMED CT codes: (code value, coding scheme designator, code meaning)
+    category_code: tuple[str, str, str] = ("123037004", "SCT", "Anatomical Structure")
+    type_code: tuple[str, str, str] = ("91723000", "SCT", "Anatomical Structure")
+
+    @field_validator("body_part", "series_description")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"regex {v!r} does not compile: {exc}") from exc
+        return v
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        return tuple(str(m).upper() for m in v)
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part for part in (p.strip() for p in value.split(",")) if part]
+    return value
+
+
+class Settings(BaseSettings):
+    """All of specgate's configuration. Environment names are ``SPECGATE_`` + the field name, upper case."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # --- storage -----------------------------------------------------------------------------------
+    data_dir: Path = Field(default=Path("./specgate-data"),
+                           description="spool, results and the embedded database")
+    database_url: str | None = Field(default=None,
+                                     description="SQLAlchemy URL; default: SQLite file in the data dir")
+    broker_url: str | None = Field(default=None,
+                                   description="Celery broker; default: one that needs no server")
+
+    # --- DICOM SCP ---------------------------------------------------------------------------------
+    scp_ae_title: str = "SPECGATE"
+    scp_host: str = "127.0.0.1"
+    scp_port: int = Field(default=11112, ge=1, le=65535)
+    allowed_callers: Annotated[list[AllowedCaller], NoDecode] = Field(default_factory=list)
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    study_quiet_seconds: float = Field(default=60.0, gt=0)
+    scp_max_associations: int = Field(default=10, ge=1, le=1000)
+    scp_acse_timeout: float = Field(default=30.0, gt=0)
+    scp_dimse_timeout: float = Field(default=60.0, gt=0)
+    scp_network_timeout: float = Field(default=60.0, gt=0)
+    scp_max_pdu: int = Field(default=65536, ge=0, description="0 means unlimited")
+    scp_require_called_ae: bool = True
+    scp_tls_cert: Path | None = None
+    scp_tls_key: Path | None = None
+    scp_tls_ca: Path | None = None
+    scp_tls_require_client_cert: bool = False
+    spool_disk_watermark_percent: float = Field(default=95.0, gt=0, le=100,
+                                                description="refuse C-STORE above this disk usage")
+
+    # --- routing -----------------------------------------------------------------------------------
+    rules: list[SeriesRule] = Field(default_factory=lambda: [SeriesRule(name="default-ct-mr")])
+
+    # --- logging -----------------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _parse_callers(cls, v: Any) -> Any:
+        v = _split_csv(v)
+        return [AllowedCaller.parse(x) if isinstance(x, str) else x for x in v]
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, v: Any) -> Any:
+        v = _split_csv(v)
+        return [Destination.parse(x) if isinstance(x, str) else x for x in v]
+
+    @field_validator("scp_ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return validate_ae_title(v, what="SCP AE title")
+
+    @field_validator("scp_host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _validate_host(v, allow_wildcard=False)
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not re.match(r"^(sqlite|postgresql(\+psycopg)?)://", v):
+            raise ValueError(f"database URL must start with sqlite:// or postgresql+psycopg://, got {v.split('://')[0]!r}")
+        if v.startswith("postgresql://"):
+            v = "postgresql+psycopg://" + v[len("postgresql://"):]
+        return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not re.match(r"^(redis|rediss|memory|filesystem|sqla\+[a-z+]+)://", v):
+            raise ValueError(f"broker URL must be redis://, rediss:// or filesystem://, got {v.split('://')[0]!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> Settings:
+        if (self.scp_tls_cert is None) != (self.scp_tls_key is None):
+            raise ValueError("scp_tls_cert and scp_tls_key must be set together")
+        if self.scp_tls_require_client_cert and (self.scp_tls_cert is None or self.scp_tls_ca is None):
+            raise ValueError("scp_tls_require_client_cert needs scp_tls_cert, scp_tls_key and scp_tls_ca")
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    # --- derived values ----------------------------------------------------------------------------
+    @property
+    def db_url(self) -> str:
+        """The database URL in effect (the embedded SQLite file unless ``database_url`` is set)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'specgate.db').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.scp_tls_cert is not None
+
+    def destination(self, name: str) -> Destination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise SettingsError(f"unknown destination {name!r} (SPECGATE_DESTINATIONS: {known})")
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
+        """Build the settings: overrides > environment > TOML file > defaults.
+
+        Raises :class:`SettingsError` with one line per bad setting, naming its environment variable.
+        """
+        unknown = sorted(k for k in os.environ
+                         if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in cls.model_fields)
+        if unknown:
+            raise SettingsError("unknown setting(s) in the environment (a typo?): " + ", ".join(unknown))
+        toml_values: dict[str, Any] = {}
+        if config_file is not None:
+            try:
+                toml_values = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+            except FileNotFoundError as exc:
+                raise SettingsError(f"config file {str(config_file)!r} does not exist") from exc
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise SettingsError(f"config file {str(config_file)!r} is not valid TOML: {exc}") from exc
+
+        class _FromFile(cls):  # type: ignore[valid-type, misc]
+            @classmethod
+            def settings_customise_sources(
+                cls_,
+                settings_cls: type[BaseSettings],
+                init_settings: PydanticBaseSettingsSource,
+                env_settings: PydanticBaseSettingsSource,
+                dotenv_settings: PydanticBaseSettingsSource,
+                file_secret_settings: PydanticBaseSettingsSource,
+            ) -> tuple[PydanticBaseSettingsSource, ...]:
+                return (init_settings, env_settings, _DictSource(settings_cls, toml_values))
+
+        try:
+            built = _FromFile(**overrides)
+        except ValidationError as exc:
+            raise SettingsError(describe_validation_error(exc)) from exc
+        return cls.model_validate(built.model_dump(), context=None) if type(built) is not cls else built
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = err.get("loc") or ()
+        field = str(loc[0]) if loc else "settings"
+        where = f"{ENV_PREFIX}{field.upper()}" if field in Settings.model_fields else field
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"invalid setting {where}: {err.get('msg')}{shown}")
+    return "\n".join(lines)

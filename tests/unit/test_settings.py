@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+
+from specgate.settings import AllowedCaller, Destination, Settings, SettingsError
+
+
+def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
+    s = Settings.load()
+    assert s.data_dir == Path("./specgate-data")
+    assert s.scp_ae_title == "SPECGATE" and s.scp_host == "127.0.0.1" and s.scp_port == 11112
+    assert s.allowed_callers == [] and s.destinations == []
+    assert s.study_quiet_seconds == 60
+    assert s.db_url.startswith("sqlite:///") and s.db_url.endswith("specgate-data/specgate.db")
+    assert s.broker_url is None
+    assert [r.name for r in s.rules] == ["default-ct-mr"]
+    assert s.rules[0].modalities == ("CT", "MR") and s.rules[0].min_slices == 16
+
+
+def test_environment_lists_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPECGATE_ALLOWED_CALLERS", "PACS@10.0.0.5, MODALITY@*")
+    monkeypatch.setenv("SPECGATE_DESTINATIONS", "pacs=ORTHANC@pacs.example.org:4242,archive=ARCH@127.0.0.1:104")
+    monkeypatch.setenv("SPECGATE_SCP_PORT", "11113")
+    s = Settings.load()
+    assert s.allowed_callers == [AllowedCaller(ae_title="PACS", host="10.0.0.5"),
+                                 AllowedCaller(ae_title="MODALITY", host="*")]
+    assert s.allowed_callers[1].matches("MODALITY", "192.0.2.1")
+    assert not s.allowed_callers[0].matches("PACS", "10.0.0.6")
+    assert s.destination("archive") == Destination(name="archive", ae_title="ARCH", host="127.0.0.1", port=104)
+    assert s.scp_port == 11113
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "needle"),
+    [
+        ("SPECGATE_SCP_PORT", "70000", "SPECGATE_SCP_PORT"),
+        ("SPECGATE_SCP_PORT", "http", "SPECGATE_SCP_PORT"),
+        ("SPECGATE_SCP_AE_TITLE", "WAY_TOO_LONG_AE_TITLE", "SPECGATE_SCP_AE_TITLE"),
+        ("SPECGATE_SCP_AE_TITLE", "BAD\\AE", "SPECGATE_SCP_AE_TITLE"),
+        ("SPECGATE_ALLOWED_CALLERS", "NOHOST", "SPECGATE_ALLOWED_CALLERS"),
+        ("SPECGATE_DESTINATIONS", "pacs=ORTHANC@host", "SPECGATE_DESTINATIONS"),
+        ("SPECGATE_DESTINATIONS", "a=X@h:1,a=Y@h:2", "destination names must be unique"),
+        ("SPECGATE_DATABASE_URL", "mysql://x/y", "SPECGATE_DATABASE_URL"),
+        ("SPECGATE_STUDY_QUIET_SECONDS", "0", "SPECGATE_STUDY_QUIET_SECONDS"),
+        ("SPECGATE_DESTINATION", "pacs=ORTHANC@h:1", "SPECGATE_DESTINATION"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_setting(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
+                                                    needle: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as exc:
+        Settings.load()
+    assert needle in str(exc.value)
+
+
+def test_toml_file_is_read_and_environment_overrides_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "specgate.toml"
+    cfg.write_text(
+        'scp_port = 4000\nstudy_quiet_seconds = 5\n'
+        '[[rules]]\nname = "brain-mr"\nmodalities = ["MR"]\nseries_description = "T1"\nmin_slices = 20\n'
+        'segment_label = "Brain"\n'
+    )
+    monkeypatch.setenv("SPECGATE_SCP_PORT", "4001")
+    s = Settings.load(cfg)
+    assert s.scp_port == 4001 and s.study_quiet_seconds == 5
+    assert len(s.rules) == 1 and s.rules[0].name == "brain-mr" and s.rules[0].modalities == ("MR",)
+
+
+def test_toml_unknown_key_and_bad_regex_are_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("scp_prot = 4000\n")
+    with pytest.raises(SettingsError, match="scp_prot"):
+        Settings.load(cfg)
+    cfg.write_text('[[rules]]\nname = "x"\nseries_description = "(unclosed"\n')
+    with pytest.raises(SettingsError, match="does not compile"):
+        Settings.load(cfg)
+    with pytest.raises(SettingsError, match="does not exist"):
+        Settings.load(tmp_path / "missing.toml")
+
+
+def test_tls_settings_must_be_consistent(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="together"):
+        Settings.load(scp_tls_cert=tmp_path / "c.pem")
+    with pytest.raises(SettingsError, match="needs"):
+        Settings.load(scp_tls_require_client_cert=True)
+
+
+def test_cli_refuses_bad_settings_naming_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from specgate.cli import main
+
+    result = CliRunner().invoke(main, ["jobs", "list"], env={"SPECGATE_SCP_PORT": "0"})
+    assert result.exit_code == 2
+    assert "SPECGATE_SCP_PORT" in result.output
