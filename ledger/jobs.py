@@ -8,10 +8,10 @@ first). Both are :class:`TransitionError`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from . import audit
@@ -87,11 +87,13 @@ def create_job(session: Session, study: Study, *, actor: str, state: JobState = 
 def transition(session: Session, job_id: int, to: JobState | str, *, actor: str,
                expect: JobState | str | None = None, reason_code: str | None = None,
                reason_detail: str | None = None, details: Mapping[str, Any] | None = None,
-               **fields: Any) -> Job:
+               guard: Sequence[ColumnElement[bool]] = (), **fields: Any) -> Job:
     """Move job ``job_id`` to ``to`` if that is allowed from its current state; audit the move.
 
-    ``expect`` pins the state the caller believes the job is in (refused if it is not). ``fields`` are
-    extra columns to set in the same UPDATE (``attempts``, ``worker_id``...). Raises :class:`TransitionError`.
+    ``expect`` pins the state the caller believes the job is in (refused if it is not). ``guard`` adds
+    conditions to the UPDATE (e.g. ``Job.task_id == mine``: only the attempt that owns the job may finish
+    it); when a guard does not hold the move is a :class:`StaleTransition`. ``fields`` are extra columns to
+    set in the same UPDATE (``attempts``, ``worker_id``...). Raises :class:`TransitionError`.
     """
     to = JobState(to)
     current = session.execute(select(Job.state).where(Job.id == job_id)).scalar()
@@ -110,7 +112,7 @@ def transition(session: Session, job_id: int, to: JobState | str, *, actor: str,
     if to in TERMINAL:
         values["finished_at"] = now
     res = session.execute(
-        update(Job).where(Job.id == job_id, Job.state == current).values(**values)
+        update(Job).where(Job.id == job_id, Job.state == current, *guard).values(**values)
         .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:

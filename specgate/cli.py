@@ -254,5 +254,14 @@ def demo(app: AppContext) -> None:
         click.echo(ledger_audit.verify(session).describe())
 
 
+from ._cli_worker import register as _register_worker  # noqa: E402
+
+_register_worker(main, jobs)
+
+from ._cli_dicom import echo_command, scp_command  # noqa: E402
+
+main.add_command(scp_command)
+main.add_command(echo_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,156 @@
+"""``specgate worker``, ``specgate reconcile`` and the review decisions ``jobs approve|reject|retry``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import click
+
+__all__ = ["register"]
+
+log = logging.getLogger("specgate")
+
+
+def _celery(app: Any, device: str = "cpu") -> Any:
+    from worker.celery_app import make_celery
+
+    return make_celery(app.settings, device=device)
+
+
+def _reconcile_once(app: Any, celery: Any) -> Any:
+    from worker.celery_app import Enqueuer
+    from worker.reconcile import reconcile
+
+    enq = Enqueuer(celery, app.sessions())
+    s = app.settings
+    return reconcile(app.sessions(), enqueue_segment=enq.segment, enqueue_delivery=enq.deliver,
+                     queued_deadline_s=s.queued_deadline_seconds, stale_after_s=s.worker_stale_seconds)
+
+
+def start_reconciler_thread(app: Any, celery: Any, stop: threading.Event) -> threading.Thread:
+    """Run a reconcile pass every ``reconcile_interval_seconds`` until ``stop`` is set."""
+
+    def loop() -> None:
+        while not stop.wait(app.settings.reconcile_interval_seconds):
+            try:
+                _reconcile_once(app, celery)
+            except Exception:  # noqa: BLE001 - the next pass retries; a dead DB must not kill the worker
+                log.warning("reconcile pass failed", exc_info=True)
+
+    t = threading.Thread(target=loop, name="reconciler", daemon=True)
+    t.start()
+    return t
+
+
+@click.command("worker")
+@click.option("--gpu", type=int, default=None, help="Run on this GPU (CUDA index). Without it: the CPU.")
+@click.option("--queues", default="gpu,deliver", show_default=True,
+              help="Queues to consume: 'gpu' (segmentation), 'deliver' (sending results).")
+@click.option("--no-reconcile", is_flag=True, help="Do not run the periodic reconciler in this process.")
+@click.pass_obj
+def worker_command(app: Any, gpu: int | None, queues: str, no_reconcile: bool) -> None:
+    """Run a Celery worker: one process that segments studies (and sends results).
+
+    Start one per GPU (``--gpu 0``, ``--gpu 1``...) on any number of machines sharing the ledger database
+    and the broker. CUDA is initialised only in the process that runs the tasks.
+    """
+    from celery.signals import worker_ready, worker_shutting_down
+
+    device = "cpu"
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before any CUDA call; children inherit it
+        device = "cuda:0"
+    celery = _celery(app, device)
+    stop = threading.Event()
+    if not no_reconcile:
+        worker_ready.connect(lambda **_: start_reconciler_thread(app, celery, stop), weak=False)
+        worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
+    name = f"specgate-{'gpu' + str(gpu) if gpu is not None else 'cpu'}-{os.getpid()}@%h"
+    celery.worker_main([
+        "worker", f"--loglevel={app.settings.log_level}", f"--queues={queues}", "--concurrency=1",
+        "--pool=prefork", f"--hostname={name}", "--without-gossip", "--without-mingle",
+    ])
+
+
+@click.command("reconcile")
+@click.option("--loop", is_flag=True, help="Keep running, one pass every reconcile_interval_seconds.")
+@click.pass_obj
+def reconcile_command(app: Any, loop: bool) -> None:
+    """Enqueue again the jobs the broker lost (queued too long, or running with a dead worker)."""
+    celery = _celery(app)
+    report = _reconcile_once(app, celery)
+    click.echo(report.describe())
+    if loop:
+        stop = threading.Event()
+        try:
+            while not stop.wait(app.settings.reconcile_interval_seconds):
+                click.echo(_reconcile_once(app, celery).describe())
+        except KeyboardInterrupt:
+            pass
+
+
+def _decide(app: Any, job_id: int, user: str, decision: str, reason: str | None) -> None:
+    from ledger.db import session_scope
+    from ledger.reviews import ReviewError, decide
+
+    try:
+        with session_scope(app.sessions()) as s:
+            decide(s, job_id, user=user, decision=decision, reason=reason)
+    except ReviewError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command("approve")
+@click.argument("job_id", type=int)
+@click.option("--user", required=True, help="Who approves (recorded in the audit trail).")
+@click.option("--reason", default=None, help="Optional note.")
+@click.pass_obj
+def approve_command(app: Any, job_id: int, user: str, reason: str | None) -> None:
+    """Approve a held result: it is then sent to every destination."""
+    from worker.celery_app import Enqueuer
+
+    _decide(app, job_id, user, "approve", reason)
+    Enqueuer(_celery(app), app.sessions()).deliver(job_id)
+    click.echo(f"job {job_id} approved by {user}; delivery enqueued")
+
+
+@click.command("reject")
+@click.argument("job_id", type=int)
+@click.option("--user", required=True, help="Who rejects (recorded in the audit trail).")
+@click.option("--reason", required=True, help="Why (required).")
+@click.pass_obj
+def reject_command(app: Any, job_id: int, user: str, reason: str) -> None:
+    """Reject a held result: it is never sent."""
+    _decide(app, job_id, user, "reject", reason)
+    click.echo(f"job {job_id} rejected by {user}")
+
+
+@click.command("retry")
+@click.argument("job_id", type=int)
+@click.option("--user", required=True, help="Who asks for the retry (recorded in the audit trail).")
+@click.pass_obj
+def retry_command(app: Any, job_id: int, user: str) -> None:
+    """Put a failed job back in the queue, with a fresh count of attempts."""
+    from ledger import jobs
+    from ledger.db import session_scope
+    from ledger.schema import JobState
+    from worker.celery_app import Enqueuer
+
+    try:
+        with session_scope(app.sessions()) as s:
+            jobs.transition(s, job_id, JobState.QUEUED, actor=f"user:{user}", expect=JobState.FAILED,
+                            attempts=0, details={"why": "operator retry"})
+    except (jobs.TransitionError, LookupError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    Enqueuer(_celery(app), app.sessions()).segment(job_id)
+    click.echo(f"job {job_id} queued again")
+
+
+def register(main: click.Group, jobs_group: click.Group) -> None:
+    main.add_command(worker_command)
+    main.add_command(reconcile_command)
+    for cmd in (approve_command, reject_command, retry_command):
+        jobs_group.add_command(cmd)

@@ -1,0 +1,113 @@
+"""The Celery application, built from Settings (no module-level app, no work at import).
+
+Queues: ``gpu`` carries one message per study to segment (one worker process per GPU, prefetch 1);
+``deliver`` carries sending results to destinations, so a slow PACS never holds a GPU.
+
+Reliability settings (ARCHITECTURE.md, "Celery"):
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only when its task ends; a
+  worker process killed mid-task puts the message back.
+- ``worker_prefetch_multiplier = 1``: a worker holds one study at a time.
+- Redis ``visibility_timeout`` longer than the longest task, so a running task is never handed to a second
+  worker while the first still works on it.
+- The ledger, not the broker, is the source of truth: attempts are counted there, and the reconciler
+  (:mod:`worker.reconcile`) enqueues again what the broker lost.
+
+The default broker needs no server: kombu's filesystem transport in ``DATA_DIR/broker`` (embedded use and
+the demo; it does not redeliver a message whose worker died; the reconciler does that from the ledger).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+__all__ = ["DELIVER_QUEUE", "GPU_QUEUE", "Enqueuer", "TaskLimits", "broker_url_for", "make_celery"]
+
+GPU_QUEUE = "gpu"
+DELIVER_QUEUE = "deliver"
+SEGMENT_TASK = "specgate.segment"
+DELIVER_TASK = "specgate.deliver"
+
+
+class TaskLimits:
+    """Time limits (seconds). The visibility timeout must outlast the hard limit."""
+
+    segment_soft = 1800
+    segment_hard = 2100
+    deliver_soft = 900
+    deliver_hard = 1000
+    visibility_timeout = 2 * 3600
+
+
+def broker_url_for(settings: Any) -> str:
+    return settings.broker_url or "filesystem://"
+
+
+def _filesystem_options(data_dir: Path) -> dict[str, Any]:
+    folder = (data_dir / "broker" / "queue").resolve()
+    processed = (data_dir / "broker" / "processed").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    processed.mkdir(parents=True, exist_ok=True)
+    return {"data_folder_in": str(folder), "data_folder_out": str(folder), "processed_folder": str(processed),
+            "store_processed": False}
+
+
+def make_celery(settings: Any, *, device: str = "cpu") -> Celery:
+    """The Celery app for these settings, with specgate's tasks registered (see :mod:`worker.tasks`)."""
+    broker = broker_url_for(settings)
+    app = Celery("specgate", broker=broker, set_as_current=False)
+    transport_options: dict[str, Any] = {"visibility_timeout": TaskLimits.visibility_timeout}
+    if broker.startswith("filesystem://"):
+        transport_options = _filesystem_options(Path(settings.data_dir))
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=GPU_QUEUE,
+        task_routes={SEGMENT_TASK: {"queue": GPU_QUEUE}, DELIVER_TASK: {"queue": DELIVER_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=10,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_annotations={
+            SEGMENT_TASK: {"soft_time_limit": TaskLimits.segment_soft, "time_limit": TaskLimits.segment_hard},
+            DELIVER_TASK: {"soft_time_limit": TaskLimits.deliver_soft, "time_limit": TaskLimits.deliver_hard},
+        },
+    )
+    from .tasks import register_tasks
+
+    register_tasks(app, settings, device=device)
+    return app
+
+
+class Enqueuer:
+    """Send wake-up calls to the workers, recording in the ledger when a queued job was last enqueued.
+
+    This is the DICOM node's enqueue hook (``on_job_queued``) and what the CLI and the review app call.
+    """
+
+    def __init__(self, app: Celery, sessions: Any) -> None:
+        self._app, self._sessions = app, sessions
+
+    def segment(self, job_id: int) -> None:
+        from ledger.db import session_scope
+
+        from .reconcile import mark_enqueued
+
+        with session_scope(self._sessions) as s:
+            mark_enqueued(s, job_id)
+        self._app.send_task(SEGMENT_TASK, args=[int(job_id)])
+
+    def deliver(self, job_id: int) -> None:
+        self._app.send_task(DELIVER_TASK, args=[int(job_id)])
+
+    __call__ = segment

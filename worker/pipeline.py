@@ -1,0 +1,272 @@
+"""One study, from its job row to a gated DICOM-SEG: load -> infer -> gate -> encode -> route or hold.
+
+Every step that must not be forgotten is in the ledger:
+
+1. **Claim** (:func:`claim`): ``queued -> running`` in one conditional UPDATE that also counts the attempt
+   and records which task owns the job. A job found ``running`` whose heartbeat is stale (its worker died)
+   is taken back (``running -> queued -> running``) and counted as a new attempt. A job that has used its
+   attempts ends ``failed`` (``attempts_exhausted``): a study that kills the worker every time never loops.
+2. **Work**, with a heartbeat thread: the series is loaded (``worker.series``; a bad series fails at once
+   with its reason code, no retry), segmented and gated (``worker.segmenter``), encoded as DICOM-SEG
+   (``worker.seg``) whose UIDs derive from (installation, study, job, version): a re-run writes the same
+   object. The probability map and the gate's evidence are kept beside it for review.
+3. **Route or hold** (:func:`finish`): a ``results`` row and ``running -> released`` (OODM <= tau) or
+   ``running -> held``, guarded by the task id, so only the attempt that owns the job finishes it.
+
+Delivery (``released``/``approved`` -> ``sent``) is a separate task on the ``deliver`` queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ledger import audit, jobs
+from ledger.db import session_scope
+from ledger.schema import Instance, Job, JobState, Result, Series, utcnow
+
+__all__ = ["Claim", "PipelineConfig", "StudyOutcome", "claim", "job_paths", "run_job"]
+
+log = logging.getLogger("specgate.worker")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    results_dir: Path
+    installation: str
+    heartbeat_s: float = 10.0
+    stale_after_s: float = 120.0
+    actor: str = "worker"
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: int
+    task_id: str
+    attempt: int
+    version: int
+    study_instance_uid: str
+    series_instance_uid: str | None
+    rule_name: str | None
+
+
+@dataclass
+class StudyOutcome:
+    job_id: int
+    state: str
+    reason_code: str | None = None
+    oodm: float | None = None
+    tau: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as_aware(ts: Any) -> Any:
+    from datetime import UTC
+
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+
+
+def claim(sessions: sessionmaker[Session], job_id: int, *, task_id: str, worker_id: str,
+          stale_after_s: float, actor: str = "worker") -> Claim | None:
+    """Take job ``job_id`` for this attempt, or return None if it is not ours to run (already taken,
+    finished, superseded) or has used up its attempts (then it is moved to ``failed``)."""
+    with session_scope(sessions) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            log.warning("job %s does not exist; message dropped", job_id)
+            return None
+        now = utcnow()
+        if job.state == JobState.RUNNING:
+            beat = _as_aware(job.heartbeat_at)
+            # The same task id means this message was re-delivered because its worker died mid-task.
+            redelivered = job.task_id == task_id[:64]
+            if not redelivered and beat is not None and now - beat < timedelta(seconds=stale_after_s):
+                log.info("job %s is running elsewhere (heartbeat %.0fs ago); skipped", job_id,
+                         (now - beat).total_seconds())
+                return None
+            jobs.transition(s, job_id, JobState.QUEUED, actor=actor, expect=JobState.RUNNING,
+                            reason_code="worker_lost",
+                            guard=[Job.task_id == job.task_id, Job.heartbeat_at == job.heartbeat_at],
+                            details={"previous_task": job.task_id})
+            s.refresh(job)
+        if job.state != JobState.QUEUED:
+            log.info("job %s is %s; nothing to do", job_id, job.state)
+            return None
+        if job.attempts >= job.max_attempts:
+            jobs.transition(s, job_id, JobState.FAILED, actor=actor, reason_code="attempts_exhausted",
+                            reason_detail=f"{job.attempts} attempts did not finish (last: {job.reason_code})")
+            return None
+        job = jobs.transition(s, job_id, JobState.RUNNING, actor=actor, expect=JobState.QUEUED,
+                              attempts=job.attempts + 1, task_id=task_id[:64], worker_id=worker_id[:128],
+                              heartbeat_at=now, reason_code=None, reason_detail=None,
+                              details={"attempt": job.attempts + 1, "worker": worker_id[:128]})
+        return Claim(job_id=job.id, task_id=task_id, attempt=job.attempts, version=job.version,
+                     study_instance_uid=job.study.study_instance_uid,
+                     series_instance_uid=job.series_instance_uid, rule_name=job.rule_name)
+
+
+class Heartbeat:
+    """Refresh ``jobs.heartbeat_at`` while the attempt works, so the reconciler knows it is alive."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: int, task_id: str, every_s: float) -> None:
+        self._sessions, self._job_id, self._task_id, self._every = sessions, job_id, task_id, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        from sqlalchemy import update
+
+        while not self._stop.wait(self._every):
+            try:
+                with session_scope(self._sessions) as s:
+                    s.execute(update(Job).where(Job.id == self._job_id, Job.task_id == self._task_id,
+                                                Job.state == JobState.RUNNING)
+                              .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False))
+            except Exception:  # noqa: BLE001 - a missed beat is not fatal; the next one may land
+                log.warning("heartbeat for job %s failed", self._job_id, exc_info=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def job_paths(results_dir: Path, job_id: int, version: int) -> dict[str, Path]:
+    base = results_dir / f"job-{job_id:08d}-v{version}"
+    return {"dir": base, "seg": base / "seg.dcm", "prob": base / "probability.npz",
+            "evidence": base / "evidence.json", "preview": base / "preview.png"}
+
+
+def _series_files(sessions: sessionmaker[Session], series_uid: str | None) -> list[Path]:
+    with session_scope(sessions) as s:
+        q = select(Instance.spool_path).join(Series).where(Series.series_instance_uid == series_uid)
+        return [Path(p) for p in s.execute(q.order_by(Instance.id)).scalars()]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_probability(path: Path, prob_fg: np.ndarray) -> None:
+    # uint8 quantisation (1/255 steps) keeps a 512x512x300 map near 80 MB uncompressed, ~10x less zipped.
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, prob_fg_u8=np.round(np.clip(prob_fg, 0, 1) * 255).astype(np.uint8),
+                        scale=np.float32(1 / 255))
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def fail(sessions: sessionmaker[Session], c: Claim, reason_code: str, detail: str, *, actor: str) -> None:
+    with session_scope(sessions) as s:
+        jobs.transition(s, c.job_id, JobState.FAILED, actor=actor, expect=JobState.RUNNING,
+                        reason_code=reason_code, reason_detail=detail[:2000], guard=[Job.task_id == c.task_id])
+
+
+def retry_or_fail(sessions: sessionmaker[Session], c: Claim, exc: BaseException, *, actor: str) -> bool:
+    """After an unexpected error: back to ``queued`` if attempts remain (True), else ``failed``."""
+    detail = f"{type(exc).__name__}: {exc}"[:2000]
+    with session_scope(sessions) as s:
+        job = s.get(Job, c.job_id)
+        assert job is not None
+        if job.attempts < job.max_attempts:
+            jobs.transition(s, c.job_id, JobState.QUEUED, actor=actor, expect=JobState.RUNNING,
+                            reason_code="attempt_failed", reason_detail=detail, heartbeat_at=utcnow(),
+                            guard=[Job.task_id == c.task_id])
+            return True
+        jobs.transition(s, c.job_id, JobState.FAILED, actor=actor, expect=JobState.RUNNING,
+                        reason_code="error", reason_detail=detail, guard=[Job.task_id == c.task_id])
+        return False
+
+
+def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, segmenter: Any,
+            rules: dict[str, Any]) -> StudyOutcome:
+    """Run one claimed job to ``released``/``held`` (or raise). ``SeriesError`` ends it ``failed``."""
+    from .seg import derive_uid, encode_seg, write_seg
+    from .series import SeriesError, load_series
+
+    timings: dict[str, float] = {}
+    paths = job_paths(cfg.results_dir, c.job_id, c.version)
+    rule = rules.get(c.rule_name or "") or next(iter(rules.values()))
+    with Heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
+        t0 = time.perf_counter()
+        files = _series_files(sessions, c.series_instance_uid)
+        try:
+            if not files:
+                raise SeriesError("no_instances", f"series {c.series_instance_uid} has no stored instances")
+            volume = load_series(files)
+        except SeriesError as exc:
+            fail(sessions, c, exc.reason_code, str(exc), actor=cfg.actor)
+            return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
+        timings["load"] = time.perf_counter() - t0
+
+        out = segmenter.segment(volume.array, volume.modality, spacing=volume.spacing)
+        timings.update(out.timings)
+
+        t0 = time.perf_counter()
+        seg_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "seg")
+        series_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "series")
+        ds = encode_seg(volume, out.mask, segment_label=rule.segment_label,
+                        category_code=tuple(rule.category_code), type_code=tuple(rule.type_code),
+                        algorithm_name=segmenter.model_name, algorithm_version=segmenter.model_version,
+                        weights_sha256=segmenter.weights_sha256, sop_instance_uid=seg_uid,
+                        series_instance_uid=series_uid)
+        paths["dir"].mkdir(parents=True, exist_ok=True)
+        write_seg(ds, paths["seg"])
+        timings["encode"] = time.perf_counter() - t0
+        _save_probability(paths["prob"], out.prob_fg)
+        evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "signature": list(map(float, out.signature)),
+                    "model": segmenter.model_name, "model_version": segmenter.model_version,
+                    "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
+                    "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
+                    "timings_s": timings}
+        _atomic_write_bytes(paths["evidence"], json.dumps(evidence, indent=2).encode())
+    return finish(sessions, c, cfg, seg_path=paths["seg"], seg_uid=seg_uid, series_uid=series_uid,
+                  prob_path=paths["prob"], evidence_path=paths["evidence"], out=out, segmenter=segmenter,
+                  timings=timings)
+
+
+def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, seg_path: Path, seg_uid: str,
+           series_uid: str, prob_path: Path, evidence_path: Path, out: Any, segmenter: Any,
+           timings: dict[str, float]) -> StudyOutcome:
+    to = JobState.HELD if out.is_ood else JobState.RELEASED
+    with session_scope(sessions) as s:
+        result = s.execute(select(Result).where(Result.job_id == c.job_id)).scalar_one_or_none()
+        if result is None:
+            result = Result(job_id=c.job_id, seg_path=str(seg_path), seg_sop_instance_uid=seg_uid,
+                            seg_series_instance_uid=series_uid, prob_path=str(prob_path),
+                            evidence_path=str(evidence_path), oodm=out.oodm, tau=out.tau, is_ood=out.is_ood,
+                            model_id=f"{segmenter.model_name}:{segmenter.model_version}",
+                            weights_sha256=segmenter.weights_sha256)
+            s.add(result)
+        else:  # an earlier attempt got this far and died: the same deterministic object, refreshed numbers
+            result.oodm, result.tau, result.is_ood = out.oodm, out.tau, out.is_ood
+        s.flush()
+        jobs.transition(s, c.job_id, to, actor=cfg.actor, expect=JobState.RUNNING,
+                        guard=[Job.task_id == c.task_id], heartbeat_at=utcnow(),
+                        details={"oodm": round(out.oodm, 6), "tau": round(out.tau, 6), "result_id": result.id,
+                                 "seg_sop_instance_uid": seg_uid})
+        audit.append(s, actor=cfg.actor, action="result.created", object_type="result", object_id=result.id,
+                     details={"job_id": c.job_id, "gate": "ood" if out.is_ood else "in_distribution",
+                              "timings_s": {k: round(v, 3) for k, v in timings.items()}})
+    return StudyOutcome(c.job_id, str(to), oodm=out.oodm, tau=out.tau, timings=timings)
+

@@ -1,0 +1,99 @@
+"""Celery tasks: ``specgate.segment(job_id)`` on the gpu queue, ``specgate.deliver(job_id)`` on deliver.
+
+Tasks carry only a job id; everything else is read from the ledger, so a duplicated or re-delivered
+message is harmless (the claim in :func:`worker.pipeline.claim` lets one attempt run a job at a time).
+
+Per worker *process* state (engine, loaded model) lives in :class:`Runtime`, created lazily in the process
+that runs tasks, after the fork: CUDA is initialised only there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+
+__all__ = ["Runtime", "register_tasks"]
+
+log = logging.getLogger("specgate.worker")
+
+
+class Runtime:
+    """What a worker process opens once: the ledger engine and, on first use, the model."""
+
+    def __init__(self, settings: Any, device: str = "cpu") -> None:
+        self.settings, self.device = settings, device
+        self._engine: Any = None
+        self._sessions: Any = None
+        self._segmenter: Any = None
+        self._pid = -1
+
+    @property
+    def sessions(self) -> Any:
+        if self._sessions is None or self._pid != os.getpid():  # never share a pool across a fork
+            from ledger.db import open_engine, sessionmaker_for
+
+            self._engine = open_engine(self.settings.db_url)
+            self._sessions = sessionmaker_for(self._engine)
+            self._pid = os.getpid()
+        return self._sessions
+
+    @property
+    def segmenter(self) -> Any:
+        if self._segmenter is None:
+            from .segmenter import Segmenter
+
+            s = self.settings
+            self._segmenter = Segmenter.open(s.model_weights, s.model_bank, device=self.device,
+                                             block=s.inference_block, overlap=s.inference_overlap)
+        return self._segmenter
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def register_tasks(app: Celery, settings: Any, *, device: str = "cpu") -> None:
+    from .pipeline import PipelineConfig, claim, retry_or_fail, run_job
+
+    runtime = Runtime(settings, device)
+    app.specgate_runtime = runtime  # type: ignore[attr-defined]
+    cfg = PipelineConfig(results_dir=settings.results_dir, installation=settings.installation,
+                         heartbeat_s=settings.worker_heartbeat_seconds,
+                         stale_after_s=settings.worker_stale_seconds)
+    rules = {r.name: r for r in settings.rules}
+
+    @app.task(name="specgate.segment", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def segment(self: Any, job_id: int) -> str:
+        from ledger.jobs import TransitionError
+
+        task_id = self.request.id or f"local-{os.getpid()}"
+        c = claim(runtime.sessions, job_id, task_id=task_id, worker_id=_worker_id(),
+                  stale_after_s=cfg.stale_after_s)
+        if c is None:
+            return "skipped"
+        try:
+            outcome = run_job(runtime.sessions, c, cfg, segmenter=runtime.segmenter, rules=rules)
+        except TransitionError as exc:  # superseded or taken over while we worked: not ours to finish
+            log.warning("job %s: %s", job_id, exc)
+            return "lost"
+        except (Exception, SoftTimeLimitExceeded) as exc:
+            log.exception("job %s attempt %s failed", job_id, c.attempt)
+            if retry_or_fail(runtime.sessions, c, exc, actor="worker"):
+                countdown = min(300, 5 * 2 ** (c.attempt - 1))
+                app.send_task("specgate.segment", args=[job_id], countdown=countdown)
+            return "error"
+        log.info("job %s -> %s (oodm=%s tau=%s)", job_id, outcome.state, outcome.oodm, outcome.tau)
+        if outcome.state == "released":
+            app.send_task("specgate.deliver", args=[job_id])
+        return outcome.state
+
+    @app.task(name="specgate.deliver", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def deliver(self: Any, job_id: int) -> str:
+        from .delivery import deliver_job
+
+        return deliver_job(runtime.sessions, job_id, settings, actor="worker")
