@@ -201,8 +201,36 @@ class Settings(BaseSettings):
     spool_disk_watermark_percent: float = Field(default=95.0, gt=0, le=100,
                                                 description="refuse C-STORE above this disk usage")
 
+    # --- DICOM SCU (sending results) ---------------------------------------------------------------
+    scu_ae_title: str = Field(default="SPECGATE", description="calling AE title of outbound C-STORE/C-ECHO")
+    scu_max_attempts: int = Field(default=5, ge=1, le=100, description="C-STORE attempts per destination")
+    scu_backoff_seconds: float = Field(default=2.0, ge=0, le=3600,
+                                       description="wait before the 2nd attempt; doubles after each")
+    scu_backoff_max_seconds: float = Field(default=300.0, ge=0, le=86400, description="cap on one wait")
+    scu_timeout: float = Field(default=30.0, gt=0, le=3600,
+                               description="ACSE/DIMSE/network timeout of outbound associations")
+
     # --- routing -----------------------------------------------------------------------------------
     rules: list[SeriesRule] = Field(default_factory=lambda: [SeriesRule(name="default-ct-mr")])
+
+    # --- worker and model ----------------------------------------------------------------------------
+    installation_id: str | None = Field(
+        default=None, max_length=64,
+        description="names this installation in derived result UIDs; default: the SCP AE title")
+    model_weights: Path | None = Field(default=None, description="weights file; default: the shipped model")
+    model_bank: Path | None = Field(default=None, description="OOD bank for those weights; default: shipped")
+    inference_block: int | None = Field(default=None, ge=16, le=512,
+                                        description="sliding-window block; default: the model's own")
+    inference_overlap: int | None = Field(default=None, ge=0, le=256,
+                                          description="sliding-window overlap in voxels; default: the model's")
+    worker_max_attempts: int = Field(default=3, ge=1, le=20,
+                                     description="attempts per job before it ends failed")
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0, le=600)
+    worker_stale_seconds: float = Field(default=120.0, gt=0, le=86400,
+                                        description="a running job without heartbeat this long is taken back")
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0, le=3600)
+    queued_deadline_seconds: float = Field(default=600.0, gt=0, le=86400,
+                                           description="re-enqueue a queued job not claimed this long")
 
     # --- logging -----------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -223,6 +251,11 @@ class Settings(BaseSettings):
     @classmethod
     def _ae(cls, v: str) -> str:
         return validate_ae_title(v, what="SCP AE title")
+
+    @field_validator("scu_ae_title")
+    @classmethod
+    def _scu_ae(cls, v: str) -> str:
+        return validate_ae_title(v, what="SCU AE title")
 
     @field_validator("scp_host")
     @classmethod
@@ -276,6 +309,10 @@ class Settings(BaseSettings):
     @property
     def results_dir(self) -> Path:
         return self.data_dir / "results"
+
+    @property
+    def installation(self) -> str:
+        return self.installation_id or self.scp_ae_title
 
     @property
     def tls_enabled(self) -> bool:
