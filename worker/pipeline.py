@@ -234,6 +234,13 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, s
         write_seg(ds, paths["seg"])
         timings["encode"] = time.perf_counter() - t0
         _save_probability(paths["prob"], out.prob_fg)
+        t0 = time.perf_counter()
+        from .preview import write_preview
+
+        verdict = "HELD: unlike the training data" if out.is_ood else "released"
+        write_preview(paths["preview"], volume.array, out.prob_fg, out.mask, modality=volume.modality,
+                      title=f"job {c.job_id} v{c.version}: OODM {out.oodm:.4f} vs tau {out.tau:.4f} ({verdict})")
+        timings["preview"] = time.perf_counter() - t0
         evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "signature": list(map(float, out.signature)),
                     "model": segmenter.model_name, "model_version": segmenter.model_version,
                     "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),

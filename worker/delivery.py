@@ -1,0 +1,64 @@
+"""Send a released or approved result to every destination, then move its job to ``sent`` or ``failed``.
+
+The per-destination work (one ``deliveries`` row each, retries with back-off, idempotence: a destination
+already ``sent`` is never sent again, one sender at a time) is :func:`dicom_node.scu.deliver`. This module
+owns the job's side: ``sent`` only when every destination answered 0x0000, ``failed``
+(``delivery_failed``) when one gave up, untouched while another process is still sending.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ledger import audit, jobs
+from ledger.db import session_scope
+from ledger.schema import Job, JobState, Result
+
+__all__ = ["deliver_job"]
+
+log = logging.getLogger("specgate.worker")
+
+
+def deliver_job(sessions: sessionmaker[Session], job_id: int, settings: Any, *, actor: str,
+                sleep: Any = None) -> str:
+    from dicom_node import scu
+
+    with session_scope(sessions) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state not in (JobState.RELEASED, JobState.APPROVED):
+            return f"skipped ({job.state if job else 'no such job'})"
+        state = job.state
+        result = s.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none()
+        if result is None:
+            raise LookupError(f"job {job_id} is {state} but has no result")
+        result_id = result.id
+        if not settings.destinations:
+            audit.append(s, actor=actor, action="delivery.skipped", object_type="job", object_id=job_id,
+                         details={"why": "no destinations configured (SPECGATE_DESTINATIONS)"})
+            return "no destinations"
+    kwargs: dict[str, Any] = {"actor": actor, "retry_policy": scu.RetryPolicy.from_settings(settings)}
+    if sleep is not None:
+        kwargs["sleep"] = sleep
+    outcomes = scu.deliver(sessions, result_id, settings.destinations, **kwargs)
+    if any(o.busy for o in outcomes):
+        return "busy"
+    failed = [o for o in outcomes if not o.sent]
+    with session_scope(sessions) as s:
+        try:
+            if failed:
+                detail = "; ".join(f"{o.destination}: {o.error or 'status 0x%04X' % (o.last_status or 0)}"
+                                   for o in failed)
+                jobs.transition(s, job_id, JobState.FAILED, actor=actor, expect=state,
+                                reason_code="delivery_failed", reason_detail=detail[:2000],
+                                details={"destinations": [o.destination for o in failed]})
+                return "failed"
+            jobs.transition(s, job_id, JobState.SENT, actor=actor, expect=state,
+                            details={"destinations": [o.destination for o in outcomes]})
+        except jobs.TransitionError as exc:  # another delivery task finished the job first
+            log.info("job %s: %s", job_id, exc)
+            return "done elsewhere"
+    return "sent"

@@ -1,0 +1,45 @@
+"""A picture for the reviewer: the slice with most foreground, the mask's outline and the probability map."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_preview"]
+
+
+def write_preview(path: Path, image: np.ndarray, prob_fg: np.ndarray, mask: np.ndarray, *, modality: str,
+                  title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    z = int(np.argmax(counts)) if counts.max() > 0 else mask.shape[0] // 2
+    sl = image[z].astype(np.float32)
+    if modality.upper() == "CT":
+        lo, hi = -160.0, 240.0
+    else:
+        lo, hi = (float(v) for v in np.percentile(sl, [1, 99]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6), dpi=100)
+    for ax in axes:
+        ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_axis_off()
+    if mask[z].any():
+        axes[0].contour(mask[z].astype(float), levels=[0.5], colors=["#ff3b30"], linewidths=1.2)
+    heat = axes[1].imshow(np.ma.masked_less(prob_fg[z].astype(np.float32), 0.05), cmap="inferno", vmin=0, vmax=1,
+                          alpha=0.7)
+    axes[0].set_title(f"segmentation, slice {z + 1}/{mask.shape[0]}", fontsize=9)
+    axes[1].set_title("foreground probability", fontsize=9)
+    fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
