@@ -363,11 +363,12 @@ def _geometry(frames: list[_Frame], min_slices: int) -> tuple[list[_Frame], np.n
     normal = np.cross(row, col)
     direction = np.stack([row, col, normal])
 
-    uids = [(fr.sop_instance_uid, fr.frame_number) for fr in frames]
-    if len(set(uids)) != len(uids):
-        seen: set[tuple[str, int | None]] = set()
-        dup = next(u for u in uids if u in seen or seen.add(u))  # type: ignore[func-returns-value]
-        raise SeriesError("duplicate_slices", f"SOP Instance {dup[0]} appears more than once")
+    seen: set[tuple[str, int | None]] = set()
+    for fr in frames:
+        key = (fr.sop_instance_uid, fr.frame_number)
+        if key in seen:
+            raise SeriesError("duplicate_slices", f"SOP Instance {fr.sop_instance_uid} appears more than once")
+        seen.add(key)
 
     if len(frames) < min_slices:
         raise SeriesError("too_few_slices", f"{len(frames)} slice(s); at least {min_slices} are needed")
@@ -379,9 +380,9 @@ def _geometry(frames: list[_Frame], min_slices: int) -> tuple[list[_Frame], np.n
     positions, along = positions[order], along[order]
 
     gaps = np.diff(along)
-    dup = np.flatnonzero(gaps < DUPLICATE_ATOL_MM)
-    if dup.size:
-        i = int(dup[0])
+    same_place = np.flatnonzero(gaps < DUPLICATE_ATOL_MM)
+    if same_place.size:
+        i = int(same_place[0])
         raise SeriesError(
             "duplicate_slices",
             f"two slices at the same position {_fmt(positions[i])}: {frames[i].sop_instance_uid} and "
