@@ -1,0 +1,264 @@
+"""worker.seg: a mask on a loaded series -> DICOM-SEG, read back strictly, checked by dciodvfy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom import config as pydicom_config
+from pydicom.uid import UID
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from dicom_factory import SeriesSpec, classic_datasets, enhanced_dataset, write_datasets  # noqa: E402
+
+from worker.seg import derive_uid, encode_seg, write_seg  # noqa: E402
+from worker.series import Volume, load_series  # noqa: E402
+
+SHA = "3f" * 32
+CATEGORY = ("123037004", "SCT", "Anatomical Structure")
+LIVER = ("10200004", "SCT", "Liver")
+
+
+@pytest.fixture
+def strict_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read back as highdicom's own tests do: any invalid value raises."""
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.RAISE)
+    monkeypatch.setattr(pydicom_config.settings, "writing_validation_mode", pydicom_config.RAISE)
+
+
+def _mask(shape: tuple[int, int, int]) -> np.ndarray:
+    """Every slice different (a box whose corner moves with z); slices 0-2 and the last 3 empty."""
+    mask = np.zeros(shape, dtype=bool)
+    for z in range(3, shape[0] - 3):
+        mask[z, z % 7 : z % 7 + 9, 2 * (z % 5) : 2 * (z % 5) + 11] = True
+    return mask
+
+
+def _encode(volume: Volume, mask: np.ndarray, job: str = "job-1") -> hd.seg.Segmentation:
+    return encode_seg(
+        volume,
+        mask,
+        segment_label="Liver",
+        category_code=CATEGORY,
+        type_code=LIVER,
+        algorithm_name="specgate-unet",
+        algorithm_version="1.2.0",
+        weights_sha256=SHA,
+        sop_instance_uid=derive_uid("site-a", volume.study_instance_uid, job, "1", "seg"),
+        series_instance_uid=derive_uid("site-a", volume.study_instance_uid, job, "1", "series"),
+    )
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) that dicom3tools' dciodvfy reports on ``path``."""
+    exe = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings = [line for line in lines if line.startswith("Warning")]
+    return errors, warnings
+
+
+def _shuffled_classic(tmp_path: Path) -> Volume:
+    spec = SeriesSpec(slices=20, rows=32, cols=32, row_cosine=(1.0, 0.0, 0.0), col_cosine=(0.0, -1.0, 0.0))
+    datasets = classic_datasets(spec)
+    for k, ds in enumerate(datasets):
+        ds.InstanceNumber = (7 * k) % 20 + 1  # scrambled: the SEG must follow positions, not numbers
+    return load_series(write_datasets(datasets, tmp_path / "ct", rng=np.random.default_rng(11)))
+
+
+def _shuffled_multiframe(tmp_path: Path) -> Volume:
+    spec = SeriesSpec(slices=20, rows=32, cols=32, modality="MR", rescale_intercept=0.0)
+    order = list(np.random.default_rng(5).permutation(spec.slices))
+    return load_series(write_datasets([enhanced_dataset(spec, frame_order=order)], tmp_path / "mr"))
+
+
+SERIES = {"classic-shuffled": _shuffled_classic, "enhanced-shuffled-frames": _shuffled_multiframe}
+
+
+@pytest.mark.parametrize("kind", list(SERIES))
+def test_round_trip_frames_land_on_their_source_slices(tmp_path: Path, strict_reading: None, kind: str) -> None:
+    volume = SERIES[kind](tmp_path)
+    mask = _mask(volume.shape)
+    path = write_seg(_encode(volume, mask), tmp_path / "seg.dcm")
+
+    seg = hd.seg.segread(path)
+    nonempty = np.flatnonzero(mask.any(axis=(1, 2)))
+    assert seg.SegmentationType == "BINARY"
+    assert int(seg.NumberOfFrames) == nonempty.size  # empty frames omitted
+    assert seg.StudyInstanceUID == volume.study_instance_uid
+    assert seg.FrameOfReferenceUID == volume.frame_of_reference_uid
+
+    # each stored frame: its source reference -> z, its position == the geometry of z, its pixels == mask[z]
+    z_of = {(ref.sop_instance_uid, ref.frame_number): z for z, ref in enumerate(volume.slices)}
+    seen = []
+    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        source = item.DerivationImageSequence[0].SourceImageSequence
+        assert len(source) == 1
+        frame_number = int(source[0].ReferencedFrameNumber) if "ReferencedFrameNumber" in source[0] else None
+        z = z_of[(source[0].ReferencedSOPInstanceUID, frame_number)]
+        assert source[0].ReferencedSOPClassUID == volume.slices[z].sop_class_uid
+        np.testing.assert_allclose(
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+            (volume.affine @ [z, 0, 0, 1])[:3],
+            atol=1e-4,
+        )
+        np.testing.assert_array_equal(seg.get_stored_frame(i + 1).astype(bool), mask[z])
+        seen.append(z)
+    assert sorted(seen) == nonempty.tolist()
+
+    # highdicom's own lookup through the references gives the mask back, empty slices included
+    if volume.is_multiframe:
+        got = seg.get_pixels_by_source_frame(
+            volume.slices[0].sop_instance_uid,
+            [ref.frame_number for ref in volume.slices],
+            segment_numbers=[1],
+            assert_missing_frames_are_empty=True,
+        )
+    else:
+        got = seg.get_pixels_by_source_instance(
+            [ref.sop_instance_uid for ref in volume.slices],
+            segment_numbers=[1],
+            assert_missing_frames_are_empty=True,
+        )
+    np.testing.assert_array_equal(got[..., 0].astype(bool), mask)
+
+    # every source instance is referenced
+    referenced = {
+        inst.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for inst in series.ReferencedInstanceSequence
+    }
+    assert referenced == {ref.sop_instance_uid for ref in volume.slices}
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.series_instance_uid
+
+
+def test_segment_and_algorithm_identification(tmp_path: Path) -> None:
+    volume = _shuffled_classic(tmp_path)
+    ds = pydicom.dcmread(write_seg(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm"))
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert ds.Modality == "SEG" and int(ds.SeriesNumber) == 9001 and ds.Manufacturer == "specgate"
+    (segment,) = ds.SegmentSequence
+    assert segment.SegmentLabel == "Liver" and segment.SegmentAlgorithmType == "AUTOMATIC"
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == "Anatomical Structure"
+    (algorithm,) = segment.SegmentationAlgorithmIdentificationSequence
+    assert algorithm.AlgorithmName == "specgate-unet" and algorithm.AlgorithmVersion == "1.2.0"
+    assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
+    assert algorithm.AlgorithmParameters == f"weights_sha256={SHA}"
+    assert "PHANTOM-001" == ds.PatientID  # copied from the source, as the standard asks
+
+
+@pytest.mark.parametrize("kind", list(SERIES))
+def test_dciodvfy_reports_no_errors(tmp_path: Path, kind: str) -> None:
+    volume = SERIES[kind](tmp_path)
+    path = write_seg(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm")
+    errors, warnings = dciodvfy(path)
+    assert errors == [], "\n".join(errors + warnings)
+    print(f"dciodvfy warnings ({kind}):", warnings)
+
+
+def test_dciodvfy_check_can_fail(tmp_path: Path) -> None:
+    """The parser above really sees dciodvfy's errors: a SEG without SegmentationType has one."""
+    volume = _shuffled_classic(tmp_path)
+    seg = _encode(volume, _mask(volume.shape))
+    del seg.SegmentationType
+    errors, _ = dciodvfy(write_seg(seg, tmp_path / "broken.dcm"))
+    assert any("SegmentationType" in e or "Segmentation Type" in e for e in errors), errors
+
+
+def test_source_without_type2_patient_attributes(tmp_path: Path) -> None:
+    """Sources that leave out type 2 attributes (as some modalities do) still give a valid SEG."""
+    datasets = classic_datasets(SeriesSpec(slices=10))
+    for ds in datasets:
+        for kw in ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber"):
+            delattr(ds, kw)
+    volume = load_series(write_datasets(datasets, tmp_path / "ct"))
+    path = write_seg(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm")
+    assert "PatientSex" not in volume.headers[0]  # the volume's headers are left alone
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    assert pydicom.dcmread(path).PatientSex == ""
+
+
+def test_empty_mask_still_valid(tmp_path: Path) -> None:
+    volume = _shuffled_classic(tmp_path)
+    path = write_seg(_encode(volume, np.zeros(volume.shape, dtype=bool)), tmp_path / "seg.dcm")
+    seg = hd.seg.segread(path)
+    assert not seg.pixel_array.any()
+    assert dciodvfy(path)[0] == []
+
+
+def test_same_job_same_uids(tmp_path: Path) -> None:
+    volume = _shuffled_classic(tmp_path)
+    mask = _mask(volume.shape)
+    a, b, c = _encode(volume, mask), _encode(volume, mask), _encode(volume, mask, job="job-2")
+    assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
+    assert c.SOPInstanceUID != a.SOPInstanceUID and c.SeriesInstanceUID != a.SeriesInstanceUID
+
+
+def test_derive_uid() -> None:
+    uid = derive_uid("site-a", "1.2.3", "42", "1")
+    assert uid == derive_uid("site-a", "1.2.3", "42", "1")
+    assert UID(uid).is_valid and uid.startswith("2.25.") and len(uid) <= 64
+    assert uid != derive_uid("site-a", "1.2.3", "42", "2")
+    assert derive_uid("ab", "c") != derive_uid("a", "bc")
+    # fixed forever: a resend after an upgrade must still be the same object
+    assert derive_uid("specgate") == derive_uid("specgate")
+    out = subprocess.run(
+        [sys.executable, "-c", "from worker.seg import derive_uid; print(derive_uid('site-a', '1.2.3', '42', '1'))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == uid
+    with pytest.raises(ValueError):
+        derive_uid()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"mask": "shape"}, "does not match"),
+        ({"mask": "uint8"}, "must be boolean"),
+        ({"weights_sha256": "abc"}, "64 lowercase hex"),
+        ({"type_code": ("10200004", "SCT")}, "type_code"),
+    ],
+)
+def test_encode_refuses_bad_arguments(tmp_path: Path, change: dict, message: str) -> None:
+    volume = _shuffled_classic(tmp_path)
+    mask = _mask(volume.shape)
+    kwargs = dict(
+        segment_label="Liver", category_code=CATEGORY, type_code=LIVER, algorithm_name="a", algorithm_version="1",
+        weights_sha256=SHA, sop_instance_uid=derive_uid("x"), series_instance_uid=derive_uid("y"),
+    )
+    if change.get("mask") == "shape":
+        mask = mask[:-1]
+    elif change.get("mask") == "uint8":
+        mask = mask.astype(np.uint8)
+    kwargs.update({k: v for k, v in change.items() if k != "mask"})
+    with pytest.raises(ValueError, match=message):
+        encode_seg(volume, mask, **kwargs)
+
+
+def test_write_seg_is_atomic(tmp_path: Path) -> None:
+    volume = _shuffled_classic(tmp_path)
+    seg = _encode(volume, _mask(volume.shape))
+    out = tmp_path / "out"
+    out.mkdir()
+    target = write_seg(seg, out / "seg.dcm")
+    first = target.read_bytes()
+    assert pydicom.dcmread(target).SOPInstanceUID == seg.SOPInstanceUID
+
+    # a dataset that cannot be written: the old file stays whole and no temp file is left behind
+    broken = _encode(volume, _mask(volume.shape))
+    with pytest.warns(UserWarning, match="cannot be assigned"):
+        broken.add_new(0x00091001, "US", "not a number")
+    with pytest.raises(OSError, match="not an integer"):
+        write_seg(broken, target)
+    assert target.read_bytes() == first
+    assert sorted(p.name for p in out.iterdir()) == ["seg.dcm"]

@@ -1,0 +1,193 @@
+"""A binary mask on a loaded series -> a DICOM Segmentation (highdicom), and its atomic write.
+
+:func:`encode_seg` makes a BINARY SEG with one segment, the algorithm identified (name, the DCM
+"Artificial Intelligence" family, version, and the weights' SHA-256 as a parameter), every source
+instance referenced, empty frames omitted, and each frame of the mask referencing the source
+slice (single-frame series) or source frame (multi-frame series) it was drawn on.
+
+The SEG's UIDs come from :func:`derive_uid`, so one (installation, study, job, version) always makes
+the same object: a resend after a crash is the same instance, never a second one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr.coding import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from worker.series import Volume
+
+__all__ = ["derive_uid", "encode_seg", "write_seg", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE"]
+
+try:  # the installed distribution's version: a metadata lookup, no other work at import
+    DEFAULT_SOFTWARE_VERSION = _dist_version("specgate")
+except PackageNotFoundError:  # running from a tree that is not installed
+    DEFAULT_SOFTWARE_VERSION = "0+unknown"
+
+# Namespace of the name-based UUIDs behind derive_uid. Changing it changes every derived UID: never do.
+SPECGATE_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:specgate:dicom-uid")
+
+# Type 2 attributes highdicom copies from the first source image; a source without them gets them empty.
+_COPIED_TYPE2 = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def derive_uid(*parts: str) -> str:
+    """A "2.25." UID that depends only on ``parts`` (and where one part ends and the next begins).
+
+    The UUID is name-based (RFC 4122 version 5, in :data:`SPECGATE_UUID_NAMESPACE`), written as an integer
+    under the 2.25 arc (ISO/IEC 9834-8, DICOM PS3.5 B.2). ``pydicom.uid.generate_uid(prefix=None,
+    entropy_srcs=...)`` is *not* used: with ``prefix=None`` pydicom ignores the entropy and returns a
+    random UUID.
+
+    >>> derive_uid("site", "1.2.3", "job-7", "1") == derive_uid("site", "1.2.3", "job-7", "1")
+    True
+    >>> derive_uid("ab", "c") == derive_uid("a", "bc")
+    False
+    >>> derive_uid("x").startswith("2.25.")
+    True
+    """
+    if not parts:
+        raise ValueError("derive_uid needs at least one part")
+    for part in parts:
+        if not isinstance(part, str):
+            raise TypeError(f"derive_uid parts must be str, got {type(part).__name__}: {part!r}")
+    # Length-prefix each part, so ("ab", "c") and ("a", "bc") differ.
+    name = "".join(f"{len(p)}:{p};" for p in parts)
+    return f"2.25.{uuid.uuid5(SPECGATE_UUID_NAMESPACE, name).int}"
+
+
+def _code(code: tuple[str, str, str], what: str) -> CodedConcept:
+    if len(code) != 3 or not all(isinstance(c, str) and c for c in code):
+        raise ValueError(f"{what} must be (value, scheme designator, meaning), got {code!r}")
+    value, scheme, meaning = code
+    return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+def _source_headers(volume: Volume) -> list[Dataset]:
+    """The source headers, with empty type 2 attributes added where a source left them out."""
+    out = []
+    for header in volume.headers:
+        missing = [kw for kw in _COPIED_TYPE2 if kw not in header]
+        if missing:
+            original, header = header, Dataset()
+            header.update(original)  # a new element dict: the volume's own header is left as it was
+            header.file_meta = original.file_meta
+            for kw in missing:
+                setattr(header, kw, None)
+        out.append(header)
+    return out
+
+
+def encode_seg(
+    volume: Volume,
+    mask: np.ndarray,
+    *,
+    segment_label: str,
+    category_code: tuple[str, str, str],
+    type_code: tuple[str, str, str],
+    algorithm_name: str,
+    algorithm_version: str,
+    weights_sha256: str,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    series_number: int = 9001,
+    manufacturer: str = "specgate",
+    software_version: str = DEFAULT_SOFTWARE_VERSION,
+) -> Dataset:
+    """A BINARY DICOM-SEG of ``mask`` (bool, shape of ``volume.array``) over ``volume``'s source images.
+
+    ``category_code`` / ``type_code``: (code value, coding scheme designator, code meaning), e.g.
+    ``("123037004", "SCT", "Anatomical Structure")`` and ``("10200004", "SCT", "Liver")``.
+    Frames with no foreground are omitted; an all-empty mask still gives a valid SEG (highdicom then
+    writes every frame, empty, since it cannot omit them all). Returns a highdicom ``Segmentation`` (a ``pydicom.Dataset``).
+    """
+    mask = np.asarray(mask)
+    if mask.shape != volume.array.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match the volume's {volume.array.shape}")
+    if mask.dtype != np.bool_:
+        raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
+    if len(weights_sha256) != 64 or any(c not in "0123456789abcdef" for c in weights_sha256):
+        raise ValueError(f"weights_sha256 must be 64 lowercase hex digits, got {weights_sha256!r}")
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=algorithm_version,
+        parameters={"weights_sha256": weights_sha256},
+    )
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=segment_label,
+        segmented_property_category=_code(category_code, "category_code"),
+        segmented_property_type=_code(type_code, "type_code"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
+
+    if volume.is_multiframe:
+        # highdicom pairs plane i of the array with frame i + 1 of the one multi-frame source:
+        # put each z slice of the mask at the index of the frame it was drawn on.
+        frames = np.zeros_like(mask)
+        frame_index = np.array([ref.frame_number - 1 for ref in volume.slices])  # type: ignore[operator]
+        frames[frame_index] = mask
+    else:
+        # Headers are in z order: plane z of the mask pairs with source image z.
+        frames = mask
+
+    return hd.seg.Segmentation(
+        source_images=_source_headers(volume),
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=algorithm_name,
+        software_versions=software_version,
+        device_serial_number="0",
+        omit_empty_frames=True,
+    )
+
+
+def write_seg(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` to ``path`` atomically: a temp file in the same folder, fsync, rename, fsync the folder."""
+    path = Path(path)
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
