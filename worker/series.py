@@ -42,6 +42,7 @@ __all__ = [
 
 REASON_CODES = frozenset(
     {
+        "no_instances",
         "unreadable",
         "mixed_orientation",
         "gantry_tilt",
@@ -451,7 +452,7 @@ def load_series(paths: Sequence[Path], *, min_slices: int = 3) -> Volume:
         raise ValueError(f"min_slices must be at least 2 (a spacing needs two slices), got {min_slices}")
     paths = [Path(p) for p in paths]
     if not paths:
-        raise SeriesError("too_few_slices", "no files")
+        raise SeriesError("no_instances", "no files were given for the series")
 
     instances: list[_Instance] = []
     for path in paths:

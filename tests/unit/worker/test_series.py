@@ -274,8 +274,14 @@ def test_refusals(tmp_path: Path, code: str, damage, damage_files, needle: str) 
     assert not any(word in str(err) for word in PATIENT_WORDS)
 
 
+def test_no_files() -> None:
+    with pytest.raises(SeriesError) as info:
+        load_series([])
+    assert info.value.reason_code == "no_instances"
+
+
 def test_every_reason_code_is_exercised() -> None:
-    assert {r[1] for r in REFUSALS} == REASON_CODES
+    assert {r[1] for r in REFUSALS} | {"no_instances"} == REASON_CODES
 
 
 def test_multiframe_duplicate_positions_refused(tmp_path: Path) -> None:
