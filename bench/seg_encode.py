@@ -1,8 +1,8 @@
 """Time worker.seg.encode_seg on a 300-frame 512x512 CT with a binary mask (target: <= 2 s). Never asserts.
 
-    .venv/bin/python bench/seg_encode.py [--slices 300] [--size 512] [--repeat 3]
+    .venv/bin/python bench/seg_encode.py [--slices 300] [--size 512] [--repeat 3] [--enhanced]
 
-The source series is written as single-frame CT files and loaded with worker.series.load_series, as the
+The source series is written as single-frame CT files (``--enhanced``: one Enhanced CT instance) and loaded with worker.series.load_series, as the
 worker does; the mask is a sphere that touches most slices (the expensive case: few empty frames).
 Prints the load time, each encode time, the write time and the SEG's size.
 """
@@ -31,13 +31,15 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--enhanced", action="store_true", help="one multi-frame Enhanced CT instance")
     args = parser.parse_args()
 
     spec = SeriesSpec(slices=args.slices, rows=args.size, cols=args.size, pixel_spacing=(0.7, 0.7), slice_spacing=1.0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        print(f"writing a {args.slices}x{args.size}x{args.size} CT series ...", flush=True)
-        paths = write_series(spec, tmp_path / "ct")
+        kind = "Enhanced CT instance" if args.enhanced else "CT series"
+        print(f"writing a {args.slices}x{args.size}x{args.size} {kind} ...", flush=True)
+        paths = write_series(spec, tmp_path / "ct", enhanced=args.enhanced)
         t0 = time.perf_counter()
         volume = load_series(paths)
         print(f"load_series: {time.perf_counter() - t0:.2f} s")
