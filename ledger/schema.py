@@ -109,6 +109,11 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     # Set when the study's quiet period ended and its instances were handed to a job (or to no job).
     assembled_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Instances indexed so far, and how many of them the last assembly saw (migration 0003). The study
+    # needs (re-)assembly while received_count > assembled_count: a counter, bumped under the study row's
+    # lock, does not depend on clocks or commit order the way comparing timestamps would.
+    received_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    assembled_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     series: Mapped[list[Series]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.version")
 

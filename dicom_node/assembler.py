@@ -1,0 +1,230 @@
+"""Study completeness: after a quiet period with no new instance, a study becomes a job.
+
+DICOM has no "study done" signal. A study is complete when ``study_quiet_seconds`` have passed since its
+last instance, across any number of associations. The state lives only in the ledger (``studies``:
+``last_received_at``, ``received_count``, ``assembled_count``), so a restarted ``specgate scp`` picks up
+every study still in its quiet period, and several assemblers may run against one PostgreSQL ledger (a
+study row is locked ``FOR UPDATE SKIP LOCKED`` while it is assembled).
+
+Assembling a study applies the series rules (:func:`choose_series`); the first rule, in the order the
+settings list them, that matches a series wins, and among that rule's series the one with most instances.
+A match creates a job (state ``queued``, next version) and calls the enqueue hook after the commit; a study
+whose instances arrive after it was queued gets a new version and every earlier version that can still
+move is ``superseded`` (its result marked superseded). No match is recorded with an audit event and left
+alone.
+
+    >>> from specgate.settings import SeriesRule
+    >>> rules = [SeriesRule(name="ct", modalities=("CT",), min_slices=16)]
+    >>> s = [SeriesFacts("1.2.3", "CT", None, "AXIAL", 20, frozenset({"PACS"})),
+    ...      SeriesFacts("1.2.4", "CT", None, "SCOUT", 2, frozenset({"PACS"}))]
+    >>> rule, series = choose_series(rules, s)
+    >>> rule.name, series.series_instance_uid
+    ('ct', '1.2.3')
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ledger import audit, jobs
+from ledger.db import DatabaseUnavailable, session_scope
+from ledger.schema import Instance, Job, JobState, Result, Series, Study, utcnow
+from specgate.settings import SeriesRule, Settings
+
+from .spool import Spool
+
+__all__ = ["Assembler", "AssemblyResult", "JobQueuedHook", "SeriesFacts", "choose_series", "log_job_queued"]
+
+log = logging.getLogger("specgate.dicom_node.assembler")
+ACTOR = "dicom_node.assembler"
+
+#: Called with the new job's id after the job is committed in state ``queued``. The worker plugs Celery
+#: in here; if the hook fails, the job stays ``queued`` in the ledger and the reconciler finds it.
+JobQueuedHook = Callable[[int], None]
+
+
+def log_job_queued(job_id: int) -> None:
+    """The default hook: nothing to wake up, just say so."""
+    log.info("job %d queued (no enqueue hook configured)", job_id)
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    series_instance_uid: str
+    modality: str | None
+    body_part: str | None
+    series_description: str | None
+    instances: int
+    calling_aes: frozenset[str]
+
+
+def _rule_matches(rule: SeriesRule, s: SeriesFacts) -> bool:
+    if rule.calling_ae is not None and rule.calling_ae.strip() not in s.calling_aes:
+        return False
+    if rule.modalities and (s.modality or "").upper() not in rule.modalities:
+        return False
+    if rule.body_part is not None and not re.search(rule.body_part, s.body_part or "", re.IGNORECASE):
+        return False
+    if rule.series_description is not None and not re.search(rule.series_description,
+                                                              s.series_description or "", re.IGNORECASE):
+        return False
+    return s.instances >= rule.min_slices
+
+
+def choose_series(rules: Sequence[SeriesRule], series: Sequence[SeriesFacts]) -> tuple[SeriesRule, SeriesFacts] | None:
+    """The first rule that matches any series, with its largest matching series; None if none match."""
+    for rule in rules:
+        matching = [s for s in series if _rule_matches(rule, s)]
+        if matching:
+            return rule, max(matching, key=lambda s: (s.instances, s.series_instance_uid))
+    return None
+
+
+@dataclass(frozen=True)
+class AssemblyResult:
+    study_id: int
+    job_id: int | None
+    rule: str | None
+    superseded: tuple[int, ...] = ()
+
+
+class Assembler:
+    """Finds quiet studies and turns them into jobs. :meth:`run_once` for one pass; :meth:`start` a loop."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
+                 on_job_queued: JobQueuedHook = log_job_queued, spool: Spool | None = None,
+                 interval_s: float | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.on_job_queued = on_job_queued
+        self.spool = spool
+        self.interval_s = interval_s if interval_s is not None else min(1.0, settings.study_quiet_seconds / 4)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------- loop
+    def start(self) -> Assembler:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="specgate-assembler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                if self.spool is not None:
+                    # Partial files of associations that died mid-dataset; anything older than the
+                    # timeouts cannot belong to a live association.
+                    s = self.settings
+                    self.spool.sweep_temp(2 * (s.scp_network_timeout + s.scp_dimse_timeout))
+            except DatabaseUnavailable as exc:
+                log.error("assembler: ledger unavailable, retrying: %s", exc)
+            self._stop.wait(self.interval_s)
+
+    # ------------------------------------------------------------------------------------- pass
+    def pending(self, now: datetime | None = None) -> list[int]:
+        """Ids of studies whose quiet period is over and that have instances no assembly saw yet."""
+        cutoff = (now or utcnow()) - timedelta(seconds=self.settings.study_quiet_seconds)
+        with session_scope(self.sessions) as s:
+            return list(s.execute(
+                select(Study.id).where(Study.received_count > Study.assembled_count,
+                                       Study.last_received_at <= cutoff)
+                .order_by(Study.last_received_at).limit(500)).scalars())
+
+    def run_once(self, now: datetime | None = None) -> list[AssemblyResult]:
+        results = []
+        for study_id in self.pending(now):
+            result = self._assemble(study_id, now)
+            if result is None:
+                continue
+            results.append(result)
+            if result.job_id is not None:
+                self._enqueue(result.job_id)
+        return results
+
+    def _enqueue(self, job_id: int) -> None:
+        try:
+            self.on_job_queued(job_id)
+        except Exception:  # a plug-in: its failure must not stop assembly; the reconciler re-queues
+            log.exception("enqueue hook failed for job %d; it stays queued in the ledger", job_id)
+
+    def _assemble(self, study_id: int, now: datetime | None) -> AssemblyResult | None:
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=self.settings.study_quiet_seconds)
+        with session_scope(self.sessions) as s:
+            q = select(Study).where(Study.id == study_id)
+            if s.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            study = s.execute(q).scalar_one_or_none()
+            if study is None or study.received_count <= study.assembled_count:
+                return None  # another assembler has it, or did it
+            last = study.last_received_at if study.last_received_at.tzinfo else \
+                study.last_received_at.replace(tzinfo=cutoff.tzinfo)
+            if last > cutoff:
+                return None  # an instance arrived since pending() looked
+            facts = self._series_facts(s, study.id)
+            choice = choose_series(self.settings.rules, facts)
+            seen = study.received_count
+            s.execute(update(Study).where(Study.id == study.id)
+                      .values(assembled_count=seen, assembled_at=now))
+            summary = [{"series_instance_uid": f.series_instance_uid, "modality": f.modality,
+                        "instances": f.instances} for f in facts]
+            if choice is None:
+                audit.append(s, actor=ACTOR, action="study.no_matching_series", object_type="study",
+                             object_id=study.id, details={"study_instance_uid": study.study_instance_uid,
+                                                          "instances": seen, "series": summary})
+                log.info("study %d: no series matches a rule; left alone", study.id)
+                return AssemblyResult(study.id, None, None)
+            rule, series = choice
+            earlier = list(s.execute(select(Job).where(Job.study_id == study.id)).scalars())
+            job = jobs.create_job(s, study, actor=ACTOR, state=JobState.QUEUED,
+                                  series_instance_uid=series.series_instance_uid, rule_name=rule.name,
+                                  details={"instances": seen, "series_instances": series.instances,
+                                           "model": rule.model})
+            superseded = []
+            for old in earlier:
+                s.execute(update(Result).where(Result.job_id == old.id).values(superseded=True))
+                if jobs.is_allowed(old.state, JobState.SUPERSEDED):
+                    jobs.transition(s, old.id, JobState.SUPERSEDED, actor=ACTOR, superseded_by_id=job.id,
+                                    details={"superseded_by": job.id, "reason": "new instances"})
+                    superseded.append(old.id)
+                else:
+                    s.execute(update(Job).where(Job.id == old.id).values(superseded_by_id=job.id))
+                    audit.append(s, actor=ACTOR, action="job.result_superseded", object_type="job",
+                                 object_id=old.id, details={"superseded_by": job.id, "state": str(old.state)})
+            log.info("study %d: job %d v%d queued (rule %s, series of %d instances)", study.id, job.id,
+                     job.version, rule.name, series.instances)
+            return AssemblyResult(study.id, job.id, rule.name, tuple(superseded))
+
+    @staticmethod
+    def _series_facts(s: Session, study_id: int) -> list[SeriesFacts]:
+        rows = s.execute(
+            select(Series.series_instance_uid, Series.modality, Series.body_part, Series.series_description,
+                   func.count(Instance.id))
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.study_id == study_id)
+            .group_by(Series.id, Series.series_instance_uid, Series.modality, Series.body_part,
+                      Series.series_description)
+            .order_by(Series.id)).all()
+        callers: dict[str, set[str]] = {}
+        for uid, ae in s.execute(select(Series.series_instance_uid, Instance.calling_ae).distinct()
+                                 .join(Instance, Instance.series_id == Series.id)
+                                 .where(Series.study_id == study_id)):
+            callers.setdefault(uid, set()).add(ae)
+        return [SeriesFacts(uid, mod, bp, desc, int(n), frozenset(callers.get(uid, ())))
+                for uid, mod, bp, desc, n in rows]

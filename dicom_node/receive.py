@@ -1,0 +1,337 @@
+"""Receiving one instance: check it, make it durable, index it; decide the C-STORE status.
+
+This is the part of the SCP that does not depend on the network: it takes the file that pynetdicom wrote
+while the dataset arrived (preamble, file meta built from the request, then the raw dataset bytes as the
+peer sent them, never decoded and re-encoded) and the request's UIDs, and answers a :class:`Outcome`.
+
+Order (ARCHITECTURE.md, Durability): disk watermark -> decode the header -> compare with the request ->
+validate the UIDs used as path components -> fsync + link into the spool -> insert the ledger rows and
+commit -> 0x0000. Any failure after the file got its final name removes it again, so a refusal leaves no
+file and no row.
+
+Statuses: 0xA700 out of resources (disk at the watermark, ledger unavailable), 0xA900 the dataset does not
+match the request (SOP Class/Instance UID differ, an image without pixel data), 0xC000 cannot understand
+(not decodable, a required UID missing or not a UID).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ledger import audit
+from ledger.db import DatabaseUnavailable, session_scope
+from ledger.schema import Instance, Series, Study, utcnow
+
+from .spool import InvalidUID, Spool, validate_uid
+
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "DATASET_MISMATCH",
+    "OUT_OF_RESOURCES",
+    "SUCCESS",
+    "InstanceHeader",
+    "Outcome",
+    "Receiver",
+    "Refused",
+    "read_header",
+]
+
+log = logging.getLogger("specgate.dicom_node.receive")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+_HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "BodyPartExamined", "SeriesDescription", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
+]
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class Refused(Exception):
+    """An instance is refused with ``status``; ``reason`` is a short code for audit rows and reports."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(f"0x{status:04X} {reason}: {detail}")
+        self.status, self.reason, self.detail = status, reason, detail
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    body_part: str | None
+    series_description: str | None
+    has_pixel_data: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    reason: str = "stored"
+    detail: str = ""
+    instance_id: int | None = None
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+def _text(value: Any, limit: int) -> str | None:
+    if value is None:
+        return None
+    s = str(value).strip()
+    return s[:limit] or None
+
+
+def read_header(path: Path) -> InstanceHeader:
+    """Decode only the elements the node needs; large values (pixel data) are not read, only seen.
+
+    Raises :class:`Refused` (0xC000) when the file cannot be decoded or a required UID is missing.
+    """
+    try:
+        size = os.path.getsize(path)
+        ds = dcmread(path, defer_size=256, specific_tags=_HEADER_TAGS)
+        values = {kw: ds.get(kw) for kw in _HEADER_TAGS[:7]}
+        has_pixels = False
+        for kw in _PIXEL_KEYWORDS:
+            if kw not in ds:
+                continue
+            has_pixels = True
+            elem = ds.get_item(kw, keep_deferred=True)
+            # pydicom does not notice a value cut short by the end of the file: check the deferred one.
+            tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+            if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > size:
+                raise Refused(CANNOT_UNDERSTAND, "truncated",
+                              f"{kw} needs {length} bytes at offset {tell}, the dataset ends at {size}")
+    except (InvalidDicomError, ValueError, KeyError, TypeError, OSError, EOFError, RecursionError,
+            OverflowError, MemoryError, NotImplementedError, AttributeError, IndexError) as exc:
+        raise Refused(CANNOT_UNDERSTAND, "undecodable", f"dataset cannot be decoded: {type(exc).__name__}") from exc
+    missing = [kw for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+               if not values[kw]]
+    if missing:
+        raise Refused(CANNOT_UNDERSTAND, "missing_uid", f"dataset lacks {', '.join(missing)}")
+    return InstanceHeader(
+        sop_class_uid=str(values["SOPClassUID"]).rstrip("\x00 "),
+        sop_instance_uid=str(values["SOPInstanceUID"]).rstrip("\x00 "),
+        study_instance_uid=str(values["StudyInstanceUID"]).rstrip("\x00 "),
+        series_instance_uid=str(values["SeriesInstanceUID"]).rstrip("\x00 "),
+        modality=_text(values["Modality"], 16),
+        body_part=_text(values["BodyPartExamined"], 64),
+        series_description=_text(values["SeriesDescription"], 64),
+        has_pixel_data=has_pixels,
+    )
+
+
+def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> int:
+    """INSERT ... ON CONFLICT DO NOTHING on either backend; returns the number of rows inserted."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    # RETURNING tells reliably whether a row was inserted (rowcount is -1 on psycopg for this statement).
+    res = session.execute(insert(model).values(**values).on_conflict_do_nothing().returning(model.id))
+    return len(res.all())
+
+
+class Receiver:
+    """Turns a received file into an :class:`Outcome`. One per SCP; safe to call from many threads."""
+
+    def __init__(self, spool: Spool, sessions: sessionmaker[Session], *, actor: str = "dicom_node.scp",
+                 image_sop_classes: frozenset[str] | None = None,
+                 on_stored: Callable[[int, str], None] | None = None) -> None:
+        self.spool = spool
+        self.sessions = sessions
+        self.actor = actor
+        self.image_sop_classes = image_sop_classes
+        self.on_stored = on_stored
+        # uid -> row id, filled only after a commit (rows are never deleted while the SCP runs)
+        self._study_ids: dict[str, int] = {}
+        self._series_ids: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------ public
+    def receive(self, temp: Path, *, request_sop_class: str, request_sop_instance: str,
+                transfer_syntax: str, calling_ae: str, address: str) -> Outcome:
+        """Decide the status for the file ``temp`` received under a C-STORE request.
+
+        ``temp`` is consumed: on success it has become the spool file, otherwise it is removed.
+        """
+        try:
+            outcome = self._receive(temp, request_sop_class, request_sop_instance, transfer_syntax, calling_ae)
+        except Refused as refusal:
+            self.spool.discard_temp(temp)
+            self._audit_refusal(refusal, request_sop_class, request_sop_instance, calling_ae, address)
+            return Outcome(refusal.status, refusal.reason, refusal.detail)
+        except BaseException:
+            self.spool.discard_temp(temp)
+            raise
+        return outcome
+
+    # ----------------------------------------------------------------------------------- private
+    def _receive(self, temp: Path, rq_class: str, rq_instance: str, transfer_syntax: str,
+                 calling_ae: str) -> Outcome:
+        if not self.spool.has_room():
+            raise Refused(OUT_OF_RESOURCES, "disk_watermark",
+                          f"spool disk above {self.spool.watermark_percent:g}% used")
+        header = read_header(temp)
+        rq_class = str(rq_class).rstrip("\x00 ")
+        rq_instance = str(rq_instance).rstrip("\x00 ")
+        if header.sop_class_uid != rq_class:
+            raise Refused(DATASET_MISMATCH, "sop_class_mismatch",
+                          "dataset SOP Class UID differs from the request's Affected SOP Class UID")
+        if header.sop_instance_uid != rq_instance:
+            raise Refused(DATASET_MISMATCH, "sop_instance_mismatch",
+                          "dataset SOP Instance UID differs from the request's Affected SOP Instance UID")
+        try:
+            study_uid = validate_uid(header.study_instance_uid, what="Study Instance UID")
+            series_uid = validate_uid(header.series_instance_uid, what="Series Instance UID")
+            sop_uid = validate_uid(header.sop_instance_uid, what="SOP Instance UID")
+            sop_class = validate_uid(header.sop_class_uid, what="SOP Class UID")
+            ts_uid = validate_uid(transfer_syntax, what="Transfer Syntax UID")
+        except InvalidUID as exc:
+            raise Refused(CANNOT_UNDERSTAND, "invalid_uid", str(exc)) from exc
+        if (self.image_sop_classes is None or sop_class in self.image_sop_classes) and not header.has_pixel_data:
+            raise Refused(DATASET_MISMATCH, "no_pixel_data", "image storage dataset without pixel data")
+
+        spooled = self.spool.commit(temp, study_uid, series_uid, sop_uid)
+        if not spooled.created:
+            existing = self._existing(sop_uid)
+            if existing is not None:
+                return self._duplicate(temp, existing, sop_uid, calling_ae)
+            # A file without a row was never acknowledged (a crash between link and commit): ours wins.
+            spooled = self.spool.replace(temp, spooled.path)
+        try:
+            instance_id = self._index(header, spooled.path, spooled.size_bytes, spooled.sha256, ts_uid,
+                                      calling_ae, study_uid, series_uid, sop_uid, sop_class)
+        except IntegrityError:
+            # Another association indexed the same SOP Instance at the same moment: its row names this
+            # very path, so the file stays.
+            existing = self._existing(sop_uid)
+            if existing is None:
+                raise
+            if existing[2] != str(spooled.path):  # same SOP Instance UID under another study/series
+                self.spool.remove(spooled.path)
+            if existing[1] != spooled.sha256:
+                self._audit_differs(existing, sop_uid, calling_ae, spooled.sha256)
+            return Outcome(SUCCESS, "duplicate", "instance received before; first copy kept",
+                           instance_id=existing[0], duplicate=True)
+        except DatabaseUnavailable as exc:
+            self.spool.remove(spooled.path)
+            log.error("ledger unavailable, C-STORE refused with 0xA700: %s", exc)
+            raise Refused(OUT_OF_RESOURCES, "ledger_unavailable", "ledger database unavailable") from exc
+        except BaseException:
+            self.spool.remove(spooled.path)
+            raise
+        if self.on_stored is not None:
+            self.on_stored(instance_id, study_uid)
+        return Outcome(SUCCESS, instance_id=instance_id)
+
+    def _existing(self, sop_uid: str) -> tuple[int, str, str] | None:
+        try:
+            with session_scope(self.sessions) as s:
+                row = s.execute(select(Instance.id, Instance.sha256, Instance.spool_path)
+                                .where(Instance.sop_instance_uid == sop_uid)).first()
+        except DatabaseUnavailable as exc:
+            log.error("ledger unavailable, C-STORE refused with 0xA700: %s", exc)
+            raise Refused(OUT_OF_RESOURCES, "ledger_unavailable", "ledger database unavailable") from exc
+        return None if row is None else (int(row[0]), str(row[1]), str(row[2]))
+
+    def _duplicate(self, temp: Path, existing: tuple[int, str, str], sop_uid: str, calling_ae: str) -> Outcome:
+        instance_id, old_sha, _ = existing
+        _, digest = self.spool.digest(temp)
+        self.spool.discard_temp(temp)
+        if digest == old_sha:
+            return Outcome(SUCCESS, "duplicate", "same instance received before", instance_id=instance_id,
+                           duplicate=True)
+        self._audit_differs(existing, sop_uid, calling_ae, digest)
+        return Outcome(SUCCESS, "duplicate_differs", "instance received before with other content; first kept",
+                       instance_id=instance_id, duplicate=True)
+
+    def _audit_differs(self, existing: tuple[int, str, str], sop_uid: str, calling_ae: str, digest: str) -> None:
+        instance_id, old_sha, _ = existing
+        try:
+            with session_scope(self.sessions) as s:
+                audit.append(s, actor=calling_ae or "unknown", action="instance.duplicate_differs",
+                             object_type="instance", object_id=instance_id,
+                             details={"sop_instance_uid": sop_uid, "kept_sha256": old_sha,
+                                      "discarded_sha256": digest})
+        except DatabaseUnavailable as exc:
+            raise Refused(OUT_OF_RESOURCES, "ledger_unavailable", "ledger database unavailable") from exc
+        log.warning("instance %s received again with different content; first copy kept", sop_uid)
+
+    def _index(self, header: InstanceHeader, path: Path, size: int, sha: str, ts_uid: str, calling_ae: str,
+               study_uid: str, series_uid: str, sop_uid: str, sop_class: str) -> int:
+        """Insert the instance row (and its study/series rows the first time) in one transaction.
+
+        Study and series ids are remembered after their transaction committed, so the usual instance costs
+        two statements: the study's counter bump and the instance insert.
+        """
+        now = utcnow()
+        new_study = False
+        with session_scope(self.sessions) as s:
+            if study_uid not in self._study_ids:
+                new_study = _insert_ignore(s, Study, {
+                    "study_instance_uid": study_uid, "calling_ae": calling_ae[:16], "first_received_at": now,
+                    "last_received_at": now}) == 1
+            study_id = s.execute(
+                update(Study).where(Study.study_instance_uid == study_uid)
+                .values(last_received_at=now, received_count=Study.received_count + 1)
+                .returning(Study.id)).scalar_one()
+            series_id = self._series_ids.get(series_uid)
+            if series_id is None:
+                _insert_ignore(s, Series, {
+                    "study_id": study_id, "series_instance_uid": series_uid, "modality": header.modality,
+                    "body_part": header.body_part, "series_description": header.series_description})
+                series_id = s.execute(select(Series.id).where(Series.series_instance_uid == series_uid)).scalar_one()
+            inst = Instance(series_id=series_id, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                            transfer_syntax_uid=ts_uid, spool_path=str(path), size_bytes=size, sha256=sha,
+                            calling_ae=calling_ae[:16], received_at=now)
+            s.add(inst)
+            s.flush()
+            if new_study:
+                audit.append(s, actor=calling_ae or "unknown", action="study.receiving", object_type="study",
+                             object_id=study_id, details={"study_instance_uid": study_uid})
+            instance_id = int(inst.id)
+        if len(self._study_ids) > 10_000:
+            self._study_ids.clear()
+            self._series_ids.clear()
+        self._study_ids[study_uid] = study_id
+        self._series_ids[series_uid] = series_id
+        return instance_id
+
+    def _audit_refusal(self, refusal: Refused, rq_class: str, rq_instance: str, calling_ae: str,
+                       address: str) -> None:
+        log.warning("C-STORE from %s@%s refused: 0x%04X %s (%s)", calling_ae, address, refusal.status,
+                    refusal.reason, refusal.detail)
+        if refusal.reason == "ledger_unavailable":
+            return
+        details: dict[str, Any] = {"status": f"0x{refusal.status:04X}", "reason": refusal.reason,
+                                   "detail": refusal.detail, "address": address}
+        for key, value in (("sop_class_uid", rq_class), ("sop_instance_uid", rq_instance)):
+            try:
+                details[key] = validate_uid(value, what=key)
+            except InvalidUID:
+                details[key] = None
+        try:
+            with session_scope(self.sessions) as s:
+                audit.append(s, actor=calling_ae or "unknown", action="instance.refused",
+                             object_type="association", object_id=address, details=details)
+        except DatabaseUnavailable as exc:
+            log.error("could not audit a refused C-STORE (ledger unavailable): %s", exc)

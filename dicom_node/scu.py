@@ -1,0 +1,293 @@
+"""Sending results: C-STORE a DICOM-SEG to each destination, with retries and back-off; C-ECHO a peer.
+
+The worker calls :func:`deliver` once a result may be sent (released by the gate, or approved)::
+
+    outcomes = deliver(sessions, result_id, settings.destinations, actor="worker",
+                       retry_policy=RetryPolicy.from_settings(settings))
+
+Every destination has one ``deliveries`` row per result (unique), which records the attempts, the last
+status and the state; ``sent`` only when the peer answered 0x0000. A row already ``sent`` is never sent
+again (idempotent), and a row another process is sending right now is left to it. A warning status
+(0x0001, 0xBxxx: stored with coercion, elements discarded...) is recorded and not counted as sent: a
+person has to look. A permanent refusal (association rejected permanent, e.g. our AE not recognised; no
+presentation context; a 0xA9xx/0xCxxx failure, which the same bytes will get again) stops at once.
+Connection failures, transient rejections, aborts, timeouts and 0xA7xx (out of resources) are retried
+with exponential back-off up to the policy's limit, then ``failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ledger import audit
+from ledger.db import session_scope
+from ledger.schema import Delivery, DeliveryState, Result, utcnow
+from specgate.settings import Destination, Settings
+
+__all__ = ["DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "echo", "send_file"]
+
+log = logging.getLogger("specgate.dicom_node.scu")
+_VERIFICATION = "1.2.840.10008.1.1"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts per destination and the waits between them: ``backoff_s * 2**(n-1)``, capped."""
+
+    max_attempts: int = 5
+    backoff_s: float = 2.0
+    backoff_max_s: float = 300.0
+    ae_title: str = "SPECGATE"
+    timeout_s: float = 30.0
+    # A delivery left in 'sending' longer than this (its process died) may be taken over.
+    stale_after_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.backoff_s < 0 or self.backoff_max_s < 0:
+            raise ValueError(f"back-off must not be negative, got {self.backoff_s}/{self.backoff_max_s}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(max_attempts=settings.scu_max_attempts, backoff_s=settings.scu_backoff_seconds,
+                   backoff_max_s=settings.scu_backoff_max_seconds, ae_title=settings.scu_ae_title,
+                   timeout_s=settings.scu_timeout)
+
+    def wait_before(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt`` (1-based; 0 before the first)."""
+        if attempt <= 1:
+            return 0.0
+        return min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 2))
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What one C-STORE attempt got."""
+
+    status: int | None  # the DIMSE status, None when no response came
+    error: str | None  # why there was no (successful) response
+    permanent: bool  # True: retrying cannot help
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0x0000
+
+    @property
+    def warning(self) -> bool:
+        return self.status is not None and (self.status == 0x0001 or 0xB000 <= self.status <= 0xBFFF)
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    destination: str
+    state: DeliveryState
+    attempts: int
+    last_status: int | None
+    error: str | None = None
+    already_sent: bool = False
+    busy: bool = False  # another process is sending this delivery now
+
+    @property
+    def sent(self) -> bool:
+        return self.state == DeliveryState.SENT
+
+
+def _classify_status(status: int) -> SendResult:
+    if status == 0x0000:
+        return SendResult(status, None, False)
+    if status == 0x0001 or 0xB000 <= status <= 0xBFFF:
+        return SendResult(status, f"peer answered warning 0x{status:04X}; stored with changes, check it", True)
+    if 0xA700 <= status <= 0xA7FF:
+        return SendResult(status, f"peer out of resources (0x{status:04X})", False)
+    return SendResult(status, f"peer refused the object (0x{status:04X})", True)
+
+
+def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, Sequence[str]]],
+               timeout_s: float) -> tuple[Association | None, SendResult | None]:
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if assoc.is_established:
+        return assoc, None
+    if assoc.is_rejected:
+        prim = assoc.acceptor.primitive
+        result, source, diag = (prim.result, prim.result_source, prim.diagnostic) if prim else (None, None, None)
+        permanent = result == 0x01
+        why = {(1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+               (3, 2): "local limit exceeded", (3, 1): "temporary congestion"}.get((source, diag), "no reason given")
+        return None, SendResult(None, f"association rejected ({'permanent' if permanent else 'transient'}): "
+                                      f"{why}", permanent)
+    if assoc.is_aborted:
+        return None, SendResult(None, "association aborted by the peer or the network", False)
+    return None, SendResult(None, f"could not connect to {dest.host}:{dest.port}", False)
+
+
+def send_file(path: Path, dest: Destination, *, ae_title: str = "SPECGATE", timeout_s: float = 30.0) -> SendResult:
+    """One C-STORE attempt of the DICOM file ``path`` to ``dest``, on its own association."""
+    meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    sop_class = str(meta.SOPClassUID)
+    ts = str(meta.file_meta.TransferSyntaxUID)
+    assoc, failure = _associate(ae_title, dest, [(sop_class, [ts])], timeout_s)
+    if failure is not None:
+        return failure
+    assert assoc is not None
+    try:
+        if not assoc.accepted_contexts:
+            return SendResult(None, f"peer accepts no presentation context for {sop_class} in {ts}", True)
+        ds = dcmread(path)
+        rsp = assoc.send_c_store(ds)
+        if rsp is None or "Status" not in rsp:
+            return SendResult(None, "no C-STORE response (timeout or abort)", False)
+        return _classify_status(int(rsp.Status))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    status: int | None
+    seconds: float
+    error: str | None = None
+
+    def describe(self, dest: Destination) -> str:
+        where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+        if self.ok:
+            return f"{where} answered C-ECHO with status 0x0000 in {self.seconds * 1000:.0f} ms"
+        if self.status is not None:
+            return f"{where} answered C-ECHO with failure status 0x{self.status:04X}"
+        return f"{where} did NOT answer C-ECHO: {self.error}"
+
+
+def echo(dest: Destination, *, ae_title: str = "SPECGATE", timeout_s: float = 10.0) -> EchoResult:
+    """C-ECHO ``dest`` once."""
+    t0 = time.monotonic()
+    assoc, failure = _associate(ae_title, dest, [(_VERIFICATION, ["1.2.840.10008.1.2"])], timeout_s)
+    if failure is not None:
+        return EchoResult(False, None, time.monotonic() - t0, failure.error)
+    assert assoc is not None
+    try:
+        rsp = assoc.send_c_echo()
+        status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    dt = time.monotonic() - t0
+    if status is None:
+        return EchoResult(False, None, dt, "no C-ECHO response (timeout or abort)")
+    return EchoResult(status == 0, status, dt)
+
+
+# ------------------------------------------------------------------------------------------- deliver
+def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Sequence[Destination], *,
+            actor: str, retry_policy: RetryPolicy | None = None,
+            sleep: Callable[[float], None] = time.sleep) -> list[DeliveryOutcome]:
+    """Send result ``result_id``'s SEG file to every destination; return one outcome per destination.
+
+    Idempotent: a destination whose delivery is already ``sent`` is not sent again. Blocks for the
+    retries (the worker runs it in its task). ``sleep`` is injectable so a test can count the waits.
+    """
+    policy = retry_policy or RetryPolicy()
+    with session_scope(sessions) as s:
+        result = s.get(Result, result_id)
+        if result is None:
+            raise LookupError(f"result {result_id} does not exist")
+        seg_path, job_id = Path(result.seg_path), result.job_id
+    return [_deliver_one(sessions, result_id, job_id, seg_path, d, actor=actor, policy=policy, sleep=sleep)
+            for d in destinations]
+
+
+def _claim(sessions: sessionmaker[Session], result_id: int, job_id: int, dest: Destination, actor: str,
+           policy: RetryPolicy) -> tuple[int, DeliveryOutcome | None]:
+    """Make sure the row exists and take it for sending; an outcome instead if there is nothing to do."""
+    from ledger.db import is_postgres
+
+    with session_scope(sessions) as s:
+        values: dict[str, Any] = {"job_id": job_id, "result_id": result_id, "destination": dest.name,
+                                  "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
+                                  "state": DeliveryState.PENDING.value, "attempts": 0}
+        if is_postgres(s.get_bind()):
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        s.execute(insert(Delivery).values(**values).on_conflict_do_nothing())
+        row = s.execute(select(Delivery).where(Delivery.result_id == result_id,
+                                               Delivery.destination == dest.name)).scalar_one()
+        if row.state == DeliveryState.SENT:
+            return row.id, DeliveryOutcome(dest.name, row.state, row.attempts, row.last_status, already_sent=True)
+        stale = utcnow() - timedelta(seconds=policy.stale_after_s)
+        took = s.execute(
+            update(Delivery).where(Delivery.id == row.id,
+                                   or_(Delivery.state != DeliveryState.SENDING, Delivery.updated_at < stale),
+                                   Delivery.state != DeliveryState.SENT)
+            .values(state=DeliveryState.SENDING, updated_at=utcnow(), ae_title=dest.ae_title, host=dest.host,
+                    port=dest.port)
+            .execution_options(synchronize_session=False)).rowcount
+        if took != 1:
+            return row.id, DeliveryOutcome(dest.name, DeliveryState.SENDING, row.attempts, row.last_status,
+                                           busy=True)
+        return row.id, None
+
+
+def _deliver_one(sessions: sessionmaker[Session], result_id: int, job_id: int, seg_path: Path,
+                 dest: Destination, *, actor: str, policy: RetryPolicy,
+                 sleep: Callable[[float], None]) -> DeliveryOutcome:
+    delivery_id, early = _claim(sessions, result_id, job_id, dest, actor, policy)
+    if early is not None:
+        return early
+    attempts = 0
+    last: SendResult = SendResult(None, "not attempted", False)
+    for n in range(1, policy.max_attempts + 1):
+        wait = policy.wait_before(n)
+        if wait:
+            sleep(wait)
+        try:
+            last = send_file(seg_path, dest, ae_title=policy.ae_title, timeout_s=policy.timeout_s)
+        except (OSError, ValueError) as exc:  # the SEG file is missing or unreadable: cannot get better
+            last = SendResult(None, f"cannot read {seg_path.name}: {type(exc).__name__}: {exc}", True)
+        attempts = n
+        with session_scope(sessions) as s:
+            row = s.get(Delivery, delivery_id)
+            assert row is not None
+            row.attempts += 1
+            row.last_status = last.status
+            row.last_error = last.error
+            row.updated_at = utcnow()
+            details = {"destination": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
+                       "attempt": row.attempts, "status": None if last.status is None else f"0x{last.status:04X}",
+                       "error": last.error, "result_id": result_id}
+            if last.ok:
+                row.state, row.sent_at = DeliveryState.SENT, utcnow()
+                audit.append(s, actor=actor, action="delivery.sent", object_type="delivery",
+                             object_id=delivery_id, details=details)
+                log.info("result %d sent to %s (attempt %d)", result_id, dest.name, n)
+                return DeliveryOutcome(dest.name, DeliveryState.SENT, row.attempts, last.status)
+            final = last.permanent or n == policy.max_attempts
+            if final:
+                row.state = DeliveryState.FAILED
+            audit.append(s, actor=actor, action="delivery.failed" if final else "delivery.attempt_failed",
+                         object_type="delivery", object_id=delivery_id,
+                         details={**details, "permanent": last.permanent})
+            total = row.attempts
+        log.warning("result %d to %s: attempt %d failed: %s%s", result_id, dest.name, n, last.error,
+                    " (final)" if final else "")
+        if final:
+            return DeliveryOutcome(dest.name, DeliveryState.FAILED, total, last.status, last.error)
+    raise AssertionError("unreachable")  # pragma: no cover

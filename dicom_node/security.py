@@ -1,0 +1,62 @@
+"""Who may talk to the SCP: the calling-AE/host allow-list, and TLS contexts.
+
+    >>> from specgate.settings import AllowedCaller
+    >>> callers = [AllowedCaller.parse("PACS@10.0.0.5"), AllowedCaller.parse("CT1@*")]
+    >>> caller_allowed(callers, "PACS", "10.0.0.5"), caller_allowed(callers, "PACS", "10.0.0.6")
+    (True, False)
+    >>> caller_allowed(callers, "CT1", "192.168.1.9")
+    True
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+
+from specgate.settings import AllowedCaller, Settings
+
+__all__ = ["caller_allowed", "client_ssl_context", "normalise_host", "server_ssl_context"]
+
+
+def normalise_host(host: str) -> str:
+    """An IPv4-mapped IPv6 peer address (``::ffff:10.0.0.5``) as its IPv4 form; others unchanged."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def caller_allowed(callers: Sequence[AllowedCaller], calling_ae: str, host: str) -> bool:
+    """True if (calling AE title, peer address) is on the allow-list. An empty list allows nobody."""
+    host = normalise_host(host)
+    return any(c.matches(calling_ae, host) for c in callers)
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The SCP's TLS context (TLS 1.2+), or None when TLS is off. Mutual TLS when asked for."""
+    if settings.scp_tls_cert is None or settings.scp_tls_key is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=str(settings.scp_tls_cert), keyfile=str(settings.scp_tls_key))
+    if settings.scp_tls_ca is not None:
+        ctx.load_verify_locations(cafile=str(settings.scp_tls_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED if settings.scp_tls_require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_ssl_context(ca: Path, cert: Path | None = None, key: Path | None = None,
+                       *, check_hostname: bool = True) -> ssl.SSLContext:
+    """A TLS 1.2+ client context that trusts ``ca`` and, for mutual TLS, presents ``cert``/``key``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = check_hostname
+    ctx.load_verify_locations(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key) if key else None)
+    return ctx

@@ -1,0 +1,180 @@
+"""Durable files for received instances.
+
+An instance becomes durable in three steps, in this order, before its C-STORE is answered:
+
+1. its bytes are in a temporary file under ``<spool>/tmp`` (pynetdicom writes the dataset there while it
+   arrives, see :mod:`dicom_node.scp`);
+2. the file gets its final name ``<spool>/<study>/<series>/<sop>.dcm`` by a hard link that refuses to
+   replace an existing file (``os.link``), the temporary name is removed, then the file and its folder
+   are fsynced;
+3. the caller inserts the ledger row and commits, and only then answers success. A crash before the
+   commit can leave a final file without a row (never a row without a durable file); the peer got no
+   success for it and sends it again, which finds the file and indexes it.
+
+The path components are UIDs validated by :func:`validate_uid`; a DICOM value is never used as a path
+otherwise.
+
+    >>> validate_uid("1.2.840.10008.5.1.4.1.1.2", what="SOP Class UID")
+    '1.2.840.10008.5.1.4.1.1.2'
+    >>> validate_uid("1.2/../3", what="SOP Instance UID")
+    Traceback (most recent call last):
+    ...
+    dicom_node.spool.InvalidUID: SOP Instance UID '1.2/../3' is not a UID (digits and dots, at most 64 characters)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["InvalidUID", "Spool", "SpooledFile", "validate_uid"]
+
+# PS3.5 9.1: components of digits separated by single dots, no leading zero in a multi-digit component.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_HASH_CHUNK = 1 << 20
+
+
+class InvalidUID(ValueError):
+    """A value that should be a UID is not one; the message names what it is and shows the value."""
+
+
+def validate_uid(value: object, *, what: str) -> str:
+    """Return ``value`` (trailing NUL/space padding removed) if it is a DICOM UID, else raise InvalidUID."""
+    text = str(value).rstrip("\x00 ") if value is not None else ""
+    if not text or len(text) > 64 or not _UID_RE.match(text):
+        shown = text if len(text) <= 80 else text[:80] + "..."
+        raise InvalidUID(f"{what} {shown!r} is not a UID (digits and dots, at most 64 characters)")
+    return text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    path: Path
+    size_bytes: int
+    sha256: str
+    created: bool  # False: a file with this name was already there and was kept
+
+
+class Spool:
+    """The spool folder. Construct, then :meth:`open` (creates the folders); no I/O in the constructor."""
+
+    def __init__(self, root: Path, *, watermark_percent: float) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.watermark_percent = watermark_percent
+
+    def open(self) -> Spool:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # ------------------------------------------------------------------------------------- space
+    def usage_percent(self) -> float:
+        usage = shutil.disk_usage(self.root)
+        return 100.0 * usage.used / usage.total
+
+    def has_room(self) -> bool:
+        """False when the spool's file system is at or above the watermark (answer 0xA700 then)."""
+        return self.usage_percent() < self.watermark_percent
+
+    # ------------------------------------------------------------------------------------- files
+    def final_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        study = validate_uid(study_uid, what="Study Instance UID")
+        series = validate_uid(series_uid, what="Series Instance UID")
+        sop = validate_uid(sop_uid, what="SOP Instance UID")
+        return self.root / study / series / f"{sop}.dcm"
+
+    @staticmethod
+    def digest(path: Path) -> tuple[int, str]:
+        """(size, SHA-256 hex) of a file, read in chunks."""
+        h = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return size, h.hexdigest()
+
+    def commit(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+        """Give ``temp`` its final name without replacing an existing file, and make it durable.
+
+        The link comes first and the file's fsync second, so that one journal commit carries the data
+        and the new directory entry; the folder is then fsynced as well (and its parents when they were
+        created just now), which is what POSIX asks for. If the final name exists already (the same
+        instance received before, or at this moment on another association, or a file left by a crash
+        before its row was committed), nothing changes and ``created`` is False: the caller decides,
+        from the ledger, between :meth:`discard_temp` and :meth:`replace`.
+        """
+        final = self.final_path(study_uid, series_uid, sop_uid)
+        new_dirs = [d for d in (final.parent.parent, final.parent) if not d.is_dir()]
+        if new_dirs:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            return SpooledFile(final, 0, "", created=False)
+        os.unlink(temp)  # a temporary name that survives a crash is swept later, it needs no fsync
+        size, sha = self._fsync_and_digest(final)
+        _fsync_dir(final.parent)
+        for d in reversed(new_dirs):
+            _fsync_dir(d.parent)
+        return SpooledFile(final, size, sha, created=True)
+
+    @staticmethod
+    def _fsync_and_digest(path: Path) -> tuple[int, str]:
+        h = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+            os.fsync(f.fileno())
+        return size, h.hexdigest()
+
+    def replace(self, temp: Path, final: Path) -> SpooledFile:
+        """Put ``temp`` in place of ``final``: only for a final file that has no ledger row (never
+        acknowledged, e.g. left by a crash between link and commit, possibly incomplete)."""
+        os.replace(temp, final)
+        size, sha = self._fsync_and_digest(final)
+        _fsync_dir(final.parent)
+        return SpooledFile(final, size, sha, created=True)
+
+    def remove(self, path: Path) -> None:
+        """Remove a spooled file (its ledger row could not be written) and make the removal durable."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+
+    def discard_temp(self, path: Path | None) -> None:
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def sweep_temp(self, older_than_s: float) -> int:
+        """Remove temporary files left by associations that died mid-dataset; returns how many."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

@@ -1,0 +1,178 @@
+"""Helpers for the DICOM node's integration tests: the ledger handle, a pynetdicom SCU that reports every
+status, and hostile files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ledger.schema import AuditEvent, Instance
+from specgate.settings import Settings
+
+CALLER = "TESTSCU"
+
+
+@dataclass
+class Ledger:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    url: str
+    data_dir: Path
+
+    def count(self, model: Any = Instance) -> int:
+        with self.sessions() as s:
+            return int(s.execute(select(func.count()).select_from(model)).scalar_one())
+
+    def audit(self, action: str) -> list[AuditEvent]:
+        with self.sessions() as s:
+            return list(s.execute(select(AuditEvent).where(AuditEvent.action == action)
+                                  .order_by(AuditEvent.id)).scalars())
+
+    def spool_files(self) -> list[Path]:
+        """Every file under the data folder except the SQLite ledger and the spool's temporary folder."""
+        spool = self.settings.spool_dir
+        return sorted(p for p in self.data_dir.rglob("*") if p.is_file() and
+                      spool in p.parents and spool / "tmp" not in p.parents)
+
+
+def scu_ae(calling: str = CALLER, contexts: Sequence[str] = (CTImageStorage, Verification),
+           transfer_syntaxes: Sequence[str] | None = None) -> AE:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+    for cx in contexts:
+        if transfer_syntaxes:
+            ae.add_requested_context(cx, list(transfer_syntaxes))
+        else:
+            ae.add_requested_context(cx)
+    return ae
+
+
+def store(port: int, items: Sequence[Path | Dataset], *, calling: str = CALLER, called: str = "SPECGATE",
+          raw: bool = False) -> list[int | None]:
+    """C-STORE each item on one association; the status of each (None: no response).
+
+    ``raw``: send the file's bytes after its file meta as they are (pynetdicom's chunked send), which is
+    how a hostile or broken peer's bytes reach the SCP without being decoded here first.
+    """
+    ts = None
+    if raw:
+        ts = sorted({str(read_file_meta_info(p).TransferSyntaxUID) for p in items})
+        if len(ts) > 1 or ts[0] != "1.2.840.10008.1.2.1":
+            raise ValueError("raw sends use Explicit VR Little Endian files")
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = raw
+    try:
+        classes = sorted({str(read_file_meta_info(p).MediaStorageSOPClassUID)
+                          if isinstance(p, Path) else str(p.SOPClassUID) for p in items}) or [CTImageStorage]
+        assoc = scu_ae(calling, classes, ts).associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established, f"association refused (rejected={assoc.is_rejected})"
+        statuses: list[int | None] = []
+        try:
+            for item in items:
+                rsp = assoc.send_c_store(item)
+                statuses.append(int(rsp.Status) if rsp is not None and "Status" in rsp else None)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return statuses
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+def echo(port: int, *, calling: str = CALLER, called: str = "SPECGATE") -> int | None:
+    assoc = scu_ae(calling, [Verification]).associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        rsp = assoc.send_c_echo()
+        return int(rsp.Status) if rsp is not None and "Status" in rsp else None
+    finally:
+        assoc.release()
+
+
+def with_payload(valid: Path, payload: bytes, out: Path) -> Path:
+    """``valid``'s preamble and file meta, followed by ``payload`` in place of its dataset."""
+    meta_end = 132 + 12 + int(dcmread(valid, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(valid.read_bytes()[:meta_end] + payload)
+    return out
+
+
+def encode_dataset(ds: Dataset) -> bytes:
+    """``ds`` encoded as Explicit VR Little Endian, without preamble or file meta."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def pdata(context_id: int, header: int, data: bytes) -> bytes:
+    """One P-DATA-TF PDU with one PDV (header: bit 0 command, bit 1 last fragment)."""
+    item = struct.pack(">IBB", len(data) + 2, context_id, header) + data
+    return struct.pack(">BBI", 0x04, 0x00, len(item)) + item
+
+
+def store_command(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
+    """An encoded C-STORE-RQ command set; the UIDs are written as given, valid or not."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    req = C_STORE()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = "1.2.3"  # placeholders: pynetdicom refuses invalid UIDs here
+    req.AffectedSOPInstanceUID = "1.2.3"
+    req.Priority = 2
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    cs = msg.command_set
+    cs.AffectedSOPClassUID = sop_class
+    cs.AffectedSOPInstanceUID = sop_instance
+    cs.CommandDataSetType = 0x0001  # a data set follows
+    del cs.CommandGroupLength
+    body = encode(cs, True, True)
+    from pydicom.dataset import Dataset as _D
+
+    glen = _D()
+    glen.CommandGroupLength = len(body)
+    return encode(glen, True, True) + body
+
+
+def raw_store(port: int, sop_class: str, sop_instance: str, dataset: bytes, *, calling: str = CALLER) -> int | None:
+    """A C-STORE whose PDUs are written by hand (any UID, any bytes); its response read by pynetdicom."""
+    ae = scu_ae(calling, [sop_class if len(sop_class) <= 64 else "1.2.840.10008.5.1.4.1.1.2"],
+                ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="SPECGATE")
+    assert assoc.is_established
+    try:
+        cx = assoc.accepted_contexts[0].context_id
+        sock = assoc.dul.socket.socket
+        # Pause the requestor's reactor as pynetdicom's send_c_store() does, so that it does not take the
+        # response off the queue first.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            sock.sendall(pdata(cx, 0x03, store_command(sop_class, sop_instance)) + pdata(cx, 0x02, dataset))
+            _, msg = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        return None if msg is None else int(msg.Status)
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -1,0 +1,245 @@
+"""Real DICOM peers for tests and benchmarks: free ports, dcmtk tools, an Orthanc PACS, generated CT series.
+
+Everything runs on loopback and in temporary folders; nothing is downloaded. dcmtk and Orthanc always run
+with ``TCP_NODELAY=1`` in their environment (dcmtk 3.6.7 otherwise waits on Nagle's algorithm).
+
+    >>> port = free_port()
+    >>> 1024 < port < 65536
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+__all__ = [
+    "CTSeries",
+    "Orthanc",
+    "dcmtk",
+    "free_port",
+    "peer_env",
+    "wait_for",
+    "write_ct_series",
+]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def peer_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def dcmtk(tool: str, *args: str | os.PathLike[str], timeout: float = 120.0,
+          check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk program (``storescu``, ``echoscu``...) with TCP_NODELAY=1; returns its result."""
+    exe = shutil.which(tool)
+    if exe is None:
+        raise FileNotFoundError(f"dcmtk program {tool!r} is not installed (apt-get install dcmtk)")
+    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=peer_env(), check=check)
+
+
+# --------------------------------------------------------------------------------------- test data
+@dataclass
+class CTSeries:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uids: list[str]
+    paths: list[Path]
+    folder: Path
+
+
+def write_ct_series(folder: Path, *, slices: int = 20, size: int = 64, study_uid: str | None = None,
+                    series_uid: str | None = None, seed: int = 0, modality: str = "CT",
+                    series_description: str = "AXIAL 1mm", body_part: str = "ABDOMEN",
+                    patient_id: str = "TEST-0001", patient_name: str = "Test^Patient") -> CTSeries:
+    """Write a small synthetic CT series (uint16 pixels, one file per slice) with pydicom.
+
+    The pixels are a sphere of soft tissue in air plus noise from ``numpy.random.default_rng(seed)``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    frame_uid = generate_uid()
+    yy, xx = np.mgrid[0:size, 0:size]
+    sops, paths = [], []
+    for i in range(slices):
+        z = (i - slices / 2) / max(slices / 2, 1)
+        r2 = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (size / 3) ** 2 + z * z
+        img = np.where(r2 < 1.0, 1040, 24).astype(np.int32) + rng.integers(0, 20, (size, size))
+        sop = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.StudyDate = "20261127"
+        ds.StudyTime = "120000"
+        ds.AccessionNumber = "ACC0001"
+        ds.StudyID = "1"
+        ds.Modality = modality
+        ds.BodyPartExamined = body_part
+        ds.SeriesDescription = series_description
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [0.8, 0.8]
+        ds.SliceThickness = 1.0
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.PixelData = img.astype(np.uint16).tobytes()
+        path = folder / f"slice_{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        sops.append(sop)
+        paths.append(path)
+    return CTSeries(study_uid, series_uid, sops, paths, folder)
+
+
+# ------------------------------------------------------------------------------------------ Orthanc
+@dataclass
+class Orthanc:
+    """An Orthanc PACS (Debian ``Orthanc``) with its own temporary config, storage and free ports.
+
+    ``modalities`` maps a name to (AE title, host, port) of the peers it may send to / accept from.
+    """
+
+    workdir: Path
+    aet: str = "ORTHANC"
+    modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    http_port: int = 0
+    dicom_port: int = 0
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Orthanc:
+        exe = shutil.which("Orthanc")
+        if exe is None:
+            raise FileNotFoundError("Orthanc is not installed (apt-get install orthanc)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.http_port = self.http_port or free_port()
+        self.dicom_port = self.dicom_port or free_port()
+        config = {
+            "Name": "specgate-test", "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"), "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port, "DicomAet": self.aet, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": True,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
+            "DicomModalities": {k: [ae, host, port] for k, (ae, host, port) in self.modalities.items()},
+            "Plugins": [], "StableAge": 1, "ConcurrentJobs": 2, "SaveJobs": False,
+            "LogExportedResources": False, "KeepAlive": True, "StorageCompression": False,
+        }
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        log = open(self.workdir / "orthanc.log", "wb")
+        self._proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=peer_env())
+        try:
+            wait_for(self._up, timeout=timeout, what=f"Orthanc on port {self.http_port}", interval=0.1)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
+
+    def _up(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {self._proc.returncode}: "
+                               f"{(self.workdir / 'orthanc.log').read_text(errors='replace')[-2000:]}")
+        try:
+            self.get("/system")
+            return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+        self._proc = None
+
+    def __enter__(self) -> Orthanc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # REST
+    def _request(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as rsp:
+            raw = rsp.read()
+        ctype = rsp.headers.get("Content-Type", "")
+        return json.loads(raw) if "json" in ctype else raw
+
+    def get(self, path: str) -> Any:
+        return self._request("GET", path)
+
+    def post(self, path: str, body: Any = None, timeout: float = 120.0) -> Any:
+        return self._request("POST", path, body, timeout=timeout)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self._request("PUT", path, body)
+
+    def upload(self, paths: Sequence[Path]) -> list[str]:
+        """POST files to /instances; returns Orthanc's instance ids."""
+        return [self.post("/instances", Path(p).read_bytes())["ID"] for p in paths]
+
+    def instance_uids(self) -> set[str]:
+        """SOP Instance UIDs of every instance Orthanc holds."""
+        uids = set()
+        for oid in self.get("/instances"):
+            uids.add(self.get(f"/instances/{oid}/simplified-tags")["SOPInstanceUID"])
+        return uids
