@@ -16,14 +16,10 @@ log = logging.getLogger("specgate.scp")
 
 
 def _job_queued_hook(app: Any) -> Any:
-    """The enqueue hook the assembler calls with each new job id (the worker plugs Celery in here)."""
-    try:
-        from worker.celery_app import enqueue_job  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        from dicom_node.assembler import log_job_queued
+    """The enqueue hook the assembler calls with each new job id: a wake-up call to the workers."""
+    from worker.celery_app import Enqueuer, make_celery
 
-        return log_job_queued
-    return lambda job_id: enqueue_job(app.settings, job_id)
+    return Enqueuer(make_celery(app.settings), app.sessions()).segment
 
 
 @click.command("scp")

@@ -1,0 +1,129 @@
+"""One study through the pipeline (no broker): series on disk -> claim -> infer -> gate -> SEG -> state.
+
+A real (small, untrained) SegNet and a gate fitted for its weights: the gate's decision is steered by
+what the bank holds, so both routes are exercised. Runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+from sqlalchemy import select
+
+from ledger import jobs
+from ledger.db import session_scope
+from ledger.schema import AuditEvent, Instance, Job, JobState, Result, Series, Study
+from model.data.phantoms import phantom_study
+from model.ood import SpectralGate, sha256_file
+from model.unet import SegNet, save_weights
+from specgate.synthetic import write_series
+from worker.pipeline import PipelineConfig, claim, job_paths, run_job
+from worker.segmenter import Segmenter
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SegNet]:
+    torch.manual_seed(0)
+    net = SegNet(base_features=4, levels=2).eval()
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_weights(net, path, meta={"name": "tiny-test", "version": "0.0.1"})
+    return path, net
+
+
+def _ingest(sessions, series, calling_ae: str = "PACS") -> int:
+    """Record a written series in the ledger the way the SCP does, and make its job."""
+    with session_scope(sessions) as s:
+        study = Study(study_instance_uid=series.study_instance_uid, calling_ae=calling_ae)
+        s.add(study)
+        s.flush()
+        ser = Series(study_id=study.id, series_instance_uid=series.series_instance_uid, modality=series.modality)
+        s.add(ser)
+        s.flush()
+        for p in series.paths:
+            ds = dcmread(p, stop_before_pixels=True)
+            s.add(Instance(series_id=ser.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                           spool_path=str(p), size_bytes=p.stat().st_size, sha256="0" * 64, calling_ae=calling_ae))
+        return jobs.create_job(s, study, actor="test", series_instance_uid=series.series_instance_uid,
+                               rule_name="default-ct-mr").id
+
+
+def _segmenter(tiny_model, tmp_path: Path, bank_signatures: np.ndarray) -> Segmenter:
+    weights, _ = tiny_model
+    bank = tmp_path / "bank.npz"
+    SpectralGate.fit(bank_signatures, c=2.5, weights_sha256=sha256_file(weights)).save(bank)
+    return Segmenter.open(weights, bank, block=32, overlap=8)
+
+
+def _signature_of(seg: Segmenter, case) -> np.ndarray:
+    return seg.segment(case.image, case.modality).signature
+
+
+@pytest.mark.parametrize("route", ["released", "held"])
+def test_one_study_end_to_end_without_broker(migrated, tmp_path: Path, tiny_model, route: str) -> None:
+    settings, _, sessions = migrated
+    case = phantom_study("ct_liver", seed=11)
+    series = write_series(case.image, case.spacing, "CT", tmp_path / "series", patient_id="PID-SECRET-42")
+    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    own = _signature_of(probe, case)
+    if route == "released":  # the bank holds this very study's signature (and a neighbour): OODM ~ 0
+        bank = np.stack([own, own + 1e-3, own - 1e-3])
+    else:  # a bank of signatures far from it, tightly clustered: tau is tiny, the study is OOD
+        far = -own
+        bank = np.stack([far, far + 1e-4, far - 1e-4])
+    seg = _segmenter(tiny_model, tmp_path, bank)
+    job_id = _ingest(sessions, series)
+    c = claim(sessions, job_id, task_id="task-1", worker_id="test", stale_after_s=60)
+    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
+    outcome = run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+    assert outcome.state == route
+    with session_scope(sessions) as s:
+        job = s.get(Job, job_id)
+        res = s.execute(select(Result).where(Result.job_id == job_id)).scalar_one()
+        assert str(job.state) == route
+        assert res.is_ood == (route == "held") and (res.oodm > res.tau) == res.is_ood
+        assert res.weights_sha256 == sha256_file(tiny_model[0]) and res.model_id == "tiny-test:0.0.1"
+        actions = [e.action for e in s.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars()]
+        details = json.dumps([e.details for e in s.execute(select(AuditEvent)).scalars()])
+    assert actions[-2:] == [f"job.{route}", "result.created"]
+    assert "PID-SECRET-42" not in details and "SYNTHETIC" not in details
+
+    paths = job_paths(settings.results_dir, job_id, 1)
+    seg_ds = highdicom.seg.Segmentation.from_dataset(dcmread(paths["seg"]))
+    assert seg_ds.SOPInstanceUID == res.seg_sop_instance_uid
+    assert seg_ds.StudyInstanceUID == series.study_instance_uid
+    refs = {r.ReferencedSOPInstanceUID for r in seg_ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert refs == {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series.paths}
+    evidence = json.loads(paths["evidence"].read_text())
+    assert evidence["oodm"] == pytest.approx(res.oodm) and len(evidence["signature"]) == 4
+    with np.load(paths["prob"]) as z:
+        assert z["prob_fg_u8"].shape == case.image.shape
+    assert paths["preview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # an attempt after a crash derives the same SEG object (idempotent resend)
+    from worker.seg import derive_uid
+
+    assert derive_uid("TEST", series.study_instance_uid, str(job_id), "1", "seg") == res.seg_sop_instance_uid
+
+
+def test_bad_series_fails_with_reason_and_is_not_retried(migrated, tmp_path: Path, tiny_model) -> None:
+    settings, _, sessions = migrated
+    case = phantom_study("ct_liver", seed=12)
+    series = write_series(case.image, case.spacing, "CT", tmp_path / "series")
+    series.paths[5].unlink()  # a gap in the series (the spool lost nothing: the sender never sent it)
+    series.paths.pop(5)
+    job_id = _ingest(sessions, series)
+    seg = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    c = claim(sessions, job_id, task_id="t", worker_id="test", stale_after_s=60)
+    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
+    outcome = run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+    assert outcome.state == "failed" and outcome.reason_code == "missing_slices"
+    with session_scope(sessions) as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.FAILED and job.attempts == 1 and job.reason_code == "missing_slices"
+    assert claim(sessions, job_id, task_id="t2", worker_id="test", stale_after_s=60) is None
