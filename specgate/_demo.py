@@ -1,0 +1,236 @@
+"""``specgate demo``: the whole product on embedded defaults, in one command, with no servers.
+
+It migrates the SQLite ledger, starts the DICOM SCP and assembler, a worker process (``specgate worker``
+on the filesystem broker) and an embedded "PACS" that receives results, generates two studies (a CT
+liver phantom the shipped model knows, and a head MR of an organ it never saw), sends them to itself over
+C-STORE, and reports what happened: one DICOM-SEG released and delivered, one held with its OODM against
+tau. Ctrl-C stops everything cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .settings import AllowedCaller, Destination, Settings
+
+__all__ = ["run_demo"]
+
+DEMO_CALLER = "DEMO_MODALITY"
+DEMO_PACS_AE = "DEMO_PACS"
+TERMINAL_FOR_DEMO = {"sent", "held", "failed", "rejected", "superseded", "released"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class EmbeddedPACS:
+    """A minimal storage SCP standing in for the hospital PACS: it files what it receives under ``folder``."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder, self.port = folder, port
+        self.received: list[Path] = []
+        self._server: Any = None
+
+    def start(self) -> EmbeddedPACS:
+        from pynetdicom import AE, StoragePresentationContexts, evt
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            uid = str(ds.SOPInstanceUID)
+            if not all(c.isdigit() or c == "." for c in uid):
+                return 0xC000
+            path = self.folder / f"{uid}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            self.received.append(path)
+            return 0x0000
+
+        ae = AE(ae_title=DEMO_PACS_AE)
+        ae.supported_contexts = StoragePresentationContexts
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+
+def _send(paths: list[Path], host: str, port: int, called_ae: str) -> int:
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+    ae = AE(ae_title=DEMO_CALLER)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise RuntimeError(f"our own SCP at {host}:{port} refused the demo association")
+    ok = 0
+    try:
+        for p in paths:
+            status = assoc.send_c_store(dcmread(p))
+            ok += int(getattr(status, "Status", -1) == 0)
+    finally:
+        assoc.release()
+    return ok
+
+
+def run_demo(settings: Settings, *, echo: Callable[[str], None] = print, timeout_s: float = 900.0) -> int:
+    import logging
+
+    from sqlalchemy import select
+
+    from dicom_node.assembler import Assembler
+    from dicom_node.scp import StoreSCP
+    from ledger import migrations
+    from ledger.db import open_engine, sessionmaker_for
+    from ledger.schema import Job, Result, Study
+    from model.data.phantoms import phantom_study
+    from worker.celery_app import Enqueuer, make_celery
+
+    from .synthetic import write_series
+
+    if settings.log_level != "DEBUG":  # the demo prints its own story; services log warnings only
+        logging.getLogger("specgate").setLevel(logging.WARNING)
+        logging.getLogger("kombu").setLevel(logging.ERROR)
+    pacs_port = _free_port()
+    scp_port = settings.scp_port if _port_free(settings.scp_host, settings.scp_port) else _free_port()
+    s = settings.model_copy(update={
+        "allowed_callers": [*settings.allowed_callers, AllowedCaller(ae_title=DEMO_CALLER, host="127.0.0.1")],
+        "destinations": [Destination(name="demo-pacs", ae_title=DEMO_PACS_AE, host="127.0.0.1", port=pacs_port)],
+        "study_quiet_seconds": min(settings.study_quiet_seconds, 3.0),
+        "scp_port": scp_port,
+        "reconcile_interval_seconds": min(settings.reconcile_interval_seconds, 10.0),
+    })
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    echo(f"specgate demo: data in {s.data_dir.resolve()}")
+    echo(f"  ledger  {s.db_url}")
+    migrations.upgrade(s)
+    engine = open_engine(s.db_url)
+    sessions = sessionmaker_for(engine)
+    celery = make_celery(s)
+    enqueuer = Enqueuer(celery, sessions)
+    pacs = EmbeddedPACS(s.data_dir / "demo-pacs", pacs_port).start()
+    echo(f"  PACS    embedded receiver {DEMO_PACS_AE}@127.0.0.1:{pacs_port} -> {pacs.folder}")
+    scp = StoreSCP(s, sessions).start()
+    assembler = Assembler(s, sessions, on_job_queued=enqueuer.segment).start()
+    echo(f"  SCP     {s.scp_ae_title}@{s.scp_host}:{scp_port} (quiet period {s.study_quiet_seconds:g} s)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECGATE_")}
+    env.update({
+        "SPECGATE_DATA_DIR": str(s.data_dir.resolve()),
+        "SPECGATE_DATABASE_URL": s.db_url,
+        "SPECGATE_DESTINATIONS": ",".join(str(d) for d in s.destinations),
+        "SPECGATE_LOG_LEVEL": "WARNING",
+    })
+    for name in ("broker_url", "model_weights", "model_bank", "inference_block", "inference_overlap"):
+        value = getattr(s, name)
+        if value is not None:
+            env[f"SPECGATE_{name.upper()}"] = str(value)
+    log_path = s.data_dir / "demo-worker.log"
+    log_file = open(log_path, "ab")  # noqa: SIM115 - closed in finally
+    worker = subprocess.Popen([sys.executable, "-m", "specgate", "worker"], env=env, stdout=log_file,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    echo(f"  worker  pid {worker.pid} (CPU; log {log_path})")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with tempfile.TemporaryDirectory(prefix="specgate-demo-") as tmp:
+            studies = {}
+            for label, kind, desc in (("known", "ct_liver", "CT abdomen (liver phantom)"),
+                                      ("unseen", "mr_hippocampus", "MR head (hippocampus phantom)")):
+                case = phantom_study(kind, seed=int(time.time()) % 1000)
+                series = write_series(case.image, case.spacing, case.modality, Path(tmp) / label,
+                                      series_description=desc, patient_id=f"DEMO-{label.upper()}")
+                studies[series.study_instance_uid] = (label, desc, len(series.paths))
+                n = _send(series.paths, "127.0.0.1", scp_port, s.scp_ae_title)
+                echo(f"  sent    {desc}: {n}/{len(series.paths)} slices stored by C-STORE")
+        echo("waiting for the quiet period, segmentation and the gate (CPU; a minute or two)...")
+        deadline = time.monotonic() + timeout_s
+        seen: dict[str, str] = {}
+        while time.monotonic() < deadline and not stop.is_set():
+            with sessions() as db:
+                rows = db.execute(select(Study.study_instance_uid, Job.id, Job.state).join(Job)
+                                  .where(Study.study_instance_uid.in_(list(studies)))).all()
+            for uid, job_id, state in rows:
+                key = f"{uid}:{job_id}"
+                if seen.get(key) != str(state):
+                    seen[key] = str(state)
+                    echo(f"  job {job_id:>4}  {studies[uid][1]:<32} {state}")
+            done = {uid for uid, _, state in rows if str(state) in TERMINAL_FOR_DEMO - {"released"}}
+            if len(done) == len(studies):
+                break
+            if worker.poll() is not None:
+                echo(f"the worker exited with status {worker.returncode}; see {log_path}")
+                return 1
+            time.sleep(0.5)
+        else:
+            if not stop.is_set():
+                echo(f"timed out after {timeout_s:.0f} s; jobs so far: {seen}")
+                return 1
+        if stop.is_set():
+            echo("stopped")
+            return 130
+        echo("")
+        echo("what happened:")
+        with sessions() as db:
+            for uid, (label, desc, _) in studies.items():
+                job = db.execute(select(Job).join(Study).where(Study.study_instance_uid == uid)
+                                 .order_by(Job.version.desc())).scalars().first()
+                res = db.execute(select(Result).where(Result.job_id == job.id)).scalar_one_or_none()
+                gate = "" if res is None else (f"OODM {res.oodm:.4f} {'>' if res.is_ood else '<='} tau {res.tau:.4f}")
+                echo(f"  {desc}: job {job.id} {job.state}  {gate}")
+                if str(job.state) == "sent" and res is not None:
+                    echo(f"    DICOM-SEG {res.seg_sop_instance_uid} delivered to demo-pacs: "
+                         f"{pacs.folder / (res.seg_sop_instance_uid + '.dcm')}")
+                elif str(job.state) == "held" and res is not None:
+                    echo("    held for review: the gate says this study is unlike the training data.")
+                    echo(f"    review it:  specgate jobs show {job.id}   (preview: {Path(res.seg_path).parent / 'preview.png'})")
+                    echo(f"    then:       specgate jobs approve {job.id} --user NAME   or   "
+                         f"specgate jobs reject {job.id} --user NAME --reason TEXT")
+                elif job.reason_code:
+                    echo(f"    reason: {job.reason_code}: {job.reason_detail or ''}")
+        echo(f"audit trail: `specgate audit verify`; all jobs: `specgate jobs list` (data dir {s.data_dir})")
+        return 0
+    except KeyboardInterrupt:
+        echo("\ninterrupted; stopping")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(5)
+        log_file.close()
+        assembler.stop()
+        scp.stop()
+        pacs.stop()
+        engine.dispose()
