@@ -199,7 +199,7 @@ def run_demo(settings: Settings, *, echo: Callable[[str], None] = print, timeout
         echo("")
         echo("what happened:")
         with sessions() as db:
-            for uid, (label, desc, _) in studies.items():
+            for uid, (_label, desc, _) in studies.items():
                 job = db.execute(select(Job).join(Study).where(Study.study_instance_uid == uid)
                                  .order_by(Job.version.desc())).scalars().first()
                 res = db.execute(select(Result).where(Result.job_id == job.id)).scalar_one_or_none()
