@@ -1,0 +1,198 @@
+"""Loading volumes: NIfTI files, Medical Segmentation Decathlon folders, and DICOM series.
+
+Every loader returns arrays in ``(z, y, x)`` order with the spacing in mm in the same order, so a volume
+from any source can go straight to :func:`model.preprocess.preprocess` and the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Case",
+    "MSDDataset",
+    "SeriesGeometry",
+    "iter_cases",
+    "load_dicom_series",
+    "load_nifti",
+    "find_dicom_series",
+]
+
+
+@dataclass
+class Case:
+    """One image (and label, when known) in ``(z, y, x)`` order."""
+
+    name: str
+    image: np.ndarray
+    spacing: tuple[float, float, float]
+    modality: str
+    label: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A NIfTI volume as a ``(z, y, x)`` array and its spacing in mm (closest-canonical orientation)."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(os.fspath(path)))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
+
+
+class MSDDataset:
+    """A Medical Segmentation Decathlon folder: ``dataset.json``, ``imagesTr/``, ``labelsTr/``.
+
+    Only single-channel images are supported; labels other than 0 count as foreground.
+    Cases are loaded on demand (``dataset[i]``), not at construction.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], name: str | None = None) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "dataset.json"
+        if not meta_path.is_file():
+            raise ValueError(f"{self.root} is not an MSD dataset folder (no dataset.json)")
+        self.meta = json.loads(meta_path.read_text())
+        modality = self.meta.get("modality", {})
+        if len(modality) != 1:
+            raise ValueError(f"{self.root}: only single-channel datasets are supported, modality={modality!r}")
+        self.modality = str(next(iter(modality.values()))).upper()
+        if self.modality not in ("CT",):  # MSD writes e.g. "MRI", "T2", "ADC": all normalised like MR
+            self.modality = "MR" if self.modality not in ("PT", "PET") else "PT"
+        self.name = name or str(self.meta.get("name") or self.root.name)
+        self.entries = list(self.meta.get("training", []))
+        if not self.entries:
+            raise ValueError(f"{self.root}: dataset.json lists no training cases")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def case_name(self, i: int) -> str:
+        return Path(self.entries[i]["image"]).name.removesuffix(".nii.gz").removesuffix(".nii")
+
+    def __getitem__(self, i: int) -> Case:
+        e = self.entries[i]
+        image, spacing = load_nifti(self.root / e["image"])
+        label, lspacing = load_nifti(self.root / e["label"])
+        if label.shape != image.shape:
+            raise ValueError(f"{self.root}: label shape {label.shape} != image shape {image.shape} for {e['image']}")
+        return Case(
+            name=self.case_name(i),
+            image=image.astype(np.float32),
+            spacing=spacing,
+            modality=self.modality,
+            label=(label > 0).astype(np.uint8),
+            meta={"dataset": self.name, "index": i},
+        )
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Where a series lies in patient space (LPS), enough to write results back."""
+
+    origin: tuple[float, float, float]  # ImagePositionPatient of the first slice
+    row_direction: tuple[float, float, float]
+    column_direction: tuple[float, float, float]
+    slice_direction: tuple[float, float, float]
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    sop_instance_uids: tuple[str, ...]  # in slice order
+
+
+def load_dicom_series(
+    files: list[str | os.PathLike[str]] | str | os.PathLike[str],
+) -> tuple[np.ndarray, SeriesGeometry, str]:
+    """One single-frame DICOM series -> ``(volume (z, y, x) float32, geometry, modality)``.
+
+    Slices are sorted along the slice normal; rescale slope/intercept are applied (HU for CT). Mixed
+    series, missing geometry and uneven slice spacing (more than 1 % off) are refused.
+    """
+    import pydicom
+
+    paths = [Path(p) for p in files] if isinstance(files, list) else sorted(p for p in Path(files).iterdir() if p.is_file())
+    if not paths:
+        raise ValueError(f"no DICOM files in {files!r}")
+    dss = [pydicom.dcmread(p) for p in paths]
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in dss}
+    if len(series) != 1:
+        raise ValueError(f"files belong to {len(series)} series; load one series at a time")
+    ds0 = dss[0]
+    try:
+        orient = np.array(ds0.ImageOrientationPatient, dtype=np.float64)
+        px = [float(v) for v in ds0.PixelSpacing]
+    except AttributeError as exc:
+        raise ValueError(f"series lacks geometry ({exc})") from None
+    row, col = orient[:3], orient[3:]
+    normal = np.cross(row, col)
+    pos = [float(np.dot(np.array(ds.ImagePositionPatient, dtype=np.float64), normal)) for ds in dss]
+    order = np.argsort(pos)
+    dss = [dss[i] for i in order]
+    pos_sorted = np.array(pos)[order]
+    if len(dss) > 1:
+        gaps = np.diff(pos_sorted)
+        dz = float(np.median(gaps))
+        if dz <= 0 or np.any(np.abs(gaps - dz) > 0.01 * dz):
+            raise ValueError(f"uneven or duplicated slice positions (gaps {np.unique(np.round(gaps, 3))})")
+    else:
+        dz = float(ds0.get("SliceThickness", 1.0) or 1.0)
+    vol = np.empty((len(dss), int(ds0.Rows), int(ds0.Columns)), np.float32)
+    for i, ds in enumerate(dss):
+        arr = ds.pixel_array.astype(np.float32)
+        if arr.shape != vol.shape[1:]:
+            raise ValueError(f"slice {i} has shape {arr.shape}, expected {vol.shape[1:]}")
+        vol[i] = arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    geom = SeriesGeometry(
+        origin=tuple(float(v) for v in dss[0].ImagePositionPatient),  # type: ignore[arg-type]
+        row_direction=tuple(float(v) for v in row),  # type: ignore[arg-type]
+        column_direction=tuple(float(v) for v in col),  # type: ignore[arg-type]
+        slice_direction=tuple(float(v) for v in normal),  # type: ignore[arg-type]
+        spacing=(dz, px[0], px[1]),
+        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in dss),
+    )
+    return vol, geom, str(ds0.get("Modality", "OT")).upper()
+
+
+def find_dicom_series(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
+    """Group the DICOM files under ``root`` (recursively) by SeriesInstanceUID."""
+    import pydicom
+
+    groups: dict[str, list[Path]] = {}
+    for p in sorted(Path(root).rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if uid:
+            groups.setdefault(uid, []).append(p)
+    return groups
+
+
+def iter_cases(path: str | os.PathLike[str]) -> Iterator[Case]:
+    """Cases from an MSD dataset folder, or from a folder of DICOM series (no labels)."""
+    p = Path(path)
+    if (p / "dataset.json").is_file():
+        ds = MSDDataset(p)
+        for i in range(len(ds)):
+            yield ds[i]
+        return
+    groups = find_dicom_series(p)
+    if not groups:
+        raise ValueError(f"{p} is neither an MSD dataset folder nor a folder of DICOM series")
+    for n, (_uid, files) in enumerate(sorted(groups.items())):
+        vol, geom, modality = load_dicom_series(files)
+        yield Case(name=f"series_{n:03d}", image=vol, spacing=geom.spacing, modality=modality,
+                   meta={"geometry": geom})

@@ -1,0 +1,272 @@
+"""Sliding-window inference with a streaming spectral signature, in one pass.
+
+Windows and stitching
+    Along each axis, windows of ``block`` voxels start every ``block - overlap`` voxels; the last one is
+    shifted back to end at the edge of the volume (the paper's text: 24 voxels of overlap, stride 72; the
+    authors' public code instead shifts windows by 24 voxels, i.e. ``overlap=72``). An axis shorter than
+    ``block`` gets one window, ``block`` shrunk to the axis length rounded up to the network's divisor and
+    zero-padded at the end.
+
+    Every voxel is *owned* by exactly one window: where two windows overlap, the boundary between them is
+    the middle of the overlap, so each window keeps its central part and drops the margins where its
+    receptive field is cut off (center-crop stitching; no averaging). The stitched probability and feature
+    maps therefore take every voxel from one window.
+
+Streaming signature
+    Because stitching assigns each voxel to one window, the rows of the stitched ``(voxels, C)`` feature
+    matrix are the disjoint union of the owned rows of the windows, and its Gram matrix is the *sum* of the
+    windows' owned-region Gram matrices: ``F^T F = sum_w F_w^T F_w``, exactly, up to the order of the
+    float64 additions. The full-volume feature map never exists; its singular values are the square roots
+    of the eigenvalues of the accumulated ``C x C`` matrix (see :mod:`model.ood`). With averaging
+    stitching this would not hold (the Gram of averaged rows is not a sum of per-window Grams).
+
+Memory
+    The output is one preallocated ``(num_classes, D, H, W)`` array (``out_dtype``, float32 by default;
+    float16 halves it), plus one batch of windows at a time.
+
+>>> import numpy as np, torch
+>>> from model.unet import SegNet
+>>> net = SegNet(base_features=4, levels=2).eval()
+>>> r = sliding_window(net, np.zeros((20, 16, 16), np.float32), block=16, overlap=4)
+>>> r.probabilities.shape, r.signature.shape
+((2, 20, 16, 16), (4,))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.ood import signature_from_gram
+
+__all__ = ["InferenceResult", "Window", "axis_windows", "plan_windows", "sliding_window"]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window: where it reads (``start``/``size`` in the padded volume) and what it owns."""
+
+    start: tuple[int, int, int]
+    size: tuple[int, int, int]
+    own_lo: tuple[int, int, int]  # owned region, volume coordinates
+    own_hi: tuple[int, int, int]
+
+    def read_slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(s, s + n) for s, n in zip(self.start, self.size, strict=True))  # type: ignore[return-value]
+
+    def own_slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(lo, hi) for lo, hi in zip(self.own_lo, self.own_hi, strict=True))  # type: ignore[return-value]
+
+    def local_own_slices(self) -> tuple[slice, slice, slice]:
+        return tuple(
+            slice(lo - s, hi - s) for lo, hi, s in zip(self.own_lo, self.own_hi, self.start, strict=True)
+        )  # type: ignore[return-value]
+
+
+@dataclass
+class InferenceResult:
+    """What one sliding-window pass produces.
+
+    ``probabilities``: ``(num_classes, D, H, W)``. ``signature``: the spectral signature (float64).
+    ``gram``: the accumulated ``C x C`` float64 Gram matrix of the stitched feature map.
+    ``class_feature_sums`` / ``class_counts``: sum of feature vectors and voxel count per predicted class
+    (for the Mahalanobis baseline). ``features``: the stitched feature map, only with
+    ``return_features=True`` (small volumes, tests).
+    """
+
+    probabilities: np.ndarray
+    signature: np.ndarray
+    gram: np.ndarray
+    n_voxels: int
+    n_windows: int
+    class_feature_sums: np.ndarray
+    class_counts: np.ndarray
+    features: np.ndarray | None = field(default=None, repr=False)
+    mc_masks: int = 0  # > 0: probabilities are the mean of this many MC-dropout passes
+
+    @property
+    def foreground(self) -> np.ndarray:
+        """Probability of the foreground (class 1) for two-class models."""
+        return self.probabilities[1]
+
+    def pooled_features(self) -> np.ndarray:
+        """Mean feature vector per predicted class, concatenated (zeros for an absent class)."""
+        counts = np.maximum(self.class_counts, 1)[:, None]
+        return (self.class_feature_sums / counts).ravel()
+
+
+def _round_up(n: int, d: int) -> int:
+    return -(-n // d) * d
+
+
+def axis_windows(n: int, block: int, overlap: int, divisor: int = 1) -> list[tuple[int, int, int, int]]:
+    """Windows along one axis of length ``n``: ``(start, size, own_lo, own_hi)`` tuples.
+
+    The owned intervals partition ``[0, n)``.
+    """
+    if n < 1:
+        raise ValueError(f"axis length must be >= 1, got {n}")
+    if block < 1 or block % divisor:
+        raise ValueError(f"block {block} must be a positive multiple of the network divisor {divisor}")
+    if not 0 <= overlap < block:
+        raise ValueError(f"overlap must be in [0, block), got overlap={overlap} block={block}")
+    size = min(block, _round_up(n, divisor))
+    if size >= n:
+        return [(0, size, 0, n)]
+    stride = size - overlap
+    count = math.ceil((n - size) / stride) + 1
+    starts = sorted({min(i * stride, n - size) for i in range(count)})
+    out = []
+    for i, s in enumerate(starts):
+        lo = 0 if i == 0 else (starts[i - 1] + size + s) // 2
+        hi = n if i == len(starts) - 1 else (s + size + starts[i + 1]) // 2
+        out.append((s, size, lo, hi))
+    return out
+
+
+def plan_windows(shape: tuple[int, int, int], block: int | tuple[int, int, int], overlap: int, divisor: int) -> list[Window]:
+    """All windows of a 3-D volume (the product of the per-axis windows)."""
+    blocks = (block,) * 3 if isinstance(block, int) else tuple(block)
+    axes = [axis_windows(n, b, overlap, divisor) for n, b in zip(shape, blocks, strict=True)]
+    wins = []
+    for combo in itertools.product(*axes):
+        wins.append(
+            Window(
+                start=tuple(c[0] for c in combo),  # type: ignore[arg-type]
+                size=tuple(c[1] for c in combo),  # type: ignore[arg-type]
+                own_lo=tuple(c[2] for c in combo),  # type: ignore[arg-type]
+                own_hi=tuple(c[3] for c in combo),  # type: ignore[arg-type]
+            )
+        )
+    return wins
+
+
+def _batches(items: list[Window], size: int) -> Iterator[list[Window]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _net_device(net: nn.Module) -> torch.device:
+    p = next(net.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.inference_mode()
+def sliding_window(
+    net: nn.Module,
+    volume: np.ndarray,
+    block: int | tuple[int, int, int] = 96,
+    overlap: int = 24,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    out_dtype: type[np.floating] | np.dtype = np.float32,
+    return_features: bool = False,
+    channels_last: bool | None = None,
+    progress: bool = False,
+) -> InferenceResult:
+    """Class probabilities for the whole volume and its spectral signature, in one pass.
+
+    ``net`` must be a :class:`model.unet.SegNet`-like module whose ``forward(x, return_features=True)``
+    returns ``(logits, features)``, already on ``device`` (default: where its parameters are) and in the
+    mode the caller wants (``net.eval()`` for inference; the MC-dropout baseline keeps dropout on).
+    ``volume`` is a preprocessed ``(D, H, W)`` or ``(in_channels, D, H, W)`` array.
+
+    ``amp`` (default: on for CUDA) runs the network under bf16 autocast; it is refused on CPU, where bf16
+    convolutions are two orders of magnitude slower. ``channels_last`` (default: on CUDA) runs the network in
+    ``channels_last_3d`` memory format; note it converts ``net`` in place.
+    """
+    vol = np.asarray(volume)
+    if vol.ndim == 3:
+        vol = vol[None]
+    if vol.ndim != 4:
+        raise ValueError(f"volume must be (D, H, W) or (C, D, H, W), got shape {np.shape(volume)}")
+    if not np.issubdtype(vol.dtype, np.floating):
+        raise ValueError(f"volume must be a preprocessed floating-point array, got dtype {vol.dtype}")
+    dev = torch.device(device) if device is not None else _net_device(net)
+    if _net_device(net).type != dev.type or (
+        dev.index is not None and _net_device(net).index not in (None, dev.index)
+    ):
+        raise ValueError(f"the network is on {_net_device(net)}, but device={dev} was asked for")
+    if amp is None:
+        amp = dev.type == "cuda"
+    if amp and dev.type != "cuda":
+        raise ValueError(f"mixed precision is supported on CUDA only, not on {dev}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
+    divisor = int(getattr(net, "divisor", 1))
+    spatial = tuple(int(s) for s in vol.shape[1:])
+    windows = plan_windows(spatial, block, overlap, divisor)  # type: ignore[arg-type]
+
+    # zero-pad only axes shorter than their window
+    padded = tuple(max(n, s) for n, s in zip(spatial, windows[0].size, strict=True))
+    if padded != spatial:
+        pad = [(0, 0)] + [(0, p - n) for p, n in zip(padded, spatial, strict=True)]
+        vol = np.pad(vol, pad)
+    if channels_last:
+        net.to(memory_format=torch.channels_last_3d)
+
+    probs_out: np.ndarray | None = None
+    feats_out: np.ndarray | None = None
+    gram = torch.zeros((0, 0), dtype=torch.float64, device=dev)
+    cls_sums = torch.zeros((0, 0), dtype=torch.float64, device=dev)
+    cls_counts = torch.zeros(0, dtype=torch.float64, device=dev)
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    )
+    it = _batches(windows, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=math.ceil(len(windows) / batch_size), desc="windows", unit="batch")
+    for batch in it:
+        x = np.stack([vol[(slice(None), *w.read_slices())] for w in batch])
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev, non_blocking=True)
+        if channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last_3d)
+        with autocast:
+            logits, feats = net(xt, return_features=True)
+        probs = torch.softmax(logits.float(), dim=1)
+        if probs_out is None:
+            k, c = probs.shape[1], feats.shape[1]
+            probs_out = np.empty((k, *spatial), dtype=out_dtype)
+            if return_features:
+                feats_out = np.empty((c, *spatial), dtype=np.float32)
+            gram = torch.zeros((c, c), dtype=torch.float64, device=dev)
+            cls_sums = torch.zeros((k, c), dtype=torch.float64, device=dev)
+            cls_counts = torch.zeros(k, dtype=torch.float64, device=dev)
+        for i, w in enumerate(batch):
+            loc = (slice(None), *w.local_own_slices())
+            p = probs[i][loc]
+            f = feats[i][loc].to(torch.float64)
+            k, c = p.shape[0], f.shape[0]
+            fm = f.reshape(c, -1)  # (C, voxels)
+            gram += fm @ fm.T
+            onehot = torch.nn.functional.one_hot(p.argmax(0).reshape(-1), k).to(torch.float64)  # (voxels, K)
+            cls_sums += onehot.T @ fm.T
+            cls_counts += onehot.sum(0)
+            own = (slice(None), *w.own_slices())
+            probs_out[own] = p.cpu().numpy()
+            if feats_out is not None:
+                feats_out[own] = f.float().cpu().numpy()
+    assert probs_out is not None  # at least one window always exists
+    g = gram.cpu().numpy()
+    return InferenceResult(
+        probabilities=probs_out,
+        signature=signature_from_gram(g),
+        gram=g,
+        n_voxels=int(np.prod(spatial)),
+        n_windows=len(windows),
+        class_feature_sums=cls_sums.cpu().numpy(),
+        class_counts=cls_counts.cpu().numpy(),
+        features=feats_out,
+    )

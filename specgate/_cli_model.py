@@ -1,0 +1,197 @@
+"""``specgate model ...``: train the network on several datasets, fit the OOD gate, evaluate.
+
+Registered by ``specgate.cli`` with ``main.add_command(model_group)``. Uses only :mod:`model`; the
+settings object (``ctx.obj``) is read only for ``data_dir``, the default place for evaluation figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["model_group"]
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter(f"{name!r}: no CUDA device is available", param_hint="--device")
+    return name
+
+
+def _dataset_name(path: Path) -> str:
+    meta = path / "dataset.json"
+    if meta.is_file():
+        return str(json.loads(meta.read_text()).get("name") or path.name)
+    return path.name
+
+
+def _load(paths: tuple[Path, ...], what: str) -> dict[str, list[Any]]:
+    from model.data.volumes import iter_cases
+
+    out: dict[str, list[Any]] = {}
+    for p in paths:
+        name = _dataset_name(p)
+        if name in out:
+            raise click.BadParameter(f"two {what} datasets are named {name!r}", param_hint=f"--{what}")
+        try:
+            out[name] = list(iter_cases(p))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"--{what}") from None
+    return out
+
+
+def _parse_named(values: tuple[str, ...]) -> dict[str, Path]:
+    named: dict[str, Path] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{v!r} is not NAME=PATH", param_hint="--dataset")
+        p = Path(path)
+        if not (p / "dataset.json").is_file():
+            raise click.BadParameter(f"{path!r} is not an MSD dataset folder (no dataset.json)", param_hint="--dataset")
+        if name in named:
+            raise click.BadParameter(f"dataset name {name!r} given twice", param_hint="--dataset")
+        named[name] = p
+    return named
+
+
+def _open_gate(weights: Path, bank: Path) -> Any:
+    from model.ood import BankMismatchError, SpectralGate, sha256_file
+
+    try:
+        return SpectralGate.load(bank, weights_sha256=sha256_file(weights))
+    except BankMismatchError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bank") from None
+
+
+def _open_net(weights: Path, device: str) -> Any:
+    from model.unet import load_weights
+
+    try:
+        return load_weights(weights, device)[0]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--weights") from None
+
+
+_existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+_existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.group("model")
+def model_group() -> None:
+    """Train the segmentation network, fit its OOD gate, evaluate it (Karimi & Gholipour 2023)."""
+
+
+@model_group.command("train")
+@click.option("--dataset", "datasets", multiple=True, required=True, metavar="NAME=PATH",
+              help="An MSD-layout dataset (imagesTr/, labelsTr/, dataset.json); repeat for multi-task training.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for best.pt (weights), checkpoint.pt and train_log.json.")
+@click.option("--block", default=96, show_default=True, help="Training block edge in voxels (CPU: try 64 or 32).")
+@click.option("--batch-size", default=1, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--eval-every", default=2000, show_default=True, help="Iterations between evaluations.")
+@click.option("--patience", default=2, show_default=True, help="Stop after this many evaluations without improvement.")
+@click.option("--max-iterations", default=100_000, show_default=True)
+@click.option("--max-minutes", type=float, default=None)
+@click.option("--folds", default=1, show_default=True, help="Patient-wise k-fold (1: no validation split).")
+@click.option("--fold", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--base-features", default=14, show_default=True)
+@click.option("--levels", default=4, show_default=True)
+@click.option("--dropout", default=0.0, show_default=True, help="0.1 for the MC-dropout baseline.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+def train_cmd(datasets: tuple[str, ...], out: Path, block: int, batch_size: int, lr: float, eval_every: int,
+              patience: int, max_iterations: int, max_minutes: float | None, folds: int, fold: int, seed: int,
+              base_features: int, levels: int, dropout: float, device: str, resume: bool) -> None:
+    """Train one network on several datasets at once (sqrt(n) sampling)."""
+    from model.data.volumes import MSDDataset
+    from model.train import TrainConfig, TrainData, sampling_probabilities, train
+
+    named = _parse_named(datasets)
+    dev = _device(device)
+    cfg = TrainConfig(block=block, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience,
+                      max_iterations=max_iterations, max_minutes=max_minutes, seed=seed, folds=folds, fold=fold,
+                      base_features=base_features, levels=levels, dropout=dropout)
+    cases = {}
+    for name, path in named.items():
+        ds = MSDDataset(path, name)
+        cases[name] = [ds[i] for i in range(len(ds))]
+    probs = sampling_probabilities([len(c) for c in cases.values()])
+    for (name, cs), p in zip(cases.items(), probs, strict=True):
+        click.echo(f"{name}: {len(cs)} cases, drawn with p={p:.3f}")
+    try:
+        data = TrainData.from_cases(cases, block=block, device=dev)
+        res = train(data, out, cfg, device=dev, resume=resume)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{res.iterations} iterations, best loss {res.best_loss:.4f} ({res.stopped})")
+    click.echo(f"weights: {res.weights} sha256={res.weights_sha256}")
+
+
+@model_group.command("fit-ood")
+@click.option("--weights", type=_existing_file, required=True)
+@click.option("--data", "data", multiple=True, required=True, type=_existing_dir,
+              help="Training images: an MSD dataset folder or a folder of DICOM series; repeatable.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Bank file (.npz).")
+@click.option("--c", "c", default=2.5, show_default=True, help="tau = mean + c * std of leave-one-out OODMs.")
+@click.option("--block", default=96, show_default=True)
+@click.option("--overlap", default=24, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def fit_ood_cmd(weights: Path, data: tuple[Path, ...], out: Path, c: float, block: int, overlap: int, device: str) -> None:
+    """Fit the spectral OOD gate on the training images' signatures."""
+    from model.evaluate import fit_bank
+    from model.ood import sha256_file
+
+    dev = _device(device)
+    net = _open_net(weights, dev)
+    sets = _load(data, "data")
+    cases = [cs for v in sets.values() for cs in v]
+    gate = fit_bank(net, cases, sha256_file(weights), c=c, block=block, overlap=overlap, device=dev, progress=True,
+                    meta={"datasets": {k: len(v) for k, v in sets.items()}})
+    gate.save(out)
+    click.echo(f"bank of {gate.bank.shape[0]} signatures, tau={gate.tau:.4f} (c={c}) -> {out}")
+
+
+@model_group.command("evaluate")
+@click.option("--weights", type=_existing_file, required=True)
+@click.option("--bank", type=_existing_file, required=True)
+@click.option("--data", "data", multiple=True, required=True, type=_existing_dir,
+              help="In-distribution test data (MSD folder with labels, or DICOM series); repeatable.")
+@click.option("--ood", "ood", multiple=True, type=_existing_dir, help="Out-of-distribution test data; repeatable.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for metrics.json, oodm_histogram.png, reliability_*.png [default: DATA_DIR/evaluation].")
+@click.option("--block", default=96, show_default=True)
+@click.option("--overlap", default=24, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of the table.")
+@click.pass_context
+def evaluate_cmd(ctx: click.Context, weights: Path, bank: Path, data: tuple[Path, ...], ood: tuple[Path, ...],
+                 out: Path | None, block: int, overlap: int, device: str, as_json: bool) -> None:
+    """DSC/HD95/ASSD/ECE/MCE per dataset and OOD accuracy/sensitivity/specificity/AUC."""
+    from model.evaluate import evaluate, format_report
+
+    dev = _device(device)
+    net = _open_net(weights, dev)
+    gate = _open_gate(weights, bank)
+    if out is None:
+        data_dir = getattr(ctx.obj, "data_dir", None)
+        out = Path(data_dir) / "evaluation" if data_dir is not None else Path("specgate-eval")
+    ids = _load(data, "data")
+    oods = _load(ood, "ood")
+    clash = set(ids) & set(oods)
+    if clash:
+        raise click.BadParameter(f"datasets {sorted(clash)} given as both --data and --ood", param_hint="--ood")
+    m = evaluate(net, gate, ids, oods, block=block, overlap=overlap, device=dev, out_dir=out)
+    click.echo(json.dumps(m, indent=2, sort_keys=True) if as_json else format_report(m))
+    click.echo(f"figures and metrics.json in {out}", err=True)
