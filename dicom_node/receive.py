@@ -33,6 +33,7 @@ from ledger import audit
 from ledger.db import DatabaseUnavailable, session_scope
 from ledger.schema import Instance, Series, Study, utcnow
 
+from ._sql import insert_ignore
 from .spool import InvalidUID, Spool, validate_uid
 
 __all__ = [
@@ -138,17 +139,6 @@ def read_header(path: Path) -> InstanceHeader:
         series_description=_text(values["SeriesDescription"], 64),
         has_pixel_data=has_pixels,
     )
-
-
-def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> int:
-    """INSERT ... ON CONFLICT DO NOTHING on either backend; returns the number of rows inserted."""
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    # RETURNING tells reliably whether a row was inserted (rowcount is -1 on psycopg for this statement).
-    res = session.execute(insert(model).values(**values).on_conflict_do_nothing().returning(model.id))
-    return len(res.all())
 
 
 class Receiver:
@@ -287,7 +277,7 @@ class Receiver:
         new_study = False
         with session_scope(self.sessions) as s:
             if study_uid not in self._study_ids:
-                new_study = _insert_ignore(s, Study, {
+                new_study = insert_ignore(s, Study, {
                     "study_instance_uid": study_uid, "calling_ae": calling_ae[:16], "first_received_at": now,
                     "last_received_at": now}) == 1
             study_id = s.execute(
@@ -296,7 +286,7 @@ class Receiver:
                 .returning(Study.id)).scalar_one()
             series_id = self._series_ids.get(series_uid)
             if series_id is None:
-                _insert_ignore(s, Series, {
+                insert_ignore(s, Series, {
                     "study_id": study_id, "series_instance_uid": series_uid, "modality": header.modality,
                     "body_part": header.body_part, "series_description": header.series_description})
                 series_id = s.execute(select(Series.id).where(Series.series_instance_uid == series_uid)).scalar_one()

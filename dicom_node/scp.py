@@ -32,11 +32,12 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom import sop_class as _sop_class
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
@@ -69,6 +70,8 @@ _VERIFICATION = "1.2.840.10008.1.1"
 
 # A-ASSOCIATE-RJ (result, source, diagnostic)
 _RJ_CALLING_AE = (0x01, 0x01, 0x03)
+_RJ_CALLED_AE = (0x01, 0x01, 0x07)
+_RJ_LIMIT = (0x02, 0x03, 0x02)
 _RJ_REASONS = {
     (0x01, 0x01, 0x03): "calling AE title not recognised",
     (0x01, 0x01, 0x07): "called AE title not recognised",
@@ -240,22 +243,34 @@ class StoreSCP:
         return calling, called, normalise_host(str(rq.address))
 
     def _on_requested(self, event: evt.Event) -> None:
+        """Decide on an A-ASSOCIATE-RQ before pynetdicom negotiates it: the allow-list (calling AE *and*
+        address), the called AE title, and the association limit. The audit row is written before the
+        rejection is sent, so it exists by the time the peer knows."""
         calling, called, host = self._peer(event)
-        if caller_allowed(self.settings.allowed_callers, calling, host):
+        rsd: tuple[int, int, int] | None = None
+        if not caller_allowed(self.settings.allowed_callers, calling, host):
+            rsd = _RJ_CALLING_AE
+        elif self.settings.scp_require_called_ae and called != self.settings.scp_ae_title:
+            rsd = _RJ_CALLED_AE
+        elif self._ae is not None and sum(1 for a in self._ae.active_associations if a.is_acceptor) \
+                > self.settings.scp_max_associations:
+            rsd = _RJ_LIMIT
+        if rsd is None:
             return
-        event.assoc.acse.send_reject(*_RJ_CALLING_AE)
-        self._audit_rejection(calling, called, host, _RJ_CALLING_AE)
+        self._audit_rejection(calling, called, host, rsd)
+        event.assoc.acse.send_reject(*rsd)
         event.assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
-        # pynetdicom's own rejections: wrong called AE, too many associations.
+        # pynetdicom's own rejections (its checks stay on behind ours in _on_requested).
         calling, called, host = self._peer(event)
         prim = event.assoc.acceptor.primitive
         rsd = (prim.result, prim.result_source, prim.diagnostic) if prim is not None else (0, 0, 0)
         self._audit_rejection(calling, called, host, rsd)
 
     def _audit_rejection(self, calling: str, called: str, host: str, rsd: tuple[Any, ...]) -> None:
-        reason = _RJ_REASONS.get(tuple(int(x) for x in rsd), f"rejected {rsd}")
+        key = (int(rsd[0]), int(rsd[1]), int(rsd[2]))
+        reason = _RJ_REASONS.get(key, f"rejected {key}")
         log.warning("association from %r@%s (called %r) rejected: %s", calling, host, called, reason)
         self._audit(actor=calling or "unknown", action="association.rejected", object_id=host,
                     details={"calling_ae": calling, "called_ae": called, "address": host, "reason": reason})
@@ -278,7 +293,7 @@ class StoreSCP:
         return SUCCESS
 
     def _on_store(self, event: evt.Event) -> Dataset:
-        req = event.request
+        req = cast(C_STORE, event.request)
         calling, _, host = self._peer(event)
         rsp = Dataset()
         if event.dataset_path is None:  # a C-STORE-RQ that said it carries no data set

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE
@@ -36,10 +35,15 @@ from ledger.db import session_scope
 from ledger.schema import Delivery, DeliveryState, Result, utcnow
 from specgate.settings import Destination, Settings
 
+from ._sql import insert_ignore
+
 __all__ = ["DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "echo", "send_file"]
 
 log = logging.getLogger("specgate.dicom_node.scu")
 _VERIFICATION = "1.2.840.10008.1.1"
+# A-ASSOCIATE-RJ (source, diagnostic) -> words
+_REJECT_REASONS = {(1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+                   (3, 2): "local limit exceeded", (3, 1): "temporary congestion"}
 
 
 @dataclass(frozen=True)
@@ -127,15 +131,16 @@ def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, S
         return assoc, None
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
-        result, source, diag = (prim.result, prim.result_source, prim.diagnostic) if prim else (None, None, None)
+        result, source, diag = (int(prim.result or 0), int(prim.result_source or 0), int(prim.diagnostic or 0)) \
+            if prim else (0, 0, 0)
         permanent = result == 0x01
-        why = {(1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
-               (3, 2): "local limit exceeded", (3, 1): "temporary congestion"}.get((source, diag), "no reason given")
+        why = _REJECT_REASONS.get((source, diag), "no reason given")
         return None, SendResult(None, f"association rejected ({'permanent' if permanent else 'transient'}): "
                                       f"{why}", permanent)
-    if assoc.is_aborted:
-        return None, SendResult(None, "association aborted by the peer or the network", False)
-    return None, SendResult(None, f"could not connect to {dest.host}:{dest.port}", False)
+    if assoc.acceptor.primitive is None:  # no A-ASSOCIATE response at all
+        return None, SendResult(None, f"could not connect to {dest.host}:{dest.port} "
+                                      "(refused, unreachable, or no answer to the association request)", False)
+    return None, SendResult(None, "association aborted by the peer or the network", False)
 
 
 def send_file(path: Path, dest: Destination, *, ae_title: str = "SPECGATE", timeout_s: float = 30.0) -> SendResult:
@@ -217,17 +222,10 @@ def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Seque
 def _claim(sessions: sessionmaker[Session], result_id: int, job_id: int, dest: Destination, actor: str,
            policy: RetryPolicy) -> tuple[int, DeliveryOutcome | None]:
     """Make sure the row exists and take it for sending; an outcome instead if there is nothing to do."""
-    from ledger.db import is_postgres
-
     with session_scope(sessions) as s:
-        values: dict[str, Any] = {"job_id": job_id, "result_id": result_id, "destination": dest.name,
-                                  "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
-                                  "state": DeliveryState.PENDING.value, "attempts": 0}
-        if is_postgres(s.get_bind()):
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        s.execute(insert(Delivery).values(**values).on_conflict_do_nothing())
+        insert_ignore(s, Delivery, {"job_id": job_id, "result_id": result_id, "destination": dest.name,
+                                    "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
+                                    "state": DeliveryState.PENDING.value, "attempts": 0})
         row = s.execute(select(Delivery).where(Delivery.result_id == result_id,
                                                Delivery.destination == dest.name)).scalar_one()
         if row.state == DeliveryState.SENT:
@@ -239,8 +237,8 @@ def _claim(sessions: sessionmaker[Session], result_id: int, job_id: int, dest: D
                                    Delivery.state != DeliveryState.SENT)
             .values(state=DeliveryState.SENDING, updated_at=utcnow(), ae_title=dest.ae_title, host=dest.host,
                     port=dest.port)
-            .execution_options(synchronize_session=False)).rowcount
-        if took != 1:
+            .execution_options(synchronize_session=False))
+        if took.rowcount != 1:  # type: ignore[attr-defined]
             return row.id, DeliveryOutcome(dest.name, DeliveryState.SENDING, row.attempts, row.last_status,
                                            busy=True)
         return row.id, None
@@ -252,7 +250,6 @@ def _deliver_one(sessions: sessionmaker[Session], result_id: int, job_id: int, s
     delivery_id, early = _claim(sessions, result_id, job_id, dest, actor, policy)
     if early is not None:
         return early
-    attempts = 0
     last: SendResult = SendResult(None, "not attempted", False)
     for n in range(1, policy.max_attempts + 1):
         wait = policy.wait_before(n)
@@ -262,7 +259,6 @@ def _deliver_one(sessions: sessionmaker[Session], result_id: int, job_id: int, s
             last = send_file(seg_path, dest, ae_title=policy.ae_title, timeout_s=policy.timeout_s)
         except (OSError, ValueError) as exc:  # the SEG file is missing or unreadable: cannot get better
             last = SendResult(None, f"cannot read {seg_path.name}: {type(exc).__name__}: {exc}", True)
-        attempts = n
         with session_scope(sessions) as s:
             row = s.get(Delivery, delivery_id)
             assert row is not None

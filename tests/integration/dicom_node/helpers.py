@@ -3,16 +3,16 @@ status, and hostile files."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.filereader import read_file_meta_info
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import func, select

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from ledger.schema import Instance, Series, Study
 from tests.integration.dicom_node.helpers import CALLER, Ledger, echo, store
-from tests.peers import Orthanc, dcmtk, wait_for, write_ct_series
+from tests.peers import Orthanc, dcmtk, write_ct_series
 
 
 def _rows(ledger: Ledger) -> dict[str, Instance]:

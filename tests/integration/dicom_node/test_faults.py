@@ -1,0 +1,163 @@
+"""Faults injected into real services: the ledger database becomes unavailable in the middle of a
+C-STORE, the disk reaches the watermark, and ``specgate scp`` is killed with SIGKILL mid-study."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom.sop_class import CTImageStorage
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
+
+from dicom_node.spool import Spool
+from ledger.schema import Instance, Job, JobState, Study
+from tests.conftest import PG_ADMIN_URL
+from tests.integration.dicom_node.helpers import CALLER, Ledger, pdata, scu_ae, store, store_command
+from tests.peers import free_port, wait_for, write_ct_series
+
+
+def _set_connections(url: str, allowed: bool) -> None:
+    name = make_url(url).database
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"true" if allowed else "false"}'))
+            if not allowed:
+                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
+    finally:
+        admin.dispose()
+
+
+def test_database_unavailable_during_a_store_answers_a700_and_keeps_nothing(pg_ledger: Ledger, start_scp,
+                                                                           tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=3)
+    scp = start_scp(pg_ledger)
+    port = scp.address[1]
+    assert store(port, series.paths[:1]) == [0]
+    # Send the request and the first part of the data set, take the database away, then send the rest:
+    # the handler runs while the database is unavailable.
+    assoc = scu_ae(CALLER, [CTImageStorage], ["1.2.840.10008.1.2.1"]).associate("127.0.0.1", port,
+                                                                                 ae_title="SPECGATE")
+    assert assoc.is_established
+    raw = series.paths[1].read_bytes()
+    meta_end = 132 + 12 + int(dcmread(series.paths[1]).file_meta.FileMetaInformationGroupLength)
+    body = raw[meta_end:]
+    cx = assoc.accepted_contexts[0].context_id
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    sock = assoc.dul.socket.socket
+    sock.sendall(pdata(cx, 0x03, store_command(CTImageStorage, series.sop_instance_uids[1]))
+                 + pdata(cx, 0x00, body[:1000]))
+    _set_connections(pg_ledger.url, False)
+    try:
+        sock.sendall(pdata(cx, 0x02, body[1000:]))
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assert rsp is not None and int(rsp.Status) == 0xA700
+        assoc._reactor_checkpoint.set()
+        assoc.release()
+        assert store(port, series.paths[2:]) == [0xA700]  # and so is a new association's
+        # no orphan file: only the first instance's file is in the spool, and nothing is left in tmp
+        files = pg_ledger.spool_files()
+        assert [f.name for f in files] == [f"{series.sop_instance_uids[0]}.dcm"]
+        assert list((pg_ledger.settings.spool_dir / "tmp").iterdir()) == []
+    finally:
+        _set_connections(pg_ledger.url, True)
+    # the database is back: the same instances are stored normally, and the SCP never stopped serving
+    assert store(port, series.paths[1:]) == [0, 0]
+    assert pg_ledger.count() == 3 and len(pg_ledger.spool_files()) == 3
+
+
+def test_disk_watermark_answers_a700(sqlite_ledger: Ledger, start_scp, tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=2)
+    sqlite_ledger.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    used = Spool(sqlite_ledger.settings.spool_dir, watermark_percent=100).usage_percent()
+    scp = start_scp(sqlite_ledger, spool_disk_watermark_percent=max(round(used - 1, 2), 0.01))
+    assert store(scp.address[1], series.paths) == [0xA700, 0xA700]
+    assert sqlite_ledger.count() == 0 and sqlite_ledger.spool_files() == []
+    assert list((sqlite_ledger.settings.spool_dir / "tmp").iterdir()) == []
+    assert {e.details["reason"] for e in sqlite_ledger.audit("instance.refused")} == {"disk_watermark"}
+    roomy = start_scp(sqlite_ledger)  # same spool, watermark at its default
+    assert store(roomy.address[1], series.paths) == [0, 0]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _start_scp_process(ledger: Ledger, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECGATE_")}
+    env.update({"SPECGATE_DATA_DIR": str(ledger.data_dir), "SPECGATE_DATABASE_URL": ledger.url,
+                "SPECGATE_SCP_PORT": str(port), "SPECGATE_ALLOWED_CALLERS": f"{CALLER}@127.0.0.1",
+                "SPECGATE_STUDY_QUIET_SECONDS": "2"})
+    exe = Path(sys.executable).with_name("specgate")
+    proc = subprocess.Popen([str(exe), "scp"], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+    wait_for(lambda: _port_open(port) or proc.poll() is not None, timeout=30, what="specgate scp to listen")
+    assert proc.poll() is None, log.read_text()
+    return proc
+
+
+def test_sigkill_mid_study_loses_nothing_acknowledged(ledger: Ledger, tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=60)
+    port = free_port()
+    proc = _start_scp_process(ledger, port, tmp_path / "scp.log")
+    statuses: dict[str, int | None] = {}
+
+    def sender() -> None:
+        ae = scu_ae(CALLER, [CTImageStorage])
+        assoc = ae.associate("127.0.0.1", port, ae_title="SPECGATE")
+        assert assoc.is_established
+        for path, sop in zip(series.paths, series.sop_instance_uids, strict=True):
+            if not assoc.is_established:
+                break
+            rsp = assoc.send_c_store(path)
+            statuses[sop] = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+        if assoc.is_established:
+            assoc.release()
+
+    t = threading.Thread(target=sender)
+    t.start()
+    wait_for(lambda: sum(1 for s in statuses.values() if s == 0) >= 12, timeout=30, what="12 instances stored",
+             interval=0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    t.join(timeout=30)
+    acked = [sop for sop, status in statuses.items() if status == 0]
+    assert 12 <= len(acked) < 60
+    with ledger.sessions() as s:
+        rows = {i.sop_instance_uid: i for i in s.execute(select(Instance)).scalars()}
+    for sop in acked:  # every instance that got 0x0000 is in the ledger, with its complete file
+        assert sop in rows, f"acknowledged instance {sop} lost"
+        assert hashlib.sha256(Path(rows[sop].spool_path).read_bytes()).hexdigest() == rows[sop].sha256
+    # restart; the sender sends again what it has no success for; the study still becomes one job
+    proc = _start_scp_process(ledger, port, tmp_path / "scp.log")
+    try:
+        missing = [p for p, sop in zip(series.paths, series.sop_instance_uids, strict=True) if sop not in acked]
+        assert store(port, missing) == [0] * len(missing)
+
+        def job() -> Job | None:
+            with ledger.sessions() as s:
+                return s.execute(select(Job)).scalar_one_or_none()
+
+        queued = wait_for(job, timeout=30, what="the study's job")
+        assert queued.state == JobState.QUEUED and queued.version == 1
+        with ledger.sessions() as s:
+            study = s.execute(select(Study)).scalar_one()
+            assert study.received_count == study.assembled_count == 60
+        assert ledger.count() == 60
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0

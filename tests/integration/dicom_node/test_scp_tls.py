@@ -1,0 +1,116 @@
+"""TLS on the SCP, with mutual TLS on: a client with a certificate from the configured CA stores; one with
+no certificate or an untrusted one is refused during the handshake, audited, and nothing is stored."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from dicom_node.security import client_ssl_context
+from tests.integration.dicom_node.helpers import CALLER, Ledger
+from tests.peers import wait_for, write_ct_series
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+
+
+def _leaf(d: Path, name: str, ca: str, san: str | None = None) -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", cwd=d)
+    ext = d / f"{name}.ext"
+    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-days", "2", "-out", f"{name}.pem", "-extfile", str(ext), cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _leaf(d, "server", "ca", san="IP:127.0.0.1,DNS:localhost")
+    _leaf(d, "client", "ca")
+    _leaf(d, "rogue", "rogue-ca")
+    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key",
+               d / "rogue.pem", d / "rogue.key")
+
+
+@pytest.fixture
+def tls_scp(sqlite_ledger: Ledger, start_scp, pki: Pki):
+    return start_scp(sqlite_ledger, scp_tls_cert=pki.server_cert, scp_tls_key=pki.server_key,
+                     scp_tls_ca=pki.ca, scp_tls_require_client_cert=True)
+
+
+def _store_tls(port: int, ctx: ssl.SSLContext, paths: list[Path]) -> list[int] | None:
+    ae = AE(ae_title=CALLER)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SPECGATE", tls_args=(ctx, "127.0.0.1"))
+    if not assoc.is_established:
+        return None
+    try:
+        return [int(assoc.send_c_store(p).Status) for p in paths]
+    finally:
+        assoc.release()
+
+
+def test_trusted_client_certificate_stores(tls_scp, sqlite_ledger: Ledger, pki: Pki, tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=3)
+    ctx = client_ssl_context(pki.ca, pki.client_cert, pki.client_key)
+    assert _store_tls(tls_scp.address[1], ctx, series.paths) == [0, 0, 0]
+    assert sqlite_ledger.count() == 3
+
+
+@pytest.mark.parametrize("which", ["no certificate", "untrusted certificate"])
+def test_client_without_a_trusted_certificate_is_refused(tls_scp, sqlite_ledger: Ledger, pki: Pki,
+                                                          tmp_path: Path, which: str) -> None:
+    series = write_ct_series(tmp_path / "in", slices=2)
+    if which == "no certificate":
+        ctx = client_ssl_context(pki.ca)
+    else:
+        ctx = client_ssl_context(pki.ca, pki.rogue_cert, pki.rogue_key)
+    assert _store_tls(tls_scp.address[1], ctx, series.paths) is None
+    assert sqlite_ledger.count() == 0 and sqlite_ledger.spool_files() == []
+    # the server notices the failed handshake in its own thread, possibly after the client gave up
+    [event] = wait_for(lambda: sqlite_ledger.audit("association.tls_refused"), timeout=10,
+                       what="the audit event of the refused handshake")
+    assert event.details["address"] == "127.0.0.1"
+    # a plain-TCP client gets nowhere either
+    ae = AE(ae_title=CALLER)
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(Verification)
+    assert not ae.associate("127.0.0.1", tls_scp.address[1], ae_title="SPECGATE").is_established
+    # and the server still serves a trusted client afterwards
+    good = client_ssl_context(pki.ca, pki.client_cert, pki.client_key)
+    assert _store_tls(tls_scp.address[1], good, series.paths) == [0, 0]
+
+
+def test_client_must_trust_the_server(tls_scp, pki: Pki, tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=1)
+    d = pki.ca.parent
+    ctx = client_ssl_context(d / "rogue-ca.pem", pki.client_cert, pki.client_key)
+    assert _store_tls(tls_scp.address[1], ctx, series.paths) is None
