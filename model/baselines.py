@@ -113,7 +113,7 @@ class MahalanobisScorer(_ThresholdScorer):
         super().__init__(tau, c)
         self.shrinkage = float(shrinkage)
         self.mean = np.zeros(0)
-        self.precision = np.zeros((0, 0))
+        self.precision: np.ndarray = np.zeros((0, 0))
 
     def _fit_params(self, observations: list[Any]) -> None:
         x = np.stack([np.asarray(o, dtype=np.float64).ravel() for o in observations])
@@ -127,7 +127,7 @@ class MahalanobisScorer(_ThresholdScorer):
 
     def score(self, pooled: np.ndarray) -> float:
         d = np.asarray(pooled, dtype=np.float64).ravel() - self.mean
-        return float(np.sqrt(max(d @ self.precision @ d, 0.0)))
+        return float(np.sqrt(max(float(d @ self.precision @ d), 0.0)))
 
 
 def result_is_mc(result: InferenceResult) -> bool:

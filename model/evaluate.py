@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,8 @@ def _nanmean(v: list[float]) -> float:
 def evaluate(
     net: nn.Module,
     gate: SpectralGate,
-    datasets: dict[str, Sequence[Any]],
-    ood_datasets: dict[str, Sequence[Any]] | None = None,
+    datasets: Mapping[str, Sequence[Any]],
+    ood_datasets: Mapping[str, Sequence[Any]] | None = None,
     block: int = 96,
     overlap: int = 24,
     device: str | torch.device | None = None,
@@ -146,9 +146,9 @@ def oodm_histogram(in_scores: dict[str, list[float]], out_scores: dict[str, list
     allv = [v for d in (in_scores, out_scores) for vs in d.values() for v in vs] + [tau]
     edges = np.linspace(0, max(allv) * 1.05 + 1e-9, 30)
     for name, vs in in_scores.items():
-        ax.hist(vs, bins=edges, alpha=0.6, label=f"{name} (in)")
+        ax.hist(vs, bins=edges.tolist(), alpha=0.6, label=f"{name} (in)")
     for name, vs in out_scores.items():
-        ax.hist(vs, bins=edges, alpha=0.6, hatch="//", label=f"{name} (OOD)")
+        ax.hist(vs, bins=edges.tolist(), alpha=0.6, hatch="//", label=f"{name} (OOD)")
     ax.axvline(tau, color="k", ls="--", label=f"tau = {tau:.4f}")
     ax.set_xlabel("OODM (distance to nearest training signature)")
     ax.set_ylabel("images")

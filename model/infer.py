@@ -158,6 +158,29 @@ def _net_device(net: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _accumulate(
+    f: torch.Tensor, pred: torch.Tensor, gram: torch.Tensor, cls_sums: torch.Tensor, cls_counts: torch.Tensor
+) -> None:
+    """Add one window's owned features ``f`` (C, d, h, w) to the float64 Gram matrix and class sums.
+
+    On CPU the work goes in slabs of a few slices, so each float64 copy stays in cache (about three times
+    faster than converting the whole region at once); on CUDA in one piece (fewer kernel launches).
+    """
+    c, k = f.shape[0], cls_sums.shape[0]
+    step = f.shape[1] if f.device.type == "cuda" else 4
+    for z in range(0, f.shape[1], step):
+        a = f[:, z : z + step].to(torch.float64).reshape(c, -1)  # (C, voxels)
+        pz = pred[z : z + step].reshape(-1)
+        gram += a @ a.T
+        if k == 2:
+            fg = a @ pz.to(torch.float64)
+            cls_sums[1] += fg
+            cls_sums[0] += a.sum(1) - fg
+        else:
+            cls_sums += torch.nn.functional.one_hot(pz.long(), k).to(torch.float64).T @ a.T
+    cls_counts += torch.bincount(pred.reshape(-1).long(), minlength=k).to(torch.float64)
+
+
 @torch.inference_mode()
 def sliding_window(
     net: nn.Module,
@@ -213,7 +236,7 @@ def sliding_window(
         pad = [(0, 0)] + [(0, p - n) for p, n in zip(padded, spatial, strict=True)]
         vol = np.pad(vol, pad)
     if channels_last:
-        net.to(memory_format=torch.channels_last_3d)
+        net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
     probs_out: np.ndarray | None = None
     feats_out: np.ndarray | None = None
@@ -247,13 +270,9 @@ def sliding_window(
         for i, w in enumerate(batch):
             loc = (slice(None), *w.local_own_slices())
             p = probs[i][loc]
-            f = feats[i][loc].to(torch.float64)
-            k, c = p.shape[0], f.shape[0]
-            fm = f.reshape(c, -1)  # (C, voxels)
-            gram += fm @ fm.T
-            onehot = torch.nn.functional.one_hot(p.argmax(0).reshape(-1), k).to(torch.float64)  # (voxels, K)
-            cls_sums += onehot.T @ fm.T
-            cls_counts += onehot.sum(0)
+            f = feats[i][loc]
+            pred = p[1] > p[0] if p.shape[0] == 2 else p.argmax(0)  # ties -> the lower class, as argmax
+            _accumulate(f, pred, gram, cls_sums, cls_counts)
             own = (slice(None), *w.own_slices())
             probs_out[own] = p.cpu().numpy()
             if feats_out is not None:

@@ -56,7 +56,7 @@ def surface_distances(pred: np.ndarray, label: np.ndarray, spacing: Sequence[flo
     idx = np.argwhere(a | b)
     lo = np.maximum(idx.min(0) - 1, 0)
     hi = np.minimum(idx.max(0) + 2, a.shape)
-    box = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi, strict=True))
+    box = tuple(slice(int(s), int(e)) for s, e in zip(lo, hi, strict=True))
     a, b = a[box], b[box]
     sa = a & ~ndimage.binary_erosion(a, structure=_SIX, border_value=0)
     sb = b & ~ndimage.binary_erosion(b, structure=_SIX, border_value=0)
@@ -81,7 +81,7 @@ def assd(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float]) -> float
     return float((d_ab.mean() + d_ba.mean()) / 2.0)
 
 
-def roc_auc(scores_in: Sequence[float], scores_out: Sequence[float]) -> float:
+def roc_auc(scores_in: Sequence[float] | np.ndarray, scores_out: Sequence[float] | np.ndarray) -> float:
     """Area under the ROC curve for "OOD scores higher than in-distribution scores" (ties count 1/2).
 
     Equal to sweeping the threshold tau over all values (the Mann-Whitney U statistic).

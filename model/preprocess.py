@@ -21,7 +21,8 @@ CT_WINDOW = (-1000.0, 1000.0)
 def normalize_ct(volume: np.ndarray) -> np.ndarray:
     """Hounsfield units -> [0, 1] (float32)."""
     lo, hi = CT_WINDOW
-    out = np.clip(np.asarray(volume, dtype=np.float32), lo, hi)  # always a new array
+    out = np.array(volume, dtype=np.float32)  # always a new array; then work in place (large CTs)
+    np.clip(out, lo, hi, out=out)
     out -= lo
     out /= hi - lo
     return out

@@ -23,14 +23,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.preprocess import preprocess
 from model.unet import SegNet, save_weights
@@ -171,7 +170,7 @@ class TrainData:
     @classmethod
     def from_cases(
         cls,
-        datasets: dict[str, Sequence[Any]],
+        datasets: Mapping[str, Sequence[Any]],
         block: int,
         device: str | torch.device = "cpu",
     ) -> TrainData:
@@ -181,7 +180,9 @@ class TrainData:
         for dname, cases in datasets.items():
             if len(cases) == 0:
                 raise ValueError(f"dataset {dname!r} has no cases")
-            imgs, labs, cn = [], [], []
+            imgs: list[torch.Tensor] = []
+            labs: list[torch.Tensor] = []
+            cn: list[str] = []
             for c in cases:
                 if c.label is None:
                     raise ValueError(f"dataset {dname!r}: case without a label")

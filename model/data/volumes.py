@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,7 @@ class SeriesGeometry:
 
 
 def load_dicom_series(
-    files: list[str | os.PathLike[str]] | str | os.PathLike[str],
+    files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
 ) -> tuple[np.ndarray, SeriesGeometry, str]:
     """One single-frame DICOM series -> ``(volume (z, y, x) float32, geometry, modality)``.
 
@@ -120,7 +120,10 @@ def load_dicom_series(
     """
     import pydicom
 
-    paths = [Path(p) for p in files] if isinstance(files, list) else sorted(p for p in Path(files).iterdir() if p.is_file())
+    if isinstance(files, str | os.PathLike):
+        paths = sorted(p for p in Path(files).iterdir() if p.is_file())
+    else:
+        paths = [Path(p) for p in files]
     if not paths:
         raise ValueError(f"no DICOM files in {files!r}")
     dss = [pydicom.dcmread(p) for p in paths]

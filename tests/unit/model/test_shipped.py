@@ -8,7 +8,14 @@ import pytest
 from click.testing import CliRunner
 
 from model.ood import BankMismatchError, SpectralGate, sha256_file
-from model.weights import BANK_PATH, CARD_PATH, WEIGHTS_PATH, card_metrics, default_weights_sha256, load_default
+from model.weights import (
+    BANK_PATH,
+    CARD_PATH,
+    WEIGHTS_PATH,
+    card_metrics,
+    default_weights_sha256,
+    load_default,
+)
 from model.weights.build import write_evaluation_sets
 from specgate._cli_model import model_group
 

@@ -1,0 +1,48 @@
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from model.data.phantoms import write_msd_dataset
+from model.ood import SpectralGate, sha256_file
+from specgate._cli_model import model_group
+
+
+def test_train_fit_ood_evaluate(tmp_path):
+    liver = write_msd_dataset(tmp_path / "data", "ct_liver", 3, seed=1)
+    prostate = write_msd_dataset(tmp_path / "data", "mr_prostate", 2, seed=1)
+    unseen = write_msd_dataset(tmp_path / "data", "pt_tumour", 2, seed=1)
+    run = CliRunner()
+
+    res = run.invoke(model_group, ["train", "--dataset", f"liver={liver}", "--dataset", f"prostate={prostate}",
+                                   "--out", str(tmp_path / "run"), "--block", "16", "--base-features", "4",
+                                   "--levels", "2", "--max-iterations", "4", "--eval-every", "2", "--device", "cpu"],
+                     catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "liver: 3 cases, drawn with p=0.551" in res.stdout  # sqrt(3) / (sqrt(3) + sqrt(2))
+    weights = tmp_path / "run" / "best.pt"
+    assert f"sha256={sha256_file(weights)}" in res.stdout
+
+    bank = tmp_path / "bank.npz"
+    res = run.invoke(model_group, ["fit-ood", "--weights", str(weights), "--data", str(liver), "--data", str(prostate),
+                                   "--out", str(bank), "--device", "cpu"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    gate = SpectralGate.load(bank, weights_sha256=sha256_file(weights))
+    assert gate.bank.shape == (5, 4)
+
+    res = run.invoke(model_group, ["evaluate", "--weights", str(weights), "--bank", str(bank), "--data", str(liver),
+                                   "--ood", str(unseen), "--out", str(tmp_path / "ev"), "--device", "cpu", "--json"],
+                     catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert set(m["datasets"]) == {"ct_liver", "pt_tumour"}
+    assert m["ood"]["n_in"] == 3 and m["ood"]["n_out"] == 2
+    assert np.isfinite(m["datasets"]["ct_liver"]["ece"])
+    assert (tmp_path / "ev" / "oodm_histogram.png").is_file()
+
+
+def test_train_rejects_bad_dataset_argument(tmp_path):
+    res = CliRunner().invoke(model_group, ["train", "--dataset", "nopath", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "NAME=PATH" in res.output
+    res = CliRunner().invoke(model_group, ["train", "--dataset", f"x={tmp_path}", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "dataset.json" in res.output
