@@ -44,18 +44,21 @@ class Segmenter:
         from model.ood import SpectralGate, sha256_file
         from model.unet import load_weights
 
+        inference: dict[str, Any] = {}
         if weights is None or bank is None:
             from model import weights as shipped
 
             weights = weights or shipped.WEIGHTS_PATH
             bank = bank or shipped.BANK_PATH
+            inference = dict(shipped.INFERENCE)
         sha = sha256_file(weights)
         net, meta = load_weights(weights, device=device)
         gate = SpectralGate.load(bank, weights_sha256=sha)
-        return cls(net, gate, model_name=str(meta.get("name", Path(weights).stem)),
-                   model_version=str(meta.get("version", "0")), weights_sha256=sha, device=device,
-                   block=int(block or meta.get("inference_block", 96)),
-                   overlap=int(overlap if overlap is not None else meta.get("inference_overlap", 24)))
+        return cls(net, gate, model_name=str(meta.get("name", "specgate-segnet")),
+                   model_version=str(meta.get("version", f"sha256-{sha[:12]}")), weights_sha256=sha,
+                   device=device, block=int(block or meta.get("inference_block", inference.get("block", 96))),
+                   overlap=int(overlap if overlap is not None
+                               else meta.get("inference_overlap", inference.get("overlap", 24))))
 
     def segment(self, volume: np.ndarray, modality: str, *, spacing: Any = None) -> SegmentOutput:
         from model.infer import sliding_window

@@ -1,0 +1,281 @@
+"""The product end to end, on real services: PostgreSQL, Redis, ``specgate scp`` and ``specgate worker``
+subprocesses, the shipped model, and an Orthanc PACS (Debian ``orthanc``) as the destination.
+
+A study goes in by C-STORE; its DICOM-SEG comes out at Orthanc, read back over Orthanc's REST API. An
+unseen-organ study is held and reaches Orthanc only after ``specgate jobs approve``. Faults: the worker
+killed with SIGKILL mid-job, Redis flushed with a job queued, a destination that refuses, a corrupt series,
+the same study sent twice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom
+import pytest
+import redis
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+from sqlalchemy import select
+
+from ledger.db import open_engine, sessionmaker_for
+from ledger.schema import Delivery, Job, JobState, Result, Study
+from model.data.phantoms import phantom_study
+from specgate.synthetic import write_series
+from tests.conftest import REDIS_URL
+from tests.peers import Orthanc, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+CALLER = "TESTSCU"
+
+
+@dataclass
+class Stack:
+    root: Path
+    env: dict[str, str]
+    scp_port: int
+    orthanc: Orthanc | None
+    sessions: object
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process record
+        proc = subprocess.Popen([sys.executable, "-m", "specgate", *args], env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            proc.wait(30)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([sys.executable, "-m", "specgate", *args], env=self.env, capture_output=True,
+                             text=True, timeout=120)
+        if check:
+            assert out.returncode == 0, out.stdout + out.stderr
+        return out
+
+    def send(self, paths: list[Path]) -> list[int]:
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(MRImageStorage)
+        assoc = ae.associate("127.0.0.1", self.scp_port, ae_title="SPECGATE")
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(dcmread(p)).Status) for p in paths]
+        finally:
+            assoc.release()
+
+    def jobs_for(self, study_uid: str) -> list[Job]:
+        with self.sessions() as s:  # type: ignore[operator]
+            return list(s.execute(select(Job).join(Study).where(Study.study_instance_uid == study_uid)
+                                  .order_by(Job.version)).scalars())
+
+    def wait_state(self, study_uid: str, states: set[str], timeout: float = 180.0) -> Job:
+        def check() -> Job | None:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
+            js = self.jobs_for(study_uid)
+            return js[-1] if js and str(js[-1].state) in states else None
+
+        return wait_for(check, timeout=timeout, what=f"a job of study {study_uid} in {sorted(states)}",
+                        interval=0.1)
+
+
+def _redis_db_url() -> str:
+    return REDIS_URL
+
+
+@pytest.fixture
+def stack(tmp_path: Path, pg_url: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    refuse = request.node.get_closest_marker("refusing_destination") is not None
+    r = redis.Redis.from_url(_redis_db_url())
+    r.flushdb()
+    orthanc = None
+    if refuse:
+        dest = f"pacs=NOBODY@127.0.0.1:{free_port()}"  # nothing listens there: every attempt is refused
+    else:
+        orthanc = Orthanc(tmp_path / "orthanc").start()
+        dest = f"pacs=ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    scp_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECGATE_")}
+    env.update({
+        "SPECGATE_DATA_DIR": str(tmp_path / "data"),
+        "SPECGATE_DATABASE_URL": pg_url,
+        "SPECGATE_BROKER_URL": _redis_db_url(),
+        "SPECGATE_SCP_PORT": str(scp_port),
+        "SPECGATE_ALLOWED_CALLERS": f"{CALLER}@127.0.0.1",
+        "SPECGATE_DESTINATIONS": dest,
+        "SPECGATE_STUDY_QUIET_SECONDS": "2",
+        "SPECGATE_WORKER_HEARTBEAT_SECONDS": "1",
+        "SPECGATE_WORKER_STALE_SECONDS": "8",
+        "SPECGATE_RECONCILE_INTERVAL_SECONDS": "2",
+        "SPECGATE_QUEUED_DEADLINE_SECONDS": "6",
+        "SPECGATE_SCU_BACKOFF_SECONDS": "0.2",
+        "SPECGATE_SCU_MAX_ATTEMPTS": "3",
+        "SPECGATE_SCU_TIMEOUT": "5",
+    })
+    engine = open_engine(pg_url)
+    st = Stack(tmp_path, env, scp_port, orthanc, sessionmaker_for(engine))
+    st.cli("db", "upgrade")
+    st.start("scp", "scp")
+    wait_for(lambda: _port_open(scp_port), timeout=30, what="specgate scp listening")
+    try:
+        yield st
+    finally:
+        for name in list(st.procs):
+            st.kill(name, signal.SIGTERM)
+        if orthanc is not None:
+            orthanc.stop()
+        engine.dispose()
+        r.flushdb()
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _study(tmp: Path, kind: str, name: str, seed: int = 1):
+    case = phantom_study(kind, seed=seed)
+    return write_series(case.image, case.spacing, case.modality, tmp / name,
+                        series_description=f"test {kind}", patient_id="TEST-E2E")
+
+
+def _seg_uids_at(orthanc: Orthanc, study_uid: str) -> list[str]:
+    """SOP Instance UIDs of the SEG instances Orthanc holds for a study (REST /tools/find)."""
+    found = orthanc.post("/tools/find", {"Level": "Instance", "Expand": True,
+                                         "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}})
+    return sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in found)
+
+
+def _result(stack: Stack, job_id: int) -> Result:
+    with stack.sessions() as s:  # type: ignore[operator]
+        return s.execute(select(Result).where(Result.job_id == job_id)).scalar_one()
+
+
+def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: Stack, tmp_path: Path) -> None:
+    stack.start("worker", "worker")
+    known = _study(tmp_path, "ct_liver", "known")
+    unseen = _study(tmp_path, "mr_hippocampus", "unseen")
+    assert set(stack.send(known.paths)) == {0}
+    assert set(stack.send(unseen.paths)) == {0}
+
+    job = stack.wait_state(known.study_instance_uid, {"sent", "failed", "held"})
+    assert str(job.state) == "sent", (job.reason_code, job.reason_detail)
+    res = _result(stack, job.id)
+    assert res.oodm <= res.tau and not res.is_ood
+    assert _seg_uids_at(stack.orthanc, known.study_instance_uid) == [res.seg_sop_instance_uid]
+    raw = stack.orthanc.get(f"/instances/{_orthanc_id(stack.orthanc, res.seg_sop_instance_uid)}/file")
+    seg = highdicom.seg.Segmentation.from_dataset(dcmread(io.BytesIO(raw)))  # what the PACS holds, read back
+    assert seg.StudyInstanceUID == known.study_instance_uid and seg.SegmentationType == "BINARY"
+    ours = highdicom.seg.Segmentation.from_dataset(dcmread(res.seg_path))
+    assert seg.SOPInstanceUID == ours.SOPInstanceUID and seg.NumberOfFrames == ours.NumberOfFrames
+    assert seg.pixel_array.tobytes() == ours.pixel_array.tobytes()
+
+    held = stack.wait_state(unseen.study_instance_uid, {"held", "sent", "failed"})
+    assert str(held.state) == "held", (held.reason_code, held.reason_detail)
+    hres = _result(stack, held.id)
+    assert hres.oodm > hres.tau and hres.is_ood
+    listed = json.loads(stack.cli("jobs", "list", "--state", "held", "--json").stdout)
+    assert [(j["id"], j["study_instance_uid"]) for j in listed] == [(held.id, unseen.study_instance_uid)]
+    assert listed[0]["oodm"] == pytest.approx(hres.oodm) and listed[0]["tau"] == pytest.approx(hres.tau)
+    time.sleep(3)  # the held result must not leak out while nobody approved it (give it the chance)
+    assert _seg_uids_at(stack.orthanc, unseen.study_instance_uid) == []
+
+    stack.cli("jobs", "approve", str(held.id), "--user", "dr.house")
+    sent = stack.wait_state(unseen.study_instance_uid, {"sent", "failed"})
+    assert str(sent.state) == "sent"
+    assert _seg_uids_at(stack.orthanc, unseen.study_instance_uid) == [hres.seg_sop_instance_uid]
+    shown = json.loads(stack.cli("jobs", "show", str(held.id), "--json").stdout)
+    assert [r["user"] for r in shown["reviews"]] == ["dr.house"]
+    assert "OK" in stack.cli("audit", "verify").stdout
+
+    # the same study sent again: success for every instance, no new job, no second (different) SEG
+    assert set(stack.send(known.paths)) == {0}
+    time.sleep(4)  # longer than the quiet period: the assembler had its chance to (wrongly) make a job
+    assert len(stack.jobs_for(known.study_instance_uid)) == 1
+    assert _seg_uids_at(stack.orthanc, known.study_instance_uid) == [res.seg_sop_instance_uid]
+
+
+def _orthanc_id(orthanc: Orthanc, sop_uid: str) -> str:
+    found = orthanc.post("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": sop_uid}})
+    return found[0]
+
+
+def test_worker_killed_mid_job_completes_once(stack: Stack, tmp_path: Path) -> None:
+    stack.start("worker", "worker")
+    study = _study(tmp_path, "ct_liver", "known", seed=2)
+    assert set(stack.send(study.paths)) == {0}
+    stack.wait_state(study.study_instance_uid, {"running"}, timeout=120)
+    stack.kill("worker", signal.SIGKILL)  # the whole worker: parent and the child running the task
+    job = stack.jobs_for(study.study_instance_uid)[-1]
+    assert str(job.state) == "running"
+    stack.start("worker2", "worker")
+    done = stack.wait_state(study.study_instance_uid, {"sent", "failed"}, timeout=180)
+    assert str(done.state) == "sent" and done.attempts == 2
+    res = _result(stack, done.id)
+    assert _seg_uids_at(stack.orthanc, study.study_instance_uid) == [res.seg_sop_instance_uid]
+    with stack.sessions() as s:  # type: ignore[operator]
+        rows = s.execute(select(Delivery).where(Delivery.job_id == done.id)).scalars().all()
+        assert [(d.destination, str(d.state)) for d in rows] == [("pacs", "sent")]
+
+
+def test_redis_flushed_with_a_job_queued_the_reconciler_brings_it_back(stack: Stack, tmp_path: Path) -> None:
+    study = _study(tmp_path, "ct_liver", "known", seed=3)
+    assert set(stack.send(study.paths)) == {0}
+    stack.wait_state(study.study_instance_uid, {"queued"}, timeout=60)
+    r = redis.Redis.from_url(_redis_db_url())
+    wait_for(lambda: r.llen("gpu") > 0, timeout=10, what="the job's message in Redis")
+    r.flushdb()  # the broker forgets everything
+    assert r.llen("gpu") == 0
+    stack.start("worker", "worker")
+    done = stack.wait_state(study.study_instance_uid, {"sent", "failed"}, timeout=180)
+    assert str(done.state) == "sent"
+    assert len(_seg_uids_at(stack.orthanc, study.study_instance_uid)) == 1
+
+
+@pytest.mark.refusing_destination
+def test_destination_that_refuses_ends_failed_never_sent(stack: Stack, tmp_path: Path) -> None:
+    stack.start("worker", "worker")
+    study = _study(tmp_path, "ct_liver", "known", seed=4)
+    assert set(stack.send(study.paths)) == {0}
+    done = stack.wait_state(study.study_instance_uid, {"sent", "failed"}, timeout=180)
+    assert str(done.state) == "failed" and done.reason_code == "delivery_failed"
+    with stack.sessions() as s:  # type: ignore[operator]
+        d = s.execute(select(Delivery).where(Delivery.job_id == done.id)).scalar_one()
+        assert str(d.state) == "failed" and d.attempts == 3 and d.sent_at is None
+
+
+def test_corrupt_series_fails_with_its_reason_and_no_retry_loop(stack: Stack, tmp_path: Path) -> None:
+    stack.start("worker", "worker")
+    study = _study(tmp_path, "ct_liver", "gap", seed=5)
+    paths = [p for i, p in enumerate(study.paths) if i != len(study.paths) // 2]  # a slice missing
+    assert set(stack.send(paths)) == {0}
+    done = stack.wait_state(study.study_instance_uid, {"sent", "failed", "held"}, timeout=120)
+    assert str(done.state) == "failed" and done.reason_code == "missing_slices" and done.attempts == 1
+    time.sleep(8)  # longer than the reconciler's deadlines: nothing picks it up again
+    job = stack.jobs_for(study.study_instance_uid)[-1]
+    assert str(job.state) == "failed" and job.attempts == 1
+    assert JobState(job.state) == JobState.FAILED
