@@ -93,3 +93,13 @@ def test_cli_refuses_bad_settings_naming_them(monkeypatch: pytest.MonkeyPatch) -
     result = CliRunner().invoke(main, ["jobs", "list"], env={"SPECGATE_SCP_PORT": "0"})
     assert result.exit_code == 2
     assert "SPECGATE_SCP_PORT" in result.output
+
+
+def test_the_example_deployment_config_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "specgate.example.toml"
+    s = Settings.load(example)
+    assert s.database_url and s.database_url.startswith("postgresql+psycopg://")
+    assert [str(c) for c in s.allowed_callers] == ["PACS_MAIN@10.1.2.3", "CT_SCANNER_1@10.1.5.20"]
+    assert s.destination("pacs").port == 104
+    assert [r.name for r in s.rules] == ["abdomen-ct", "any-ct-mr"]
+    assert s.rules[0].type_code == ("10200004", "SCT", "Liver")
