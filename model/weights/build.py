@@ -91,6 +91,7 @@ def stage_train(out: Path, minutes: float, device: str, config: TrainConfig = TR
     cfg = TrainConfig(**{**asdict(config), "max_minutes": minutes})
     res = train(data, out, cfg, device=device, progress=True)
     (out / "best.pt").replace(out / "segnet.pt")
+    label_weights(out / "segnet.pt")
     info = {
         "phantom_generation_s": t_gen,
         "iterations": res.iterations,
@@ -103,6 +104,18 @@ def stage_train(out: Path, minutes: float, device: str, config: TrainConfig = TR
     }
     (out / "train_info.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+#: written into the weights file's metadata (the worker reads name, version and the inference window)
+WEIGHTS_META = {"name": "specgate-phantom-segnet", "version": "1", "inference_block": 96, "inference_overlap": 24}
+
+
+def label_weights(path: Path) -> str:
+    """Rewrite a weights file with :data:`WEIGHTS_META` added to its metadata (parameters unchanged)."""
+    from model.unet import load_weights, save_weights
+
+    net, meta = load_weights(path)
+    return save_weights(net, path, {**meta, **WEIGHTS_META})
 
 
 def stage_bank(weights: Path, out: Path, sizes: dict[str, int] | None = None) -> None:

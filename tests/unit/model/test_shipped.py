@@ -105,3 +105,17 @@ def test_model_card_shows_what_evaluate_prints(evaluation):
     np.testing.assert_allclose(
         [v for k in sorted(cm["oodm"]) for v in cm["oodm"][k]],
         [v for k in sorted(m["oodm"]) for v in m["oodm"][k]], atol=2e-4)
+
+
+@pytest.mark.parametrize("kind,expect_ood", [("ct_liver", False), ("mr_hippocampus", True), ("pt_tumour", True)])
+def test_demo_studies_are_routed_as_the_demo_expects(kind, expect_ood):
+    """What `specgate demo` sends: one in-distribution study, and unseen organ / modality studies."""
+    from model.data.phantoms import phantom_study
+    from model.infer import sliding_window
+    from model.preprocess import preprocess
+
+    net, gate = load_default()
+    case = phantom_study(kind, seed=7)
+    stored = np.round(case.image).astype(np.int16).astype(np.float32)  # as a DICOM series would carry it
+    res = sliding_window(net, preprocess(stored, case.modality), out_dtype=np.float16)
+    assert gate.is_ood(res.signature) == expect_ood, gate.score(res.signature)
