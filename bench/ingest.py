@@ -54,7 +54,7 @@ def specgate_target(work: Path, database_url: str | None) -> Iterator[tuple[str,
     env = peer_env()
     env.update({
         "SPECGATE_DATA_DIR": str(work / "specgate"), "SPECGATE_SCP_PORT": str(port),
-        "SPECGATE_ALLOWED_CALLERS": f"{SENDER_AE}@127.0.0.1", "SPECGATE_SCP_MAX_PDU": "0",
+        "SPECGATE_ALLOWED_CALLERS": f"{SENDER_AE}@127.0.0.1",
         "SPECGATE_LOG_LEVEL": "WARNING",
     })
     if database_url:

@@ -113,6 +113,15 @@ def storage_contexts() -> list[PresentationContext]:
     return contexts
 
 
+def _is_open(assoc: Any) -> bool:
+    """Does this association thread still hold a connection? pynetdicom keeps the thread of a connection
+    that closed before its A-ASSOCIATE-RQ (a port probe, a health check) alive until the ACSE timeout;
+    its DUL state machine is back in Sta1 (idle) by then, and it must not count against the limit."""
+    if not assoc.is_alive() or assoc.is_released or assoc.is_aborted or assoc.is_rejected:
+        return False
+    return getattr(getattr(assoc.dul, "state_machine", None), "current_state", "") != "Sta1"
+
+
 class _Server(ThreadedAssociationServer):
     """pynetdicom's threaded server, with three changes made by overriding its documented hooks.
 
@@ -124,21 +133,79 @@ class _Server(ThreadedAssociationServer):
     """
 
     def __init__(self, *args: Any, handshake_timeout: float, on_tls_refused: Callable[[str, str], None],
-                 **kwargs: Any) -> None:
+                 handoff: socket.socket | None = None, **kwargs: Any) -> None:
         self._handshake_timeout = handshake_timeout
         self._on_tls_refused = on_tls_refused
+        self._handoff = handoff
+        self._handoff_lock = threading.Lock()
+        self.over_limit: set[tuple[str, int]] = set()
+        self.parent_gone = threading.Event()
+        self.received = 0  # connections handed over so far
+        self._inflight = 0  # received, association thread not started yet
         super().__init__(*args, **kwargs)
         self.daemon_threads = True
 
+    # In a receiver process (see dicom_node.listener) connections arrive over a socket pair from the
+    # parent instead of from accept(): the server "listens" on that socket pair.
+    def server_bind(self) -> None:
+        if self._handoff is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = self._handoff
+
+    def server_activate(self) -> None:
+        if self._handoff is None:
+            super().server_activate()
+
+    def _receive_handoff(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self._handoff is not None
+        msg, fds, _flags, _addr = socket.recv_fds(self._handoff, 16, 1)
+        if not fds:
+            self.parent_gone.set()
+            raise OSError("the listener process closed its end")  # socketserver ignores OSError here
+        client = socket.socket(fileno=fds[0])
+        with self._handoff_lock:
+            self.received += 1
+            self._inflight += 1
+        client.setblocking(True)
+        host, port = client.getpeername()[:2]
+        if msg == b"L":  # dicom_node.listener.HANDOFF_OVER_LIMIT
+            self.over_limit.add((normalise_host(str(host)), int(port)))
+        return client, (str(host), int(port))
+
+    def report_load(self) -> None:
+        """Tell the listener how many connections this process has open, and how many it was given so
+        far (absolute numbers: a lost message or a connection pynetdicom forgets to close cannot make the
+        listener's count drift)."""
+        assert self._handoff is not None
+        open_now = self._inflight + sum(1 for a in self.active_associations if _is_open(a))
+        try:
+            self._handoff.send(f"{open_now} {self.received}\n".encode())
+        except OSError:
+            pass
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
-        client, address = self.socket.accept()
+        if self._handoff is not None:
+            client, address = self._receive_handoff()
+        else:
+            client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self._process(request, client_address)
+        finally:
+            if self._handoff is not None:
+                with self._handoff_lock:
+                    self._inflight -= 1
+
+    def _process(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
             try:
                 request.settimeout(self._handshake_timeout)
@@ -159,8 +226,11 @@ class StoreSCP:
     """specgate's SCP. One per process (pynetdicom's configuration is global, see the module docstring)."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], *, spool: Spool | None = None,
-                 on_stored: Callable[[int, str], None] | None = None) -> None:
+                 on_stored: Callable[[int, str], None] | None = None, handoff: socket.socket | None = None) -> None:
+        """``handoff``: run as a receiver process of :class:`dicom_node.listener.Listener`, taking
+        connections from this socket pair instead of listening on ``scp_host:scp_port`` itself."""
         self.settings = settings
+        self.handoff = handoff
         self.sessions = sessions
         self.spool = spool or Spool(settings.spool_dir, watermark_percent=settings.spool_disk_watermark_percent)
         self.receiver = Receiver(self.spool, sessions, image_sop_classes=IMAGE_STORAGE_SOP_CLASSES,
@@ -183,7 +253,10 @@ class StoreSCP:
         self.spool.open()
         self._previous_config = configure_pynetdicom(self.spool)
         ae = AE(ae_title=s.scp_ae_title)
-        ae.maximum_associations = s.scp_max_associations
+        # The limit is enforced in _on_requested (open associations only, see _is_open; the listener's
+        # count across processes). pynetdicom's own check also counts threads of connections that are
+        # already gone, so it stays on only as a looser safety net.
+        ae.maximum_associations = 2 * s.scp_max_associations + 16
         ae.acse_timeout = s.scp_acse_timeout
         ae.dimse_timeout = s.scp_dimse_timeout
         ae.network_timeout = s.scp_network_timeout
@@ -192,6 +265,8 @@ class StoreSCP:
         ae.require_calling_aet = []  # the allow-list (AE *and* host) is checked in _on_requested
         ae.supported_contexts = storage_contexts()
         handlers = [
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -200,14 +275,32 @@ class StoreSCP:
         # Built as AE.start_server() builds it, but with the _Server subclass above.
         server = _Server(ae, (s.scp_host, s.scp_port), ae.ae_title, ae.supported_contexts,
                          ssl_context=server_ssl_context(s), evt_handlers=handlers,
-                         handshake_timeout=s.scp_acse_timeout, on_tls_refused=self._on_tls_refused)
+                         handshake_timeout=s.scp_acse_timeout, on_tls_refused=self._on_tls_refused,
+                         handoff=self.handoff)
         self._ae, self._server = ae, server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="specgate-scp-accept", daemon=True)
         self._thread.start()
-        log.info("SCP %s listening on %s:%d (TLS %s, max %d associations)", s.scp_ae_title, *self.address,
+        if self.handoff is not None:
+            self._reporter = threading.Thread(target=self._report_loop, name="specgate-scp-load", daemon=True)
+            self._reporter.start()
+        log.info("SCP %s %s %s:%d (TLS %s, max %d associations)", s.scp_ae_title,
+                 "receiving for" if self.handoff else "listening on", *self.address,
                  "on" if s.tls_enabled else "off", s.scp_max_associations)
         return self
+
+    def _report_loop(self) -> None:
+        server = self._server
+        while server is not None and not server.parent_gone.wait(0.05):
+            server.report_load()
+
+    def established_associations(self) -> int:
+        return sum(1 for a in self._ae.active_associations if a.is_established) if self._ae is not None else 0
+
+    def wait_parent_gone(self, timeout: float | None = None) -> bool:
+        """In a receiver process: block until the listener closed its end (it stopped or died)."""
+        assert self._server is not None
+        return self._server.parent_gone.wait(timeout)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -252,14 +345,28 @@ class StoreSCP:
             rsd = _RJ_CALLING_AE
         elif self.settings.scp_require_called_ae and called != self.settings.scp_ae_title:
             rsd = _RJ_CALLED_AE
-        elif self._ae is not None and sum(1 for a in self._ae.active_associations if a.is_acceptor) \
-                > self.settings.scp_max_associations:
+        elif self._over_limit(event):
             rsd = _RJ_LIMIT
         if rsd is None:
             return
         self._audit_rejection(calling, called, host, rsd)
         event.assoc.acse.send_reject(*rsd)
         event.assoc.kill()
+        self._on_ended(event)
+
+    def _over_limit(self, event: evt.Event) -> bool:
+        if self.handoff is not None and self._server is not None:  # the listener counts for the node
+            key = (normalise_host(str(event.assoc.requestor.address)), int(event.assoc.requestor.port))
+            if key in self._server.over_limit:
+                self._server.over_limit.discard(key)
+                return True
+            return False
+        return self._ae is not None and sum(1 for a in self._ae.active_associations
+                                            if a.is_acceptor and _is_open(a)) > self.settings.scp_max_associations
+
+    def _on_ended(self, event: evt.Event) -> None:
+        if self.handoff is not None and self._server is not None:
+            self._server.report_load()  # at once, not at the next tick: the listener's count is the limit
 
     def _on_rejected(self, event: evt.Event) -> None:
         # pynetdicom's own rejections (its checks stay on behind ours in _on_requested).
@@ -267,6 +374,7 @@ class StoreSCP:
         prim = event.assoc.acceptor.primitive
         rsd = (prim.result, prim.result_source, prim.diagnostic) if prim is not None else (0, 0, 0)
         self._audit_rejection(calling, called, host, rsd)
+        self._on_ended(event)
 
     def _audit_rejection(self, calling: str, called: str, host: str, rsd: tuple[Any, ...]) -> None:
         key = (int(rsd[0]), int(rsd[1]), int(rsd[2]))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import click
@@ -23,34 +26,31 @@ def _job_queued_hook(app: Any) -> Any:
 
 
 @click.command("scp")
-@click.pass_obj
-def scp_command(app: Any) -> None:
+@click.option("--receiver-fd", type=int, default=None, hidden=True,
+              help="Internal: run as a receiver process of the listener, taking connections from this fd.")
+@click.pass_context
+def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
     """Run the DICOM Storage SCP and the study assembler until SIGTERM/SIGINT.
 
     Accepts C-ECHO and image C-STORE from the callers in SPECGATE_ALLOWED_CALLERS, makes every instance
     durable (spool file + ledger row) before answering, and turns each study into a job once no instance
-    has arrived for SPECGATE_STUDY_QUIET_SECONDS.
+    has arrived for SPECGATE_STUDY_QUIET_SECONDS. With SPECGATE_SCP_PROCESSES other than 1 (default: one
+    per CPU core) one listener hands connections to that many receiver processes.
     """
-    from dicom_node.assembler import Assembler
-    from dicom_node.scp import StoreSCP
     from ledger import migrations
 
+    app = ctx.obj
     settings = app.settings
+    if receiver_fd is not None:
+        _run_receiver(app, receiver_fd)
+        return
     current, head = migrations.current_revision(app.engine), migrations.head_revision()
     if current != head:
         raise click.ClickException(f"the ledger is at revision {current or 'base'}, this version needs {head}: "
                                    "run 'specgate db upgrade' first")
     if not settings.allowed_callers:
         log.warning("SPECGATE_ALLOWED_CALLERS is empty: every association will be rejected")
-    sessions = app.sessions()
-    scp = StoreSCP(settings, sessions)
-    try:
-        scp.start()
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen on {settings.scp_host}:{settings.scp_port}: {exc}") from exc
-    assembler = Assembler(settings, sessions, on_job_queued=_job_queued_hook(app), spool=scp.spool).start()
-    host, port = scp.address
-    click.echo(f"specgate scp: {settings.scp_ae_title} listening on {host}:{port}", err=True)
+    config_file = ctx.find_root().params.get("config_file")
     stop = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -59,13 +59,70 @@ def scp_command(app: Any) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    _run_node(app, config_file, stop)
+
+
+def _run_node(app: Any, config_file: Any, stop: threading.Event) -> None:
+    from dicom_node.assembler import Assembler
+    from dicom_node.listener import Listener, default_processes
+    from dicom_node.scp import StoreSCP
+    from dicom_node.spool import Spool
+
+    settings = app.settings
+    sessions = app.sessions()
+    processes = default_processes(settings)
+    spool = Spool(settings.spool_dir, watermark_percent=settings.spool_disk_watermark_percent).open()
+    front: Any
+    if processes == 1:
+        front = StoreSCP(settings, sessions, spool=spool)
+    else:
+        def spawn(fd: int) -> subprocess.Popen[bytes]:
+            argv = [sys.executable, "-m", "specgate.cli"]
+            if config_file is not None:
+                argv += ["--config", str(config_file)]
+            argv += ["scp", "--receiver-fd", str(fd)]
+            return subprocess.Popen(argv, pass_fds=(fd,))
+
+        front = Listener(settings, spawn, processes=processes)
+    try:
+        front.start()
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {settings.scp_host}:{settings.scp_port}: {exc}") from exc
+    assembler = Assembler(settings, sessions, on_job_queued=_job_queued_hook(app), spool=spool).start()
+    host, port = front.address
+    click.echo(f"specgate scp: {settings.scp_ae_title} listening on {host}:{port} "
+               f"({processes} receiver process{'es' if processes > 1 else ''})", err=True)
     try:
         while not stop.wait(1.0):
             pass
     finally:
-        scp.stop()
+        t0 = time.monotonic()
+        front.stop()
         assembler.stop()
-    sys.stderr.flush()
+        log.info("stopped in %.1f s", time.monotonic() - t0)
+
+
+def _run_receiver(app: Any, fd: int) -> None:
+    """A receiver process: serve the connections the listener hands over until it goes away."""
+    import socket
+
+    from dicom_node.scp import StoreSCP
+
+    handoff = socket.socket(fileno=fd)
+    # The listener decides when receivers stop (it closes the socket pair); a terminal's Ctrl-C reaches
+    # the whole process group, so receivers ignore SIGINT and finish their associations.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    scp = StoreSCP(app.settings, app.sessions(), handoff=handoff).start()
+    try:
+        scp.wait_parent_gone()
+        log.info("receiver %d: listener gone, finishing %d association(s)", os.getpid(),
+                 scp.established_associations())
+        deadline = time.monotonic() + app.settings.scp_network_timeout + app.settings.scp_dimse_timeout
+        while scp.established_associations() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        scp.stop()
+        log.info("receiver %d: stopped", os.getpid())
 
 
 @click.command("echo")

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from dicom_node.spool import Spool
 from ledger.schema import Instance, Job, JobState, Study
 from tests.conftest import PG_ADMIN_URL
-from tests.integration.dicom_node.helpers import CALLER, Ledger, pdata, scu_ae, store, store_command
+from tests.integration.dicom_node.helpers import CALLER, Ledger, echo, pdata, scu_ae, store, store_command
 from tests.peers import free_port, wait_for, write_ct_series
 
 
@@ -97,13 +97,15 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _start_scp_process(ledger: Ledger, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _start_scp_process(ledger: Ledger, port: int, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """``specgate scp`` in a process group of its own (the listener and its receiver processes)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECGATE_")}
     env.update({"SPECGATE_DATA_DIR": str(ledger.data_dir), "SPECGATE_DATABASE_URL": ledger.url,
                 "SPECGATE_SCP_PORT": str(port), "SPECGATE_ALLOWED_CALLERS": f"{CALLER}@127.0.0.1",
-                "SPECGATE_STUDY_QUIET_SECONDS": "2"})
+                "SPECGATE_STUDY_QUIET_SECONDS": "2", "SPECGATE_SCP_PROCESSES": "2", **extra})
     exe = Path(sys.executable).with_name("specgate")
-    proc = subprocess.Popen([str(exe), "scp"], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+    proc = subprocess.Popen([str(exe), "scp"], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+                            start_new_session=True)
     wait_for(lambda: _port_open(port) or proc.poll() is not None, timeout=30, what="specgate scp to listen")
     assert proc.poll() is None, log.read_text()
     return proc
@@ -131,9 +133,10 @@ def test_sigkill_mid_study_loses_nothing_acknowledged(ledger: Ledger, tmp_path: 
     t.start()
     wait_for(lambda: sum(1 for s in statuses.values() if s == 0) >= 12, timeout=30, what="12 instances stored",
              interval=0.002)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole service at once: listener and receivers
     proc.wait(timeout=10)
     t.join(timeout=30)
+    wait_for(lambda: not _port_open(port), timeout=10, what="the port to close")
     acked = [sop for sop, status in statuses.items() if status == 0]
     assert 12 <= len(acked) < 60
     with ledger.sessions() as s:
@@ -161,3 +164,54 @@ def test_sigkill_mid_study_loses_nothing_acknowledged(ledger: Ledger, tmp_path: 
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def _receiver_pids(listener_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(listener_pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_listener_spreads_associations_and_restarts_a_dead_receiver(sqlite_ledger: Ledger, tmp_path: Path) -> None:
+    port = free_port()
+    proc = _start_scp_process(sqlite_ledger, port, tmp_path / "scp.log", SPECGATE_SCP_MAX_ASSOCIATIONS="4")
+    try:
+        receivers = wait_for(lambda: len(_receiver_pids(proc.pid)) == 2 and _receiver_pids(proc.pid),
+                             timeout=20, what="two receiver processes")
+        # both receivers are serving (the port probe above was a connection too; it is gone by now)
+        wait_for(lambda: echo(port) == 0 and echo(port) == 0, timeout=20, what="the receivers to answer")
+        studies = [write_ct_series(tmp_path / f"in{i}", slices=8, seed=i) for i in range(4)]
+        results: dict[int, list[int | None]] = {}
+
+        def send(i: int) -> None:
+            results[i] = store(port, studies[i].paths)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert results == {i: [0] * 8 for i in range(4)}
+        assert sqlite_ledger.count() == 32
+        # the limit holds for the whole node, across the receiver processes
+        ae = scu_ae(CALLER, [CTImageStorage])
+        held = [ae.associate("127.0.0.1", port, ae_title="SPECGATE") for _ in range(4)]
+        assert all(a.is_established for a in held)
+        fifth = ae.associate("127.0.0.1", port, ae_title="SPECGATE")
+        assert fifth.is_rejected
+        prim = fifth.acceptor.primitive
+        assert (prim.result, prim.result_source, prim.diagnostic) == (0x02, 0x03, 0x02)
+        for a in held:
+            a.release()
+        # a receiver that dies is started again; the node keeps serving meanwhile
+        os.kill(receivers[0], signal.SIGKILL)
+        wait_for(lambda: len(set(_receiver_pids(proc.pid)) - {receivers[0]}) == 2, timeout=20,
+                 what="the dead receiver to be replaced")
+        more = write_ct_series(tmp_path / "more", slices=3)
+        for _ in range(4):  # each receiver gets some of these
+            assert store(port, more.paths) == [0, 0, 0]
+        assert sqlite_ledger.count() == 35
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert _receiver_pids(proc.pid) == []

@@ -1,0 +1,197 @@
+"""One port, several receiver processes: associations do not queue behind one core.
+
+pynetdicom runs each association in a thread, and Python threads share one core for everything that is
+not I/O (PDU decoding is most of a C-STORE's CPU time). ``specgate scp`` therefore runs a small parent that
+owns the listening socket and the study assembler, and N receiver processes (``specgate scp-receiver``),
+each a full :class:`dicom_node.scp.StoreSCP`. The parent accepts every TCP connection, sets TCP_NODELAY,
+and passes the connected socket (``SCM_RIGHTS``) to the receiver with the fewest open associations; each
+receiver reports, many times a second, how many connections it has open and how many it was given. The parent alone counts associations, so
+``scp_max_associations`` holds for the whole node: a connection over the limit is still handed to a
+receiver, marked, and that receiver rejects it with A-ASSOCIATE-RJ "local limit exceeded" (a DICOM answer,
+not a dropped connection). TLS, the allow-list and everything else happen in the receivers.
+
+A receiver that dies is started again. When the parent stops (SIGTERM) or dies (SIGKILL), the receivers
+see their end of the socket pair close, finish the associations they have, and exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from specgate.settings import Settings
+
+__all__ = ["HANDOFF_ACCEPT", "HANDOFF_OVER_LIMIT", "Listener", "default_processes"]
+
+log = logging.getLogger("specgate.dicom_node.listener")
+
+HANDOFF_ACCEPT = b"A"
+HANDOFF_OVER_LIMIT = b"L"
+
+#: Starts one receiver process given the file descriptor of its end of the socket pair.
+Spawn = Callable[[int], "subprocess.Popen[bytes]"]
+
+
+def default_processes(settings: Settings) -> int:
+    return settings.scp_processes or max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass
+class _Receiver:
+    index: int
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    sent: int = 0  # connections handed to it
+    reported_open: int = 0  # its last report: connections open ...
+    reported_received: int = 0  # ... and connections received by then
+    buffered: bytes = field(default=b"", repr=False)
+
+    @property
+    def active(self) -> int:
+        return self.reported_open + (self.sent - self.reported_received)
+
+
+class Listener:
+    """The parent side. ``start()`` binds the port and starts the receivers; ``stop()`` ends them."""
+
+    def __init__(self, settings: Settings, spawn: Spawn, *, processes: int) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, got {processes}")
+        self.settings = settings
+        self.spawn = spawn
+        self.processes = processes
+        self._receivers: dict[int, _Receiver] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._selector = selectors.DefaultSelector()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def open_associations(self) -> int:
+        with self._lock:
+            return sum(r.active for r in self._receivers.values())
+
+    def receiver_pids(self) -> list[int]:
+        with self._lock:
+            return [r.proc.pid for r in self._receivers.values()]
+
+    def start(self) -> Listener:
+        s = self.settings
+        family = socket.AF_INET6 if ":" in s.scp_host else socket.AF_INET
+        self._sock = socket.create_server((s.scp_host, s.scp_port), family=family, backlog=128)
+        for i in range(self.processes):
+            self._spawn(i)
+        for target, name in ((self._accept_loop, "specgate-listener-accept"),
+                             (self._watch_loop, "specgate-listener-watch")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("listening on %s:%d with %d receiver processes", *self.address, self.processes)
+        return self
+
+    def _spawn(self, index: int) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = self.spawn(child_end.fileno())
+        finally:
+            child_end.close()
+        rcv = _Receiver(index, proc, parent_end)
+        with self._lock:
+            self._receivers[index] = rcv
+        self._selector.register(parent_end, selectors.EVENT_READ, rcv)
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _addr = self._sock.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._hand_off(conn)
+
+    def _hand_off(self, conn: socket.socket) -> None:
+        for _ in range(3):
+            with self._lock:
+                alive = [r for r in self._receivers.values() if r.proc.poll() is None]
+                if not alive:
+                    break
+                rcv = min(alive, key=lambda r: (r.active, r.index))
+                over = sum(r.active for r in self._receivers.values()) >= self.settings.scp_max_associations
+                rcv.sent += 1
+            try:
+                socket.send_fds(rcv.sock, [HANDOFF_OVER_LIMIT if over else HANDOFF_ACCEPT], [conn.fileno()])
+                return
+            except OSError as exc:
+                log.warning("receiver %d did not take a connection: %s", rcv.index, exc)
+                with self._lock:
+                    rcv.sent -= 1
+        log.error("no receiver process available; connection closed")
+
+    def _watch_loop(self) -> None:
+        while not self._stopping.is_set():
+            for key, _ in self._selector.select(timeout=0.5):
+                rcv: _Receiver = key.data
+                try:
+                    data = rcv.sock.recv(4096)
+                except OSError:
+                    data = b""
+                if data:
+                    rcv.buffered += data
+                    *lines, rcv.buffered = rcv.buffered.split(b"\n")
+                    if lines:
+                        open_now, received = (int(x) for x in lines[-1].split())
+                        with self._lock:
+                            rcv.reported_open, rcv.reported_received = open_now, received
+                    continue
+                self._selector.unregister(rcv.sock)
+                rcv.sock.close()
+                if not self._stopping.is_set():
+                    code = rcv.proc.wait(timeout=30)
+                    log.error("receiver process %d (pid %d) ended with %s; starting it again", rcv.index,
+                              rcv.proc.pid, code)
+                    self._spawn(rcv.index)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stopping.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            except OSError:
+                pass
+            self._sock.close()
+        with self._lock:
+            receivers = list(self._receivers.values())
+        for r in receivers:
+            try:
+                r.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for r in receivers:
+            try:
+                r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("receiver %d did not finish in %.0f s; terminating it", r.index, timeout)
+                r.proc.terminate()
+                r.proc.wait(timeout=10)
+        for t in self._threads:
+            t.join(timeout=5)
+        self._selector.close()
