@@ -73,24 +73,32 @@ def part_b(shape: tuple[int, int, int]) -> dict[str, float]:
     vol = np.random.default_rng(1).random(shape, dtype=np.float32)
     sliding_window(net, vol[:32, :32, :32], block=32, overlap=8)
     t = time.perf_counter()
-    res = sliding_window(net, vol, block=96, overlap=24)
+    sliding_window(net, vol, block=96, overlap=24)
     total = time.perf_counter() - t
     # the signature work, replayed with the same function on tensors of the same sizes: per-window float64
     # Gram and class sums, then the eigen-decomposition and the gate's nearest-neighbour search (bank of 200)
     wins = plan_windows(shape, 96, 24, net.divisor)
     feats = torch.rand(14, 96, 96, 96)
     probs = torch.rand(2, 96, 96, 96)
-    gram = torch.zeros(14, 14, dtype=torch.float64)
-    sums = torch.zeros(2, 14, dtype=torch.float64)
-    counts = torch.zeros(2, dtype=torch.float64)
-    t = time.perf_counter()
-    for w in wins:
-        sl = (slice(None), *w.local_own_slices())
-        p = probs[sl]
-        _accumulate(feats[sl], p[1] > p[0], gram, sums, counts)
     gate = SpectralGate.fit(np.random.default_rng(0).normal(size=(200, 14)))
-    _ = gate.is_ood(signature_from_gram(res.gram))
-    sig = time.perf_counter() - t
+
+    def replay() -> None:
+        gram = torch.zeros(14, 14, dtype=torch.float64)
+        sums = torch.zeros(2, 14, dtype=torch.float64)
+        counts = torch.zeros(2, dtype=torch.float64)
+        for w in wins:
+            sl = (slice(None), *w.local_own_slices())
+            p = probs[sl]
+            _accumulate(feats[sl], p[1] > p[0], gram, sums, counts)
+        gate.is_ood(signature_from_gram(gram.numpy()))
+
+    replay()  # warm-up
+    times = []
+    for _ in range(5):  # best of 5: the replay is short, so a busy machine would skew a single run
+        t = time.perf_counter()
+        replay()
+        times.append(time.perf_counter() - t)
+    sig = min(times)
     print(f"(b) signature + gate: {sig * 1e3:.1f} ms of {total:.2f} s inference = {100 * sig / total:.2f} %")
     return {"signature_s": sig, "inference_s": total, "share": sig / total}
 

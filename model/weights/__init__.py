@@ -2,10 +2,10 @@
 
 >>> from model.weights import load_default
 >>> net, gate = load_default()          # doctest: +SKIP
->>> gate.weights_sha256 == DEFAULT_WEIGHTS_SHA256  # doctest: +SKIP
+>>> gate.weights_sha256 == default_weights_sha256()  # doctest: +SKIP
 True
 
-``DEFAULT_WEIGHTS_SHA256`` is the SHA-256 of ``segnet.pt``; the bank records it and refuses other weights.
+``default_weights_sha256()`` is the SHA-256 of ``segnet.pt``; the bank records it and refuses other weights.
 How the files were made: :mod:`model.weights.build` and ``MODEL_CARD.md``.
 """
 

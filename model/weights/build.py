@@ -5,7 +5,7 @@ Three stages, each a function and a command:
 1. ``python -m model.weights.build train --out DIR [--minutes M]`` (run on a GPU): generates the training
    phantoms in memory (:data:`TRAIN_SIZES` cases of each training kind, seed :data:`SEED`, indices from 0),
    trains a ``SegNet(base_features=14, levels=4)`` with :data:`TRAIN_CONFIG` and writes ``DIR/segnet.pt``
-   and ``DIR/train_log.json``.
+   (with :data:`WEIGHTS_META` in its metadata, see :func:`label_weights`) and ``DIR/train_log.json``.
 2. ``python -m model.weights.build bank --weights W --out BANK``: fits the spectral bank on the signatures
    of all training-range phantoms (training and validation folds), on the CPU, float32.
 3. ``python -m model.weights.build card --weights W --bank B --out CARD [--figures DIR]``: evaluates on held-out phantoms
@@ -248,7 +248,10 @@ Deviations from the paper, for a training budget of minutes rather than days:
   ended at its time budget instead.
 - instance normalisation (the paper does not say which; batch norm's running averages are wrong for
   batches of one block drawn from datasets of different intensity statistics).
-GPU training is not bitwise repeatable (cuDNN); CPU training with the same seed is.
+GPU training is not bitwise repeatable (cuDNN); CPU training with the same seed is. The shipped weights
+were trained before `label_weights` joined the recipe: their metadata (name, version, inference window) was
+added afterwards with it, parameters unchanged, and the bank was re-tied to the new SHA-256 without refitting
+(its signatures depend on the parameters only; the bank's metadata records the old SHA-256).
 
 ## Evaluation
 Held-out phantoms (seed {seed}, indices {eval_first}-{eval_last}), {eval_per_kind} per kind, never used for training or the bank; `mr_hippocampus` (head MR, an organ never seen) and `pt_tumour` (PET-like, a
