@@ -255,7 +255,10 @@ def demo(app: AppContext, timeout: float) -> None:
     sys.exit(run_demo(app.settings, echo=click.echo, timeout_s=timeout))
 
 
+from ._cli_model import model_group  # noqa: E402
 from ._cli_worker import register as _register_worker  # noqa: E402
+
+main.add_command(model_group)
 
 _register_worker(main, jobs)
 
