@@ -4,7 +4,9 @@ Prints each target's median wall time and the ratios; never asserts. Run from th
 
     .venv/bin/python bench/ingest.py                       # 300 slices of 512x512 (157 MB), 5 runs
     .venv/bin/python bench/ingest.py --slices 60 --runs 3  # a quick look
-    .venv/bin/python bench/ingest.py --database-url postgresql+psycopg://root@127.0.0.1/bench
+    .venv/bin/python bench/ingest.py --database-url postgresql+psycopg://root@127.0.0.1/bench  # dropped
+                                                                                         # and created
+                                                                                         # for each run
 
 Targets, alternating run by run, each started fresh (empty storage) for every run so that no target
 benefits from having seen an instance before:
@@ -38,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from tests.peers import Orthanc, free_port, peer_env, wait_for, write_ct_series  # noqa: E402
 
 SENDER_AE = "BENCH"
+PROCESSES: int | None = None  # --processes
 
 
 def _port_open(port: int) -> bool:
@@ -48,16 +51,32 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _recreate_database(url: str) -> None:
+    from sqlalchemy import create_engine, make_url, text
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+    admin.dispose()
+
+
 @contextmanager
 def specgate_target(work: Path, database_url: str | None) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = peer_env()
+    if PROCESSES is not None:
+        env["SPECGATE_SCP_PROCESSES"] = str(PROCESSES)
     env.update({
         "SPECGATE_DATA_DIR": str(work / "specgate"), "SPECGATE_SCP_PORT": str(port),
         "SPECGATE_ALLOWED_CALLERS": f"{SENDER_AE}@127.0.0.1",
         "SPECGATE_LOG_LEVEL": "WARNING",
     })
     if database_url:
+        _recreate_database(database_url)  # every run starts from an empty ledger, like the other targets
         env["SPECGATE_DATABASE_URL"] = database_url
     exe = str(REPO / ".venv" / "bin" / "specgate")
     subprocess.run([exe, "db", "upgrade"], env=env, check=True, capture_output=True)
@@ -135,7 +154,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--database-url", default=None, help="specgate's ledger (default: SQLite in its data dir)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--targets", default="specgate,orthanc,storescp")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="specgate receiver processes (SPECGATE_SCP_PROCESSES; default: one per core)")
     args = ap.parse_args(argv)
+    global PROCESSES
+    PROCESSES = args.processes
+    load_before = os.getloadavg()
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="specgate-bench-"))
     data = work / "series"
@@ -176,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> None:
            (("single", single), ("concurrent", conc), ("sequential", seq))}
     print()
     print(f"series: {args.slices} x {args.size}x{args.size} uint16, {mb:.0f} MB; cores: {os.cpu_count()}; "
-          f"specgate ledger: {args.database_url or 'SQLite'}")
+          f"specgate ledger: {args.database_url or 'SQLite'}; receiver processes: {args.processes or 'auto'}")
+    print(f"load average before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} "
+          "(other work on the machine makes every figure slower and noisier)")
     print(f"{'target':10s} {'1 assoc (s)':>12s} {f'{args.senders} at once':>12s} {f'{args.senders} in turn':>12s}"
           f" {'in turn/at once':>16s}")
     for t in targets:

@@ -52,6 +52,7 @@ class _Receiver:
     reported_open: int = 0  # its last report: connections open ...
     reported_received: int = 0  # ... and connections received by then
     buffered: bytes = field(default=b"", repr=False)
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def active(self) -> int:
@@ -164,10 +165,18 @@ class Listener:
                 self._selector.unregister(rcv.sock)
                 rcv.sock.close()
                 if not self._stopping.is_set():
-                    code = rcv.proc.wait(timeout=30)
-                    log.error("receiver process %d (pid %d) ended with %s; starting it again", rcv.index,
-                              rcv.proc.pid, code)
-                    self._spawn(rcv.index)
+                    try:
+                        code = rcv.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:  # closed its end but lives on: not serving, end it
+                        rcv.proc.kill()
+                        code = rcv.proc.wait(timeout=10)
+                    lived = time.monotonic() - rcv.started
+                    log.error("receiver process %d (pid %d) ended with %s after %.0f s; starting it again",
+                              rcv.index, rcv.proc.pid, code, lived)
+                    if lived < 5:  # it cannot start (bad configuration, database down): do not spin
+                        self._stopping.wait(2.0)
+                    if not self._stopping.is_set():
+                        self._spawn(rcv.index)
 
     def stop(self, timeout: float = 60.0) -> None:
         self._stopping.set()
