@@ -40,7 +40,10 @@ Spawn = Callable[[int], "subprocess.Popen[bytes]"]
 
 
 def default_processes(settings: Settings) -> int:
-    return settings.scp_processes or max(1, min(8, os.cpu_count() or 1))
+    """``scp_processes``, or two per CPU core (at most 16) when it is 0: a receiver spends much of an
+    instance waiting for fsync and the ledger commit, so twice the cores keeps the cores busy (bench:
+    4 associations at once on 2 cores took 14.0 s with 2 receivers, 10.8 s with 4)."""
+    return settings.scp_processes or max(2, min(16, 2 * (os.cpu_count() or 1)))
 
 
 @dataclass

@@ -34,7 +34,7 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
 
     Accepts C-ECHO and image C-STORE from the callers in SPECGATE_ALLOWED_CALLERS, makes every instance
     durable (spool file + ledger row) before answering, and turns each study into a job once no instance
-    has arrived for SPECGATE_STUDY_QUIET_SECONDS. With SPECGATE_SCP_PROCESSES other than 1 (default: one
+    has arrived for SPECGATE_STUDY_QUIET_SECONDS. With SPECGATE_SCP_PROCESSES other than 1 (default: two
     per CPU core) one listener hands connections to that many receiver processes.
     """
     from ledger import migrations

@@ -190,7 +190,7 @@ class Settings(BaseSettings):
     study_quiet_seconds: float = Field(default=60.0, gt=0)
     scp_max_associations: int = Field(default=10, ge=1, le=1000)
     scp_processes: int = Field(default=0, ge=0, le=64,
-                               description="receiver processes behind the one port; 0: one per CPU core")
+                               description="receiver processes behind the one port; 0: two per CPU core")
     scp_acse_timeout: float = Field(default=30.0, gt=0)
     scp_dimse_timeout: float = Field(default=60.0, gt=0)
     scp_network_timeout: float = Field(default=60.0, gt=0)
