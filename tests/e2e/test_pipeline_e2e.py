@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -100,8 +101,12 @@ class Stack:
                         interval=0.1)
 
 
+_REDIS_DB = random.Random(os.getpid() ^ time.time_ns()).randrange(1, 16)
+
+
 def _redis_db_url() -> str:
-    return REDIS_URL
+    """A Redis database for this test session alone, so two runs on one machine never share a queue."""
+    return REDIS_URL.rsplit("/", 1)[0] + f"/{_REDIS_DB}"
 
 
 @pytest.fixture
