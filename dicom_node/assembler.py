@@ -194,6 +194,7 @@ class Assembler:
             earlier = list(s.execute(select(Job).where(Job.study_id == study.id)).scalars())
             job = jobs.create_job(s, study, actor=ACTOR, state=JobState.QUEUED,
                                   series_instance_uid=series.series_instance_uid, rule_name=rule.name,
+                                  max_attempts=self.settings.worker_max_attempts,
                                   details={"instances": seen, "series_instances": series.instances,
                                            "model": rule.model})
             superseded = []

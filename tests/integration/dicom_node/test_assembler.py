@@ -31,7 +31,7 @@ def test_quiet_period_across_associations_makes_one_job(ledger: Ledger, start_sc
     series = write_ct_series(tmp_path / "in", slices=20)
     port = start_scp(ledger).address[1]
     queued: list[int] = []
-    asm = _assembler(ledger, queued)
+    asm = _assembler(ledger, queued, worker_max_attempts=5)
     assert store(port, series.paths[:12]) == [0] * 12
     assert asm.run_once() == [] and asm.run_once(_later(10)) == []  # still in its quiet period
     assert store(port, series.paths[12:]) == [0] * 8  # a second association, same study
@@ -40,6 +40,7 @@ def test_quiet_period_across_associations_makes_one_job(ledger: Ledger, start_sc
     with ledger.sessions() as s:
         job = s.get(Job, result.job_id)
         assert (job.state, job.version, job.series_instance_uid) == (JobState.QUEUED, 1, series.series_instance_uid)
+        assert job.max_attempts == 5  # SPECGATE_WORKER_MAX_ATTEMPTS bounds the job's attempts
         study = s.execute(select(Study)).scalar_one()
         assert (study.received_count, study.assembled_count) == (20, 20) and study.assembled_at is not None
     assert asm.run_once(_later(60)) == [] and queued == [result.job_id]  # nothing new, nothing again
