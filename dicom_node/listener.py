@@ -56,6 +56,7 @@ class _Receiver:
     reported_received: int = 0  # ... and connections received by then
     buffered: bytes = field(default=b"", repr=False)
     started: float = field(default_factory=time.monotonic)
+    ready: threading.Event = field(default_factory=threading.Event)  # its first report arrived: it serves
 
     @property
     def active(self) -> int:
@@ -92,17 +93,36 @@ class Listener:
         with self._lock:
             return [r.proc.pid for r in self._receivers.values()]
 
-    def start(self) -> Listener:
+    def start(self, ready_timeout: float = 60.0) -> Listener:
+        """Bind the port, start the receivers, and listen once they serve (or after ``ready_timeout``):
+        a peer that connects as soon as the port opens is served at once instead of waiting for a
+        receiver process to import its libraries and open the ledger."""
         s = self.settings
         family = socket.AF_INET6 if ":" in s.scp_host else socket.AF_INET
-        self._sock = socket.create_server((s.scp_host, s.scp_port), family=family, backlog=128)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((s.scp_host, s.scp_port))  # bound (the port is ours, errors show now), not listening
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
         for i in range(self.processes):
             self._spawn(i)
-        for target, name in ((self._accept_loop, "specgate-listener-accept"),
-                             (self._watch_loop, "specgate-listener-watch")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        watch = threading.Thread(target=self._watch_loop, name="specgate-listener-watch", daemon=True)
+        watch.start()
+        self._threads.append(watch)
+        deadline = time.monotonic() + ready_timeout
+        with self._lock:
+            receivers = list(self._receivers.values())
+        for r in receivers:
+            if not r.ready.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("receiver %d not serving after %.0f s; listening anyway", r.index, ready_timeout)
+                break
+        sock.listen(128)
+        accept = threading.Thread(target=self._accept_loop, name="specgate-listener-accept", daemon=True)
+        accept.start()
+        self._threads.append(accept)
         log.info("listening on %s:%d with %d receiver processes", *self.address, self.processes)
         return self
 
@@ -164,6 +184,7 @@ class Listener:
                         open_now, received = (int(x) for x in lines[-1].split())
                         with self._lock:
                             rcv.reported_open, rcv.reported_received = open_now, received
+                        rcv.ready.set()
                     continue
                 self._selector.unregister(rcv.sock)
                 rcv.sock.close()
