@@ -137,6 +137,7 @@ def stack(tmp_path: Path, pg_url: str, request: pytest.FixtureRequest) -> Iterat
         "SPECGATE_SCU_BACKOFF_SECONDS": "0.2",
         "SPECGATE_SCU_MAX_ATTEMPTS": "3",
         "SPECGATE_SCU_TIMEOUT": "5",
+        "SPECGATE_LOG_LEVEL": "DEBUG",  # the most talkative logs must still carry no patient identifiers
     })
     engine = open_engine(pg_url)
     st = Stack(tmp_path, env, scp_port, orthanc, sessionmaker_for(engine))
@@ -216,6 +217,10 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
     shown = json.loads(stack.cli("jobs", "show", str(held.id), "--json").stdout)
     assert [r["user"] for r in shown["reviews"]] == ["dr.house"]
     assert "OK" in stack.cli("audit", "verify").stdout
+
+    for name in ("scp", "worker"):  # DEBUG logs of both services: UIDs yes, patient name or ID never
+        log = (stack.root / f"{name}.log").read_text(errors="replace")
+        assert "job" in log and "TEST-E2E" not in log and "SYNTHETIC" not in log and "PHANTOM" not in log
 
     # the same study sent again: success for every instance, no new job, no second (different) SEG
     assert set(stack.send(known.paths)) == {0}
