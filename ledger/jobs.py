@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from . import audit
@@ -111,7 +111,7 @@ def transition(session: Session, job_id: int, to: JobState | str, *, actor: str,
         values["reason_detail"] = reason_detail
     if to in TERMINAL:
         values["finished_at"] = now
-    res = session.execute(
+    res: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Job).where(Job.id == job_id, Job.state == current, *guard).values(**values)
         .execution_options(synchronize_session=False)
     )

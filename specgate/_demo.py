@@ -82,8 +82,8 @@ class EmbeddedPACS:
 
 def _send(paths: list[Path], host: str, port: int, called_ae: str) -> int:
     from pydicom import dcmread
+    from pydicom.uid import CTImageStorage, MRImageStorage
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
     ae = AE(ae_title=DEMO_CALLER)
     ae.add_requested_context(CTImageStorage)
@@ -200,8 +200,11 @@ def run_demo(settings: Settings, *, echo: Callable[[str], None] = print, timeout
         echo("what happened:")
         with sessions() as db:
             for uid, (_label, desc, _) in studies.items():
-                job = db.execute(select(Job).join(Study).where(Study.study_instance_uid == uid)
+                job = db.execute(select(Job).join(Study).where(Study.study_instance_uid == str(uid))
                                  .order_by(Job.version.desc())).scalars().first()
+                if job is None:
+                    echo(f"  {desc}: no job (no series matched the rules)")
+                    continue
                 res = db.execute(select(Result).where(Result.job_id == job.id)).scalar_one_or_none()
                 gate = "" if res is None else (f"OODM {res.oodm:.4f} {'>' if res.is_ood else '<='} tau {res.tau:.4f}")
                 echo(f"  {desc}: job {job.id} {job.state}  {gate}")
