@@ -194,7 +194,7 @@ class Settings(BaseSettings):
     scp_acse_timeout: float = Field(default=30.0, gt=0)
     scp_dimse_timeout: float = Field(default=60.0, gt=0)
     scp_network_timeout: float = Field(default=60.0, gt=0)
-    scp_max_pdu: int = Field(default=65536, ge=0, description="0 means unlimited")
+    scp_max_pdu: int = Field(default=1048576, ge=0, description="0 means unlimited")
     scp_require_called_ae: bool = True
     scp_tls_cert: Path | None = None
     scp_tls_key: Path | None = None
