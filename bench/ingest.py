@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--targets", default="specgate,orthanc,storescp")
     ap.add_argument("--processes", type=int, default=None,
-                    help="specgate receiver processes (SPECGATE_SCP_PROCESSES; default: one per core)")
+                    help="specgate receiver processes (SPECGATE_SCP_PROCESSES; default: two per core)")
     args = ap.parse_args(argv)
     global PROCESSES
     PROCESSES = args.processes
