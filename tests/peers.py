@@ -143,7 +143,7 @@ def write_ct_series(folder: Path, *, slices: int = 20, size: int = 64, study_uid
         ds.save_as(path, enforce_file_format=True)
         sops.append(sop)
         paths.append(path)
-    return CTSeries(study_uid, series_uid, sops, paths, folder)
+    return CTSeries(str(study_uid), str(series_uid), [str(u) for u in sops], paths, folder)
 
 
 # ------------------------------------------------------------------------------------------ Orthanc
