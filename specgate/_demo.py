@@ -164,7 +164,9 @@ def run_demo(settings: Settings, *, echo: Callable[[str], None] = print, timeout
             studies = {}
             for label, kind, desc in (("known", "ct_liver", "CT abdomen (liver phantom)"),
                                       ("unseen", "mr_hippocampus", "MR head (hippocampus phantom)")):
-                case = phantom_study(kind, seed=int(time.time()) % 1000)
+                # Fixed cases (new UIDs each run): the known one scores far below tau (0.0028 vs 0.0116 with
+                # the shipped model), the unseen one far above (0.0375), so the demo tells the same story.
+                case = phantom_study(kind, seed=1)
                 series = write_series(case.image, case.spacing, case.modality, Path(tmp) / label,
                                       series_description=desc, patient_id=f"DEMO-{label.upper()}")
                 studies[series.study_instance_uid] = (label, desc, len(series.paths))
