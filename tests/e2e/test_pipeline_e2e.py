@@ -289,3 +289,32 @@ def test_corrupt_series_fails_with_its_reason_and_no_retry_loop(stack: Stack, tm
     job = stack.jobs_for(study.study_instance_uid)[-1]
     assert str(job.state) == "failed" and job.attempts == 1
     assert JobState(job.state) == JobState.FAILED
+
+
+def test_a_study_that_kills_every_attempt_ends_failed_and_never_loops(stack: Stack, tmp_path: Path) -> None:
+    """The worker dies during every attempt (SIGKILL of the whole worker, as an OOM kill would): after
+    SPECGATE_WORKER_MAX_ATTEMPTS (3) attempts the job ends failed/attempts_exhausted and nothing is sent."""
+    from scipy import ndimage
+
+    case = phantom_study("ct_liver", seed=6)
+    big = ndimage.zoom(case.image, (1, 2, 2), order=1)  # several windows: each attempt runs for seconds
+    study = write_series(big, (case.spacing[0], case.spacing[1] / 2, case.spacing[2] / 2), "CT",
+                         tmp_path / "big", patient_id="TEST-E2E")
+    assert set(stack.send(study.paths)) == {0}
+    uid = study.study_instance_uid
+    for attempt in (1, 2, 3):
+        stack.start(f"worker{attempt}", "worker")
+
+        def running(attempt: int = attempt) -> Job | None:
+            js = stack.jobs_for(uid)
+            return js[-1] if js and str(js[-1].state) == "running" and js[-1].attempts == attempt else None
+
+        wait_for(running, timeout=120, what=f"attempt {attempt} running", interval=0.05)
+        stack.kill(f"worker{attempt}", signal.SIGKILL)
+    stack.start("worker4", "worker")
+    done = stack.wait_state(uid, {"failed", "sent", "held"}, timeout=120)
+    assert (str(done.state), done.reason_code, done.attempts) == ("failed", "attempts_exhausted", 3)
+    time.sleep(5)  # longer than the reconciler's period: the failed job is not picked up again
+    job = stack.jobs_for(uid)[-1]
+    assert (str(job.state), job.attempts) == ("failed", 3)
+    assert _seg_uids_at(stack.orthanc, uid) == []
