@@ -97,14 +97,16 @@ class Spool:
         return self.root / study / series / f"{sop}.dcm"
 
     @staticmethod
-    def digest(path: Path) -> tuple[int, str]:
-        """(size, SHA-256 hex) of a file, read in chunks."""
+    def digest(path: Path, *, fsync: bool = False) -> tuple[int, str]:
+        """(size, SHA-256 hex) of a file, read in chunks; with ``fsync``, the file is also made durable."""
         h = hashlib.sha256()
         size = 0
         with open(path, "rb") as f:
             while chunk := f.read(_HASH_CHUNK):
                 h.update(chunk)
                 size += len(chunk)
+            if fsync:
+                os.fsync(f.fileno())
         return size, h.hexdigest()
 
     def commit(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
@@ -126,28 +128,17 @@ class Spool:
         except FileExistsError:
             return SpooledFile(final, 0, "", created=False)
         os.unlink(temp)  # a temporary name that survives a crash is swept later, it needs no fsync
-        size, sha = self._fsync_and_digest(final)
+        size, sha = self.digest(final, fsync=True)
         _fsync_dir(final.parent)
         for d in reversed(new_dirs):
             _fsync_dir(d.parent)
         return SpooledFile(final, size, sha, created=True)
 
-    @staticmethod
-    def _fsync_and_digest(path: Path) -> tuple[int, str]:
-        h = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-            os.fsync(f.fileno())
-        return size, h.hexdigest()
-
     def replace(self, temp: Path, final: Path) -> SpooledFile:
         """Put ``temp`` in place of ``final``: only for a final file that has no ledger row (never
         acknowledged, e.g. left by a crash between link and commit, possibly incomplete)."""
         os.replace(temp, final)
-        size, sha = self._fsync_and_digest(final)
+        size, sha = self.digest(final, fsync=True)
         _fsync_dir(final.parent)
         return SpooledFile(final, size, sha, created=True)
 
