@@ -60,6 +60,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class SpooledFile:
     path: Path
@@ -109,7 +117,8 @@ class Spool:
                 os.fsync(f.fileno())
         return size, h.hexdigest()
 
-    def commit(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+    def commit(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str, *,
+               digest: tuple[int, str] | None = None) -> SpooledFile:
         """Give ``temp`` its final name without replacing an existing file, and make it durable.
 
         The link comes first and the file's fsync second, so that one journal commit carries the data
@@ -118,6 +127,9 @@ class Spool:
         instance received before, or at this moment on another association, or a file left by a crash
         before its row was committed), nothing changes and ``created`` is False: the caller decides,
         from the ledger, between :meth:`discard_temp` and :meth:`replace`.
+
+        ``digest``: the file's (size, SHA-256) when the caller computed them while writing it; the file
+        is then fsynced without being read again.
         """
         final = self.final_path(study_uid, series_uid, sop_uid)
         new_dirs = [d for d in (final.parent.parent, final.parent) if not d.is_dir()]
@@ -128,7 +140,11 @@ class Spool:
         except FileExistsError:
             return SpooledFile(final, 0, "", created=False)
         os.unlink(temp)  # a temporary name that survives a crash is swept later, it needs no fsync
-        size, sha = self.digest(final, fsync=True)
+        if digest is not None:
+            size, sha = digest
+            _fsync_file(final)
+        else:
+            size, sha = self.digest(final, fsync=True)
         _fsync_dir(final.parent)
         for d in reversed(new_dirs):
             _fsync_dir(d.parent)
