@@ -27,14 +27,16 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Table, bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import audit
 from ledger.db import DatabaseUnavailable, session_scope
 from ledger.schema import Instance, Series, Study, utcnow
 
-from ._sql import insert_ignore
+from ledger.db import open_engine
+
+from ._sql import Prepared, RawConnections, insert_ignore
 from .spool import InvalidUID, Spool, validate_uid
 
 __all__ = [
@@ -72,6 +74,14 @@ _BUMP_STUDY = (update(_STUDIES).where(_STUDIES.c.study_instance_uid == bindparam
                .values(last_received_at=bindparam("now"), received_count=_STUDIES.c.received_count + 1)
                .returning(_STUDIES.c.id))
 _INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
+# The same two, for the usual instance (its study and series known), run through Prepared on a DBAPI
+# connection: see dicom_node._sql.Prepared for why.
+_BUMP_STUDY_BY_ID = (update(_STUDIES).where(_STUDIES.c.id == bindparam("study_id"))
+                     .values(last_received_at=bindparam("now"), received_count=_STUDIES.c.received_count + 1))
+_INSERT_COLUMNS = ("series_id", "sop_instance_uid", "sop_class_uid", "transfer_syntax_uid", "spool_path",
+                   "size_bytes", "sha256", "calling_ae", "received_at")
+_INSERT_INSTANCE_ROW = (insert(_INSTANCES).values({c: bindparam(c) for c in _INSERT_COLUMNS})
+                        .returning(_INSTANCES.c.id))
 
 
 class Refused(Exception):
@@ -304,6 +314,14 @@ class Receiver:
         # uid -> row id, filled only after a commit (rows are never deleted while the SCP runs)
         self._study_ids: dict[str, int] = {}
         self._series_ids: dict[str, int] = {}
+        self._raw: RawConnections | None = None
+        self._raw_statements: tuple[Prepared, Prepared] | None = None
+
+    def close(self) -> None:
+        """Close the connections of the fast path (the SCP stops)."""
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
 
     # ------------------------------------------------------------------------------------ public
     def receive(self, temp: Path, *, request_sop_class: str, request_sop_instance: str,
@@ -441,6 +459,12 @@ class Receiver:
         two statements: the study's counter bump and the instance insert.
         """
         now = utcnow()
+        study_id, series_id = self._study_ids.get(study_uid), self._series_ids.get(series_uid)
+        if study_id is not None and series_id is not None:
+            return self._index_known(study_id, {
+                "series_id": series_id, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class,
+                "transfer_syntax_uid": ts_uid, "spool_path": str(path), "size_bytes": size, "sha256": sha,
+                "calling_ae": calling_ae[:16], "received_at": now})
         new_study = False
         with session_scope(self.sessions) as s:
             if study_uid not in self._study_ids:
@@ -466,6 +490,48 @@ class Receiver:
             self._series_ids.clear()
         self._study_ids[study_uid] = study_id
         self._series_ids[series_uid] = series_id
+        return instance_id
+
+    def _index_known(self, study_id: int, row: dict[str, Any]) -> int:
+        """The usual instance: its study's counter bump and its row, in one transaction on a DBAPI
+        connection (same statements, same types as the ORM path; a fraction of the Python time)."""
+        if self._raw is None:
+            bind = self.sessions.kw["bind"]
+            self._raw = RawConnections(bind.url, open_engine)
+            self._raw_statements = (Prepared(_BUMP_STUDY_BY_ID, self._raw.dialect),
+                                    Prepared(_INSERT_INSTANCE_ROW, self._raw.dialect))
+        raw = self._raw
+        assert self._raw_statements is not None
+        bump, insert_row = self._raw_statements
+        try:
+            conn = raw.take()
+        except (DBAPIError, raw.dbapi.Error) as exc:  # a new connection's errors come unwrapped
+            raise DatabaseUnavailable(f"ledger database unavailable: {exc!s}".splitlines()[0]) from exc
+        try:
+            cur = conn.cursor()
+            try:
+                if raw.dialect.name == "sqlite":
+                    cur.execute("BEGIN IMMEDIATE")
+                bump.execute(cur, {"study_id": study_id, "now": row["received_at"]})
+                insert_row.execute(cur, row)
+                instance_id = int(cur.fetchone()[0])
+                conn.commit()
+            finally:
+                cur.close()
+        except raw.dbapi.IntegrityError as exc:
+            try:
+                conn.rollback()
+                raw.give_back(conn)
+            except raw.dbapi.Error:
+                raw.discard(conn)
+            raise IntegrityError(insert_row.sql, None, exc) from exc
+        except raw.dbapi.Error as exc:
+            raw.discard(conn)
+            raise DatabaseUnavailable(f"ledger database unavailable: {exc!s}".splitlines()[0]) from exc
+        except BaseException:
+            raw.discard(conn)
+            raise
+        raw.give_back(conn)
         return instance_id
 
     def _audit_refusal(self, refusal: Refused, rq_class: str, rq_instance: str, calling_ae: str,

@@ -653,6 +653,7 @@ class StoreSCP:
             if t is not threading.current_thread() and t.name != "specgate-scp-handoff":
                 t.join(timeout=10)
         self._threads.clear()
+        self.receiver.close()
 
     def __enter__(self) -> StoreSCP:
         return self.start()
