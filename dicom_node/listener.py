@@ -1,7 +1,7 @@
 """One port, several receiver processes: associations do not queue behind one core.
 
-pynetdicom runs each association in a thread, and Python threads share one core for everything that is
-not I/O (PDU decoding is most of a C-STORE's CPU time). ``specgate scp`` therefore runs a small parent that
+The SCP runs each association in a thread, and Python threads share one core for everything that is
+not I/O or hashing (PDU parsing, the ledger statements). ``specgate scp`` therefore runs a small parent that
 owns the listening socket and the study assembler, and N receiver processes (``specgate scp-receiver``),
 each a full :class:`dicom_node.scp.StoreSCP`. The parent accepts every TCP connection, sets TCP_NODELAY,
 and passes the connected socket (``SCM_RIGHTS``) to the receiver with the fewest open associations; each
@@ -41,8 +41,8 @@ Spawn = Callable[[int], "subprocess.Popen[bytes]"]
 
 def default_processes(settings: Settings) -> int:
     """``scp_processes``, or two per CPU core (at most 16) when it is 0: a receiver spends much of an
-    instance waiting for fsync and the ledger commit, so twice the cores keeps the cores busy (bench:
-    4 associations at once on 2 cores took 14.0 s with 2 receivers, 10.8 s with 4)."""
+    instance waiting for fsync and the ledger commit. (Bench, 4 associations of 300 CT slices at once on
+    2 cores: 1, 2 and 4 receivers all took 2.7-3.7 s, run-to-run noise larger than their difference.)"""
     return settings.scp_processes or max(2, min(16, 2 * (os.cpu_count() or 1)))
 
 

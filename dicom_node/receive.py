@@ -1,8 +1,9 @@
 """Receiving one instance: check it, make it durable, index it; decide the C-STORE status.
 
-This is the part of the SCP that does not depend on the network: it takes the file that pynetdicom wrote
+This is the part of the SCP that does not depend on the network: it takes the file that the SCP wrote
 while the dataset arrived (preamble, file meta built from the request, then the raw dataset bytes as the
-peer sent them, never decoded and re-encoded) and the request's UIDs, and answers a :class:`Outcome`.
+peer sent them, never decoded and re-encoded), what it learnt on the way (:class:`Received`: size,
+SHA-256, the data set's first bytes) and the request's UIDs, and answers a :class:`Outcome`.
 
 Order (ARCHITECTURE.md, Durability): disk watermark -> decode the header -> compare with the request ->
 validate the UIDs used as path components -> fsync + link into the spool -> insert the ledger rows and
@@ -31,10 +32,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import audit
-from ledger.db import DatabaseUnavailable, session_scope
+from ledger.db import DatabaseUnavailable, open_engine, session_scope
 from ledger.schema import Instance, Series, Study, utcnow
-
-from ledger.db import open_engine
 
 from ._sql import Prepared, RawConnections, insert_ignore
 from .spool import InvalidUID, Spool, validate_uid

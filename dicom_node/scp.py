@@ -361,11 +361,11 @@ class _Association:
             self.send(ul.encode_reject(*rsd))
             return False
 
-        roles = {}
+        roles: dict[Any, tuple[bool | None, bool | None]] = {}
         for item in rq.user_information:
             if isinstance(item, MaximumLengthNotification):
                 self._peer_max_pdu = int(item.maximum_length_received or 0)
-            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None:
                 roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
         results, role_items = negotiate_as_acceptor(rq.presentation_context_definition_list,
                                                     self.scp.contexts, roles or None)

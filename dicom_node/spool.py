@@ -2,8 +2,8 @@
 
 An instance becomes durable in three steps, in this order, before its C-STORE is answered:
 
-1. its bytes are in a temporary file under ``<spool>/tmp`` (pynetdicom writes the dataset there while it
-   arrives, see :mod:`dicom_node.scp`);
+1. its bytes are in a temporary file under ``<spool>/tmp`` (the SCP writes the data set there while it
+   arrives, and hashes it on the way, see :mod:`dicom_node.scp`);
 2. the file gets its final name ``<spool>/<study>/<series>/<sop>.dcm`` by a hard link that refuses to
    replace an existing file (``os.link``), the temporary name is removed, then the file and its folder
    are fsynced;

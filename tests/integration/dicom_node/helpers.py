@@ -155,8 +155,15 @@ def store_command(sop_class: str, sop_instance: str, message_id: int = 1) -> byt
 
 def raw_store(port: int, sop_class: str, sop_instance: str, dataset: bytes, *, calling: str = CALLER) -> int | None:
     """A C-STORE whose PDUs are written by hand (any UID, any bytes); its response read by pynetdicom."""
-    ae = scu_ae(calling, [sop_class if len(sop_class) <= 64 else "1.2.840.10008.5.1.4.1.1.2"],
-                ["1.2.840.10008.1.2.1"])
+    return raw_request(port, sop_class if len(sop_class) <= 64 else "1.2.840.10008.5.1.4.1.1.2",
+                       lambda cx: pdata(cx, 0x03, store_command(sop_class, sop_instance)) + pdata(cx, 0x02, dataset),
+                       calling=calling)
+
+
+def raw_request(port: int, context_class: str, pdus: Any, *, calling: str = CALLER) -> int | None:
+    """Send ``pdus(context_id)`` (bytes written by hand) on an association that negotiated
+    ``context_class``; the status of the response, read by pynetdicom (None: no response)."""
+    ae = scu_ae(calling, [context_class], ["1.2.840.10008.1.2.1"])
     assoc = ae.associate("127.0.0.1", port, ae_title="SPECGATE")
     assert assoc.is_established
     try:
@@ -168,7 +175,7 @@ def raw_store(port: int, sop_class: str, sop_instance: str, dataset: bytes, *, c
         while not assoc._is_paused:
             time.sleep(0.0001)
         try:
-            sock.sendall(pdata(cx, 0x03, store_command(sop_class, sop_instance)) + pdata(cx, 0x02, dataset))
+            sock.sendall(pdus(cx))
             _, msg = assoc.dimse.get_msg(block=True)
         finally:
             assoc._reactor_checkpoint.set()

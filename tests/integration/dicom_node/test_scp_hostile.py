@@ -21,6 +21,7 @@ from tests.integration.dicom_node.helpers import (
     echo,
     encode_dataset,
     pdata,
+    raw_request,
     raw_store,
     store,
     store_command,
@@ -229,4 +230,29 @@ def test_peer_goes_silent_mid_dataset(served, tmp_path: Path) -> None:
     assert ledger.count() == 0 and ledger.spool_files() == []
     wait_for(lambda: scp.active_associations() == 0, timeout=10, what="the aborted association to end")
     assert list(scp.spool.tmp_dir.iterdir()) == []
+    _assert_nothing_kept_and_still_serving(ledger, scp.address[1], series.paths[0], tmp_path)
+
+
+def test_an_operation_we_do_not_perform_gets_0211(served, tmp_path: Path) -> None:
+    """A C-FIND-RQ (with its identifier) on the CT context: C-FIND-RSP 0x0211 'unrecognised operation',
+    the identifier is read and dropped, nothing is stored, and the SCP goes on."""
+    from pynetdicom.dsutils import encode
+
+    ledger, scp, series = served
+    cs = Dataset()
+    cs.AffectedSOPClassUID = CTImageStorage
+    cs.CommandField = 0x0020  # C-FIND-RQ
+    cs.MessageID = 5
+    cs.Priority = 0
+    cs.CommandDataSetType = 0x0001
+    body = encode(cs, True, True)
+    group = Dataset()
+    group.CommandGroupLength = len(body)
+    command = encode(group, True, True) + body
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    status = raw_request(scp.address[1], CTImageStorage,
+                         lambda cx: pdata(cx, 0x03, command) + pdata(cx, 0x02, encode_dataset(identifier)))
+    assert status == 0x0211
     _assert_nothing_kept_and_still_serving(ledger, scp.address[1], series.paths[0], tmp_path)
