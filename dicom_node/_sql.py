@@ -69,11 +69,13 @@ class RawConnections:
 
         self._lock = threading.Lock()
 
-    def take(self) -> Any:
+    def take(self) -> tuple[Any, bool]:
+        """(a connection, whether it was used before: it may have been cut since, e.g. by a database
+        restart, and a failure on it deserves one more try on a new one)."""
         with self._lock:
             if self._idle:
-                return self._idle.pop()
-        return self.engine.raw_connection()
+                return self._idle.pop(), True
+        return self.engine.raw_connection(), False
 
     def give_back(self, conn: Any) -> None:
         with self._lock:

@@ -502,36 +502,40 @@ class Receiver:
         raw = self._raw
         assert self._raw_statements is not None
         bump, insert_row = self._raw_statements
-        try:
-            conn = raw.take()
-        except (DBAPIError, raw.dbapi.Error) as exc:  # a new connection's errors come unwrapped
-            raise DatabaseUnavailable(f"ledger database unavailable: {exc!s}".splitlines()[0]) from exc
-        try:
-            cur = conn.cursor()
+        while True:
             try:
-                if raw.dialect.name == "sqlite":
-                    cur.execute("BEGIN IMMEDIATE")
-                bump.execute(cur, {"study_id": study_id, "now": row["received_at"]})
-                insert_row.execute(cur, row)
-                instance_id = int(cur.fetchone()[0])
-                conn.commit()
-            finally:
-                cur.close()
-        except raw.dbapi.IntegrityError as exc:
+                conn, reused = raw.take()
+            except (DBAPIError, raw.dbapi.Error) as exc:  # a new connection's errors come unwrapped
+                raise DatabaseUnavailable(f"ledger database unavailable: {exc!s}".splitlines()[0]) from exc
             try:
-                conn.rollback()
-                raw.give_back(conn)
-            except raw.dbapi.Error:
+                cur = conn.cursor()
+                try:
+                    if raw.dialect.name == "sqlite":
+                        cur.execute("BEGIN IMMEDIATE")
+                    bump.execute(cur, {"study_id": study_id, "now": row["received_at"]})
+                    insert_row.execute(cur, row)
+                    instance_id = int(cur.fetchone()[0])
+                    conn.commit()
+                finally:
+                    cur.close()
+            except raw.dbapi.IntegrityError as exc:
+                try:
+                    conn.rollback()
+                    raw.give_back(conn)
+                except raw.dbapi.Error:
+                    raw.discard(conn)
+                raise IntegrityError(insert_row.sql, None, exc) from exc
+            except raw.dbapi.Error as exc:
                 raw.discard(conn)
-            raise IntegrityError(insert_row.sql, None, exc) from exc
-        except raw.dbapi.Error as exc:
-            raw.discard(conn)
-            raise DatabaseUnavailable(f"ledger database unavailable: {exc!s}".splitlines()[0]) from exc
-        except BaseException:
-            raw.discard(conn)
-            raise
-        raw.give_back(conn)
-        return instance_id
+                if reused:  # cut while idle (a database restart): once more, on a new connection
+                    log.info("ledger connection lost (%s); reconnecting", type(exc).__name__)
+                    continue
+                raise DatabaseUnavailable(f"ledger database unavailable: {exc!s}".splitlines()[0]) from exc
+            except BaseException:
+                raw.discard(conn)
+                raise
+            raw.give_back(conn)
+            return instance_id
 
     def _audit_refusal(self, refusal: Refused, rq_class: str, rq_instance: str, calling_ae: str,
                        address: str) -> None:

@@ -80,6 +80,26 @@ def test_database_unavailable_during_a_store_answers_a700_and_keeps_nothing(pg_l
     assert pg_ledger.count() == 3 and len(pg_ledger.spool_files()) == 3
 
 
+def test_connections_cut_while_idle_are_replaced_without_a_refusal(pg_ledger: Ledger, start_scp,
+                                                                   tmp_path: Path) -> None:
+    """PostgreSQL restarted (here: every backend of the ledger's database terminated) while the SCP was
+    idle: the next instances are stored (0x0000), on new connections, not refused with 0xA700."""
+    series = write_ct_series(tmp_path / "in", slices=4)
+    scp = start_scp(pg_ledger)
+    assert store(scp.address[1], series.paths[:2]) == [0, 0]  # the second one took the fast path
+    name = make_url(pg_ledger.url).database
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            cut = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                    "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name}).scalar_one()
+    finally:
+        admin.dispose()
+    assert cut >= 1
+    assert store(scp.address[1], series.paths[2:]) == [0, 0]
+    assert pg_ledger.count() == 4 and pg_ledger.audit("instance.refused") == []
+
+
 def test_disk_watermark_answers_a700(sqlite_ledger: Ledger, start_scp, tmp_path: Path) -> None:
     series = write_ct_series(tmp_path / "in", slices=2)
     sqlite_ledger.settings.spool_dir.mkdir(parents=True, exist_ok=True)
