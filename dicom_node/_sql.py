@@ -75,7 +75,10 @@ class RawConnections:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
-        return self.engine.raw_connection(), False
+        conn = self.engine.raw_connection()
+        if self.dialect.name == "postgresql":  # one statement, one transaction (see receive._index_known)
+            conn.driver_connection.autocommit = True
+        return conn, False
 
     def give_back(self, conn: Any) -> None:
         with self._lock:
