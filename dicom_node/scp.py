@@ -585,8 +585,16 @@ class StoreSCP:
             self._serve(client, address, over_limit=msg == b"L")  # dicom_node.listener.HANDOFF_OVER_LIMIT
 
     def _serve(self, client: socket.socket, address: Any, *, over_limit: bool) -> None:
-        client.setblocking(True)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            client.setblocking(True)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # gone already: the accept loop must not end with it
+            log.info("connection from %s closed before it was served: %s", address, exc)
+            client.close()
+            if self.handoff is not None:
+                with self._lock:
+                    self._received += 1
+            return
         assoc = _Association(self, client, address, over_limit=over_limit)
         with self._lock:
             self._live.add(assoc)
