@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from specgate.settings import Settings
 
-__all__ = ["HANDOFF_ACCEPT", "HANDOFF_OVER_LIMIT", "Listener", "default_processes"]
+__all__ = ["HANDOFF_ACCEPT", "HANDOFF_OVER_LIMIT", "Listener", "accept_until", "default_processes"]
 
 log = logging.getLogger("specgate.dicom_node.listener")
 
@@ -44,6 +44,21 @@ def default_processes(settings: Settings) -> int:
     instance waiting for fsync and the ledger commit. (Bench, 4 associations of 300 CT slices at once on
     2 cores: 1, 2 and 4 receivers all took 2.7-3.7 s, run-to-run noise larger than their difference.)"""
     return settings.scp_processes or max(2, min(16, 2 * (os.cpu_count() or 1)))
+
+
+def accept_until(sock: socket.socket, stopping: threading.Event,
+                 handle: Callable[[socket.socket, object], None]) -> None:
+    """Accept connections on ``sock`` and pass each to ``handle`` until ``stopping`` is set (the caller
+    then closes ``sock``, which wakes the blocked accept). A failed accept (out of file descriptors, a
+    connection reset before it was taken) is retried after a short pause instead of ending the loop."""
+    while not stopping.is_set():
+        try:
+            conn, address = sock.accept()
+        except OSError:
+            if stopping.wait(0.05):
+                return
+            continue
+        handle(conn, address)
 
 
 @dataclass
@@ -139,17 +154,12 @@ class Listener:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
-        while not self._stopping.is_set():
-            try:
-                conn, _addr = self._sock.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.05)
-                continue
-            with conn:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._hand_off(conn)
+        accept_until(self._sock, self._stopping, self._take)
+
+    def _take(self, conn: socket.socket, _address: object) -> None:
+        with conn:  # the receiver holds its own copy of the descriptor once it is handed off
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._hand_off(conn)
 
     def _hand_off(self, conn: socket.socket) -> None:
         for _ in range(3):

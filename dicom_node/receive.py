@@ -83,8 +83,7 @@ _INSERT_INSTANCE_ROW = (insert(_INSTANCES).values({c: bindparam(c) for c in _INS
                         .returning(_INSTANCES.c.id))
 # On PostgreSQL both in one statement (a data-modifying WITH): one round trip and one implicit transaction
 # instead of four round trips (BEGIN, UPDATE, INSERT, COMMIT); atomic all the same.
-_BUMP_AND_INSERT = (insert(_INSTANCES).values({c: bindparam(c) for c in _INSERT_COLUMNS})
-                    .add_cte(_BUMP_STUDY_BY_ID.cte("bump")).returning(_INSTANCES.c.id))
+_BUMP_AND_INSERT = _INSERT_INSTANCE_ROW.add_cte(_BUMP_STUDY_BY_ID.cte("bump"))
 
 
 class Refused(Exception):
@@ -169,12 +168,11 @@ def read_header(path: Path) -> InstanceHeader:
 @dataclass(frozen=True)
 class Received:
     """What the network layer learnt while it wrote an instance to its temporary file: the file's size
-    and SHA-256 (hashed as the bytes arrived, so the file is not read again), where the data set starts
-    in it, and the data set's first bytes (for :func:`fast_header`)."""
+    and SHA-256 (hashed as the bytes arrived, so the file is not read again), and the data set's length
+    and first bytes (for :func:`fast_header`)."""
 
     size: int
     sha256: str
-    dataset_offset: int
     dataset_length: int
     head: bytes
 

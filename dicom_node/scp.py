@@ -54,6 +54,7 @@ from ledger.db import DatabaseUnavailable, session_scope
 from specgate.settings import Settings
 
 from . import ul
+from .listener import HANDOFF_OVER_LIMIT, accept_until
 from .receive import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Received, Receiver
 from .security import caller_allowed, normalise_host, server_ssl_context
 from .spool import InvalidUID, Spool, validate_uid
@@ -191,7 +192,7 @@ class _Sink:
         os.close(self.fd)
         self.fd = None
         return Received(size=self.offset + self.length, sha256=self.hash.hexdigest(),
-                        dataset_offset=self.offset, dataset_length=self.length, head=bytes(self.head))
+                        dataset_length=self.length, head=bytes(self.head))
 
     def discard(self) -> None:
         if self.fd is not None:
@@ -515,12 +516,12 @@ class StoreSCP:
     # ----------------------------------------------------------------------------------- control
     @property
     def address(self) -> tuple[str, int]:
-        sock = self._sock if self.handoff is None else None
-        if sock is None:
-            if self.handoff is not None:
-                return self.settings.scp_host, self.settings.scp_port
+        """Where the SCP listens (a receiver process: the node's configured address)."""
+        if self.handoff is not None:
+            return self.settings.scp_host, self.settings.scp_port
+        if self._sock is None:
             raise RuntimeError("the SCP is not started")
-        host, port = sock.getsockname()[:2]
+        host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
     def start(self) -> StoreSCP:
@@ -554,15 +555,8 @@ class StoreSCP:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
-        while not self._stopping.is_set():
-            try:
-                client, address = self._sock.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                self._stopping.wait(0.05)
-                continue
-            self._serve(client, address, over_limit=False)
+        accept_until(self._sock, self._stopping, lambda client, address: self._serve(client, address,
+                                                                                     over_limit=False))
 
     def _handoff_loop(self) -> None:
         assert self.handoff is not None
@@ -582,7 +576,7 @@ class StoreSCP:
                 with self._lock:
                     self._received += 1
                 continue
-            self._serve(client, address, over_limit=msg == b"L")  # dicom_node.listener.HANDOFF_OVER_LIMIT
+            self._serve(client, address, over_limit=msg == HANDOFF_OVER_LIMIT)
 
     def _serve(self, client: socket.socket, address: Any, *, over_limit: bool) -> None:
         try:

@@ -52,20 +52,16 @@ def validate_uid(value: object, *, what: str) -> str:
     return text
 
 
+def _fsync(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_DIRECTORY)
 
 
 @dataclass(frozen=True)
@@ -142,7 +138,7 @@ class Spool:
         os.unlink(temp)  # a temporary name that survives a crash is swept later, it needs no fsync
         if digest is not None:
             size, sha = digest
-            _fsync_file(final)
+            _fsync(final)
         else:
             size, sha = self.digest(final, fsync=True)
         _fsync_dir(final.parent)
