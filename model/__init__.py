@@ -7,20 +7,25 @@ It imports nothing else of specgate's. Importing ``model`` does no work; import 
 - :mod:`model.infer`: ``sliding_window(net, volume, block=96, overlap=24, ...)`` -> ``InferenceResult``
   (probabilities and the streaming spectral signature, in one pass)
 - :mod:`model.ood`: ``spectral_signature``, ``SpectralGate`` (fit / score / is_ood / save / load)
+- :mod:`model.resample`: the model's grid (``model_grid``, ``to_grid``, ``from_grid``)
+- :mod:`model.segment`: ``segment_volume``, ``InferenceSettings``: one study as production runs it
 - :mod:`model.baselines`: max-softmax, entropy, MC-dropout and Mahalanobis scorers; ``SCORERS``
 - :mod:`model.calibration`: ``ece_mce``, ``reliability_diagram``; :mod:`model.metrics`: ``dice``, ``hd95``, ``assd``
 - :mod:`model.train`: multi-dataset training; :mod:`model.evaluate`: ``fit_bank``, ``evaluate``
-- :mod:`model.data.phantoms`, :mod:`model.data.volumes`: phantom datasets, NIfTI / MSD / DICOM loaders
+- :mod:`model.data.phantoms`, :mod:`model.data.volumes`: phantom datasets, NIfTI / MSD / DICOM loaders;
+  :mod:`model.data.clinical`: phantoms re-gridded to clinical scanner geometries
 - :mod:`model.weights`: the shipped default model, ``load_default()``
 
-A whole study, as the worker runs it::
+A whole study, as the worker runs it (the model's grid, the body crop, windows, back to the source grid)::
 
-    from model.weights import load_default
-    from model.preprocess import preprocess
-    from model.infer import sliding_window
+    from model.segment import InferenceSettings, segment_volume
+    from model.unet import load_weights
+    from model.weights import WEIGHTS_PATH, load_default
 
     net, gate = load_default(device="cpu")
-    res = sliding_window(net, preprocess(volume_zyx, modality), block=96, overlap=24)
-    mask = res.foreground >= 0.5
+    settings = InferenceSettings.for_weights(load_weights(WEIGHTS_PATH)[1])
+    gate.check_inference(settings.signature_settings())   # the bank was fitted through this path
+    res = segment_volume(net, volume_zyx, spacing_zyx_mm, modality, settings)
+    mask = res.foreground >= 0.5                           # on the source grid
     oodm = gate.score(res.signature); held = gate.is_ood(res.signature)
 """

@@ -2,6 +2,9 @@
 
 Cases are anything with ``image`` (native units), ``modality``, ``spacing`` and optionally ``label`` and
 ``name`` attributes: :class:`model.data.volumes.Case` or :class:`model.data.phantoms.PhantomCase`.
+
+Both go through :func:`model.segment.segment_volume` with one :class:`model.segment.InferenceSettings`:
+the path the worker runs. Segmentation metrics are computed on each case's own (source) grid.
 """
 
 from __future__ import annotations
@@ -9,33 +12,40 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from model.calibration import ece_mce, reliability_diagram
-from model.infer import InferenceResult, sliding_window
 from model.metrics import assd, dice, hd95, ood_detection_metrics
 from model.ood import SpectralGate
-from model.preprocess import preprocess
+from model.segment import InferenceSettings, StudyInference, segment_volume
 
 __all__ = ["evaluate", "fit_bank", "format_report", "oodm_histogram", "run_case"]
 
 DECIMALS = 4
 
 
-def run_case(net: nn.Module, case: Any, block: int = 96, overlap: int = 24,
-             device: str | torch.device | None = None, batch_size: int = 1) -> InferenceResult:
-    """Preprocess one case by its modality and run the sliding window."""
-    return sliding_window(net, preprocess(case.image, case.modality), block=block, overlap=overlap,
-                          device=device, batch_size=batch_size)
+class Cases(Protocol):
+    """Cases a dataset yields one at a time (a list, an :class:`model.data.volumes.MSDDataset`)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
 
 
-def _progress(items: Sequence[Any], on: bool, desc: str) -> Iterable[Any]:
+def run_case(net: nn.Module, case: Any, settings: InferenceSettings,
+             device: str | torch.device | None = None) -> StudyInference:
+    """One case through the production path (:func:`model.segment.segment_volume`), float32 output."""
+    return segment_volume(net, case.image, case.spacing, case.modality, settings, device=device,
+                          out_dtype=np.float32)
+
+
+def _progress(items: Cases, on: bool, desc: str) -> Iterable[Any]:
     if not on:
         return items
     from tqdm import tqdm
@@ -43,13 +53,33 @@ def _progress(items: Sequence[Any], on: bool, desc: str) -> Iterable[Any]:
     return tqdm(items, desc=desc, unit="case")
 
 
-def fit_bank(net: nn.Module, cases: Sequence[Any], weights_sha256: str | None, c: float = 2.5,
-             block: int = 96, overlap: int = 24, device: str | torch.device | None = None,
-             progress: bool = False, meta: dict[str, Any] | None = None) -> SpectralGate:
-    """Signatures of the training cases -> a fitted :class:`SpectralGate` tied to ``weights_sha256``."""
-    sigs = [run_case(net, cs, block, overlap, device).signature for cs in _progress(cases, progress, "signatures")]
-    m = {"n": len(sigs), "block": block, "overlap": overlap, **(meta or {})}
-    return SpectralGate.fit(np.stack(sigs), c=c, weights_sha256=weights_sha256, meta=m)
+def case_group(case: Any) -> str:
+    """The training image a case comes from (one group however many geometries it was re-gridded to)."""
+    group = getattr(case, "group", None)
+    if group is not None:
+        return str(group)
+    if hasattr(case, "kind") and hasattr(case, "index"):
+        return f"{case.kind}:{case.seed}:{case.index}"
+    return str(getattr(case, "name", id(case)))
+
+
+def fit_bank(net: nn.Module, cases: Cases, weights_sha256: str | None, settings: InferenceSettings,
+             c: float = 2.5, device: str | torch.device | None = None, progress: bool = False,
+             meta: dict[str, Any] | None = None) -> SpectralGate:
+    """Signatures of the training cases through the production path -> a :class:`SpectralGate`.
+
+    The gate is tied to ``weights_sha256`` and records ``settings`` (``meta["inference"]``); tau is fitted
+    leaving out, for each signature, every signature of the same training image (:func:`case_group`).
+    """
+    sigs, groups, modalities = [], [], set()
+    for cs in _progress(cases, progress, "signatures"):  # one case at a time: cases may be generated lazily
+        sigs.append(run_case(net, cs, settings, device).signature)
+        groups.append(case_group(cs))
+        modalities.add(str(cs.modality).upper())
+    m = {"n": len(sigs), "images": len(set(groups)), **(meta or {}), "inference": settings.record(),
+         "modalities": sorted(modalities)}
+    return SpectralGate.fit(np.stack(sigs), c=c, weights_sha256=weights_sha256, meta=m,
+                            groups=groups if len(set(groups)) < len(groups) else None)
 
 
 def _r(x: float) -> float | None:
@@ -64,10 +94,9 @@ def _nanmean(v: list[float]) -> float:
 def evaluate(
     net: nn.Module,
     gate: SpectralGate,
-    datasets: Mapping[str, Sequence[Any]],
-    ood_datasets: Mapping[str, Sequence[Any]] | None = None,
-    block: int = 96,
-    overlap: int = 24,
+    datasets: Mapping[str, Cases],
+    ood_datasets: Mapping[str, Cases] | None = None,
+    settings: InferenceSettings | None = None,
     device: str | torch.device | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     band: int = 10,
@@ -76,11 +105,17 @@ def evaluate(
 ) -> dict[str, Any]:
     """Segmentation (DSC, HD95, ASSD, ECE, MCE: per-dataset means) and OOD detection metrics.
 
-    ``datasets`` are in distribution, ``ood_datasets`` are not. With ``out_dir``, writes
+    ``datasets`` are in distribution, ``ood_datasets`` are not. ``settings``: the inference path (default:
+    the one the gate's bank was fitted through). With ``out_dir``, writes
     ``oodm_histogram.png`` and one ``reliability_<dataset>.png`` per labelled dataset.
     Floats are rounded to 4 decimals; NaN/undefined values are ``None``.
     """
     ood_datasets = ood_datasets or {}
+    if settings is None:
+        if gate.inference is None:
+            raise ValueError("the bank records no inference settings; pass settings= or refit the bank")
+        settings = InferenceSettings.from_record(gate.inference)
+    gate.check_inference(settings.signature_settings(), "this evaluation")
     seg: dict[str, Any] = {}
     oodm: dict[str, list[float]] = {}
     scores_in: list[float] = []
@@ -91,11 +126,13 @@ def evaluate(
     for is_ood, group in ((False, datasets), (True, ood_datasets)):
         for name, cases in group.items():
             rows: dict[str, list[float]] = {"dsc": [], "hd95": [], "assd": [], "ece": [], "mce": []}
-            probs, labels, scores = [], [], []
+            probs, labels, scores, decisions = [], [], [], []
             for cs in _progress(cases, progress, name):
-                r = run_case(net, cs, block, overlap, device)
-                s = gate.score(gate.observe(r))
+                r = run_case(net, cs, settings, device)
+                s, flagged, why = gate.verdict(gate.observe(r), cs.modality)
                 scores.append(s)
+                # for detection metrics a modality the bank never saw ranks above every OODM
+                decisions.append(float("inf") if why == "modality_not_in_bank" else s)
                 lab = getattr(cs, "label", None)
                 if lab is not None:
                     p = r.foreground
@@ -110,16 +147,19 @@ def evaluate(
                         probs.append(np.asarray(p, dtype=np.float32))
                         labels.append(np.asarray(lab, dtype=bool))
             oodm[name] = [_r(s) for s in scores]  # type: ignore[misc]
-            (scores_out if is_ood else scores_in).extend(scores)
+            (scores_out if is_ood else scores_in).extend(decisions)
             entry: dict[str, Any] = {"n": len(cases), "in_distribution": not is_ood}
             if rows["dsc"]:
                 entry.update({k: _r(_nanmean(v)) for k, v in rows.items()})
-            entry["flagged_ood"] = int(sum(s > gate.tau for s in scores))
+            entry["flagged_ood"] = int(sum(d > gate.tau for d in decisions))
+            if any(d == float("inf") for d in decisions):
+                entry["held_for_modality"] = int(sum(d == float("inf") for d in decisions))
             seg[name] = entry
             if out is not None and probs:
                 reliability_diagram(probs, labels, out / f"reliability_{name}.png", band=band, bins=bins, title=name)
     result: dict[str, Any] = {
-        "inference": {"block": block, "overlap": overlap, "band": band, "bins": bins},
+        "inference": {"block": settings.block, "overlap": settings.overlap, "band": band, "bins": bins,
+                      "spacing": settings.record()["spacing"]},
         "gate": {"tau": _r(gate.tau), "c": gate.c, "bank_size": int(gate.bank.shape[0])},
         "datasets": seg,
         "oodm": oodm,
@@ -163,16 +203,20 @@ def _f(x: Any, nd: int = 3) -> str:
 
 def format_report(m: dict[str, Any]) -> str:
     """The table ``specgate model evaluate`` prints (and the model card embeds)."""
+    g = m["gate"]
+    width = max([18] + [len(n) for n in m["datasets"]])
     lines = [
-        f"{'dataset':<18} {'role':<4} {'n':>3} {'DSC':>6} {'HD95mm':>7} {'ASSDmm':>7} {'ECE':>6} {'MCE':>6} {'OOD':>5}",
+        f"{'dataset':<{width}} {'role':<4} {'n':>3} {'DSC':>6} {'HD95mm':>7} {'ASSDmm':>7} {'ECE':>6} {'MCE':>6} "
+        f"{'OOD':>5}  OODM/tau",
     ]
     for name, d in m["datasets"].items():
+        scores = [v for v in m["oodm"].get(name, []) if v is not None]
+        spread = f"{min(scores) / g['tau']:.2f}-{max(scores) / g['tau']:.2f}" if scores and g["tau"] else "-"
         lines.append(
-            f"{name:<18} {'in' if d['in_distribution'] else 'OOD':<4} {d['n']:>3} {_f(d.get('dsc')):>6} "
+            f"{name:<{width}} {'in' if d['in_distribution'] else 'OOD':<4} {d['n']:>3} {_f(d.get('dsc')):>6} "
             f"{_f(d.get('hd95'), 2):>7} {_f(d.get('assd'), 2):>7} {_f(d.get('ece')):>6} {_f(d.get('mce')):>6} "
-            f"{d['flagged_ood']:>2}/{d['n']}"
+            f"{d['flagged_ood']:>2}/{d['n']:<2} {spread}"
         )
-    g = m["gate"]
     lines.append(f"gate: tau={_f(g['tau'], 4)} (c={g['c']}, bank of {g['bank_size']})")
     if "ood" in m:
         o = m["ood"]

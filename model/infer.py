@@ -16,9 +16,10 @@ Streaming signature
     Because stitching assigns each voxel to one window, the rows of the stitched ``(voxels, C)`` feature
     matrix are the disjoint union of the owned rows of the windows, and its Gram matrix is the *sum* of the
     windows' owned-region Gram matrices: ``F^T F = sum_w F_w^T F_w``, exactly, up to the order of the
-    float64 additions. The full-volume feature map never exists; its singular values are the square roots
-    of the eigenvalues of the accumulated ``C x C`` matrix (see :mod:`model.ood`). With averaging
-    stitching this would not hold (the Gram of averaged rows is not a sum of per-window Grams).
+    float64 additions. The full-volume feature map never exists; the signature is taken from the *mean*
+    Gram ``F^T F / N`` (see :mod:`model.ood` for why the mean), where ``N`` and the sum run over the voxels
+    of ``signature_mask`` (default: every voxel). With averaging stitching this would not hold (the Gram
+    of averaged rows is not a sum of per-window Grams).
 
 Memory
     The output is one preallocated ``(num_classes, D, H, W)`` array (``out_dtype``, float32 by default;
@@ -75,7 +76,8 @@ class InferenceResult:
     """What one sliding-window pass produces.
 
     ``probabilities``: ``(num_classes, D, H, W)``. ``signature``: the spectral signature (float64).
-    ``gram``: the accumulated ``C x C`` float64 Gram matrix of the stitched feature map.
+    ``gram``: the accumulated ``C x C`` float64 Gram matrix (a sum) of the stitched feature map over the
+    ``n_signature_voxels`` voxels of the signature mask.
     ``class_feature_sums`` / ``class_counts``: sum of feature vectors and voxel count per predicted class
     (for the Mahalanobis baseline). ``features``: the stitched feature map, only with
     ``return_features=True`` (small volumes, tests).
@@ -86,6 +88,7 @@ class InferenceResult:
     gram: np.ndarray
     n_voxels: int
     n_windows: int
+    n_signature_voxels: int
     class_feature_sums: np.ndarray
     class_counts: np.ndarray
     features: np.ndarray | None = field(default=None, repr=False)
@@ -159,9 +162,12 @@ def _net_device(net: nn.Module) -> torch.device:
 
 
 def _accumulate(
-    f: torch.Tensor, pred: torch.Tensor, gram: torch.Tensor, cls_sums: torch.Tensor, cls_counts: torch.Tensor
+    f: torch.Tensor, pred: torch.Tensor, gram: torch.Tensor, cls_sums: torch.Tensor, cls_counts: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> None:
     """Add one window's owned features ``f`` (C, d, h, w) to the float64 Gram matrix and class sums.
+
+    ``keep`` (d, h, w, bool): only those voxels enter the Gram matrix (the class sums take every voxel).
 
     On CPU the work goes in slabs of a few slices, so each float64 copy stays in cache (about three times
     faster than converting the whole region at once); on CUDA in one piece (fewer kernel launches).
@@ -171,7 +177,12 @@ def _accumulate(
     for z in range(0, f.shape[1], step):
         a = f[:, z : z + step].to(torch.float64).reshape(c, -1)  # (C, voxels)
         pz = pred[z : z + step].reshape(-1)
-        gram += a @ a.T
+        if keep is None:
+            gram += a @ a.T
+        else:
+            kz = keep[z : z + step].reshape(-1)
+            ak = a[:, kz]
+            gram += ak @ ak.T
         if k == 2:
             fg = a @ pz.to(torch.float64)
             cls_sums[1] += fg
@@ -194,6 +205,7 @@ def sliding_window(
     return_features: bool = False,
     channels_last: bool | None = None,
     progress: bool = False,
+    signature_mask: np.ndarray | None = None,
 ) -> InferenceResult:
     """Class probabilities for the whole volume and its spectral signature, in one pass.
 
@@ -205,6 +217,9 @@ def sliding_window(
     ``amp`` (default: on for CUDA) runs the network under bf16 autocast; it is refused on CPU, where bf16
     convolutions are two orders of magnitude slower. ``channels_last`` (default: on CUDA) runs the network in
     ``channels_last_3d`` memory format; note it converts ``net`` in place.
+
+    ``signature_mask`` (``(D, H, W)`` bool, at least one voxel): the voxels the signature's mean Gram runs
+    over (:mod:`model.segment` passes the body); default every voxel.
     """
     vol = np.asarray(volume)
     if vol.ndim == 3:
@@ -229,6 +244,13 @@ def sliding_window(
     divisor = int(getattr(net, "divisor", 1))
     spatial = tuple(int(s) for s in vol.shape[1:])
     windows = plan_windows(spatial, block, overlap, divisor)  # type: ignore[arg-type]
+    keep_all: np.ndarray | None = None
+    if signature_mask is not None:
+        keep_all = np.asarray(signature_mask, dtype=bool)
+        if keep_all.shape != spatial:
+            raise ValueError(f"signature_mask has shape {keep_all.shape}, the volume {spatial}")
+        if not keep_all.any():
+            raise ValueError("signature_mask selects no voxel")
 
     # zero-pad only axes shorter than their window
     padded = tuple(max(n, s) for n, s in zip(spatial, windows[0].size, strict=True))
@@ -272,19 +294,24 @@ def sliding_window(
             p = probs[i][loc]
             f = feats[i][loc]
             pred = p[1] > p[0] if p.shape[0] == 2 else p.argmax(0)  # ties -> the lower class, as argmax
-            _accumulate(f, pred, gram, cls_sums, cls_counts)
+            keep = None
+            if keep_all is not None:
+                keep = torch.from_numpy(np.ascontiguousarray(keep_all[w.own_slices()])).to(dev)
+            _accumulate(f, pred, gram, cls_sums, cls_counts, keep)
             own = (slice(None), *w.own_slices())
             probs_out[own] = p.cpu().numpy()
             if feats_out is not None:
                 feats_out[own] = f.float().cpu().numpy()
     assert probs_out is not None  # at least one window always exists
     g = gram.cpu().numpy()
+    n_sig = int(keep_all.sum()) if keep_all is not None else int(np.prod(spatial))
     return InferenceResult(
         probabilities=probs_out,
-        signature=signature_from_gram(g),
+        signature=signature_from_gram(g, n_sig),
         gram=g,
         n_voxels=int(np.prod(spatial)),
         n_windows=len(windows),
+        n_signature_voxels=n_sig,
         class_feature_sums=cls_sums.cpu().numpy(),
         class_counts=cls_counts.cpu().numpy(),
         features=feats_out,

@@ -1,8 +1,31 @@
-"""Spectral out-of-distribution gate (Karimi & Gholipour 2023, section III-D).
+"""Spectral out-of-distribution gate (Karimi & Gholipour 2023, section III-D), as a signature of content.
 
 The *spectral signature* of an image is computed from the last decoder feature map ``F`` (``C`` channels):
 reshape to ``(voxels, C)``, take the singular values ``s`` (descending), floor them, take ``log(s)`` and
 scale that vector to unit L2 norm.
+
+Deviation from the paper: the mean Gram matrix, over the voxels that count
+    The paper takes the singular values of ``F`` itself. They are the square roots of the eigenvalues of
+    the Gram matrix ``F^T F``, a *sum* over voxels, so they grow with ``sqrt(voxels)``; ``log`` turns that
+    into the same constant added to every entry, and scaling to unit length does not remove an added
+    constant. The signature then measured the scan's size as well as its content: on the shipped model the
+    same liver phantom went from OODM 0.0056 to 0.0070 / 0.0159 / 0.0269 (tau 0.0116) when its feature map
+    was tiled 2x / 4x / 10x, and every 512x512 CT was held (OODM 0.083-0.092) while an unseen head MR scored
+    lower (0.049-0.052). The paper's stated purpose for the log and the normalisation is "to eliminate
+    these effects" (magnitude and dynamic range); we serve it by using the *mean* Gram matrix
+    ``F^T F / N``, i.e. the singular values of ``F / sqrt(N)``: a feature map and any tiling of it have the
+    same signature (``tests/unit/model/test_ood.py``).
+
+    ``N`` counts *the voxels that count*: the ones inside the body (``mask``), not the air around the
+    patient or the zero padding of a larger field of view. Measured on held-out phantoms with the shipped
+    weights (OODM / tau; in-plane padding by 30 voxels of air, about three times the area): with the mean
+    over all voxels, padding moved in-distribution CTs from 0.15-0.50 to 2.7-3.5 (all held); with the mean
+    over a body mask alone, to 0.6-1.9 (instance normalisation inside each window still sees the air);
+    with the image cropped to the body's bounding box (+12 mm) before the windows *and* the mean over the
+    body mask, padding left the CT signatures unchanged to two decimals (0.17-0.58) while unseen kinds
+    stayed at 1.3-8.4. That is what :mod:`model.segment` runs, and the bank is fitted through it; the
+    model card's table gives OODM / tau of the shipped bank for each kind padded, cropped, tiled and
+    re-gridded.
 
 Singular-value floor
     A dead ReLU channel gives a zero singular value and ``log(0) = -inf``. Singular values are therefore
@@ -14,7 +37,18 @@ Singular-value floor
 
 The *gate*: ``OODM(x)`` is the Euclidean distance of the signature of ``x`` to its nearest neighbour in the
 bank of training signatures. ``tau = mean + c * std`` of the leave-one-out OODMs of the bank (``std`` is
-the population standard deviation, ``ddof=0``); ``x`` is OOD when ``OODM(x) > tau``.
+the population standard deviation, ``ddof=0``); ``x`` is OOD when ``OODM(x) > tau``. When the bank holds
+several signatures of one training image (the same case re-gridded to several scanner geometries), a
+signature's leave-one-out neighbour excludes every signature of its own image (``groups``): otherwise a
+case's own copies would be its nearest neighbours and tau would shrink to the re-gridding noise.
+
+The bank records the inference path it was fitted through (``meta["inference"]``, see
+:meth:`SpectralGate.check_inference`); a worker that runs another path is refused, as for other weights.
+It also records the modalities of its training images (``meta["modalities"]``): a study of a modality the
+bank never saw is outside the model's intended use and :meth:`SpectralGate.verdict` holds it whatever its
+OODM (measured: held-out PET-like phantoms re-gridded to clinical PET geometries, run at their native
+resolution since the shipped weights declare no PET spacing, scored down to 0.7 tau: a signature can only
+compare with what the bank holds).
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -52,7 +86,9 @@ __all__ = [
 SINGULAR_VALUE_FLOOR = 1e-6
 TINY = 1e-30
 BANK_FORMAT = "specgate-spectral-bank"
-BANK_VERSION = 1
+BANK_VERSION = 2
+#: what changed in each bank version (the message for a bank of an older one)
+_OLD_VERSIONS = {1: "version 1 banks hold sum-Gram signatures that grow with the scan's size"}
 
 
 class BankMismatchError(ValueError):
@@ -81,9 +117,11 @@ def signature_from_singular_values(s: np.ndarray) -> np.ndarray:
     return log_s / norm
 
 
-def spectral_signature(features: Any) -> np.ndarray:
+def spectral_signature(features: Any, mask: np.ndarray | None = None) -> np.ndarray:
     """Signature of a ``(C, *spatial)`` feature map (NumPy array or torch tensor) by direct SVD.
 
+    The singular values are those of ``F / sqrt(N)`` over the voxels where ``mask`` (``spatial``-shaped,
+    boolean; default: all voxels) is true: the mean Gram matrix, so a map and its tiling agree.
     Returns a 1-D float64 NumPy array of length ``C``.
     """
     if hasattr(features, "detach"):  # torch.Tensor, without importing torch here
@@ -92,28 +130,54 @@ def spectral_signature(features: Any) -> np.ndarray:
     if f.ndim < 2:
         raise ValueError(f"features must be (C, *spatial), got shape {f.shape}")
     mat = f.reshape(f.shape[0], -1).T.astype(np.float64)  # (voxels, C)
-    s = np.linalg.svd(mat, compute_uv=False)
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != f.shape[1:]:
+            raise ValueError(f"mask has shape {m.shape}, the feature map's voxels are {f.shape[1:]}")
+        mat = mat[m.ravel()]
+    if mat.shape[0] == 0:
+        raise ValueError("the mask selects no voxel")
+    s = np.linalg.svd(mat / np.sqrt(mat.shape[0]), compute_uv=False)
     if s.size < f.shape[0]:  # fewer voxels than channels: the missing singular values are zero
         s = np.concatenate([s, np.zeros(f.shape[0] - s.size)])
     return signature_from_singular_values(s)
 
 
-def signature_from_gram(gram: np.ndarray) -> np.ndarray:
-    """Signature from the ``C x C`` Gram matrix ``F^T F`` (its eigenvalues are the squared singular values)."""
+def signature_from_gram(gram: np.ndarray, n_voxels: int) -> np.ndarray:
+    """Signature from the ``C x C`` Gram matrix ``F^T F`` summed over ``n_voxels`` voxels.
+
+    The eigenvalues of the mean Gram ``F^T F / n_voxels`` are the squared singular values of
+    ``F / sqrt(n_voxels)`` (what :func:`spectral_signature` takes).
+    """
     g = np.asarray(gram, dtype=np.float64)
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
         raise ValueError(f"gram must be square, got shape {g.shape}")
+    if int(n_voxels) < 1:
+        raise ValueError(f"n_voxels must be >= 1, got {n_voxels}")
+    g = g / float(n_voxels)
     eig = np.linalg.eigvalsh((g + g.T) / 2.0)
     return signature_from_singular_values(np.sqrt(np.clip(eig, 0.0, None)))
 
 
-def leave_one_out_oodm(bank: np.ndarray) -> np.ndarray:
-    """For each bank signature, the distance to its nearest *other* bank signature."""
+def leave_one_out_oodm(bank: np.ndarray, groups: Any = None) -> np.ndarray:
+    """For each bank signature, the distance to its nearest bank signature of *another* image.
+
+    ``groups`` (one label per signature, e.g. the training case it came from) leaves out every signature
+    of the same group; by default each signature is its own group.
+    """
     b = np.asarray(bank, dtype=np.float64)
     if b.ndim != 2 or b.shape[0] < 2:
         raise ValueError(f"need a (n >= 2, C) bank of signatures, got shape {b.shape}")
     d = np.linalg.norm(b[:, None, :] - b[None, :, :], axis=-1)
-    np.fill_diagonal(d, np.inf)
+    if groups is None:
+        np.fill_diagonal(d, np.inf)
+    else:
+        g = np.asarray(groups)
+        if g.shape != (b.shape[0],):
+            raise ValueError(f"groups must have one label per signature ({b.shape[0]}), got shape {g.shape}")
+        if len(set(g.tolist())) < 2:
+            raise ValueError("groups must name at least two different images")
+        d[g[:, None] == g[None, :]] = np.inf
     return d.min(axis=1)
 
 
@@ -121,6 +185,17 @@ def fit_threshold(train_scores: np.ndarray, c: float) -> float:
     """Eq. (2): ``mean + c * std`` (population std) of the training scores."""
     s = np.asarray(train_scores, dtype=np.float64)
     return float(s.mean() + c * s.std())
+
+
+def _canon(v: Any) -> Any:
+    """JSON-comparable form (tuples and lists alike, floats rounded to 1e-6)."""
+    if isinstance(v, dict):
+        return {str(k): _canon(x) for k, x in sorted(v.items())}
+    if isinstance(v, (list, tuple)):
+        return [_canon(x) for x in v]
+    if isinstance(v, float):
+        return round(v, 6)
+    return v
 
 
 class OODScorer(ABC):
@@ -177,17 +252,62 @@ class SpectralGate(OODScorer):
         c: float = 2.5,
         weights_sha256: str | None = None,
         meta: dict[str, Any] | None = None,
+        groups: Any = None,
     ) -> SpectralGate:
+        """Fit tau on leave-one-out OODMs; ``groups`` as in :func:`leave_one_out_oodm`."""
         bank = np.asarray(signatures, dtype=np.float64)
         if bank.ndim != 2 or bank.shape[0] < 2:
             raise ValueError(f"need at least two training signatures as (n, C), got shape {bank.shape}")
         if not np.all(np.isfinite(bank)):
             raise ValueError("training signatures contain non-finite values")
-        tau = fit_threshold(leave_one_out_oodm(bank), c)
-        return cls(bank, tau, c, weights_sha256, meta)
+        loo = leave_one_out_oodm(bank, groups)
+        m = dict(meta or {})
+        m.setdefault("loo_oodm", [round(float(v), 6) for v in loo])
+        return cls(bank, fit_threshold(loo, c), c, weights_sha256, m)
+
+    @property
+    def inference(self) -> dict[str, Any] | None:
+        """The inference path the bank was fitted through (``meta["inference"]``), if recorded."""
+        inf = self.meta.get("inference")
+        return dict(inf) if isinstance(inf, dict) else None
+
+    def check_inference(self, settings: dict[str, Any], source: str = "the worker") -> None:
+        """Refuse to score signatures made by another inference path than the bank's.
+
+        ``settings`` is what :meth:`model.segment.InferenceSettings.signature_settings` returns; every key
+        the bank also records must be equal. Raises :class:`BankMismatchError` naming each difference.
+        """
+        fitted = self.inference
+        if fitted is None:
+            raise BankMismatchError(
+                "the OOD bank does not record the inference path it was fitted through; refit it with "
+                "`specgate model fit-ood`")
+        diffs = [f"{k}: bank {fitted.get(k)!r}, {source} {v!r}" for k, v in sorted(settings.items())
+                 if _canon(fitted.get(k)) != _canon(v)]
+        if diffs:
+            raise BankMismatchError(
+                "the OOD bank was fitted through another inference path than " + source + " runs ("
+                + "; ".join(diffs) + "); run with the bank's settings or refit it with `specgate model fit-ood`")
 
     def observe(self, result: Any) -> np.ndarray:
         return np.asarray(result.signature, dtype=np.float64)
+
+    @property
+    def modalities(self) -> frozenset[str] | None:
+        """Modalities of the bank's training images (``meta["modalities"]``), when recorded."""
+        m = self.meta.get("modalities")
+        return frozenset(str(x).upper() for x in m) if isinstance(m, list) else None
+
+    def verdict(self, signature: np.ndarray, modality: str | None = None) -> tuple[float, bool, str | None]:
+        """``(oodm, is_ood, reason)``: OOD when ``oodm > tau`` (``"oodm_above_tau"``) or when ``modality``
+        is not among the bank's (``"modality_not_in_bank"``); ``reason`` is None for in distribution."""
+        oodm = self.score(signature)
+        if oodm > self.tau:
+            return oodm, True, "oodm_above_tau"
+        known = self.modalities
+        if modality is not None and known is not None and modality.upper() not in known:
+            return oodm, True, "modality_not_in_bank"
+        return oodm, False, None
 
     def score(self, signature: np.ndarray) -> float:
         s = np.asarray(signature, dtype=np.float64).ravel()
@@ -225,6 +345,10 @@ class SpectralGate(OODScorer):
                 raise ValueError(f"{path} is not a specgate OOD bank (missing {exc})") from None
         if header.get("format") != BANK_FORMAT:
             raise ValueError(f"{path} is not a specgate OOD bank (format {header.get('format')!r})")
+        if header.get("version") in _OLD_VERSIONS:
+            raise ValueError(
+                f"{path}: OOD bank version {header.get('version')} is no longer supported "
+                f"({_OLD_VERSIONS[header['version']]}); refit it with `specgate model fit-ood`")
         if header.get("version") != BANK_VERSION:
             raise ValueError(
                 f"{path}: OOD bank version {header.get('version')!r} is not supported (expected {BANK_VERSION})"

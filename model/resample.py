@@ -1,0 +1,155 @@
+"""Moving a volume between the scanner's grid and the grid the model was trained at (SimpleITK).
+
+A series arrives at the scanner's resolution (a CT at 0.6-0.9 mm in-plane, 1-2.5 mm slices); a model
+sees what it was trained on (the shipped one: CT at 4 mm, prostate MR at 3 x 1.8 mm). :func:`model_grid`
+chooses the model's grid for a volume, :func:`to_grid` resamples the image onto it (linear, after an
+anti-aliasing Gaussian on every axis that is coarsened) and :func:`from_grid` brings values computed there
+(class probabilities) back onto the source grid (linear), so the result lies exactly on the source
+geometry: every source voxel gets a value, and the DICOM-SEG still references the source instances.
+
+Both grids cover the same box in the volume's own index frame: voxel ``i`` of an axis with ``n`` voxels
+of ``s`` mm spans ``[i * s, (i + 1) * s)``, the box is ``[0, n * s)``. The model's grid has
+``n' = round(n * s / t)`` voxels of ``n * s / n'`` mm (within half a voxel of the target ``t``), so the
+boxes are identical and no slice is shifted. Orientation and origin are those of the source series:
+resampling happens in its index frame, scaled by its spacing, so rotation and origin never enter.
+
+Anti-aliasing: coarsening an axis by a factor ``f >= 2`` first averages blocks of ``k = floor(f)`` source
+voxels along it (a box filter about one target voxel wide: what a thick slice or a large pixel measures),
+then interpolates linearly from the block centres; the remaining factor ``f / k < 2`` is covered by the
+linear weights. Without it, linear interpolation of a thin-slice CT samples its fine-grained noise (8
+neighbours per output voxel) instead of averaging it as a thick voxel would. Block means cost a few
+hundred milliseconds on a 300x512x512 CT, where a Gaussian of the same width (SimpleITK's
+``DiscreteGaussian``) took 6.3 s on two cores. An axis whose length is not a multiple of ``k`` has its
+last block completed by repeating the last voxel (only the outermost half voxel of the box is affected).
+
+>>> import numpy as np
+>>> g = model_grid((100, 512, 512), (1.0, 0.7, 0.7), (4.0, 4.0, 4.0))
+>>> g.shape, tuple(round(s, 3) for s in g.spacing)
+((25, 90, 90), (4.0, 3.982, 3.982))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Grid", "GridError", "from_grid", "model_grid", "to_grid", "validate_spacing"]
+
+
+class GridError(ValueError):
+    """The volume's spacing cannot be placed on a grid (missing, zero, negative, non-finite, or so large
+    that the model's grid would have less than one voxel on an axis). ``reason_code``: ``bad_spacing``."""
+
+    reason_code = "bad_spacing"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A regular grid over the volume's box: ``shape`` voxels of ``spacing`` mm, (z, y, x)."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+
+def validate_spacing(spacing: Sequence[float] | None) -> tuple[float, float, float]:
+    """``spacing`` as three positive finite floats (z, y, x), or :class:`GridError` naming it."""
+    if spacing is None:
+        raise GridError("the volume has no voxel spacing")
+    try:
+        sp = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        raise GridError(f"voxel spacing {spacing!r} is not three numbers") from None
+    if len(sp) != 3 or not all(math.isfinite(v) and v > 0 for v in sp):
+        raise GridError(f"voxel spacing must be three positive finite numbers (z, y, x) in mm, got {spacing!r}")
+    return sp  # type: ignore[return-value]
+
+
+def model_grid(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> Grid:
+    """The grid at (about) ``target`` spacing over the same box as ``shape`` x ``spacing``."""
+    sp = validate_spacing(spacing)
+    tg = validate_spacing(target)
+    out_shape, out_spacing = [], []
+    for axis, (n, s, t) in enumerate(zip(shape, sp, tg, strict=True)):
+        extent = int(n) * s
+        if extent < t:
+            raise GridError(
+                f"axis {'zyx'[axis]}: {int(n)} voxel(s) of {s:g} mm cover {extent:g} mm, under one voxel of the "
+                f"model's {t:g} mm grid")
+        m = max(1, round(extent / t))
+        out_shape.append(int(m))
+        out_spacing.append(extent / m)
+    return Grid(tuple(out_shape), tuple(out_spacing))  # type: ignore[arg-type]
+
+
+def _image(array: np.ndarray, spacing: Sequence[float]):  # type: ignore[no-untyped-def]
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
+    img.SetSpacing(tuple(float(s) for s in spacing[::-1]))  # SimpleITK is (x, y, z)
+    img.SetOrigin(tuple(float(s) / 2.0 for s in spacing[::-1]))  # voxel centres at (i + 1/2) * s
+    return img
+
+
+def _reference(grid: Grid):  # type: ignore[no-untyped-def]
+    import SimpleITK as sitk
+
+    ref = sitk.Image([int(n) for n in grid.shape[::-1]], sitk.sitkFloat32)
+    ref.SetSpacing(tuple(float(s) for s in grid.spacing[::-1]))
+    ref.SetOrigin(tuple(float(s) / 2.0 for s in grid.spacing[::-1]))
+    return ref
+
+
+def _resample(img, grid: Grid) -> np.ndarray:  # type: ignore[no-untyped-def]
+    import SimpleITK as sitk
+
+    f = sitk.ResampleImageFilter()
+    f.SetReferenceImage(_reference(grid))
+    f.SetInterpolator(sitk.sitkLinear)
+    f.SetOutputPixelType(sitk.sitkFloat32)
+    # the outer half voxel of the box lies beyond the last centre: take the nearest value, not a fill
+    f.SetUseNearestNeighborExtrapolator(True)
+    return sitk.GetArrayFromImage(f.Execute(img))
+
+
+def _block_mean(a: np.ndarray, axis: int, k: int) -> np.ndarray:
+    """Means of consecutive blocks of ``k`` voxels along ``axis`` (the last block completed by edge values)."""
+    n = a.shape[axis]
+    rem = (-n) % k
+    if rem:
+        edge = np.take(a, [n - 1] * rem, axis=axis)
+        a = np.concatenate([a, edge], axis=axis)
+    shape = a.shape[:axis] + ((n + rem) // k, k) + a.shape[axis + 1:]
+    return a.reshape(shape).mean(axis=axis + 1, dtype=np.float32)
+
+
+def to_grid(image: np.ndarray, spacing: Sequence[float], grid: Grid, antialias: bool = True) -> np.ndarray:
+    """``image`` (z, y, x) with ``spacing`` resampled onto ``grid`` (float32, linear; see the module doc)."""
+    sp = list(validate_spacing(spacing))
+    a = np.asarray(image, dtype=np.float32)
+    if antialias:
+        for axis in range(3):
+            k = int(grid.spacing[axis] / sp[axis])
+            if k >= 2:
+                a = _block_mean(a, axis, k)
+                sp[axis] *= k  # block j is centred at (j + 1/2) * k * s: the box convention holds
+    return _resample(_image(a, sp), grid)
+
+
+def from_grid(values: np.ndarray, grid: Grid, shape: Sequence[int], spacing: Sequence[float],
+              out: np.ndarray | None = None) -> np.ndarray:
+    """``values`` on ``grid`` brought back onto the source grid ``shape`` x ``spacing`` (linear).
+
+    Linear weights sum to one, so class probabilities stay probabilities. With ``out`` (source-shaped,
+    any float dtype) the result is written there.
+    """
+    if tuple(values.shape) != tuple(grid.shape):
+        raise ValueError(f"values have shape {values.shape}, the grid {grid.shape}")
+    src = Grid(tuple(int(n) for n in shape), validate_spacing(spacing))  # type: ignore[arg-type]
+    res = _resample(_image(values, grid.spacing), src)
+    if out is None:
+        return res
+    out[...] = res
+    return out

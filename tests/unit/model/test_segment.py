@@ -1,0 +1,71 @@
+"""model.segment: the production path. Settings parse and record; the body decides what counts."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.data.phantoms import phantom_case
+from model.segment import InferenceSettings, body_mask, parse_spacing, segment_volume
+from model.unet import SegNet
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return SegNet(base_features=4, levels=2).eval()
+
+
+def test_parse_spacing():
+    assert parse_spacing("native") == ()
+    assert parse_spacing("MR=3,1.7,1.7;CT=4,4,4") == (("CT", (4.0, 4.0, 4.0)), ("MR", (3.0, 1.7, 1.7)))
+    for bad, msg in [("CT=4,4", "three"), ("CT=0,4,4", "positive"), ("CT=4,4,4;CT=2,2,2", "twice"),
+                     ("", "names no spacing"), ("C1=4,4,4", "MODALITY")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_spacing(bad)
+
+
+def test_settings_record_round_trip_and_validation():
+    s = InferenceSettings.for_weights({"inference_block": 64, "inference_overlap": 16,
+                                       "inference_spacing": {"ct": [4, 4, 4]}})
+    assert s.block == 64 and s.spacing_for("CT") == (4.0, 4.0, 4.0) and s.spacing_for("MR") is None
+    assert InferenceSettings.from_record(s.record()) == s
+    assert "batch_size" not in s.signature_settings()
+    assert InferenceSettings.for_weights({}, device="cuda:0").batch_size == 8
+    assert InferenceSettings.for_weights({"inference_spacing": {"CT": [4, 4, 4]}}, spacing=()).spacing == ()
+    with pytest.raises(ValueError, match="precision"):
+        InferenceSettings(precision="float16")
+    with pytest.raises(ValueError, match="overlap"):
+        InferenceSettings(block=32, overlap=32)
+
+
+def test_body_mask_fills_lungs_and_drops_air():
+    case = phantom_case("ct_lung", 0, 0)
+    x = (np.clip(case.image, -1000, 1000) + 1000) / 2000
+    m = body_mask(x, "CT")
+    assert m[case.label.astype(bool)].mean() > 0.99  # lungs (-850 HU) are inside the body
+    assert not m[:, 0, :].any() and not m[:, :, 0].any()  # the air at the edge of the field of view is not
+    assert not body_mask(np.zeros((8, 16, 16), np.float32), "MR").any()
+
+
+def test_air_around_the_patient_changes_nothing(net):
+    """A larger field of view of the same patient (padded with air) gives the same signature."""
+    case = phantom_case("ct_liver", 0, 1)
+    s = InferenceSettings(block=32, overlap=8)
+    a = segment_volume(net, case.image, case.spacing, "CT", s)
+    padded = np.pad(case.image, ((0, 0), (20, 20), (25, 25)), constant_values=-1000.0)
+    b = segment_volume(net, padded, case.spacing, "CT", s)
+    np.testing.assert_allclose(b.signature, a.signature, atol=1e-5)
+    assert a.body_voxels == b.body_voxels > 0
+    np.testing.assert_allclose(b.foreground[:, 20:-20, 25:-25], a.foreground, atol=2e-3)
+    assert float(b.foreground[:, :20].max()) == 0.0  # outside the body's box: background
+
+
+def test_resampled_probabilities_lie_on_the_source_grid(net):
+    case = phantom_case("ct_liver", 0, 2)
+    s = InferenceSettings(block=32, overlap=8, spacing=(("CT", (8.0, 8.0, 8.0)),))
+    r = segment_volume(net, case.image, case.spacing, "CT", s, out_dtype=np.float32)
+    assert r.resampled and r.probabilities.shape == (2, *case.image.shape)
+    assert r.model_shape == tuple(round(n * sp / 8.0) for n, sp in zip(case.image.shape, case.spacing, strict=True))
+    np.testing.assert_allclose(r.probabilities.sum(0), 1.0, atol=1e-5)
+    native = segment_volume(net, case.image, case.spacing, "MR", s)  # no MR spacing declared: native
+    assert not native.resampled and native.model_shape == case.image.shape
