@@ -321,9 +321,18 @@ def write_msd_dataset(
         nib.save(nib.Nifti1Image(case.image.transpose(2, 1, 0), aff), out / "imagesTr" / name)
         nib.save(nib.Nifti1Image(case.label.transpose(2, 1, 0), aff), out / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    write_dataset_json(out, kind, kind, f"specgate phantom: {k.description}", training,
+                       {"specgate_phantom": {"kind": kind, "seed": int(seed), "first_index": int(first_index)}})
+    return out
+
+
+def write_dataset_json(out: Path, name: str, kind: str, description: str, training: list[dict[str, str]],
+                       extra: dict[str, object]) -> None:
+    """The MSD ``dataset.json`` of a phantom dataset folder (one label: the kind's organ)."""
+    k = _kind(kind)
     meta = {
-        "name": kind,
-        "description": f"specgate phantom: {k.description}",
+        "name": name,
+        "description": description,
         "tensorImageSize": "3D",
         "modality": {"0": k.modality},
         "labels": {"0": "background", "1": k.organ},
@@ -331,10 +340,9 @@ def write_msd_dataset(
         "numTest": 0,
         "training": training,
         "test": [],
-        "specgate_phantom": {"kind": kind, "seed": int(seed), "first_index": int(first_index)},
+        **extra,
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
-    return out
 
 
 def write_phantom_datasets(

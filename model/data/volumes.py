@@ -79,23 +79,52 @@ class MSDDataset:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __iter__(self) -> Iterator[Case]:
+        """Cases one at a time, in order (each loaded when it is reached)."""
+        return (self[i] for i in range(len(self)))
+
     def case_name(self, i: int) -> str:
         return Path(self.entries[i]["image"]).name.removesuffix(".nii.gz").removesuffix(".nii")
 
     def __getitem__(self, i: int) -> Case:
+        """Case ``i``. An entry's image is a NIfTI file or a folder holding one DICOM series (modality and
+        geometry then come from the DICOM); its label a NIfTI file or an ``.npz`` with a ``label`` array in
+        the same (z, y, x) order."""
         e = self.entries[i]
-        image, spacing = load_nifti(self.root / e["image"])
-        label, lspacing = load_nifti(self.root / e["label"])
+        image_path = self.root / e["image"]
+        meta: dict[str, Any] = {"dataset": self.name, "index": i}
+        modality = self.modality
+        if image_path.is_dir():
+            image, geom, modality = load_dicom_series(image_path)
+            spacing = geom.spacing
+            meta["geometry"] = geom  # the volume is already a new float32 array: no copy below
+        else:
+            image, spacing = load_nifti(image_path)
+            image = image.astype(np.float32)  # a new array (never a memory map)
+        label = _load_label(self.root / e["label"])
         if label.shape != image.shape:
             raise ValueError(f"{self.root}: label shape {label.shape} != image shape {image.shape} for {e['image']}")
         return Case(
             name=self.case_name(i),
-            image=image.astype(np.float32),
+            image=image,
             spacing=spacing,
-            modality=self.modality,
+            modality=modality,
             label=(label > 0).astype(np.uint8),
-            meta={"dataset": self.name, "index": i},
+            meta=meta,
         )
+
+
+def _load_label(path: Path) -> np.ndarray:
+    """A label volume (z, y, x): NIfTI, or ``.npz`` with a ``label`` array."""
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            if "label" not in z:
+                raise ValueError(f"{path}: no 'label' array in the .npz")
+            label = np.asarray(z["label"])
+        if label.ndim != 3:
+            raise ValueError(f"{path}: expected a 3-D label, got shape {label.shape}")
+        return label
+    return load_nifti(path)[0]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,408 @@
+"""A *clinical-geometry* evaluation set: the phantoms, rescanned on the grids real scanners produce.
+
+The phantoms of :mod:`model.data.phantoms` live on small, coarse grids (CT 4-5 mm on 72-88 pixels,
+PT 4 mm, MR 1.2-3 mm) centred on the anatomy. A model trained on them has never seen what a hospital
+sends: a 512 x 512 CT with 0.6-0.9 mm pixels and 1-2.5 mm slices, an MR on a 256/288/320 matrix, a PET
+on a 128-200 matrix, with the anatomy a little off centre, sometimes padded with air, sometimes cropped.
+This module resamples each phantom onto such a geometry so that the evaluation (and the OOD gate) can be
+checked on clinical grids without any real patient data:
+
+- :func:`sample_geometry` draws a plausible clinical grid for a modality and a phantom's extent; the
+  field of view on every axis is kept between 0.8x and 3x the phantom's extent (a mix of cropped and
+  air-padded scans) and the centre is shifted by up to 5 % of the field of view;
+- :func:`regrid` resamples the image (linear) and the label (linear, then >= 0.5) onto it with SimpleITK,
+  fills the outside with air, and adds noise at the fine grid (an upsampled coarse image is unrealistically
+  smooth): Gaussian for CT (then whole HU, floored at -1024 like a scanner stores them), Rician-like for MR,
+  none for PT;
+- :func:`clinical_case` is a pure function of ``(kind, seed, index, variant)``;
+- :func:`write_clinical_set` writes ``root/<kind>_clinical/``: an MSD-like ``dataset.json`` whose images
+  are DICOM series (one file per slice, real geometry) and whose labels are ``.npz`` files, readable with
+  :func:`model.data.volumes.iter_cases` and so by ``specgate model evaluate --data``.
+
+Axes are ``(z, y, x)`` everywhere, spacings and shifts in mm in the same order. Both grids are centred on
+the phantom's centre (patient coordinate 0); the clinical grid's centre is at ``Geometry.shift_mm``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.data.phantoms import KINDS, PhantomCase, phantom_case, write_dataset_json
+
+__all__ = [
+    "AIR",
+    "Geometry",
+    "clinical_case",
+    "extent_mm",
+    "regrid",
+    "sample_geometry",
+    "write_clinical_set",
+]
+
+#: fill value outside the phantom, by modality (anything not listed: 0)
+AIR: dict[str, float] = {"CT": -1000.0, "MR": 0.0, "PT": 0.0}
+CT_FLOOR = -1024.0  # lowest HU a scanner stores (unsigned pixels, intercept -1024)
+_CHUNK_VOXELS = 1 << 23  # voxels per resampled slab (32 MB of float32): bounds the temporaries
+_Z_STEP = 0.125  # slice spacings are multiples of 1/8 mm and z origins of 1/64 mm: exact, short DICOM strings
+_SHIFT_STEP = 1.0 / 64.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A clinical grid: ``shape`` and ``spacing`` (mm) in (z, y, x) order, and the shift (mm, z, y, x) of the
+    field-of-view centre relative to the phantom's centre."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    shift_mm: tuple[float, float, float]
+
+    @property
+    def fov_mm(self) -> tuple[float, float, float]:
+        """Field of view per axis (voxel count x spacing)."""
+        return tuple(n * s for n, s in zip(self.shape, self.spacing, strict=True))  # type: ignore[return-value]
+
+    @property
+    def origin_mm(self) -> tuple[float, float, float]:
+        """Centre of voxel (0, 0, 0) in mm, (z, y, x)."""
+        return tuple(  # type: ignore[return-value]
+            -(n - 1) / 2.0 * s + d for n, s, d in zip(self.shape, self.spacing, self.shift_mm, strict=True)
+        )
+
+    def to_json(self) -> dict[str, list[float] | list[int]]:
+        return {"shape": list(self.shape), "spacing": list(self.spacing), "shift_mm": list(self.shift_mm)}
+
+
+def extent_mm(case: PhantomCase) -> tuple[float, float, float]:
+    """Physical extent of a phantom's grid per axis (voxel count x spacing), (z, y, x)."""
+    return tuple(float(n * s) for n, s in zip(case.image.shape, case.spacing, strict=True))  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------
+# geometry
+
+_FOV_RATIO = (0.8, 3.0)
+
+
+@dataclass(frozen=True)
+class _Protocol:
+    """Clinical ranges of one modality."""
+
+    matrices: tuple[int, ...]  # square in-plane matrices to choose from
+    matrix_p: tuple[float, ...]
+    pixel_mm: tuple[float, float]
+    slice_mm: tuple[float, float]
+    slices: tuple[int, int] | None  # None: chosen to cover a similar length as the phantom (PT)
+
+
+_PROTOCOLS: dict[str, _Protocol] = {
+    "CT": _Protocol((512,), (1.0,), (0.6, 0.9), (1.0, 2.5), (120, 300)),
+    "MR": _Protocol((256, 288, 320), (0.45, 0.15, 0.40), (0.5, 1.2), (1.0, 4.0), (40, 180)),
+    "PT": _Protocol(tuple(range(128, 201, 8)), (1.0 / 10,) * 10, (2.0, 4.0), (2.0, 4.0), None),
+}
+_PT_LENGTH = (0.8, 1.5)  # PT axial coverage / object length
+_P_CROP = 0.2  # per axis: how often a feasible field of view smaller than the object is drawn
+
+
+def _band(extent: float) -> tuple[float, float]:
+    return _FOV_RATIO[0] * extent, _FOV_RATIO[1] * extent
+
+
+def _pick(rng: np.random.Generator, ok: np.ndarray) -> int:
+    """Index of a uniformly drawn ``True`` in ``ok`` (-1 when none)."""
+    idx = np.flatnonzero(ok)
+    return int(idx[int(rng.integers(len(idx)))]) if len(idx) else -1
+
+
+def _crop_or_pad(rng: np.random.Generator, lo: int, hi: int, pivot: float) -> int:
+    """An integer in ``[lo, hi]``: below ``pivot`` (a field of view that crops the object) with probability
+    ``_P_CROP`` when both sides are possible, otherwise uniform on the possible side."""
+    edge = math.ceil(pivot - 1e-9)  # first value that covers the object
+    crop = (lo, min(hi, edge - 1))
+    pad = (max(lo, edge), hi)
+    ok_crop, ok_pad = crop[0] <= crop[1], pad[0] <= pad[1]
+    side = crop if ok_crop and (not ok_pad or rng.uniform() < _P_CROP) else pad
+    return int(rng.integers(side[0], side[1] + 1))
+
+
+def _slices(rng: np.random.Generator, p: _Protocol, ez: float) -> tuple[int, float]:
+    """Slice count and spacing: spacing on a 1/8 mm grid in the protocol's range, count in the protocol's
+    range such that the axial coverage lies in the band (redrawn among the spacings that allow it; the
+    clinical limit closest to the band when none does)."""
+    lo, hi = _band(ez)
+    dzs = np.arange(p.slice_mm[0], p.slice_mm[1] + 1e-9, _Z_STEP)
+    if p.slices is None:  # PT: about the object's length
+        lo, hi = max(lo, _PT_LENGTH[0] * ez), min(hi, _PT_LENGTH[1] * ez)
+        cmin, cmax = 1, 10_000
+    else:
+        cmin, cmax = p.slices
+    nlo = np.maximum(np.ceil(lo / dzs - 1e-9), cmin).astype(int)
+    nhi = np.minimum(np.floor(hi / dzs + 1e-9), cmax).astype(int)
+    first = int(rng.integers(len(dzs)))
+    k = first if nlo[first] <= nhi[first] else _pick(rng, nlo <= nhi)
+    if k >= 0:
+        return _crop_or_pad(rng, int(nlo[k]), int(nhi[k]), ez / dzs[k]), float(dzs[k])
+    # the band is out of the protocol's reach: its closest coverage (shortest or longest scan)
+    return (cmin, float(dzs[0])) if cmin * dzs[0] > hi else (cmax, float(dzs[-1]))
+
+
+def _inplane(rng: np.random.Generator, p: _Protocol, ey: float, ex: float) -> tuple[int, float]:
+    """Square matrix and pixel spacing: an integer field of view (mm) in the band for both axes and in the
+    protocol's pixel range, for a matrix drawn by the protocol's frequencies (redrawn among the matrices
+    that allow it; the clinical limit closest to the band when none does)."""
+    lo, hi = _FOV_RATIO[0] * max(ey, ex), _FOV_RATIO[1] * min(ey, ex)
+    ms = np.array(p.matrices)
+    flo = np.maximum(np.ceil(lo - 1e-9), np.ceil(ms * p.pixel_mm[0] - 1e-9)).astype(int)
+    fhi = np.minimum(np.floor(hi + 1e-9), np.floor(ms * p.pixel_mm[1] + 1e-9)).astype(int)
+    first = int(rng.choice(len(ms), p=np.asarray(p.matrix_p) / sum(p.matrix_p)))
+    k = first if flo[first] <= fhi[first] else _pick(rng, flo <= fhi)
+    if k >= 0:
+        m = int(ms[k])
+        fov = float(_crop_or_pad(rng, int(flo[k]), int(fhi[k]), max(ey, ex)))
+        px = round(fov / m, 6)  # short decimal strings in DICOM; kept inside the band and the range
+        px_lo, px_hi = max(lo / m, p.pixel_mm[0]), min(hi / m, p.pixel_mm[1])
+        if px < px_lo:
+            px = math.ceil(px_lo * 1e6) / 1e6
+        elif px > px_hi:
+            px = math.floor(px_hi * 1e6) / 1e6
+        return m, px
+    # out of the protocol's reach (or an empty band): the closest field of view it allows
+    want = (lo + hi) / 2.0
+    fovs = np.clip(want, ms * p.pixel_mm[0], ms * p.pixel_mm[1])
+    k = int(np.argmin(np.abs(fovs - want)))
+    return int(ms[k]), round(float(fovs[k]) / int(ms[k]), 6)
+
+
+def sample_geometry(
+    modality: str, rng: np.random.Generator, extent_mm: tuple[float, float, float]
+) -> Geometry:
+    """A clinical grid for a scan of an object of physical extent ``extent_mm`` (z, y, x) in ``modality``.
+
+    ======  ===========================  ============  ===========  ===========================
+    \\       in-plane matrix (square)     pixel (mm)    slice (mm)   slices
+    ======  ===========================  ============  ===========  ===========================
+    CT      512                          0.6-0.9       1-2.5        120-300
+    MR      256, 320 (sometimes 288)     0.5-1.2       1-4          40-180
+    PT      128-200                      2-4           2-4          about the object's length
+    ======  ===========================  ============  ===========  ===========================
+
+    The field of view on each axis is kept within 0.8x-3x the extent (counts / fields of view are drawn
+    among those that satisfy it; clipped to the clinical ranges where none does), so a set mixes scans
+    padded with air and scans that crop the object. Slice spacings are multiples of 1/8 mm. The centre is
+    shifted by up to 5 % of the field of view on each axis.
+    """
+    m = modality.upper()
+    if m not in _PROTOCOLS:
+        raise ValueError(f"no clinical protocol for modality {modality!r}; known: {sorted(_PROTOCOLS)}")
+    if len(extent_mm) != 3 or not all(e > 0 for e in extent_mm):
+        raise ValueError(f"extent_mm must be three positive lengths, got {extent_mm!r}")
+    p = _PROTOCOLS[m]
+    ez, ey, ex = (float(e) for e in extent_mm)
+    nz, dz = _slices(rng, p, ez)
+    mat, px = _inplane(rng, p, ey, ex)
+    shape = (nz, mat, mat)
+    spacing = (dz, px, px)
+    shift = tuple(
+        math.trunc(float(rng.uniform(-0.05, 0.05)) * n * s / _SHIFT_STEP) * _SHIFT_STEP  # toward 0: <= 5 %
+        for n, s in zip(shape, spacing, strict=True)
+    )
+    return Geometry(shape=shape, spacing=spacing, shift_mm=shift)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------
+# resampling
+
+
+def _kind_id(kind: str) -> int:
+    if kind not in KINDS:
+        raise ValueError(f"unknown phantom kind {kind!r}; known: {sorted(KINDS)}")
+    return sorted(KINDS).index(kind)
+
+
+def _percentile(img: np.ndarray, q: float, max_voxels: int = 1 << 23) -> float:
+    """``q``-th percentile of ``img`` on a regular subsample of at most about ``max_voxels`` voxels (a full
+    percentile copies the whole volume)."""
+    step = max(1, math.ceil((img.size / max_voxels) ** (1.0 / 3.0)))
+    return float(np.percentile(img[::step, ::step, ::step], q))
+
+
+def regrid(
+    case: PhantomCase,
+    geom: Geometry,
+    rng: np.random.Generator | None = None,
+    noise: bool = True,
+) -> PhantomCase:
+    """``case`` resampled onto ``geom`` (image: linear, label: linear then >= 0.5, the organ's outline rather than the coarse grid's staircase), air outside the phantom
+    (-1000 HU for CT, 0 otherwise; label 0), plus fine-grid noise when ``noise``:
+
+    - CT: Gaussian, sigma drawn in 15-35 HU, everywhere; then whole HU floored at -1024 (as stored);
+    - MR: Rician-like, ``|image + N(0, sigma)|`` with sigma 2-4 % of the image's 99th percentile;
+    - PT: none.
+
+    The noise comes from ``rng`` (default: derived from the case's kind, seed and index). The output is
+    built slab by slab into one float32 and one uint8 array: no full-size temporaries.
+    """
+    import SimpleITK as sitk
+
+    if len(geom.shape) != 3 or min(geom.shape) < 1 or min(geom.spacing) <= 0:
+        raise ValueError(f"invalid geometry {geom!r}")
+    if rng is None:
+        rng = np.random.default_rng([case.seed, 104729, _kind_id(case.kind), case.index])
+    modality = case.modality.upper()
+    air = AIR.get(modality, 0.0)
+    src_img = sitk.GetImageFromArray(np.ascontiguousarray(case.image, dtype=np.float32))
+    src_lab = sitk.GetImageFromArray(np.ascontiguousarray(case.label, dtype=np.float32))
+    src_origin = [-(n - 1) / 2.0 * s for n, s in zip(case.image.shape, case.spacing, strict=True)]
+    for im in (src_img, src_lab):
+        im.SetSpacing([float(s) for s in case.spacing[::-1]])
+        im.SetOrigin([float(o) for o in src_origin[::-1]])
+    # the phantom's z extent (voxel centres, plus half a voxel): slabs wholly outside are just air
+    zlo = src_origin[0] - case.spacing[0] / 2.0
+    zhi = -zlo
+
+    nz, ny, nx = (int(n) for n in geom.shape)
+    dz, dy, dx = (float(s) for s in geom.spacing)
+    oz, oy, ox = geom.origin_mm
+    image = np.empty((nz, ny, nx), np.float32)
+    label = np.empty((nz, ny, nx), np.uint8)
+    ct_sigma = float(rng.uniform(15.0, 35.0)) if noise and modality == "CT" else 0.0
+    chunk = max(1, _CHUNK_VOXELS // (ny * nx))
+    buf = np.empty((chunk, ny, nx), np.float32) if ct_sigma else None
+    identity = sitk.Transform()
+    for z0 in range(0, nz, chunk):
+        n = min(chunk, nz - z0)
+        zs = oz + z0 * dz
+        sl = slice(z0, z0 + n)
+        if zs + (n - 1) * dz < zlo or zs > zhi:
+            image[sl] = air
+            label[sl] = 0
+        else:
+            size = [nx, ny, n]
+            origin = [ox, oy, zs]
+            r = sitk.Resample(src_img, size, identity, sitk.sitkLinear, origin, [dx, dy, dz],
+                              [1, 0, 0, 0, 1, 0, 0, 0, 1], air, sitk.sitkFloat32)
+            image[sl] = sitk.GetArrayViewFromImage(r)
+            del r
+            # linear, then >= 0.5: the organ's outline at the fine grid, not the coarse grid's staircase
+            r = sitk.Resample(src_lab, size, identity, sitk.sitkLinear, origin, [dx, dy, dz],
+                              [1, 0, 0, 0, 1, 0, 0, 0, 1], 0.0, sitk.sitkFloat32)
+            label[sl] = sitk.GetArrayViewFromImage(r) >= 0.5
+            del r
+        if buf is not None:
+            b = buf[:n]
+            rng.standard_normal(dtype=np.float32, out=b)
+            b *= np.float32(ct_sigma)
+            image[sl] += b
+    if modality == "CT" and noise:
+        np.rint(image, out=image)
+        np.maximum(image, np.float32(CT_FLOOR), out=image)
+    elif modality == "MR" and noise:
+        sigma = float(rng.uniform(0.02, 0.04)) * max(_percentile(image, 99.0), 0.0)
+        if sigma > 0:
+            tmp = np.empty((chunk, ny, nx), np.float32)
+            for z0 in range(0, nz, chunk):
+                n = min(chunk, nz - z0)
+                t = tmp[:n]
+                rng.standard_normal(dtype=np.float32, out=t)
+                t *= np.float32(sigma)
+                seg = image[z0:z0 + n]
+                seg += t
+                np.abs(seg, out=seg)
+    return replace(case, image=image, label=label, spacing=(dz, dy, dx))
+
+
+def clinical_case(
+    kind: str, seed: int, index: int, variant: int = 0, geometry: Geometry | None = None
+) -> tuple[PhantomCase, Geometry]:
+    """Phantom ``(kind, seed, index)`` on a clinical grid drawn from
+    ``np.random.default_rng([seed, 7919, kind_id, index, variant])`` (the same generator then draws the
+    noise): a pure function of its arguments. ``geometry`` overrides the drawn grid (which is still drawn
+    first, so the generator's state is the same), for tests and for small examples."""
+    kid = _kind_id(kind)
+    case = phantom_case(kind, seed, index)
+    rng = np.random.default_rng([int(seed), 7919, kid, int(index), int(variant)])
+    geom = sample_geometry(case.modality, rng, extent_mm(case))
+    if geometry is not None:
+        geom = geometry
+    return regrid(case, geom, rng=rng), geom
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+
+
+def _uid(*parts: object) -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def _write_case(case: PhantomCase, geom: Geometry, folder: Path, name: str) -> None:
+    from model.data.series_writer import write_series
+
+    if folder.exists():  # a rerun: never mix the slices of two runs in one series folder
+        shutil.rmtree(folder)
+    oz, oy, ox = geom.origin_mm
+    origin = (round(ox, 4), round(oy, 4), oz)  # LPS (x, y, z) of voxel (0, 0, 0)
+    study = _uid("specgate-clinical-study", case.kind, case.seed, case.index)
+    series = _uid("specgate-clinical-series", case.kind, case.seed, case.index, geom)
+    kw: dict[str, Any] = {"study_instance_uid": study, "series_instance_uid": series,
+                          "patient_id": f"SYNTH{case.index:06d}", "patient_name": "SYNTHETIC^CLINICAL",
+                          "series_description": f"specgate clinical {name}"}
+    write_series(case.image, case.spacing, case.modality, folder, origin=origin, **kw)
+
+
+def write_clinical_set(
+    root: str | os.PathLike[str],
+    kind: str,
+    n: int,
+    seed: int,
+    first_index: int = 1000,
+    progress: bool = False,
+    geometry: Geometry | None = None,
+) -> Path:
+    """Write ``n`` clinical-geometry cases of ``kind`` to ``root/<kind>_clinical/``:
+
+    - ``series/<name>/``: one DICOM file per slice (:func:`model.data.series_writer.write_series`: CT, MR,
+      PET Image Storage), synthetic patient placeholders;
+    - ``labelsTr/<name>.npz``: ``label`` (uint8, (z, y, x) in the series' slice order, i.e. ascending
+      Image Position along the normal) and ``spacing`` (z, y, x) mm;
+    - ``dataset.json``: the MSD keys (training entries ``{"image": "./series/<name>/", "label":
+      "./labelsTr/<name>.npz"}``) plus ``specgate_clinical`` with the kind, seed, first index and each
+      case's geometry.
+
+    Case ``first_index + i`` is :func:`clinical_case` ``(kind, seed, first_index + i)`` (``geometry``
+    overrides the drawn grid). The default first index 1000 keeps the cases apart from the phantom sets.
+    """
+    _kind_id(kind)  # validates
+    k = KINDS[kind]
+    out = Path(root) / f"{kind}_clinical"
+    (out / "series").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training: list[dict[str, str]] = []
+    geometries: list[dict[str, Any]] = []
+    idx: Any = range(first_index, first_index + n)
+    if progress:
+        from tqdm import tqdm
+
+        idx = tqdm(idx, desc=f"clinical {kind}", unit="case")
+    for i in idx:
+        case, geom = clinical_case(kind, seed, i, geometry=geometry)
+        name = f"{kind}_clinical_{i:04d}"
+        _write_case(case, geom, out / "series" / name, name)
+        np.savez_compressed(out / "labelsTr" / f"{name}.npz", label=case.label,
+                            spacing=np.asarray(case.spacing, dtype=np.float64))
+        training.append({"image": f"./series/{name}/", "label": f"./labelsTr/{name}.npz"})
+        geometries.append({"name": name, "index": int(i), **geom.to_json()})
+        del case
+    write_dataset_json(out, f"{kind}_clinical", kind, f"specgate phantom on clinical geometries: {k.description}",
+                       training, {"specgate_clinical": {"kind": kind, "seed": int(seed),
+                                                        "first_index": int(first_index), "geometries": geometries}})
+    return out
+
