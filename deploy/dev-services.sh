@@ -10,7 +10,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need=()
 command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
 command -v redis-server  >/dev/null 2>&1 || need+=(redis-server)
-command -v storescu      >/dev/null 2>&1 || need+=(dcmtk)
+# dcmtk by its path: pynetdicom installs a storescu of its own into a virtualenv on PATH
+[ -x /usr/bin/storescu ] && [ -x /usr/bin/storescp ] || need+=(dcmtk)
 command -v Orthanc       >/dev/null 2>&1 || need+=(orthanc)
 command -v dciodvfy      >/dev/null 2>&1 || need+=(dicom3tools)
 if [ "${#need[@]}" -gt 0 ]; then

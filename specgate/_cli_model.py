@@ -32,19 +32,34 @@ def _dataset_name(path: Path) -> str:
     return path.name
 
 
-def _load(paths: tuple[Path, ...], what: str) -> dict[str, list[Any]]:
-    from model.data.volumes import iter_cases
+def _load(paths: tuple[Path, ...], what: str) -> dict[str, Any]:
+    """Datasets by name. MSD folders load one case at a time as they are iterated (a clinical-size CT is
+    300 MB: a set of them never sits in memory at once); a bare folder of DICOM series is read whole."""
+    from model.data.volumes import MSDDataset, iter_cases
 
-    out: dict[str, list[Any]] = {}
+    out: dict[str, Any] = {}
     for p in paths:
         name = _dataset_name(p)
         if name in out:
             raise click.BadParameter(f"two {what} datasets are named {name!r}", param_hint=f"--{what}")
         try:
-            out[name] = list(iter_cases(p))
+            out[name] = MSDDataset(p) if (p / "dataset.json").is_file() else list(iter_cases(p))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint=f"--{what}") from None
     return out
+
+
+class _Chain:
+    """Several datasets as one sized iterable, loaded case by case."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __iter__(self) -> Any:
+        return (case for part in self.parts for case in part)
 
 
 def _parse_named(values: tuple[str, ...]) -> dict[str, Path]:
@@ -73,13 +88,31 @@ def _open_gate(weights: Path, bank: Path) -> Any:
         raise click.BadParameter(str(exc), param_hint="--bank") from None
 
 
-def _open_net(weights: Path, device: str) -> Any:
+def _open_net(weights: Path, device: str) -> tuple[Any, dict[str, Any]]:
     from model.unet import load_weights
 
     try:
-        return load_weights(weights, device)[0]
+        return load_weights(weights, device)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--weights") from None
+
+
+def _settings(meta: dict[str, Any], device: str, block: int | None, overlap: int | None,
+              spacing: str | None) -> Any:
+    """The inference path: the weights' own (block, overlap, spacing per modality), then these options."""
+    from model.segment import InferenceSettings, parse_spacing
+
+    try:
+        sp = None if spacing is None else parse_spacing(spacing)
+        return InferenceSettings.for_weights(meta, device=device, block=block, overlap=overlap, spacing=sp)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--spacing") from None
+
+
+_spacing_option = click.option(
+    "--spacing", default=None, metavar="MOD=z,y,x;...|native",
+    help="Grid the model runs on per modality, e.g. 'CT=4,4,4;MR=3,1.8,1.8', or 'native' "
+         "[default: the spacing the weights declare].")
 
 
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -145,19 +178,26 @@ def train_cmd(datasets: tuple[str, ...], out: Path, block: int, batch_size: int,
               help="Training images: an MSD dataset folder or a folder of DICOM series; repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Bank file (.npz).")
 @click.option("--c", "c", default=2.5, show_default=True, help="tau = mean + c * std of leave-one-out OODMs.")
-@click.option("--block", default=96, show_default=True)
-@click.option("--overlap", default=24, show_default=True)
+@click.option("--block", type=int, default=None, help="Sliding-window block [default: the weights'].")
+@click.option("--overlap", type=int, default=None, help="Sliding-window overlap [default: the weights'].")
+@_spacing_option
 @click.option("--device", default="auto", show_default=True)
-def fit_ood_cmd(weights: Path, data: tuple[Path, ...], out: Path, c: float, block: int, overlap: int, device: str) -> None:
-    """Fit the spectral OOD gate on the training images' signatures."""
+def fit_ood_cmd(weights: Path, data: tuple[Path, ...], out: Path, c: float, block: int | None,
+                overlap: int | None, spacing: str | None, device: str) -> None:
+    """Fit the spectral OOD gate on the training images' signatures.
+
+    The images go through the path the worker runs (model grid, body crop, windows); the bank records
+    those settings, and a worker running other settings refuses it.
+    """
     from model.evaluate import fit_bank
     from model.ood import sha256_file
 
     dev = _device(device)
-    net = _open_net(weights, dev)
+    net, meta = _open_net(weights, dev)
+    settings = _settings(meta, dev, block, overlap, spacing)
     sets = _load(data, "data")
-    cases = [cs for v in sets.values() for cs in v]
-    gate = fit_bank(net, cases, sha256_file(weights), c=c, block=block, overlap=overlap, device=dev, progress=True,
+    cases = _Chain(list(sets.values()))
+    gate = fit_bank(net, cases, sha256_file(weights), settings, c=c, device=dev, progress=True,
                     meta={"datasets": {k: len(v) for k, v in sets.items()}})
     gate.save(out)
     click.echo(f"bank of {gate.bank.shape[0]} signatures, tau={gate.tau:.4f} (c={c}) -> {out}")
@@ -171,19 +211,30 @@ def fit_ood_cmd(weights: Path, data: tuple[Path, ...], out: Path, c: float, bloc
 @click.option("--ood", "ood", multiple=True, type=_existing_dir, help="Out-of-distribution test data; repeatable.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for metrics.json, oodm_histogram.png, reliability_*.png [default: DATA_DIR/evaluation].")
-@click.option("--block", default=96, show_default=True)
-@click.option("--overlap", default=24, show_default=True)
+@click.option("--block", type=int, default=None, help="Sliding-window block [default: the weights'].")
+@click.option("--overlap", type=int, default=None, help="Sliding-window overlap [default: the weights'].")
+@_spacing_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of the table.")
 @click.pass_context
 def evaluate_cmd(ctx: click.Context, weights: Path, bank: Path, data: tuple[Path, ...], ood: tuple[Path, ...],
-                 out: Path | None, block: int, overlap: int, device: str, as_json: bool) -> None:
-    """DSC/HD95/ASSD/ECE/MCE per dataset and OOD accuracy/sensitivity/specificity/AUC."""
+                 out: Path | None, block: int | None, overlap: int | None, spacing: str | None, device: str,
+                 as_json: bool) -> None:
+    """DSC/HD95/ASSD/ECE/MCE per dataset and OOD accuracy/sensitivity/specificity/AUC.
+
+    Each image goes through the worker's path; metrics are computed on the image's own grid.
+    """
     from model.evaluate import evaluate, format_report
+    from model.ood import BankMismatchError
 
     dev = _device(device)
-    net = _open_net(weights, dev)
+    net, meta = _open_net(weights, dev)
     gate = _open_gate(weights, bank)
+    settings = _settings(meta, dev, block, overlap, spacing)
+    try:
+        gate.check_inference(settings.signature_settings(), "this evaluation")
+    except BankMismatchError as exc:
+        raise click.ClickException(str(exc)) from None
     if out is None:
         data_dir = getattr(ctx.obj, "data_dir", None)
         out = Path(data_dir) / "evaluation" if data_dir is not None else Path("specgate-eval")
@@ -192,6 +243,6 @@ def evaluate_cmd(ctx: click.Context, weights: Path, bank: Path, data: tuple[Path
     clash = set(ids) & set(oods)
     if clash:
         raise click.BadParameter(f"datasets {sorted(clash)} given as both --data and --ood", param_hint="--ood")
-    m = evaluate(net, gate, ids, oods, block=block, overlap=overlap, device=dev, out_dir=out)
+    m = evaluate(net, gate, ids, oods, settings=settings, device=dev, out_dir=out)
     click.echo(json.dumps(m, indent=2, sort_keys=True) if as_json else format_report(m))
     click.echo(f"figures and metrics.json in {out}", err=True)

@@ -135,6 +135,18 @@ def jobs() -> None:
     """List and inspect jobs in the ledger."""
 
 
+def _gate_evidence(path: str | None) -> dict[str, Any] | None:
+    """Why the gate decided as it did, from the result's evidence file (None when it is gone)."""
+    try:
+        ev = json.loads(Path(path).read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(ev, dict):
+        return None
+    return {"reason": ev.get("gate_reason"), "grid": ev.get("grid"),
+            "spacing": (ev.get("inference") or {}).get("spacing")}
+
+
 def _job_dict(job: Any, *, full: bool = False) -> dict[str, Any]:
     result = job.results[-1] if job.results else None
     d: dict[str, Any] = {
@@ -157,7 +169,7 @@ def _job_dict(job: Any, *, full: bool = False) -> dict[str, Any]:
         d["result"] = None if result is None else {
             "seg_sop_instance_uid": result.seg_sop_instance_uid, "seg_path": result.seg_path,
             "is_ood": result.is_ood, "model_id": result.model_id, "weights_sha256": result.weights_sha256,
-            "superseded": result.superseded,
+            "superseded": result.superseded, "gate": _gate_evidence(result.evidence_path),
         }
         d["reviews"] = [{"user": r.username, "decision": str(r.decision), "reason": r.reason,
                          "at": r.created_at.isoformat()} for r in job.reviews]

@@ -225,6 +225,10 @@ class Settings(BaseSettings):
                                         description="sliding-window block; default: the model's own")
     inference_overlap: int | None = Field(default=None, ge=0, le=256,
                                           description="sliding-window overlap in voxels; default: the model's")
+    inference_spacing: str | None = Field(
+        default=None,
+        description="grid the model runs on per modality ('CT=4,4,4;MR=3,1.8,1.8') or 'native'; "
+                    "default: the spacing the weights declare")
     worker_max_attempts: int = Field(default=3, ge=1, le=20,
                                      description="attempts per job before it ends failed")
     worker_heartbeat_seconds: float = Field(default=10.0, gt=0, le=600)
@@ -283,6 +287,25 @@ class Settings(BaseSettings):
         if not re.match(r"^(redis|rediss|memory|filesystem|sqla\+[a-z+]+)://", v):
             raise ValueError(f"broker URL must be redis://, rediss:// or filesystem://, got {v.split('://')[0]!r}")
         return v
+
+    @field_validator("inference_spacing")
+    @classmethod
+    def _inference_spacing(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None
+        from model.segment import parse_spacing
+
+        parse_spacing(v)  # raises ValueError naming the bad part
+        return v.strip()
+
+    @property
+    def inference_spacing_pairs(self) -> Any:
+        """``inference_spacing`` parsed: None (the weights'), () (native) or (modality, (z, y, x)) pairs."""
+        if self.inference_spacing is None:
+            return None
+        from model.segment import parse_spacing
+
+        return parse_spacing(self.inference_spacing)
 
     @model_validator(mode="after")
     def _tls_consistent(self) -> Settings:

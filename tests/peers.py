@@ -63,12 +63,36 @@ def peer_env() -> dict[str, str]:
     return env
 
 
+_DCMTK: dict[str, str] = {}
+
+
+def dcmtk_path(tool: str) -> str:
+    """dcmtk's ``tool``, never pynetdicom's script of the same name in the virtualenv's ``bin/``.
+
+    pynetdicom installs ``storescu``, ``storescp``, ``echoscu``... next to the interpreter; found first on
+    PATH, an interoperability test would quietly test pynetdicom against itself. The program must say
+    "dcmtk" in its ``--version`` output.
+    """
+    if tool in _DCMTK:
+        return _DCMTK[tool]
+    import sys
+
+    venv_bin = os.path.realpath(os.path.join(sys.prefix, "bin"))
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and os.path.realpath(d) != venv_bin]
+    exe = shutil.which(tool, path=os.pathsep.join([*dirs, "/usr/bin"]))
+    if exe is None:
+        raise FileNotFoundError(f"dcmtk program {tool!r} is not installed (apt-get install dcmtk)")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+    if "dcmtk" not in (version.stdout + version.stderr).lower():
+        raise FileNotFoundError(f"{exe} is not dcmtk's {tool} (its --version does not say dcmtk)")
+    _DCMTK[tool] = exe
+    return exe
+
+
 def dcmtk(tool: str, *args: str | os.PathLike[str], timeout: float = 120.0,
           check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run a dcmtk program (``storescu``, ``echoscu``...) with TCP_NODELAY=1; returns its result."""
-    exe = shutil.which(tool)
-    if exe is None:
-        raise FileNotFoundError(f"dcmtk program {tool!r} is not installed (apt-get install dcmtk)")
+    exe = dcmtk_path(tool)
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env=peer_env(), check=check)
 

@@ -219,7 +219,13 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, s
             return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
         timings["load"] = time.perf_counter() - t0
 
-        out = segmenter.segment(volume.array, volume.modality, spacing=volume.spacing)
+        from model.resample import GridError
+
+        try:
+            out = segmenter.segment(volume.array, volume.modality, spacing=volume.spacing)
+        except GridError as exc:  # a spacing the model's grid cannot use: the series' fault, no retry
+            fail(sessions, c, exc.reason_code, f"{exc.reason_code}: {exc}", actor=cfg.actor)
+            return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
         timings.update(out.timings)
 
         t0 = time.perf_counter()
@@ -237,14 +243,17 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, s
         t0 = time.perf_counter()
         from .preview import write_preview
 
-        verdict = "HELD: unlike the training data" if out.is_ood else "released"
+        verdict = ("HELD: a modality the model was not trained on" if out.gate_reason == "modality_not_in_bank"
+                   else "HELD: unlike the training data" if out.is_ood else "released")
         write_preview(paths["preview"], volume.array, out.prob_fg, out.mask, modality=volume.modality,
                       title=f"job {c.job_id} v{c.version}: OODM {out.oodm:.4f} vs tau {out.tau:.4f} ({verdict})")
         timings["preview"] = time.perf_counter() - t0
-        evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "signature": list(map(float, out.signature)),
+        evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
+                    "signature": list(map(float, out.signature)),
                     "model": segmenter.model_name, "model_version": segmenter.model_version,
                     "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
                     "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
+                    "inference": segmenter.settings.record(), "grid": out.grid,
                     "timings_s": timings}
         _atomic_write_bytes(paths["evidence"], json.dumps(evidence, indent=2).encode())
     return finish(sessions, c, cfg, seg_path=paths["seg"], seg_uid=seg_uid, series_uid=series_uid,
@@ -274,6 +283,7 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, se
                                  "seg_sop_instance_uid": seg_uid})
         audit.append(s, actor=cfg.actor, action="result.created", object_type="result", object_id=result.id,
                      details={"job_id": c.job_id, "gate": "ood" if out.is_ood else "in_distribution",
+                              "gate_reason": out.gate_reason,
                               "timings_s": {k: round(v, 3) for k, v in timings.items()}})
     return StudyOutcome(c.job_id, str(to), oodm=out.oodm, tau=out.tau, timings=timings)
 

@@ -53,6 +53,7 @@ REASON_CODES = frozenset(
         "mixed_series",
         "too_few_slices",
         "unsupported",
+        "bad_spacing",
     }
 )
 
@@ -225,6 +226,14 @@ def _read_header(path: Path) -> Dataset:
     return ds
 
 
+def _pixel_spacing(ds: Dataset, where: str) -> np.ndarray:
+    """PixelSpacing (row, column) in mm; missing or unreadable is ``bad_spacing``: no grid without it."""
+    try:
+        return _floats(ds, "PixelSpacing", 2, where)
+    except SeriesError as exc:
+        raise SeriesError("bad_spacing", exc.message) from exc
+
+
 def _check_pixel_format(ds: Dataset, where: str) -> None:
     samples = int(_value(ds, "SamplesPerPixel", where))
     photometric = str(_value(ds, "PhotometricInterpretation", where))
@@ -258,7 +267,7 @@ def _classic_frames(index: int, ds: Dataset, where: str) -> list[_Frame]:
             sop_instance_uid=str(_value(ds, "SOPInstanceUID", where)),
             position=_floats(ds, "ImagePositionPatient", 3, where),
             orientation=_floats(ds, "ImageOrientationPatient", 6, where),
-            pixel_spacing=_floats(ds, "PixelSpacing", 2, where),
+            pixel_spacing=_pixel_spacing(ds, where),
             rows=int(_value(ds, "Rows", where)),
             cols=int(_value(ds, "Columns", where)),
             slope=_float(ds, "RescaleSlope", where, 1.0),
@@ -305,7 +314,7 @@ def _multiframe_frames(index: int, ds: Dataset, where: str) -> list[_Frame]:
                 sop_instance_uid=sop_instance_uid,
                 position=_floats(groups["PlanePositionSequence"], "ImagePositionPatient", 3, fwhere),
                 orientation=_floats(groups["PlaneOrientationSequence"], "ImageOrientationPatient", 6, fwhere),
-                pixel_spacing=_floats(groups["PixelMeasuresSequence"], "PixelSpacing", 2, fwhere),
+                pixel_spacing=_pixel_spacing(groups["PixelMeasuresSequence"], fwhere),
                 rows=rows,
                 cols=cols,
                 slope=_float(transform, "RescaleSlope", fwhere, 1.0),
@@ -340,7 +349,7 @@ def _geometry(frames: list[_Frame], min_slices: int) -> tuple[list[_Frame], np.n
             f"PixelSpacing differs: {_fmt(first.pixel_spacing)} and {_fmt(bad.pixel_spacing)}",
         )
     if np.any(first.pixel_spacing <= 0):
-        raise SeriesError("unreadable", f"PixelSpacing must be positive, got {_fmt(first.pixel_spacing)}")
+        raise SeriesError("bad_spacing", f"PixelSpacing must be positive, got {_fmt(first.pixel_spacing)}")
 
     orientations = np.array([fr.orientation for fr in frames])
     deviation = np.abs(orientations - first.orientation[None, :]).max(axis=1)

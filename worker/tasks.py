@@ -49,7 +49,8 @@ class Runtime:
 
             s = self.settings
             self._segmenter = Segmenter.open(s.model_weights, s.model_bank, device=self.device,
-                                             block=s.inference_block, overlap=s.inference_overlap)
+                                             block=s.inference_block, overlap=s.inference_overlap,
+                                             spacing=s.inference_spacing_pairs)
         return self._segmenter
 
 

@@ -43,6 +43,8 @@ def test_environment_lists_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SPECGATE_DATABASE_URL", "mysql://x/y", "SPECGATE_DATABASE_URL"),
         ("SPECGATE_STUDY_QUIET_SECONDS", "0", "SPECGATE_STUDY_QUIET_SECONDS"),
         ("SPECGATE_DESTINATION", "pacs=ORTHANC@h:1", "SPECGATE_DESTINATION"),
+        ("SPECGATE_INFERENCE_SPACING", "CT=4,0,4", "SPECGATE_INFERENCE_SPACING"),
+        ("SPECGATE_INFERENCE_SPACING", "CT:4,4,4", "MODALITY=z,y,x"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
@@ -51,6 +53,14 @@ def test_bad_values_are_refused_naming_the_setting(monkeypatch: pytest.MonkeyPat
     with pytest.raises(SettingsError) as exc:
         Settings.load()
     assert needle in str(exc.value)
+
+
+def test_inference_spacing_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().inference_spacing_pairs is None  # the weights' own
+    monkeypatch.setenv("SPECGATE_INFERENCE_SPACING", "native")
+    assert Settings.load().inference_spacing_pairs == ()
+    monkeypatch.setenv("SPECGATE_INFERENCE_SPACING", "mr=3,1.5,1.5; CT=5,4,4")
+    assert Settings.load().inference_spacing_pairs == (("CT", (5.0, 4.0, 4.0)), ("MR", (3.0, 1.5, 1.5)))
 
 
 def test_toml_file_is_read_and_environment_overrides_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

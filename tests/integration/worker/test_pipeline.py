@@ -20,8 +20,9 @@ from ledger import jobs
 from ledger.db import session_scope
 from ledger.schema import AuditEvent, Instance, Job, JobState, Result, Series, Study
 from model.data.phantoms import phantom_study
-from model.ood import SpectralGate, sha256_file
-from model.unet import SegNet, save_weights
+from model.ood import BankMismatchError, SpectralGate, sha256_file
+from model.segment import InferenceSettings
+from model.unet import SegNet, load_weights, save_weights
 from specgate.synthetic import write_series
 from worker.pipeline import PipelineConfig, claim, job_paths, run_job
 from worker.segmenter import Segmenter
@@ -53,15 +54,17 @@ def _ingest(sessions, series, calling_ae: str = "PACS") -> int:
                                rule_name="default-ct-mr").id
 
 
-def _segmenter(tiny_model, tmp_path: Path, bank_signatures: np.ndarray) -> Segmenter:
+def _segmenter(tiny_model, tmp_path: Path, bank_signatures: np.ndarray, spacing=None) -> Segmenter:
     weights, _ = tiny_model
     bank = tmp_path / "bank.npz"
-    SpectralGate.fit(bank_signatures, c=2.5, weights_sha256=sha256_file(weights)).save(bank)
-    return Segmenter.open(weights, bank, block=32, overlap=8)
+    inference = InferenceSettings.for_weights(load_weights(weights)[1], block=32, overlap=8, spacing=spacing)
+    SpectralGate.fit(bank_signatures, c=2.5, weights_sha256=sha256_file(weights),
+                     meta={"inference": inference.record()}).save(bank)
+    return Segmenter.open(weights, bank, block=32, overlap=8, spacing=spacing)
 
 
 def _signature_of(seg: Segmenter, case) -> np.ndarray:
-    return seg.segment(case.image, case.modality).signature
+    return seg.segment(case.image, case.modality, spacing=case.spacing).signature
 
 
 @pytest.mark.parametrize("route", ["released", "held"])
@@ -127,3 +130,92 @@ def test_bad_series_fails_with_reason_and_is_not_retried(migrated, tmp_path: Pat
         job = s.get(Job, job_id)
         assert job.state == JobState.FAILED and job.attempts == 1 and job.reason_code == "missing_slices"
     assert claim(sessions, job_id, task_id="t2", worker_id="test", stale_after_s=60) is None
+
+
+def test_bank_of_another_inference_path_is_refused(tmp_path: Path, tiny_model) -> None:
+    """The bank was fitted at native resolution: a worker told to run on a 4 mm grid refuses it by name."""
+    seg = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    with pytest.raises(BankMismatchError, match=r"spacing: bank \{\}, the worker \{'CT': \[4.0, 4.0, 4.0\]\}"):
+        Segmenter.open(tiny_model[0], tmp_path / "bank.npz", block=32, overlap=8, spacing=(("CT", (4, 4, 4)),))
+    with pytest.raises(BankMismatchError, match="overlap: bank 8, the worker 16"):
+        Segmenter.open(tiny_model[0], tmp_path / "bank.npz", block=32, overlap=16)
+    assert seg.settings.spacing == ()
+
+
+def test_seg_from_a_resampled_grid_lies_on_the_source_series(migrated, tmp_path: Path, tiny_model) -> None:
+    """Thin-slice CT, run on a 4 mm grid: the SEG's frames are the source slices, dciodvfy finds no error."""
+    from model.data.phantoms import phantom_case
+    from tests.unit.worker.test_seg import dciodvfy
+    from worker.series import load_series
+
+    settings, _, sessions = migrated
+    case = phantom_case("ct_liver", 3, 5)
+    src_spacing = (2.5, 1.6, 1.6)  # a clinical-like grid over the phantom's box: 2.5 x finer in-plane
+    shape = tuple(int(round(n * s / t)) for n, s, t in zip(case.image.shape, case.spacing, src_spacing, strict=True))
+    from model.resample import Grid, from_grid
+
+    image = from_grid(case.image, Grid(case.image.shape, case.spacing), shape, src_spacing)
+    series = write_series(image, src_spacing, "CT", tmp_path / "series")
+    spacing = (("CT", (4.0, 4.0, 4.0)),)
+    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]), spacing)
+    out = probe.segment(image, "CT", spacing=src_spacing)
+    assert out.grid["resampled"] and out.grid["model_grid_shape"][1] < shape[1] // 2
+    assert out.prob_fg.shape == shape and out.mask.shape == shape
+    seg = _segmenter(tiny_model, tmp_path, np.stack([out.signature, out.signature + 1e-3, out.signature - 1e-3]),
+                     spacing)
+    job_id = _ingest(sessions, series)
+    c = claim(sessions, job_id, task_id="task-rs", worker_id="test", stale_after_s=60)
+    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
+    outcome = run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+    assert outcome.state == "released"
+    paths = job_paths(settings.results_dir, job_id, 1)
+    evidence = json.loads(paths["evidence"].read_text())
+    assert evidence["inference"]["spacing"] == {"CT": [4.0, 4.0, 4.0]} and evidence["grid"]["resampled"]
+
+    volume = load_series(series.paths)
+    seg_ds = highdicom.seg.segread(paths["seg"])
+    z_of = {ref.sop_instance_uid: z for z, ref in enumerate(volume.slices)}
+    seen = set()
+    for item in seg_ds.PerFrameFunctionalGroupsSequence:
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        z = z_of[source.ReferencedSOPInstanceUID]
+        seen.add(z)
+        np.testing.assert_allclose([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+                                   (volume.affine @ [z, 0, 0, 1])[:3], atol=1e-4)
+    assert seen  # the untrained tiny network marks something; every frame maps to its source slice
+    mask = seg_ds.get_volume(combine_segments=True).array if hasattr(seg_ds, "get_volume") else None
+    if mask is not None:
+        assert mask.shape[1:] == shape[1:]
+    errors, _warnings = dciodvfy(paths["seg"])
+    assert errors == []
+
+
+@pytest.mark.parametrize("pixel_spacing", [None, [0.0, 0.0], [0.001, 0.001]],
+                         ids=["missing", "zero", "grid-under-one-voxel"])
+def test_unusable_spacing_fails_with_its_own_reason(migrated, tmp_path: Path, tiny_model, pixel_spacing) -> None:
+    """PixelSpacing missing, zero, or so fine that the model's 4 mm grid has under one voxel across the
+    image: the job ends failed/bad_spacing at once (no retry), nothing is written or delivered."""
+    from pydicom import dcmread as read
+
+    settings, _, sessions = migrated
+    case = phantom_study("ct_liver", seed=13)
+    series = write_series(case.image, case.spacing, "CT", tmp_path / "series")
+    for path in series.paths:
+        ds = read(path)
+        if pixel_spacing is None:
+            del ds.PixelSpacing
+        else:
+            ds.PixelSpacing = pixel_spacing
+        ds.save_as(path)
+    seg = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]), (("CT", (4.0, 4.0, 4.0)),))
+    job_id = _ingest(sessions, series)
+    c = claim(sessions, job_id, task_id="t-sp", worker_id="test", stale_after_s=60)
+    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
+    outcome = run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+    assert outcome.state == "failed" and outcome.reason_code == "bad_spacing"
+    with session_scope(sessions) as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.FAILED and job.reason_code == "bad_spacing" and job.attempts == 1
+        assert s.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none() is None
+    assert not job_paths(settings.results_dir, job_id, 1)["seg"].exists()
+    assert claim(sessions, job_id, task_id="t-sp2", worker_id="test", stale_after_s=60) is None

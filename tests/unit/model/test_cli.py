@@ -38,6 +38,26 @@ def test_train_fit_ood_evaluate(tmp_path):
     assert set(m["datasets"]) == {"ct_liver", "pt_tumour"}
     assert m["ood"]["n_in"] == 3 and m["ood"]["n_out"] == 2
     assert np.isfinite(m["datasets"]["ct_liver"]["ece"])
+    # PET is a modality the bank never saw: held whatever its OODM, and counted as such
+    assert m["datasets"]["pt_tumour"]["flagged_ood"] == 2 == m["datasets"]["pt_tumour"]["held_for_modality"]
+    assert gate.meta["modalities"] == ["CT", "MR"] and gate.meta["inference"]["spacing"] == {}
+
+    # a clinical-geometry set (DICOM series + labels) reads like any other data; the same bank applies
+    from model.data.clinical import Geometry, write_clinical_set
+
+    clinical = write_clinical_set(tmp_path / "clin", "ct_liver", 1, seed=1,
+                                  geometry=Geometry((40, 128, 128), (5.0, 2.5, 2.5), (0.0, 0.0, 0.0)))
+    res = run.invoke(model_group, ["evaluate", "--weights", str(weights), "--bank", str(bank), "--data",
+                                   str(clinical), "--out", str(tmp_path / "ev2"), "--device", "cpu", "--json"],
+                     catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert m["datasets"]["ct_liver_clinical"]["n"] == 1 and m["datasets"]["ct_liver_clinical"]["dsc"] is not None
+
+    # a worker path other than the bank's is refused, naming the difference
+    res = run.invoke(model_group, ["evaluate", "--weights", str(weights), "--bank", str(bank), "--data", str(liver),
+                                   "--spacing", "CT=4,4,4", "--device", "cpu"])
+    assert res.exit_code != 0 and "spacing: bank {}, this evaluation {'CT': [4.0, 4.0, 4.0]}" in res.output
     assert (tmp_path / "ev" / "oodm_histogram.png").is_file()
 
 

@@ -229,6 +229,16 @@ def _secondary_capture(ds: list[Dataset]) -> None:
         d.SOPClassUID = d.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
 
 
+def _no_pixel_spacing(ds: list[Dataset]) -> None:
+    for d in ds:
+        del d.PixelSpacing
+
+
+def _zero_pixel_spacing(ds: list[Dataset]) -> None:
+    for d in ds:
+        d.PixelSpacing = [0.0, 0.0]
+
+
 def _mixed_with_multiframe(ds: list[Dataset]) -> None:
     ds.append(enhanced_dataset(SeriesSpec(slices=3)))
 
@@ -246,6 +256,8 @@ REFUSALS: list[tuple[str, str, Callable[[list[Dataset]], None] | None, Callable[
     ("size", "inconsistent_size", _other_size, None, "(16, 16)"),
     ("pixel-spacing", "inconsistent_size", _other_spacing, None, "[0.9, 0.7]"),
     ("series", "mixed_series", _other_series, None, "1.2.3.4.5.999"),
+    ("no-pixel-spacing", "bad_spacing", _no_pixel_spacing, None, "missing PixelSpacing"),
+    ("zero-pixel-spacing", "bad_spacing", _zero_pixel_spacing, None, "PixelSpacing must be positive"),
     ("two-slices", "too_few_slices", _two_slices, None, "2 slice(s)"),
     ("colour", "unsupported", _colour, None, "PhotometricInterpretation=RGB"),
     ("mpeg2", "unsupported", _mpeg2, None, str(MPEG2MPML)),
