@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = [
     "BANK_PATH",
     "CARD_PATH",
-    "INFERENCE",
     "WEIGHTS_DIR",
     "WEIGHTS_PATH",
     "default_weights_sha256",
@@ -35,8 +34,6 @@ WEIGHTS_DIR = Path(__file__).resolve().parent
 WEIGHTS_PATH = WEIGHTS_DIR / "segnet.pt"
 BANK_PATH = WEIGHTS_DIR / "ood_bank.npz"
 CARD_PATH = WEIGHTS_DIR / "MODEL_CARD.md"
-#: sliding-window settings the default model was evaluated with (pass to ``model.infer.sliding_window``)
-INFERENCE: dict[str, Any] = {"block": 96, "overlap": 24}
 
 
 def default_weights_sha256() -> str:

@@ -7,7 +7,10 @@ Three stages, each a function and a command:
    trains a ``SegNet(base_features=14, levels=4)`` with :data:`TRAIN_CONFIG` and writes ``DIR/segnet.pt``
    (with :data:`WEIGHTS_META` in its metadata, see :func:`label_weights`) and ``DIR/train_log.json``.
 2. ``python -m model.weights.build bank --weights W --out BANK``: fits the spectral bank on the signatures
-   of all training-range phantoms (training and validation folds), on the CPU, float32.
+   of all training-range phantoms (training and validation folds), each at its own grid and re-gridded to
+   :data:`BANK_GEOMETRIES` clinical scanner geometries (:func:`model.data.clinical.clinical_case`),
+   through the worker's path (:func:`model.segment.segment_volume` with the weights' own settings), on
+   the CPU, float32. ``python -m model.weights.build relabel --weights W`` rewrites the metadata only.
 3. ``python -m model.weights.build card --weights W --bank B --out CARD [--figures DIR]``: evaluates on held-out phantoms
    (:func:`evaluation_cases`: indices from :data:`EVAL_FIRST_INDEX`) exactly as ``specgate model
    evaluate`` does, and writes the model card with the printed table and the metrics JSON.
@@ -31,6 +34,8 @@ SEED = 2026
 TRAIN_SIZES: dict[str, int] = {"ct_liver": 48, "ct_lung": 32, "mr_prostate": 24}
 EVAL_FIRST_INDEX = 1000
 EVAL_PER_KIND = 4
+#: clinical geometries each training phantom is re-gridded to for the bank (plus its own grid)
+BANK_GEOMETRIES = 2
 TRAIN_CONFIG = TrainConfig(
     block=64,
     batch_size=2,
@@ -106,8 +111,23 @@ def stage_train(out: Path, minutes: float, device: str, config: TrainConfig = TR
     return info
 
 
-#: written into the weights file's metadata (the worker reads name, version and the inference window)
-WEIGHTS_META = {"name": "specgate-phantom-segnet", "version": "1", "inference_block": 96, "inference_overlap": 24}
+def training_spacing(sizes: dict[str, int] | None = None, seed: int = SEED) -> dict[str, list[float]]:
+    """Per modality, the median (z, y, x) spacing of the training phantoms: the grid the model runs on."""
+    import numpy as np
+
+    per: dict[str, list[tuple[float, float, float]]] = {}
+    for kind, n in (sizes or TRAIN_SIZES).items():
+        for i in range(n):
+            c = phantom_case(kind, seed, i)
+            per.setdefault(c.modality, []).append(c.spacing)
+    return {m: [round(float(v), 4) for v in np.median(np.array(sp), axis=0)] for m, sp in sorted(per.items())}
+
+
+#: written into the weights file's metadata (the worker reads name, version and the inference settings);
+#: ``inference_spacing`` is :func:`training_spacing` (a test checks they agree). Version 2: same parameters
+#: as version 1, run on the training spacing with the body crop and the content signature.
+WEIGHTS_META = {"name": "specgate-phantom-segnet", "version": "2", "inference_block": 96, "inference_overlap": 24,
+                "inference_spacing": {"CT": [4.0, 4.0, 4.0], "MR": [3.0, 1.7, 1.7]}}
 
 
 def label_weights(path: Path) -> str:
@@ -118,15 +138,38 @@ def label_weights(path: Path) -> str:
     return save_weights(net, path, {**meta, **WEIGHTS_META})
 
 
-def stage_bank(weights: Path, out: Path, sizes: dict[str, int] | None = None) -> None:
+class _BankCases:
+    """The bank's cases, generated one at a time (a re-gridded CT is 300 MB: never hold them all)."""
+
+    def __init__(self, sizes: dict[str, int], geometries: int) -> None:
+        self.spec = [(k, i, v) for k, n in sizes.items() for i in range(n) for v in range(-1, geometries)]
+
+    def __len__(self) -> int:
+        return len(self.spec)
+
+    def __getitem__(self, j: int) -> PhantomCase:
+        from model.data.clinical import clinical_case
+
+        kind, i, variant = self.spec[j]
+        return phantom_case(kind, SEED, i) if variant < 0 else clinical_case(kind, SEED, i, variant)[0]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return (self[j] for j in range(len(self)))
+
+
+def stage_bank(weights: Path, out: Path, sizes: dict[str, int] | None = None,
+               geometries: int = BANK_GEOMETRIES) -> None:
     from model.evaluate import fit_bank
     from model.ood import sha256_file
+    from model.segment import InferenceSettings
     from model.unet import load_weights
 
-    net, _ = load_weights(weights)
-    cases = [c for cs in training_cases(sizes).values() for c in cs]
-    gate = fit_bank(net, cases, weights_sha256=sha256_file(weights), progress=True,
-                    meta={"fitted_on": f"phantoms {sizes or TRAIN_SIZES}, seed {SEED}, indices from 0"})
+    net, meta = load_weights(weights)
+    settings = InferenceSettings.for_weights(meta)
+    cases = _BankCases(sizes or TRAIN_SIZES, geometries)
+    gate = fit_bank(net, cases, weights_sha256=sha256_file(weights), settings=settings, progress=True,
+                    meta={"fitted_on": f"phantoms {sizes or TRAIN_SIZES}, seed {SEED}, indices from 0, each on "
+                                       f"its own grid and re-gridded to {geometries} clinical geometries"})
     gate.save(out)
 
 
@@ -134,11 +177,13 @@ def stage_check(weights: Path, device: str, per_kind: int = 10) -> str:
     """A quick look at a freshly trained model on the machine that trained it (not the card's figures)."""
     from model.evaluate import evaluate, fit_bank, format_report
     from model.ood import sha256_file
+    from model.segment import InferenceSettings
     from model.unet import load_weights
 
-    net, _ = load_weights(weights, device)
+    net, meta = load_weights(weights, device)
+    settings = InferenceSettings.for_weights(meta, device=device)
     bank_cases = [c for cs in training_cases({k: per_kind for k in TRAINING_KINDS}).values() for c in cs]
-    gate = fit_bank(net, bank_cases, sha256_file(weights), device=device)
+    gate = fit_bank(net, bank_cases, sha256_file(weights), settings, device=device)
     ids, ood = evaluation_cases()
     report = format_report(evaluate(net, gate, ids, ood, device=device))
     print(report)
@@ -159,15 +204,74 @@ def write_evaluation_sets(root: Path, per_kind: int = EVAL_PER_KIND, seed: int =
 
 def evaluate_folders(weights: Path, bank: Path, ids: list[Path], ood: list[Path], out_dir: Path | None = None) -> dict[str, Any]:
     """What ``specgate model evaluate --weights W --bank B --data ID... --ood OOD...`` computes (CPU)."""
-    from model.data.volumes import iter_cases
+    from model.data.volumes import MSDDataset
     from model.evaluate import evaluate
     from model.ood import SpectralGate, sha256_file
+    from model.segment import InferenceSettings
     from model.unet import load_weights
 
-    net, _ = load_weights(weights, "cpu")
+    net, meta = load_weights(weights, "cpu")
     gate = SpectralGate.load(bank, weights_sha256=sha256_file(weights))
-    load = lambda paths: {json.loads((p / "dataset.json").read_text())["name"]: list(iter_cases(p)) for p in paths}  # noqa: E731
-    return evaluate(net, gate, load(ids), load(ood), device="cpu", out_dir=out_dir)
+    load = lambda paths: {(d := MSDDataset(p)).name: d for p in paths}  # noqa: E731 - cases load one at a time
+    return evaluate(net, gate, load(ids), load(ood), settings=InferenceSettings.for_weights(meta), device="cpu",
+                    out_dir=out_dir)
+
+
+def write_clinical_sets(root: Path, per_kind: int = EVAL_PER_KIND, seed: int = SEED) -> tuple[list[Path], list[Path]]:
+    """The held-out phantoms re-gridded to clinical scanner geometries, written as DICOM series
+    (:func:`model.data.clinical.write_clinical_set`): ``(in-distribution paths, OOD paths)``."""
+    from model.data.clinical import write_clinical_set
+
+    ids = [write_clinical_set(root, k, per_kind, seed, first_index=EVAL_FIRST_INDEX, progress=True)
+           for k in TRAINING_KINDS]
+    ood = [write_clinical_set(root, k, per_kind, seed, first_index=EVAL_FIRST_INDEX, progress=True)
+           for k in UNSEEN_KINDS]
+    return ids, ood
+
+
+def invariance_table(weights: Path, bank: Path) -> str:
+    """OODM / tau of held-out case EVAL_FIRST_INDEX of each kind, as is and made larger or smaller."""
+    import numpy as np
+
+    from model.data.clinical import AIR, clinical_case
+    from model.ood import SpectralGate, sha256_file
+    from model.segment import InferenceSettings, segment_volume
+    from model.unet import load_weights
+
+    net, meta = load_weights(weights)
+    settings = InferenceSettings.for_weights(meta)
+    gate = SpectralGate.load(bank, weights_sha256=sha256_file(weights))
+    variants = {
+        "native": lambda im, air: im,
+        "padded 2x": lambda im, air: np.pad(im, ((0, 0), (im.shape[1] // 2,) * 2, (im.shape[2] // 2,) * 2),
+                                          constant_values=air),
+        "cropped 0.8x": lambda im, air: im[:, im.shape[1] // 10: -(im.shape[1] // 10),
+                                           im.shape[2] // 10: -(im.shape[2] // 10)],
+        "tiled 3x z": lambda im, air: np.tile(im, (3, 1, 1)),
+        "tiled 2x x": lambda im, air: np.tile(im, (1, 1, 2)),
+        "tiled 2x2": lambda im, air: np.tile(im, (1, 2, 2)),
+    }
+    head = f"{'kind':<16}" + "".join(f"{v:>13}" for v in variants) + f"{'clinical':>13}"
+    rows = [head]
+    for kind in (*TRAINING_KINDS, *UNSEEN_KINDS):
+        case = phantom_case(kind, SEED, EVAL_FIRST_INDEX)
+        air = AIR[case.modality]
+        vals = []
+        for make in variants.values():
+            r = segment_volume(net, make(case.image, air), case.spacing, case.modality, settings)
+            vals.append(gate.score(r.signature) / gate.tau)
+        clin, _geom = clinical_case(kind, SEED, EVAL_FIRST_INDEX, 0)
+        r = segment_volume(net, clin.image, clin.spacing, clin.modality, settings)
+        vals.append(gate.score(r.signature) / gate.tau)
+        rows.append(f"{kind:<16}" + "".join(f"{v:>13.2f}" for v in vals))
+    return "\n".join(rows)
+
+
+def _bank_summary(bank: Path) -> str:
+    from model.ood import SpectralGate
+
+    g = SpectralGate.load(bank)
+    return f"{g.meta.get('n')} signatures of {g.meta.get('images')} training phantoms ({g.meta.get('fitted_on')})"
 
 
 def stage_card(weights: Path, bank: Path, out: Path, figures: Path | None = None) -> str:
@@ -179,12 +283,21 @@ def stage_card(weights: Path, bank: Path, out: Path, figures: Path | None = None
     with tempfile.TemporaryDirectory() as tmp:
         ids, ood = write_evaluation_sets(Path(tmp))
         metrics = evaluate_folders(weights, bank, ids, ood, figures)
+    with tempfile.TemporaryDirectory() as tmp:
+        ids, ood = write_clinical_sets(Path(tmp))
+        clinical = evaluate_folders(weights, bank, ids, ood, figures / "clinical" if figures else None)
+    metrics["clinical"] = clinical
     table = format_report(metrics)
+    clinical_table = format_report(clinical)
     info = json.loads((weights.parent / "train_info.json").read_text())
     log = json.loads((weights.parent / "train_log.json").read_text())
     gpu = json.loads((weights.parent / "bench_gpu.json").read_text())["d"]
     text = CARD_TEMPLATE.format(
         table=table,
+        clinical_table=clinical_table,
+        bank_meta=_bank_summary(bank),
+        spacing=json.dumps(WEIGHTS_META["inference_spacing"]),
+        invariance=invariance_table(weights, bank),
         metrics_json=json.dumps(metrics, indent=2, sort_keys=True),
         weights_sha=sha256_file(weights),
         bank_sha=sha256_file(bank),
@@ -212,6 +325,11 @@ def stage_card(weights: Path, bank: Path, out: Path, figures: Path | None = None
     return table
 
 
+def card_clinical_table(card: Path) -> str:
+    text = card.read_text()
+    return text.split("<!-- clinical-table -->", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+
+
 CARD_TEMPLATE = """# Model card: specgate default segmentation model (phantom-trained)
 
 **Not for clinical use.** This model was trained on synthetic phantoms only, to make the specgate pipeline
@@ -220,9 +338,9 @@ runnable end to end (demo, tests) without patient data. It says nothing about pe
 | | |
 | --- | --- |
 | network | `SegNet(in_channels=1, num_classes=2, base_features=14, levels=4, dropout=0.0)`: residual 3D U-Net, dense encoder skips, instance normalisation, one head (Karimi & Gholipour 2023, III-B) |
-| weights | `segnet.pt`, {weights_mb:.1f} MB, SHA-256 `{weights_sha}` |
-| OOD bank | `ood_bank.npz`, SHA-256 `{bank_sha}`: {bank_n} spectral signatures (length 14), tau = {tau} (c = 2.5) |
-| inference | `sliding_window(net, preprocess(image, modality), block=96, overlap=24)`; CT: HU [-1000, 1000] -> [0, 1]; other modalities: divided by the image's standard deviation |
+| weights | `segnet.pt`, {weights_mb:.1f} MB, SHA-256 `{weights_sha}`; metadata: name, version, `inference_block` 96, `inference_overlap` 24, `inference_spacing` {spacing} |
+| OOD bank | `ood_bank.npz`, SHA-256 `{bank_sha}`: {bank_meta}; tau = {tau} (c = 2.5); records the inference settings it was fitted through |
+| inference | `model.segment.segment_volume`: resampled to the training spacing of the modality (CT, MR; other modalities at native resolution), CT: HU [-1000, 1000] -> [0, 1], other modalities divided by the image's standard deviation; cropped to the body (+12 mm); `sliding_window(block=96, overlap=24)`; probabilities resampled back onto the source grid |
 | load | `from model.weights import load_default; net, gate = load_default()` |
 
 ## Training data
@@ -230,6 +348,8 @@ Three phantom datasets in the Medical Segmentation Decathlon layout, generated b
 (seed {seed}, case indices from 0): {sizes} cases. `ct_liver`: abdominal CT, liver; `ct_lung`: thoracic CT,
 both lungs; `mr_prostate`: pelvic MR with bias field and Rician noise, prostate. Different resolutions
 (CT 4-5 x 4-4.5 mm, MR 3 x 1.6-2 mm). One segmentation head, no input naming the organ or modality.
+The declared `inference_spacing` is the per-modality median of the training phantoms' spacings
+(`model.weights.build.training_spacing`).
 
 ## Training procedure
 Multi-task training (`model.train`, recipe `model/weights/build.py`), run on one {device} (torch {torch}):
@@ -248,39 +368,82 @@ Deviations from the paper, for a training budget of minutes rather than days:
   ended at its time budget instead.
 - instance normalisation (the paper does not say which; batch norm's running averages are wrong for
   batches of one block drawn from datasets of different intensity statistics).
-GPU training is not bitwise repeatable (cuDNN); CPU training with the same seed is. The shipped weights
-were trained before `label_weights` joined the recipe: their metadata (name, version, inference window) was
-added afterwards with it, parameters unchanged, and the bank was re-tied to the new SHA-256 without refitting
-(its signatures depend on the parameters only; the bank's metadata records the old SHA-256).
+GPU training is not bitwise repeatable (cuDNN); CPU training with the same seed is. Version 2 of the
+weights has the parameters of version 1 (trained before `label_weights` joined the recipe); only the
+metadata changed (the training spacing, with which the worker now runs the model), and the bank was refitted.
+
+## The OOD gate: a signature of content
+The paper's signature uses the singular values of the whole feature map, which grow with the square root
+of the number of voxels: on clinical-size studies every result was held whatever it showed (version 1 of
+this card; a 512x512 CT scored OODM 0.083-0.092 against tau 0.0116, an unseen head MR 0.049-0.052).
+specgate deviates in three ways (details and measurements in `model/ood.py` and `model/segment.py`):
+the *mean* Gram matrix instead of the sum; only the voxels inside the body count, and the image is cropped
+to the body before the windows (air around the patient and a padded field of view change nothing); the
+model runs at its training spacing. The bank is fitted through exactly the worker's path, on each training
+phantom at its own grid and re-gridded to two clinical scanner geometries (512x512 CT, 256-320 MR, noise at
+the fine grid), with tau from leave-one-*image*-out distances. The bank records these settings and a worker
+running others refuses it.
+
+OODM / tau of held-out case {eval_first} of each kind, through the worker's path, when the same image is
+made larger or smaller (released at <= 1.00):
+
+```
+{invariance}
+```
 
 ## Evaluation
 Held-out phantoms (seed {seed}, indices {eval_first}-{eval_last}), {eval_per_kind} per kind, never used for training or the bank; `mr_hippocampus` (head MR, an organ never seen) and `pt_tumour` (PET-like, a
-modality never seen) are out of distribution. DSC/HD95/ASSD from the foreground probability >= 0.5;
-ECE/MCE with 10 bins inside a band of 10 voxels around the ground-truth surface; OOD column: images the
-gate flags. This is the output of
+modality never seen) are out of distribution. DSC/HD95/ASSD from the foreground probability >= 0.5 on each
+image's own grid; ECE/MCE with 10 bins inside a band of 10 voxels around the ground-truth surface; OOD
+column: images the gate flags; OODM/tau: the smallest and largest. This is the output of
 
     specgate model evaluate --weights model/weights/segnet.pt --bank model/weights/ood_bank.npz --data ct_liver --data ct_lung --data mr_prostate --ood mr_hippocampus --ood pt_tumour
 
-on folders written by `model.weights.build.write_evaluation_sets` (CPU, float32):
+on folders written by `model.weights.build.write_evaluation_sets` (CPU, float32), at the phantoms' own grids:
 
 ```
 {table}
 ```
 
-The test `tests/unit/model/test_shipped.py` re-runs that command and compares it with the JSON below.
+The same held-out phantoms re-gridded to clinical scanner geometries (`model.data.clinical`: CT 512x512,
+120-300 slices of 1-2.5 mm at 0.6-0.9 mm; MR 256-320 square, 40-180 slices of 1-4 mm at 0.5-1.2 mm; PET
+128-200 square at 2-4 mm; fields of view from 0.8x to 3x the phantom, so some are padded with air and some
+cropped; noise added at the fine grid) and written as DICOM series by
+`model.weights.build.write_clinical_sets`, through the same command:
+
+<!-- clinical-table -->
+```
+{clinical_table}
+```
+
+The test `tests/unit/model/test_shipped.py` re-runs the first command and compares it with the JSON below;
+it re-checks one clinical case per kind against the second. `bench/clinical.py` runs a larger
+clinical-geometry set and the whole worker on a 300x512x512 CT.
 
 ## Speed
 On one {gpu_card}: {gpu_bs8:.0f} blocks of 96^3 per second with bf16 autocast and batch 8
-(channels_last_3d), {gpu_bs4:.0f} with batch 4 (contiguous); a 300x512x512 CT by `sliding_window`
-(196 windows, probabilities copied to the host, signature) in {gpu_sw:.2f} s.
+(channels_last_3d), {gpu_bs4:.0f} with batch 4 (contiguous); a 300x512x512 CT by `sliding_window` at native
+resolution (196 windows, probabilities copied to the host, signature) in {gpu_sw:.2f} s (measured with
+version 1; at the training spacing the same CT is 1-3 windows). The bank is float32: a GPU worker runs
+float32 (`precision` is part of the bank's settings; a bf16 bank would have to be fitted on a GPU).
 
 ## Limits
 - Phantoms only: simple shapes and textures; real anatomy, pathology, artefacts and scanners are absent.
 - The gate only knows three phantom kinds. Anything else, including real CT of the same organs, may be
   flagged as out of distribution; that is the gate doing its job, not a defect of the image.
-- The spectral signature depends on the number of voxels (singular values grow with sqrt(voxels)); the
-  bank covers the phantoms' sizes (about 0.2-0.45 million voxels) only.
-- `mr_prostate` is segmented less well than the CT kinds (see the table): small organ, short training.
+- The body mask is a threshold rule (CT above -500 HU; MR/PET above 20 % of the 99th percentile), holes
+  filled slice by slice. Images in which it finds no body are scored over all voxels (recorded as
+  `body_voxels: 0` in the evidence).
+- Several bodies in one image cut by window seams (the same phantom tiled 2x2 in-plane) are not the
+  training data's content and score far above tau (see the table above); one body, however large the
+  field of view or long the scan, is what the gate is built for.
+- MR volumes that need several windows along z (more than about 90 slices of body at the model's 3 mm)
+  score higher: the same prostate phantom tiled 3x along z scores about 1.3 tau (table above). Every
+  training phantom is shorter than one window, so the bank holds no signature made across a window seam
+  along z; a bank fitted on full-length training series closes this. In-plane seams are covered (two
+  bodies side by side score as one).
+- `mr_prostate` is segmented less well than the CT kinds on clinical grids (see the table): small organ,
+  short training.
 - Single foreground class per dataset; no multi-label output.
 
 <!-- metrics-json -->
@@ -309,6 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bank")
     b.add_argument("--weights", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--geometries", type=int, default=BANK_GEOMETRIES)
+    r = sub.add_parser("relabel", help="rewrite the weights' metadata with WEIGHTS_META (parameters unchanged)")
+    r.add_argument("--weights", type=Path, required=True)
     a = ap.parse_args(argv)
     if a.stage == "train":
         a.out.mkdir(parents=True, exist_ok=True)
@@ -323,8 +489,11 @@ def main(argv: list[str] | None = None) -> None:
         stage_check(a.weights, a.device)
     elif a.stage == "card":
         print(stage_card(a.weights, a.bank, a.out, a.figures))
+        print(card_clinical_table(a.out))
     elif a.stage == "bank":
-        stage_bank(a.weights, a.out)
+        stage_bank(a.weights, a.out, geometries=a.geometries)
+    elif a.stage == "relabel":
+        print(label_weights(a.weights))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,15 @@ def _study(tmp: Path, kind: str, name: str, seed: int = 1):
                         series_description=f"test {kind}", patient_id="TEST-E2E")
 
 
+def _clinical_study(tmp: Path, kind: str, name: str, geometry):
+    """A study at a scanner's geometry (thin slices, 512 matrix for CT), as production receives it."""
+    from model.data.clinical import clinical_case
+
+    case, _ = clinical_case(kind, 0, 10_002, geometry=geometry)
+    return write_series(case.image, case.spacing, case.modality, tmp / name,
+                        series_description=f"test {kind}", patient_id="TEST-E2E")
+
+
 def _seg_uids_at(orthanc: Orthanc, study_uid: str) -> list[str]:
     """SOP Instance UIDs of the SEG instances Orthanc holds for a study (REST /tools/find)."""
     found = orthanc.post("/tools/find", {"Level": "Instance", "Expand": True,
@@ -182,9 +191,15 @@ def _result(stack: Stack, job_id: int) -> Result:
 
 
 def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: Stack, tmp_path: Path) -> None:
+    """Studies at clinical geometry through the real services: a 512x512 thin-slice CT of a known kind is
+    released and delivered, a 256x256 MR of an unseen organ is held until approved."""
+    from model.data.clinical import Geometry
+
     stack.start("worker", "worker")
-    known = _study(tmp_path, "ct_liver", "known")
-    unseen = _study(tmp_path, "mr_hippocampus", "unseen")
+    known = _clinical_study(tmp_path, "ct_liver", "known", Geometry((64, 512, 512), (3.0, 0.703125, 0.703125),
+                                                                     (0.0, 0.0, 0.0)))
+    unseen = _clinical_study(tmp_path, "mr_hippocampus", "unseen", Geometry((48, 256, 256), (1.5, 0.5, 0.5),
+                                                                            (0.0, 0.0, 0.0)))
     assert set(stack.send(known.paths)) == {0}
     assert set(stack.send(unseen.paths)) == {0}
 

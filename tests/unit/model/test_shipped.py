@@ -88,7 +88,8 @@ def _numbers(text):
 def test_model_card_shows_what_evaluate_prints(evaluation):
     printed, m, _ = evaluation
     card = CARD_PATH.read_text()
-    table = card.split("```\n", 2)[1].split("```", 1)[0].strip()
+    after = card.split("on folders written by `model.weights.build.write_evaluation_sets`", 1)[1]
+    table = after.split("```\n", 2)[1].split("```", 1)[0].strip()
     printed_table = printed.strip()
     # same rows, same words; numbers equal to their last printed digit (CPU kernels may differ in 1e-7)
     assert re.sub(r"-?\d+\.\d+|\d+", "#", table) == re.sub(r"-?\d+\.\d+|\d+", "#", printed_table)
@@ -107,15 +108,96 @@ def test_model_card_shows_what_evaluate_prints(evaluation):
         [v for k in sorted(m["oodm"]) for v in m["oodm"][k]], atol=2e-4)
 
 
-@pytest.mark.parametrize("kind,expect_ood", [("ct_liver", False), ("mr_hippocampus", True), ("pt_tumour", True)])
-def test_demo_studies_are_routed_as_the_demo_expects(kind, expect_ood):
-    """What `specgate demo` sends: one in-distribution study, and unseen organ / modality studies."""
-    from model.data.phantoms import phantom_study
-    from model.infer import sliding_window
-    from model.preprocess import preprocess
+@pytest.fixture(scope="module")
+def shipped():
+    from model.segment import InferenceSettings
+    from model.unet import load_weights
 
+    _net, meta = load_weights(WEIGHTS_PATH)
     net, gate = load_default()
-    case = phantom_study(kind, seed=7)
+    settings = InferenceSettings.for_weights(meta)
+    gate.check_inference(settings.signature_settings())
+    return net, gate, settings
+
+
+def _verdict(shipped, image, spacing, modality) -> tuple[float, bool, str | None]:
+    """(OODM / tau, held, reason) for one image through the worker's path."""
+    from model.segment import segment_volume
+
+    net, gate, settings = shipped
+    oodm, held, reason = gate.verdict(segment_volume(net, image, spacing, modality, settings).signature, modality)
+    return oodm / gate.tau, held, reason
+
+
+def _ratio(shipped, image, spacing, modality) -> float:
+    return _verdict(shipped, image, spacing, modality)[0]
+
+
+def test_weights_declare_their_training_spacing():
+    from model.unet import load_weights
+    from model.weights.build import WEIGHTS_META, training_spacing
+
+    assert training_spacing() == WEIGHTS_META["inference_spacing"]
+    assert load_weights(WEIGHTS_PATH)[1]["inference_spacing"] == WEIGHTS_META["inference_spacing"]
+
+
+@pytest.mark.parametrize("kind", ["ct_liver", "ct_lung", "mr_prostate", "mr_hippocampus", "pt_tumour"])
+def test_the_gate_judges_content_whatever_the_size(shipped, kind):
+    """A held-out case of a known kind is released at its own size, padded with air, tiled so that it takes
+    several windows, and re-gridded to a clinical scanner geometry; an unseen kind is held at all."""
+    from model.data.clinical import AIR, clinical_case
+    from model.data.phantoms import TRAINING_KINDS, phantom_case
+    from model.weights.build import EVAL_FIRST_INDEX, SEED
+
+    case = phantom_case(kind, SEED, EVAL_FIRST_INDEX + 1)
+    im, air = case.image, AIR[case.modality]
+    variants = {
+        "native": im,
+        "padded": np.pad(im, ((0, 0), (im.shape[1] // 2,) * 2, (im.shape[2] // 2,) * 2), constant_values=air),
+        "tiled": np.tile(im, (1, 1, 2)),  # two bodies side by side: several windows across
+    }
+    if case.modality == "CT":  # a longer scan: several windows along z (MR: see the model card's limits)
+        variants["tiled z"] = np.tile(im, (3, 1, 1))
+    verdicts = {name: _verdict(shipped, v, case.spacing, case.modality) for name, v in variants.items()}
+    clin, geom = clinical_case(kind, SEED, EVAL_FIRST_INDEX + 1, 0)
+    assert clin.image.shape[1] >= 128 and clin.image.shape == geom.shape
+    verdicts["clinical"] = _verdict(shipped, clin.image, clin.spacing, clin.modality)
+    if kind in TRAINING_KINDS:
+        assert not any(held for _, held, _ in verdicts.values()), verdicts
+        assert max(r for r, _, _ in verdicts.values()) <= 1.0, verdicts
+    else:
+        assert all(held for _, held, _ in verdicts.values()), verdicts
+        if kind == "mr_hippocampus":  # a modality the model knows: the signature alone holds it
+            assert {why for _, _, why in verdicts.values()} == {"oodm_above_tau"}, verdicts
+        else:  # PET, never trained: held at its own grid by the signature, at any grid by the modality
+            assert verdicts["native"][2] == "oodm_above_tau", verdicts
+            assert {why for _, _, why in verdicts.values()} <= {"oodm_above_tau", "modality_not_in_bank"}
+
+
+def test_card_clinical_rows_are_what_the_path_gives(shipped):
+    """The card's clinical-geometry OODMs: the first case of each kind, re-made in memory, scores the same."""
+    from model.data.clinical import clinical_case
+    from model.weights.build import EVAL_FIRST_INDEX, SEED
+
+    cm = card_metrics()["clinical"]
+    gate = shipped[1]
+    assert cm["gate"]["tau"] == pytest.approx(gate.tau, abs=1e-4)
+    for name, scores in cm["oodm"].items():
+        kind = name.removesuffix("_clinical")
+        clin, _ = clinical_case(kind, SEED, EVAL_FIRST_INDEX, 0)
+        fresh = _ratio(shipped, clin.image, clin.spacing, clin.modality) * gate.tau
+        assert fresh == pytest.approx(scores[0], abs=5e-4), name
+
+
+@pytest.mark.parametrize("label", ["known", "unseen"])
+def test_demo_studies_are_routed_as_the_demo_expects(shipped, label):
+    """What `specgate demo` sends: a clinical-size CT of a known kind, and an MR of an organ never seen."""
+    from model.data.clinical import clinical_case
+    from specgate._demo import _demo_studies
+
+    (_, kind, _desc, geometry), = [d for d in _demo_studies() if d[0] == label]
+    case, _ = clinical_case(kind, 0, 10_001, geometry=geometry)
+    assert (case.image.shape[1] == 512) == (label == "known")
     stored = np.round(case.image).astype(np.int16).astype(np.float32)  # as a DICOM series would carry it
-    res = sliding_window(net, preprocess(stored, case.modality), out_dtype=np.float16)
-    assert gate.is_ood(res.signature) == expect_ood, gate.score(res.signature)
+    ratio, held, reason = _verdict(shipped, stored, case.spacing, case.modality)
+    assert held == (label == "unseen") and (ratio > 1.0) == held, (ratio, reason)
