@@ -444,8 +444,8 @@ float32 (`precision` is part of the bank's settings; a bf16 bank would have to b
   field of view or long the scan, is what the gate is built for.
 - Window seams through the body can lift the score. Every training phantom fits in one 96^3 window on
   the model's grid, so the bank holds no signature made across a seam: a CT three times as long scores
-  like the original, but the same prostate phantom tiled 3x along z scored 1.32 tau (table above), and
-  held-out liver case 1001 placed twice side by side 1.49 tau (case 1000: 0.37). Real series longer
+  like the original, but prostate case 1000 tiled 3x along z scores 1.28 tau (table above; case 1001:
+  0.82), and liver case 1001 placed twice side by side 1.59 tau (case 1000: 0.39). Real series longer
   than about 380 mm (CT) or 290 mm (MR) of body need several windows along z; a bank fitted on
   full-length training series is what closes this.
 - `mr_prostate` is segmented less well than the CT kinds on clinical grids (see the table): small organ,
