@@ -47,7 +47,7 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import SegmentationStorage
 
-    from tests.peers import dcmtk_path
+    from tests.peers import dcmtk_path, wait_for
     from worker.pipeline import _save_probability
     from worker.preview import write_preview
     from worker.seg import derive_uid, encode_seg, write_seg
@@ -90,11 +90,9 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     try:
         ae = AE(ae_title="SPECGATE")
         ae.add_requested_context(SegmentationStorage)
-        for _ in range(50):
-            assoc = ae.associate("127.0.0.1", port, ae_title="BENCH")
-            if assoc.is_established:
-                break
-            time.sleep(0.1)
+        # storescp listens a moment after it starts: retry the association until it is accepted
+        assoc = wait_for(lambda: (a := ae.associate("127.0.0.1", port, ae_title="BENCH")).is_established and a,
+                         timeout=10, what="dcmtk's storescp to accept an association")
         t0 = time.perf_counter()
         status = assoc.send_c_store(dcmread(seg_path))
         assoc.release()

@@ -2,8 +2,8 @@
 
 A series arrives at the scanner's resolution (a CT at 0.6-0.9 mm in-plane, 1-2.5 mm slices); a model
 sees what it was trained on (the shipped one: CT at 4 mm, prostate MR at 3 x 1.8 mm). :func:`model_grid`
-chooses the model's grid for a volume, :func:`to_grid` resamples the image onto it (linear, after an
-anti-aliasing Gaussian on every axis that is coarsened) and :func:`from_grid` brings values computed there
+chooses the model's grid for a volume, :func:`to_grid` resamples the image onto it (linear, after
+block averaging on every axis coarsened twofold or more) and :func:`from_grid` brings values computed there
 (class probabilities) back onto the source grid (linear), so the result lies exactly on the source
 geometry: every source voxel gets a value, and the DICOM-SEG still references the source instances.
 

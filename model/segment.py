@@ -126,11 +126,7 @@ class InferenceSettings:
     @classmethod
     def from_record(cls, record: Mapping[str, Any], **overrides: Any) -> InferenceSettings:
         """Settings from a bank's ``meta["inference"]`` (or a weights file's metadata), then ``overrides``."""
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in record.items() if k in known}
-        if isinstance(values.get("spacing"), Mapping):
-            values["spacing"] = tuple(values["spacing"].items())
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values = {k: v for k, v in {**record, **overrides}.items() if k in cls.__dataclass_fields__ and v is not None}
         if isinstance(values.get("spacing"), Mapping):
             values["spacing"] = tuple(values["spacing"].items())
         return cls(**values)
@@ -304,15 +300,9 @@ def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], 
     on_grid[(slice(None), *img_sl)] = res.probabilities[(slice(None), *can_sl)]
     if target is not None:
         probs = np.empty((k, *vol.shape), dtype=out_dtype)
-        rest = np.zeros(vol.shape, dtype=np.float32)
         for c in range(1, k):
-            p = from_grid(on_grid[c], grid, vol.shape, sp)
-            rest += p
-            probs[c] = p
-            del p
-        np.subtract(1.0, rest, out=rest)
-        probs[0] = rest
-        del rest
+            from_grid(on_grid[c], grid, vol.shape, sp, out=probs[c])
+        np.subtract(1.0, probs[1:].sum(axis=0) if k > 2 else probs[1], out=probs[0])
     else:
         probs = on_grid
     timings["restore"] = time.perf_counter() - t0

@@ -44,14 +44,6 @@ class Segmenter:
         self.model_name, self.model_version, self.weights_sha256 = model_name, model_version, weights_sha256
         self.device, self.threshold = device, threshold
 
-    @property
-    def block(self) -> int:
-        return int(self.settings.block)
-
-    @property
-    def overlap(self) -> int:
-        return int(self.settings.overlap)
-
     @classmethod
     def open(cls, weights: Path | None = None, bank: Path | None = None, *, device: str = "cpu",
              block: int | None = None, overlap: int | None = None, spacing: Any = None) -> Segmenter:

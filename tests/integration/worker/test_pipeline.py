@@ -63,6 +63,13 @@ def _segmenter(tiny_model, tmp_path: Path, bank_signatures: np.ndarray, spacing=
     return Segmenter.open(weights, bank, block=32, overlap=8, spacing=spacing)
 
 
+def _run(settings, sessions, job_id: int, seg: Segmenter, task_id: str):
+    """Claim the job as a worker would and run it through the pipeline."""
+    c = claim(sessions, job_id, task_id=task_id, worker_id="test", stale_after_s=60)
+    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
+    return run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+
+
 def _signature_of(seg: Segmenter, case) -> np.ndarray:
     return seg.segment(case.image, case.modality, spacing=case.spacing).signature
 
@@ -81,9 +88,7 @@ def test_one_study_end_to_end_without_broker(migrated, tmp_path: Path, tiny_mode
         bank = np.stack([far, far + 1e-4, far - 1e-4])
     seg = _segmenter(tiny_model, tmp_path, bank)
     job_id = _ingest(sessions, series)
-    c = claim(sessions, job_id, task_id="task-1", worker_id="test", stale_after_s=60)
-    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
-    outcome = run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+    outcome = _run(settings, sessions, job_id, seg, "task-1")
     assert outcome.state == route
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
@@ -122,9 +127,7 @@ def test_bad_series_fails_with_reason_and_is_not_retried(migrated, tmp_path: Pat
     series.paths.pop(5)
     job_id = _ingest(sessions, series)
     seg = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
-    c = claim(sessions, job_id, task_id="t", worker_id="test", stale_after_s=60)
-    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
-    outcome = run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+    outcome = _run(settings, sessions, job_id, seg, "t")
     assert outcome.state == "failed" and outcome.reason_code == "missing_slices"
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
@@ -164,9 +167,7 @@ def test_seg_from_a_resampled_grid_lies_on_the_source_series(migrated, tmp_path:
     seg = _segmenter(tiny_model, tmp_path, np.stack([out.signature, out.signature + 1e-3, out.signature - 1e-3]),
                      spacing)
     job_id = _ingest(sessions, series)
-    c = claim(sessions, job_id, task_id="task-rs", worker_id="test", stale_after_s=60)
-    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
-    outcome = run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+    outcome = _run(settings, sessions, job_id, seg, "task-rs")
     assert outcome.state == "released"
     paths = job_paths(settings.results_dir, job_id, 1)
     evidence = json.loads(paths["evidence"].read_text())
@@ -209,9 +210,7 @@ def test_unusable_spacing_fails_with_its_own_reason(migrated, tmp_path: Path, ti
         ds.save_as(path)
     seg = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]), (("CT", (4.0, 4.0, 4.0)),))
     job_id = _ingest(sessions, series)
-    c = claim(sessions, job_id, task_id="t-sp", worker_id="test", stale_after_s=60)
-    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
-    outcome = run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+    outcome = _run(settings, sessions, job_id, seg, "t-sp")
     assert outcome.state == "failed" and outcome.reason_code == "bad_spacing"
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
