@@ -47,12 +47,12 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import SegmentationStorage
 
+    from dicom_series import load_series
     from tests.peers import dcmtk_path, wait_for
     from worker.pipeline import _save_probability
     from worker.preview import write_preview
     from worker.seg import derive_uid, encode_seg, write_seg
     from worker.segmenter import Segmenter
-    from worker.series import load_series
 
     if threads:
         torch.set_num_threads(threads)

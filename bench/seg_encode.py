@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/seg_encode.py [--slices 300] [--size 512] [--repeat 3] [--enhanced]
 
-The source series is written as single-frame CT files (``--enhanced``: one Enhanced CT instance) and loaded with worker.series.load_series, as the
+The source series is written as single-frame CT files (``--enhanced``: one Enhanced CT instance) and loaded with dicom_series.load_series, as the
 worker does; the mask is a sphere that touches most slices (the expensive case: few empty frames).
 Prints the load time, each encode time, the write time and the SEG's size.
 """
@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from dicom_factory import SeriesSpec, write_series  # noqa: E402
 
+from dicom_series import load_series  # noqa: E402
 from worker.seg import derive_uid, encode_seg, write_seg  # noqa: E402
-from worker.series import load_series  # noqa: E402
 
 
 def main() -> None:

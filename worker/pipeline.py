@@ -202,7 +202,7 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, s
             rules: dict[str, Any]) -> StudyOutcome:
     """Run one claimed job to ``released``/``held`` (or raise). ``SeriesError`` ends it ``failed``."""
     from .seg import derive_uid, encode_seg, write_seg
-    from .series import SeriesError, load_series
+    from dicom_series import SeriesError, load_series
 
     timings: dict[str, float] = {}
     paths = job_paths(cfg.results_dir, c.job_id, c.version)

@@ -24,7 +24,7 @@ from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from worker.series import Volume
+from dicom_series import Volume
 
 __all__ = ["derive_uid", "encode_seg", "write_seg", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE"]
 

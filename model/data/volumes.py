@@ -1,4 +1,5 @@
-"""Loading volumes: NIfTI files, Medical Segmentation Decathlon folders, and DICOM series.
+"""Loading volumes: NIfTI files, Medical Segmentation Decathlon folders, and DICOM series (through
+:mod:`dicom_series`, the loader the worker uses, so both judge a series alike).
 
 Every loader returns arrays in ``(z, y, x)`` order with the spacing in mm in the same order, so a volume
 from any source can go straight to :func:`model.preprocess.preprocess` and the metrics.
@@ -15,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from dicom_series import Volume, find_series, load_series
+
 __all__ = [
     "Case",
     "MSDDataset",
@@ -22,7 +25,6 @@ __all__ = [
     "iter_cases",
     "load_dicom_series",
     "load_nifti",
-    "find_dicom_series",
 ]
 
 
@@ -138,79 +140,39 @@ class SeriesGeometry:
     spacing: tuple[float, float, float]  # (z, y, x) mm
     sop_instance_uids: tuple[str, ...]  # in slice order
 
+    @classmethod
+    def of(cls, volume: Volume) -> SeriesGeometry:
+        def xyz(v: np.ndarray) -> tuple[float, float, float]:
+            return float(v[0]), float(v[1]), float(v[2])
+
+        row, col, normal = volume.direction
+        return cls(
+            origin=volume.origin,
+            row_direction=xyz(row),
+            column_direction=xyz(col),
+            slice_direction=xyz(normal),
+            spacing=volume.spacing,
+            sop_instance_uids=tuple(ref.sop_instance_uid for ref in volume.slices),
+        )
+
 
 def load_dicom_series(
     files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
 ) -> tuple[np.ndarray, SeriesGeometry, str]:
-    """One single-frame DICOM series -> ``(volume (z, y, x) float32, geometry, modality)``.
+    """One DICOM series (its files, or a folder holding only them) -> ``(volume (z, y, x) float32,
+    geometry, modality)``, read by :func:`dicom_series.load_series`, the loader the worker uses.
 
-    Slices are sorted along the slice normal; rescale slope/intercept are applied (HU for CT). Mixed
-    series, missing geometry and uneven slice spacing (more than 1 % off) are refused.
+    A series the worker refuses is refused here for the same reason: a :class:`dicom_series.SeriesError`
+    (a ``ValueError``) with the same ``reason_code``.
     """
-    import pydicom
-
     if isinstance(files, str | os.PathLike):
         paths = sorted(p for p in Path(files).iterdir() if p.is_file())
     else:
         paths = [Path(p) for p in files]
-    if not paths:
-        raise ValueError(f"no DICOM files in {files!r}")
-    dss = [pydicom.dcmread(p) for p in paths]
-    series = {str(ds.get("SeriesInstanceUID", "")) for ds in dss}
-    if len(series) != 1:
-        raise ValueError(f"files belong to {len(series)} series; load one series at a time")
-    ds0 = dss[0]
-    try:
-        orient = np.array(ds0.ImageOrientationPatient, dtype=np.float64)
-        px = [float(v) for v in ds0.PixelSpacing]
-    except AttributeError as exc:
-        raise ValueError(f"series lacks geometry ({exc})") from None
-    row, col = orient[:3], orient[3:]
-    normal = np.cross(row, col)
-    pos = [float(np.dot(np.array(ds.ImagePositionPatient, dtype=np.float64), normal)) for ds in dss]
-    order = np.argsort(pos)
-    dss = [dss[i] for i in order]
-    pos_sorted = np.array(pos)[order]
-    if len(dss) > 1:
-        gaps = np.diff(pos_sorted)
-        dz = float(np.median(gaps))
-        if dz <= 0 or np.any(np.abs(gaps - dz) > 0.01 * dz):
-            raise ValueError(f"uneven or duplicated slice positions (gaps {np.unique(np.round(gaps, 3))})")
-    else:
-        dz = float(ds0.get("SliceThickness", 1.0) or 1.0)
-    vol = np.empty((len(dss), int(ds0.Rows), int(ds0.Columns)), np.float32)
-    for i, ds in enumerate(dss):
-        arr = ds.pixel_array.astype(np.float32)
-        if arr.shape != vol.shape[1:]:
-            raise ValueError(f"slice {i} has shape {arr.shape}, expected {vol.shape[1:]}")
-        vol[i] = arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-    geom = SeriesGeometry(
-        origin=tuple(float(v) for v in dss[0].ImagePositionPatient),  # type: ignore[arg-type]
-        row_direction=tuple(float(v) for v in row),  # type: ignore[arg-type]
-        column_direction=tuple(float(v) for v in col),  # type: ignore[arg-type]
-        slice_direction=tuple(float(v) for v in normal),  # type: ignore[arg-type]
-        spacing=(dz, px[0], px[1]),
-        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in dss),
-    )
-    return vol, geom, str(ds0.get("Modality", "OT")).upper()
-
-
-def find_dicom_series(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
-    """Group the DICOM files under ``root`` (recursively) by SeriesInstanceUID."""
-    import pydicom
-
-    groups: dict[str, list[Path]] = {}
-    for p in sorted(Path(root).rglob("*")):
-        if not p.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except pydicom.errors.InvalidDicomError:
-            continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if uid:
-            groups.setdefault(uid, []).append(p)
-    return groups
+    volume = load_series(paths)
+    image = volume.array
+    image.setflags(write=True)  # the array was allocated by load_series and the Volume ends here: ours now
+    return image, SeriesGeometry.of(volume), volume.modality
 
 
 def iter_cases(path: str | os.PathLike[str]) -> Iterator[Case]:
@@ -221,7 +183,7 @@ def iter_cases(path: str | os.PathLike[str]) -> Iterator[Case]:
         for i in range(len(ds)):
             yield ds[i]
         return
-    groups = find_dicom_series(p)
+    groups = find_series(p)
     if not groups:
         raise ValueError(f"{p} is neither an MSD dataset folder nor a folder of DICOM series")
     for n, (_uid, files) in enumerate(sorted(groups.items())):

@@ -149,7 +149,7 @@ def test_seg_from_a_resampled_grid_lies_on_the_source_series(migrated, tmp_path:
     """Thin-slice CT, run on a 4 mm grid: the SEG's frames are the source slices, dciodvfy finds no error."""
     from model.data.phantoms import phantom_case
     from tests.unit.worker.test_seg import dciodvfy
-    from worker.series import load_series
+    from dicom_series import load_series
 
     settings, _, sessions = migrated
     case = phantom_case("ct_liver", 3, 5)

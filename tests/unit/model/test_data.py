@@ -6,6 +6,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicom_series import SeriesError
 from model.data.phantoms import (
     KINDS,
     TRAINING_KINDS,
@@ -79,6 +80,7 @@ def _write_series(folder, vol, spacing, modality="CT", slope=1.0, intercept=-102
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID = series
         ds.StudyInstanceUID = "1.2.3"
+        ds.FrameOfReferenceUID = "1.2.3.1"
         ds.Modality = modality
         ds.Rows, ds.Columns = vol.shape[1:]
         ds.PixelSpacing = [spacing[1], spacing[2]]
@@ -113,8 +115,9 @@ def test_dicom_series_loader_refuses_gaps(tmp_path):
     ds = pydicom.dcmread(tmp_path / "s" / "3.dcm")
     ds.ImagePositionPatient = [-10.0, -20.0, 120.0]
     ds.save_as(tmp_path / "s" / "3.dcm")
-    with pytest.raises(ValueError, match="uneven"):
+    with pytest.raises(SeriesError) as info:  # 100, 102, 104, 120 mm: seven slices missing
         load_dicom_series(tmp_path / "s")
+    assert info.value.reason_code == "missing_slices"
 
 
 def test_preprocess():

@@ -17,8 +17,8 @@ from pydicom.uid import UID
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dicom_factory import SeriesSpec, classic_datasets, enhanced_dataset, write_datasets  # noqa: E402
 
+from dicom_series import Volume, load_series  # noqa: E402
 from worker.seg import derive_uid, encode_seg, write_seg  # noqa: E402
-from worker.series import Volume, load_series  # noqa: E402
 
 SHA = "3f" * 32
 CATEGORY = ("123037004", "SCT", "Anatomical Structure")

@@ -1,4 +1,4 @@
-"""worker.series.load_series on small generated series: order, geometry, rescale, multi-frame, refusals."""
+"""dicom_series.load_series on small generated series: order, geometry, rescale, multi-frame, refusals."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from dicom_factory import (  # noqa: E402
     write_datasets,
 )
 
-from worker.series import REASON_CODES, SeriesError, load_series  # noqa: E402
+from dicom_series import REASON_CODES, SeriesError, load_series  # noqa: E402
 
 PATIENT_WORDS = ("Factory", "Phantom", "PHANTOM-001")
 
