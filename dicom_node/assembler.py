@@ -13,7 +13,7 @@ whose instances arrive after it was queued gets a new version and every earlier 
 move is ``superseded`` (its result marked superseded). No match is recorded with an audit event and left
 alone.
 
-    >>> from specgate.settings import SeriesRule
+    >>> from dicom_node.config import SeriesRule
     >>> rules = [SeriesRule(name="ct", modalities=("CT",), min_slices=16)]
     >>> s = [SeriesFacts("1.2.3", "CT", None, "AXIAL", 20, frozenset({"PACS"})),
     ...      SeriesFacts("1.2.4", "CT", None, "SCOUT", 2, frozenset({"PACS"}))]
@@ -37,8 +37,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from ledger import audit, jobs
 from ledger.db import DatabaseUnavailable, session_scope
 from ledger.schema import Instance, Job, JobState, Result, Series, Study, utcnow
-from specgate.settings import SeriesRule, Settings
 
+from .config import AssemblyConfig, SeriesRule
 from .spool import Spool
 
 __all__ = ["Assembler", "AssemblyResult", "JobQueuedHook", "SeriesFacts", "choose_series", "log_job_queued"]
@@ -99,14 +99,15 @@ class AssemblyResult:
 class Assembler:
     """Finds quiet studies and turns them into jobs. :meth:`run_once` for one pass; :meth:`start` a loop."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
+    def __init__(self, config: AssemblyConfig, sessions: sessionmaker[Session], *,
                  on_job_queued: JobQueuedHook = log_job_queued, spool: Spool | None = None,
                  interval_s: float | None = None) -> None:
-        self.settings = settings
+        """``spool``: its partial files older than ``config.temp_max_age_s`` are swept on every pass."""
+        self.config = config
         self.sessions = sessions
         self.on_job_queued = on_job_queued
         self.spool = spool
-        self.interval_s = interval_s if interval_s is not None else min(1.0, settings.study_quiet_seconds / 4)
+        self.interval_s = interval_s if interval_s is not None else min(1.0, config.quiet_seconds / 4)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -128,10 +129,8 @@ class Assembler:
             try:
                 self.run_once()
                 if self.spool is not None:
-                    # Partial files of associations that died mid-dataset; anything older than the
-                    # timeouts cannot belong to a live association.
-                    s = self.settings
-                    self.spool.sweep_temp(2 * (s.scp_network_timeout + s.scp_dimse_timeout))
+                    # Partial files of associations that died mid-dataset
+                    self.spool.sweep_temp(self.config.temp_max_age_s)
             except DatabaseUnavailable as exc:
                 log.error("assembler: ledger unavailable, retrying: %s", exc)
             self._stop.wait(self.interval_s)
@@ -139,7 +138,7 @@ class Assembler:
     # ------------------------------------------------------------------------------------- pass
     def pending(self, now: datetime | None = None) -> list[int]:
         """Ids of studies whose quiet period is over and that have instances no assembly saw yet."""
-        cutoff = (now or utcnow()) - timedelta(seconds=self.settings.study_quiet_seconds)
+        cutoff = (now or utcnow()) - timedelta(seconds=self.config.quiet_seconds)
         with session_scope(self.sessions) as s:
             return list(s.execute(
                 select(Study.id).where(Study.received_count > Study.assembled_count,
@@ -165,7 +164,7 @@ class Assembler:
 
     def _assemble(self, study_id: int, now: datetime | None) -> AssemblyResult | None:
         now = now or utcnow()
-        cutoff = now - timedelta(seconds=self.settings.study_quiet_seconds)
+        cutoff = now - timedelta(seconds=self.config.quiet_seconds)
         with session_scope(self.sessions) as s:
             q = select(Study).where(Study.id == study_id)
             if s.get_bind().dialect.name == "postgresql":
@@ -178,7 +177,7 @@ class Assembler:
             if last > cutoff:
                 return None  # an instance arrived since pending() looked
             facts = self._series_facts(s, study.id)
-            choice = choose_series(self.settings.rules, facts)
+            choice = choose_series(self.config.rules, facts)
             seen = study.received_count
             s.execute(update(Study).where(Study.id == study.id)
                       .values(assembled_count=seen, assembled_at=now))
@@ -194,7 +193,7 @@ class Assembler:
             earlier = list(s.execute(select(Job).where(Job.study_id == study.id)).scalars())
             job = jobs.create_job(s, study, actor=ACTOR, state=JobState.QUEUED,
                                   series_instance_uid=series.series_instance_uid, rule_name=rule.name,
-                                  max_attempts=self.settings.worker_max_attempts,
+                                  max_attempts=self.config.job_max_attempts,
                                   details={"instances": seen, "series_instances": series.instances,
                                            "model": rule.model})
             superseded = []

@@ -10,7 +10,7 @@ validate the UIDs used as path components -> fsync + link into the spool -> inse
 commit -> 0x0000. Any failure after the file got its final name removes it again, so a refusal leaves no
 file and no row.
 
-Statuses: 0xA700 out of resources (disk at the watermark, ledger unavailable), 0xA900 the dataset does not
+Statuses: 0xA700 out of resources (disk at the watermark or refusing a write, ledger unavailable), 0xA900 the dataset does not
 match the request (SOP Class/Instance UID differ, an image without pixel data), 0xC000 cannot understand
 (not decodable, a required UID missing or not a UID).
 """
@@ -21,21 +21,19 @@ import logging
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import Table, bindparam, insert, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import audit
-from ledger.db import DatabaseUnavailable, open_engine, session_scope
-from ledger.schema import Instance, Series, Study, utcnow
+from ledger.db import DatabaseUnavailable, session_scope
+from ledger.instances import ExistingInstance, InstanceIndex, NewInstance
 
-from ._sql import Prepared, RawConnections, insert_ignore
 from .spool import InvalidUID, Spool, validate_uid
 
 __all__ = [
@@ -45,8 +43,8 @@ __all__ = [
     "SUCCESS",
     "InstanceHeader",
     "Outcome",
+    "InstanceReceiver",
     "Received",
-    "Receiver",
     "Refused",
     "fast_header",
     "read_header",
@@ -64,26 +62,6 @@ _HEADER_TAGS = [
     "BodyPartExamined", "SeriesDescription", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
 ]
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_STUDIES: Table = Study.__table__  # type: ignore[assignment]
-_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
-# The two statements of every instance, built once: Core statements on the tables, not the ORM (its unit
-# of work and update synchronisation cost more than the statements, for rows this transaction never reads
-# back), and one statement object each, so SQLAlchemy's compiled cache is hit without rebuilding them.
-_BUMP_STUDY = (update(_STUDIES).where(_STUDIES.c.study_instance_uid == bindparam("uid"))
-               .values(last_received_at=bindparam("now"), received_count=_STUDIES.c.received_count + 1)
-               .returning(_STUDIES.c.id))
-_INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
-# The same two, for the usual instance (its study and series known), run through Prepared on a DBAPI
-# connection: see dicom_node._sql.Prepared for why.
-_BUMP_STUDY_BY_ID = (update(_STUDIES).where(_STUDIES.c.id == bindparam("study_id"))
-                     .values(last_received_at=bindparam("now"), received_count=_STUDIES.c.received_count + 1))
-_INSERT_COLUMNS = ("series_id", "sop_instance_uid", "sop_class_uid", "transfer_syntax_uid", "spool_path",
-                   "size_bytes", "sha256", "calling_ae", "received_at")
-_INSERT_INSTANCE_ROW = (insert(_INSTANCES).values({c: bindparam(c) for c in _INSERT_COLUMNS})
-                        .returning(_INSTANCES.c.id))
-# On PostgreSQL both in one statement (a data-modifying WITH): one round trip and one implicit transaction
-# instead of four round trips (BEGIN, UPDATE, INSERT, COMMIT); atomic all the same.
-_BUMP_AND_INSERT = _INSERT_INSTANCE_ROW.add_cte(_BUMP_STUDY_BY_ID.cte("bump"))
 
 
 class Refused(Exception):
@@ -301,8 +279,13 @@ def fast_header(head: bytes, *, transfer_syntax: str, dataset_length: int) -> In
         series_description=_text(values.get("SeriesDescription"), 64), has_pixel_data=has_pixels)
 
 
-class Receiver:
-    """Turns a received file into an :class:`Outcome`. One per SCP; safe to call from many threads."""
+class InstanceReceiver:
+    """Turns a received file into an :class:`Outcome`. One per SCP; safe to call from many threads.
+
+    Everything that can go wrong with one instance ends here as an audited refusal: the data set (0xC000,
+    0xA900), the disk (0xA700: at the watermark, or refusing a write, a link or a folder) and the
+    ledger (0xA700). Anything else is a bug; it propagates, the file removed, and the association's
+    per-message boundary answers it (0xC000, through :meth:`refuse`)."""
 
     def __init__(self, spool: Spool, sessions: sessionmaker[Session], *, actor: str = "dicom_node.scp",
                  image_sop_classes: frozenset[str] | None = None,
@@ -312,26 +295,19 @@ class Receiver:
         self.actor = actor
         self.image_sop_classes = image_sop_classes
         self.on_stored = on_stored
-        # uid -> row id, filled only after a commit (rows are never deleted while the SCP runs)
-        self._study_ids: dict[str, int] = {}
-        self._series_ids: dict[str, int] = {}
-        self._raw: RawConnections | None = None
-        self._raw_statements: tuple[Prepared | None, Prepared] | None = None
+        self.index = InstanceIndex(sessions)
 
     def close(self) -> None:
-        """Close the connections of the fast path (the SCP stops)."""
-        if self._raw is not None:
-            self._raw.close()
-            self._raw = None
+        """Close the ledger's fast-path connections (the SCP stops)."""
+        self.index.close()
 
     # ------------------------------------------------------------------------------------ public
     def receive(self, temp: Path, *, request_sop_class: str, request_sop_instance: str,
-                transfer_syntax: str, calling_ae: str, address: str, received: Received | None = None) -> Outcome:
+                transfer_syntax: str, calling_ae: str, address: str, received: Received) -> Outcome:
         """Decide the status for the file ``temp`` received under a C-STORE request.
 
         ``temp`` is consumed: on success it has become the spool file, otherwise it is removed.
-        ``received``: what the network layer already knows of the file (its digest, the data set's first
-        bytes); without it the file is read to learn the same.
+        ``received``: what the network layer learnt of the file (its digest, the data set's first bytes).
         """
         try:
             outcome = self._receive(temp, request_sop_class, request_sop_instance, transfer_syntax, calling_ae,
@@ -355,58 +331,73 @@ class Receiver:
 
     # ----------------------------------------------------------------------------------- private
     def _receive(self, temp: Path, rq_class: str, rq_instance: str, transfer_syntax: str,
-                 calling_ae: str, received: Received | None) -> Outcome:
-        if not self.spool.has_room():
-            raise Refused(OUT_OF_RESOURCES, "disk_watermark",
-                          f"spool disk above {self.spool.watermark_percent:g}% used")
-        header = None
-        if received is not None:
-            header = fast_header(received.head, transfer_syntax=str(transfer_syntax).rstrip("\x00 "),
-                                 dataset_length=received.dataset_length)
-        if header is None:
-            header = read_header(temp)
-        rq_class = str(rq_class).rstrip("\x00 ")
-        rq_instance = str(rq_instance).rstrip("\x00 ")
-        if header.sop_class_uid != rq_class:
+                 calling_ae: str, received: Received) -> Outcome:
+        try:
+            if not self.spool.has_room():
+                raise Refused(OUT_OF_RESOURCES, "disk_watermark",
+                              f"spool disk above {self.spool.watermark_percent:g}% used")
+            header = self._header(temp, transfer_syntax, received)
+            new = self._checked(header, rq_class, rq_instance, transfer_syntax, calling_ae, received)
+            return self._store(temp, new)
+        except OSError as exc:  # the spool's disk refused: full, read-only, no permission, I/O error
+            log.error("spool refused an instance (%s); C-STORE answered 0xA700", exc.strerror or exc)
+            raise Refused(OUT_OF_RESOURCES, "storage_refused",
+                          f"the spool cannot store the instance: {exc.strerror or type(exc).__name__}") from exc
+
+    def _header(self, temp: Path, transfer_syntax: str, received: Received) -> InstanceHeader:
+        header = fast_header(received.head, transfer_syntax=str(transfer_syntax).rstrip("\x00 "),
+                             dataset_length=received.dataset_length)
+        return header if header is not None else read_header(temp)
+
+    def _checked(self, header: InstanceHeader, rq_class: str, rq_instance: str, transfer_syntax: str,
+                 calling_ae: str, received: Received) -> NewInstance:
+        """The instance as the ledger will index it, once it matches its request and its UIDs are UIDs."""
+        if header.sop_class_uid != str(rq_class).rstrip("\x00 "):
             raise Refused(DATASET_MISMATCH, "sop_class_mismatch",
                           "dataset SOP Class UID differs from the request's Affected SOP Class UID")
-        if header.sop_instance_uid != rq_instance:
+        if header.sop_instance_uid != str(rq_instance).rstrip("\x00 "):
             raise Refused(DATASET_MISMATCH, "sop_instance_mismatch",
                           "dataset SOP Instance UID differs from the request's Affected SOP Instance UID")
         try:
-            study_uid = validate_uid(header.study_instance_uid, what="Study Instance UID")
-            series_uid = validate_uid(header.series_instance_uid, what="Series Instance UID")
-            sop_uid = validate_uid(header.sop_instance_uid, what="SOP Instance UID")
-            sop_class = validate_uid(header.sop_class_uid, what="SOP Class UID")
-            ts_uid = validate_uid(transfer_syntax, what="Transfer Syntax UID")
+            new = NewInstance(
+                study_instance_uid=validate_uid(header.study_instance_uid, what="Study Instance UID"),
+                series_instance_uid=validate_uid(header.series_instance_uid, what="Series Instance UID"),
+                sop_instance_uid=validate_uid(header.sop_instance_uid, what="SOP Instance UID"),
+                sop_class_uid=validate_uid(header.sop_class_uid, what="SOP Class UID"),
+                transfer_syntax_uid=validate_uid(transfer_syntax, what="Transfer Syntax UID"),
+                spool_path="", size_bytes=received.size, sha256=received.sha256, calling_ae=calling_ae,
+                modality=header.modality, body_part=header.body_part,
+                series_description=header.series_description)
         except InvalidUID as exc:
             raise Refused(CANNOT_UNDERSTAND, "invalid_uid", str(exc)) from exc
-        if (self.image_sop_classes is None or sop_class in self.image_sop_classes) and not header.has_pixel_data:
+        is_image = self.image_sop_classes is None or new.sop_class_uid in self.image_sop_classes
+        if is_image and not header.has_pixel_data:
             raise Refused(DATASET_MISMATCH, "no_pixel_data", "image storage dataset without pixel data")
+        return new
 
-        known = (received.size, received.sha256) if received is not None else None
-        spooled = self.spool.commit(temp, study_uid, series_uid, sop_uid, digest=known)
+    def _store(self, temp: Path, new: NewInstance) -> Outcome:
+        """Durable file first, then its row; a row that cannot be written takes the file away again."""
+        spooled = self.spool.commit(temp, new.study_instance_uid, new.series_instance_uid, new.sop_instance_uid,
+                                    digest=(new.size_bytes, new.sha256))
         if not spooled.created:
-            existing = self._existing(sop_uid)
+            existing = self._find(new.sop_instance_uid)
             if existing is not None:
-                return self._duplicate(temp, existing, sop_uid, calling_ae, known)
+                self.spool.discard_temp(temp)
+                return self._duplicate(existing, new.sop_instance_uid, new.calling_ae, new.sha256)
             # A file without a row was never acknowledged (a crash between link and commit): ours wins.
             spooled = self.spool.replace(temp, spooled.path)
         try:
-            instance_id = self._index(header, spooled.path, spooled.size_bytes, spooled.sha256, ts_uid,
-                                      calling_ae, study_uid, series_uid, sop_uid, sop_class)
+            instance_id = self.index.add(replace(new, spool_path=str(spooled.path), size_bytes=spooled.size_bytes,
+                                                 sha256=spooled.sha256))
         except IntegrityError:
             # Another association indexed the same SOP Instance at the same moment: its row names this
             # very path, so the file stays.
-            existing = self._existing(sop_uid)
+            existing = self._find(new.sop_instance_uid)
             if existing is None:
                 raise
-            if existing[2] != str(spooled.path):  # same SOP Instance UID under another study/series
+            if existing.spool_path != str(spooled.path):  # same SOP Instance UID under another study/series
                 self.spool.remove(spooled.path)
-            if existing[1] != spooled.sha256:
-                self._audit_differs(existing, sop_uid, calling_ae, spooled.sha256)
-            return Outcome(SUCCESS, "duplicate", "instance received before; first copy kept",
-                           instance_id=existing[0], duplicate=True)
+            return self._duplicate(existing, new.sop_instance_uid, new.calling_ae, spooled.sha256)
         except DatabaseUnavailable as exc:
             self.spool.remove(spooled.path)
             log.error("ledger unavailable, C-STORE refused with 0xA700: %s", exc)
@@ -415,135 +406,31 @@ class Receiver:
             self.spool.remove(spooled.path)
             raise
         if self.on_stored is not None:
-            self.on_stored(instance_id, study_uid)
+            self.on_stored(instance_id, new.study_instance_uid)
         return Outcome(SUCCESS, instance_id=instance_id)
 
-    def _existing(self, sop_uid: str) -> tuple[int, str, str] | None:
+    def _find(self, sop_uid: str) -> ExistingInstance | None:
         try:
-            with session_scope(self.sessions) as s:
-                row = s.execute(select(Instance.id, Instance.sha256, Instance.spool_path)
-                                .where(Instance.sop_instance_uid == sop_uid)).first()
+            return self.index.find(sop_uid)
         except DatabaseUnavailable as exc:
             log.error("ledger unavailable, C-STORE refused with 0xA700: %s", exc)
             raise Refused(OUT_OF_RESOURCES, "ledger_unavailable", "ledger database unavailable") from exc
-        return None if row is None else (int(row[0]), str(row[1]), str(row[2]))
 
-    def _duplicate(self, temp: Path, existing: tuple[int, str, str], sop_uid: str, calling_ae: str,
-                   known: tuple[int, str] | None) -> Outcome:
-        instance_id, old_sha, _ = existing
-        _, digest = known if known is not None else self.spool.digest(temp)
-        self.spool.discard_temp(temp)
-        if digest == old_sha:
-            return Outcome(SUCCESS, "duplicate", "same instance received before", instance_id=instance_id,
+    def _duplicate(self, existing: ExistingInstance, sop_uid: str, calling_ae: str, digest: str) -> Outcome:
+        if digest == existing.sha256:
+            return Outcome(SUCCESS, "duplicate", "same instance received before", instance_id=existing.id,
                            duplicate=True)
-        self._audit_differs(existing, sop_uid, calling_ae, digest)
-        return Outcome(SUCCESS, "duplicate_differs", "instance received before with other content; first kept",
-                       instance_id=instance_id, duplicate=True)
-
-    def _audit_differs(self, existing: tuple[int, str, str], sop_uid: str, calling_ae: str, digest: str) -> None:
-        instance_id, old_sha, _ = existing
         try:
             with session_scope(self.sessions) as s:
                 audit.append(s, actor=calling_ae or "unknown", action="instance.duplicate_differs",
-                             object_type="instance", object_id=instance_id,
-                             details={"sop_instance_uid": sop_uid, "kept_sha256": old_sha,
+                             object_type="instance", object_id=existing.id,
+                             details={"sop_instance_uid": sop_uid, "kept_sha256": existing.sha256,
                                       "discarded_sha256": digest})
         except DatabaseUnavailable as exc:
             raise Refused(OUT_OF_RESOURCES, "ledger_unavailable", "ledger database unavailable") from exc
         log.warning("instance %s received again with different content; first copy kept", sop_uid)
-
-    def _index(self, header: InstanceHeader, path: Path, size: int, sha: str, ts_uid: str, calling_ae: str,
-               study_uid: str, series_uid: str, sop_uid: str, sop_class: str) -> int:
-        """Insert the instance row (and its study/series rows the first time) in one transaction.
-
-        Study and series ids are remembered after their transaction committed, so the usual instance costs
-        two statements: the study's counter bump and the instance insert.
-        """
-        now = utcnow()
-        study_id, series_id = self._study_ids.get(study_uid), self._series_ids.get(series_uid)
-        if study_id is not None and series_id is not None:
-            return self._index_known(study_id, {
-                "series_id": series_id, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class,
-                "transfer_syntax_uid": ts_uid, "spool_path": str(path), "size_bytes": size, "sha256": sha,
-                "calling_ae": calling_ae[:16], "received_at": now})
-        new_study = False
-        with session_scope(self.sessions) as s:
-            if study_uid not in self._study_ids:
-                new_study = insert_ignore(s, Study, {
-                    "study_instance_uid": study_uid, "calling_ae": calling_ae[:16], "first_received_at": now,
-                    "last_received_at": now}) == 1
-            study_id = s.execute(_BUMP_STUDY, {"uid": study_uid, "now": now}).scalar_one()
-            series_id = self._series_ids.get(series_uid)
-            if series_id is None:
-                insert_ignore(s, Series, {
-                    "study_id": study_id, "series_instance_uid": series_uid, "modality": header.modality,
-                    "body_part": header.body_part, "series_description": header.series_description})
-                series_id = s.execute(select(Series.id).where(Series.series_instance_uid == series_uid)).scalar_one()
-            instance_id = int(s.execute(_INSERT_INSTANCE, {
-                "series_id": series_id, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class,
-                "transfer_syntax_uid": ts_uid, "spool_path": str(path), "size_bytes": size, "sha256": sha,
-                "calling_ae": calling_ae[:16], "received_at": now}).scalar_one())
-            if new_study:
-                audit.append(s, actor=calling_ae or "unknown", action="study.receiving", object_type="study",
-                             object_id=study_id, details={"study_instance_uid": study_uid})
-        if len(self._study_ids) > 10_000:
-            self._study_ids.clear()
-            self._series_ids.clear()
-        self._study_ids[study_uid] = study_id
-        self._series_ids[series_uid] = series_id
-        return instance_id
-
-    def _index_known(self, study_id: int, row: dict[str, Any]) -> int:
-        """The usual instance: its study's counter bump and its row, in one transaction on a DBAPI
-        connection (same statements, same types as the ORM path; a fraction of the Python time)."""
-        if self._raw is None:
-            bind = self.sessions.kw["bind"]
-            self._raw = RawConnections(bind.url, open_engine)
-            if self._raw.dialect.name == "postgresql":
-                self._raw_statements = (None, Prepared(_BUMP_AND_INSERT, self._raw.dialect))
-            else:
-                self._raw_statements = (Prepared(_BUMP_STUDY_BY_ID, self._raw.dialect),
-                                        Prepared(_INSERT_INSTANCE_ROW, self._raw.dialect))
-        raw = self._raw
-        assert self._raw_statements is not None
-        bump, insert_row = self._raw_statements
-        while True:
-            try:
-                conn, reused = raw.take()
-            except (DBAPIError, raw.dbapi.Error) as exc:  # a new connection's errors come unwrapped
-                raise DatabaseUnavailable(f"ledger database unavailable: {exc!s}".splitlines()[0]) from exc
-            try:
-                cur = conn.cursor()
-                try:
-                    if bump is None:  # PostgreSQL, autocommit: the statement is the transaction
-                        insert_row.execute(cur, {**row, "study_id": study_id, "now": row["received_at"]})
-                        instance_id = int(cur.fetchone()[0])
-                    else:
-                        cur.execute("BEGIN IMMEDIATE")
-                        bump.execute(cur, {"study_id": study_id, "now": row["received_at"]})
-                        insert_row.execute(cur, row)
-                        instance_id = int(cur.fetchone()[0])
-                        conn.commit()
-                finally:
-                    cur.close()
-            except raw.dbapi.IntegrityError as exc:
-                try:
-                    conn.rollback()
-                    raw.give_back(conn)
-                except raw.dbapi.Error:
-                    raw.discard(conn)
-                raise IntegrityError(insert_row.sql, None, exc) from exc
-            except raw.dbapi.Error as exc:
-                raw.discard(conn)
-                if reused:  # cut while idle (a database restart): once more, on a new connection
-                    log.info("ledger connection lost (%s); reconnecting", type(exc).__name__)
-                    continue
-                raise DatabaseUnavailable(f"ledger database unavailable: {exc!s}".splitlines()[0]) from exc
-            except BaseException:
-                raw.discard(conn)
-                raise
-            raw.give_back(conn)
-            return instance_id
+        return Outcome(SUCCESS, "duplicate_differs", "instance received before with other content; first kept",
+                       instance_id=existing.id, duplicate=True)
 
     def _audit_refusal(self, refusal: Refused, rq_class: str, rq_instance: str, calling_ae: str,
                        address: str) -> None:

@@ -3,7 +3,7 @@
 The worker calls :func:`deliver` once a result may be sent (released by the gate, or approved)::
 
     outcomes = deliver(sessions, result_id, settings.destinations, actor="worker",
-                       retry_policy=RetryPolicy.from_settings(settings))
+                       retry_policy=settings.retry_policy())
 
 Every destination has one ``deliveries`` row per result (unique), which records the attempts, the last
 status and the state; ``sent`` only when the peer answered 0x0000. A row already ``sent`` is never sent
@@ -33,9 +33,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from ledger import audit
 from ledger.db import session_scope
 from ledger.schema import Delivery, DeliveryState, Result, utcnow
-from specgate.settings import Destination, Settings
+from ledger.sql import insert_ignore
 
-from ._sql import insert_ignore
+from .config import Destination
 
 __all__ = ["DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "echo", "send_file"]
 
@@ -63,12 +63,6 @@ class RetryPolicy:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.backoff_s < 0 or self.backoff_max_s < 0:
             raise ValueError(f"back-off must not be negative, got {self.backoff_s}/{self.backoff_max_s}")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RetryPolicy:
-        return cls(max_attempts=settings.scu_max_attempts, backoff_s=settings.scu_backoff_seconds,
-                   backoff_max_s=settings.scu_backoff_max_seconds, ae_title=settings.scu_ae_title,
-                   timeout_s=settings.scu_timeout)
 
     def wait_before(self, attempt: int) -> float:
         """Seconds to wait before attempt number ``attempt`` (1-based; 0 before the first)."""

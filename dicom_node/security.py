@@ -1,6 +1,6 @@
 """Who may talk to the SCP: the calling-AE/host allow-list, and TLS contexts.
 
-    >>> from specgate.settings import AllowedCaller
+    >>> from dicom_node.config import AllowedCaller
     >>> callers = [AllowedCaller.parse("PACS@10.0.0.5"), AllowedCaller.parse("CT1@*")]
     >>> caller_allowed(callers, "PACS", "10.0.0.5"), caller_allowed(callers, "PACS", "10.0.0.6")
     (True, False)
@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
-from specgate.settings import AllowedCaller, Settings
+from .config import AllowedCaller, TLSConfig
 
 __all__ = ["caller_allowed", "client_ssl_context", "normalise_host", "server_ssl_context"]
 
@@ -37,16 +37,16 @@ def caller_allowed(callers: Sequence[AllowedCaller], calling_ae: str, host: str)
     return any(c.matches(calling_ae, host) for c in callers)
 
 
-def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+def server_ssl_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
     """The SCP's TLS context (TLS 1.2+), or None when TLS is off. Mutual TLS when asked for."""
-    if settings.scp_tls_cert is None or settings.scp_tls_key is None:
+    if tls is None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(certfile=str(settings.scp_tls_cert), keyfile=str(settings.scp_tls_key))
-    if settings.scp_tls_ca is not None:
-        ctx.load_verify_locations(cafile=str(settings.scp_tls_ca))
-        ctx.verify_mode = ssl.CERT_REQUIRED if settings.scp_tls_require_client_cert else ssl.CERT_OPTIONAL
+    ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    if tls.ca is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return ctx
 
 

@@ -19,7 +19,11 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["DatabaseUnavailable", "is_postgres", "is_sqlite", "open_engine", "session_scope", "sessionmaker_for"]
+__all__ = ["SQLITE_BEGIN", "DatabaseUnavailable", "is_postgres", "is_sqlite", "open_engine", "session_scope",
+           "sessionmaker_for"]
+
+#: How every SQLite transaction of ours begins (see the module's notes), also on raw DBAPI connections.
+SQLITE_BEGIN = "BEGIN IMMEDIATE"
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -56,7 +60,7 @@ def open_engine(url: str, *, busy_timeout_s: float = 30.0, **kwargs: Any) -> Eng
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql(SQLITE_BEGIN)
 
         return engine
     if parsed.get_backend_name() == "postgresql":

@@ -22,7 +22,7 @@ def _job_queued_hook(app: Any) -> Any:
     """The enqueue hook the assembler calls with each new job id: a wake-up call to the workers."""
     from worker.celery_app import Enqueuer, make_celery
 
-    return Enqueuer(make_celery(app.settings), app.sessions()).segment
+    return Enqueuer(make_celery(app.settings.worker_config()), app.sessions()).segment
 
 
 @click.command("scp")
@@ -64,17 +64,18 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
 
 def _run_node(app: Any, config_file: Any, stop: threading.Event) -> None:
     from dicom_node.assembler import Assembler
-    from dicom_node.listener import Listener, default_processes
+    from dicom_node.handoff import Listener, default_processes
     from dicom_node.scp import StoreSCP
     from dicom_node.spool import Spool
 
     settings = app.settings
+    node = settings.node_config()
     sessions = app.sessions()
-    processes = default_processes(settings)
-    spool = Spool(settings.spool_dir, watermark_percent=settings.spool_disk_watermark_percent).open()
+    processes = default_processes(node)
+    spool = Spool(node.spool_dir, watermark_percent=node.spool_watermark_percent).open()
     front: Any
     if processes == 1:
-        front = StoreSCP(settings, sessions, spool=spool)
+        front = StoreSCP(node, sessions, spool=spool)
     else:
         def spawn(fd: int) -> subprocess.Popen[bytes]:
             argv = [sys.executable, "-m", "specgate.cli"]
@@ -83,12 +84,13 @@ def _run_node(app: Any, config_file: Any, stop: threading.Event) -> None:
             argv += ["scp", "--receiver-fd", str(fd)]
             return subprocess.Popen(argv, pass_fds=(fd,))
 
-        front = Listener(settings, spawn, processes=processes)
+        front = Listener(node, spawn, processes=processes)
     try:
         front.start()
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {settings.scp_host}:{settings.scp_port}: {exc}") from exc
-    assembler = Assembler(settings, sessions, on_job_queued=_job_queued_hook(app), spool=spool).start()
+    assembler = Assembler(settings.assembly_config(), sessions, on_job_queued=_job_queued_hook(app),
+                          spool=spool).start()
     host, port = front.address
     click.echo(f"specgate scp: {settings.scp_ae_title} listening on {host}:{port} "
                f"({processes} receiver process{'es' if processes > 1 else ''})", err=True)
@@ -112,12 +114,13 @@ def _run_receiver(app: Any, fd: int) -> None:
     # The listener decides when receivers stop (it closes the socket pair); a terminal's Ctrl-C reaches
     # the whole process group, so receivers ignore SIGINT and finish their associations.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    scp = StoreSCP(app.settings, app.sessions(), handoff=handoff).start()
+    node = app.settings.node_config()
+    scp = StoreSCP(node, app.sessions(), handoff=handoff).start()
     try:
         scp.wait_parent_gone()
         log.info("receiver %d: listener gone, finishing %d association(s)", os.getpid(),
                  scp.established_associations())
-        deadline = time.monotonic() + app.settings.scp_network_timeout + app.settings.scp_dimse_timeout
+        deadline = time.monotonic() + node.network_timeout + node.dimse_timeout
         while scp.established_associations() and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:

@@ -20,7 +20,7 @@ from tests.peers import free_port
 def _ledger(url: str, tmp_path: Path) -> Iterator[Ledger]:
     data = tmp_path / "data"
     settings = Settings.load(data_dir=data, database_url=url)
-    migrations.upgrade(settings)
+    migrations.upgrade(settings.db_url)
     engine = open_engine(settings.db_url)
     try:
         yield Ledger(settings, sessionmaker_for(engine), settings.db_url, data)
@@ -56,7 +56,7 @@ def start_scp() -> Iterator[Any]:
                                   "scp_acse_timeout": 5, "scp_dimse_timeout": 10, "scp_network_timeout": 10}
         values.update(overrides)
         settings = Settings.load(**values)
-        scp = StoreSCP(settings, ledger.sessions).start()
+        scp = StoreSCP(settings.node_config(), ledger.sessions).start()
         running.append(scp)
         return scp
 

@@ -20,7 +20,7 @@ from tests.peers import write_ct_series
 def _assembler(ledger: Ledger, queued: list[int], **overrides) -> Assembler:
     settings = Settings.load(data_dir=ledger.data_dir, database_url=ledger.url, study_quiet_seconds=30,
                              **overrides)
-    return Assembler(settings, ledger.sessions, on_job_queued=queued.append)
+    return Assembler(settings.assembly_config(), ledger.sessions, on_job_queued=queued.append)
 
 
 def _later(seconds: float = 31):
@@ -144,7 +144,7 @@ def test_enqueue_hook_failure_leaves_the_job_queued(ledger: Ledger, start_scp, t
         raise ConnectionError("broker down")
 
     settings = Settings.load(data_dir=ledger.data_dir, database_url=ledger.url, study_quiet_seconds=30)
-    [result] = Assembler(settings, ledger.sessions, on_job_queued=broker_down).run_once(_later())
+    [result] = Assembler(settings.assembly_config(), ledger.sessions, on_job_queued=broker_down).run_once(_later())
     with ledger.sessions() as s:
         assert s.get(Job, result.job_id).state == JobState.QUEUED  # the reconciler finds it
 
@@ -156,7 +156,7 @@ def test_background_loop(ledger: Ledger, start_scp, tmp_path: Path) -> None:
     port = start_scp(ledger).address[1]
     settings = Settings.load(data_dir=ledger.data_dir, database_url=ledger.url, study_quiet_seconds=0.5)
     queued: list[int] = []
-    asm = Assembler(settings, ledger.sessions, on_job_queued=queued.append).start()
+    asm = Assembler(settings.assembly_config(), ledger.sessions, on_job_queued=queued.append).start()
     try:
         assert store(port, series.paths) == [0] * 16
         wait_for(lambda: queued, timeout=10, what="the job to be queued")

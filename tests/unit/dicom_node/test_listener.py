@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dicom_node.listener import Listener
+from dicom_node.handoff import Listener
 from specgate.settings import Settings
 from tests.peers import free_port
 
@@ -40,7 +40,7 @@ def test_port_listens_only_after_every_receiver_reported(tmp_path: Path) -> None
         markers.append(marker)
         return subprocess.Popen([sys.executable, "-c", _RECEIVER, str(fd), str(marker)], pass_fds=(fd,))
 
-    listener = Listener(settings, spawn, processes=2)
+    listener = Listener(settings.node_config(), spawn, processes=2)
     try:
         listener.start()
         # start() returned: both receivers had reported, and the port accepts connections

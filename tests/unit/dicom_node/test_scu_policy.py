@@ -14,7 +14,7 @@ def test_backoff_doubles_and_is_capped() -> None:
 
 
 def test_policy_from_settings_and_refusals() -> None:
-    p = RetryPolicy.from_settings(Settings(scu_max_attempts=3, scu_backoff_seconds=0.5, scu_ae_title="SG1"))
+    p = Settings(scu_max_attempts=3, scu_backoff_seconds=0.5, scu_ae_title="SG1").retry_policy()
     assert (p.max_attempts, p.backoff_s, p.ae_title) == (3, 0.5, "SG1")
     with pytest.raises(ValueError, match="max_attempts"):
         RetryPolicy(max_attempts=0)

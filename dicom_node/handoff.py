@@ -1,12 +1,13 @@
-"""One port, several receiver processes: associations do not queue behind one core.
+"""One port, several receiver processes (associations do not queue behind one core): both sides of the
+hand-off, the listening parent (:class:`Listener`) and the receiving child (:class:`HandoffReceiver`).
 
 The SCP runs each association in a thread, and Python threads share one core for everything that is
 not I/O or hashing (PDU parsing, the ledger statements). ``specgate scp`` therefore runs a small parent that
 owns the listening socket and the study assembler, and N receiver processes (``specgate scp-receiver``),
-each a full :class:`dicom_node.scp.StoreSCP`. The parent accepts every TCP connection, sets TCP_NODELAY,
+each a full :class:`dicom_node.scp.StoreSCP` taking its connections from a :class:`HandoffReceiver`. The parent accepts every TCP connection, sets TCP_NODELAY,
 and passes the connected socket (``SCM_RIGHTS``) to the receiver with the fewest open associations; each
-receiver reports, many times a second, how many connections it has open and how many it was given. The parent alone counts associations, so
-``scp_max_associations`` holds for the whole node: a connection over the limit is still handed to a
+receiver reports, many times a second and whenever one closes, how many connections it has open and how many it was given. The parent alone counts associations, so
+``max_associations`` holds for the whole node: a connection over the limit is still handed to a
 receiver, marked, and that receiver rejects it with A-ASSOCIATE-RJ "local limit exceeded" (a DICOM answer,
 not a dropped connection). TLS, the allow-list and everything else happen in the receivers.
 
@@ -26,11 +27,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from specgate.settings import Settings
+from .config import NodeConfig
 
-__all__ = ["HANDOFF_ACCEPT", "HANDOFF_OVER_LIMIT", "Listener", "accept_until", "default_processes"]
+__all__ = ["HANDOFF_ACCEPT", "HANDOFF_OVER_LIMIT", "HandoffReceiver", "Listener", "accept_until",
+           "default_processes"]
 
-log = logging.getLogger("specgate.dicom_node.listener")
+log = logging.getLogger("specgate.dicom_node.handoff")
 
 HANDOFF_ACCEPT = b"A"
 HANDOFF_OVER_LIMIT = b"L"
@@ -39,11 +41,11 @@ HANDOFF_OVER_LIMIT = b"L"
 Spawn = Callable[[int], "subprocess.Popen[bytes]"]
 
 
-def default_processes(settings: Settings) -> int:
-    """``scp_processes``, or two per CPU core (at most 16) when it is 0: a receiver spends much of an
+def default_processes(config: NodeConfig) -> int:
+    """``processes``, or two per CPU core (at most 16) when it is 0: a receiver spends much of an
     instance waiting for fsync and the ledger commit. (Bench, 4 associations of 300 CT slices at once on
     2 cores: 1, 2 and 4 receivers all took 2.7-3.7 s, run-to-run noise larger than their difference.)"""
-    return settings.scp_processes or max(2, min(16, 2 * (os.cpu_count() or 1)))
+    return config.processes or max(2, min(16, 2 * (os.cpu_count() or 1)))
 
 
 def accept_until(sock: socket.socket, stopping: threading.Event,
@@ -62,7 +64,7 @@ def accept_until(sock: socket.socket, stopping: threading.Event,
 
 
 @dataclass
-class _Receiver:
+class _ReceiverProcess:
     index: int
     proc: subprocess.Popen[bytes]
     sock: socket.socket
@@ -81,13 +83,13 @@ class _Receiver:
 class Listener:
     """The parent side. ``start()`` binds the port and starts the receivers; ``stop()`` ends them."""
 
-    def __init__(self, settings: Settings, spawn: Spawn, *, processes: int) -> None:
+    def __init__(self, config: NodeConfig, spawn: Spawn, *, processes: int) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
-        self.settings = settings
+        self.config = config
         self.spawn = spawn
         self.processes = processes
-        self._receivers: dict[int, _Receiver] = {}
+        self._receivers: dict[int, _ReceiverProcess] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._sock: socket.socket | None = None
@@ -100,24 +102,16 @@ class Listener:
         host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
-    def open_associations(self) -> int:
-        with self._lock:
-            return sum(r.active for r in self._receivers.values())
-
-    def receiver_pids(self) -> list[int]:
-        with self._lock:
-            return [r.proc.pid for r in self._receivers.values()]
-
     def start(self, ready_timeout: float = 60.0) -> Listener:
         """Bind the port, start the receivers, and listen once they serve (or after ``ready_timeout``):
         a peer that connects as soon as the port opens is served at once instead of waiting for a
         receiver process to import its libraries and open the ledger."""
-        s = self.settings
-        family = socket.AF_INET6 if ":" in s.scp_host else socket.AF_INET
+        c = self.config
+        family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((s.scp_host, s.scp_port))  # bound (the port is ours, errors show now), not listening
+            sock.bind((c.host, c.port))  # bound (the port is ours, errors show now), not listening
         except BaseException:
             sock.close()
             raise
@@ -147,7 +141,7 @@ class Listener:
             proc = self.spawn(child_end.fileno())
         finally:
             child_end.close()
-        rcv = _Receiver(index, proc, parent_end)
+        rcv = _ReceiverProcess(index, proc, parent_end)
         with self._lock:
             self._receivers[index] = rcv
         self._selector.register(parent_end, selectors.EVENT_READ, rcv)
@@ -168,7 +162,7 @@ class Listener:
                 if not alive:
                     break
                 rcv = min(alive, key=lambda r: (r.active, r.index))
-                over = sum(r.active for r in self._receivers.values()) >= self.settings.scp_max_associations
+                over = sum(r.active for r in self._receivers.values()) >= self.config.max_associations
                 rcv.sent += 1
             try:
                 socket.send_fds(rcv.sock, [HANDOFF_OVER_LIMIT if over else HANDOFF_ACCEPT], [conn.fileno()])
@@ -182,7 +176,7 @@ class Listener:
     def _watch_loop(self) -> None:
         while not self._stopping.is_set():
             for key, _ in self._selector.select(timeout=0.5):
-                rcv: _Receiver = key.data
+                rcv: _ReceiverProcess = key.data
                 try:
                     data = rcv.sock.recv(4096)
                 except OSError:
@@ -238,3 +232,56 @@ class Listener:
         for t in self._threads:
             t.join(timeout=5)
         self._selector.close()
+
+
+class HandoffReceiver:
+    """The receiver process's side: connections arrive on its end of the socket pair and go to
+    ``serve(connection, over_limit)``; :meth:`report` sends back the load that ``load()`` returns
+    (connections open, connections received so far: absolute numbers, so a lost line cannot make the
+    listener's count drift). When the listener closes its end (it stopped or died), :attr:`parent_gone`
+    is set and no more connections come."""
+
+    def __init__(self, sock: socket.socket, serve: Callable[[socket.socket, bool], None],
+                 load: Callable[[], tuple[int, int]], *, interval_s: float = 0.05) -> None:
+        self.sock = sock
+        self.serve = serve
+        self.load = load
+        self.interval_s = interval_s
+        self.parent_gone = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for target, name in ((self._take_loop, "specgate-handoff-take"), (self._report_loop, "specgate-handoff-load")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stop reporting; the taking thread ends when the listener closes its end (it may be blocked
+        in a receive that only the listener can end)."""
+        self._stopping.set()
+        for t in self._threads[1:]:
+            t.join(timeout=10)
+
+    def report(self) -> None:
+        line = "{} {}\n".format(*self.load()).encode()
+        try:
+            self.sock.send(line)
+        except OSError:
+            pass
+
+    def _take_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.sock, 16, 1)
+            except OSError:
+                msg, fds = b"", []
+            if not fds:
+                self.parent_gone.set()
+                return
+            self.serve(socket.socket(fileno=fds[0]), msg == HANDOFF_OVER_LIMIT)
+
+    def _report_loop(self) -> None:
+        while not self.parent_gone.wait(self.interval_s) and not self._stopping.is_set():
+            self.report()

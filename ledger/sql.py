@@ -1,11 +1,13 @@
-"""SQL helpers shared by the DICOM node (portable between SQLite and PostgreSQL)."""
+"""SQL helpers for hot paths and portable upserts (SQLite and PostgreSQL alike)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 __all__ = ["Prepared", "RawConnections", "insert_ignore"]
 
@@ -59,14 +61,10 @@ class RawConnections:
     PRAGMAs) run. Idle connections are kept on a stack; one that failed is closed, not reused."""
 
     def __init__(self, url: Any, opener: Any) -> None:
-        from sqlalchemy.pool import NullPool
-
         self.engine = opener(url, poolclass=NullPool)
         self.dialect = self.engine.dialect
         self.dbapi = self.engine.dialect.loaded_dbapi
         self._idle: list[Any] = []
-        import threading
-
         self._lock = threading.Lock()
 
     def take(self) -> tuple[Any, bool]:
@@ -76,7 +74,7 @@ class RawConnections:
             if self._idle:
                 return self._idle.pop(), True
         conn = self.engine.raw_connection()
-        if self.dialect.name == "postgresql":  # one statement, one transaction (see receive._index_known)
+        if self.dialect.name == "postgresql":  # one statement, one transaction (see ledger.instances)
             conn.driver_connection.autocommit = True
         return conn, False
 

@@ -1,0 +1,184 @@
+"""What the DICOM node is configured with: its own small frozen records, built by the composition root
+(``specgate.settings``) and passed down. Nothing here reads the environment or a file.
+
+The records that come from a list setting (allowed callers, destinations, series rules) are parsed and
+validated here, where they are used::
+
+    >>> AllowedCaller.parse("CT01@10.0.0.7").matches("CT01", "10.0.0.7")
+    True
+    >>> Destination.parse("pacs=ORTHANC@pacs.local:4242").port
+    4242
+    >>> validate_ae_title("A\\B")
+    Traceback (most recent call last):
+    ...
+    ValueError: AE title 'A\\B' contains a backslash, a control or a non-ASCII character
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "SeriesRule", "TLSConfig",
+           "validate_ae_title", "validate_host"]
+
+_AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
+_HOST_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.\-]*|\[?[0-9A-Fa-f:]+\]?)$")
+
+
+def validate_ae_title(value: str, *, what: str = "AE title") -> str:
+    """Return ``value`` if it is a valid DICOM AE title (PS3.5 AE VR), else raise ``ValueError``.
+
+    1 to 16 characters of the default repertoire, no backslash or control characters, not only spaces.
+    Leading/trailing spaces are not significant and are stripped.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r}")
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError(f"{what} {value!r} is empty")
+    if len(stripped) > 16:
+        raise ValueError(f"{what} {value!r} is longer than 16 characters")
+    if _AE_FORBIDDEN.search(stripped) or not stripped.isascii():
+        raise ValueError(f"{what} {value!r} contains a backslash, a control or a non-ASCII character")
+    return stripped
+
+
+def validate_host(host: str, *, allow_wildcard: bool) -> str:
+    """A host name or IP address (brackets of an IPv6 literal removed); ``*`` only where allowed."""
+    host = host.strip()
+    if not host or not _HOST_RE.match(host) or (host == "*" and not allow_wildcard):
+        raise ValueError(f"host {host!r} is not a host name or IP address")
+    return host.strip("[]")
+
+
+class AllowedCaller(BaseModel):
+    """One entry of ``SPECGATE_ALLOWED_CALLERS``: ``AE_TITLE@HOST`` where HOST may be ``*``."""
+
+    model_config = ConfigDict(frozen=True)
+    ae_title: str
+    host: str
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedCaller:
+        if text.count("@") != 1:
+            raise ValueError(f"allowed caller {text!r} is not of the form AE_TITLE@HOST")
+        ae, host = text.rsplit("@", 1)
+        return cls(ae_title=validate_ae_title(ae, what="allowed caller AE title"),
+                   host=validate_host(host, allow_wildcard=True))
+
+    def matches(self, ae_title: str, host: str) -> bool:
+        return ae_title.strip() == self.ae_title and (self.host == "*" or self.host == host)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}"
+
+
+class Destination(BaseModel):
+    """One entry of ``SPECGATE_DESTINATIONS``: ``NAME=AE_TITLE@HOST:PORT``."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*=\s*([^@]+)@(.+):(\d+)\s*", text)
+        if not m:
+            raise ValueError(f"destination {text!r} is not of the form NAME=AE_TITLE@HOST:PORT")
+        name, ae, host, port = m.groups()
+        return cls(name=name, ae_title=validate_ae_title(ae, what="destination AE title"),
+                   host=validate_host(host, allow_wildcard=False), port=int(port))
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
+
+
+class SeriesRule(BaseModel):
+    """Which series are segmented, and as what (TOML ``[[rules]]`` tables).
+
+    Every condition that is set must match; unset conditions match anything.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    calling_ae: str | None = None
+    modalities: tuple[str, ...] = ("CT", "MR")
+    body_part: str | None = Field(default=None, description="regex, matched case-insensitively")
+    series_description: str | None = Field(default=None, description="regex, matched case-insensitively")
+    min_slices: int = Field(default=16, ge=1)
+    model: str = "default"
+    segment_label: str = "Organ"
+    # SNOMED CT codes: (code value, coding scheme designator, code meaning)
+    category_code: tuple[str, str, str] = ("123037004", "SCT", "Anatomical Structure")
+    type_code: tuple[str, str, str] = ("91723000", "SCT", "Anatomical Structure")
+
+    @field_validator("body_part", "series_description")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"regex {v!r} does not compile: {exc}") from exc
+        return v
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        return tuple(str(m).upper() for m in v)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """The SCP's TLS: its certificate and key; a CA to verify callers' certificates against, and
+    whether a caller must present one."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The receiving side: who we are, who may call, how long we wait, where files go."""
+
+    spool_dir: Path
+    ae_title: str = "SPECGATE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    require_called_ae: bool = True
+    max_associations: int = 10
+    processes: int = 0  # receiver processes behind the port; 0: two per CPU core
+    acse_timeout: float = 30.0  # TLS handshake and A-ASSOCIATE-RQ after a connection opens
+    network_timeout: float = 60.0  # silence inside an established association
+    dimse_timeout: float = 60.0  # how long a peer may take to answer us
+    max_pdu: int = 1048576  # 0: unlimited
+    spool_watermark_percent: float = 95.0  # refuse C-STORE above this disk usage
+    tls: TLSConfig | None = None
+
+    @property
+    def temp_max_age_s(self) -> float:
+        """A partial file older than this cannot belong to a live association (twice the longest an
+        association may stay silent, in the middle of a data set or waiting for us)."""
+        return 2 * (self.network_timeout + self.dimse_timeout)
+
+
+@dataclass(frozen=True)
+class AssemblyConfig:
+    """Turning quiet studies into jobs: the quiet period, the series rules, attempts a job gets."""
+
+    quiet_seconds: float = 60.0
+    rules: tuple[SeriesRule, ...] = ()
+    job_max_attempts: int = 3
+    temp_max_age_s: float = 240.0  # a partial spool file older than this belongs to no live association
