@@ -3,8 +3,8 @@ status, and hostile files."""
 
 from __future__ import annotations
 
+import socket
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +14,18 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import ul
 from ledger.schema import AuditEvent, Instance
 from specgate.settings import Settings
 
@@ -160,26 +168,85 @@ def raw_store(port: int, sop_class: str, sop_instance: str, dataset: bytes, *, c
                        calling=calling)
 
 
+class RawPeer:
+    """A requestor written on :mod:`dicom_node.ul`: PDUs built and read by hand (the A-ASSOCIATE-RQ/AC
+    encoded and decoded by pynetdicom's public PDU classes), so that a test decides exactly which bytes
+    go out and when, and reads the SCP's answers itself."""
+
+    def __init__(self, port: int, contexts: Sequence[str] = (CTImageStorage,), *, calling: str = CALLER,
+                 called: str = "SPECGATE", transfer_syntax: str = "1.2.840.10008.1.2.1") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.reader = ul.Reader(self.sock)
+        rq = A_ASSOCIATE()
+        rq.application_context_name = "1.2.840.10008.3.1.1.1"
+        rq.calling_ae_title = calling
+        rq.called_ae_title = called
+        offered = []
+        for i, uid in enumerate(contexts):
+            cx = build_context(uid, [transfer_syntax])
+            cx.context_id = 2 * i + 1
+            offered.append(cx)
+        rq.presentation_context_definition_list = offered
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = 0
+        impl = ImplementationClassUIDNotification()
+        impl.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.1"
+        rq.user_information = [max_length, impl]
+        pdu = A_ASSOCIATE_RQ()
+        pdu.from_primitive(rq)
+        self.sock.sendall(pdu.encode())
+        pdu_type, length = self.reader.pdu_header()
+        body = self.reader.exact(length)
+        if pdu_type != ul.A_ASSOCIATE_AC:
+            raise AssertionError(f"association not accepted: PDU type 0x{pdu_type:02X}")
+        ac = A_ASSOCIATE_AC()
+        ac.decode(bytes([pdu_type, 0]) + length.to_bytes(4, "big") + body)
+        self.accepted = [int(cx.context_id) for cx in ac.to_primitive().presentation_context_definition_results_list
+                         if cx.result == 0x00]
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self) -> int | None:
+        """The status of the next DIMSE response; None when the SCP aborted or closed instead."""
+        command = bytearray()
+        try:
+            while True:
+                pdu_type, length = self.reader.pdu_header()
+                if pdu_type != ul.P_DATA_TF:
+                    self.reader.skip(length)
+                    return None
+                end_of_command = False
+                while length > 0:
+                    item_length, _cx, control = self.reader.pdv_header()
+                    command += self.reader.exact(item_length - 2)
+                    length -= item_length + 4
+                    end_of_command = bool(control & 0x02)
+                if end_of_command:
+                    return ul.us(ul.decode_command(bytes(command)).get(0x0900))
+        except (ul.PeerClosed, OSError):
+            return None
+
+    def release(self) -> None:
+        try:
+            self.send(bytes([ul.A_RELEASE_RQ, 0]) + (4).to_bytes(4, "big") + b"\0\0\0\0")
+            self.reader.pdu_header()
+        except (ul.PeerClosed, OSError):
+            pass
+        finally:
+            self.sock.close()
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def raw_request(port: int, context_class: str, pdus: Any, *, calling: str = CALLER) -> int | None:
     """Send ``pdus(context_id)`` (bytes written by hand) on an association that negotiated
-    ``context_class``; the status of the response, read by pynetdicom (None: no response)."""
-    ae = scu_ae(calling, [context_class], ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate("127.0.0.1", port, ae_title="SPECGATE")
-    assert assoc.is_established
-    try:
-        cx = assoc.accepted_contexts[0].context_id
-        sock = assoc.dul.socket.socket
-        # Pause the requestor's reactor as pynetdicom's send_c_store() does, so that it does not take the
-        # response off the queue first.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        try:
-            sock.sendall(pdus(cx))
-            _, msg = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
-        return None if msg is None else int(msg.Status)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    ``context_class``; the status of the response (None: no response)."""
+    with RawPeer(port, [context_class], calling=calling) as peer:
+        assert peer.accepted, "the presentation context was not accepted"
+        peer.send(pdus(peer.accepted[0]))
+        return peer.response()

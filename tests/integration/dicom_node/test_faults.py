@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,16 @@ from sqlalchemy.engine import make_url
 from dicom_node.spool import Spool
 from ledger.schema import Instance, Job, JobState, Study
 from tests.conftest import PG_ADMIN_URL
-from tests.integration.dicom_node.helpers import CALLER, Ledger, echo, pdata, scu_ae, store, store_command
+from tests.integration.dicom_node.helpers import (
+    CALLER,
+    Ledger,
+    RawPeer,
+    echo,
+    pdata,
+    scu_ae,
+    store,
+    store_command,
+)
 from tests.peers import free_port, wait_for, write_ct_series
 
 
@@ -48,26 +56,17 @@ def test_database_unavailable_during_a_store_answers_a700_and_keeps_nothing(pg_l
     assert store(port, series.paths[:1]) == [0]
     # Send the request and the first part of the data set, take the database away, then send the rest:
     # the handler runs while the database is unavailable.
-    assoc = scu_ae(CALLER, [CTImageStorage], ["1.2.840.10008.1.2.1"]).associate("127.0.0.1", port,
-                                                                                 ae_title="SPECGATE")
-    assert assoc.is_established
     raw = series.paths[1].read_bytes()
     meta_end = 132 + 12 + int(dcmread(series.paths[1]).file_meta.FileMetaInformationGroupLength)
     body = raw[meta_end:]
-    cx = assoc.accepted_contexts[0].context_id
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
-    sock = assoc.dul.socket.socket
-    sock.sendall(pdata(cx, 0x03, store_command(CTImageStorage, series.sop_instance_uids[1]))
-                 + pdata(cx, 0x00, body[:1000]))
+    peer = RawPeer(port)
+    cx = peer.accepted[0]
+    peer.send(pdata(cx, 0x03, store_command(CTImageStorage, series.sop_instance_uids[1])) + pdata(cx, 0x00, body[:1000]))
     _set_connections(pg_ledger.url, False)
     try:
-        sock.sendall(pdata(cx, 0x02, body[1000:]))
-        _, rsp = assoc.dimse.get_msg(block=True)
-        assert rsp is not None and int(rsp.Status) == 0xA700
-        assoc._reactor_checkpoint.set()
-        assoc.release()
+        peer.send(pdata(cx, 0x02, body[1000:]))
+        assert peer.response() == 0xA700
+        peer.release()
         assert store(port, series.paths[2:]) == [0xA700]  # and so is a new association's
         # no orphan file: only the first instance's file is in the spool, and nothing is left in tmp
         files = pg_ledger.spool_files()
