@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
+
+from worker.atomic import atomic_write
 
 __all__ = ["write_preview"]
 
@@ -37,9 +38,7 @@ def write_preview(path: Path, image: np.ndarray, prob_fg: np.ndarray, mask: np.n
     fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
+    finally:
+        plt.close(fig)

@@ -11,8 +11,6 @@ the same object: a resend after a crash is the same instance, never a second one
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
@@ -25,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_series import Volume
+from worker.atomic import atomic_write
 
 __all__ = ["derive_uid", "encode_seg", "write_seg", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE"]
 
@@ -171,23 +170,5 @@ def encode_seg(
 
 
 def write_seg(ds: Dataset, path: Path) -> Path:
-    """Write ``ds`` to ``path`` atomically: a temp file in the same folder, fsync, rename, fsync the folder."""
-    path = Path(path)
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    """Write ``ds`` to ``path`` atomically (:func:`worker.atomic.atomic_write`)."""
+    return atomic_write(Path(path), lambda fh: ds.save_as(fh, enforce_file_format=True))
