@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -16,20 +15,20 @@ __all__ = ["alembic_config", "current_revision", "downgrade", "head_revision", "
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def alembic_config(settings: Any) -> Config:
-    """An Alembic config whose env.py will use ``settings`` (anything with a ``db_url``)."""
+def alembic_config(database_url: str) -> Config:
+    """An Alembic config whose env.py migrates the database at ``database_url``."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["settings"] = settings
+    cfg.attributes["database_url"] = database_url
     return cfg
 
 
-def upgrade(settings: Any, revision: str = "head") -> None:
-    command.upgrade(alembic_config(settings), revision)
+def upgrade(database_url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(database_url), revision)
 
 
-def downgrade(settings: Any, revision: str) -> None:
-    command.downgrade(alembic_config(settings), revision)
+def downgrade(database_url: str, revision: str) -> None:
+    command.downgrade(alembic_config(database_url), revision)
 
 
 def head_revision() -> str:

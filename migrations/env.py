@@ -1,7 +1,8 @@
 """Alembic environment. It shares the application's Settings (STYLE.md habit 10).
 
-``specgate db upgrade`` passes its Settings in ``config.attributes["settings"]``; a bare ``alembic`` command
-run from the repository builds them the same way the CLI does (environment, then defaults).
+``specgate db upgrade`` passes the database URL of its Settings in ``config.attributes["database_url"]``; a
+bare ``alembic`` command run from the repository builds the Settings the same way the CLI does (environment,
+then defaults).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    settings = config.attributes.get("settings")
-    if settings is None:
+    url = config.attributes.get("database_url")
+    if url is None:
         from specgate.settings import Settings
 
-        settings = Settings.load()
-    return str(settings.db_url)
+        url = Settings.load().db_url
+    return str(url)
 
 
 def _run(connection: Connection) -> None:

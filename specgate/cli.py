@@ -86,7 +86,7 @@ def db_upgrade(app: AppContext, revision: str) -> None:
     """Migrate the ledger up to REVISION (default: head)."""
     from ledger import migrations
 
-    migrations.upgrade(app.settings, revision)
+    migrations.upgrade(app.settings.db_url, revision)
     click.echo(f"ledger at revision {migrations.current_revision(app.engine)}")
 
 
@@ -97,7 +97,7 @@ def db_downgrade(app: AppContext, revision: str) -> None:
     """Migrate the ledger down to REVISION (e.g. 0001, or 'base' to remove everything)."""
     from ledger import migrations
 
-    migrations.downgrade(app.settings, revision)
+    migrations.downgrade(app.settings.db_url, revision)
     click.echo(f"ledger at revision {migrations.current_revision(app.engine) or 'base'}")
 
 

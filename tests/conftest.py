@@ -74,7 +74,7 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
 @pytest.fixture
 def migrated(settings: Settings):
     """(settings, engine, sessionmaker) for a ledger migrated to head."""
-    migrations.upgrade(settings)
+    migrations.upgrade(settings.db_url)
     engine = open_engine(settings.db_url)
     try:
         yield settings, engine, sessionmaker_for(engine)

@@ -28,10 +28,10 @@ def test_upgrade_downgrade_upgrade_keeps_rows(migrated) -> None:
         job_id = job.id
     with engine.connect() as conn:
         assert conn.execute(text("SELECT jobs FROM v_job_state_counts WHERE state = 'queued'")).scalar() == 1
-    migrations.downgrade(settings, "0001")
+    migrations.downgrade(settings.db_url, "0001")
     assert migrations.current_revision(engine) == "0001"
     assert "v_job_state_counts" not in inspect(engine).get_view_names()
-    migrations.upgrade(settings)
+    migrations.upgrade(settings.db_url)
     assert migrations.current_revision(engine) == migrations.head_revision()
     with session_scope(sessions) as s:
         assert s.get(Job, job_id).state == JobState.QUEUED
@@ -39,9 +39,9 @@ def test_upgrade_downgrade_upgrade_keeps_rows(migrated) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("SELECT jobs FROM v_job_state_counts WHERE state = 'queued'")).scalar() == 1
     # downgrading everything and back leaves an empty, working ledger (and the triggers recreated)
-    migrations.downgrade(settings, "base")
+    migrations.downgrade(settings.db_url, "base")
     assert "jobs" not in inspect(engine).get_table_names()
-    migrations.upgrade(settings)
+    migrations.upgrade(settings.db_url)
     with session_scope(sessions) as s:
         audit.append(s, actor="test", action="x", object_type="t", object_id=1)
     with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
