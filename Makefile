@@ -28,6 +28,8 @@ demo: setup
 	$(VENV)/bin/specgate demo
 
 test: setup services
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: setup

@@ -146,6 +146,8 @@ class Assembler:
                 .order_by(Study.last_received_at).limit(500)).scalars())
 
     def run_once(self, now: datetime | None = None) -> list[AssemblyResult]:
+        """One pass: every study that was quiet at ``now`` (default: the current time) is assembled."""
+        now = now or utcnow()
         results = []
         for study_id in self.pending(now):
             result = self._assemble(study_id, now)
@@ -154,6 +156,8 @@ class Assembler:
             results.append(result)
             if result.job_id is not None:
                 self._enqueue(result.job_id)
+        cutoff = now - timedelta(seconds=self.config.quiet_seconds)
+        log.debug("assembly pass finished (cutoff %s)", cutoff.isoformat())  # tests wait on this line
         return results
 
     def _enqueue(self, job_id: int) -> None:

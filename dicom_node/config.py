@@ -8,10 +8,12 @@ validated here, where they are used::
     True
     >>> Destination.parse("pacs=ORTHANC@pacs.local:4242").port
     4242
-    >>> validate_ae_title("A\\B")
+    >>> validate_ae_title("  CT01 ")
+    'CT01'
+    >>> validate_ae_title("A_VERY_LONG_AE_TITLE")
     Traceback (most recent call last):
     ...
-    ValueError: AE title 'A\\B' contains a backslash, a control or a non-ASCII character
+    ValueError: AE title 'A_VERY_LONG_AE_TITLE' is longer than 16 characters
 """
 
 from __future__ import annotations

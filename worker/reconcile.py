@@ -104,4 +104,5 @@ def reconcile(sessions: sessionmaker[Session], *, enqueue_segment: Callable[[int
         report.redelivered.append(job_id)
     if any((report.requeued, report.recovered, report.failed, report.redelivered)):
         log.info("reconcile: %s", report.describe())
+    log.debug("reconcile pass finished (started %s)", now.isoformat())  # tests wait on this line
     return report

@@ -13,12 +13,14 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import highdicom
@@ -88,6 +90,18 @@ class Stack:
         with self.sessions() as s:  # type: ignore[operator]
             return list(s.execute(select(Job).join(Study).where(Study.study_instance_uid == study_uid)
                                   .order_by(Job.version)).scalars())
+
+    def wait_pass(self, name: str, kind: str, after: datetime, timeout: float = 60.0) -> None:
+        """Wait until service ``name`` logged a finished pass of ``kind``: ``"reconcile"`` (one that
+        started at ``after`` or later) or ``"assembly"`` (one that considered every instance received
+        before ``after``: its quiet-period cutoff is at or past it). The services log at DEBUG here."""
+        pattern = re.compile(rf"{kind} pass finished \((?:started|cutoff) (\S+)\)")
+
+        def done() -> bool:
+            text = (self.root / f"{name}.log").read_text(errors="replace")
+            return any(datetime.fromisoformat(m.group(1)) >= after for m in pattern.finditer(text))
+
+        wait_for(done, timeout=timeout, what=f"a {kind} pass of {name} after {after.isoformat()}", interval=0.1)
 
     def wait_state(self, study_uid: str, states: set[str], timeout: float = 180.0) -> Job:
         def check() -> Job | None:
@@ -222,7 +236,8 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
     listed = json.loads(stack.cli("jobs", "list", "--state", "held", "--json").stdout)
     assert [(j["id"], j["study_instance_uid"]) for j in listed] == [(held.id, unseen.study_instance_uid)]
     assert listed[0]["oodm"] == pytest.approx(hres.oodm) and listed[0]["tau"] == pytest.approx(hres.tau)
-    time.sleep(3)  # the held result must not leak out while nobody approved it (give it the chance)
+    # the held result must not leak out while nobody approved it: the reconciler had a full pass to try
+    stack.wait_pass("worker", "reconcile", after=datetime.now(UTC))
     assert _seg_uids_at(stack.orthanc, unseen.study_instance_uid) == []
 
     stack.cli("jobs", "approve", str(held.id), "--user", "dr.house")
@@ -239,7 +254,7 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
 
     # the same study sent again: success for every instance, no new job, no second (different) SEG
     assert set(stack.send(known.paths)) == {0}
-    time.sleep(4)  # longer than the quiet period: the assembler had its chance to (wrongly) make a job
+    stack.wait_pass("scp", "assembly", after=datetime.now(UTC))  # it had its chance to (wrongly) make a job
     assert len(stack.jobs_for(known.study_instance_uid)) == 1
     assert _seg_uids_at(stack.orthanc, known.study_instance_uid) == [res.seg_sop_instance_uid]
 
@@ -300,7 +315,8 @@ def test_corrupt_series_fails_with_its_reason_and_no_retry_loop(stack: Stack, tm
     assert set(stack.send(paths)) == {0}
     done = stack.wait_state(study.study_instance_uid, {"sent", "failed", "held"}, timeout=120)
     assert str(done.state) == "failed" and done.reason_code == "missing_slices" and done.attempts == 1
-    time.sleep(8)  # longer than the reconciler's deadlines: nothing picks it up again
+    # a reconcile pass past the stale and queued deadlines (8 s and 6 s here): nothing picks it up again
+    stack.wait_pass("worker", "reconcile", after=done.updated_at + timedelta(seconds=8))
     job = stack.jobs_for(study.study_instance_uid)[-1]
     assert str(job.state) == "failed" and job.attempts == 1
     assert JobState(job.state) == JobState.FAILED
@@ -329,7 +345,8 @@ def test_a_study_that_kills_every_attempt_ends_failed_and_never_loops(stack: Sta
     stack.start("worker4", "worker")
     done = stack.wait_state(uid, {"failed", "sent", "held"}, timeout=120)
     assert (str(done.state), done.reason_code, done.attempts) == ("failed", "attempts_exhausted", 3)
-    time.sleep(5)  # longer than the reconciler's period: the failed job is not picked up again
+    # a reconcile pass past the stale and queued deadlines: the failed job is not picked up again
+    stack.wait_pass("worker4", "reconcile", after=done.updated_at + timedelta(seconds=8))
     job = stack.jobs_for(uid)[-1]
     assert (str(job.state), job.attempts) == ("failed", 3)
     assert _seg_uids_at(stack.orthanc, uid) == []
