@@ -17,7 +17,7 @@ log = logging.getLogger("specgate")
 def _celery(app: Any, device: str = "cpu") -> Any:
     from worker.celery_app import make_celery
 
-    return make_celery(app.settings, device=device)
+    return make_celery(app.settings.worker_config(), device=device)
 
 
 def _reconcile_once(app: Any, celery: Any) -> Any:
@@ -25,16 +25,17 @@ def _reconcile_once(app: Any, celery: Any) -> Any:
     from worker.reconcile import reconcile
 
     enq = Enqueuer(celery, app.sessions())
-    s = app.settings
+    cfg = app.settings.worker_config()
     return reconcile(app.sessions(), enqueue_segment=enq.segment, enqueue_delivery=enq.deliver,
-                     queued_deadline_s=s.queued_deadline_seconds, stale_after_s=s.worker_stale_seconds)
+                     queued_deadline_s=cfg.queued_deadline_s, stale_after_s=cfg.pipeline.stale_after_s)
 
 
 def start_reconciler_thread(app: Any, celery: Any, stop: threading.Event) -> threading.Thread:
     """Run a reconcile pass every ``reconcile_interval_seconds`` until ``stop`` is set."""
+    interval = app.settings.worker_config().reconcile_interval_s
 
     def loop() -> None:
-        while not stop.wait(app.settings.reconcile_interval_seconds):
+        while not stop.wait(interval):
             try:
                 _reconcile_once(app, celery)
             except Exception:  # noqa: BLE001 - the next pass retries; a dead DB must not kill the worker
@@ -84,9 +85,10 @@ def reconcile_command(app: Any, loop: bool) -> None:
     report = _reconcile_once(app, celery)
     click.echo(report.describe())
     if loop:
+        interval = app.settings.worker_config().reconcile_interval_s
         stop = threading.Event()
         try:
-            while not stop.wait(app.settings.reconcile_interval_seconds):
+            while not stop.wait(interval):
                 click.echo(_reconcile_once(app, celery).describe())
         except KeyboardInterrupt:
             pass

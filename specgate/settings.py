@@ -33,6 +33,27 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from dicom_node.config import (
+    AllowedCaller,
+    AssemblyConfig,
+    Destination,
+    NodeConfig,
+    SeriesRule,
+    TLSConfig,
+    validate_ae_title,
+    validate_host,
+)
+from dicom_node.scu import RetryPolicy
+from worker.config import (
+    DEFAULT_MODEL,
+    DeliveryConfig,
+    InferenceOverrides,
+    ModelSpec,
+    PipelineConfig,
+    SpacingPairs,
+    WorkerConfig,
+)
+
 __all__ = [
     "AllowedCaller",
     "Destination",
@@ -43,118 +64,18 @@ __all__ = [
 ]
 
 ENV_PREFIX = "SPECGATE_"
-_AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
-_HOST_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.\-]*|\[?[0-9A-Fa-f:]+\]?)$")
 
 
 class SettingsError(ValueError):
     """Start-up configuration is invalid; the message names the setting(s) and value(s)."""
 
 
-def validate_ae_title(value: str, *, what: str = "AE title") -> str:
-    """Return ``value`` if it is a valid DICOM AE title (PS3.5 AE VR), else raise ``ValueError``.
-
-    1 to 16 characters of the default repertoire, no backslash or control characters, not only spaces.
-    Leading/trailing spaces are not significant and are stripped.
-    """
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {value!r}")
-    stripped = value.strip(" ")
-    if not stripped:
-        raise ValueError(f"{what} {value!r} is empty")
-    if len(stripped) > 16:
-        raise ValueError(f"{what} {value!r} is longer than 16 characters")
-    if _AE_FORBIDDEN.search(stripped) or not stripped.isascii():
-        raise ValueError(f"{what} {value!r} contains a backslash, a control or a non-ASCII character")
-    return stripped
-
-
-def _validate_host(host: str, *, allow_wildcard: bool) -> str:
-    host = host.strip()
-    if not host or not _HOST_RE.match(host) or (host == "*" and not allow_wildcard):
-        raise ValueError(f"host {host!r} is not a host name or IP address")
-    return host.strip("[]")
-
-
-class AllowedCaller(BaseModel):
-    """One entry of ``SPECGATE_ALLOWED_CALLERS``: ``AE_TITLE@HOST`` where HOST may be ``*``."""
-
-    model_config = ConfigDict(frozen=True)
-    ae_title: str
-    host: str
-
-    @classmethod
-    def parse(cls, text: str) -> AllowedCaller:
-        if text.count("@") != 1:
-            raise ValueError(f"allowed caller {text!r} is not of the form AE_TITLE@HOST")
-        ae, host = text.rsplit("@", 1)
-        return cls(ae_title=validate_ae_title(ae, what="allowed caller AE title"),
-                   host=_validate_host(host, allow_wildcard=True))
-
-    def matches(self, ae_title: str, host: str) -> bool:
-        return ae_title.strip() == self.ae_title and (self.host == "*" or self.host == host)
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}"
-
-
-class Destination(BaseModel):
-    """One entry of ``SPECGATE_DESTINATIONS``: ``NAME=AE_TITLE@HOST:PORT``."""
-
-    model_config = ConfigDict(frozen=True)
-    name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*=\s*([^@]+)@(.+):(\d+)\s*", text)
-        if not m:
-            raise ValueError(f"destination {text!r} is not of the form NAME=AE_TITLE@HOST:PORT")
-        name, ae, host, port = m.groups()
-        return cls(name=name, ae_title=validate_ae_title(ae, what="destination AE title"),
-                   host=_validate_host(host, allow_wildcard=False), port=int(port))
-
-    def __str__(self) -> str:
-        return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
-
-
-class SeriesRule(BaseModel):
-    """Which series are segmented, and as what (TOML ``[[rules]]`` tables).
-
-    Every condition that is set must match; unset conditions match anything.
-    """
+class ModelFiles(BaseModel):
+    """One named model (TOML ``[models.NAME]``): its weights and the OOD bank fitted for those weights."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str
-    calling_ae: str | None = None
-    modalities: tuple[str, ...] = ("CT", "MR")
-    body_part: str | None = Field(default=None, description="regex, matched case-insensitively")
-    series_description: str | None = Field(default=None, description="regex, matched case-insensitively")
-    min_slices: int = Field(default=16, ge=1)
-    model: str = "default"
-    segment_label: str = "Organ"
-    # SNOMED CT codes: (code value, coding scheme designator, code meaning)
-    category_code: tuple[str, str, str] = ("123037004", "SCT", "Anatomical Structure")
-    type_code: tuple[str, str, str] = ("91723000", "SCT", "Anatomical Structure")
-
-    @field_validator("body_part", "series_description")
-    @classmethod
-    def _regex_compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"regex {v!r} does not compile: {exc}") from exc
-        return v
-
-    @field_validator("modalities", mode="before")
-    @classmethod
-    def _upper(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [v]
-        return tuple(str(m).upper() for m in v)
+    weights: Path
+    bank: Path
 
 
 def _split_csv(value: Any) -> Any:
@@ -221,6 +142,10 @@ class Settings(BaseSettings):
         description="names this installation in derived result UIDs; default: the SCP AE title")
     model_weights: Path | None = Field(default=None, description="weights file; default: the shipped model")
     model_bank: Path | None = Field(default=None, description="OOD bank for those weights; default: shipped")
+    models: dict[str, ModelFiles] = Field(
+        default_factory=dict,
+        description="more models, by name ([models.NAME] tables: weights, bank), that a rule's `model` selects; "
+                    "'default' is always model_weights/model_bank (or the shipped model)")
     inference_block: int | None = Field(default=None, ge=16, le=512,
                                         description="sliding-window block; default: the model's own")
     inference_overlap: int | None = Field(default=None, ge=0, le=256,
@@ -266,7 +191,7 @@ class Settings(BaseSettings):
     @field_validator("scp_host")
     @classmethod
     def _host(cls, v: str) -> str:
-        return _validate_host(v, allow_wildcard=False)
+        return validate_host(v, allow_wildcard=False)
 
     @field_validator("database_url")
     @classmethod
@@ -299,13 +224,25 @@ class Settings(BaseSettings):
         return v.strip()
 
     @property
-    def inference_spacing_pairs(self) -> Any:
+    def inference_spacing_pairs(self) -> SpacingPairs | None:
         """``inference_spacing`` parsed: None (the weights'), () (native) or (modality, (z, y, x)) pairs."""
         if self.inference_spacing is None:
             return None
         from model.segment import parse_spacing
 
         return parse_spacing(self.inference_spacing)
+
+    @model_validator(mode="after")
+    def _rules_name_configured_models(self) -> Settings:
+        if DEFAULT_MODEL in self.models:
+            raise ValueError(f"models.{DEFAULT_MODEL} cannot be set: the {DEFAULT_MODEL!r} model is model_weights/"
+                             "model_bank (or the shipped model)")
+        known = [DEFAULT_MODEL, *sorted(self.models)]
+        for rule in self.rules:
+            if rule.model not in known:
+                raise ValueError(f"rule {rule.name!r} names model {rule.model!r}, which is not configured "
+                                 f"(models: {', '.join(known)})")
+        return self
 
     @model_validator(mode="after")
     def _tls_consistent(self) -> Settings:
@@ -342,6 +279,47 @@ class Settings(BaseSettings):
     @property
     def tls_enabled(self) -> bool:
         return self.scp_tls_cert is not None
+
+    # --- each package's own configuration -----------------------------------------------------------
+    def node_config(self) -> NodeConfig:
+        """What :mod:`dicom_node`'s SCP, listener and security need, and nothing else."""
+        tls = None
+        if self.scp_tls_cert is not None and self.scp_tls_key is not None:
+            tls = TLSConfig(cert=self.scp_tls_cert, key=self.scp_tls_key, ca=self.scp_tls_ca,
+                            require_client_cert=self.scp_tls_require_client_cert)
+        return NodeConfig(
+            spool_dir=self.spool_dir, ae_title=self.scp_ae_title, host=self.scp_host, port=self.scp_port,
+            allowed_callers=tuple(self.allowed_callers), require_called_ae=self.scp_require_called_ae,
+            max_associations=self.scp_max_associations, processes=self.scp_processes,
+            acse_timeout=self.scp_acse_timeout, network_timeout=self.scp_network_timeout,
+            dimse_timeout=self.scp_dimse_timeout, max_pdu=self.scp_max_pdu,
+            spool_watermark_percent=self.spool_disk_watermark_percent, tls=tls)
+
+    def assembly_config(self) -> AssemblyConfig:
+        """What :class:`dicom_node.assembler.Assembler` needs."""
+        return AssemblyConfig(quiet_seconds=self.study_quiet_seconds, rules=tuple(self.rules),
+                              job_max_attempts=self.worker_max_attempts,
+                              temp_max_age_s=self.node_config().temp_max_age_s)
+
+    def retry_policy(self) -> RetryPolicy:
+        """How :mod:`dicom_node.scu` sends results: AE title, timeout, attempts and back-off."""
+        return RetryPolicy(max_attempts=self.scu_max_attempts, backoff_s=self.scu_backoff_seconds,
+                           backoff_max_s=self.scu_backoff_max_seconds, ae_title=self.scu_ae_title,
+                           timeout_s=self.scu_timeout)
+
+    def worker_config(self) -> WorkerConfig:
+        """What :mod:`worker` (its tasks, pipeline, delivery and reconciler) needs."""
+        return WorkerConfig(
+            database_url=self.db_url, broker_url=self.broker_url, broker_dir=self.data_dir / "broker",
+            pipeline=PipelineConfig(results_dir=self.results_dir, installation=self.installation,
+                                    rules=tuple(self.rules), heartbeat_s=self.worker_heartbeat_seconds,
+                                    stale_after_s=self.worker_stale_seconds),
+            models=(ModelSpec(DEFAULT_MODEL, self.model_weights, self.model_bank),
+                    *(ModelSpec(name, m.weights, m.bank) for name, m in self.models.items())),
+            inference=InferenceOverrides(block=self.inference_block, overlap=self.inference_overlap,
+                                         spacing=self.inference_spacing_pairs),
+            delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy()),
+            reconcile_interval_s=self.reconcile_interval_seconds, queued_deadline_s=self.queued_deadline_seconds)
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:

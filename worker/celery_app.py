@@ -1,4 +1,4 @@
-"""The Celery application, built from Settings (no module-level app, no work at import).
+"""The Celery application, built from the worker's configuration (no module-level app, no work at import).
 
 Queues: ``gpu`` carries one message per study to segment (one worker process per GPU, prefetch 1);
 ``deliver`` carries sending results to destinations, so a slow PACS never holds a GPU.
@@ -12,7 +12,7 @@ Reliability settings (ARCHITECTURE.md, "Celery"):
 - The ledger, not the broker, is the source of truth: attempts are counted there, and the reconciler
   (:mod:`worker.reconcile`) enqueues again what the broker lost.
 
-The default broker needs no server: kombu's filesystem transport in ``DATA_DIR/broker`` (embedded use and
+The default broker needs no server: kombu's filesystem transport in ``broker_dir`` (embedded use and
 the demo; it does not redeliver a message whose worker died; the reconciler does that from the ledger).
 """
 
@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from .config import WorkerConfig
 
 __all__ = ["DELIVER_QUEUE", "GPU_QUEUE", "Enqueuer", "TaskLimits", "broker_url_for", "make_celery"]
 
@@ -41,26 +44,26 @@ class TaskLimits:
     visibility_timeout = 2 * 3600
 
 
-def broker_url_for(settings: Any) -> str:
-    return settings.broker_url or "filesystem://"
+def broker_url_for(config: WorkerConfig) -> str:
+    return config.broker_url or "filesystem://"
 
 
-def _filesystem_options(data_dir: Path) -> dict[str, Any]:
-    folder = (data_dir / "broker" / "queue").resolve()
-    processed = (data_dir / "broker" / "processed").resolve()
+def _filesystem_options(broker_dir: Path) -> dict[str, Any]:
+    folder = (broker_dir / "queue").resolve()
+    processed = (broker_dir / "processed").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     processed.mkdir(parents=True, exist_ok=True)
     return {"data_folder_in": str(folder), "data_folder_out": str(folder), "processed_folder": str(processed),
             "store_processed": False}
 
 
-def make_celery(settings: Any, *, device: str = "cpu") -> Celery:
-    """The Celery app for these settings, with specgate's tasks registered (see :mod:`worker.tasks`)."""
-    broker = broker_url_for(settings)
+def make_celery(config: WorkerConfig, *, device: str = "cpu") -> Celery:
+    """The Celery app for this configuration, with specgate's tasks registered (see :mod:`worker.tasks`)."""
+    broker = broker_url_for(config)
     app = Celery("specgate", broker=broker, set_as_current=False)
     transport_options: dict[str, Any] = {"visibility_timeout": TaskLimits.visibility_timeout}
     if broker.startswith("filesystem://"):
-        transport_options = _filesystem_options(Path(settings.data_dir))
+        transport_options = _filesystem_options(config.broker_dir)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -85,7 +88,7 @@ def make_celery(settings: Any, *, device: str = "cpu") -> Celery:
     )
     from .tasks import register_tasks
 
-    register_tasks(app, settings, device=device)
+    register_tasks(app, config, device=device)
     return app
 
 
@@ -95,7 +98,7 @@ class Enqueuer:
     This is the DICOM node's enqueue hook (``on_job_queued``) and what the CLI and the review app call.
     """
 
-    def __init__(self, app: Celery, sessions: Any) -> None:
+    def __init__(self, app: Celery, sessions: sessionmaker[Session]) -> None:
         self._app, self._sessions = app, sessions
 
     def segment(self, job_id: int) -> None:

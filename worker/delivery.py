@@ -9,24 +9,26 @@ owns the job's side: ``sent`` only when every destination answered 0x0000, ``fai
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import scu
 from ledger import audit, jobs
 from ledger.db import session_scope
 from ledger.schema import Job, JobState, Result
+
+from .config import DeliveryConfig
 
 __all__ = ["deliver_job"]
 
 log = logging.getLogger("specgate.worker")
 
 
-def deliver_job(sessions: sessionmaker[Session], job_id: int, settings: Any, *, actor: str,
-                sleep: Any = None) -> str:
-    from dicom_node import scu
-
+def deliver_job(sessions: sessionmaker[Session], job_id: int, config: DeliveryConfig, *, actor: str,
+                sleep: Callable[[float], None] = time.sleep) -> str:
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
         if job is None or job.state not in (JobState.RELEASED, JobState.APPROVED):
@@ -36,14 +38,12 @@ def deliver_job(sessions: sessionmaker[Session], job_id: int, settings: Any, *, 
         if result is None:
             raise LookupError(f"job {job_id} is {state} but has no result")
         result_id = result.id
-        if not settings.destinations:
+        if not config.destinations:
             audit.append(s, actor=actor, action="delivery.skipped", object_type="job", object_id=job_id,
                          details={"why": "no destinations configured (SPECGATE_DESTINATIONS)"})
             return "no destinations"
-    kwargs: dict[str, Any] = {"actor": actor, "retry_policy": scu.RetryPolicy.from_settings(settings)}
-    if sleep is not None:
-        kwargs["sleep"] = sleep
-    outcomes = scu.deliver(sessions, result_id, settings.destinations, **kwargs)
+    outcomes = scu.deliver(sessions, result_id, config.destinations, actor=actor, retry_policy=config.retry,
+                           sleep=sleep)
     if any(o.busy for o in outcomes):
         return "busy"
     failed = [o for o in outcomes if not o.sent]

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,18 +36,13 @@ from ledger import audit, jobs
 from ledger.db import session_scope
 from ledger.schema import Instance, Job, JobState, Result, Series, utcnow
 
-__all__ = ["Claim", "PipelineConfig", "StudyOutcome", "claim", "job_paths", "run_job"]
+from .atomic import atomic_write
+from .config import PipelineConfig
+from .segmenter import Segmenter, SegmentOutput
+
+__all__ = ["Claim", "StudyOutcome", "claim", "job_paths", "run_job"]
 
 log = logging.getLogger("specgate.worker")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    results_dir: Path
-    installation: str
-    heartbeat_s: float = 10.0
-    stale_after_s: float = 120.0
-    actor: str = "worker"
 
 
 @dataclass(frozen=True)
@@ -157,23 +152,10 @@ def _series_files(sessions: sessionmaker[Session], series_uid: str | None) -> li
         return [Path(p) for p in s.execute(q.order_by(Instance.id)).scalars()]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_probability(path: Path, prob_fg: np.ndarray) -> None:
     # uint8 quantisation (1/255 steps) keeps a 512x512x300 map near 80 MB uncompressed, ~10x less zipped.
-    import io
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, prob_fg_u8=np.round(np.clip(prob_fg, 0, 1) * 255).astype(np.uint8),
-                        scale=np.float32(1 / 255))
-    _atomic_write_bytes(path, buf.getvalue())
+    prob_u8 = np.round(np.clip(prob_fg, 0, 1) * 255).astype(np.uint8)
+    atomic_write(path, lambda fh: np.savez_compressed(fh, prob_fg_u8=prob_u8, scale=np.float32(1 / 255)))
 
 
 def fail(sessions: sessionmaker[Session], c: Claim, reason_code: str, detail: str, *, actor: str) -> None:
@@ -198,15 +180,23 @@ def retry_or_fail(sessions: sessionmaker[Session], c: Claim, exc: BaseException,
         return False
 
 
-def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, segmenter: Any,
-            rules: dict[str, Any]) -> StudyOutcome:
-    """Run one claimed job to ``released``/``held`` (or raise). ``SeriesError`` ends it ``failed``."""
-    from .seg import derive_uid, encode_seg, write_seg
+def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
+            segmenters: Callable[[str], Segmenter]) -> StudyOutcome:
+    """Run one claimed job to ``released``/``held`` (or raise) with the model its rule names
+    (``segmenters(rule.model)``). A series the pipeline cannot use (``SeriesError``, a spacing the model's
+    grid refuses) or a rule that no longer exists (``unknown_rule``) ends it ``failed``, with no retry."""
     from dicom_series import SeriesError, load_series
+
+    from .seg import derive_uid, encode_seg, write_seg
 
     timings: dict[str, float] = {}
     paths = job_paths(cfg.results_dir, c.job_id, c.version)
-    rule = rules.get(c.rule_name or "") or next(iter(rules.values()))
+    rule = cfg.rule(c.rule_name)
+    if rule is None:  # the configuration changed since the job was made: its label and model are unknown
+        known = ", ".join(r.name for r in cfg.rules) or "none"
+        fail(sessions, c, "unknown_rule", f"rule {c.rule_name!r} is not configured (rules: {known})",
+             actor=cfg.actor)
+        return StudyOutcome(c.job_id, "failed", reason_code="unknown_rule")
     with Heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
         t0 = time.perf_counter()
         files = _series_files(sessions, c.series_instance_uid)
@@ -221,6 +211,7 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, s
 
         from model.resample import GridError
 
+        segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
         try:
             out = segmenter.segment(volume.array, volume.modality, spacing=volume.spacing)
         except GridError as exc:  # a spacing the model's grid cannot use: the series' fault, no retry
@@ -232,7 +223,7 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, s
         seg_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "seg")
         series_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "series")
         ds = encode_seg(volume, out.mask, segment_label=rule.segment_label,
-                        category_code=tuple(rule.category_code), type_code=tuple(rule.type_code),
+                        category_code=rule.category_code, type_code=rule.type_code,
                         algorithm_name=segmenter.model_name, algorithm_version=segmenter.model_version,
                         weights_sha256=segmenter.weights_sha256, sop_instance_uid=seg_uid,
                         series_instance_uid=series_uid)
@@ -250,29 +241,30 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, s
         timings["preview"] = time.perf_counter() - t0
         evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
                     "signature": list(map(float, out.signature)),
+                    "rule": rule.name, "configured_model": rule.model,
                     "model": segmenter.model_name, "model_version": segmenter.model_version,
                     "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
                     "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
                     "inference": segmenter.settings.record(), "grid": out.grid,
                     "timings_s": timings}
-        _atomic_write_bytes(paths["evidence"], json.dumps(evidence, indent=2).encode())
+        atomic_write(paths["evidence"], json.dumps(evidence, indent=2).encode())
     return finish(sessions, c, cfg, seg_path=paths["seg"], seg_uid=seg_uid, series_uid=series_uid,
                   prob_path=paths["prob"], evidence_path=paths["evidence"], out=out, segmenter=segmenter,
-                  timings=timings)
+                  configured_model=rule.model, timings=timings)
 
 
 def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, seg_path: Path, seg_uid: str,
-           series_uid: str, prob_path: Path, evidence_path: Path, out: Any, segmenter: Any,
-           timings: dict[str, float]) -> StudyOutcome:
+           series_uid: str, prob_path: Path, evidence_path: Path, out: SegmentOutput, segmenter: Segmenter,
+           configured_model: str, timings: dict[str, float]) -> StudyOutcome:
     to = JobState.HELD if out.is_ood else JobState.RELEASED
+    model_id = f"{segmenter.model_name}:{segmenter.model_version}"
     with session_scope(sessions) as s:
         result = s.execute(select(Result).where(Result.job_id == c.job_id)).scalar_one_or_none()
         if result is None:
             result = Result(job_id=c.job_id, seg_path=str(seg_path), seg_sop_instance_uid=seg_uid,
                             seg_series_instance_uid=series_uid, prob_path=str(prob_path),
                             evidence_path=str(evidence_path), oodm=out.oodm, tau=out.tau, is_ood=out.is_ood,
-                            model_id=f"{segmenter.model_name}:{segmenter.model_version}",
-                            weights_sha256=segmenter.weights_sha256)
+                            model_id=model_id, weights_sha256=segmenter.weights_sha256)
             s.add(result)
         else:  # an earlier attempt got this far and died: the same deterministic object, refreshed numbers
             result.oodm, result.tau, result.is_ood = out.oodm, out.tau, out.is_ood
@@ -283,7 +275,8 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, se
                                  "seg_sop_instance_uid": seg_uid})
         audit.append(s, actor=cfg.actor, action="result.created", object_type="result", object_id=result.id,
                      details={"job_id": c.job_id, "gate": "ood" if out.is_ood else "in_distribution",
-                              "gate_reason": out.gate_reason,
+                              "gate_reason": out.gate_reason, "model": configured_model,
+                              "model_id": model_id,
                               "timings_s": {k: round(v, 3) for k, v in timings.items()}})
     return StudyOutcome(c.job_id, str(to), oodm=out.oodm, tau=out.tau, timings=timings)
 

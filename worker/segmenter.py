@@ -8,18 +8,24 @@ precision), is refused at load with a message that names each difference.
 
 Settings come from the weights' metadata (``inference_block``, ``inference_overlap``,
 ``inference_spacing``: what the model was trained and evaluated at), then the operator's overrides.
+
+A worker may serve several named models (a rule's ``model`` names one): :class:`Segmenters` opens each on
+first use and keeps it for the life of the worker process.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["SegmentOutput", "Segmenter"]
+from .config import InferenceOverrides, ModelSpec
+
+__all__ = ["SegmentOutput", "Segmenter", "Segmenters"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +93,26 @@ class Segmenter:
         return SegmentOutput(mask=mask, prob_fg=prob_fg, oodm=float(oodm), tau=float(self.gate.tau),
                              is_ood=bool(is_ood), signature=np.asarray(res.signature), gate_reason=reason,
                              grid=res.evidence(), timings=timings)
+
+
+class Segmenters:
+    """The :class:`Segmenter` of each named model, opened on first use and kept (one load per process).
+
+    The constructor does no I/O; ``segmenters(name)`` loads the model the first time it is asked for.
+    """
+
+    def __init__(self, models: Sequence[ModelSpec], inference: InferenceOverrides | None = None, *,
+                 device: str = "cpu") -> None:
+        self._specs = {m.name: m for m in models}
+        self._inference, self._device = inference or InferenceOverrides(), device
+        self._open: dict[str, Segmenter] = {}
+
+    def __call__(self, name: str) -> Segmenter:
+        if name not in self._open:
+            spec = self._specs.get(name)
+            if spec is None:  # Settings refuses a rule naming an unknown model: this is a bug, not input
+                raise LookupError(f"model {name!r} is not configured (configured: {', '.join(self._specs)})")
+            inf = self._inference
+            self._open[name] = Segmenter.open(spec.weights, spec.bank, device=self._device, block=inf.block,
+                                              overlap=inf.overlap, spacing=inf.spacing)
+        return self._open[name]

@@ -3,7 +3,7 @@
 Tasks carry only a job id; everything else is read from the ledger, so a duplicated or re-delivered
 message is harmless (the claim in :func:`worker.pipeline.claim` lets one attempt run a job at a time).
 
-Per worker *process* state (engine, loaded model) lives in :class:`Runtime`, created lazily in the process
+Per worker *process* state (engine, loaded models) lives in :class:`Runtime`, created lazily in the process
 that runs tasks, after the fork: CUDA is initialised only there.
 """
 
@@ -16,6 +16,11 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .config import WorkerConfig
+from .segmenter import Segmenters
 
 __all__ = ["Runtime", "register_tasks"]
 
@@ -23,50 +28,36 @@ log = logging.getLogger("specgate.worker")
 
 
 class Runtime:
-    """What a worker process opens once: the ledger engine and, on first use, the model."""
+    """What a worker process opens once: the ledger engine and, each on first use, the models."""
 
-    def __init__(self, settings: Any, device: str = "cpu") -> None:
-        self.settings, self.device = settings, device
-        self._engine: Any = None
-        self._sessions: Any = None
-        self._segmenter: Any = None
+    def __init__(self, config: WorkerConfig, device: str = "cpu") -> None:
+        self.config, self.device = config, device
+        self._engine: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
         self._pid = -1
+        self.segmenters = Segmenters(config.models, config.inference, device=device)
 
     @property
-    def sessions(self) -> Any:
+    def sessions(self) -> sessionmaker[Session]:
         if self._sessions is None or self._pid != os.getpid():  # never share a pool across a fork
             from ledger.db import open_engine, sessionmaker_for
 
-            self._engine = open_engine(self.settings.db_url)
+            self._engine = open_engine(self.config.database_url)
             self._sessions = sessionmaker_for(self._engine)
             self._pid = os.getpid()
         return self._sessions
-
-    @property
-    def segmenter(self) -> Any:
-        if self._segmenter is None:
-            from .segmenter import Segmenter
-
-            s = self.settings
-            self._segmenter = Segmenter.open(s.model_weights, s.model_bank, device=self.device,
-                                             block=s.inference_block, overlap=s.inference_overlap,
-                                             spacing=s.inference_spacing_pairs)
-        return self._segmenter
 
 
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def register_tasks(app: Celery, settings: Any, *, device: str = "cpu") -> None:
-    from .pipeline import PipelineConfig, claim, retry_or_fail, run_job
+def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu") -> None:
+    from .pipeline import claim, retry_or_fail, run_job
 
-    runtime = Runtime(settings, device)
+    runtime = Runtime(config, device)
     app.specgate_runtime = runtime  # type: ignore[attr-defined]
-    cfg = PipelineConfig(results_dir=settings.results_dir, installation=settings.installation,
-                         heartbeat_s=settings.worker_heartbeat_seconds,
-                         stale_after_s=settings.worker_stale_seconds)
-    rules = {r.name: r for r in settings.rules}
+    cfg = config.pipeline
 
     @app.task(name="specgate.segment", bind=True, acks_late=True, reject_on_worker_lost=True)
     def segment(self: Any, job_id: int) -> str:
@@ -78,7 +69,7 @@ def register_tasks(app: Celery, settings: Any, *, device: str = "cpu") -> None:
         if c is None:
             return "skipped"
         try:
-            outcome = run_job(runtime.sessions, c, cfg, segmenter=runtime.segmenter, rules=rules)
+            outcome = run_job(runtime.sessions, c, cfg, segmenters=runtime.segmenters)
         except TransitionError as exc:  # superseded or taken over while we worked: not ours to finish
             log.warning("job %s: %s", job_id, exc)
             return "lost"
@@ -97,4 +88,4 @@ def register_tasks(app: Celery, settings: Any, *, device: str = "cpu") -> None:
     def deliver(self: Any, job_id: int) -> str:
         from .delivery import deliver_job
 
-        return deliver_job(runtime.sessions, job_id, settings, actor="worker")
+        return deliver_job(runtime.sessions, job_id, config.delivery, actor="worker")

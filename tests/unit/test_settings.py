@@ -95,6 +95,46 @@ def test_tls_settings_must_be_consistent(tmp_path: Path) -> None:
         Settings.load(scp_tls_require_client_cert=True)
 
 
+def test_named_models_are_read_and_rules_must_name_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "models.toml"
+    cfg.write_text("""model_weights = "/models/main.pt"
+[models.brain]
+weights = "/models/brain.pt"
+bank = "/models/brain-bank.npz"
+[[rules]]
+name = "brain-mr"
+model = "brain"
+[[rules]]
+name = "any-ct"
+""")
+    models = Settings.load(cfg).worker_config().models
+    assert [(m.name, m.weights, m.bank) for m in models] == [
+        ("default", Path("/models/main.pt"), None), ("brain", Path("/models/brain.pt"), Path("/models/brain-bank.npz"))]
+    # a rule naming a model that is not configured stops start-up, naming the rule and the model
+    cfg.write_text('[[rules]]\nname = "brain-mr"\nmodel = "brian"\n')
+    with pytest.raises(SettingsError, match="rule 'brain-mr' names model 'brian', which is not configured "
+                                            r"\(models: default\)"):
+        Settings.load(cfg)
+    # "default" is model_weights / model_bank, never a second definition
+    monkeypatch.setenv("SPECGATE_MODELS", '{"default": {"weights": "/a.pt", "bank": "/a.npz"}}')
+    with pytest.raises(SettingsError, match="models.default cannot be set"):
+        Settings.load()
+    monkeypatch.setenv("SPECGATE_MODELS", '{"brain": {"weights": "/a.pt"}}')
+    with pytest.raises(SettingsError, match="SPECGATE_MODELS"):
+        Settings.load()
+
+
+def test_worker_config_carries_what_the_worker_needs(tmp_path: Path) -> None:
+    s = Settings.load(data_dir=tmp_path, destinations="pacs=ORTHANC@127.0.0.1:4242", scu_max_attempts=2,
+                      inference_spacing="CT=4,4,4", worker_stale_seconds=90, installation_id="SITE-1")
+    w = s.worker_config()
+    assert w.database_url == s.db_url and w.broker_url is None and w.broker_dir == tmp_path / "broker"
+    assert w.pipeline.results_dir == s.results_dir and w.pipeline.installation == "SITE-1"
+    assert w.pipeline.stale_after_s == 90 and w.pipeline.rule("default-ct-mr") == s.rules[0]
+    assert w.inference.spacing == (("CT", (4.0, 4.0, 4.0)),)
+    assert w.delivery.destinations == (s.destination("pacs"),) and w.delivery.retry.max_attempts == 2
+
+
 def test_cli_refuses_bad_settings_naming_them(monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 

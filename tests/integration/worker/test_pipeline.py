@@ -6,6 +6,7 @@ what the bank holds, so both routes are exercised. Runs on SQLite and PostgreSQL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from model.data.phantoms import phantom_study
 from model.ood import BankMismatchError, SpectralGate, sha256_file
 from model.segment import InferenceSettings
 from model.unet import SegNet, load_weights, save_weights
+from specgate.settings import SeriesRule, Settings
 from specgate.synthetic import write_series
-from worker.pipeline import PipelineConfig, claim, job_paths, run_job
-from worker.segmenter import Segmenter
+from worker.config import PipelineConfig
+from worker.pipeline import claim, job_paths, run_job
+from worker.segmenter import Segmenter, Segmenters
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SegNet]:
     return path, net
 
 
-def _ingest(sessions, series, calling_ae: str = "PACS") -> int:
+def _ingest(sessions, series, calling_ae: str = "PACS", rule_name: str = "default-ct-mr") -> int:
     """Record a written series in the ledger the way the SCP does, and make its job."""
     with session_scope(sessions) as s:
         study = Study(study_instance_uid=series.study_instance_uid, calling_ae=calling_ae)
@@ -51,23 +54,34 @@ def _ingest(sessions, series, calling_ae: str = "PACS") -> int:
             s.add(Instance(series_id=ser.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
                            spool_path=str(p), size_bytes=p.stat().st_size, sha256="0" * 64, calling_ae=calling_ae))
         return jobs.create_job(s, study, actor="test", series_instance_uid=series.series_instance_uid,
-                               rule_name="default-ct-mr").id
+                               rule_name=rule_name).id
+
+
+def _fit_bank(weights: Path, bank: Path, signatures: np.ndarray, spacing=None) -> Path:
+    """An OOD bank of ``signatures`` for ``weights``, fitted through block 32, overlap 8 and ``spacing``."""
+    inference = InferenceSettings.for_weights(load_weights(weights)[1], block=32, overlap=8, spacing=spacing)
+    SpectralGate.fit(signatures, c=2.5, weights_sha256=sha256_file(weights),
+                     meta={"inference": inference.record()}).save(bank)
+    return bank
 
 
 def _segmenter(tiny_model, tmp_path: Path, bank_signatures: np.ndarray, spacing=None) -> Segmenter:
     weights, _ = tiny_model
-    bank = tmp_path / "bank.npz"
-    inference = InferenceSettings.for_weights(load_weights(weights)[1], block=32, overlap=8, spacing=spacing)
-    SpectralGate.fit(bank_signatures, c=2.5, weights_sha256=sha256_file(weights),
-                     meta={"inference": inference.record()}).save(bank)
+    bank = _fit_bank(weights, tmp_path / "bank.npz", bank_signatures, spacing)
     return Segmenter.open(weights, bank, block=32, overlap=8, spacing=spacing)
 
 
-def _run(settings, sessions, job_id: int, seg: Segmenter, task_id: str):
+def _claim_and_run(sessions, job_id: int, cfg: PipelineConfig, segmenters, task_id: str):
     """Claim the job as a worker would and run it through the pipeline."""
     c = claim(sessions, job_id, task_id=task_id, worker_id="test", stale_after_s=60)
-    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2)
-    return run_job(sessions, c, cfg, segmenter=seg, rules={r.name: r for r in settings.rules})
+    return run_job(sessions, c, cfg, segmenters=segmenters)
+
+
+def _run(settings, sessions, job_id: int, seg: Segmenter, task_id: str):
+    """Run the job under ``settings``' rules with ``seg`` as the default model."""
+    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", rules=tuple(settings.rules),
+                         heartbeat_s=0.2)
+    return _claim_and_run(sessions, job_id, cfg, {"default": seg}.__getitem__, task_id)
 
 
 def _signature_of(seg: Segmenter, case) -> np.ndarray:
@@ -147,9 +161,9 @@ def test_bank_of_another_inference_path_is_refused(tmp_path: Path, tiny_model) -
 
 def test_seg_from_a_resampled_grid_lies_on_the_source_series(migrated, tmp_path: Path, tiny_model) -> None:
     """Thin-slice CT, run on a 4 mm grid: the SEG's frames are the source slices, dciodvfy finds no error."""
+    from dicom_series import load_series
     from model.data.phantoms import phantom_case
     from tests.unit.worker.test_seg import dciodvfy
-    from dicom_series import load_series
 
     settings, _, sessions = migrated
     case = phantom_case("ct_liver", 3, 5)
@@ -218,3 +232,72 @@ def test_unusable_spacing_fails_with_its_own_reason(migrated, tmp_path: Path, ti
         assert s.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none() is None
     assert not job_paths(settings.results_dir, job_id, 1)["seg"].exists()
     assert claim(sessions, job_id, task_id="t-sp2", worker_id="test", stale_after_s=60) is None
+
+
+def test_job_whose_rule_is_gone_fails_unknown_rule(migrated, tmp_path: Path) -> None:
+    """The job's rule was removed from the configuration after the job was made: no other rule's label or
+    model stands in for it; the job fails ``unknown_rule`` at once (audited, no retry), nothing is written."""
+    settings, _, sessions = migrated
+    case = phantom_study("ct_liver", seed=14)
+    series = write_series(case.image, case.spacing, "CT", tmp_path / "series")
+    job_id = _ingest(sessions, series, rule_name="liver-ct")
+    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST",
+                         rules=(SeriesRule(name="default-ct-mr"),), heartbeat_s=0.2)
+
+    def no_model(name: str) -> Segmenter:
+        raise AssertionError(f"model {name!r} loaded for a job without a rule")
+
+    outcome = _claim_and_run(sessions, job_id, cfg, no_model, "t-rule")
+    assert outcome.state == "failed" and outcome.reason_code == "unknown_rule"
+    with session_scope(sessions) as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.FAILED and job.reason_code == "unknown_rule" and job.attempts == 1
+        assert "'liver-ct'" in job.reason_detail and "default-ct-mr" in job.reason_detail
+        assert s.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none() is None
+        failed = s.execute(select(AuditEvent).where(AuditEvent.action == "job.failed",
+                                                    AuditEvent.object_id == str(job_id))).scalar_one()
+        assert failed.details["reason_code"] == "unknown_rule"
+    assert not job_paths(settings.results_dir, job_id, 1)["dir"].exists()
+    assert claim(sessions, job_id, task_id="t-rule2", worker_id="test", stale_after_s=60) is None
+
+
+def test_each_rule_runs_the_model_it_names(migrated, tmp_path: Path, tiny_model) -> None:
+    """Two named models (``[models.NAME]``) and a rule for each, from Settings down: each job runs its
+    rule's model, and the result, the SEG, the evidence and the audit trail say which one ran."""
+    settings, _, sessions = migrated
+    _, net = tiny_model
+    signatures = np.stack([np.ones(4) / 2, np.full(4, -0.5)])
+    models = {}
+    for name in ("liver", "spleen"):
+        weights = tmp_path / f"{name}.pt"
+        save_weights(net, weights, meta={"name": f"tiny-{name}", "version": "1.0"})
+        models[name] = {"weights": weights, "bank": _fit_bank(weights, tmp_path / f"{name}.npz", signatures)}
+    settings = Settings.load(data_dir=settings.data_dir, database_url=settings.db_url, models=models,
+                             inference_block=32, inference_overlap=8,
+                             rules=[{"name": "liver-ct", "model": "liver"}, {"name": "spleen-ct", "model": "spleen"}])
+    config = settings.worker_config()
+    cfg = dataclasses.replace(config.pipeline, heartbeat_s=0.2)
+    segmenters = Segmenters(config.models, config.inference)
+
+    ran = {}
+    for seed, (rule, model) in enumerate((("spleen-ct", "spleen"), ("liver-ct", "liver"))):
+        case = phantom_study("ct_liver", seed=20 + seed)
+        series = write_series(case.image, case.spacing, "CT", tmp_path / rule)
+        job_id = _ingest(sessions, series, rule_name=rule)
+        assert _claim_and_run(sessions, job_id, cfg, segmenters, f"t-{rule}").state in ("released", "held")
+        ran[job_id] = model
+
+    for job_id, model in ran.items():
+        weights_sha = sha256_file(models[model]["weights"])
+        with session_scope(sessions) as s:
+            res = s.execute(select(Result).where(Result.job_id == job_id)).scalar_one()
+            created = s.execute(select(AuditEvent).where(AuditEvent.action == "result.created",
+                                                         AuditEvent.object_id == str(res.id))).scalar_one()
+            assert res.model_id == f"tiny-{model}:1.0" and res.weights_sha256 == weights_sha
+            assert created.details["model"] == model and created.details["model_id"] == res.model_id
+        paths = job_paths(settings.results_dir, job_id, 1)
+        evidence = json.loads(paths["evidence"].read_text())
+        assert evidence["configured_model"] == model and evidence["weights_sha256"] == weights_sha
+        algorithm = dcmread(paths["seg"]).SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == f"tiny-{model}"
+    assert segmenters("liver") is segmenters("liver")  # opened once per process
