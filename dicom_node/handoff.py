@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from .config import NodeConfig
 
-__all__ = ["HANDOFF_ACCEPT", "HANDOFF_OVER_LIMIT", "HandoffReceiver", "Listener", "accept_until",
+__all__ = ["HANDOFF_ACCEPT", "HANDOFF_OVER_LIMIT", "HandoffReceiver", "Listener", "accept_until", "close_listening",
            "default_processes"]
 
 log = logging.getLogger("specgate.dicom_node.handoff")
@@ -61,6 +61,17 @@ def accept_until(sock: socket.socket, stopping: threading.Event,
                 return
             continue
         handle(conn, address)
+
+
+def close_listening(sock: socket.socket | None) -> None:
+    """Close a listening socket (None: nothing to do), waking the thread blocked in its accept()."""
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 @dataclass
@@ -208,12 +219,7 @@ class Listener:
 
     def stop(self, timeout: float = 60.0) -> None:
         self._stopping.set()
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-            except OSError:
-                pass
-            self._sock.close()
+        close_listening(self._sock)
         with self._lock:
             receivers = list(self._receivers.values())
         for r in receivers:

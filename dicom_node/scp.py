@@ -29,7 +29,7 @@ from ledger.db import DatabaseUnavailable, session_scope
 
 from .association import IMAGE_STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, Association, storage_contexts
 from .config import NodeConfig
-from .handoff import HandoffReceiver, accept_until
+from .handoff import HandoffReceiver, accept_until, close_listening
 from .receive import InstanceReceiver
 from .security import server_ssl_context
 from .sink import IMPLEMENTATION_CLASS_UID
@@ -174,12 +174,7 @@ class StoreSCP:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-            except OSError:
-                pass
-            self._sock.close()
+        close_listening(self._sock)
         if self.handoff is not None:
             self.handoff.stop()
         with self._lock:
