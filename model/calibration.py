@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from model._atomic import atomic_write
+
 __all__ = ["CalibrationBins", "boundary_band", "calibration_bins", "ece_mce", "reliability_diagram", "surface"]
 
 _SIX = ndimage.generate_binary_structure(3, 1)
@@ -144,5 +146,5 @@ def reliability_diagram(
     ax.set_title(f"{title}  ECE={pooled.ece:.3f} MCE={pooled.mce:.3f}".strip())
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png")
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
     return pooled

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model._atomic import atomic_write
 from model.calibration import ece_mce, reliability_diagram
 from model.metrics import assd, dice, hd95, ood_detection_metrics
 from model.ood import SpectralGate
@@ -170,7 +171,7 @@ def evaluate(
     if out is not None:
         oodm_histogram({k: v for k, v in oodm.items() if k in datasets},
                        {k: v for k, v in oodm.items() if k in ood_datasets}, gate.tau, out / "oodm_histogram.png")
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+        atomic_write(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True).encode())
     return result
 
 
@@ -194,7 +195,7 @@ def oodm_histogram(in_scores: dict[str, list[float]], out_scores: dict[str, list
     ax.set_ylabel("images")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png")
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
 
 
 def _f(x: Any, nd: int = 3) -> str:

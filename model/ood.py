@@ -64,10 +64,11 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from model._atomic import atomic_write
 
 __all__ = [
     "SINGULAR_VALUE_FLOOR",
@@ -326,11 +327,8 @@ class SpectralGate(OODScorer):
             "weights_sha256": self.weights_sha256,
             "meta": self.meta,
         }
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, bank=self.bank, header=np.array(json.dumps(header, sort_keys=True)))
-        os.replace(tmp, p)
+        text = np.array(json.dumps(header, sort_keys=True))
+        atomic_write(path, lambda fh: np.savez(fh, bank=self.bank, header=text))
 
     @classmethod
     def load(

@@ -25,12 +25,14 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from model._atomic import atomic_write
 from model.preprocess import preprocess
 from model.unet import SegNet, save_weights
 
@@ -379,20 +381,18 @@ def train(
             history.append({"iteration": it, "train_loss": float(np.mean(interval)), "eval_loss": score, "lr": lr,
                             "minutes": (time.monotonic() - t0) / 60})
             interval = []
-            torch.save(
-                {
-                    "model": net.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "rng": _rng_state(rng),
-                    "torch_rng": torch.get_rng_state(),
-                    "iteration": it,
-                    "best": best,
-                    "bad": bad,
-                    "history": json.dumps(history),
-                    "config": json.dumps(asdict(cfg)),
-                },
-                ckpt,
-            )
+            state = {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": _rng_state(rng),
+                "torch_rng": torch.get_rng_state(),
+                "iteration": it,
+                "best": best,
+                "bad": bad,
+                "history": json.dumps(history),
+                "config": json.dumps(asdict(cfg)),
+            }
+            atomic_write(ckpt, partial(torch.save, state))
             if bad >= cfg.patience:
                 stopped = f"no improvement in {cfg.patience} evaluations"
                 break
@@ -406,8 +406,7 @@ def train(
     from model.ood import sha256_file
 
     result = TrainResult(best_path, sha256_file(best_path), it, best, history, stopped)
-    (out_dir / "train_log.json").write_text(
-        json.dumps({"config": asdict(cfg), "datasets": meta["datasets"], "iterations": it, "best_loss": best,
-                    "stopped": stopped, "history": history, "weights_sha256": result.weights_sha256}, indent=2)
-    )
+    atomic_write(out_dir / "train_log.json", json.dumps(
+        {"config": asdict(cfg), "datasets": meta["datasets"], "iterations": it, "best_loss": best,
+         "stopped": stopped, "history": history, "weights_sha256": result.weights_sha256}, indent=2).encode())
     return result

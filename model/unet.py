@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model._atomic import atomic_write
+
 __all__ = ["ResBlock", "SegNet", "load_weights", "save_weights"]
 
 
@@ -158,9 +160,7 @@ def save_weights(net: SegNet, path: str | os.PathLike[str], meta: dict[str, Any]
         "meta": json.dumps(meta or {}, sort_keys=True),
         "state_dict": state,
     }
-    tmp = p.with_name(p.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, p)
+    atomic_write(p, lambda fh: torch.save(payload, fh))
     h = hashlib.sha256(p.read_bytes()).hexdigest()
     return h
 

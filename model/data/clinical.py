@@ -29,11 +29,13 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from model._atomic import atomic_write
 from model.data.phantoms import KINDS, PhantomCase, phantom_case, write_dataset_json
 
 __all__ = [
@@ -396,8 +398,8 @@ def write_clinical_set(
         case, geom = clinical_case(kind, seed, i, geometry=geometry)
         name = f"{kind}_clinical_{i:04d}"
         _write_case(case, geom, out / "series" / name, name)
-        np.savez_compressed(out / "labelsTr" / f"{name}.npz", label=case.label,
-                            spacing=np.asarray(case.spacing, dtype=np.float64))
+        write_label = partial(np.savez_compressed, label=case.label, spacing=np.asarray(case.spacing, np.float64))
+        atomic_write(out / "labelsTr" / f"{name}.npz", write_label)
         training.append({"image": f"./series/{name}/", "label": f"./labelsTr/{name}.npz"})
         geometries.append({"name": name, "index": int(i), **geom.to_json()})
         del case

@@ -27,14 +27,18 @@ same everywhere (NumPy's PCG64 generator), so held-out cases and the model card 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 from scipy import ndimage
+
+from model._atomic import atomic_write
 
 __all__ = [
     "KINDS",
@@ -318,12 +322,22 @@ def write_msd_dataset(
         case = phantom_case(kind, seed, i)
         name = f"{kind}_{i:03d}.nii.gz"
         aff = _nifti_affine(case.spacing)
-        nib.save(nib.Nifti1Image(case.image.transpose(2, 1, 0), aff), out / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(case.label.transpose(2, 1, 0), aff), out / "labelsTr" / name)
+        _save_nifti_gz(nib.Nifti1Image(case.image.transpose(2, 1, 0), aff), out / "imagesTr" / name)
+        _save_nifti_gz(nib.Nifti1Image(case.label.transpose(2, 1, 0), aff), out / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     write_dataset_json(out, kind, kind, f"specgate phantom: {k.description}", training,
                        {"specgate_phantom": {"kind": kind, "seed": int(seed), "first_index": int(first_index)}})
     return out
+
+
+def _save_nifti_gz(img: Any, path: Path) -> None:
+    """``nib.save(img, path)`` for a ``.nii.gz`` path (the same bytes once decompressed), published whole."""
+
+    def write(fh: BinaryIO) -> None:
+        with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
+            img.to_stream(gz)
+
+    atomic_write(path, write)
 
 
 def write_dataset_json(out: Path, name: str, kind: str, description: str, training: list[dict[str, str]],
@@ -342,7 +356,7 @@ def write_dataset_json(out: Path, name: str, kind: str, description: str, traini
         "test": [],
         **extra,
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    atomic_write(out / "dataset.json", json.dumps(meta, indent=2).encode())
 
 
 def write_phantom_datasets(

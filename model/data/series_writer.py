@@ -14,13 +14,15 @@ Decimal strings (positions, spacings) are written in at most 16 characters, as t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from model._atomic import atomic_write
 
 __all__ = ["SyntheticSeries", "write_series"]
 
@@ -137,8 +139,5 @@ def write_series(volume: np.ndarray, spacing: Sequence[float], modality: str, ou
             ds.DecayFactor = "1"
         ds.PixelData = stored.tobytes()
         path = out_dir / f"{z + 1:05d}.dcm"
-        tmp = path.with_name(path.name + ".tmp")
-        ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(atomic_write(path, partial(ds.save_as, enforce_file_format=True)))
     return SyntheticSeries(study_uid, series_uid, paths, modality)

@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from model._atomic import atomic_write
 from model.data.phantoms import KINDS, TRAINING_KINDS, UNSEEN_KINDS, PhantomCase, phantom_case
 from model.train import TrainConfig
 
@@ -111,7 +112,7 @@ def stage_train(out: Path, minutes: float, device: str, config: TrainConfig = TR
         "train_sizes": sizes or TRAIN_SIZES,
         "seed": SEED,
     }
-    (out / "train_info.json").write_text(json.dumps(info, indent=2))
+    atomic_write(out / "train_info.json", json.dumps(info, indent=2).encode())
     return info
 
 
@@ -326,7 +327,7 @@ def stage_card(weights: Path, bank: Path, out: Path, figures: Path | None = None
         tau=metrics["gate"]["tau"],
         bank_n=metrics["gate"]["bank_size"],
     )
-    out.write_text(text)
+    atomic_write(out, text.encode())
     return table
 
 
