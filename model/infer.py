@@ -221,6 +221,30 @@ def sliding_window(
     ``signature_mask`` (``(D, H, W)`` bool, at least one voxel): the voxels the signature's mean Gram runs
     over (:mod:`model.segment` passes the body); default every voxel.
     """
+    vol = _channels_first(volume)
+    dev, amp, channels_last = _run_settings(net, device, amp, batch_size, channels_last)
+    spatial = tuple(int(s) for s in vol.shape[1:])
+    windows = plan_windows(spatial, block, overlap, int(getattr(net, "divisor", 1)))  # type: ignore[arg-type]
+    keep_all = _signature_voxels(signature_mask, spatial)
+    vol = _pad_to_window(vol, windows[0].size)
+    if channels_last:
+        net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+
+    stitched = _Stitched(spatial, dev, out_dtype, return_features, keep_all)
+    batches = _batches(windows, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=math.ceil(len(windows) / batch_size), desc="windows", unit="batch")
+    for batch in batches:
+        probs, feats = _forward(net, vol, batch, dev, amp, channels_last)
+        for i, w in enumerate(batch):
+            stitched.add(w, probs[i], feats[i])
+    return stitched.result(len(windows))
+
+
+def _channels_first(volume: np.ndarray) -> np.ndarray:
+    """``volume`` as (C, D, H, W); refuses other shapes and non-float (not preprocessed) arrays."""
     vol = np.asarray(volume)
     if vol.ndim == 3:
         vol = vol[None]
@@ -228,6 +252,14 @@ def sliding_window(
         raise ValueError(f"volume must be (D, H, W) or (C, D, H, W), got shape {np.shape(volume)}")
     if not np.issubdtype(vol.dtype, np.floating):
         raise ValueError(f"volume must be a preprocessed floating-point array, got dtype {vol.dtype}")
+    return vol
+
+
+def _run_settings(
+    net: nn.Module, device: str | torch.device | None, amp: bool | None, batch_size: int, channels_last: bool | None
+) -> tuple[torch.device, bool, bool]:
+    """(device, amp, channels_last) with the defaults filled in; refuses a device the network is not on,
+    autocast off CUDA and an empty batch."""
     dev = torch.device(device) if device is not None else _net_device(net)
     if _net_device(net).type != dev.type or (
         dev.index is not None and _net_device(net).index not in (None, dev.index)
@@ -241,78 +273,98 @@ def sliding_window(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if channels_last is None:
         channels_last = dev.type == "cuda"
-    divisor = int(getattr(net, "divisor", 1))
-    spatial = tuple(int(s) for s in vol.shape[1:])
-    windows = plan_windows(spatial, block, overlap, divisor)  # type: ignore[arg-type]
-    keep_all: np.ndarray | None = None
-    if signature_mask is not None:
-        keep_all = np.asarray(signature_mask, dtype=bool)
-        if keep_all.shape != spatial:
-            raise ValueError(f"signature_mask has shape {keep_all.shape}, the volume {spatial}")
-        if not keep_all.any():
-            raise ValueError("signature_mask selects no voxel")
+    return dev, amp, channels_last
 
-    # zero-pad only axes shorter than their window
-    padded = tuple(max(n, s) for n, s in zip(spatial, windows[0].size, strict=True))
-    if padded != spatial:
-        pad = [(0, 0)] + [(0, p - n) for p, n in zip(padded, spatial, strict=True)]
-        vol = np.pad(vol, pad)
+
+def _signature_voxels(signature_mask: np.ndarray | None, spatial: tuple[int, ...]) -> np.ndarray | None:
+    """The signature mask as a bool array of the volume's shape (None: every voxel)."""
+    if signature_mask is None:
+        return None
+    keep_all = np.asarray(signature_mask, dtype=bool)
+    if keep_all.shape != spatial:
+        raise ValueError(f"signature_mask has shape {keep_all.shape}, the volume {spatial}")
+    if not keep_all.any():
+        raise ValueError("signature_mask selects no voxel")
+    return keep_all
+
+
+def _pad_to_window(vol: np.ndarray, window: tuple[int, ...]) -> np.ndarray:
+    """Zero-pad (at the end) only the axes shorter than their window."""
+    spatial = vol.shape[1:]
+    padded = tuple(max(n, s) for n, s in zip(spatial, window, strict=True))
+    if padded == spatial:
+        return vol
+    return np.pad(vol, [(0, 0)] + [(0, p - n) for p, n in zip(padded, spatial, strict=True)])
+
+
+def _forward(
+    net: nn.Module, vol: np.ndarray, batch: list[Window], dev: torch.device, amp: bool, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class probabilities, features) of one batch of windows, each (batch, channels, d, h, w)."""
+    x = np.stack([vol[(slice(None), *w.read_slices())] for w in batch])
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev, non_blocking=True)
     if channels_last:
-        net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        xt = xt.contiguous(memory_format=torch.channels_last_3d)
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with autocast:
+        logits, feats = net(xt, return_features=True)
+    return torch.softmax(logits.float(), dim=1), feats
 
-    probs_out: np.ndarray | None = None
-    feats_out: np.ndarray | None = None
-    gram = torch.zeros((0, 0), dtype=torch.float64, device=dev)
-    cls_sums = torch.zeros((0, 0), dtype=torch.float64, device=dev)
-    cls_counts = torch.zeros(0, dtype=torch.float64, device=dev)
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    )
-    it = _batches(windows, batch_size)
-    if progress:
-        from tqdm import tqdm
 
-        it = tqdm(it, total=math.ceil(len(windows) / batch_size), desc="windows", unit="batch")
-    for batch in it:
-        x = np.stack([vol[(slice(None), *w.read_slices())] for w in batch])
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev, non_blocking=True)
-        if channels_last:
-            xt = xt.contiguous(memory_format=torch.channels_last_3d)
-        with autocast:
-            logits, feats = net(xt, return_features=True)
-        probs = torch.softmax(logits.float(), dim=1)
-        if probs_out is None:
-            k, c = probs.shape[1], feats.shape[1]
-            probs_out = np.empty((k, *spatial), dtype=out_dtype)
-            if return_features:
-                feats_out = np.empty((c, *spatial), dtype=np.float32)
-            gram = torch.zeros((c, c), dtype=torch.float64, device=dev)
-            cls_sums = torch.zeros((k, c), dtype=torch.float64, device=dev)
-            cls_counts = torch.zeros(k, dtype=torch.float64, device=dev)
-        for i, w in enumerate(batch):
-            loc = (slice(None), *w.local_own_slices())
-            p = probs[i][loc]
-            f = feats[i][loc]
-            pred = p[1] > p[0] if p.shape[0] == 2 else p.argmax(0)  # ties -> the lower class, as argmax
-            keep = None
-            if keep_all is not None:
-                keep = torch.from_numpy(np.ascontiguousarray(keep_all[w.own_slices()])).to(dev)
-            _accumulate(f, pred, gram, cls_sums, cls_counts, keep)
-            own = (slice(None), *w.own_slices())
-            probs_out[own] = p.cpu().numpy()
-            if feats_out is not None:
-                feats_out[own] = f.float().cpu().numpy()
-    assert probs_out is not None  # at least one window always exists
-    g = gram.cpu().numpy()
-    n_sig = int(keep_all.sum()) if keep_all is not None else int(np.prod(spatial))
-    return InferenceResult(
-        probabilities=probs_out,
-        signature=signature_from_gram(g, n_sig),
-        gram=g,
-        n_voxels=int(np.prod(spatial)),
-        n_windows=len(windows),
-        n_signature_voxels=n_sig,
-        class_feature_sums=cls_sums.cpu().numpy(),
-        class_counts=cls_counts.cpu().numpy(),
-        features=feats_out,
-    )
+class _Stitched:
+    """The outputs of one pass, filled window by window: each window's owned region of the probabilities
+    (and features), and the signature's float64 Gram matrix and per-class feature sums. Allocated at the
+    first window, when the number of classes and feature channels is known."""
+
+    def __init__(self, spatial: tuple[int, ...], dev: torch.device, out_dtype: type[np.floating] | np.dtype,
+                 return_features: bool, keep_all: np.ndarray | None) -> None:
+        self.spatial, self.dev, self.out_dtype = spatial, dev, out_dtype
+        self.return_features, self.keep_all = return_features, keep_all
+        self.probs: np.ndarray | None = None
+        self.feats: np.ndarray | None = None
+        self.gram = torch.zeros((0, 0), dtype=torch.float64, device=dev)
+        self.cls_sums = torch.zeros((0, 0), dtype=torch.float64, device=dev)
+        self.cls_counts = torch.zeros(0, dtype=torch.float64, device=dev)
+
+    def _allocate(self, k: int, c: int) -> np.ndarray:
+        probs = np.empty((k, *self.spatial), dtype=self.out_dtype)
+        if self.return_features:
+            self.feats = np.empty((c, *self.spatial), dtype=np.float32)
+        self.gram = torch.zeros((c, c), dtype=torch.float64, device=self.dev)
+        self.cls_sums = torch.zeros((k, c), dtype=torch.float64, device=self.dev)
+        self.cls_counts = torch.zeros(k, dtype=torch.float64, device=self.dev)
+        return probs
+
+    def add(self, w: Window, probs: torch.Tensor, feats: torch.Tensor) -> None:
+        """One window's probabilities (K, d, h, w) and features (C, d, h, w), whole window."""
+        if self.probs is None:
+            self.probs = self._allocate(probs.shape[0], feats.shape[0])
+        loc = (slice(None), *w.local_own_slices())
+        p = probs[loc]
+        f = feats[loc]
+        pred = p[1] > p[0] if p.shape[0] == 2 else p.argmax(0)  # ties -> the lower class, as argmax
+        keep = None
+        if self.keep_all is not None:
+            keep = torch.from_numpy(np.ascontiguousarray(self.keep_all[w.own_slices()])).to(self.dev)
+        _accumulate(f, pred, self.gram, self.cls_sums, self.cls_counts, keep)
+        own = (slice(None), *w.own_slices())
+        self.probs[own] = p.cpu().numpy()
+        if self.feats is not None:
+            self.feats[own] = f.float().cpu().numpy()
+
+    def result(self, n_windows: int) -> InferenceResult:
+        assert self.probs is not None  # at least one window always exists
+        g = self.gram.cpu().numpy()
+        n_voxels = int(np.prod(self.spatial))
+        n_sig = int(self.keep_all.sum()) if self.keep_all is not None else n_voxels
+        return InferenceResult(
+            probabilities=self.probs,
+            signature=signature_from_gram(g, n_sig),
+            gram=g,
+            n_voxels=n_voxels,
+            n_windows=n_windows,
+            n_signature_voxels=n_sig,
+            class_feature_sums=self.cls_sums.cpu().numpy(),
+            class_counts=self.cls_counts.cpu().numpy(),
+            features=self.feats,
+        )

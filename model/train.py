@@ -271,6 +271,132 @@ def _evaluate(net: SegNet, blocks: list[tuple[torch.Tensor, torch.Tensor]], amp:
     return float(np.mean(losses))
 
 
+def _use_amp(cfg: TrainConfig, dev: torch.device) -> bool:
+    """Whether to train under bf16 autocast; refuses settings that cannot run."""
+    amp = (dev.type == "cuda") if cfg.amp is None else cfg.amp
+    if amp and dev.type != "cuda":
+        raise ValueError("mixed precision training is supported on CUDA only")
+    if cfg.block % 2 ** (cfg.levels - 1):
+        raise ValueError(f"block {cfg.block} must be a multiple of {2 ** (cfg.levels - 1)} for levels={cfg.levels}")
+    return amp
+
+
+def _split(data: TrainData, cfg: TrainConfig) -> tuple[TrainData, TrainData | None]:
+    """(training data, validation data): fold ``cfg.fold`` of a patient-wise split per dataset, or all
+    the data and no validation when ``cfg.folds`` < 2."""
+    if cfg.folds < 2:
+        return data, None
+    keep_tr, keep_val = [], []
+    for cn in data.case_names:
+        tr, val = kfold_splits(cn, cfg.folds, cfg.seed)[cfg.fold]
+        keep_tr.append(tr)
+        keep_val.append(val)
+    return data.subset(keep_tr), data.subset(keep_val)
+
+
+def _validation_blocks(val_data: TrainData | None, cfg: TrainConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``cfg.val_blocks`` fixed random blocks per validation case, from a generator of their own."""
+    blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if val_data is None:
+        return blocks
+    vrng = np.random.default_rng([cfg.seed, 1])
+    for imgs, labs in zip(val_data.images, val_data.labels, strict=True):
+        for im, lb in zip(imgs, labs, strict=True):
+            blocks += [_crop(im, lb, cfg.block, vrng) for _ in range(cfg.val_blocks)]
+    return blocks
+
+
+class _Run:
+    """One training run: the network, its optimizer and generators, and how far it has come (what the
+    checkpoint holds)."""
+
+    def __init__(self, cfg: TrainConfig, dev: torch.device, amp: bool, train_data: TrainData,
+                 val_blocks: list[tuple[torch.Tensor, torch.Tensor]], rng: np.random.Generator,
+                 out_dir: Path) -> None:
+        self.cfg, self.dev, self.amp, self.rng = cfg, dev, amp, rng
+        self.train_data, self.val_blocks = train_data, val_blocks
+        self.net = SegNet(1, 2, cfg.base_features, cfg.levels, cfg.dropout).to(dev)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.sampler = DatasetSampler(train_data.sizes)
+        self.checkpoint_path = out_dir / "checkpoint.pt"
+        self.best_path = out_dir / "best.pt"
+        self.meta: dict[str, Any] = {"datasets": dict(zip(train_data.names, train_data.sizes, strict=True)),
+                                     "config": asdict(cfg)}
+        self.iteration, self.best, self.bad = 0, math.inf, 0  # bad: evaluations in a row without improvement
+        self.history: list[dict[str, float]] = []
+
+    def resume(self) -> None:
+        """Continue from the checkpoint; refused when it was written with other settings (the iteration
+        and time budgets may change)."""
+        ckpt = self.checkpoint_path
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"cannot resume: {ckpt} does not exist")
+        st = torch.load(ckpt, map_location=self.dev, weights_only=True)
+        saved, now = json.loads(st["config"]), asdict(self.cfg)
+        for k in ("max_iterations", "max_minutes"):  # the budget may change on resume, nothing else
+            saved.pop(k, None)
+            now.pop(k, None)
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise ValueError(f"cannot resume: the checkpoint was written with other settings ({', '.join(diff)})")
+        self.net.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.rng.bit_generator.state = json.loads(st["rng"])
+        torch.set_rng_state(st["torch_rng"])
+        self.iteration, self.best, self.bad = int(st["iteration"]), float(st["best"]), int(st["bad"])
+        self.history = json.loads(st["history"])
+
+    def step(self) -> float:
+        """One optimizer step on a batch of random, augmented blocks; return its loss."""
+        cfg, rng, data = self.cfg, self.rng, self.train_data
+        xs, ys = [], []
+        for _ in range(cfg.batch_size):
+            d, i = self.sampler.draw(rng)
+            x, y = _crop(data.images[d][i], data.labels[d][i], cfg.block, rng)
+            x, y = apply_augmentation(x, y, draw_augmentation(rng, cfg.noise_max))
+            xs.append(x)
+            ys.append(y)
+        xb = torch.stack(xs)[:, None]
+        yb = torch.stack(ys)
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.amp):
+            logits = self.net(xb)
+        loss = dice_loss(logits, yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.iteration += 1
+        return float(loss.detach())
+
+    def evaluate(self, interval: list[float], t0: float) -> None:
+        """End of an interval: keep the best weights, or decay the learning rate; record the interval
+        (``t0``: when this call of :func:`train` started)."""
+        score = _evaluate(self.net, self.val_blocks, self.amp) if self.val_blocks else float(np.mean(interval))
+        lr = self.opt.param_groups[0]["lr"]
+        if score < self.best:
+            self.best, self.bad = score, 0
+            save_weights(self.net, self.best_path, {**self.meta, "iteration": self.iteration, "loss": score})
+        else:
+            self.bad += 1
+            for g in self.opt.param_groups:
+                g["lr"] = lr * self.cfg.lr_decay
+        self.history.append({"iteration": self.iteration, "train_loss": float(np.mean(interval)),
+                             "eval_loss": score, "lr": lr, "minutes": (time.monotonic() - t0) / 60})
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "model": self.net.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "rng": _rng_state(self.rng),
+            "torch_rng": torch.get_rng_state(),
+            "iteration": self.iteration,
+            "best": self.best,
+            "bad": self.bad,
+            "history": json.dumps(self.history),
+            "config": json.dumps(asdict(self.cfg)),
+        }
+        atomic_write(self.checkpoint_path, partial(torch.save, state))
+
+
 def train(
     data: TrainData,
     out: str | os.PathLike[str],
@@ -283,117 +409,38 @@ def train(
     ``train_log.json`` into ``out``. With ``resume``, continue from ``out/checkpoint.pt``."""
     cfg = config or TrainConfig()
     dev = torch.device(device)
-    amp = (dev.type == "cuda") if cfg.amp is None else cfg.amp
-    if amp and dev.type != "cuda":
-        raise ValueError("mixed precision training is supported on CUDA only")
-    if cfg.block % 2 ** (cfg.levels - 1):
-        raise ValueError(f"block {cfg.block} must be a multiple of {2 ** (cfg.levels - 1)} for levels={cfg.levels}")
+    amp = _use_amp(cfg, dev)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-
-    # patient-wise split, per dataset
-    if cfg.folds >= 2:
-        keep_tr, keep_val = [], []
-        for cn in data.case_names:
-            tr, val = kfold_splits(cn, cfg.folds, cfg.seed)[cfg.fold]
-            keep_tr.append(tr)
-            keep_val.append(val)
-        train_data, val_data = data.subset(keep_tr), data.subset(keep_val)
-    else:
-        train_data, val_data = data, None
-    val_blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if val_data is not None:
-        vrng = np.random.default_rng([cfg.seed, 1])
-        for imgs, labs in zip(val_data.images, val_data.labels, strict=True):
-            for im, lb in zip(imgs, labs, strict=True):
-                val_blocks += [_crop(im, lb, cfg.block, vrng) for _ in range(cfg.val_blocks)]
-
-    net = SegNet(1, 2, cfg.base_features, cfg.levels, cfg.dropout).to(dev)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sampler = DatasetSampler(train_data.sizes)
-    it0, best, bad, history = 0, math.inf, 0, []
-    ckpt = out_dir / "checkpoint.pt"
+    train_data, val_data = _split(data, cfg)
+    run = _Run(cfg, dev, amp, train_data, _validation_blocks(val_data, cfg), rng, out_dir)
     if resume:
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"cannot resume: {ckpt} does not exist")
-        st = torch.load(ckpt, map_location=dev, weights_only=True)
-        saved, now = json.loads(st["config"]), asdict(cfg)
-        for k in ("max_iterations", "max_minutes"):  # the budget may change on resume, nothing else
-            saved.pop(k, None)
-            now.pop(k, None)
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise ValueError(f"cannot resume: the checkpoint was written with other settings ({', '.join(diff)})")
-        net.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        rng.bit_generator.state = json.loads(st["rng"])
-        torch.set_rng_state(st["torch_rng"])
-        it0, best, bad = int(st["iteration"]), float(st["best"]), int(st["bad"])
-        history = json.loads(st["history"])
+        run.resume()
 
-    best_path = out_dir / "best.pt"
-    meta = {"datasets": dict(zip(train_data.names, train_data.sizes, strict=True)), "config": asdict(cfg)}
     t0 = time.monotonic()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.max_iterations, initial=it0, desc="train", unit="it")
+        bar = tqdm(total=cfg.max_iterations, initial=run.iteration, desc="train", unit="it")
     stopped = "max_iterations"
     interval: list[float] = []
-    net.train()
-    it = it0
-    while it < cfg.max_iterations:
-        xs, ys = [], []
-        for _ in range(cfg.batch_size):
-            d, i = sampler.draw(rng)
-            x, y = _crop(train_data.images[d][i], train_data.labels[d][i], cfg.block, rng)
-            x, y = apply_augmentation(x, y, draw_augmentation(rng, cfg.noise_max))
-            xs.append(x)
-            ys.append(y)
-        xb = torch.stack(xs)[:, None]
-        yb = torch.stack(ys)
-        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            logits = net(xb)
-        loss = dice_loss(logits, yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        interval.append(float(loss.detach()))
-        it += 1
+    run.net.train()
+    while run.iteration < cfg.max_iterations:
+        interval.append(run.step())
+        it = run.iteration
         if bar is not None:
             bar.update(1)
             if it % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(interval[-50:]):.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+                bar.set_postfix(loss=f"{np.mean(interval[-50:]):.3f}", lr=f"{run.opt.param_groups[0]['lr']:.1e}")
         out_of_time = cfg.max_minutes is not None and (time.monotonic() - t0) / 60 > cfg.max_minutes
         if it % cfg.eval_every == 0 or out_of_time or it == cfg.max_iterations:
-            score = _evaluate(net, val_blocks, amp) if val_blocks else float(np.mean(interval))
-            lr = opt.param_groups[0]["lr"]
-            if score < best:
-                best, bad = score, 0
-                save_weights(net, best_path, {**meta, "iteration": it, "loss": score})
-            else:
-                bad += 1
-                for g in opt.param_groups:
-                    g["lr"] = lr * cfg.lr_decay
-            history.append({"iteration": it, "train_loss": float(np.mean(interval)), "eval_loss": score, "lr": lr,
-                            "minutes": (time.monotonic() - t0) / 60})
+            run.evaluate(interval, t0)
             interval = []
-            state = {
-                "model": net.state_dict(),
-                "optimizer": opt.state_dict(),
-                "rng": _rng_state(rng),
-                "torch_rng": torch.get_rng_state(),
-                "iteration": it,
-                "best": best,
-                "bad": bad,
-                "history": json.dumps(history),
-                "config": json.dumps(asdict(cfg)),
-            }
-            atomic_write(ckpt, partial(torch.save, state))
-            if bad >= cfg.patience:
+            run.save_checkpoint()
+            if run.bad >= cfg.patience:
                 stopped = f"no improvement in {cfg.patience} evaluations"
                 break
             if out_of_time:
@@ -401,12 +448,18 @@ def train(
                 break
     if bar is not None:
         bar.close()
-    if not best_path.is_file():  # no evaluation happened (max_iterations < eval_every and 0 iterations)
-        save_weights(net, best_path, {**meta, "iteration": it})
+    return _finish(run, out_dir, stopped)
+
+
+def _finish(run: _Run, out_dir: Path, stopped: str) -> TrainResult:
+    """The result, and ``train_log.json``; best weights are written even when no evaluation happened."""
+    if not run.best_path.is_file():  # no evaluation happened (max_iterations < eval_every and 0 iterations)
+        save_weights(run.net, run.best_path, {**run.meta, "iteration": run.iteration})
     from model.ood import sha256_file
 
-    result = TrainResult(best_path, sha256_file(best_path), it, best, history, stopped)
+    result = TrainResult(run.best_path, sha256_file(run.best_path), run.iteration, run.best, run.history, stopped)
     atomic_write(out_dir / "train_log.json", json.dumps(
-        {"config": asdict(cfg), "datasets": meta["datasets"], "iterations": it, "best_loss": best,
-         "stopped": stopped, "history": history, "weights_sha256": result.weights_sha256}, indent=2).encode())
+        {"config": asdict(run.cfg), "datasets": run.meta["datasets"], "iterations": run.iteration,
+         "best_loss": run.best, "stopped": stopped, "history": run.history,
+         "weights_sha256": result.weights_sha256}, indent=2).encode())
     return result
