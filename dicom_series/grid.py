@@ -118,11 +118,8 @@ def _check_distinct_positions(planes: list[Plane], positions: np.ndarray, along:
     same_place = np.flatnonzero(np.diff(along) < DUPLICATE_ATOL_MM)
     if same_place.size:
         i = int(same_place[0])
-        raise SeriesError(
-            "duplicate_slices",
-            f"two slices at the same position {_fmt(positions[i])}: {planes[i].sop_instance_uid} and "
-            f"{planes[i + 1].sop_instance_uid}",
-        )
+        first, second = planes[i].sop_instance_uid, planes[i + 1].sop_instance_uid
+        raise SeriesError("duplicate_slices", f"two slices at the same position {_fmt(positions[i])}: {first} and {second}")
 
 
 def _check_no_tilt(positions: np.ndarray, normal: np.ndarray, pixel_spacing: np.ndarray) -> None:
