@@ -32,6 +32,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.config import SeriesRule
+from dicom_series import Volume
 from ledger import audit, jobs
 from ledger.db import session_scope
 from ledger.schema import Instance, Job, JobState, Result, Series, utcnow
@@ -180,77 +182,112 @@ def retry_or_fail(sessions: sessionmaker[Session], c: Claim, exc: BaseException,
         return False
 
 
+class _JobFailed(Exception):
+    """The job ends ``failed`` with this reason code, without a retry: the series or the configuration
+    is at fault, and running it again would give the same answer."""
+
+    def __init__(self, reason_code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason_code, self.detail = reason_code, detail
+
+
 def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             segmenters: Callable[[str], Segmenter]) -> StudyOutcome:
     """Run one claimed job to ``released``/``held`` (or raise) with the model its rule names
     (``segmenters(rule.model)``). A series the pipeline cannot use (``SeriesError``, a spacing the model's
     grid refuses) or a rule that no longer exists (``unknown_rule``) ends it ``failed``, with no retry."""
-    from dicom_series import SeriesError, load_series
-
-    from .seg import derive_uid, encode_seg, write_seg
-
     timings: dict[str, float] = {}
     paths = job_paths(cfg.results_dir, c.job_id, c.version)
-    rule = cfg.rule(c.rule_name)
-    if rule is None:  # the configuration changed since the job was made: its label and model are unknown
-        known = ", ".join(r.name for r in cfg.rules) or "none"
-        fail(sessions, c, "unknown_rule", f"rule {c.rule_name!r} is not configured (rules: {known})",
-             actor=cfg.actor)
-        return StudyOutcome(c.job_id, "failed", reason_code="unknown_rule")
-    with Heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
-        t0 = time.perf_counter()
-        files = _series_files(sessions, c.series_instance_uid)
-        try:
-            if not files:
-                raise SeriesError("no_instances", f"series {c.series_instance_uid} has no stored instances")
-            volume = load_series(files)
-        except SeriesError as exc:
-            fail(sessions, c, exc.reason_code, str(exc), actor=cfg.actor)
-            return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
-        timings["load"] = time.perf_counter() - t0
-
-        from model.resample import GridError
-
-        segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
-        try:
-            out = segmenter.segment(volume.array, volume.modality, spacing=volume.spacing)
-        except GridError as exc:  # a spacing the model's grid cannot use: the series' fault, no retry
-            fail(sessions, c, exc.reason_code, f"{exc.reason_code}: {exc}", actor=cfg.actor)
-            return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
-        timings.update(out.timings)
-
-        t0 = time.perf_counter()
-        seg_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "seg")
-        series_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "series")
-        ds = encode_seg(volume, out.mask, segment_label=rule.segment_label,
-                        category_code=rule.category_code, type_code=rule.type_code,
-                        algorithm_name=segmenter.model_name, algorithm_version=segmenter.model_version,
-                        weights_sha256=segmenter.weights_sha256, sop_instance_uid=seg_uid,
-                        series_instance_uid=series_uid)
-        paths["dir"].mkdir(parents=True, exist_ok=True)
-        write_seg(ds, paths["seg"])
-        timings["encode"] = time.perf_counter() - t0
-        _save_probability(paths["prob"], out.prob_fg)
-        t0 = time.perf_counter()
-        from .preview import write_preview
-
-        verdict = ("HELD: a modality the model was not trained on" if out.gate_reason == "modality_not_in_bank"
-                   else "HELD: unlike the training data" if out.is_ood else "released")
-        write_preview(paths["preview"], volume.array, out.prob_fg, out.mask, modality=volume.modality,
-                      title=f"job {c.job_id} v{c.version}: OODM {out.oodm:.4f} vs tau {out.tau:.4f} ({verdict})")
-        timings["preview"] = time.perf_counter() - t0
-        evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
-                    "signature": list(map(float, out.signature)),
-                    "rule": rule.name, "configured_model": rule.model,
-                    "model": segmenter.model_name, "model_version": segmenter.model_version,
-                    "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
-                    "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
-                    "inference": segmenter.settings.record(), "grid": out.grid,
-                    "timings_s": timings}
-        atomic_write(paths["evidence"], json.dumps(evidence, indent=2).encode())
+    try:
+        rule = cfg.rule(c.rule_name)
+        if rule is None:  # the configuration changed since the job was made: its label and model are unknown
+            known = ", ".join(r.name for r in cfg.rules) or "none"
+            raise _JobFailed("unknown_rule", f"rule {c.rule_name!r} is not configured (rules: {known})")
+        with Heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
+            volume = _load_volume(sessions, c, timings)
+            segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
+            out = _segment(segmenter, volume)
+            timings.update(out.timings)
+            seg_uid, series_uid = _write_seg(paths, c, cfg, rule, volume, out, segmenter, timings)
+            _write_views(paths, c, volume, out, timings)
+            _write_evidence(paths["evidence"], rule, volume, out, segmenter, timings)
+    except _JobFailed as exc:
+        fail(sessions, c, exc.reason_code, exc.detail, actor=cfg.actor)
+        return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
     return finish(sessions, c, cfg, seg_path=paths["seg"], seg_uid=seg_uid, series_uid=series_uid,
                   prob_path=paths["prob"], evidence_path=paths["evidence"], out=out, segmenter=segmenter,
                   configured_model=rule.model, timings=timings)
+
+
+def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float]) -> Volume:
+    from dicom_series import SeriesError, load_series
+
+    t0 = time.perf_counter()
+    files = _series_files(sessions, c.series_instance_uid)
+    try:
+        if not files:
+            raise SeriesError("no_instances", f"series {c.series_instance_uid} has no stored instances")
+        volume = load_series(files)
+    except SeriesError as exc:
+        raise _JobFailed(exc.reason_code, str(exc)) from exc
+    timings["load"] = time.perf_counter() - t0
+    return volume
+
+
+def _segment(segmenter: Segmenter, volume: Volume) -> SegmentOutput:
+    from model.resample import GridError
+
+    try:
+        return segmenter.segment(volume.array, volume.modality, spacing=volume.spacing)
+    except GridError as exc:  # a spacing the model's grid cannot use: the series' fault, no retry
+        raise _JobFailed(exc.reason_code, f"{exc.reason_code}: {exc}") from exc
+
+
+def _write_seg(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, rule: SeriesRule, volume: Volume,
+               out: SegmentOutput, segmenter: Segmenter, timings: dict[str, float]) -> tuple[str, str]:
+    """The DICOM-SEG, under UIDs derived from the job (a resend after a crash is the same object)."""
+    from .seg import derive_uid, encode_seg, write_seg
+
+    t0 = time.perf_counter()
+    seg_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "seg")
+    series_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "series")
+    ds = encode_seg(volume, out.mask, segment_label=rule.segment_label,
+                    category_code=rule.category_code, type_code=rule.type_code,
+                    algorithm_name=segmenter.model_name, algorithm_version=segmenter.model_version,
+                    weights_sha256=segmenter.weights_sha256, sop_instance_uid=seg_uid,
+                    series_instance_uid=series_uid)
+    paths["dir"].mkdir(parents=True, exist_ok=True)
+    write_seg(ds, paths["seg"])
+    timings["encode"] = time.perf_counter() - t0
+    return seg_uid, series_uid
+
+
+def _write_views(paths: dict[str, Path], c: Claim, volume: Volume, out: SegmentOutput,
+                 timings: dict[str, float]) -> None:
+    """What a reviewer looks at: the probability map, and the preview PNG with the gate's verdict."""
+    from .preview import write_preview
+
+    _save_probability(paths["prob"], out.prob_fg)
+    t0 = time.perf_counter()
+    verdict = ("HELD: a modality the model was not trained on" if out.gate_reason == "modality_not_in_bank"
+               else "HELD: unlike the training data" if out.is_ood else "released")
+    write_preview(paths["preview"], volume.array, out.prob_fg, out.mask, modality=volume.modality,
+                  title=f"job {c.job_id} v{c.version}: OODM {out.oodm:.4f} vs tau {out.tau:.4f} ({verdict})")
+    timings["preview"] = time.perf_counter() - t0
+
+
+def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOutput, segmenter: Segmenter,
+                    timings: dict[str, float]) -> None:
+    """The gate's evidence and what produced it, as JSON beside the result."""
+    evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
+                "signature": list(map(float, out.signature)),
+                "rule": rule.name, "configured_model": rule.model,
+                "model": segmenter.model_name, "model_version": segmenter.model_version,
+                "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
+                "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
+                "inference": segmenter.settings.record(), "grid": out.grid,
+                "timings_s": timings}
+    atomic_write(path, json.dumps(evidence, indent=2).encode())
 
 
 def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, seg_path: Path, seg_uid: str,

@@ -127,34 +127,11 @@ def encode_seg(
     if len(weights_sha256) != 64 or any(c not in "0123456789abcdef" for c in weights_sha256):
         raise ValueError(f"weights_sha256 must be 64 lowercase hex digits, got {weights_sha256!r}")
 
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name,
-        family=codes.cid7162.ArtificialIntelligence,
-        version=algorithm_version,
-        parameters={"weights_sha256": weights_sha256},
-    )
-    description = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=segment_label,
-        segmented_property_category=_code(category_code, "category_code"),
-        segmented_property_type=_code(type_code, "type_code"),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-    )
-
-    if volume.is_multiframe:
-        # highdicom pairs plane i of the array with frame i + 1 of the one multi-frame source:
-        # put each z slice of the mask at the index of the frame it was drawn on.
-        frames = np.zeros_like(mask)
-        frame_index = np.array([ref.frame_number - 1 for ref in volume.slices])  # type: ignore[operator]
-        frames[frame_index] = mask
-    else:
-        # Headers are in z order: plane z of the mask pairs with source image z.
-        frames = mask
-
+    description = _describe_segment(segment_label, category_code, type_code, algorithm_name, algorithm_version,
+                                    weights_sha256)
     return hd.seg.Segmentation(
         source_images=_source_headers(volume),
-        pixel_array=frames,
+        pixel_array=_frames_in_source_order(volume, mask),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
         series_instance_uid=series_instance_uid,
@@ -167,6 +144,37 @@ def encode_seg(
         device_serial_number="0",
         omit_empty_frames=True,
     )
+
+
+def _describe_segment(label: str, category_code: tuple[str, str, str], type_code: tuple[str, str, str],
+                      algorithm_name: str, algorithm_version: str, weights_sha256: str) -> hd.seg.SegmentDescription:
+    """Segment 1: what it is (coded) and which algorithm drew it, with the weights' digest."""
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=algorithm_version,
+        parameters={"weights_sha256": weights_sha256},
+    )
+    return hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=label,
+        segmented_property_category=_code(category_code, "category_code"),
+        segmented_property_type=_code(type_code, "type_code"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
+
+
+def _frames_in_source_order(volume: Volume, mask: np.ndarray) -> np.ndarray:
+    """The mask's planes in the order highdicom pairs them with the source images."""
+    if not volume.is_multiframe:
+        return mask  # headers are in z order: plane z of the mask pairs with source image z
+    # highdicom pairs plane i of the array with frame i + 1 of the one multi-frame source: put each z
+    # slice of the mask at the index of the frame it was drawn on.
+    frames = np.zeros_like(mask)
+    frame_index = np.array([ref.frame_number - 1 for ref in volume.slices])  # type: ignore[operator]
+    frames[frame_index] = mask
+    return frames
 
 
 def write_seg(ds: Dataset, path: Path) -> Path:
