@@ -6,7 +6,7 @@ Every step that must not be forgotten is in the ledger:
    and records which task owns the job. A job found ``running`` whose heartbeat is stale (its worker died)
    is taken back (``running -> queued -> running``) and counted as a new attempt. A job that has used its
    attempts ends ``failed`` (``attempts_exhausted``): a study that kills the worker every time never loops.
-2. **Work**, with a heartbeat thread: the series is loaded (``worker.series``; a bad series fails at once
+2. **Work**, with a heartbeat thread: the series is loaded (``dicom_series``; a bad series fails at once
    with its reason code, no retry), segmented and gated (``worker.segmenter``), encoded as DICOM-SEG
    (``worker.seg``) whose UIDs derive from (installation, study, job, version): a re-run writes the same
    object. The probability map and the gate's evidence are kept beside it for review.
