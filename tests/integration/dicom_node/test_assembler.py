@@ -3,24 +3,27 @@ supersede earlier ones, no matching series, and a restart that loses nothing. On
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 
 from dicom_node.assembler import Assembler
+from dicom_node.config import AssemblyConfig, SeriesRule
 from ledger import jobs as ledger_jobs
 from ledger.db import session_scope
 from ledger.schema import Job, JobState, Result, Study, utcnow
-from specgate.settings import SeriesRule, Settings
 from tests.integration.dicom_node.helpers import Ledger, store
 from tests.peers import write_ct_series
 
+_DEFAULT_RULES = (SeriesRule(name="default-ct-mr"),)
 
-def _assembler(ledger: Ledger, queued: list[int], **overrides) -> Assembler:
-    settings = Settings.load(data_dir=ledger.data_dir, database_url=ledger.url, study_quiet_seconds=30,
-                             **overrides)
-    return Assembler(settings.assembly_config(), ledger.sessions, on_job_queued=queued.append)
+
+def _assembler(ledger: Ledger, queued: list[int], *, rules: Sequence[SeriesRule] = _DEFAULT_RULES,
+               job_max_attempts: int = 3) -> Assembler:
+    config = AssemblyConfig(quiet_seconds=30, rules=tuple(rules), job_max_attempts=job_max_attempts)
+    return Assembler(config, ledger.sessions, on_job_queued=queued.append)
 
 
 def _later(seconds: float = 31):
@@ -31,7 +34,7 @@ def test_quiet_period_across_associations_makes_one_job(ledger: Ledger, start_sc
     series = write_ct_series(tmp_path / "in", slices=20)
     port = start_scp(ledger).address[1]
     queued: list[int] = []
-    asm = _assembler(ledger, queued, worker_max_attempts=5)
+    asm = _assembler(ledger, queued, job_max_attempts=5)
     assert store(port, series.paths[:12]) == [0] * 12
     assert asm.run_once() == [] and asm.run_once(_later(10)) == []  # still in its quiet period
     assert store(port, series.paths[12:]) == [0] * 8  # a second association, same study
@@ -143,8 +146,8 @@ def test_enqueue_hook_failure_leaves_the_job_queued(ledger: Ledger, start_scp, t
     def broker_down(job_id: int) -> None:
         raise ConnectionError("broker down")
 
-    settings = Settings.load(data_dir=ledger.data_dir, database_url=ledger.url, study_quiet_seconds=30)
-    [result] = Assembler(settings.assembly_config(), ledger.sessions, on_job_queued=broker_down).run_once(_later())
+    config = AssemblyConfig(quiet_seconds=30, rules=_DEFAULT_RULES)
+    [result] = Assembler(config, ledger.sessions, on_job_queued=broker_down).run_once(_later())
     with ledger.sessions() as s:
         assert s.get(Job, result.job_id).state == JobState.QUEUED  # the reconciler finds it
 
@@ -154,9 +157,9 @@ def test_background_loop(ledger: Ledger, start_scp, tmp_path: Path) -> None:
 
     series = write_ct_series(tmp_path / "in", slices=16)
     port = start_scp(ledger).address[1]
-    settings = Settings.load(data_dir=ledger.data_dir, database_url=ledger.url, study_quiet_seconds=0.5)
+    config = AssemblyConfig(quiet_seconds=0.5, rules=_DEFAULT_RULES)
     queued: list[int] = []
-    asm = Assembler(settings.assembly_config(), ledger.sessions, on_job_queued=queued.append).start()
+    asm = Assembler(config, ledger.sessions, on_job_queued=queued.append).start()
     try:
         assert store(port, series.paths) == [0] * 16
         wait_for(lambda: queued, timeout=10, what="the job to be queued")

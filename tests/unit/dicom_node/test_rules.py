@@ -42,8 +42,10 @@ def test_rules_come_from_toml(tmp_path) -> None:
     cfg = tmp_path / "specgate.toml"
     cfg.write_text('[[rules]]\nname = "brain"\nmodalities = ["MR"]\nbody_part = "HEAD|BRAIN"\nmin_slices = 20\n'
                    'model = "brain-v2"\nsegment_label = "Brain"\n'
-                   'type_code = ["12738006", "SCT", "Brain"]\n')
+                   'type_code = ["12738006", "SCT", "Brain"]\n'
+                   '[models.brain-v2]\nweights = "/models/brain-v2.pt"\nbank = "/models/brain-v2.npz"\n')
     rules = Settings.load(cfg).rules
     assert [r.name for r in rules] == ["brain"]
     rule, s = choose_series(rules, [facts("1", "MR", 24, body="HEAD")])
     assert rule.type_code == ("12738006", "SCT", "Brain") and s.series_instance_uid == "1"
+    assert rule.model == "brain-v2"
