@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -234,6 +235,99 @@ def _percentile(img: np.ndarray, q: float, max_voxels: int = 1 << 23) -> float:
     return float(np.percentile(img[::step, ::step, ::step], q))
 
 
+def _slab_depth(shape: tuple[int, ...]) -> int:
+    """Slices per slab of a (z, y, x) volume: at most :data:`_CHUNK_VOXELS` voxels, at least one slice."""
+    return max(1, _CHUNK_VOXELS // (int(shape[1]) * int(shape[2])))
+
+
+def _slabs(shape: tuple[int, ...]) -> Iterator[slice]:
+    """Consecutive z slabs of :func:`_slab_depth` slices (the last one shorter) covering the volume."""
+    nz, chunk = int(shape[0]), _slab_depth(shape)
+    for z0 in range(0, nz, chunk):
+        yield slice(z0, z0 + min(chunk, nz - z0))
+
+
+def _centred_origin(case: PhantomCase) -> list[float]:
+    """Centre of the phantom's voxel (0, 0, 0) in mm, (z, y, x), for a grid centred on patient coordinate 0."""
+    return [-(n - 1) / 2.0 * s for n, s in zip(case.image.shape, case.spacing, strict=True)]
+
+
+def _sitk_image(a: np.ndarray, spacing: Sequence[float], origin: Sequence[float]) -> Any:
+    """``a`` (z, y, x) as a float32 SimpleITK image with ``spacing`` and ``origin`` given in (z, y, x)."""
+    import SimpleITK as sitk
+
+    im = sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32))
+    im.SetSpacing([float(s) for s in spacing[::-1]])
+    im.SetOrigin([float(o) for o in origin[::-1]])
+    return im
+
+
+def _resample_slab(src: Any, out: np.ndarray, origin_xyz: list[float], spacing_xyz: list[float], default: float,
+                   threshold: float | None = None) -> None:
+    """``src`` resampled (linear) into the slab ``out`` (z, y, x) whose voxel (0, 0, 0) is at ``origin_xyz``,
+    ``default`` outside ``src``; with ``threshold``, ``out`` gets ``value >= threshold``."""
+    import SimpleITK as sitk
+
+    n, ny, nx = out.shape
+    r = sitk.Resample(src, [nx, ny, n], sitk.Transform(), sitk.sitkLinear, origin_xyz, spacing_xyz,
+                      [1, 0, 0, 0, 1, 0, 0, 0, 1], default, sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(r)  # a view of r's buffer: used while r is alive
+    out[...] = values if threshold is None else values >= threshold
+
+
+def _resample_onto(case: PhantomCase, geom: Geometry, air: float) -> tuple[np.ndarray, np.ndarray]:
+    """The phantom's image (linear, ``air`` outside) and label (linear then >= 0.5, 0 outside) on ``geom``,
+    slab by slab; slabs wholly outside the phantom's z extent are just air."""
+    src_origin = _centred_origin(case)
+    src_img = _sitk_image(case.image, case.spacing, src_origin)
+    src_lab = _sitk_image(case.label, case.spacing, src_origin)
+    # the phantom's z extent (voxel centres, plus half a voxel)
+    zlo = src_origin[0] - case.spacing[0] / 2.0
+    zhi = -zlo
+    dz, dy, dx = (float(s) for s in geom.spacing)
+    oz, oy, ox = geom.origin_mm
+    image = np.empty(tuple(int(n) for n in geom.shape), np.float32)
+    label = np.empty(image.shape, np.uint8)
+    for sl in _slabs(image.shape):
+        n = sl.stop - sl.start
+        zs = oz + sl.start * dz
+        if zs + (n - 1) * dz < zlo or zs > zhi:
+            image[sl] = air
+            label[sl] = 0
+        else:
+            _resample_slab(src_img, image[sl], [ox, oy, zs], [dx, dy, dz], air)
+            # linear, then >= 0.5: the organ's outline at the fine grid, not the coarse grid's staircase
+            _resample_slab(src_lab, label[sl], [ox, oy, zs], [dx, dy, dz], 0.0, threshold=0.5)
+    return image, label
+
+
+def _add_gaussian(image: np.ndarray, rng: np.random.Generator, sigma: float, rectify: bool = False) -> None:
+    """``image += N(0, sigma)`` in place, slab by slab (float32 draws in z order); with ``rectify``, then
+    ``|image|``."""
+    buf = np.empty((_slab_depth(image.shape), *image.shape[1:]), np.float32)
+    for sl in _slabs(image.shape):
+        b = buf[:sl.stop - sl.start]
+        rng.standard_normal(dtype=np.float32, out=b)
+        b *= np.float32(sigma)
+        seg = image[sl]
+        seg += b
+        if rectify:
+            np.abs(seg, out=seg)
+
+
+def _add_scanner_noise(image: np.ndarray, modality: str, rng: np.random.Generator) -> None:
+    """Fine-grid noise, in place (see :func:`regrid`): CT Gaussian then whole HU floored at
+    :data:`CT_FLOOR`, MR Rician-like, none otherwise."""
+    if modality == "CT":
+        _add_gaussian(image, rng, float(rng.uniform(15.0, 35.0)))
+        np.rint(image, out=image)
+        np.maximum(image, np.float32(CT_FLOOR), out=image)
+    elif modality == "MR":
+        sigma = float(rng.uniform(0.02, 0.04)) * max(_percentile(image, 99.0), 0.0)
+        if sigma > 0:
+            _add_gaussian(image, rng, sigma, rectify=True)
+
+
 def regrid(
     case: PhantomCase,
     geom: Geometry,
@@ -250,72 +344,15 @@ def regrid(
     The noise comes from ``rng`` (default: derived from the case's kind, seed and index). The output is
     built slab by slab into one float32 and one uint8 array: no full-size temporaries.
     """
-    import SimpleITK as sitk
-
     if len(geom.shape) != 3 or min(geom.shape) < 1 or min(geom.spacing) <= 0:
         raise ValueError(f"invalid geometry {geom!r}")
     if rng is None:
         rng = np.random.default_rng([case.seed, 104729, _kind_id(case.kind), case.index])
     modality = case.modality.upper()
-    air = AIR.get(modality, 0.0)
-    src_img = sitk.GetImageFromArray(np.ascontiguousarray(case.image, dtype=np.float32))
-    src_lab = sitk.GetImageFromArray(np.ascontiguousarray(case.label, dtype=np.float32))
-    src_origin = [-(n - 1) / 2.0 * s for n, s in zip(case.image.shape, case.spacing, strict=True)]
-    for im in (src_img, src_lab):
-        im.SetSpacing([float(s) for s in case.spacing[::-1]])
-        im.SetOrigin([float(o) for o in src_origin[::-1]])
-    # the phantom's z extent (voxel centres, plus half a voxel): slabs wholly outside are just air
-    zlo = src_origin[0] - case.spacing[0] / 2.0
-    zhi = -zlo
-
-    nz, ny, nx = (int(n) for n in geom.shape)
+    image, label = _resample_onto(case, geom, AIR.get(modality, 0.0))
+    if noise:
+        _add_scanner_noise(image, modality, rng)
     dz, dy, dx = (float(s) for s in geom.spacing)
-    oz, oy, ox = geom.origin_mm
-    image = np.empty((nz, ny, nx), np.float32)
-    label = np.empty((nz, ny, nx), np.uint8)
-    ct_sigma = float(rng.uniform(15.0, 35.0)) if noise and modality == "CT" else 0.0
-    chunk = max(1, _CHUNK_VOXELS // (ny * nx))
-    buf = np.empty((chunk, ny, nx), np.float32) if ct_sigma else None
-    identity = sitk.Transform()
-    for z0 in range(0, nz, chunk):
-        n = min(chunk, nz - z0)
-        zs = oz + z0 * dz
-        sl = slice(z0, z0 + n)
-        if zs + (n - 1) * dz < zlo or zs > zhi:
-            image[sl] = air
-            label[sl] = 0
-        else:
-            size = [nx, ny, n]
-            origin = [ox, oy, zs]
-            r = sitk.Resample(src_img, size, identity, sitk.sitkLinear, origin, [dx, dy, dz],
-                              [1, 0, 0, 0, 1, 0, 0, 0, 1], air, sitk.sitkFloat32)
-            image[sl] = sitk.GetArrayViewFromImage(r)
-            del r
-            # linear, then >= 0.5: the organ's outline at the fine grid, not the coarse grid's staircase
-            r = sitk.Resample(src_lab, size, identity, sitk.sitkLinear, origin, [dx, dy, dz],
-                              [1, 0, 0, 0, 1, 0, 0, 0, 1], 0.0, sitk.sitkFloat32)
-            label[sl] = sitk.GetArrayViewFromImage(r) >= 0.5
-            del r
-        if buf is not None:
-            b = buf[:n]
-            rng.standard_normal(dtype=np.float32, out=b)
-            b *= np.float32(ct_sigma)
-            image[sl] += b
-    if modality == "CT" and noise:
-        np.rint(image, out=image)
-        np.maximum(image, np.float32(CT_FLOOR), out=image)
-    elif modality == "MR" and noise:
-        sigma = float(rng.uniform(0.02, 0.04)) * max(_percentile(image, 99.0), 0.0)
-        if sigma > 0:
-            tmp = np.empty((chunk, ny, nx), np.float32)
-            for z0 in range(0, nz, chunk):
-                n = min(chunk, nz - z0)
-                t = tmp[:n]
-                rng.standard_normal(dtype=np.float32, out=t)
-                t *= np.float32(sigma)
-                seg = image[z0:z0 + n]
-                seg += t
-                np.abs(seg, out=seg)
     return replace(case, image=image, label=label, spacing=(dz, dy, dx))
 
 
