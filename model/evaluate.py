@@ -13,6 +13,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,6 +93,71 @@ def _nanmean(v: list[float]) -> float:
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
 
+def _resolve_settings(gate: SpectralGate, settings: InferenceSettings | None) -> InferenceSettings:
+    """``settings``, or the ones the gate's bank was fitted through; refused when the bank does not match."""
+    if settings is None:
+        if gate.inference is None:
+            raise ValueError("the bank records no inference settings; pass settings= or refit the bank")
+        settings = InferenceSettings.from_record(gate.inference)
+    gate.check_inference(settings.signature_settings(), "this evaluation")
+    return settings
+
+
+def _segmentation_metrics(p: np.ndarray, lab: np.ndarray, spacing: Any, band: int, bins: int) -> dict[str, float]:
+    """DSC, HD95, ASSD of ``p >= 0.5`` against ``lab``, and ECE, MCE of the probabilities ``p``."""
+    pred = p >= 0.5
+    metrics = {"dsc": dice(pred, lab), "hd95": hd95(pred, lab, spacing), "assd": assd(pred, lab, spacing)}
+    metrics["ece"], metrics["mce"] = ece_mce(p, lab, band=band, bins=bins)
+    return metrics
+
+
+@dataclass
+class _DatasetRun:
+    """One dataset through the model and the gate, case by case."""
+
+    rows: dict[str, list[float]] = field(  # segmentation metrics of the labelled cases
+        default_factory=lambda: {"dsc": [], "hd95": [], "assd": [], "ece": [], "mce": []})
+    scores: list[float] = field(default_factory=list)  # OODM
+    decisions: list[float] = field(default_factory=list)  # OODM, inf for a modality the bank never saw
+    probs: list[np.ndarray] = field(default_factory=list)  # foreground maps, for the reliability diagram
+    labels: list[np.ndarray] = field(default_factory=list)
+
+
+def _run_dataset(net: nn.Module, gate: SpectralGate, name: str, cases: Cases, settings: InferenceSettings,
+                 device: str | torch.device | None, band: int, bins: int, keep_maps: bool,
+                 progress: bool) -> _DatasetRun:
+    """Every case of ``cases`` through the production path and the gate; ``keep_maps``: keep the foreground
+    probabilities and labels of the labelled cases."""
+    run = _DatasetRun()
+    for cs in _progress(cases, progress, name):
+        r = run_case(net, cs, settings, device)
+        s, _flagged, why = gate.verdict(gate.observe(r), cs.modality)
+        run.scores.append(s)
+        # for detection metrics a modality the bank never saw ranks above every OODM
+        run.decisions.append(float("inf") if why == "modality_not_in_bank" else s)
+        lab = getattr(cs, "label", None)
+        if lab is None:
+            continue
+        p = r.foreground
+        for k, v in _segmentation_metrics(p, lab, cs.spacing, band, bins).items():
+            run.rows[k].append(v)
+        if keep_maps:
+            run.probs.append(np.asarray(p, dtype=np.float32))
+            run.labels.append(np.asarray(lab, dtype=bool))
+    return run
+
+
+def _dataset_entry(run: _DatasetRun, n: int, is_ood: bool, tau: float) -> dict[str, Any]:
+    """A dataset's line of the report: size, role, mean segmentation metrics, cases flagged."""
+    entry: dict[str, Any] = {"n": n, "in_distribution": not is_ood}
+    if run.rows["dsc"]:
+        entry.update({k: _r(_nanmean(v)) for k, v in run.rows.items()})
+    entry["flagged_ood"] = int(sum(d > tau for d in run.decisions))
+    if any(d == float("inf") for d in run.decisions):
+        entry["held_for_modality"] = int(sum(d == float("inf") for d in run.decisions))
+    return entry
+
+
 def evaluate(
     net: nn.Module,
     gate: SpectralGate,
@@ -112,11 +178,7 @@ def evaluate(
     Floats are rounded to 4 decimals; NaN/undefined values are ``None``.
     """
     ood_datasets = ood_datasets or {}
-    if settings is None:
-        if gate.inference is None:
-            raise ValueError("the bank records no inference settings; pass settings= or refit the bank")
-        settings = InferenceSettings.from_record(gate.inference)
-    gate.check_inference(settings.signature_settings(), "this evaluation")
+    settings = _resolve_settings(gate, settings)
     seg: dict[str, Any] = {}
     oodm: dict[str, list[float]] = {}
     scores_in: list[float] = []
@@ -126,38 +188,13 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
     for is_ood, group in ((False, datasets), (True, ood_datasets)):
         for name, cases in group.items():
-            rows: dict[str, list[float]] = {"dsc": [], "hd95": [], "assd": [], "ece": [], "mce": []}
-            probs, labels, scores, decisions = [], [], [], []
-            for cs in _progress(cases, progress, name):
-                r = run_case(net, cs, settings, device)
-                s, flagged, why = gate.verdict(gate.observe(r), cs.modality)
-                scores.append(s)
-                # for detection metrics a modality the bank never saw ranks above every OODM
-                decisions.append(float("inf") if why == "modality_not_in_bank" else s)
-                lab = getattr(cs, "label", None)
-                if lab is not None:
-                    p = r.foreground
-                    pred = p >= 0.5
-                    rows["dsc"].append(dice(pred, lab))
-                    rows["hd95"].append(hd95(pred, lab, cs.spacing))
-                    rows["assd"].append(assd(pred, lab, cs.spacing))
-                    e, m = ece_mce(p, lab, band=band, bins=bins)
-                    rows["ece"].append(e)
-                    rows["mce"].append(m)
-                    if out is not None:
-                        probs.append(np.asarray(p, dtype=np.float32))
-                        labels.append(np.asarray(lab, dtype=bool))
-            oodm[name] = [_r(s) for s in scores]  # type: ignore[misc]
-            (scores_out if is_ood else scores_in).extend(decisions)
-            entry: dict[str, Any] = {"n": len(cases), "in_distribution": not is_ood}
-            if rows["dsc"]:
-                entry.update({k: _r(_nanmean(v)) for k, v in rows.items()})
-            entry["flagged_ood"] = int(sum(d > gate.tau for d in decisions))
-            if any(d == float("inf") for d in decisions):
-                entry["held_for_modality"] = int(sum(d == float("inf") for d in decisions))
-            seg[name] = entry
-            if out is not None and probs:
-                reliability_diagram(probs, labels, out / f"reliability_{name}.png", band=band, bins=bins, title=name)
+            run = _run_dataset(net, gate, name, cases, settings, device, band, bins, out is not None, progress)
+            oodm[name] = [_r(s) for s in run.scores]  # type: ignore[misc]
+            (scores_out if is_ood else scores_in).extend(run.decisions)
+            seg[name] = _dataset_entry(run, len(cases), is_ood, gate.tau)
+            if out is not None and run.probs:
+                reliability_diagram(run.probs, run.labels, out / f"reliability_{name}.png", band=band, bins=bins,
+                                    title=name)
     result: dict[str, Any] = {
         "inference": {"block": settings.block, "overlap": settings.overlap, "band": band, "bins": bins,
                       "spacing": settings.record()["spacing"]},

@@ -243,6 +243,61 @@ def _overlap(box: Sequence[tuple[int, int]], shape: Sequence[int]) -> tuple[tupl
     return img, can
 
 
+@dataclass
+class _Canvas:
+    """What the windows run on (:func:`_crop_to_body`), and where it lies on the model's grid."""
+
+    image: np.ndarray  # the preprocessed image on the body's box (or the whole grid when no body)
+    signature_mask: np.ndarray | None  # the body on the canvas (None: every voxel)
+    box: tuple[tuple[int, int], ...]  # (lo, hi) per axis of the model's grid
+    grid_slices: tuple[slice, ...]  # where the canvas overlaps the grid: on the grid ...
+    canvas_slices: tuple[slice, ...]  # ... and on the canvas
+    body_voxels: int
+
+
+def _to_model_grid(vol: np.ndarray, sp: Spacing, target: Spacing | None, antialias: bool) -> tuple[Grid, np.ndarray]:
+    """The model's grid and the image on it: resampled onto ``target`` spacing, or the source as it is."""
+    if target is None:
+        return Grid(tuple(int(n) for n in vol.shape), sp), vol  # type: ignore[arg-type]
+    grid = model_grid(vol.shape, sp, target)
+    return grid, to_grid(vol, sp, grid, antialias=antialias)
+
+
+def _crop_to_body(x: np.ndarray, modality: str, grid: Grid, margin_mm: float) -> _Canvas:
+    """The preprocessed image ``x`` on the body's box plus ``margin_mm`` (air where the box leaves the image),
+    with the body as the signature mask; the whole image and no mask when no body is found."""
+    body = body_mask(x, modality)
+    body_voxels = int(body.sum())
+    if not body_voxels:
+        box = tuple((0, n) for n in grid.shape)
+        img_sl, can_sl = _overlap(box, grid.shape)
+        return _Canvas(x, None, box, img_sl, can_sl, 0)
+    box = _body_box(body, grid.spacing, margin_mm)
+    img_sl, can_sl = _overlap(box, grid.shape)
+    canvas = np.zeros(tuple(hi - lo for lo, hi in box), np.float32)  # 0: air, once preprocessed
+    canvas[can_sl] = x[img_sl]
+    sig_mask = np.zeros(canvas.shape, bool)
+    sig_mask[can_sl] = body[img_sl]
+    return _Canvas(canvas, sig_mask, box, img_sl, can_sl, body_voxels)
+
+
+def _to_source_grid(probabilities: np.ndarray, canvas: _Canvas, grid: Grid, resampled: bool,
+                    shape: tuple[int, ...], sp: Spacing, out_dtype: type[np.floating] | np.dtype) -> np.ndarray:
+    """The canvas' ``probabilities`` on the whole model grid (background outside the box), then back on the
+    source grid (``shape``, ``sp``) when the model's grid was resampled."""
+    k = probabilities.shape[0]
+    on_grid = np.zeros((k, *grid.shape), dtype=np.float32 if resampled else out_dtype)
+    on_grid[0] = 1.0  # outside the body's box: background
+    on_grid[(slice(None), *canvas.grid_slices)] = probabilities[(slice(None), *canvas.canvas_slices)]
+    if not resampled:
+        return on_grid
+    probs = np.empty((k, *shape), dtype=out_dtype)
+    for c in range(1, k):
+        from_grid(on_grid[c], grid, shape, sp, out=probs[c])
+    np.subtract(1.0, probs[1:].sum(axis=0) if k > 2 else probs[1], out=probs[0])
+    return probs
+
+
 def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,
                    settings: InferenceSettings, *, device: str | torch.device | None = None,
                    out_dtype: type[np.floating] | np.dtype = np.float16) -> StudyInference:
@@ -258,56 +313,28 @@ def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], 
         raise ValueError(f"image must be (z, y, x), got shape {vol.shape}")
     sp = validate_spacing(spacing)
     target = settings.spacing_for(modality)
-    if target is not None:
-        grid = model_grid(vol.shape, sp, target)
-        small = to_grid(vol, sp, grid, antialias=settings.antialias)
-    else:
-        grid = Grid(tuple(int(n) for n in vol.shape), sp)  # type: ignore[arg-type]
-        small = vol
+    resampled = target is not None
+    grid, small = _to_model_grid(vol, sp, target, settings.antialias)
     timings["resample"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     x = preprocess(small, modality)
     del small
-    body = body_mask(x, modality)
-    body_voxels = int(body.sum())
-    if body_voxels:
-        box = _body_box(body, grid.spacing, settings.crop_margin_mm)
-        img_sl, can_sl = _overlap(box, grid.shape)
-        canvas = np.zeros(tuple(hi - lo for lo, hi in box), np.float32)  # 0: air, once preprocessed
-        canvas[can_sl] = x[img_sl]
-        sig_mask: np.ndarray | None = np.zeros(canvas.shape, bool)
-        sig_mask[can_sl] = body[img_sl]  # type: ignore[index]
-    else:
-        box = tuple((0, n) for n in grid.shape)
-        img_sl, can_sl = _overlap(box, grid.shape)
-        canvas, sig_mask = x, None
+    canvas = _crop_to_body(x, modality, grid, settings.crop_margin_mm)
     del x
     timings["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    amp = settings.precision == "bfloat16"
-    res = sliding_window(net, canvas, block=settings.block, overlap=settings.overlap,
-                         batch_size=settings.batch_size, device=device, amp=amp,
-                         out_dtype=np.float32 if target is not None else out_dtype, signature_mask=sig_mask)
+    res = sliding_window(net, canvas.image, block=settings.block, overlap=settings.overlap,
+                         batch_size=settings.batch_size, device=device, amp=settings.precision == "bfloat16",
+                         out_dtype=np.float32 if resampled else out_dtype, signature_mask=canvas.signature_mask)
     timings["infer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    k = res.probabilities.shape[0]
-    dtype = np.float32 if target is not None else out_dtype
-    on_grid = np.zeros((k, *grid.shape), dtype=dtype)
-    on_grid[0] = 1.0  # outside the body's box: background
-    on_grid[(slice(None), *img_sl)] = res.probabilities[(slice(None), *can_sl)]
-    if target is not None:
-        probs = np.empty((k, *vol.shape), dtype=out_dtype)
-        for c in range(1, k):
-            from_grid(on_grid[c], grid, vol.shape, sp, out=probs[c])
-        np.subtract(1.0, probs[1:].sum(axis=0) if k > 2 else probs[1], out=probs[0])
-    else:
-        probs = on_grid
+    probs = _to_source_grid(res.probabilities, canvas, grid, resampled, vol.shape, sp, out_dtype)
     timings["restore"] = time.perf_counter() - t0
     return StudyInference(
         probabilities=probs, signature=res.signature, n_signature_voxels=res.n_signature_voxels,
-        body_voxels=body_voxels, model_shape=grid.shape, model_spacing=grid.spacing,
-        crop=tuple((int(lo), int(hi)) for lo, hi in box), n_windows=res.n_windows,
-        resampled=target is not None, timings=timings)
+        body_voxels=canvas.body_voxels, model_shape=grid.shape, model_spacing=grid.spacing,
+        crop=tuple((int(lo), int(hi)) for lo, hi in canvas.box), n_windows=res.n_windows,
+        resampled=resampled, timings=timings)
