@@ -47,8 +47,10 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import SegmentationStorage
 
+    from dicom_node.config import SeriesRule
     from dicom_series import load_series
     from tests.peers import dcmtk_path, wait_for
+    from worker.labels import GateEvidence, ModelIdentity, Release
     from worker.pipeline import _save_probability
     from worker.preview import write_preview
     from worker.seg import derive_uid, encode_seg, write_seg
@@ -66,9 +68,11 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     t.update({"resample": o.timings["resample"], "preprocess": o.timings["preprocess"], "infer": o.timings["infer"],
               "restore": o.timings["restore"], "gate": o.timings["gate"]})
     t0 = time.perf_counter()
-    ds = encode_seg(volume, o.mask, segment_label="Liver", category_code=("123037004", "SCT", "Anatomical Structure"),
-                    type_code=("10200004", "SCT", "Liver"), algorithm_name=seg_model.model_name,
-                    algorithm_version=seg_model.model_version, weights_sha256=seg_model.weights_sha256,
+    ds = encode_seg(volume, o.mask, rule=SeriesRule(name="bench", segment_label="Liver",
+                                                    type_code=("10200004", "SCT", "Liver")),
+                    model=ModelIdentity(seg_model.model_name, seg_model.model_version, seg_model.weights_sha256),
+                    evidence=GateEvidence(oodm=o.oodm, tau=o.tau, c=None, is_ood=o.is_ood, gate_reason=o.gate_reason),
+                    release=Release("gate"),
                     sop_instance_uid=derive_uid("bench", "seg"), series_instance_uid=derive_uid("bench", "series"))
     seg_path = out / "seg.dcm"
     write_seg(ds, seg_path)

@@ -22,7 +22,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from dicom_factory import SeriesSpec, write_series  # noqa: E402
 
+from dicom_node.config import SeriesRule  # noqa: E402
 from dicom_series import load_series  # noqa: E402
+from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
 from worker.seg import derive_uid, encode_seg, write_seg  # noqa: E402
 
 
@@ -58,12 +60,10 @@ def main() -> None:
             seg = encode_seg(
                 volume,
                 mask,
-                segment_label="sphere",
-                category_code=("123037004", "SCT", "Anatomical Structure"),
-                type_code=("10200004", "SCT", "Liver"),
-                algorithm_name="specgate-bench",
-                algorithm_version="0",
-                weights_sha256="0" * 64,
+                rule=SeriesRule(name="bench", segment_label="sphere", type_code=("10200004", "SCT", "Liver")),
+                model=ModelIdentity("specgate-bench", "0", "0" * 64),
+                evidence=GateEvidence(oodm=0.01, tau=0.05, c=2.5, is_ood=False),
+                release=Release("gate"),
                 sop_instance_uid=derive_uid("bench", "seg", str(i)),
                 series_instance_uid=derive_uid("bench", "series"),
             )

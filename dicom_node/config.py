@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "SeriesRule", "TLSConfig",
            "validate_ae_title", "validate_host"]
@@ -102,6 +102,10 @@ class Destination(BaseModel):
         return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
 
 
+# The default rule's segment description: the shipped model was trained on synthetic phantoms only.
+PHANTOM_SEGMENT_DESCRIPTION = "Organ outline by a model trained on synthetic phantoms only"
+
+
 class SeriesRule(BaseModel):
     """Which series are segmented, and as what (TOML ``[[rules]]`` tables).
 
@@ -116,10 +120,16 @@ class SeriesRule(BaseModel):
     series_description: str | None = Field(default=None, description="regex, matched case-insensitively")
     min_slices: int = Field(default=16, ge=1)
     model: str = "default"
-    segment_label: str = "Organ"
+    # What the SEG's segment says it is. The defaults describe the shipped model honestly: it was trained on
+    # synthetic phantoms only, so its segment is "an organ of a phantom", not a named human organ. A rule
+    # that names its own segment_label gets no description unless it gives one.
+    segment_label: str = Field(default="Phantom organ", min_length=1, max_length=64)
+    segment_description: str | None = Field(default=None, max_length=64)
     # SNOMED CT codes: (code value, coding scheme designator, code meaning)
     category_code: tuple[str, str, str] = ("123037004", "SCT", "Anatomical Structure")
-    type_code: tuple[str, str, str] = ("91723000", "SCT", "Anatomical Structure")
+    type_code: tuple[str, str, str] = ("91772007", "SCT", "Organ")
+    # the segment's recommended display colour, RGB 0-255 (written as CIELab, as DICOM asks)
+    display_color: tuple[int, int, int] = (255, 160, 0)
 
     @field_validator("body_part", "series_description")
     @classmethod
@@ -129,6 +139,21 @@ class SeriesRule(BaseModel):
                 re.compile(v)
             except re.error as exc:
                 raise ValueError(f"regex {v!r} does not compile: {exc}") from exc
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _phantom_description(cls, data: Any) -> Any:
+        """The default label comes with the description of what the shipped model really is."""
+        if isinstance(data, dict) and "segment_label" not in data and "segment_description" not in data:
+            data = {**data, "segment_description": PHANTOM_SEGMENT_DESCRIPTION}
+        return data
+
+    @field_validator("display_color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= c <= 255 for c in v):
+            raise ValueError(f"display_color must be three integers 0-255 (RGB), got {v!r}")
         return v
 
     @field_validator("modalities", mode="before")

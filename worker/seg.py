@@ -5,6 +5,14 @@
 instance referenced, empty frames omitted, and each frame of the mask referencing the source
 slice (single-frame series) or source frame (multi-frame series) it was drawn on.
 
+What a radiologist sees in the PACS comes from :mod:`worker.labels`: a Series Description naming the
+segment, the model and how the result was released ("gate" or "approved by NAME"), prefixed
+"NOT FOR CLINICAL USE" (and the same in Image Comments) unless the model card says otherwise; the gate's
+verdict in Content Label (``GATE_PASS`` / ``GATE_OOD`` / ``GATE_NO_BANK``) and Content Description
+(OODM against tau); the approving radiologist as Content Creator's Name. The segment's label,
+description, SNOMED CT category and type and recommended display colour (RGB in the rule, CIELab in
+the object) come from the rule.
+
 The SEG's UIDs come from :func:`derive_uid`, so one (installation, study, job, version) always makes
 the same object: a resend after a crash is the same instance, never a second one.
 """
@@ -21,11 +29,23 @@ import numpy as np
 from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import PersonName
 
+from dicom_node.config import SeriesRule
 from dicom_series import Volume
 from worker.atomic import atomic_write
+from worker.labels import (
+    NOT_FOR_CLINICAL_USE,
+    GateEvidence,
+    ModelIdentity,
+    Release,
+    content_description,
+    content_label,
+    series_description,
+)
 
-__all__ = ["derive_uid", "encode_seg", "write_seg", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE"]
+__all__ = ["derive_uid", "encode_seg", "write_seg", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE",
+           "GateEvidence", "ModelIdentity", "Release"]
 
 try:  # the installed distribution's version: a metadata lookup, no other work at import
     DEFAULT_SOFTWARE_VERSION = _dist_version("specgate")
@@ -100,12 +120,10 @@ def encode_seg(
     volume: Volume,
     mask: np.ndarray,
     *,
-    segment_label: str,
-    category_code: tuple[str, str, str],
-    type_code: tuple[str, str, str],
-    algorithm_name: str,
-    algorithm_version: str,
-    weights_sha256: str,
+    rule: SeriesRule,
+    model: ModelIdentity,
+    evidence: GateEvidence,
+    release: Release,
     sop_instance_uid: str,
     series_instance_uid: str,
     series_number: int = 9001,
@@ -114,55 +132,64 @@ def encode_seg(
 ) -> Dataset:
     """A BINARY DICOM-SEG of ``mask`` (bool, shape of ``volume.array``) over ``volume``'s source images.
 
-    ``category_code`` / ``type_code``: (code value, coding scheme designator, code meaning), e.g.
-    ``("123037004", "SCT", "Anatomical Structure")`` and ``("10200004", "SCT", "Liver")``.
-    Frames with no foreground are omitted; an all-empty mask still gives a valid SEG (highdicom then
-    writes every frame, empty, since it cannot omit them all). Returns a highdicom ``Segmentation`` (a ``pydicom.Dataset``).
+    The segment (label, description, coded category and type, display colour) comes from ``rule``; the
+    algorithm from ``model``; the Series Description names segment, model and release
+    (:func:`worker.labels.series_description`); Content Label and Content Description carry the gate's
+    verdict; Content Creator's Name is the approving radiologist, if any. Frames with no foreground are
+    omitted; an all-empty mask still gives a valid SEG (highdicom then writes every frame, empty, since it
+    cannot omit them all). Returns a highdicom ``Segmentation`` (a ``pydicom.Dataset``).
     """
     mask = np.asarray(mask)
     if mask.shape != volume.array.shape:
         raise ValueError(f"mask shape {mask.shape} does not match the volume's {volume.array.shape}")
     if mask.dtype != np.bool_:
         raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
-    if len(weights_sha256) != 64 or any(c not in "0123456789abcdef" for c in weights_sha256):
-        raise ValueError(f"weights_sha256 must be 64 lowercase hex digits, got {weights_sha256!r}")
 
-    description = _describe_segment(segment_label, category_code, type_code, algorithm_name, algorithm_version,
-                                    weights_sha256)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=_source_headers(volume),
         pixel_array=_frames_in_source_order(volume, mask),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
+        segment_descriptions=[_describe_segment(rule, model)],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer=manufacturer,
-        manufacturer_model_name=algorithm_name,
+        manufacturer_model_name=model.name,
         software_versions=software_version,
         device_serial_number="0",
+        content_label=content_label(evidence),
+        content_description=content_description(evidence),
+        content_creator_name=PersonName(release.reviewer) if release.reviewer is not None else None,
         omit_empty_frames=True,
     )
+    seg.SeriesDescription = series_description(rule.segment_label, model, release)
+    if not model.clinical_use:
+        seg.ImageComments = NOT_FOR_CLINICAL_USE
+    return seg
 
 
-def _describe_segment(label: str, category_code: tuple[str, str, str], type_code: tuple[str, str, str],
-                      algorithm_name: str, algorithm_version: str, weights_sha256: str) -> hd.seg.SegmentDescription:
-    """Segment 1: what it is (coded) and which algorithm drew it, with the weights' digest."""
+def _describe_segment(rule: SeriesRule, model: ModelIdentity) -> hd.seg.SegmentDescription:
+    """Segment 1: what it is (coded, described, coloured) and which algorithm drew it, with the weights'
+    digest."""
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name,
+        name=model.name,
         family=codes.cid7162.ArtificialIntelligence,
-        version=algorithm_version,
-        parameters={"weights_sha256": weights_sha256},
+        version=model.version,
+        parameters={"weights_sha256": model.weights_sha256},
     )
-    return hd.seg.SegmentDescription(
+    segment = hd.seg.SegmentDescription(
         segment_number=1,
-        segment_label=label,
-        segmented_property_category=_code(category_code, "category_code"),
-        segmented_property_type=_code(type_code, "type_code"),
+        segment_label=rule.segment_label,
+        segmented_property_category=_code(rule.category_code, "category_code"),
+        segmented_property_type=_code(rule.type_code, "type_code"),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor.from_rgb(*rule.display_color),
     )
+    if rule.segment_description:
+        segment.SegmentDescription = rule.segment_description
+    return segment
 
 
 def _frames_in_source_order(volume: Volume, mask: np.ndarray) -> np.ndarray:

@@ -5,19 +5,23 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dicom_factory import SeriesSpec, classic_datasets, enhanced_dataset, write_datasets  # noqa: E402
 
+from dicom_node.config import SeriesRule  # noqa: E402
 from dicom_series import Volume, load_series  # noqa: E402
+from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
 from worker.seg import derive_uid, encode_seg, write_seg  # noqa: E402
 
 SHA = "3f" * 32
@@ -40,16 +44,24 @@ def _mask(shape: tuple[int, int, int]) -> np.ndarray:
     return mask
 
 
-def _encode(volume: Volume, mask: np.ndarray, job: str = "job-1") -> hd.seg.Segmentation:
+RULE = SeriesRule(name="liver", segment_label="Liver", segment_description="Liver parenchyma", type_code=LIVER,
+                  display_color=(200, 80, 40))
+MODEL = ModelIdentity("specgate-unet", "1.2.0", SHA)
+RELEASED = (GateEvidence(oodm=0.031, tau=0.052, c=2.5, is_ood=False), Release("gate"))
+APPROVED = (GateEvidence(oodm=0.0875, tau=0.052, c=2.5, is_ood=True, gate_reason="oodm_above_tau"),
+            Release("approved", reviewer="Jones^Anna", decided_at=datetime(2026, 3, 4, 10, 30, tzinfo=UTC)))
+
+
+def _encode(volume: Volume, mask: np.ndarray, job: str = "job-1", *, rule: SeriesRule = RULE,
+            model: ModelIdentity = MODEL, result: tuple[GateEvidence, Release] = RELEASED) -> hd.seg.Segmentation:
+    evidence, release = result
     return encode_seg(
         volume,
         mask,
-        segment_label="Liver",
-        category_code=CATEGORY,
-        type_code=LIVER,
-        algorithm_name="specgate-unet",
-        algorithm_version="1.2.0",
-        weights_sha256=SHA,
+        rule=rule,
+        model=model,
+        evidence=evidence,
+        release=release,
         sop_instance_uid=derive_uid("site-a", volume.study_instance_uid, job, "1", "seg"),
         series_instance_uid=derive_uid("site-a", volume.study_instance_uid, job, "1", "series"),
     )
@@ -225,24 +237,127 @@ def test_derive_uid() -> None:
     [
         ({"mask": "shape"}, "does not match"),
         ({"mask": "uint8"}, "must be boolean"),
-        ({"weights_sha256": "abc"}, "64 lowercase hex"),
-        ({"type_code": ("10200004", "SCT")}, "type_code"),
+        ({"rule": RULE.model_copy(update={"type_code": ("10200004", "SCT", "")})}, "type_code"),
     ],
 )
 def test_encode_refuses_bad_arguments(tmp_path: Path, change: dict, message: str) -> None:
     volume = _shuffled_classic(tmp_path)
     mask = _mask(volume.shape)
-    kwargs = dict(
-        segment_label="Liver", category_code=CATEGORY, type_code=LIVER, algorithm_name="a", algorithm_version="1",
-        weights_sha256=SHA, sop_instance_uid=derive_uid("x"), series_instance_uid=derive_uid("y"),
-    )
     if change.get("mask") == "shape":
         mask = mask[:-1]
     elif change.get("mask") == "uint8":
         mask = mask.astype(np.uint8)
-    kwargs.update({k: v for k, v in change.items() if k != "mask"})
     with pytest.raises(ValueError, match=message):
-        encode_seg(volume, mask, **kwargs)
+        _encode(volume, mask, rule=change.get("rule", RULE))
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: ModelIdentity("m", "1", "abc"), "64 lowercase hex"),
+        (lambda: ModelIdentity("", "1", SHA), "must not be empty"),
+        (lambda: Release("approved"), "reviewer's name"),
+        (lambda: Release("gate", reviewer="x"), "no reviewer"),
+        (lambda: Release("rejected"), "'gate' or 'approved'"),  # type: ignore[arg-type]
+        (lambda: GateEvidence(oodm=float("nan"), tau=0.05, c=None, is_ood=False), "oodm must be a finite"),
+        (lambda: GateEvidence(oodm=0.1, tau=0.05, c=None, is_ood=True, gate_reason="odd"), "gate_reason"),
+        (lambda: SeriesRule(name="x", display_color=(0, 0, 256)), "display_color"),
+    ],
+)
+def test_records_refuse_nonsense(build: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()  # type: ignore[operator]
+
+
+def test_released_result_is_labelled(tmp_path: Path) -> None:
+    """What a PACS shows for a result the gate released, from a model not for clinical use."""
+    volume = _shuffled_classic(tmp_path)
+    ds = pydicom.dcmread(write_seg(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm"))
+    assert ds.SeriesDescription == "NOT FOR CLINICAL USE: Liver, specgate-unet 1.2.0, gate"
+    assert ds.ImageComments == "NOT FOR CLINICAL USE"
+    assert ds.ContentLabel == "GATE_PASS"
+    assert ds.ContentDescription == "OODM 0.031 <= tau 0.052: in distribution"
+    assert "ContentCreatorName" not in ds or not ds.ContentCreatorName
+    (segment,) = ds.SegmentSequence
+    assert segment.SegmentLabel == "Liver" and segment.SegmentDescription == "Liver parenchyma"
+    lab = hd.color.CIELabColor.from_dicom_value(tuple(segment.RecommendedDisplayCIELabValue))
+    assert lab.to_rgb() == (200, 80, 40)
+
+
+def test_approved_result_is_labelled(tmp_path: Path) -> None:
+    """A held result a radiologist approved: the approver is named; the gate's verdict is still there."""
+    volume = _shuffled_classic(tmp_path)
+    path = write_seg(_encode(volume, _mask(volume.shape), result=APPROVED), tmp_path / "seg.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.SeriesDescription == "NOT FOR CLINICAL USE: Liver, specga. 1.2.0, approved by Anna Jo."  # cut to 64
+    assert ds.ContentLabel == "GATE_OOD"
+    assert ds.ContentDescription == "OODM 0.0875 > tau 0.052: out of distribution"
+    assert str(ds.ContentCreatorName) == "Jones^Anna" and ds.ContentCreatorName.family_name == "Jones"
+    assert dciodvfy(path)[0] == []
+
+
+def test_clinical_model_is_not_marked_and_long_names_fit(tmp_path: Path) -> None:
+    volume = _shuffled_classic(tmp_path)
+    model = ModelIdentity("a-model-with-a-really-quite-long-name", "2024.11.30-rc7", SHA, clinical_use=True)
+    evidence = GateEvidence(oodm=0.5, tau=0.052, c=None, is_ood=True, gate_reason="modality_not_in_bank")
+    release = Release("approved", reviewer="Vandenberghe-Oosterhuis^Maximiliaan^J")
+    ds = _encode(volume, _mask(volume.shape), model=model, result=(evidence, release))
+    assert "ImageComments" not in ds and "CLINICAL" not in ds.SeriesDescription
+    assert len(ds.SeriesDescription) <= 64 and ds.SeriesDescription.startswith("Liver, a-model-with")
+    assert ds.SeriesDescription == "Liver, a-model-with-. 2024.11.30-rc7, approved by Maximiliaan V."
+    assert ds.ContentLabel == "GATE_NO_BANK"
+    assert ds.ContentDescription == "OODM 0.5 > tau 0.052: modality not in the gate's bank"
+
+    marked = _encode(volume, _mask(volume.shape), model=ModelIdentity(model.name, model.version, SHA),
+                     result=(evidence, release))
+    assert marked.SeriesDescription == "NOT FOR CLINICAL USE: Li., a-m. 2024.11.30-rc7, approved by Max."
+
+
+def test_default_rule_says_what_the_phantom_model_is(tmp_path: Path) -> None:
+    """The shipped model was trained on phantoms: the default rule's segment says so, with valid SNOMED CT."""
+    volume = _shuffled_classic(tmp_path)
+    rule = SeriesRule(name="default-ct-mr")
+    path = write_seg(_encode(volume, _mask(volume.shape), rule=rule), tmp_path / "seg.dcm")
+    (segment,) = pydicom.dcmread(path).SegmentSequence
+    assert segment.SegmentLabel == "Phantom organ"
+    assert "synthetic phantoms" in segment.SegmentDescription
+    category = segment.SegmentedPropertyCategoryCodeSequence[0]
+    kind = segment.SegmentedPropertyTypeCodeSequence[0]
+    assert (category.CodeValue, category.CodingSchemeDesignator) == ("123037004", "SCT")
+    assert (kind.CodeValue, kind.CodingSchemeDesignator, kind.CodeMeaning) == ("91772007", "SCT", "Organ")
+    assert dciodvfy(path)[0] == []
+    # a rule naming its own segment does not inherit the phantom description
+    assert SeriesRule(name="liver", segment_label="Liver").segment_description is None
+
+
+@pytest.mark.parametrize("kind", list(SERIES))
+def test_dcmqi_reads_back_the_same_mask(tmp_path: Path, kind: str) -> None:
+    """dcmqi's segimage2itkimage, an independent reader, rebuilds the mask voxel for voxel."""
+    exe = shutil.which("segimage2itkimage") or str(Path(sys.executable).parent / "segimage2itkimage")
+    if not Path(exe).exists():
+        pytest.skip("dcmqi (segimage2itkimage) is not installed: pip install dcmqi")
+    volume = SERIES[kind](tmp_path)
+    mask = _mask(volume.shape)
+    path = write_seg(_encode(volume, mask), tmp_path / "seg.dcm")
+    out = tmp_path / "dcmqi"
+    out.mkdir()
+    subprocess.run([exe, "--inputDICOM", str(path), "--outputDirectory", str(out), "-t", "nrrd", "-p", "seg"],
+                   check=True, capture_output=True, timeout=120)
+    (nrrd,) = sorted(out.glob("seg-*.nrrd"))
+    image = sitk.ReadImage(str(nrrd))
+    got = sitk.GetArrayFromImage(image).astype(bool)  # (k, j, i)
+
+    # every voxel of dcmqi's image, placed by its physical position in the source volume's (z, y, x)
+    inverse = np.linalg.inv(volume.affine)
+    placed = np.zeros_like(mask)
+    for k in range(got.shape[0]):
+        corner = np.array(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        z, y, x = (inverse @ np.append(corner, 1.0))[:3]
+        assert np.allclose([y, x], [0, 0], atol=1e-3) and abs(z - round(z)) < 1e-3, (k, z, y, x)
+        step_x = inverse[:3, :3] @ np.array(image.TransformIndexToPhysicalPoint((1, 0, k))) + inverse[:3, 3]
+        assert np.allclose(step_x, [z, 0, 1], atol=1e-3)  # dcmqi's i axis is the volume's x axis
+        placed[int(round(z))] = got[k]
+    np.testing.assert_array_equal(placed, mask)
 
 
 def test_write_seg_is_atomic(tmp_path: Path) -> None:
