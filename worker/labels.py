@@ -94,6 +94,20 @@ class Release:
                              f"(a DICOM PN), got {self.reviewer!r}")
 
     @property
+    def reviewer_pn(self) -> str | None:
+        """The reviewer as a DICOM PN: a one-word user name gets the trailing caret that marks it as a
+        family name (PS3.5 6.2.1.2), so readers do not take it for a malformed name.
+
+        >>> Release("approved", reviewer="ajones").reviewer_pn
+        'ajones^'
+        >>> Release("approved", reviewer="Jones^Anna").reviewer_pn
+        'Jones^Anna'
+        """
+        if self.reviewer is None:
+            return None
+        return self.reviewer if "^" in self.reviewer else f"{self.reviewer}^"
+
+    @property
     def reviewer_text(self) -> str | None:
         """The reviewer as people write names: a DICOM PN ``Family^Given`` becomes ``Given Family``.
 

@@ -160,7 +160,7 @@ def encode_seg(
         device_serial_number="0",
         content_label=content_label(evidence),
         content_description=content_description(evidence),
-        content_creator_name=PersonName(release.reviewer) if release.reviewer is not None else None,
+        content_creator_name=PersonName(release.reviewer_pn) if release.reviewer_pn is not None else None,
         omit_empty_frames=True,
     )
     seg.SeriesDescription = series_description(rule.segment_label, model, release)
