@@ -26,7 +26,8 @@ from datetime import datetime
 from typing import Literal
 
 __all__ = ["GateEvidence", "ModelIdentity", "NOT_FOR_CLINICAL_USE", "Release", "content_description",
-           "content_label", "release_phrase", "series_description", "verdict_phrase"]
+           "content_label", "person_name", "readable_name", "release_phrase", "series_description",
+           "verdict_phrase"]
 
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 
@@ -103,9 +104,7 @@ class Release:
         >>> Release("approved", reviewer="Jones^Anna").reviewer_pn
         'Jones^Anna'
         """
-        if self.reviewer is None:
-            return None
-        return self.reviewer if "^" in self.reviewer else f"{self.reviewer}^"
+        return None if self.reviewer is None else person_name(self.reviewer)
 
     @property
     def reviewer_text(self) -> str | None:
@@ -114,11 +113,27 @@ class Release:
         >>> Release("approved", reviewer="Jones^Anna").reviewer_text
         'Anna Jones'
         """
-        if self.reviewer is None:
-            return None
-        parts = [p for p in self.reviewer.split("^")]
-        family, given = parts[0], parts[1] if len(parts) > 1 else ""
-        return " ".join(p for p in (given, family) if p).strip() or self.reviewer
+        return None if self.reviewer is None else readable_name(self.reviewer)
+
+
+def person_name(name: str) -> str:
+    """``name`` as a DICOM PN: one word (a user name) gets the trailing caret of a family name.
+
+    >>> person_name("ajones"), person_name("Jones^Anna")
+    ('ajones^', 'Jones^Anna')
+    """
+    return name if "^" in name else f"{name}^"
+
+
+def readable_name(name: str) -> str:
+    """A PN as people write names: ``Family^Given`` becomes ``Given Family``.
+
+    >>> readable_name("Jones^Anna"), readable_name("ajones")
+    ('Anna Jones', 'ajones')
+    """
+    family, _, rest = name.partition("^")
+    given = rest.split("^")[0]
+    return " ".join(p for p in (given, family) if p).strip() or name
 
 
 def _clip(text: str, limit: int) -> str:
