@@ -51,7 +51,7 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     from dicom_series import load_series
     from tests.peers import dcmtk_path, wait_for
     from worker.labels import GateEvidence, ModelIdentity, Release
-    from worker.pipeline import _save_probability
+    from worker.objects import save_probability
     from worker.preview import write_preview
     from worker.seg import derive_uid, encode_seg, write_seg
     from worker.segmenter import Segmenter
@@ -78,7 +78,7 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     write_seg(ds, seg_path)
     t["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _save_probability(out / "probability.npz", o.prob_fg)
+    save_probability(out / "probability.npz", o.prob_fg, o.mask)
     write_preview(out / "preview.png", volume.array, o.prob_fg, o.mask, modality=volume.modality,
                   title=f"bench: OODM {o.oodm:.4f} vs tau {o.tau:.4f}")
     t["keep"] = time.perf_counter() - t0

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE
@@ -32,12 +33,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import audit
 from ledger.db import session_scope
-from ledger.schema import Delivery, DeliveryState, Result, utcnow
+from ledger.schema import Delivery, DeliveryState, Result, Retraction, RetractionDelivery, utcnow
 from ledger.sql import insert_ignore
 
 from .config import Destination
 
-__all__ = ["DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "echo", "send_file"]
+__all__ = ["DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "deliver_retraction", "echo", "send_file",
+           "send_files"]
 
 log = logging.getLogger("specgate.dicom_node.scu")
 _VERIFICATION = "1.2.840.10008.1.1"
@@ -139,21 +141,37 @@ def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, S
 
 def send_file(path: Path, dest: Destination, *, ae_title: str = "SPECGATE", timeout_s: float = 30.0) -> SendResult:
     """One C-STORE attempt of the DICOM file ``path`` to ``dest``, on its own association."""
-    meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    sop_class = str(meta.SOPClassUID)
-    ts = str(meta.file_meta.TransferSyntaxUID)
-    assoc, failure = _associate(ae_title, dest, [(sop_class, [ts])], timeout_s)
+    return send_files([path], dest, ae_title=ae_title, timeout_s=timeout_s)
+
+
+def send_files(paths: Sequence[Path], dest: Destination, *, ae_title: str = "SPECGATE",
+               timeout_s: float = 30.0) -> SendResult:
+    """One attempt to C-STORE the DICOM files ``paths`` (a result's SEG and SR, a retraction's KOS) to
+    ``dest`` on one association, in order. Success only when every one was answered 0x0000; otherwise
+    the first failure (the files after it are not sent: the next attempt sends them all again, and a
+    PACS answers success for an object it already holds)."""
+    metas = [dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"]) for p in paths]
+    wanted: dict[str, set[str]] = {}
+    for meta in metas:
+        wanted.setdefault(str(meta.SOPClassUID), set()).add(str(meta.file_meta.TransferSyntaxUID))
+    assoc, failure = _associate(ae_title, dest, [(c, sorted(ts)) for c, ts in wanted.items()], timeout_s)
     if failure is not None:
         return failure
     assert assoc is not None
     try:
-        if not assoc.accepted_contexts:
-            return SendResult(None, f"peer accepts no presentation context for {sop_class} in {ts}", True)
-        ds = dcmread(path)
-        rsp = assoc.send_c_store(ds)
-        if rsp is None or "Status" not in rsp:
-            return SendResult(None, "no C-STORE response (timeout or abort)", False)
-        return _classify_status(int(rsp.Status))
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        missing = sorted(set(wanted) - accepted)
+        if missing:
+            return SendResult(None, f"peer accepts no presentation context for {', '.join(missing)}", True)
+        last = SendResult(0x0000, None, False)
+        for path in paths:
+            rsp = assoc.send_c_store(dcmread(path))
+            if rsp is None or "Status" not in rsp:
+                return SendResult(None, "no C-STORE response (timeout or abort)", False)
+            last = _classify_status(int(rsp.Status))
+            if not last.ok:
+                return last
+        return last
     finally:
         if assoc.is_established:
             assoc.release()
@@ -195,40 +213,77 @@ def echo(dest: Destination, *, ae_title: str = "SPECGATE", timeout_s: float = 10
 
 
 # ------------------------------------------------------------------------------------------- deliver
+@dataclass(frozen=True)
+class _Shipment:
+    """What is sent and where it is recorded: a result's SEG and SR (``deliveries``), or a retraction's
+    KOS (``retraction_deliveries``)."""
+
+    table: Any  # Delivery or RetractionDelivery: the same columns
+    owner: str  # its column naming what is sent: result_id or retraction_id
+    owner_id: int
+    job_id: int
+    files: tuple[Path, ...]
+    what: str  # for logs: "result 12", "retraction 3"
+    object_type: str  # of its rows in the audit trail: delivery, retraction_delivery
+
+    def row_filter(self, dest: Destination) -> Any:
+        return (getattr(self.table, self.owner) == self.owner_id, self.table.destination == dest.name)
+
+
 def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Sequence[Destination], *,
             actor: str, retry_policy: RetryPolicy | None = None,
             sleep: Callable[[float], None] = time.sleep) -> list[DeliveryOutcome]:
-    """Send result ``result_id``'s SEG file to every destination; return one outcome per destination.
+    """Send result ``result_id``'s objects (its SEG, and the SR with the gate's evidence) to every
+    destination, on one association each; return one outcome per destination.
 
     Idempotent: a destination whose delivery is already ``sent`` is not sent again. Blocks for the
     retries (the worker runs it in its task). ``sleep`` is injectable so a test can count the waits.
     """
-    policy = retry_policy or RetryPolicy()
     with session_scope(sessions) as s:
         result = s.get(Result, result_id)
         if result is None:
             raise LookupError(f"result {result_id} does not exist")
-        seg_path, job_id = Path(result.seg_path), result.job_id
-    return [_deliver_one(sessions, result_id, job_id, seg_path, d, actor=actor, policy=policy, sleep=sleep)
-            for d in destinations]
+        files = (Path(result.seg_path),) + ((Path(result.sr_path),) if result.sr_path else ())
+        shipment = _Shipment(Delivery, "result_id", result_id, result.job_id, files, f"result {result_id}",
+                             "delivery")
+    return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep)
 
 
-def _claim(sessions: sessionmaker[Session], result_id: int, job_id: int, dest: Destination, actor: str,
+def deliver_retraction(sessions: sessionmaker[Session], retraction_id: int, destinations: Sequence[Destination],
+                       *, actor: str, retry_policy: RetryPolicy | None = None,
+                       sleep: Callable[[float], None] = time.sleep) -> list[DeliveryOutcome]:
+    """Send retraction ``retraction_id``'s Key Object Selection document to ``destinations`` (those that
+    received the result), with the same rows, retries and idempotence as :func:`deliver`."""
+    with session_scope(sessions) as s:
+        retraction = s.get(Retraction, retraction_id)
+        if retraction is None:
+            raise LookupError(f"retraction {retraction_id} does not exist")
+        shipment = _Shipment(RetractionDelivery, "retraction_id", retraction_id, retraction.job_id,
+                             (Path(retraction.kos_path),), f"retraction {retraction_id}", "retraction_delivery")
+    return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep)
+
+
+def _ship(sessions: sessionmaker[Session], shipment: _Shipment, destinations: Sequence[Destination], *,
+          actor: str, policy: RetryPolicy, sleep: Callable[[float], None]) -> list[DeliveryOutcome]:
+    return [_deliver_one(sessions, shipment, d, actor=actor, policy=policy, sleep=sleep) for d in destinations]
+
+
+def _claim(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destination,
            policy: RetryPolicy) -> tuple[int, DeliveryOutcome | None]:
     """Make sure the row exists and take it for sending; an outcome instead if there is nothing to do."""
+    table = shipment.table
     with session_scope(sessions) as s:
-        insert_ignore(s, Delivery, {"job_id": job_id, "result_id": result_id, "destination": dest.name,
-                                    "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
-                                    "state": DeliveryState.PENDING.value, "attempts": 0})
-        row = s.execute(select(Delivery).where(Delivery.result_id == result_id,
-                                               Delivery.destination == dest.name)).scalar_one()
+        insert_ignore(s, table, {"job_id": shipment.job_id, shipment.owner: shipment.owner_id,
+                                 "destination": dest.name, "ae_title": dest.ae_title, "host": dest.host,
+                                 "port": dest.port, "state": DeliveryState.PENDING.value, "attempts": 0})
+        row = s.execute(select(table).where(*shipment.row_filter(dest))).scalar_one()
         if row.state == DeliveryState.SENT:
             return row.id, DeliveryOutcome(dest.name, row.state, row.attempts, row.last_status, already_sent=True)
         stale = utcnow() - timedelta(seconds=policy.stale_after_s)
         took = s.execute(
-            update(Delivery).where(Delivery.id == row.id,
-                                   or_(Delivery.state != DeliveryState.SENDING, Delivery.updated_at < stale),
-                                   Delivery.state != DeliveryState.SENT)
+            update(table).where(table.id == row.id,
+                                or_(table.state != DeliveryState.SENDING, table.updated_at < stale),
+                                table.state != DeliveryState.SENT)
             .values(state=DeliveryState.SENDING, updated_at=utcnow(), ae_title=dest.ae_title, host=dest.host,
                     port=dest.port)
             .execution_options(synchronize_session=False))
@@ -238,23 +293,23 @@ def _claim(sessions: sessionmaker[Session], result_id: int, job_id: int, dest: D
         return row.id, None
 
 
-def _deliver_one(sessions: sessionmaker[Session], result_id: int, job_id: int, seg_path: Path,
-                 dest: Destination, *, actor: str, policy: RetryPolicy,
-                 sleep: Callable[[float], None]) -> DeliveryOutcome:
-    delivery_id, early = _claim(sessions, result_id, job_id, dest, actor, policy)
+def _deliver_one(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destination, *, actor: str,
+                 policy: RetryPolicy, sleep: Callable[[float], None]) -> DeliveryOutcome:
+    delivery_id, early = _claim(sessions, shipment, dest, policy)
     if early is not None:
         return early
+    object_type = shipment.object_type
     last: SendResult = SendResult(None, "not attempted", False)
     for n in range(1, policy.max_attempts + 1):
         wait = policy.wait_before(n)
         if wait:
             sleep(wait)
         try:
-            last = send_file(seg_path, dest, ae_title=policy.ae_title, timeout_s=policy.timeout_s)
-        except (OSError, ValueError) as exc:  # the SEG file is missing or unreadable: cannot get better
-            last = SendResult(None, f"cannot read {seg_path.name}: {type(exc).__name__}: {exc}", True)
+            last = send_files(shipment.files, dest, ae_title=policy.ae_title, timeout_s=policy.timeout_s)
+        except (OSError, ValueError) as exc:  # a file is missing or unreadable: cannot get better
+            last = SendResult(None, f"cannot read the files to send: {type(exc).__name__}: {exc}", True)
         with session_scope(sessions) as s:
-            row = s.get(Delivery, delivery_id)
+            row = s.get(shipment.table, delivery_id)
             assert row is not None
             row.attempts += 1
             row.last_status = last.status
@@ -262,21 +317,21 @@ def _deliver_one(sessions: sessionmaker[Session], result_id: int, job_id: int, s
             row.updated_at = utcnow()
             details = {"destination": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
                        "attempt": row.attempts, "status": None if last.status is None else f"0x{last.status:04X}",
-                       "error": last.error, "result_id": result_id}
+                       "error": last.error, shipment.owner: shipment.owner_id}
             if last.ok:
                 row.state, row.sent_at = DeliveryState.SENT, utcnow()
-                audit.append(s, actor=actor, action="delivery.sent", object_type="delivery",
+                audit.append(s, actor=actor, action=f"{object_type}.sent", object_type=object_type,
                              object_id=delivery_id, details=details)
-                log.info("result %d sent to %s (attempt %d)", result_id, dest.name, n)
+                log.info("%s sent to %s (attempt %d)", shipment.what, dest.name, n)
                 return DeliveryOutcome(dest.name, DeliveryState.SENT, row.attempts, last.status)
             final = last.permanent or n == policy.max_attempts
             if final:
                 row.state = DeliveryState.FAILED
-            audit.append(s, actor=actor, action="delivery.failed" if final else "delivery.attempt_failed",
-                         object_type="delivery", object_id=delivery_id,
+            audit.append(s, actor=actor, action=f"{object_type}.failed" if final else f"{object_type}.attempt_failed",
+                         object_type=object_type, object_id=delivery_id,
                          details={**details, "permanent": last.permanent})
             total = row.attempts
-        log.warning("result %d to %s: attempt %d failed: %s%s", result_id, dest.name, n, last.error,
+        log.warning("%s to %s: attempt %d failed: %s%s", shipment.what, dest.name, n, last.error,
                     " (final)" if final else "")
         if final:
             return DeliveryOutcome(dest.name, DeliveryState.FAILED, total, last.status, last.error)

@@ -176,6 +176,7 @@ class Job(Base):
 
 class Result(Base):
     __tablename__ = "results"
+    __table_args__ = (Index("uq_results_sr_sop_instance_uid", "sr_sop_instance_uid", unique=True),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), unique=True)
     seg_path: Mapped[str] = mapped_column(String(512))
@@ -183,6 +184,10 @@ class Result(Base):
     seg_series_instance_uid: Mapped[str] = mapped_column(UID)
     prob_path: Mapped[str | None] = mapped_column(String(512), default=None)
     evidence_path: Mapped[str | None] = mapped_column(String(512), default=None)
+    # the gate's evidence as a DICOM SR, sent with the SEG (None: a result made before revision 0004)
+    sr_path: Mapped[str | None] = mapped_column(String(512), default=None)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID, default=None)
+    sr_series_instance_uid: Mapped[str | None] = mapped_column(UID, default=None)
     oodm: Mapped[float] = mapped_column(Float)
     tau: Mapped[float] = mapped_column(Float)
     is_ood: Mapped[bool] = mapped_column(Boolean)
@@ -234,6 +239,51 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class RetractionReason(enum.StrEnum):
+    """IHE IOCM rejection notes (the Key Object Selection document's title)."""
+
+    QUALITY = "quality"  # (113001, DCM, "Rejected for Quality Reasons")
+    PATIENT_SAFETY = "patient_safety"  # (113037, DCM, "Rejected for Patient Safety Reasons")
+
+
+class Retraction(Base):
+    """A sent result taken back: the IOCM Key Object Selection document that rejects its SEG and SR."""
+
+    __tablename__ = "retractions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="RESTRICT"), unique=True)
+    kos_path: Mapped[str] = mapped_column(String(512))
+    kos_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    kos_series_instance_uid: Mapped[str] = mapped_column(UID)
+    reason: Mapped[RetractionReason] = mapped_column(_enum(RetractionReason, "retraction_reason"))
+    note: Mapped[str | None] = mapped_column(Text, default=None)
+    username: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RetractionDelivery(Base):
+    """One retraction's KOS to one destination (the destinations that received the result)."""
+
+    __tablename__ = "retraction_deliveries"
+    __table_args__ = (UniqueConstraint("retraction_id", "destination", name="uq_retraction_deliveries_destination"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
+    retraction_id: Mapped[int] = mapped_column(ForeignKey("retractions.id", ondelete="RESTRICT"))
+    destination: Mapped[str] = mapped_column(String(64))
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState, "delivery_state"),
+                                                 default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class AuditEvent(Base):

@@ -151,8 +151,29 @@ def retry_command(app: Any, job_id: int, user: str) -> None:
     click.echo(f"job {job_id} queued again")
 
 
+@click.command("retract")
+@click.argument("job_id", type=int)
+@click.option("--user", required=True, help="Who retracts (recorded in the audit trail and in the KOS).")
+@click.option("--reason", required=True, type=click.Choice(["quality", "patient-safety"]),
+              help="IHE IOCM rejection note: 'Rejected for Quality Reasons' or '... for Patient Safety Reasons'.")
+@click.option("--note", default=None, help="Optional free text, kept in the ledger.")
+@click.pass_obj
+def retract_command(app: Any, job_id: int, user: str, reason: str, note: str | None) -> None:
+    """Take a sent result back: a Key Object Selection document (IHE IOCM) that rejects its SEG and SR is
+    sent to every destination that received them."""
+    from worker.celery_app import Enqueuer
+    from worker.retraction import RetractionError, retract_job
+
+    try:
+        retraction_id = retract_job(app.sessions(), job_id, user=user, reason=reason, note=note)
+    except RetractionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    Enqueuer(_celery(app), app.sessions()).retract(retraction_id)
+    click.echo(f"job {job_id} retracted by {user} ({reason}); the rejection note is on its way to the PACS")
+
+
 def register(main: click.Group, jobs_group: click.Group) -> None:
     main.add_command(worker_command)
     main.add_command(reconcile_command)
-    for cmd in (approve_command, reject_command, retry_command):
+    for cmd in (approve_command, reject_command, retry_command, retract_command):
         jobs_group.add_command(cmd)

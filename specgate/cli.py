@@ -170,12 +170,33 @@ def _job_dict(job: Any, *, full: bool = False) -> dict[str, Any]:
             "seg_sop_instance_uid": result.seg_sop_instance_uid, "seg_path": result.seg_path,
             "is_ood": result.is_ood, "model_id": result.model_id, "weights_sha256": result.weights_sha256,
             "superseded": result.superseded, "gate": _gate_evidence(result.evidence_path),
+            "sr_sop_instance_uid": result.sr_sop_instance_uid,
         }
+        d["retraction"] = _retraction_dict(job)
         d["reviews"] = [{"user": r.username, "decision": str(r.decision), "reason": r.reason,
                          "at": r.created_at.isoformat()} for r in job.reviews]
         d["deliveries"] = [{"destination": dv.destination, "state": str(dv.state), "attempts": dv.attempts,
                             "last_status": dv.last_status} for dv in job.deliveries]
     return d
+
+
+def _retraction_dict(job: Any) -> dict[str, Any] | None:
+    from sqlalchemy import select
+    from sqlalchemy.orm import object_session
+
+    from ledger.schema import Retraction, RetractionDelivery
+
+    session = object_session(job)
+    assert session is not None
+    r = session.execute(select(Retraction).where(Retraction.job_id == job.id)).scalar_one_or_none()
+    if r is None:
+        return None
+    rows = session.execute(select(RetractionDelivery).where(RetractionDelivery.retraction_id == r.id)
+                           .order_by(RetractionDelivery.id)).scalars()
+    return {"at": r.created_at.isoformat(), "user": r.username, "reason": str(r.reason), "note": r.note,
+            "kos_sop_instance_uid": r.kos_sop_instance_uid,
+            "deliveries": [{"destination": dv.destination, "state": str(dv.state), "attempts": dv.attempts,
+                            "last_status": dv.last_status} for dv in rows]}
 
 
 @jobs.command("list")
@@ -247,6 +268,13 @@ def jobs_show(app: AppContext, job_id: int, as_json: bool) -> None:
     for dv in d["deliveries"]:
         click.echo(f"{'delivery':>20}: {dv['destination']} {dv['state']} attempts={dv['attempts']} "
                    f"status={dv['last_status']}")
+    if d["retraction"]:
+        r = d["retraction"]
+        click.echo(f"{'retracted':>20}: {r['at']} by {r['user']} ({r['reason']}) {r['note'] or ''} "
+                   f"KOS {r['kos_sop_instance_uid']}")
+        for dv in r["deliveries"]:
+            click.echo(f"{'retraction sent':>20}: {dv['destination']} {dv['state']} attempts={dv['attempts']} "
+                       f"status={dv['last_status']}")
     click.echo("history:")
     for h in d["history"]:
         click.echo(f"  {h['at']}  {h['actor']:<24} {h['action']:<16} {json.dumps(h['details'])}")

@@ -318,7 +318,8 @@ class Settings(BaseSettings):
                     *(ModelSpec(name, m.weights, m.bank) for name, m in self.models.items())),
             inference=InferenceOverrides(block=self.inference_block, overlap=self.inference_overlap,
                                          spacing=self.inference_spacing_pairs),
-            delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy()),
+            delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy(),
+                                    rules=tuple(self.rules)),
             reconcile_interval_s=self.reconcile_interval_seconds, queued_deadline_s=self.queued_deadline_seconds)
 
     def destination(self, name: str) -> Destination:

@@ -32,6 +32,7 @@ GPU_QUEUE = "gpu"
 DELIVER_QUEUE = "deliver"
 SEGMENT_TASK = "specgate.segment"
 DELIVER_TASK = "specgate.deliver"
+RETRACT_TASK = "specgate.retract"
 
 
 class TaskLimits:
@@ -71,7 +72,8 @@ def make_celery(config: WorkerConfig, *, device: str = "cpu") -> Celery:
         task_ignore_result=True,
         result_backend=None,
         task_default_queue=GPU_QUEUE,
-        task_routes={SEGMENT_TASK: {"queue": GPU_QUEUE}, DELIVER_TASK: {"queue": DELIVER_QUEUE}},
+        task_routes={SEGMENT_TASK: {"queue": GPU_QUEUE}, DELIVER_TASK: {"queue": DELIVER_QUEUE},
+                     RETRACT_TASK: {"queue": DELIVER_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         broker_transport_options=transport_options,
@@ -84,6 +86,7 @@ def make_celery(config: WorkerConfig, *, device: str = "cpu") -> Celery:
         task_annotations={
             SEGMENT_TASK: {"soft_time_limit": TaskLimits.segment_soft, "time_limit": TaskLimits.segment_hard},
             DELIVER_TASK: {"soft_time_limit": TaskLimits.deliver_soft, "time_limit": TaskLimits.deliver_hard},
+            RETRACT_TASK: {"soft_time_limit": TaskLimits.deliver_soft, "time_limit": TaskLimits.deliver_hard},
         },
     )
     from .tasks import register_tasks
@@ -112,5 +115,8 @@ class Enqueuer:
 
     def deliver(self, job_id: int) -> None:
         self._app.send_task(DELIVER_TASK, args=[int(job_id)])
+
+    def retract(self, retraction_id: int) -> None:
+        self._app.send_task(RETRACT_TASK, args=[int(retraction_id)])
 
     __call__ = segment

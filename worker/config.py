@@ -69,6 +69,7 @@ class DeliveryConfig:
 
     destinations: tuple[Destination, ...] = ()
     retry: RetryPolicy = RetryPolicy()
+    rules: tuple[SeriesRule, ...] = ()  # an approved result's objects are re-encoded with its rule
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import scu
 from ledger import audit, jobs
 from ledger.db import session_scope
-from ledger.schema import Job, JobState, Result
+from ledger.schema import Delivery, Job, JobState, Result
 
 from .config import DeliveryConfig
+from .objects import rewrite_approved
+from .retraction import retract_superseded
 
 __all__ = ["deliver_job"]
 
 log = logging.getLogger("specgate.worker")
+
+
+def _any_delivery(sessions: sessionmaker[Session], result_id: int) -> bool:
+    with session_scope(sessions) as s:
+        return s.execute(select(Delivery.id).where(Delivery.result_id == result_id).limit(1)).first() is not None
 
 
 def deliver_job(sessions: sessionmaker[Session], job_id: int, config: DeliveryConfig, *, actor: str,
@@ -42,6 +49,12 @@ def deliver_job(sessions: sessionmaker[Session], job_id: int, config: DeliveryCo
             audit.append(s, actor=actor, action="delivery.skipped", object_type="job", object_id=job_id,
                          details={"why": "no destinations configured (SPECGATE_DESTINATIONS)"})
             return "no destinations"
+    if state == JobState.APPROVED and not _any_delivery(sessions, result_id):
+        # the approver's name and the time go into the SEG and the SR before they first leave specgate
+        if rewrite_approved(sessions, job_id, config.rules):
+            with session_scope(sessions) as s:
+                audit.append(s, actor=actor, action="result.approved_objects_written", object_type="result",
+                             object_id=result_id, details={"job_id": job_id})
     outcomes = scu.deliver(sessions, result_id, config.destinations, actor=actor, retry_policy=config.retry,
                            sleep=sleep)
     if any(o.busy for o in outcomes):
@@ -61,4 +74,6 @@ def deliver_job(sessions: sessionmaker[Session], job_id: int, config: DeliveryCo
         except jobs.TransitionError as exc:  # another delivery task finished the job first
             log.info("job %s: %s", job_id, exc)
             return "done elsewhere"
-    return "sent"
+    # a newer version of the study reached the PACS: the results it supersedes are taken back there
+    retracted = retract_superseded(sessions, job_id, config, actor=actor)
+    return "sent" + (f"; retracted {len(retracted)} superseded result(s)" if retracted else "")

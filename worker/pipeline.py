@@ -28,7 +28,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,10 +35,12 @@ from dicom_node.config import SeriesRule
 from dicom_series import Volume
 from ledger import audit, jobs
 from ledger.db import session_scope
-from ledger.schema import Instance, Job, JobState, Result, Series, utcnow
+from ledger.schema import Job, JobState, Result, utcnow
 
 from .atomic import atomic_write
 from .config import PipelineConfig
+from .labels import GateEvidence, ModelIdentity, Release
+from .objects import ObjectUIDs, save_probability, series_files, write_objects
 from .segmenter import Segmenter, SegmentOutput
 
 __all__ = ["Claim", "StudyOutcome", "claim", "job_paths", "run_job"]
@@ -144,20 +145,8 @@ class Heartbeat:
 
 def job_paths(results_dir: Path, job_id: int, version: int) -> dict[str, Path]:
     base = results_dir / f"job-{job_id:08d}-v{version}"
-    return {"dir": base, "seg": base / "seg.dcm", "prob": base / "probability.npz",
+    return {"dir": base, "seg": base / "seg.dcm", "sr": base / "sr.dcm", "prob": base / "probability.npz",
             "evidence": base / "evidence.json", "preview": base / "preview.png"}
-
-
-def _series_files(sessions: sessionmaker[Session], series_uid: str | None) -> list[Path]:
-    with session_scope(sessions) as s:
-        q = select(Instance.spool_path).join(Series).where(Series.series_instance_uid == series_uid)
-        return [Path(p) for p in s.execute(q.order_by(Instance.id)).scalars()]
-
-
-def _save_probability(path: Path, prob_fg: np.ndarray) -> None:
-    # uint8 quantisation (1/255 steps) keeps a 512x512x300 map near 80 MB uncompressed, ~10x less zipped.
-    prob_u8 = np.round(np.clip(prob_fg, 0, 1) * 255).astype(np.uint8)
-    atomic_write(path, lambda fh: np.savez_compressed(fh, prob_fg_u8=prob_u8, scale=np.float32(1 / 255)))
 
 
 def fail(sessions: sessionmaker[Session], c: Claim, reason_code: str, detail: str, *, actor: str) -> None:
@@ -208,14 +197,13 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
             out = _segment(segmenter, volume)
             timings.update(out.timings)
-            seg_uid, series_uid = _write_seg(paths, c, cfg, rule, volume, out, segmenter, timings)
+            uids = _write_objects(paths, c, cfg, rule, volume, out, segmenter, timings)
             _write_views(paths, c, volume, out, timings)
             _write_evidence(paths["evidence"], rule, volume, out, segmenter, timings)
     except _JobFailed as exc:
         fail(sessions, c, exc.reason_code, exc.detail, actor=cfg.actor)
         return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
-    return finish(sessions, c, cfg, seg_path=paths["seg"], seg_uid=seg_uid, series_uid=series_uid,
-                  prob_path=paths["prob"], evidence_path=paths["evidence"], out=out, segmenter=segmenter,
+    return finish(sessions, c, cfg, paths=paths, uids=uids, out=out, segmenter=segmenter,
                   configured_model=rule.model, timings=timings)
 
 
@@ -223,7 +211,7 @@ def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, f
     from dicom_series import SeriesError, load_series
 
     t0 = time.perf_counter()
-    files = _series_files(sessions, c.series_instance_uid)
+    files = series_files(sessions, c.series_instance_uid)
     try:
         if not files:
             raise SeriesError("no_instances", f"series {c.series_instance_uid} has no stored instances")
@@ -243,23 +231,22 @@ def _segment(segmenter: Segmenter, volume: Volume) -> SegmentOutput:
         raise _JobFailed(exc.reason_code, f"{exc.reason_code}: {exc}") from exc
 
 
-def _write_seg(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, rule: SeriesRule, volume: Volume,
-               out: SegmentOutput, segmenter: Segmenter, timings: dict[str, float]) -> tuple[str, str]:
-    """The DICOM-SEG, under UIDs derived from the job (a resend after a crash is the same object)."""
-    from .seg import derive_uid, encode_seg, write_seg
-
+def _write_objects(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, rule: SeriesRule, volume: Volume,
+                   out: SegmentOutput, segmenter: Segmenter, timings: dict[str, float]) -> ObjectUIDs:
+    """The labelled DICOM-SEG and the gate's evidence as an SR, under UIDs derived from the job (a resend
+    after a crash is the same object). A held result's objects say "gate" until a radiologist approves
+    it; they are written again then (:func:`worker.objects.rewrite_approved`) and only then sent."""
     t0 = time.perf_counter()
-    seg_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "seg")
-    series_uid = derive_uid(cfg.installation, c.study_instance_uid, str(c.job_id), str(c.version), "series")
-    ds = encode_seg(volume, out.mask, segment_label=rule.segment_label,
-                    category_code=rule.category_code, type_code=rule.type_code,
-                    algorithm_name=segmenter.model_name, algorithm_version=segmenter.model_version,
-                    weights_sha256=segmenter.weights_sha256, sop_instance_uid=seg_uid,
-                    series_instance_uid=series_uid)
+    uids = ObjectUIDs.for_job(cfg.installation, c.study_instance_uid, c.job_id, c.version)
     paths["dir"].mkdir(parents=True, exist_ok=True)
-    write_seg(ds, paths["seg"])
+    model = ModelIdentity(name=segmenter.model_name, version=segmenter.model_version,
+                          weights_sha256=segmenter.weights_sha256, clinical_use=segmenter.clinical_use)
+    evidence = GateEvidence(oodm=out.oodm, tau=out.tau, c=segmenter.gate.c, is_ood=out.is_ood,
+                            gate_reason=out.gate_reason)
+    write_objects(paths["seg"], paths["sr"], volume, out.mask, rule=rule, model=model, evidence=evidence,
+                  release=Release("gate"), uids=uids)
     timings["encode"] = time.perf_counter() - t0
-    return seg_uid, series_uid
+    return uids
 
 
 def _write_views(paths: dict[str, Path], c: Claim, volume: Volume, out: SegmentOutput,
@@ -267,7 +254,7 @@ def _write_views(paths: dict[str, Path], c: Claim, volume: Volume, out: SegmentO
     """What a reviewer looks at: the probability map, and the preview PNG with the gate's verdict."""
     from .preview import write_preview
 
-    _save_probability(paths["prob"], out.prob_fg)
+    save_probability(paths["prob"], out.prob_fg, out.mask)
     t0 = time.perf_counter()
     verdict = ("HELD: a modality the model was not trained on" if out.gate_reason == "modality_not_in_bank"
                else "HELD: unlike the training data" if out.is_ood else "released")
@@ -281,7 +268,8 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
     """The gate's evidence and what produced it, as JSON beside the result."""
     evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
                 "signature": list(map(float, out.signature)),
-                "rule": rule.name, "configured_model": rule.model,
+                "c": segmenter.gate.c, "clinical_use": segmenter.clinical_use,
+                "rule": rule.name, "rule_config": rule.model_dump(mode="json"), "configured_model": rule.model,
                 "model": segmenter.model_name, "model_version": segmenter.model_version,
                 "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
                 "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
@@ -290,18 +278,21 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
     atomic_write(path, json.dumps(evidence, indent=2).encode())
 
 
-def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, seg_path: Path, seg_uid: str,
-           series_uid: str, prob_path: Path, evidence_path: Path, out: SegmentOutput, segmenter: Segmenter,
-           configured_model: str, timings: dict[str, float]) -> StudyOutcome:
+def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, paths: dict[str, Path],
+           uids: ObjectUIDs, out: SegmentOutput, segmenter: Segmenter, configured_model: str,
+           timings: dict[str, float]) -> StudyOutcome:
     to = JobState.HELD if out.is_ood else JobState.RELEASED
     model_id = f"{segmenter.model_name}:{segmenter.model_version}"
+    seg_uid = uids.seg
     with session_scope(sessions) as s:
         result = s.execute(select(Result).where(Result.job_id == c.job_id)).scalar_one_or_none()
         if result is None:
-            result = Result(job_id=c.job_id, seg_path=str(seg_path), seg_sop_instance_uid=seg_uid,
-                            seg_series_instance_uid=series_uid, prob_path=str(prob_path),
-                            evidence_path=str(evidence_path), oodm=out.oodm, tau=out.tau, is_ood=out.is_ood,
-                            model_id=model_id, weights_sha256=segmenter.weights_sha256)
+            result = Result(job_id=c.job_id, seg_path=str(paths["seg"]), seg_sop_instance_uid=uids.seg,
+                            seg_series_instance_uid=uids.seg_series, sr_path=str(paths["sr"]),
+                            sr_sop_instance_uid=uids.sr, sr_series_instance_uid=uids.sr_series,
+                            prob_path=str(paths["prob"]), evidence_path=str(paths["evidence"]), oodm=out.oodm,
+                            tau=out.tau, is_ood=out.is_ood, model_id=model_id,
+                            weights_sha256=segmenter.weights_sha256)
             s.add(result)
         else:  # an earlier attempt got this far and died: the same deterministic object, refreshed numbers
             result.oodm, result.tau, result.is_ood = out.oodm, out.tau, out.is_ood

@@ -49,6 +49,7 @@ class Segmenter:
         self.net, self.gate, self.settings = net, gate, settings
         self.model_name, self.model_version, self.weights_sha256 = model_name, model_version, weights_sha256
         self.device, self.threshold = device, threshold
+        self.clinical_use = False
 
     @classmethod
     def open(cls, weights: Path | None = None, bank: Path | None = None, *, device: str = "cpu",
@@ -72,9 +73,12 @@ class Segmenter:
         gate = SpectralGate.load(bank, weights_sha256=sha)
         settings = InferenceSettings.for_weights(meta, device=device, block=block, overlap=overlap, spacing=spacing)
         gate.check_inference(settings.signature_settings())
-        return cls(net, gate, settings, model_name=str(meta.get("name", "specgate-segnet")),
-                   model_version=str(meta.get("version", f"sha256-{sha[:12]}")), weights_sha256=sha,
-                   device=device)
+        seg = cls(net, gate, settings, model_name=str(meta.get("name", "specgate-segnet")),
+                  model_version=str(meta.get("version", f"sha256-{sha[:12]}")), weights_sha256=sha,
+                  device=device)
+        # Not for clinical use unless the weights' metadata says otherwise (every object it makes says so)
+        seg.clinical_use = meta.get("clinical_use") is True
+        return seg
 
     def segment(self, volume: np.ndarray, modality: str, *, spacing: Any) -> SegmentOutput:
         """Segment and gate one volume (z, y, x, native units) with its spacing (z, y, x) in mm.

@@ -89,3 +89,10 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu") ->
         from .delivery import deliver_job
 
         return deliver_job(runtime.sessions, job_id, config.delivery, actor="worker")
+
+    @app.task(name="specgate.retract", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def retract(self: Any, retraction_id: int) -> str:
+        from .retraction import send_retraction
+
+        outcomes = send_retraction(runtime.sessions, retraction_id, config.delivery, actor="worker")
+        return ", ".join(f"{o.destination}: {o.state}" for o in outcomes) or "no destination received it"

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import highdicom
 import pytest
@@ -192,11 +193,16 @@ def _clinical_study(tmp: Path, kind: str, name: str, geometry):
                         series_description=f"test {kind}", patient_id="TEST-E2E")
 
 
-def _seg_uids_at(orthanc: Orthanc, study_uid: str) -> list[str]:
-    """SOP Instance UIDs of the SEG instances Orthanc holds for a study (REST /tools/find)."""
+def _seg_uids_at(orthanc: Orthanc, study_uid: str, modality: str = "SEG") -> list[str]:
+    """SOP Instance UIDs of the SEG (or SR, ...) instances Orthanc holds for a study (REST /tools/find)."""
     found = orthanc.post("/tools/find", {"Level": "Instance", "Expand": True,
-                                         "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}})
+                                         "Query": {"StudyInstanceUID": study_uid, "Modality": modality}})
     return sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in found)
+
+
+def _held_by_orthanc(orthanc: Orthanc, sop_uid: str) -> Any:
+    """The instance as the PACS holds it, read back."""
+    return dcmread(io.BytesIO(orthanc.get(f"/instances/{_orthanc_id(orthanc, sop_uid)}/file")))
 
 
 def _result(stack: Stack, job_id: int) -> Result:
@@ -228,6 +234,10 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
     ours = highdicom.seg.Segmentation.from_dataset(dcmread(res.seg_path))
     assert seg.SOPInstanceUID == ours.SOPInstanceUID and seg.NumberOfFrames == ours.NumberOfFrames
     assert seg.pixel_array.tobytes() == ours.pixel_array.tobytes()
+    # its evidence travels with it: the SR, in the same study, naming the gate's decision
+    assert _seg_uids_at(stack.orthanc, known.study_instance_uid, "SR") == [res.sr_sop_instance_uid]
+    sr = _held_by_orthanc(stack.orthanc, str(res.sr_sop_instance_uid))
+    assert sr.StudyInstanceUID == known.study_instance_uid and "gate" in str(seg.SeriesDescription).lower()
 
     held = stack.wait_state(unseen.study_instance_uid, {"held", "sent", "failed"})
     assert str(held.state) == "held", (held.reason_code, held.reason_detail)
@@ -240,10 +250,31 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
     stack.wait_pass("worker", "reconcile", after=datetime.now(UTC))
     assert _seg_uids_at(stack.orthanc, unseen.study_instance_uid) == []
 
+    never = stack.cli("jobs", "retract", str(held.id), "--user", "dr.house", "--reason", "quality", check=False)
+    assert never.returncode != 0 and "never sent" in never.stderr
     stack.cli("jobs", "approve", str(held.id), "--user", "dr.house")
     sent = stack.wait_state(unseen.study_instance_uid, {"sent", "failed"})
     assert str(sent.state) == "sent"
     assert _seg_uids_at(stack.orthanc, unseen.study_instance_uid) == [hres.seg_sop_instance_uid]
+    assert _seg_uids_at(stack.orthanc, unseen.study_instance_uid, "SR") == [hres.sr_sop_instance_uid]
+    approved_seg = _held_by_orthanc(stack.orthanc, hres.seg_sop_instance_uid)
+    approved_sr = _held_by_orthanc(stack.orthanc, str(hres.sr_sop_instance_uid))
+    assert "dr.house" in str(approved_seg.ContentCreatorName) and "dr.house" in str(approved_seg.SeriesDescription)
+    assert "dr.house" in str(approved_sr)  # the approver, in the SR's content tree
+
+    # the radiologist takes it back: an IOCM rejection note referencing exactly what the PACS holds
+    stack.cli("jobs", "retract", str(held.id), "--user", "dr.house", "--reason", "patient-safety")
+    kos_uids = wait_for(lambda: _seg_uids_at(stack.orthanc, unseen.study_instance_uid, "KO"), timeout=60,
+                        what="the KOS at Orthanc", interval=0.2)
+    kos = _held_by_orthanc(stack.orthanc, kos_uids[0])
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113037"
+    assert _kos_references(kos) == {hres.seg_sop_instance_uid, hres.sr_sop_instance_uid}
+    again = stack.cli("jobs", "retract", str(held.id), "--user", "dr.other", "--reason", "quality", check=False)
+    assert again.returncode != 0 and "already retracted by dr.house" in again.stderr
+    shown = json.loads(stack.cli("jobs", "show", str(held.id), "--json").stdout)
+    assert shown["retraction"]["user"] == "dr.house" and shown["retraction"]["reason"] == "patient_safety"
+    stack.wait_pass("worker", "reconcile", after=datetime.now(UTC))
+    assert _seg_uids_at(stack.orthanc, unseen.study_instance_uid, "KO") == kos_uids  # one KOS, not two
     shown = json.loads(stack.cli("jobs", "show", str(held.id), "--json").stdout)
     assert [r["user"] for r in shown["reviews"]] == ["dr.house"]
     assert "OK" in stack.cli("audit", "verify").stdout
@@ -259,9 +290,39 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
     assert _seg_uids_at(stack.orthanc, known.study_instance_uid) == [res.seg_sop_instance_uid]
 
 
+def _kos_references(kos: Any) -> set[str]:
+    """The SOP Instance UIDs a Key Object Selection document references (its evidence sequence)."""
+    return {str(inst.ReferencedSOPInstanceUID) for study in kos.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence for inst in series.ReferencedSOPSequence}
+
+
 def _orthanc_id(orthanc: Orthanc, sop_uid: str) -> str:
     found = orthanc.post("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": sop_uid}})
     return found[0]
+
+
+def test_a_newer_version_sent_retracts_the_superseded_result(stack: Stack, tmp_path: Path) -> None:
+    """A study sent and released; then a longer series of the same study arrives: version 2 is sent, and
+    the PACS receives a KOS (Rejected for Quality Reasons) for version 1's SEG and SR."""
+    stack.start("worker", "worker")
+    first = _study(tmp_path, "ct_liver", "v1", seed=7)
+    assert set(stack.send(first.paths)) == {0}
+    v1 = stack.wait_state(first.study_instance_uid, {"sent", "failed", "held"})
+    assert str(v1.state) == "sent", (v1.reason_code, v1.reason_detail)
+    r1 = _result(stack, v1.id)
+    case = phantom_study("ct_liver", seed=8)
+    longer = write_series(case.image, case.spacing, case.modality, tmp_path / "v2", patient_id="TEST-E2E",
+                          study_instance_uid=first.study_instance_uid, series_description="test ct_liver v2")
+    assert set(stack.send(longer.paths)) == {0}
+    v2 = wait_for(lambda: next((j for j in stack.jobs_for(first.study_instance_uid)
+                                if j.version == 2 and str(j.state) in {"sent", "failed", "held"}), None),
+                  timeout=180, what="version 2 finished", interval=0.2)
+    assert str(v2.state) == "sent", (v2.reason_code, v2.reason_detail)
+    kos_uids = wait_for(lambda: _seg_uids_at(stack.orthanc, first.study_instance_uid, "KO"), timeout=60,
+                        what="the KOS at Orthanc", interval=0.2)
+    kos = _held_by_orthanc(stack.orthanc, kos_uids[0])
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"
+    assert _kos_references(kos) == {r1.seg_sop_instance_uid, r1.sr_sop_instance_uid}
 
 
 def test_worker_killed_mid_job_completes_once(stack: Stack, tmp_path: Path) -> None:
