@@ -27,6 +27,7 @@ def _reconcile_once(app: Any, celery: Any) -> Any:
     enq = Enqueuer(celery, app.sessions())
     cfg = app.settings.worker_config()
     return reconcile(app.sessions(), enqueue_segment=enq.segment, enqueue_delivery=enq.deliver,
+                     enqueue_retraction=enq.retract,
                      queued_deadline_s=cfg.queued_deadline_s, stale_after_s=cfg.pipeline.stale_after_s)
 
 

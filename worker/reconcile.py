@@ -8,6 +8,8 @@ The SQL ledger is the source of truth; a broker restart or flush loses messages,
   (``worker_lost``) and enqueue, or ``failed`` (``attempts_exhausted``) when no attempt is left.
 - ``released``/``approved`` jobs not updated for ``queued_deadline_s`` (a lost delivery message): enqueue
   their delivery again. Deliveries are idempotent per (result, destination).
+- retractions older than ``queued_deadline_s`` whose KOS has not reached every destination that received
+  the result (sent or finally failed): enqueue their sending again (idempotent per destination too).
 
 Every action is an audit event. Run it periodically (``specgate worker`` and ``specgate scp`` do) or by hand.
 """
@@ -17,14 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import audit, jobs
 from ledger.db import session_scope
-from ledger.schema import Job, JobState, utcnow
+from ledger.schema import Delivery, DeliveryState, Job, JobState, Retraction, RetractionDelivery, utcnow
 
 __all__ = ["ReconcileReport", "mark_enqueued", "reconcile"]
 
@@ -37,11 +39,27 @@ class ReconcileReport:
     recovered: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     redelivered: list[int] = field(default_factory=list)
+    retractions: list[int] = field(default_factory=list)
 
     def describe(self) -> str:
         return (f"re-enqueued {len(self.requeued)} queued, recovered {len(self.recovered)} running "
                 f"(worker lost), failed {len(self.failed)} out of attempts, re-sent {len(self.redelivered)} "
-                "deliveries")
+                f"deliveries and {len(self.retractions)} retractions")
+
+
+def _unsent_retractions(sessions: sessionmaker[Session], older_than: datetime) -> list[int]:
+    """Retractions made before ``older_than`` whose KOS has not reached (or finally failed at) every
+    destination that received the result: their task was lost (a broker restart) or is still retrying."""
+    done = (select(func.count()).select_from(RetractionDelivery)
+            .where(RetractionDelivery.retraction_id == Retraction.id,
+                   RetractionDelivery.state.in_([DeliveryState.SENT, DeliveryState.FAILED]))
+            .scalar_subquery())
+    received = (select(func.count()).select_from(Delivery)
+                .where(Delivery.result_id == Retraction.result_id, Delivery.state == DeliveryState.SENT)
+                .scalar_subquery())
+    with session_scope(sessions) as s:
+        return list(s.execute(select(Retraction.id).where(Retraction.created_at < older_than, done < received)
+                              .order_by(Retraction.id).limit(500)).scalars())
 
 
 def mark_enqueued(session: Session, job_id: int) -> None:
@@ -52,7 +70,7 @@ def mark_enqueued(session: Session, job_id: int) -> None:
 
 def reconcile(sessions: sessionmaker[Session], *, enqueue_segment: Callable[[int], None],
               enqueue_delivery: Callable[[int], None], queued_deadline_s: float, stale_after_s: float,
-              actor: str = "reconciler") -> ReconcileReport:
+              actor: str = "reconciler", enqueue_retraction: Callable[[int], None] | None = None) -> ReconcileReport:
     report = ReconcileReport()
     now = utcnow()
     queued_cut = now - timedelta(seconds=queued_deadline_s)
@@ -102,7 +120,11 @@ def reconcile(sessions: sessionmaker[Session], *, enqueue_segment: Callable[[int
     for job_id in to_send:
         enqueue_delivery(job_id)
         report.redelivered.append(job_id)
-    if any((report.requeued, report.recovered, report.failed, report.redelivered)):
+    if enqueue_retraction is not None:
+        for retraction_id in _unsent_retractions(sessions, queued_cut):
+            enqueue_retraction(retraction_id)
+            report.retractions.append(retraction_id)
+    if any((report.requeued, report.recovered, report.failed, report.redelivered, report.retractions)):
         log.info("reconcile: %s", report.describe())
     log.debug("reconcile pass finished (started %s)", now.isoformat())  # tests wait on this line
     return report

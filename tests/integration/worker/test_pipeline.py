@@ -13,7 +13,6 @@ from pathlib import Path
 import highdicom
 import numpy as np
 import pytest
-import torch
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -23,21 +22,12 @@ from ledger.schema import AuditEvent, Instance, Job, JobState, Result, Series, S
 from model.data.phantoms import phantom_study
 from model.ood import BankMismatchError, SpectralGate, sha256_file
 from model.segment import InferenceSettings
-from model.unet import SegNet, load_weights, save_weights
+from model.unet import load_weights, save_weights
 from specgate.settings import SeriesRule, Settings
 from specgate.synthetic import write_series
 from worker.config import PipelineConfig
 from worker.pipeline import claim, job_paths, run_job
 from worker.segmenter import Segmenter, Segmenters
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SegNet]:
-    torch.manual_seed(0)
-    net = SegNet(base_features=4, levels=2).eval()
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_weights(net, path, meta={"name": "tiny-test", "version": "0.0.1"})
-    return path, net
 
 
 def _ingest(sessions, series, calling_ae: str = "PACS", rule_name: str = "default-ct-mr") -> int:
