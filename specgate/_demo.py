@@ -267,6 +267,9 @@ def _report(sessions: sessionmaker[Session], studies: Studies, pacs: EmbeddedPAC
             if str(job.state) == "sent" and res is not None:
                 echo(f"    DICOM-SEG {res.seg_sop_instance_uid} delivered to demo-pacs: "
                      f"{pacs.folder / (res.seg_sop_instance_uid + '.dcm')}")
+                if res.sr_sop_instance_uid:
+                    echo(f"    with its evidence (DICOM SR, TID 1500): "
+                         f"{pacs.folder / (res.sr_sop_instance_uid + '.dcm')}")
             elif str(job.state) == "held" and res is not None:
                 echo("    held for review: the gate says this study is unlike the training data.")
                 echo(f"    review it:  specgate jobs show {job.id}   (preview: {Path(res.seg_path).parent / 'preview.png'})")

@@ -32,8 +32,14 @@ def test_demo_releases_one_study_and_holds_the_unseen_one(tmp_path: Path) -> Non
     assert delivered, text
     seg = highdicom.seg.Segmentation.from_dataset(dcmread(tmp_path / delivered.group(1)))
     assert seg.SegmentationType == "BINARY" and seg.NumberOfFrames > 0
-    # the held one was not delivered: the embedded PACS holds exactly one object
-    assert len(list((tmp_path / "specgate-data" / "demo-pacs").glob("*.dcm"))) == 1
+    evidence = re.search(r"with its evidence \(DICOM SR, TID 1500\): (\S+\.dcm)", text)
+    assert evidence, text
+    sr = dcmread(tmp_path / evidence.group(1))
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == seg.StudyInstanceUID
+    assert str(seg.SeriesDescription).startswith("NOT FOR CLINICAL USE")  # the shipped model says so
+    # the held one was not delivered: the embedded PACS holds exactly the released study's SEG and SR
+    held = sorted(str(dcmread(p).Modality) for p in (tmp_path / "specgate-data" / "demo-pacs").glob("*.dcm"))
+    assert held == ["SEG", "SR"]
     env["SPECGATE_DATA_DIR"] = str(tmp_path / "specgate-data")
     verify = subprocess.run([sys.executable, "-m", "specgate", "audit", "verify"], env=env, capture_output=True,
                             text=True, timeout=60)
