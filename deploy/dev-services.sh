@@ -22,11 +22,17 @@ fi
 # Debian's orthanc package starts a system Orthanc on 4242/8042; the tests run their own on free ports.
 
 # PostgreSQL: start the cluster when it is not answering on 127.0.0.1:5432.
-if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+# A cluster that is running but slow to answer (seen once here, right after a long test run) is waited
+# for, not started a second time (pg_ctlcluster would fail: "Cluster is already running").
+if ! pg_isready -q -h 127.0.0.1 -p 5432 -t 10; then
   ver=$(ls /etc/postgresql | sort -n | tail -1)
-  echo "starting PostgreSQL $ver"
-  $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start
-  for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
+  if pg_lsclusters -h 2>/dev/null | awk -v v="$ver" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
+    echo "PostgreSQL $ver is running but not answering yet; waiting for it"
+  else
+    echo "starting PostgreSQL $ver"
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start
+  fi
+  for _ in $(seq 1 120); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
   pg_isready -h 127.0.0.1 -p 5432
 fi
 # The tests connect as root over TCP: make sure that role exists and may log in from loopback.

@@ -220,12 +220,11 @@ class Review(Base):
     job: Mapped[Job] = relationship(back_populates="reviews")
 
 
-class Delivery(Base):
-    __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("result_id", "destination", name="uq_deliveries_result_destination"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
-    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="RESTRICT"))
+class _Sending:
+    """The columns of one object's (or set of objects') delivery to one destination: where, how it went.
+    Shared by ``deliveries`` (a result's SEG and SR) and ``retraction_deliveries`` (a KOS), which
+    :mod:`dicom_node.scu` claims, sends and records with the same code."""
+
     destination: Mapped[str] = mapped_column(String(64))
     ae_title: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(255))
@@ -238,6 +237,14 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Delivery(_Sending, Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "destination", name="uq_deliveries_result_destination"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="RESTRICT"))
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
 
@@ -264,7 +271,7 @@ class Retraction(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class RetractionDelivery(Base):
+class RetractionDelivery(_Sending, Base):
     """One retraction's KOS to one destination (the destinations that received the result)."""
 
     __tablename__ = "retraction_deliveries"
@@ -272,18 +279,6 @@ class RetractionDelivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
     retraction_id: Mapped[int] = mapped_column(ForeignKey("retractions.id", ondelete="RESTRICT"))
-    destination: Mapped[str] = mapped_column(String(64))
-    ae_title: Mapped[str] = mapped_column(String(16))
-    host: Mapped[str] = mapped_column(String(255))
-    port: Mapped[int] = mapped_column(Integer)
-    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState, "delivery_state"),
-                                                 default=DeliveryState.PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
-    last_error: Mapped[str | None] = mapped_column(Text, default=None)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class AuditEvent(Base):
