@@ -50,10 +50,11 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     from dicom_node.config import SeriesRule
     from dicom_series import load_series
     from tests.peers import dcmtk_path, wait_for
+    from worker.atomic import write_dicom
     from worker.labels import GateEvidence, ModelIdentity, Release
     from worker.objects import save_probability
     from worker.preview import write_preview
-    from worker.seg import derive_uid, encode_seg, write_seg
+    from worker.seg import derive_uid, encode_seg
     from worker.segmenter import Segmenter
 
     if threads:
@@ -75,7 +76,7 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
                     release=Release("gate"),
                     sop_instance_uid=derive_uid("bench", "seg"), series_instance_uid=derive_uid("bench", "series"))
     seg_path = out / "seg.dcm"
-    write_seg(ds, seg_path)
+    write_dicom(ds, seg_path)
     t["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     save_probability(out / "probability.npz", o.prob_fg, o.mask)

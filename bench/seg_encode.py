@@ -24,8 +24,9 @@ from dicom_factory import SeriesSpec, write_series  # noqa: E402
 
 from dicom_node.config import SeriesRule  # noqa: E402
 from dicom_series import load_series  # noqa: E402
+from worker.atomic import write_dicom  # noqa: E402
 from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
-from worker.seg import derive_uid, encode_seg, write_seg  # noqa: E402
+from worker.seg import derive_uid, encode_seg  # noqa: E402
 
 
 def main() -> None:
@@ -70,10 +71,10 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
             print(f"encode_seg run {i + 1}: {times[-1]:.3f} s", flush=True)
         t0 = time.perf_counter()
-        out = write_seg(seg, tmp_path / "seg.dcm")
+        out = write_dicom(seg, tmp_path / "seg.dcm")
         write_s = time.perf_counter() - t0
         print(f"encode_seg best {min(times):.3f} s, median {float(np.median(times)):.3f} s (target <= 2 s)")
-        print(f"write_seg: {write_s:.3f} s, {out.stat().st_size / 1e6:.1f} MB, {int(seg.NumberOfFrames)} frames")
+        print(f"write_dicom: {write_s:.3f} s, {out.stat().st_size / 1e6:.1f} MB, {int(seg.NumberOfFrames)} frames")
 
 
 if __name__ == "__main__":

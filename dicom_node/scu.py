@@ -38,8 +38,7 @@ from ledger.sql import insert_ignore
 
 from .config import Destination
 
-__all__ = ["DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "deliver_retraction", "echo", "send_file",
-           "send_files"]
+__all__ = ["DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "deliver_retraction", "echo", "send_files"]
 
 log = logging.getLogger("specgate.dicom_node.scu")
 _VERIFICATION = "1.2.840.10008.1.1"
@@ -137,11 +136,6 @@ def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, S
         return None, SendResult(None, f"could not connect to {dest.host}:{dest.port} "
                                       "(refused, unreachable, or no answer to the association request)", False)
     return None, SendResult(None, "association aborted by the peer or the network", False)
-
-
-def send_file(path: Path, dest: Destination, *, ae_title: str = "SPECGATE", timeout_s: float = 30.0) -> SendResult:
-    """One C-STORE attempt of the DICOM file ``path`` to ``dest``, on its own association."""
-    return send_files([path], dest, ae_title=ae_title, timeout_s=timeout_s)
 
 
 def send_files(paths: Sequence[Path], dest: Destination, *, ae_title: str = "SPECGATE",

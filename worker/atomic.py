@@ -22,9 +22,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-__all__ = ["atomic_write"]
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+__all__ = ["atomic_write", "write_dicom"]
 
 
 def atomic_write(path: Path, content: bytes | Callable[[BinaryIO], object]) -> Path:
@@ -57,3 +60,8 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_dicom(ds: Dataset, path: Path) -> Path:
+    """Publish a DICOM data set (a SEG, an SR, a KOS) as a Part 10 file at ``path``, atomically."""
+    return atomic_write(Path(path), lambda fh: ds.save_as(fh, enforce_file_format=True))

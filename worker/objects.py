@@ -26,9 +26,9 @@ from dicom_series import Volume, load_series
 from ledger.db import session_scope
 from ledger.schema import Instance, Job, Result, Review, ReviewDecision, Series
 
-from .atomic import atomic_write
+from .atomic import atomic_write, write_dicom
 from .labels import GateEvidence, ModelIdentity, Release
-from .seg import derive_uid, encode_seg, write_seg
+from .seg import derive_uid, encode_seg
 from .sr import encode_sr
 
 __all__ = ["ObjectUIDs", "load_mask", "rewrite_approved", "save_probability", "series_files", "write_objects"]
@@ -56,8 +56,8 @@ def write_objects(seg_path: Path, sr_path: Path, volume: Volume, mask: np.ndarra
                      sop_instance_uid=uids.seg, series_instance_uid=uids.seg_series)
     sr = encode_sr(volume, seg, model=model, evidence=evidence, release=release, sop_instance_uid=uids.sr,
                    series_instance_uid=uids.sr_series)
-    write_seg(seg, seg_path)
-    write_seg(sr, sr_path)
+    write_dicom(seg, seg_path)
+    write_dicom(sr, sr_path)
 
 
 def save_probability(path: Path, prob_fg: np.ndarray, mask: np.ndarray) -> None:

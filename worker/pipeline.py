@@ -32,7 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import SeriesRule
-from dicom_series import Volume
+from dicom_series import SeriesError, Volume, load_series
 from ledger import audit, jobs
 from ledger.db import session_scope
 from ledger.schema import Job, JobState, Result, utcnow
@@ -208,8 +208,6 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
 
 
 def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float]) -> Volume:
-    from dicom_series import SeriesError, load_series
-
     t0 = time.perf_counter()
     files = series_files(sessions, c.series_instance_uid)
     try:

@@ -27,9 +27,10 @@ from ledger import audit
 from ledger.db import session_scope
 from ledger.schema import Delivery, DeliveryState, Job, JobState, Result, Retraction, RetractionReason
 
+from .atomic import write_dicom
 from .config import DeliveryConfig
 from .kos import encode_kos
-from .seg import derive_uid, write_seg
+from .seg import derive_uid
 
 __all__ = ["RetractionError", "retract_job", "retract_superseded", "send_retraction"]
 
@@ -68,7 +69,7 @@ def retract_job(sessions: sessionmaker[Session], job_id: int, *, user: str, reas
     kos_path = files[0].with_name("kos.dcm")
     kos = encode_kos([dcmread(p) for p in files], reason=reason.value, sop_instance_uid=kos_uid,  # type: ignore[arg-type]
                      series_instance_uid=kos_series, retracted_by=user)
-    write_seg(kos, kos_path)
+    write_dicom(kos, kos_path)
     try:
         with session_scope(sessions) as s:
             row = Retraction(job_id=job_id, result_id=result_id, kos_path=str(kos_path), kos_sop_instance_uid=kos_uid,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import uuid
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -33,7 +32,6 @@ from pydicom.valuerep import PersonName
 
 from dicom_node.config import SeriesRule
 from dicom_series import Volume
-from worker.atomic import atomic_write
 from worker.labels import (
     NOT_FOR_CLINICAL_USE,
     GateEvidence,
@@ -44,7 +42,7 @@ from worker.labels import (
     series_description,
 )
 
-__all__ = ["derive_uid", "encode_seg", "write_seg", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE",
+__all__ = ["derive_uid", "encode_seg", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE",
            "GateEvidence", "ModelIdentity", "Release"]
 
 try:  # the installed distribution's version: a metadata lookup, no other work at import
@@ -203,7 +201,3 @@ def _frames_in_source_order(volume: Volume, mask: np.ndarray) -> np.ndarray:
     frames[frame_index] = mask
     return frames
 
-
-def write_seg(ds: Dataset, path: Path) -> Path:
-    """Write ``ds`` to ``path`` atomically (:func:`worker.atomic.atomic_write`)."""
-    return atomic_write(Path(path), lambda fh: ds.save_as(fh, enforce_file_format=True))

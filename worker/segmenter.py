@@ -45,11 +45,12 @@ class Segmenter:
     """A loaded model and gate. Build with :meth:`open`; the constructor does no I/O."""
 
     def __init__(self, net: Any, gate: Any, settings: Any, *, model_name: str, model_version: str,
-                 weights_sha256: str, device: str = "cpu", threshold: float = 0.5) -> None:
+                 weights_sha256: str, device: str = "cpu", threshold: float = 0.5,
+                 clinical_use: bool = False) -> None:
+        """``clinical_use``: False marks every object the model makes NOT FOR CLINICAL USE."""
         self.net, self.gate, self.settings = net, gate, settings
         self.model_name, self.model_version, self.weights_sha256 = model_name, model_version, weights_sha256
-        self.device, self.threshold = device, threshold
-        self.clinical_use = False
+        self.device, self.threshold, self.clinical_use = device, threshold, clinical_use
 
     @classmethod
     def open(cls, weights: Path | None = None, bank: Path | None = None, *, device: str = "cpu",
@@ -73,12 +74,10 @@ class Segmenter:
         gate = SpectralGate.load(bank, weights_sha256=sha)
         settings = InferenceSettings.for_weights(meta, device=device, block=block, overlap=overlap, spacing=spacing)
         gate.check_inference(settings.signature_settings())
-        seg = cls(net, gate, settings, model_name=str(meta.get("name", "specgate-segnet")),
-                  model_version=str(meta.get("version", f"sha256-{sha[:12]}")), weights_sha256=sha,
-                  device=device)
-        # Not for clinical use unless the weights' metadata says otherwise (every object it makes says so)
-        seg.clinical_use = meta.get("clinical_use") is True
-        return seg
+        # not for clinical use unless the weights' metadata says otherwise
+        return cls(net, gate, settings, model_name=str(meta.get("name", "specgate-segnet")),
+                   model_version=str(meta.get("version", f"sha256-{sha[:12]}")), weights_sha256=sha,
+                   device=device, clinical_use=meta.get("clinical_use") is True)
 
     def segment(self, volume: np.ndarray, modality: str, *, spacing: Any) -> SegmentOutput:
         """Segment and gate one volume (z, y, x, native units) with its spacing (z, y, x) in mm.

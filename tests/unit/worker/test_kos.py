@@ -15,9 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_seg import APPROVED, MODEL, RELEASED, _shuffled_classic, dciodvfy  # noqa: E402
 from test_sr import _objects  # noqa: E402
 
+from worker.atomic import write_dicom
 from worker.kos import encode_kos  # noqa: E402
 from worker.labels import ModelIdentity  # noqa: E402
-from worker.seg import derive_uid, write_seg  # noqa: E402
+from worker.seg import derive_uid  # noqa: E402
 
 
 def _kos(objects: list[Dataset], **kwargs: object) -> Dataset:
@@ -31,7 +32,7 @@ def _kos(objects: list[Dataset], **kwargs: object) -> Dataset:
 def test_rejection_note_references_exactly_seg_and_sr(tmp_path: Path, reason: str, title: tuple[str, str]) -> None:
     volume = _shuffled_classic(tmp_path)
     seg, sr = _objects(volume, APPROVED)
-    path = write_seg(_kos([seg, sr], reason=reason, retracted_by="Jones^Anna"), tmp_path / "kos.dcm")
+    path = write_dicom(_kos([seg, sr], reason=reason, retracted_by="Jones^Anna"), tmp_path / "kos.dcm")
     errors, warnings = dciodvfy(path)
     assert errors == [], "\n".join(errors + warnings)
 
@@ -67,7 +68,7 @@ def test_superseded_result_without_a_user(tmp_path: Path) -> None:
     kos = _kos([seg, sr])
     assert kos.SeriesDescription == "Rejected (quality): AI result"
     assert not hd.ko.KeyObjectSelectionDocument.from_dataset(kos).content.get_observer_contexts()
-    assert dciodvfy(write_seg(kos, tmp_path / "kos.dcm"))[0] == []
+    assert dciodvfy(write_dicom(kos, tmp_path / "kos.dcm"))[0] == []
 
 
 def test_same_inputs_same_uids(tmp_path: Path) -> None:

@@ -21,8 +21,9 @@ from dicom_factory import SeriesSpec, classic_datasets, enhanced_dataset, write_
 
 from dicom_node.config import SeriesRule  # noqa: E402
 from dicom_series import Volume, load_series  # noqa: E402
+from worker.atomic import write_dicom
 from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
-from worker.seg import derive_uid, encode_seg, write_seg  # noqa: E402
+from worker.seg import derive_uid, encode_seg  # noqa: E402
 
 SHA = "3f" * 32
 CATEGORY = ("123037004", "SCT", "Anatomical Structure")
@@ -98,7 +99,7 @@ SERIES = {"classic-shuffled": _shuffled_classic, "enhanced-shuffled-frames": _sh
 def test_round_trip_frames_land_on_their_source_slices(tmp_path: Path, strict_reading: None, kind: str) -> None:
     volume = SERIES[kind](tmp_path)
     mask = _mask(volume.shape)
-    path = write_seg(_encode(volume, mask), tmp_path / "seg.dcm")
+    path = write_dicom(_encode(volume, mask), tmp_path / "seg.dcm")
 
     seg = hd.seg.segread(path)
     nonempty = np.flatnonzero(mask.any(axis=(1, 2)))
@@ -153,7 +154,7 @@ def test_round_trip_frames_land_on_their_source_slices(tmp_path: Path, strict_re
 
 def test_segment_and_algorithm_identification(tmp_path: Path) -> None:
     volume = _shuffled_classic(tmp_path)
-    ds = pydicom.dcmread(write_seg(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm"))
+    ds = pydicom.dcmread(write_dicom(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm"))
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
     assert ds.Modality == "SEG" and int(ds.SeriesNumber) == 9001 and ds.Manufacturer == "specgate"
     (segment,) = ds.SegmentSequence
@@ -170,7 +171,7 @@ def test_segment_and_algorithm_identification(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", list(SERIES))
 def test_dciodvfy_reports_no_errors(tmp_path: Path, kind: str) -> None:
     volume = SERIES[kind](tmp_path)
-    path = write_seg(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm")
+    path = write_dicom(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm")
     errors, warnings = dciodvfy(path)
     assert errors == [], "\n".join(errors + warnings)
     print(f"dciodvfy warnings ({kind}):", warnings)
@@ -181,7 +182,7 @@ def test_dciodvfy_check_can_fail(tmp_path: Path) -> None:
     volume = _shuffled_classic(tmp_path)
     seg = _encode(volume, _mask(volume.shape))
     del seg.SegmentationType
-    errors, _ = dciodvfy(write_seg(seg, tmp_path / "broken.dcm"))
+    errors, _ = dciodvfy(write_dicom(seg, tmp_path / "broken.dcm"))
     assert any("SegmentationType" in e or "Segmentation Type" in e for e in errors), errors
 
 
@@ -192,7 +193,7 @@ def test_source_without_type2_patient_attributes(tmp_path: Path) -> None:
         for kw in ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber"):
             delattr(ds, kw)
     volume = load_series(write_datasets(datasets, tmp_path / "ct"))
-    path = write_seg(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm")
+    path = write_dicom(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm")
     assert "PatientSex" not in volume.headers[0]  # the volume's headers are left alone
     errors, _ = dciodvfy(path)
     assert errors == []
@@ -201,7 +202,7 @@ def test_source_without_type2_patient_attributes(tmp_path: Path) -> None:
 
 def test_empty_mask_still_valid(tmp_path: Path) -> None:
     volume = _shuffled_classic(tmp_path)
-    path = write_seg(_encode(volume, np.zeros(volume.shape, dtype=bool)), tmp_path / "seg.dcm")
+    path = write_dicom(_encode(volume, np.zeros(volume.shape, dtype=bool)), tmp_path / "seg.dcm")
     seg = hd.seg.segread(path)
     assert not seg.pixel_array.any()
     assert dciodvfy(path)[0] == []
@@ -272,7 +273,7 @@ def test_records_refuse_nonsense(build: object, message: str) -> None:
 def test_released_result_is_labelled(tmp_path: Path) -> None:
     """What a PACS shows for a result the gate released, from a model not for clinical use."""
     volume = _shuffled_classic(tmp_path)
-    ds = pydicom.dcmread(write_seg(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm"))
+    ds = pydicom.dcmread(write_dicom(_encode(volume, _mask(volume.shape)), tmp_path / "seg.dcm"))
     assert ds.SeriesDescription == "NOT FOR CLINICAL USE: Liver, specgate-unet 1.2.0, gate"
     assert ds.ImageComments == "NOT FOR CLINICAL USE"
     assert ds.ContentLabel == "GATE_PASS"
@@ -287,7 +288,7 @@ def test_released_result_is_labelled(tmp_path: Path) -> None:
 def test_approved_result_is_labelled(tmp_path: Path) -> None:
     """A held result a radiologist approved: the approver is named; the gate's verdict is still there."""
     volume = _shuffled_classic(tmp_path)
-    path = write_seg(_encode(volume, _mask(volume.shape), result=APPROVED), tmp_path / "seg.dcm")
+    path = write_dicom(_encode(volume, _mask(volume.shape), result=APPROVED), tmp_path / "seg.dcm")
     ds = pydicom.dcmread(path)
     assert ds.SeriesDescription == "NOT FOR CLINICAL USE: Liver, specga. 1.2.0, approved by Anna Jo."  # cut to 64
     assert ds.ContentLabel == "GATE_OOD"
@@ -317,7 +318,7 @@ def test_default_rule_says_what_the_phantom_model_is(tmp_path: Path) -> None:
     """The shipped model was trained on phantoms: the default rule's segment says so, with valid SNOMED CT."""
     volume = _shuffled_classic(tmp_path)
     rule = SeriesRule(name="default-ct-mr")
-    path = write_seg(_encode(volume, _mask(volume.shape), rule=rule), tmp_path / "seg.dcm")
+    path = write_dicom(_encode(volume, _mask(volume.shape), rule=rule), tmp_path / "seg.dcm")
     (segment,) = pydicom.dcmread(path).SegmentSequence
     assert segment.SegmentLabel == "Phantom organ"
     assert "synthetic phantoms" in segment.SegmentDescription
@@ -337,7 +338,7 @@ def test_dcmqi_reads_back_the_same_mask(tmp_path: Path, kind: str) -> None:
     assert Path(exe).exists(), "dcmqi (segimage2itkimage) is missing: it comes with the dev extra (make setup)"
     volume = SERIES[kind](tmp_path)
     mask = _mask(volume.shape)
-    path = write_seg(_encode(volume, mask), tmp_path / "seg.dcm")
+    path = write_dicom(_encode(volume, mask), tmp_path / "seg.dcm")
     out = tmp_path / "dcmqi"
     out.mkdir()
     subprocess.run([exe, "--inputDICOM", str(path), "--outputDirectory", str(out), "-t", "nrrd", "-p", "seg"],
@@ -364,7 +365,7 @@ def test_write_seg_is_atomic(tmp_path: Path) -> None:
     seg = _encode(volume, _mask(volume.shape))
     out = tmp_path / "out"
     out.mkdir()
-    target = write_seg(seg, out / "seg.dcm")
+    target = write_dicom(seg, out / "seg.dcm")
     first = target.read_bytes()
     assert pydicom.dcmread(target).SOPInstanceUID == seg.SOPInstanceUID
 
@@ -373,6 +374,6 @@ def test_write_seg_is_atomic(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="cannot be assigned"):
         broken.add_new(0x00091001, "US", "not a number")
     with pytest.raises(OSError, match="not an integer"):
-        write_seg(broken, target)
+        write_dicom(broken, target)
     assert target.read_bytes() == first
     assert sorted(p.name for p in out.iterdir()) == ["seg.dcm"]

@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_seg import APPROVED, MODEL, RELEASED, RULE, _mask, _shuffled_classic, _shuffled_multiframe, dciodvfy  # noqa: E402
 
 from dicom_series import Volume  # noqa: E402
+from worker.atomic import write_dicom
 from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
-from worker.seg import derive_uid, encode_seg, write_seg  # noqa: E402
+from worker.seg import derive_uid, encode_seg  # noqa: E402
 from worker.sr import DECISIONS, OOD_C, OOD_TAU, OOD_VERDICT, OODM, RELEASE_DECISION, encode_sr  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def volume(request: pytest.FixtureRequest, tmp_path: Path) -> Volume:
 
 def test_released_sr_records_the_evidence(tmp_path: Path, volume: Volume) -> None:
     seg, sr = _objects(volume, RELEASED)
-    path = write_seg(sr, tmp_path / "sr.dcm")
+    path = write_dicom(sr, tmp_path / "sr.dcm")
     errors, warnings = dciodvfy(path)
     assert errors == [], "\n".join(errors + warnings)
 
@@ -107,7 +108,7 @@ def test_released_sr_records_the_evidence(tmp_path: Path, volume: Volume) -> Non
 def test_approved_sr_names_the_radiologist_and_the_time(tmp_path: Path) -> None:
     volume = _shuffled_classic(tmp_path)
     _, sr = _objects(volume, APPROVED)
-    path = write_seg(sr, tmp_path / "sr.dcm")
+    path = write_dicom(sr, tmp_path / "sr.dcm")
     assert dciodvfy(path)[0] == []
     read = pydicom.dcmread(path)
     assert read.SeriesDescription.endswith("approved by Anna J.") and len(read.SeriesDescription) <= 64
@@ -131,7 +132,7 @@ def test_clinical_model_and_unknown_c(tmp_path: Path) -> None:
     assert _text(sr, "121008") == ["ajones^"] and sr.SeriesDescription.endswith("approved by ajones")
     assert _named(sr, OOD_C.value) == [] and _code(sr, OOD_VERDICT.value) == "NOBANK"
     assert "ObservationDateTime" not in _named(sr, RELEASE_DECISION.value)[0]  # no time given
-    assert dciodvfy(write_seg(sr, tmp_path / "sr.dcm"))[0] == []
+    assert dciodvfy(write_dicom(sr, tmp_path / "sr.dcm"))[0] == []
 
 
 def test_sr_refuses_a_seg_of_another_study(tmp_path: Path) -> None:
