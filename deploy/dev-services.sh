@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (when missing) and start what specgate's tests and demo need on a Debian machine:
-# PostgreSQL, Redis, dcmtk, Orthanc, dicom3tools. Idempotent; safe to run on every `make test`.
+# PostgreSQL, Redis, dcmtk, Orthanc, dicom3tools, Chromium. Idempotent; safe to run on every `make test`.
 # Needs root (or sudo) only for what is missing.
 set -euo pipefail
 
@@ -14,6 +14,9 @@ command -v redis-server  >/dev/null 2>&1 || need+=(redis-server)
 [ -x /usr/bin/storescu ] && [ -x /usr/bin/storescp ] || need+=(dcmtk)
 command -v Orthanc       >/dev/null 2>&1 || need+=(orthanc)
 command -v dciodvfy      >/dev/null 2>&1 || need+=(dicom3tools)
+# the review app's browser tests: Debian's Chromium and its ChromeDriver (Selenium downloads nothing)
+[ -x /usr/bin/chromium ]     || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}"
   $SUDO apt-get update -qq
@@ -56,4 +59,4 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 1 40); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.25; done
   redis-cli -h 127.0.0.1 -p 6379 ping
 fi
-echo "services ready: PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379, dcmtk, Orthanc, dicom3tools"
+echo "services ready: PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379, dcmtk, Orthanc, dicom3tools, Chromium"

@@ -59,7 +59,7 @@ CANNOT_UNDERSTAND = 0xC000
 
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-    "BodyPartExamined", "SeriesDescription", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
+    "BodyPartExamined", "SeriesDescription", "StationName", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
 ]
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -82,6 +82,7 @@ class InstanceHeader:
     body_part: str | None
     series_description: str | None
     has_pixel_data: bool
+    station_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def read_header(path: Path) -> InstanceHeader:
     try:
         size = os.path.getsize(path)
         ds = dcmread(path, defer_size=256, specific_tags=_HEADER_TAGS)
-        values = {kw: ds.get(kw) for kw in _HEADER_TAGS[:7]}
+        values = {kw: ds.get(kw) for kw in _HEADER_TAGS[:8]}
         has_pixels = False
         for kw in _PIXEL_KEYWORDS:
             if kw not in ds:
@@ -139,6 +140,7 @@ def read_header(path: Path) -> InstanceHeader:
         modality=_text(values["Modality"], 16),
         body_part=_text(values["BodyPartExamined"], 64),
         series_description=_text(values["SeriesDescription"], 64),
+        station_name=_text(values["StationName"], 64),
         has_pixel_data=has_pixels,
     )
 
@@ -165,7 +167,7 @@ _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", 
                         b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 _WANTED = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x0020000D: "StudyInstanceUID",
            0x0020000E: "SeriesInstanceUID", 0x00080060: "Modality", 0x00180015: "BodyPartExamined",
-           0x0008103E: "SeriesDescription"}
+           0x0008103E: "SeriesDescription", 0x00081010: "StationName"}
 _PIXEL_TAGS = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData", 0x7FE00010: "PixelData"}
 _UNDEFINED = 0xFFFFFFFF
 _EXPLICIT_LE = frozenset({"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"})  # + encapsulated: RLE
@@ -276,7 +278,8 @@ def fast_header(head: bytes, *, transfer_syntax: str, dataset_length: int) -> In
         sop_class_uid=uids["SOPClassUID"], sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
         modality=_text(values.get("Modality"), 16), body_part=_text(values.get("BodyPartExamined"), 64),
-        series_description=_text(values.get("SeriesDescription"), 64), has_pixel_data=has_pixels)
+        series_description=_text(values.get("SeriesDescription"), 64), has_pixel_data=has_pixels,
+        station_name=_text(values.get("StationName"), 64))
 
 
 class InstanceReceiver:
@@ -367,7 +370,7 @@ class InstanceReceiver:
                 transfer_syntax_uid=validate_uid(transfer_syntax, what="Transfer Syntax UID"),
                 spool_path="", size_bytes=received.size, sha256=received.sha256, calling_ae=calling_ae,
                 modality=header.modality, body_part=header.body_part,
-                series_description=header.series_description)
+                series_description=header.series_description, station_name=header.station_name)
         except InvalidUID as exc:
             raise Refused(CANNOT_UNDERSTAND, "invalid_uid", str(exc)) from exc
         is_image = self.image_sop_classes is None or new.sop_class_uid in self.image_sop_classes

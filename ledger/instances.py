@@ -73,6 +73,7 @@ class NewInstance:
     modality: str | None = None
     body_part: str | None = None
     series_description: str | None = None
+    station_name: str | None = None
 
     def row(self, series_id: int, now: Any) -> dict[str, Any]:
         return {"series_id": series_id, "sop_instance_uid": self.sop_instance_uid,
@@ -146,7 +147,7 @@ class InstanceIndex:
                 insert_ignore(s, Series, {
                     "study_id": study_id, "series_instance_uid": new.series_instance_uid,
                     "modality": new.modality, "body_part": new.body_part,
-                    "series_description": new.series_description})
+                    "series_description": new.series_description, "station_name": new.station_name})
                 series_id = int(s.execute(select(Series.id).where(
                     Series.series_instance_uid == new.series_instance_uid)).scalar_one())
             instance_id = int(s.execute(_INSERT_INSTANCE, new.row(series_id, now)).scalar_one())

@@ -126,6 +126,7 @@ class Series(Base):
     modality: Mapped[str | None] = mapped_column(String(16))
     body_part: Mapped[str | None] = mapped_column(String(64))
     series_description: Mapped[str | None] = mapped_column(String(64))
+    station_name: Mapped[str | None] = mapped_column(String(64), default=None)  # the scanner (0008,1010)
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
@@ -194,6 +195,8 @@ class Result(Base):
     model_id: Mapped[str] = mapped_column(String(128))
     weights_sha256: Mapped[str] = mapped_column(String(64))
     superseded: Mapped[bool] = mapped_column(Boolean, default=False)
+    # percent of the bank's leave-one-out OODMs at or below this OODM (migration 0005)
+    bank_percentile: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     job: Mapped[Job] = relationship(back_populates="results")
 
@@ -207,6 +210,11 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(32), default="radiologist")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # failed logins in a row (reset by a good one), for slowing the account down (migration 0005)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_failed_login_at: Mapped[datetime | None] = mapped_column(default=None)
+    # sessions issued before this are refused: set on password change and on disable
+    sessions_valid_after: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Review(Base):

@@ -310,6 +310,21 @@ class SpectralGate(OODScorer):
             return oodm, True, "modality_not_in_bank"
         return oodm, False, None
 
+    @property
+    def loo_oodm(self) -> np.ndarray:
+        """The bank's own OODM distribution: each training signature's distance to its nearest other
+        (recorded at fit time; computed here for a bank saved without it)."""
+        recorded = self.meta.get("loo_oodm")
+        if isinstance(recorded, list) and len(recorded) == self.bank.shape[0]:
+            return np.asarray(recorded, dtype=np.float64)
+        return leave_one_out_oodm(self.bank)
+
+    def percentile(self, oodm: float) -> float:
+        """Percent of the bank's own OODMs at or below ``oodm`` (where a study falls on the training data's
+        distribution: 50 is a typical training image, 100 is beyond every one of them)."""
+        loo = self.loo_oodm
+        return float(100.0 * np.count_nonzero(loo <= oodm) / max(len(loo), 1))
+
     def score(self, signature: np.ndarray) -> float:
         s = np.asarray(signature, dtype=np.float64).ravel()
         if s.shape[0] != self.bank.shape[1]:

@@ -44,6 +44,7 @@ from dicom_node.config import (
     validate_host,
 )
 from dicom_node.scu import RetryPolicy
+from review.config import ReviewConfig, validate_viewer_url
 from worker.config import (
     DEFAULT_MODEL,
     DeliveryConfig,
@@ -163,8 +164,42 @@ class Settings(BaseSettings):
     queued_deadline_seconds: float = Field(default=600.0, gt=0, le=86400,
                                            description="re-enqueue a queued job not claimed this long")
 
+    # --- review app (specgate review) -----------------------------------------------------------------
+    review_host: str = Field(default="127.0.0.1", description="address the review app listens on")
+    review_port: int = Field(default=8080, ge=1, le=65535)
+    review_secret_file: Path | None = Field(
+        default=None, description="key that signs session cookies; default: review-secret in the data dir, "
+                                  "made on first start (mode 0600). Every review process must share it")
+    review_behind_tls_proxy: bool = Field(
+        default=False, description="the app sits behind a TLS-terminating proxy: cookies are marked Secure")
+    review_tls_cert: Path | None = Field(default=None, description="serve the review app over HTTPS itself")
+    review_tls_key: Path | None = None
+    review_session_minutes: float = Field(default=480.0, gt=0, le=7 * 24 * 60,
+                                          description="a login lasts this long (a reading-room shift)")
+    review_idle_minutes: float = Field(default=30.0, gt=0, le=24 * 60,
+                                       description="a session unused this long must log in again")
+    review_viewer_url: str | None = Field(
+        default=None, description="'open in viewer' link, e.g. https://pacs/ohif/viewer?StudyInstanceUIDs="
+                                  "{study_instance_uid}")
+    review_failed_login_limit: int = Field(default=5, ge=1, le=100,
+                                           description="failed logins before the account is slowed down")
+
+    # --- metrics (Prometheus) ------------------------------------------------------------------------
+    scp_metrics_port: int = Field(default=0, ge=0, le=65535,
+                                  description="/metrics of the SCP on this port (0: off)")
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535,
+                                     description="/metrics of a worker on this port (0: off); one per process")
+    metrics_host: str = Field(default="127.0.0.1", description="address the SCP and worker metrics listen on")
+
     # --- logging -----------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("review_viewer_url")
+    @classmethod
+    def _viewer_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        return validate_viewer_url(v)
 
     @field_validator("allowed_callers", mode="before")
     @classmethod
@@ -250,6 +285,8 @@ class Settings(BaseSettings):
             raise ValueError("scp_tls_cert and scp_tls_key must be set together")
         if self.scp_tls_require_client_cert and (self.scp_tls_cert is None or self.scp_tls_ca is None):
             raise ValueError("scp_tls_require_client_cert needs scp_tls_cert, scp_tls_key and scp_tls_ca")
+        if (self.review_tls_cert is None) != (self.review_tls_key is None):
+            raise ValueError("review_tls_cert and review_tls_key must be set together")
         names = [d.name for d in self.destinations]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -321,6 +358,16 @@ class Settings(BaseSettings):
             delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy(),
                                     rules=tuple(self.rules)),
             reconcile_interval_s=self.reconcile_interval_seconds, queued_deadline_s=self.queued_deadline_seconds)
+
+    def review_config(self) -> ReviewConfig:
+        """What :mod:`review` (the web app) needs."""
+        return ReviewConfig(
+            database_url=self.db_url, host=self.review_host, port=self.review_port,
+            secret_file=self.review_secret_file or self.data_dir / "review-secret",
+            secure_cookies=self.review_behind_tls_proxy or self.review_tls_cert is not None,
+            tls_cert=self.review_tls_cert, tls_key=self.review_tls_key,
+            session_s=self.review_session_minutes * 60, idle_s=self.review_idle_minutes * 60,
+            viewer_url=self.review_viewer_url, failed_login_limit=self.review_failed_login_limit)
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:

@@ -267,6 +267,8 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
     evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
                 "signature": list(map(float, out.signature)),
                 "c": segmenter.gate.c, "clinical_use": segmenter.clinical_use,
+                "bank_percentile": segmenter.gate.percentile(out.oodm),
+                "bank_loo_oodm": [round(float(v), 6) for v in segmenter.gate.loo_oodm],
                 "rule": rule.name, "rule_config": rule.model_dump(mode="json"), "configured_model": rule.model,
                 "model": segmenter.model_name, "model_version": segmenter.model_version,
                 "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
@@ -290,10 +292,12 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
                             sr_sop_instance_uid=uids.sr, sr_series_instance_uid=uids.sr_series,
                             prob_path=str(paths["prob"]), evidence_path=str(paths["evidence"]), oodm=out.oodm,
                             tau=out.tau, is_ood=out.is_ood, model_id=model_id,
-                            weights_sha256=segmenter.weights_sha256)
+                            weights_sha256=segmenter.weights_sha256,
+                            bank_percentile=segmenter.gate.percentile(out.oodm))
             s.add(result)
         else:  # an earlier attempt got this far and died: the same deterministic object, refreshed numbers
             result.oodm, result.tau, result.is_ood = out.oodm, out.tau, out.is_ood
+            result.bank_percentile = segmenter.gate.percentile(out.oodm)
         s.flush()
         jobs.transition(s, c.job_id, to, actor=cfg.actor, expect=JobState.RUNNING,
                         guard=[Job.task_id == c.task_id], heartbeat_at=utcnow(),
