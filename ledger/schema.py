@@ -40,6 +40,7 @@ __all__ = [
     "Result",
     "Review",
     "ReviewDecision",
+    "ReviewSession",
     "Series",
     "Study",
     "User",
@@ -213,8 +214,23 @@ class User(Base):
     # failed logins in a row (reset by a good one), for slowing the account down (migration 0005)
     failed_logins: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_failed_login_at: Mapped[datetime | None] = mapped_column(default=None)
-    # sessions issued before this are refused: set on password change and on disable
-    sessions_valid_after: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ReviewSession(Base):
+    """A login to the review app (migration 0005). The browser holds a random token (in a signed cookie);
+    only its SHA-256 is stored, so a copy of the table logs nobody in. Revoked on logout, on password
+    change and when the account is disabled; expires after the session's lifetime or when left idle."""
+
+    __tablename__ = "review_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    remote_addr: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Review(Base):
