@@ -1,4 +1,4 @@
-"""Fixtures of the worker's integration tests."""
+"""Fixtures shared by the integration tests (worker, review app)."""
 
 from __future__ import annotations
 

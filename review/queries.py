@@ -1,0 +1,212 @@
+"""What the review pages show, read from the ledger (and, for the patient banner, from the spool).
+
+The queue is one SQL query over held jobs with their study, series and result, oldest first, so a queue
+of a thousand held studies is one round trip. Patient name and ID are never stored in the ledger; the
+study page reads them from the first stored instance of the series, and they go nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from ledger.schema import (
+    AuditEvent,
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    Retraction,
+    Review,
+    Series,
+    Study,
+    utcnow,
+)
+
+from .auth import aware
+
+__all__ = ["REJECT_REASONS", "QueueFilter", "QueueRow", "StudyView", "queue", "queue_facets", "study_view"]
+
+# The fixed list a rejection picks from (the free text adds detail). Kept short, as a reading room uses it.
+REJECT_REASONS: dict[str, str] = {
+    "segmentation_wrong": "Segmentation is wrong",
+    "wrong_anatomy": "Wrong anatomy or series for this model",
+    "image_quality": "Image quality too poor to judge",
+    "artefact": "Artefact (metal, motion) misleads the model",
+    "not_indicated": "Result not clinically needed",
+    "other": "Other (say why in the note)",
+}
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    modality: str | None = None
+    calling_ae: str | None = None
+    min_age_h: float | None = None
+    max_age_h: float | None = None
+    limit: int = 500
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    job_id: int
+    version: int
+    held_at: datetime
+    age_s: float
+    modality: str | None
+    body_part: str | None
+    series_description: str | None
+    calling_ae: str
+    station_name: str | None
+    model_id: str
+    oodm: float
+    tau: float
+    bank_percentile: float | None
+
+    @property
+    def ratio(self) -> float:
+        return self.oodm / self.tau if self.tau > 0 else float("inf")
+
+
+def _held(session: Session, f: QueueFilter) -> Any:
+    now = utcnow()
+    q = (select(Job.id, Job.version, Job.updated_at, Series.modality, Series.body_part, Series.series_description,
+                Study.calling_ae, Series.station_name, Result.model_id, Result.oodm, Result.tau,
+                Result.bank_percentile)
+         .join(Study, Study.id == Job.study_id)
+         .join(Result, Result.job_id == Job.id)
+         .outerjoin(Series, Series.series_instance_uid == Job.series_instance_uid)
+         .where(Job.state == JobState.HELD))
+    if f.modality:
+        q = q.where(func.upper(Series.modality) == f.modality.upper())
+    if f.calling_ae:
+        q = q.where(Study.calling_ae == f.calling_ae)
+    if f.min_age_h is not None:
+        q = q.where(Job.updated_at <= now - _hours(f.min_age_h))
+    if f.max_age_h is not None:
+        q = q.where(Job.updated_at >= now - _hours(f.max_age_h))
+    return q, now
+
+
+def _hours(h: float) -> Any:
+    from datetime import timedelta
+
+    return timedelta(hours=h)
+
+
+def queue(session: Session, f: QueueFilter) -> tuple[list[QueueRow], int]:
+    """Held results matching ``f``, oldest first (at most ``f.limit``), and how many match in all."""
+    q, now = _held(session, f)
+    total = session.execute(select(func.count()).select_from(q.subquery())).scalar_one()
+    rows = []
+    for r in session.execute(q.order_by(Job.updated_at, Job.id).limit(f.limit)):
+        held_at = aware(r.updated_at)
+        rows.append(QueueRow(job_id=r.id, version=r.version, held_at=held_at, age_s=(now - held_at).total_seconds(),
+                             modality=r.modality, body_part=r.body_part, series_description=r.series_description,
+                             calling_ae=r.calling_ae, station_name=r.station_name, model_id=r.model_id,
+                             oodm=float(r.oodm), tau=float(r.tau), bank_percentile=r.bank_percentile))
+    return rows, int(total)
+
+
+def queue_facets(session: Session) -> dict[str, list[str]]:
+    """The modalities and calling AEs that have held results (the filter menus)."""
+    base = (select(Series.modality, Study.calling_ae).select_from(Job).join(Study, Study.id == Job.study_id)
+            .outerjoin(Series, Series.series_instance_uid == Job.series_instance_uid)
+            .where(Job.state == JobState.HELD))
+    mods, aes = set(), set()
+    for m, ae in session.execute(base.distinct()):
+        if m:
+            mods.add(m)
+        aes.add(ae)
+    return {"modalities": sorted(mods), "calling_aes": sorted(aes)}
+
+
+def held_count(session: Session) -> int:
+    return int(session.execute(select(func.count()).select_from(Job).where(Job.state == JobState.HELD)).scalar_one())
+
+
+@dataclass
+class StudyView:
+    """Everything the study page shows about one job."""
+
+    job: Job
+    study: Study
+    series: Series | None
+    result: Result | None
+    evidence: dict[str, Any]
+    series_paths: list[Path]
+    reviews: list[Review]
+    deliveries: list[Delivery]
+    retraction: Retraction | None
+    history: list[AuditEvent]
+    newer_job_id: int | None
+    patient: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def held(self) -> bool:
+        return self.job.state == JobState.HELD
+
+    @property
+    def decision(self) -> Review | None:
+        return self.reviews[-1] if self.reviews else None
+
+
+def study_view(session: Session, job_id: int) -> StudyView | None:
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    study = session.get(Study, job.study_id)
+    assert study is not None
+    series = session.execute(select(Series).where(Series.series_instance_uid == job.series_instance_uid)
+                             ).scalar_one_or_none()
+    result = session.execute(select(Result).where(Result.job_id == job.id)).scalar_one_or_none()
+    paths = [Path(p) for p in session.execute(
+        select(Instance.spool_path).join(Series).where(Series.series_instance_uid == job.series_instance_uid)
+        .order_by(Instance.id)).scalars()]
+    evidence: dict[str, Any] = {}
+    if result is not None and result.evidence_path:
+        try:
+            evidence = json.loads(Path(result.evidence_path).read_text())
+        except (OSError, ValueError):
+            evidence = {}
+    reviews = list(session.execute(select(Review).where(Review.job_id == job.id).order_by(Review.id)).scalars())
+    deliveries = list(session.execute(select(Delivery).where(Delivery.job_id == job.id)
+                                      .order_by(Delivery.id)).scalars())
+    retraction = session.execute(select(Retraction).where(Retraction.job_id == job.id)).scalar_one_or_none()
+    objects = [("job", str(job.id))] + ([("result", str(result.id))] if result is not None else [])
+    history = list(session.execute(
+        select(AuditEvent).where(or_(*[(AuditEvent.object_type == t) & (AuditEvent.object_id == i)
+                                       for t, i in objects]))
+        .order_by(AuditEvent.id).limit(500)).scalars())
+    newer = session.execute(select(Job.id).where(Job.study_id == job.study_id, Job.version > job.version)
+                            .order_by(Job.version.desc()).limit(1)).scalar_one_or_none()
+    return StudyView(job=job, study=study, series=series, result=result, evidence=evidence, series_paths=paths,
+                     reviews=reviews, deliveries=deliveries, retraction=retraction, history=history,
+                     newer_job_id=newer, patient=patient_banner(paths[0]) if paths else {})
+
+
+def patient_banner(path: Path) -> dict[str, str]:
+    """Patient and study identity for the banner of the study page, read from one stored instance.
+
+    Only for display to the signed-in reviewer: never logged, never in metrics or audit details."""
+    from pydicom import dcmread
+
+    tags = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate",
+            "StudyDescription", "InstitutionName"]
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    except (OSError, ValueError, EOFError, TypeError, AttributeError):
+        return {}
+    out = {}
+    for kw in tags:
+        v = ds.get(kw)
+        if v is not None and str(v).strip():
+            out[kw] = str(v).strip()
+    return out
