@@ -414,8 +414,9 @@ class _Load:
 
 
 class ImageCache:
-    """A thread-safe LRU of :class:`StudyImages`, keyed by what the caller gives (the job id and its
-    version, so a newer version of a study is never drawn from an older one's arrays), bounded by bytes.
+    """A thread-safe LRU of :class:`StudyImages`, keyed by what the caller gives (the job id: each version
+    of a study is its own job row, so a newer version is never drawn from an older one's arrays), bounded
+    by bytes.
 
     A web server keeps one for the process. :meth:`get` returns the cached images or calls ``load`` to
     make them; concurrent first requests for one key (the page and its first slices arrive together) run
