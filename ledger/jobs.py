@@ -4,6 +4,11 @@ A move is one conditional UPDATE (``... WHERE id = :id AND state = :from``) plus
 caller's transaction. Two processes moving the same job at once: the database lets exactly one UPDATE
 match; the other gets :class:`StaleTransition` (or :class:`IllegalTransition` if it reads the new state
 first). Both are :class:`TransitionError`.
+
+A ``job.failed`` audit event is always final: nothing moves a job out of ``failed`` but an operator's
+retry, and an attempt that will be retried is ``job.queued`` (reason ``attempt_failed`` or
+``worker_lost``) instead. It carries ``reason_code``, ``attempts`` and ``max_attempts`` (``attempts_exhausted``,
+or ``error`` on the last attempt, when the attempts ran out): the event an operator's tools alert on.
 """
 
 from __future__ import annotations
@@ -120,9 +125,11 @@ def transition(session: Session, job_id: int, to: JobState | str, *, actor: str,
     body: dict[str, Any] = {"from": str(current), "to": str(to)}
     if reason_code is not None or to == JobState.FAILED:
         body["reason_code"] = values["reason_code"]
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    if to == JobState.FAILED:  # what an operator's alert on job.failed needs, without a second query
+        body.update(attempts=job.attempts, max_attempts=job.max_attempts)
     if details:
         body.update(details)
     audit.append(session, actor=actor, action=f"job.{to}", object_type="job", object_id=job_id, details=body)
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
     return job
