@@ -146,6 +146,11 @@ class Listener:
         log.info("listening on %s:%d with %d receiver processes", *self.address, self.processes)
         return self
 
+    def open_associations(self) -> int:
+        """Connections the receivers hold now, by the listener's own count (the one the limit uses)."""
+        with self._lock:
+            return sum(r.active for r in self._receivers.values())
+
     def _spawn(self, index: int) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

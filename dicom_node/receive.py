@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -35,6 +35,9 @@ from ledger.db import DatabaseUnavailable, session_scope
 from ledger.instances import ExistingInstance, InstanceIndex, NewInstance
 
 from .spool import InvalidUID, Spool, validate_uid
+
+if TYPE_CHECKING:  # prometheus_client is imported only by a process that counts (multiprocess mode)
+    from .metrics import NodeMetrics
 
 __all__ = [
     "CANNOT_UNDERSTAND",
@@ -288,16 +291,19 @@ class InstanceReceiver:
     Everything that can go wrong with one instance ends here as an audited refusal: the data set (0xC000,
     0xA900), the disk (0xA700: at the watermark, or refusing a write, a link or a folder) and the
     ledger (0xA700). Anything else is a bug; it propagates, the file removed, and the association's
-    per-message boundary answers it (0xC000, through :meth:`refuse`)."""
+    per-message boundary answers it (0xC000, through :meth:`refuse`).
+
+    ``metrics``: counts every instance answered success and every refusal by its reason code."""
 
     def __init__(self, spool: Spool, sessions: sessionmaker[Session], *, actor: str = "dicom_node.scp",
                  image_sop_classes: frozenset[str] | None = None,
-                 on_stored: Callable[[int, str], None] | None = None) -> None:
+                 on_stored: Callable[[int, str], None] | None = None, metrics: NodeMetrics | None = None) -> None:
         self.spool = spool
         self.sessions = sessions
         self.actor = actor
         self.image_sop_classes = image_sop_classes
         self.on_stored = on_stored
+        self.metrics = metrics
         self.index = InstanceIndex(sessions)
 
     def close(self) -> None:
@@ -341,11 +347,14 @@ class InstanceReceiver:
                               f"spool disk above {self.spool.watermark_percent:g}% used")
             header = self._header(temp, transfer_syntax, received)
             new = self._checked(header, rq_class, rq_instance, transfer_syntax, calling_ae, received)
-            return self._store(temp, new)
+            outcome = self._store(temp, new)
         except OSError as exc:  # the spool's disk refused: full, read-only, no permission, I/O error
             log.error("spool refused an instance (%s); C-STORE answered 0xA700", exc.strerror or exc)
             raise Refused(OUT_OF_RESOURCES, "storage_refused",
                           f"the spool cannot store the instance: {exc.strerror or type(exc).__name__}") from exc
+        if self.metrics is not None:
+            self.metrics.instance_received(new.modality)
+        return outcome
 
     def _header(self, temp: Path, transfer_syntax: str, received: Received) -> InstanceHeader:
         header = fast_header(received.head, transfer_syntax=str(transfer_syntax).rstrip("\x00 "),
@@ -439,6 +448,8 @@ class InstanceReceiver:
                        address: str) -> None:
         log.warning("C-STORE from %s@%s refused: 0x%04X %s (%s)", calling_ae, address, refusal.status,
                     refusal.reason, refusal.detail)
+        if self.metrics is not None:
+            self.metrics.instance_refused(refusal.reason, refusal.status)
         if refusal.reason == "ledger_unavailable":
             return
         details: dict[str, Any] = {"status": f"0x{refusal.status:04X}", "reason": refusal.reason,

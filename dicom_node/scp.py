@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +35,9 @@ from .security import server_ssl_context
 from .sink import IMPLEMENTATION_CLASS_UID
 from .spool import Spool
 
+if TYPE_CHECKING:  # prometheus_client is imported only by a process that counts (multiprocess mode)
+    from .metrics import NodeMetrics
+
 __all__ = ["IMAGE_STORAGE_SOP_CLASSES", "IMPLEMENTATION_CLASS_UID", "TRANSFER_SYNTAXES", "StoreSCP",
            "storage_contexts"]
 
@@ -45,14 +48,17 @@ class StoreSCP:
     """specgate's SCP."""
 
     def __init__(self, config: NodeConfig, sessions: sessionmaker[Session], *, spool: Spool | None = None,
-                 on_stored: Callable[[int, str], None] | None = None, handoff: socket.socket | None = None) -> None:
+                 on_stored: Callable[[int, str], None] | None = None, handoff: socket.socket | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         """``handoff``: run as a receiver process of :class:`dicom_node.handoff.Listener`, taking
-        connections from this socket pair instead of listening on ``config.host:config.port`` itself."""
+        connections from this socket pair instead of listening on ``config.host:config.port`` itself.
+        ``metrics``: count instances received and refused, and associations rejected."""
         self.config = config
         self.sessions = sessions
+        self.metrics = metrics
         self.spool = spool or Spool(config.spool_dir, watermark_percent=config.spool_watermark_percent)
         self.receiver = InstanceReceiver(self.spool, sessions, image_sop_classes=IMAGE_STORAGE_SOP_CLASSES,
-                                         on_stored=on_stored)
+                                         on_stored=on_stored, metrics=metrics)
         self.contexts = storage_contexts()
         self.ssl_context: ssl.SSLContext | None = None
         self.handoff = None if handoff is None else HandoffReceiver(handoff, self._serve, self._load)
@@ -142,11 +148,15 @@ class StoreSCP:
 
     def audit_rejection(self, calling: str, called: str, host: str, reason: str) -> None:
         log.warning("association from %r@%s (called %r) rejected: %s", calling, host, called, reason)
+        if self.metrics is not None:
+            self.metrics.association_rejected(reason)
         self._audit(actor=calling or "unknown", action="association.rejected", object_id=host,
                     details={"calling_ae": calling, "called_ae": called, "address": host, "reason": reason})
 
     def audit_tls_refused(self, host: str, why: str) -> None:
         log.warning("TLS handshake from %s refused: %s", host, why)
+        if self.metrics is not None:
+            self.metrics.association_rejected("tls_handshake")
         self._audit(actor="unknown", action="association.tls_refused", object_id=host,
                     details={"address": host, "reason": why})
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -35,15 +36,20 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
     Accepts C-ECHO and image C-STORE from the callers in SPECGATE_ALLOWED_CALLERS, makes every instance
     durable (spool file + ledger row) before answering, and turns each study into a job once no instance
     has arrived for SPECGATE_STUDY_QUIET_SECONDS. With SPECGATE_SCP_PROCESSES other than 1 (default: two
-    per CPU core) one listener hands connections to that many receiver processes.
+    per CPU core) one listener hands connections to that many receiver processes. With
+    SPECGATE_SCP_METRICS_PORT, Prometheus metrics on SPECGATE_METRICS_HOST:port/metrics.
     """
     from ledger import migrations
+
+    from ._metrics import multiprocess_dir
 
     app = ctx.obj
     settings = app.settings
     if receiver_fd is not None:
         _run_receiver(app, receiver_fd)
         return
+    # first: before prometheus_client is imported and before any receiver process starts
+    metrics_dir = multiprocess_dir(settings.data_dir / "metrics" / "scp") if settings.scp_metrics_port else None
     current, head = migrations.current_revision(app.engine), migrations.head_revision()
     if current != head:
         raise click.ClickException(f"the ledger is at revision {current or 'base'}, this version needs {head}: "
@@ -59,10 +65,26 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    _run_node(app, config_file, stop)
+    _run_node(app, config_file, stop, metrics_dir)
 
 
-def _run_node(app: Any, config_file: Any, stop: threading.Event) -> None:
+def _metrics_endpoint(app: Any, directory: Path, open_associations: Any) -> Any:
+    """The SCP's /metrics: the receivers' counters, the open associations, the ledger's gauges."""
+    from dicom_node.metrics import AssociationsCollector
+    from ledger.metrics import LedgerCollector
+
+    from ._metrics import MetricsEndpoint
+
+    s = app.settings
+    endpoint = MetricsEndpoint(s.metrics_host, s.scp_metrics_port, directory,
+                               [AssociationsCollector(open_associations), LedgerCollector(app.sessions())])
+    try:
+        return endpoint.start()
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {s.metrics_host}:{s.scp_metrics_port}: {exc}") from exc
+
+
+def _run_node(app: Any, config_file: Any, stop: threading.Event, metrics_dir: Path | None = None) -> None:
     from dicom_node.assembler import Assembler
     from dicom_node.handoff import Listener, default_processes
     from dicom_node.scp import StoreSCP
@@ -75,7 +97,8 @@ def _run_node(app: Any, config_file: Any, stop: threading.Event) -> None:
     spool = Spool(node.spool_dir, watermark_percent=node.spool_watermark_percent).open()
     front: Any
     if processes == 1:
-        front = StoreSCP(node, sessions, spool=spool)
+        front = StoreSCP(node, sessions, spool=spool, metrics=_node_metrics(metrics_dir))
+        open_associations = front.active_associations
     else:
         def spawn(fd: int) -> subprocess.Popen[bytes]:
             argv = [sys.executable, "-m", "specgate.cli"]
@@ -85,9 +108,13 @@ def _run_node(app: Any, config_file: Any, stop: threading.Event) -> None:
             return subprocess.Popen(argv, pass_fds=(fd,))
 
         front = Listener(node, spawn, processes=processes)
+        open_associations = front.open_associations
+    endpoint = None if metrics_dir is None else _metrics_endpoint(app, metrics_dir, open_associations)
     try:
         front.start()
     except OSError as exc:
+        if endpoint is not None:
+            endpoint.stop()
         raise click.ClickException(f"cannot listen on {settings.scp_host}:{settings.scp_port}: {exc}") from exc
     assembler = Assembler(settings.assembly_config(), sessions, on_job_queued=_job_queued_hook(app),
                           spool=spool).start()
@@ -101,7 +128,21 @@ def _run_node(app: Any, config_file: Any, stop: threading.Event) -> None:
         t0 = time.monotonic()
         front.stop()
         assembler.stop()
+        if endpoint is not None:
+            endpoint.stop()
         log.info("stopped in %.1f s", time.monotonic() - t0)
+
+
+def _node_metrics(metrics_dir: Path | None) -> Any:
+    """The counters of an SCP process, in the multiprocess directory its parent set up (None: not counted)."""
+    if metrics_dir is None:
+        return None
+    from dicom_node.metrics import NodeMetrics
+
+    from ._metrics import require_multiprocess
+
+    require_multiprocess(metrics_dir)
+    return NodeMetrics()
 
 
 def _run_receiver(app: Any, fd: int) -> None:
@@ -115,7 +156,9 @@ def _run_receiver(app: Any, fd: int) -> None:
     # the whole process group, so receivers ignore SIGINT and finish their associations.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     node = app.settings.node_config()
-    scp = StoreSCP(node, app.sessions(), handoff=handoff).start()
+    # the listener set PROMETHEUS_MULTIPROC_DIR in the environment this process inherited
+    metrics_dir = (app.settings.data_dir / "metrics" / "scp").resolve() if app.settings.scp_metrics_port else None
+    scp = StoreSCP(node, app.sessions(), handoff=handoff, metrics=_node_metrics(metrics_dir)).start()
     try:
         scp.wait_parent_gone()
         log.info("receiver %d: listener gone, finishing %d association(s)", os.getpid(),

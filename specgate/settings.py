@@ -223,7 +223,7 @@ class Settings(BaseSettings):
     def _scu_ae(cls, v: str) -> str:
         return validate_ae_title(v, what="SCU AE title")
 
-    @field_validator("scp_host")
+    @field_validator("scp_host", "metrics_host")
     @classmethod
     def _host(cls, v: str) -> str:
         return validate_host(v, allow_wildcard=False)
@@ -291,6 +291,13 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"destination names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_port_free(self) -> Settings:
+        if self.scp_metrics_port and self.scp_metrics_port == self.scp_port:
+            raise ValueError(f"scp_metrics_port {self.scp_metrics_port} is the DICOM port (scp_port): the SCP "
+                             "cannot listen on it twice")
         return self
 
     # --- derived values ----------------------------------------------------------------------------
