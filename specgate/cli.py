@@ -302,6 +302,10 @@ main.add_command(model_group)
 
 _register_worker(main, jobs)
 
+from ._cli_report import register as _register_report  # noqa: E402
+
+_register_report(main)
+
 from ._cli_dicom import echo_command, scp_command  # noqa: E402
 
 main.add_command(scp_command)
