@@ -10,6 +10,7 @@ them for ``specgate report`` and the review app's reports page, and computes the
 (SQLite has no percentile function). The definitions, once for every view:
 
 - **Days** are UTC calendar days, as ``'YYYY-MM-DD'`` text (they sort and compare as dates).
+- **Durations** are seconds, as doubles rounded to the millisecond on both backends.
 - **Modality and station name** are the job's series' (``jobs.series_instance_uid``, the series the rule
   chose and the model segmented); **calling AE** is the study's (``studies.calling_ae``).
 - **Turnaround** (``v_turnaround``, one row per delivered job) runs from the *last instance received* to
@@ -63,17 +64,17 @@ def _day(ts: str) -> str:
 
 
 def _seconds(later: str, earlier: str) -> str:
-    """``later - earlier`` in seconds, a double on both backends (PostgreSQL's EXTRACT is numeric)."""
+    """``later - earlier`` in seconds, a double rounded to the millisecond on both backends (PostgreSQL's
+    EXTRACT is numeric; SQLite's julianday arithmetic carries some microseconds of float noise)."""
     if _pg():
-        return f"CAST(EXTRACT(EPOCH FROM ({later} - {earlier})) AS DOUBLE PRECISION)"
-    return f"((julianday({later}) - julianday({earlier})) * 86400.0)"
+        return f"CAST(ROUND(CAST(EXTRACT(EPOCH FROM ({later} - {earlier})) AS NUMERIC), 3) AS DOUBLE PRECISION)"
+    return f"ROUND((julianday({later}) - julianday({earlier})) * 86400.0, 3)"
 
 
 def _age(ts: str) -> str:
-    """Seconds from ``ts`` to the database's now (SQLite's julianday('now') keeps milliseconds)."""
-    if _pg():
-        return f"CAST(EXTRACT(EPOCH FROM (CURRENT_TIMESTAMP - {ts})) AS DOUBLE PRECISION)"
-    return f"((julianday('now') - julianday({ts})) * 86400.0)"
+    """Seconds from ``ts`` to the database's now, to the millisecond (SQLite's julianday('now') keeps
+    milliseconds)."""
+    return _seconds("CURRENT_TIMESTAMP" if _pg() else "'now'", ts)
 
 
 def _hex4(value: str) -> str:
