@@ -305,9 +305,13 @@ class ReviewApp:
             view = queries.study_view(s, job_id)
         if view is None or view.result is None or not view.result.prob_path or not view.series_paths:
             return PlainTextResponse("no images for this job", status_code=404)
-        images = self.images.get(job_id, view.series_paths, Path(view.result.prob_path))
         window = request.query_params.get("window") or None
         overlay = request.query_params.get("overlay") or "mask"
+        try:
+            images = self.images.get(job_id, view.series_paths, Path(view.result.prob_path))
+        except (OSError, ValueError) as exc:  # a spool file gone, or the kept map does not fit the series
+            log.warning("job %s: images cannot be shown (%s)", job_id, type(exc).__name__)
+            return PlainTextResponse("the images of this job cannot be read", status_code=409)
         try:
             png = slice_png(images, z, window=window, overlay=overlay)
         except IndexError as exc:
@@ -389,7 +393,7 @@ class ReviewApp:
             waiting = queries.held_count(s)
         figures = {
             "OOD rate over time": charts.ood_rate_chart(tables.get("ood-rate", [])),
-            "Turnaround percentiles": charts.turnaround_chart(tables.get("turnaround", [])),
+            "Turnaround percentiles": charts.turnaround_chart(tables.get("turnaround-daily", [])),
             "Review queue age": charts.queue_age_chart(tables.get("queue", [])),
         }
         return self.render(request, "reports.html", me=me, reports=REPORTS, tables=tables, figures=figures,

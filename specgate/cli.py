@@ -311,5 +311,9 @@ from ._cli_dicom import echo_command, scp_command  # noqa: E402
 main.add_command(scp_command)
 main.add_command(echo_command)
 
+from ._cli_review import register as _register_review  # noqa: E402
+
+_register_review(main)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -97,9 +97,10 @@ class Client:
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect())
 
-    def request(self, method: str, path: str, data: dict[str, str] | None = None) -> Reply:
+    def request(self, method: str, path: str, data: dict[str, str] | None = None,
+                headers: dict[str, str] | None = None) -> Reply:
         body = urllib.parse.urlencode(data).encode() if data is not None else None
-        req = urllib.request.Request(self.base + path, data=body, method=method)
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
         if body is not None:
             req.add_header("Content-Type", "application/x-www-form-urlencoded")
         try:
