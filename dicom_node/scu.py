@@ -38,13 +38,18 @@ from ledger.sql import insert_ignore
 
 from .config import Destination
 
-__all__ = ["DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "deliver_retraction", "echo", "send_files"]
+__all__ = ["AttemptObserver", "DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "deliver_retraction", "echo",
+           "send_files"]
 
 log = logging.getLogger("specgate.dicom_node.scu")
 _VERIFICATION = "1.2.840.10008.1.1"
 # A-ASSOCIATE-RJ (source, diagnostic) -> words
 _REJECT_REASONS = {(1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
                    (3, 2): "local limit exceeded", (3, 1): "temporary congestion"}
+
+#: Told after every C-STORE attempt, as soon as its answer is known: (destination name, sent, gave up:
+#: no attempt follows). The worker counts attempts and failures with it (:mod:`worker.metrics`).
+AttemptObserver = Callable[[str, bool, bool], None]
 
 
 @dataclass(frozen=True)
@@ -226,12 +231,14 @@ class _Shipment:
 
 def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Sequence[Destination], *,
             actor: str, retry_policy: RetryPolicy | None = None,
-            sleep: Callable[[float], None] = time.sleep) -> list[DeliveryOutcome]:
+            sleep: Callable[[float], None] = time.sleep,
+            on_attempt: AttemptObserver | None = None) -> list[DeliveryOutcome]:
     """Send result ``result_id``'s objects (its SEG, and the SR with the gate's evidence) to every
     destination, on one association each; return one outcome per destination.
 
     Idempotent: a destination whose delivery is already ``sent`` is not sent again. Blocks for the
     retries (the worker runs it in its task). ``sleep`` is injectable so a test can count the waits.
+    ``on_attempt`` is told of every attempt (:data:`AttemptObserver`).
     """
     with session_scope(sessions) as s:
         result = s.get(Result, result_id)
@@ -240,12 +247,14 @@ def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Seque
         files = (Path(result.seg_path),) + ((Path(result.sr_path),) if result.sr_path else ())
         shipment = _Shipment(Delivery, "result_id", result_id, result.job_id, files, f"result {result_id}",
                              "delivery")
-    return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep)
+    return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep,
+                 on_attempt=on_attempt)
 
 
 def deliver_retraction(sessions: sessionmaker[Session], retraction_id: int, destinations: Sequence[Destination],
                        *, actor: str, retry_policy: RetryPolicy | None = None,
-                       sleep: Callable[[float], None] = time.sleep) -> list[DeliveryOutcome]:
+                       sleep: Callable[[float], None] = time.sleep,
+                       on_attempt: AttemptObserver | None = None) -> list[DeliveryOutcome]:
     """Send retraction ``retraction_id``'s Key Object Selection document to ``destinations`` (those that
     received the result), with the same rows, retries and idempotence as :func:`deliver`."""
     with session_scope(sessions) as s:
@@ -254,12 +263,15 @@ def deliver_retraction(sessions: sessionmaker[Session], retraction_id: int, dest
             raise LookupError(f"retraction {retraction_id} does not exist")
         shipment = _Shipment(RetractionDelivery, "retraction_id", retraction_id, retraction.job_id,
                              (Path(retraction.kos_path),), f"retraction {retraction_id}", "retraction_delivery")
-    return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep)
+    return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep,
+                 on_attempt=on_attempt)
 
 
 def _ship(sessions: sessionmaker[Session], shipment: _Shipment, destinations: Sequence[Destination], *,
-          actor: str, policy: RetryPolicy, sleep: Callable[[float], None]) -> list[DeliveryOutcome]:
-    return [_deliver_one(sessions, shipment, d, actor=actor, policy=policy, sleep=sleep) for d in destinations]
+          actor: str, policy: RetryPolicy, sleep: Callable[[float], None],
+          on_attempt: AttemptObserver | None) -> list[DeliveryOutcome]:
+    return [_deliver_one(sessions, shipment, d, actor=actor, policy=policy, sleep=sleep, on_attempt=on_attempt)
+            for d in destinations]
 
 
 def _claim(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destination,
@@ -288,7 +300,8 @@ def _claim(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destinati
 
 
 def _deliver_one(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destination, *, actor: str,
-                 policy: RetryPolicy, sleep: Callable[[float], None]) -> DeliveryOutcome:
+                 policy: RetryPolicy, sleep: Callable[[float], None],
+                 on_attempt: AttemptObserver | None = None) -> DeliveryOutcome:
     delivery_id, early = _claim(sessions, shipment, dest, policy)
     if early is not None:
         return early
@@ -302,6 +315,9 @@ def _deliver_one(sessions: sessionmaker[Session], shipment: _Shipment, dest: Des
             last = send_files(shipment.files, dest, ae_title=policy.ae_title, timeout_s=policy.timeout_s)
         except (OSError, ValueError) as exc:  # a file is missing or unreadable: cannot get better
             last = SendResult(None, f"cannot read the files to send: {type(exc).__name__}: {exc}", True)
+        final = not last.ok and (last.permanent or n == policy.max_attempts)
+        if on_attempt is not None:
+            on_attempt(dest.name, last.ok, final)
         with session_scope(sessions) as s:
             row = s.get(shipment.table, delivery_id)
             assert row is not None
@@ -318,7 +334,6 @@ def _deliver_one(sessions: sessionmaker[Session], shipment: _Shipment, dest: Des
                              object_id=delivery_id, details=details)
                 log.info("%s sent to %s (attempt %d)", shipment.what, dest.name, n)
                 return DeliveryOutcome(dest.name, DeliveryState.SENT, row.attempts, last.status)
-            final = last.permanent or n == policy.max_attempts
             if final:
                 row.state = DeliveryState.FAILED
             audit.append(s, actor=actor, action=f"{object_type}.failed" if final else f"{object_type}.attempt_failed",

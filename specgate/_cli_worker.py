@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from typing import Any
 
@@ -14,10 +15,10 @@ __all__ = ["register"]
 log = logging.getLogger("specgate")
 
 
-def _celery(app: Any, device: str = "cpu") -> Any:
+def _celery(app: Any, device: str = "cpu", metrics: Any = None) -> Any:
     from worker.celery_app import make_celery
 
-    return make_celery(app.settings.worker_config(), device=device)
+    return make_celery(app.settings.worker_config(), device=device, metrics=metrics)
 
 
 def _reconcile_once(app: Any, celery: Any) -> Any:
@@ -31,20 +32,45 @@ def _reconcile_once(app: Any, celery: Any) -> Any:
                      queued_deadline_s=cfg.queued_deadline_s, stale_after_s=cfg.pipeline.stale_after_s)
 
 
-def start_reconciler_thread(app: Any, celery: Any, stop: threading.Event) -> threading.Thread:
-    """Run a reconcile pass every ``reconcile_interval_seconds`` until ``stop`` is set."""
+def start_reconciler_thread(app: Any, celery: Any, stop: threading.Event, metrics: Any = None) -> threading.Thread:
+    """Run a reconcile pass every ``reconcile_interval_seconds`` until ``stop`` is set; the jobs a pass
+    fails (out of attempts) are counted in ``metrics`` (a :class:`worker.metrics.WorkerMetrics`)."""
     interval = app.settings.worker_config().reconcile_interval_s
 
     def loop() -> None:
         while not stop.wait(interval):
             try:
-                _reconcile_once(app, celery)
+                report = _reconcile_once(app, celery)
             except Exception:  # noqa: BLE001 - the next pass retries; a dead DB must not kill the worker
                 log.warning("reconcile pass failed", exc_info=True)
+                continue
+            if metrics is not None:
+                for _ in report.failed:
+                    metrics.job_failed("attempts_exhausted")
 
     t = threading.Thread(target=loop, name="reconciler", daemon=True)
     t.start()
     return t
+
+
+def _start_metrics(settings: Any) -> tuple[Any, Any, Any]:
+    """The worker's multiprocess directory, its /metrics endpoint (serving) and its WorkerMetrics.
+    Runs first: before prometheus_client is imported and before Celery forks its child."""
+    from ._metrics import MetricsEndpoint, multiprocess_dir, remove_dead_worker_dirs, worker_metrics_dir
+
+    remove_dead_worker_dirs(settings.data_dir)
+    metrics_dir = multiprocess_dir(worker_metrics_dir(settings.data_dir))
+    from worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    endpoint = MetricsEndpoint(settings.metrics_host, settings.worker_metrics_port, metrics_dir)
+    try:
+        endpoint.start()
+    except OSError as exc:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        raise click.ClickException(f"cannot serve metrics on {settings.metrics_host}:"
+                                   f"{settings.worker_metrics_port}: {exc}") from exc
+    return metrics_dir, endpoint, metrics
 
 
 @click.command("worker")
@@ -57,24 +83,36 @@ def worker_command(app: Any, gpu: int | None, queues: str, no_reconcile: bool) -
     """Run a Celery worker: one process that segments studies (and sends results).
 
     Start one per GPU (``--gpu 0``, ``--gpu 1``...) on any number of machines sharing the ledger database
-    and the broker. CUDA is initialised only in the process that runs the tasks.
+    and the broker. CUDA is initialised only in the process that runs the tasks. With
+    SPECGATE_WORKER_METRICS_PORT (a different one per worker process on a machine), Prometheus metrics on
+    SPECGATE_METRICS_HOST:port/metrics.
     """
-    from celery.signals import worker_ready, worker_shutting_down
+    from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
+    settings = app.settings
+    metrics_dir, endpoint, metrics = _start_metrics(settings) if settings.worker_metrics_port else (None, None, None)
+    if endpoint is not None:
+        worker_process_init.connect(lambda **_: endpoint.close_inherited(), weak=False)
     device = "cpu"
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before any CUDA call; children inherit it
         device = "cuda:0"
-    celery = _celery(app, device)
+    celery = _celery(app, device, metrics)
     stop = threading.Event()
     if not no_reconcile:
-        worker_ready.connect(lambda **_: start_reconciler_thread(app, celery, stop), weak=False)
+        worker_ready.connect(lambda **_: start_reconciler_thread(app, celery, stop, metrics), weak=False)
         worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
     name = f"specgate-{'gpu' + str(gpu) if gpu is not None else 'cpu'}-{os.getpid()}@%h"
-    celery.worker_main([
-        "worker", f"--loglevel={app.settings.log_level}", f"--queues={queues}", "--concurrency=1",
-        "--pool=prefork", f"--hostname={name}", "--without-gossip", "--without-mingle",
-    ])
+    try:
+        celery.worker_main([
+            "worker", f"--loglevel={settings.log_level}", f"--queues={queues}", "--concurrency=1",
+            "--pool=prefork", f"--hostname={name}", "--without-gossip", "--without-mingle",
+        ])
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @click.command("reconcile")

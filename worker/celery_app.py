@@ -19,12 +19,15 @@ the demo; it does not redeliver a message whose worker died; the reconciler does
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import WorkerConfig
+
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
 
 __all__ = ["DELIVER_QUEUE", "GPU_QUEUE", "Enqueuer", "TaskLimits", "broker_url_for", "make_celery"]
 
@@ -58,8 +61,9 @@ def _filesystem_options(broker_dir: Path) -> dict[str, Any]:
             "store_processed": False}
 
 
-def make_celery(config: WorkerConfig, *, device: str = "cpu") -> Celery:
-    """The Celery app for this configuration, with specgate's tasks registered (see :mod:`worker.tasks`)."""
+def make_celery(config: WorkerConfig, *, device: str = "cpu", metrics: WorkerMetrics | None = None) -> Celery:
+    """The Celery app for this configuration, with specgate's tasks registered (see :mod:`worker.tasks`);
+    its tasks count in ``metrics`` (a worker with a metrics port)."""
     broker = broker_url_for(config)
     app = Celery("specgate", broker=broker, set_as_current=False)
     transport_options: dict[str, Any] = {"visibility_timeout": TaskLimits.visibility_timeout}
@@ -91,7 +95,7 @@ def make_celery(config: WorkerConfig, *, device: str = "cpu") -> Celery:
     )
     from .tasks import register_tasks
 
-    register_tasks(app, config, device=device)
+    register_tasks(app, config, device=device, metrics=metrics)
     return app
 
 

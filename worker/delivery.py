@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,6 +25,9 @@ from .config import DeliveryConfig
 from .objects import rewrite_approved
 from .retraction import retract_superseded
 
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
+
 __all__ = ["deliver_job"]
 
 log = logging.getLogger("specgate.worker")
@@ -35,7 +39,9 @@ def _any_delivery(sessions: sessionmaker[Session], result_id: int) -> bool:
 
 
 def deliver_job(sessions: sessionmaker[Session], job_id: int, config: DeliveryConfig, *, actor: str,
-                sleep: Callable[[float], None] = time.sleep) -> str:
+                sleep: Callable[[float], None] = time.sleep, metrics: WorkerMetrics | None = None) -> str:
+    """Send job ``job_id``'s result and move the job to ``sent`` or ``failed``; ``metrics`` counts the
+    attempts, the deliveries given up and the job's failure."""
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
         if job is None or job.state not in (JobState.RELEASED, JobState.APPROVED):
@@ -56,24 +62,28 @@ def deliver_job(sessions: sessionmaker[Session], job_id: int, config: DeliveryCo
                 audit.append(s, actor=actor, action="result.approved_objects_written", object_type="result",
                              object_id=result_id, details={"job_id": job_id})
     outcomes = scu.deliver(sessions, result_id, config.destinations, actor=actor, retry_policy=config.retry,
-                           sleep=sleep)
+                           sleep=sleep, on_attempt=None if metrics is None else metrics.delivery_observer("result"))
     if any(o.busy for o in outcomes):
         return "busy"
     failed = [o for o in outcomes if not o.sent]
-    with session_scope(sessions) as s:
-        try:
+    try:
+        with session_scope(sessions) as s:
             if failed:
                 detail = "; ".join(f"{o.destination}: {o.error or 'status 0x%04X' % (o.last_status or 0)}"
                                    for o in failed)
                 jobs.transition(s, job_id, JobState.FAILED, actor=actor, expect=state,
                                 reason_code="delivery_failed", reason_detail=detail[:2000],
                                 details={"destinations": [o.destination for o in failed]})
-                return "failed"
-            jobs.transition(s, job_id, JobState.SENT, actor=actor, expect=state,
-                            details={"destinations": [o.destination for o in outcomes]})
-        except jobs.TransitionError as exc:  # another delivery task finished the job first
-            log.info("job %s: %s", job_id, exc)
-            return "done elsewhere"
+            else:
+                jobs.transition(s, job_id, JobState.SENT, actor=actor, expect=state,
+                                details={"destinations": [o.destination for o in outcomes]})
+    except jobs.TransitionError as exc:  # another delivery task finished the job first
+        log.info("job %s: %s", job_id, exc)
+        return "done elsewhere"
+    if failed:
+        if metrics is not None:
+            metrics.job_failed("delivery_failed")
+        return "failed"
     # a newer version of the study reached the PACS: the results it supersedes are taken back there
-    retracted = retract_superseded(sessions, job_id, config, actor=actor)
+    retracted = retract_superseded(sessions, job_id, config, actor=actor, metrics=metrics)
     return "sent" + (f"; retracted {len(retracted)} superseded result(s)" if retracted else "")

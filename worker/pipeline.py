@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -42,6 +42,9 @@ from .config import PipelineConfig
 from .labels import GateEvidence, ModelIdentity, Release
 from .objects import ObjectUIDs, save_probability, series_files, write_objects
 from .segmenter import Segmenter, SegmentOutput
+
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
 
 __all__ = ["Claim", "StudyOutcome", "claim", "job_paths", "run_job"]
 
@@ -76,9 +79,10 @@ def _as_aware(ts: Any) -> Any:
 
 
 def claim(sessions: sessionmaker[Session], job_id: int, *, task_id: str, worker_id: str,
-          stale_after_s: float, actor: str = "worker") -> Claim | None:
+          stale_after_s: float, actor: str = "worker", metrics: WorkerMetrics | None = None) -> Claim | None:
     """Take job ``job_id`` for this attempt, or return None if it is not ours to run (already taken,
-    finished, superseded) or has used up its attempts (then it is moved to ``failed``)."""
+    finished, superseded) or has used up its attempts (then it is moved to ``failed``, counted in
+    ``metrics``)."""
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
         if job is None:
@@ -104,6 +108,8 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, task_id: str, worker_
         if job.attempts >= job.max_attempts:
             jobs.transition(s, job_id, JobState.FAILED, actor=actor, reason_code="attempts_exhausted",
                             reason_detail=f"{job.attempts} attempts did not finish (last: {job.reason_code})")
+            if metrics is not None:
+                metrics.job_failed("attempts_exhausted")
             return None
         job = jobs.transition(s, job_id, JobState.RUNNING, actor=actor, expect=JobState.QUEUED,
                               attempts=job.attempts + 1, task_id=task_id[:64], worker_id=worker_id[:128],
@@ -155,8 +161,11 @@ def fail(sessions: sessionmaker[Session], c: Claim, reason_code: str, detail: st
                         reason_code=reason_code, reason_detail=detail[:2000], guard=[Job.task_id == c.task_id])
 
 
-def retry_or_fail(sessions: sessionmaker[Session], c: Claim, exc: BaseException, *, actor: str) -> bool:
-    """After an unexpected error: back to ``queued`` if attempts remain (True), else ``failed``."""
+def retry_or_fail(sessions: sessionmaker[Session], c: Claim, exc: BaseException, *, actor: str,
+                  metrics: WorkerMetrics | None = None) -> bool:
+    """After an unexpected error: back to ``queued`` if attempts remain (True, audited ``job.queued`` with
+    ``attempt_failed``), else ``failed`` (reason ``error``; its ``job.failed`` audit row carries the attempts
+    made, and ``metrics`` counts it)."""
     detail = f"{type(exc).__name__}: {exc}"[:2000]
     with session_scope(sessions) as s:
         job = s.get(Job, c.job_id)
@@ -168,6 +177,8 @@ def retry_or_fail(sessions: sessionmaker[Session], c: Claim, exc: BaseException,
             return True
         jobs.transition(s, c.job_id, JobState.FAILED, actor=actor, expect=JobState.RUNNING,
                         reason_code="error", reason_detail=detail, guard=[Job.task_id == c.task_id])
+        if metrics is not None:
+            metrics.job_failed("error")
         return False
 
 
@@ -181,10 +192,11 @@ class _JobFailed(Exception):
 
 
 def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
-            segmenters: Callable[[str], Segmenter]) -> StudyOutcome:
+            segmenters: Callable[[str], Segmenter], metrics: WorkerMetrics | None = None) -> StudyOutcome:
     """Run one claimed job to ``released``/``held`` (or raise) with the model its rule names
     (``segmenters(rule.model)``). A series the pipeline cannot use (``SeriesError``, a spacing the model's
-    grid refuses) or a rule that no longer exists (``unknown_rule``) ends it ``failed``, with no retry."""
+    grid refuses) or a rule that no longer exists (``unknown_rule``) ends it ``failed``, with no retry.
+    ``metrics``: the segmentation's time, the gate's decision once recorded, a failure's reason code."""
     timings: dict[str, float] = {}
     paths = job_paths(cfg.results_dir, c.job_id, c.version)
     try:
@@ -195,16 +207,24 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
         with Heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
             volume = _load_volume(sessions, c, timings)
             segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
+            t0 = time.perf_counter()
             out = _segment(segmenter, volume)
+            if metrics is not None:
+                metrics.inference(time.perf_counter() - t0, model=rule.model, modality=volume.modality)
             timings.update(out.timings)
             uids = _write_objects(paths, c, cfg, rule, volume, out, segmenter, timings)
             _write_views(paths, c, volume, out, timings)
             _write_evidence(paths["evidence"], rule, volume, out, segmenter, timings)
     except _JobFailed as exc:
         fail(sessions, c, exc.reason_code, exc.detail, actor=cfg.actor)
+        if metrics is not None:
+            metrics.job_failed(exc.reason_code)
         return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
-    return finish(sessions, c, cfg, paths=paths, uids=uids, out=out, segmenter=segmenter,
-                  configured_model=rule.model, timings=timings)
+    outcome = finish(sessions, c, cfg, paths=paths, uids=uids, out=out, segmenter=segmenter,
+                     configured_model=rule.model, timings=timings)
+    if metrics is not None:
+        metrics.ood_decision(is_ood=out.is_ood, reason=out.gate_reason, model=rule.model, modality=volume.modality)
+    return outcome
 
 
 def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float]) -> Volume:

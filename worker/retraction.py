@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -31,6 +32,9 @@ from .atomic import write_dicom
 from .config import DeliveryConfig
 from .kos import encode_kos
 from .seg import derive_uid
+
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
 
 __all__ = ["RetractionError", "retract_job", "retract_superseded", "send_retraction"]
 
@@ -88,8 +92,9 @@ def retract_job(sessions: sessionmaker[Session], job_id: int, *, user: str, reas
 
 
 def send_retraction(sessions: sessionmaker[Session], retraction_id: int, config: DeliveryConfig, *,
-                    actor: str) -> list[DeliveryOutcome]:
-    """Send the KOS to every configured destination that received the result."""
+                    actor: str, metrics: WorkerMetrics | None = None) -> list[DeliveryOutcome]:
+    """Send the KOS to every configured destination that received the result (``metrics`` counts the
+    attempts)."""
     with session_scope(sessions) as s:
         retraction = s.get(Retraction, retraction_id)
         if retraction is None:
@@ -104,11 +109,12 @@ def send_retraction(sessions: sessionmaker[Session], retraction_id: int, config:
         log.error("retraction %d: destinations %s received the result but are no longer configured", retraction_id,
                   ", ".join(gone))
     targets = [d for d in config.destinations if d.name in received]
-    return scu.deliver_retraction(sessions, retraction_id, targets, actor=actor, retry_policy=config.retry)
+    return scu.deliver_retraction(sessions, retraction_id, targets, actor=actor, retry_policy=config.retry,
+                                  on_attempt=None if metrics is None else metrics.delivery_observer("retraction"))
 
 
 def retract_superseded(sessions: sessionmaker[Session], job_id: int, config: DeliveryConfig, *,
-                       actor: str) -> list[int]:
+                       actor: str, metrics: WorkerMetrics | None = None) -> list[int]:
     """Job ``job_id`` was just sent: retract every earlier version of its study whose result was sent
     and is not retracted yet (reason ``quality``), and send those KOS. Returns the retraction ids."""
     with session_scope(sessions) as s:
@@ -126,7 +132,7 @@ def retract_superseded(sessions: sessionmaker[Session], job_id: int, config: Del
                               note=f"superseded by job {job_id} (version {version}) of the same study")
         except RetractionError:
             continue  # never sent, or retracted already
-        send_retraction(sessions, rid, config, actor=actor)
+        send_retraction(sessions, rid, config, actor=actor, metrics=metrics)
         done.append(rid)
     return done
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
@@ -22,16 +22,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from .config import WorkerConfig
 from .segmenter import Segmenters
 
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
+
 __all__ = ["Runtime", "register_tasks"]
 
 log = logging.getLogger("specgate.worker")
 
 
 class Runtime:
-    """What a worker process opens once: the ledger engine and, each on first use, the models."""
+    """What a worker process opens once: the ledger engine and, each on first use, the models; and the
+    metrics it counts in (None: not counted), built by the parent before the fork."""
 
-    def __init__(self, config: WorkerConfig, device: str = "cpu") -> None:
-        self.config, self.device = config, device
+    def __init__(self, config: WorkerConfig, device: str = "cpu", metrics: WorkerMetrics | None = None) -> None:
+        self.config, self.device, self.metrics = config, device, metrics
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
         self._pid = -1
@@ -52,10 +56,11 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu") -> None:
+def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
+                   metrics: WorkerMetrics | None = None) -> None:
     from .pipeline import claim, retry_or_fail, run_job
 
-    runtime = Runtime(config, device)
+    runtime = Runtime(config, device, metrics)
     app.specgate_runtime = runtime  # type: ignore[attr-defined]
     cfg = config.pipeline
 
@@ -65,17 +70,17 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu") ->
 
         task_id = self.request.id or f"local-{os.getpid()}"
         c = claim(runtime.sessions, job_id, task_id=task_id, worker_id=_worker_id(),
-                  stale_after_s=cfg.stale_after_s)
+                  stale_after_s=cfg.stale_after_s, metrics=runtime.metrics)
         if c is None:
             return "skipped"
         try:
-            outcome = run_job(runtime.sessions, c, cfg, segmenters=runtime.segmenters)
+            outcome = run_job(runtime.sessions, c, cfg, segmenters=runtime.segmenters, metrics=runtime.metrics)
         except TransitionError as exc:  # superseded or taken over while we worked: not ours to finish
             log.warning("job %s: %s", job_id, exc)
             return "lost"
         except (Exception, SoftTimeLimitExceeded) as exc:
             log.exception("job %s attempt %s failed", job_id, c.attempt)
-            if retry_or_fail(runtime.sessions, c, exc, actor="worker"):
+            if retry_or_fail(runtime.sessions, c, exc, actor="worker", metrics=runtime.metrics):
                 countdown = min(300, 5 * 2 ** (c.attempt - 1))
                 app.send_task("specgate.segment", args=[job_id], countdown=countdown)
             return "error"
@@ -88,11 +93,12 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu") ->
     def deliver(self: Any, job_id: int) -> str:
         from .delivery import deliver_job
 
-        return deliver_job(runtime.sessions, job_id, config.delivery, actor="worker")
+        return deliver_job(runtime.sessions, job_id, config.delivery, actor="worker", metrics=runtime.metrics)
 
     @app.task(name="specgate.retract", bind=True, acks_late=True, reject_on_worker_lost=True)
     def retract(self: Any, retraction_id: int) -> str:
         from .retraction import send_retraction
 
-        outcomes = send_retraction(runtime.sessions, retraction_id, config.delivery, actor="worker")
+        outcomes = send_retraction(runtime.sessions, retraction_id, config.delivery, actor="worker",
+                                   metrics=runtime.metrics)
         return ", ".join(f"{o.destination}: {o.state}" for o in outcomes) or "no destination received it"
