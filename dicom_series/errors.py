@@ -22,6 +22,7 @@ REASON_CODES = frozenset(
         "too_few_slices",
         "unsupported",
         "bad_spacing",
+        "no_frame_of_reference",
     }
 )
 

@@ -117,7 +117,15 @@ def load_series(paths: Sequence[str | os.PathLike[str]], *, min_slices: int = 3)
 
 
 def _series_identity(instances: list[Instance]) -> tuple[str, str, str, str]:
-    """(SeriesInstanceUID, StudyInstanceUID, FrameOfReferenceUID, Modality), each one value in all files."""
+    """(SeriesInstanceUID, StudyInstanceUID, FrameOfReferenceUID, Modality), each one value in all files.
+
+    A missing or empty FrameOfReferenceUID is ``no_frame_of_reference``: the positions and orientations
+    are then in no known patient coordinate system, and a SEG drawn on them could not say which one its
+    planes lie in (nor would anything be gained by inventing a UID for it).
+    """
+    for inst in instances:
+        if not str(inst.header.get("FrameOfReferenceUID", "") or "").strip():
+            raise SeriesError("no_frame_of_reference", f"{inst.path.name}: missing or empty FrameOfReferenceUID")
 
     def same(keyword: str, what: str) -> str:
         distinct = sorted({str(value(inst.header, keyword, inst.path.name)) for inst in instances})

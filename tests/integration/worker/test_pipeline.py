@@ -291,3 +291,82 @@ def test_each_rule_runs_the_model_it_names(migrated, tmp_path: Path, tiny_model)
         algorithm = dcmread(paths["seg"]).SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
         assert algorithm.AlgorithmName == f"tiny-{model}"
     assert segmenters("liver") is segmenters("liver")  # opened once per process
+
+
+@pytest.mark.parametrize("frame_of_reference", [None, ""], ids=["missing", "empty"])
+def test_series_without_frame_of_reference_fails_with_its_own_reason(migrated, tmp_path: Path, tiny_model,
+                                                                     frame_of_reference) -> None:
+    """A CT series whose FrameOfReferenceUID is missing or empty: its positions belong to no patient
+    coordinate system, and a SEG (whose planes must name the source's frame of reference) cannot be placed
+    on it. Nothing is invented: the job ends failed/``no_frame_of_reference`` at once (no retry), audited
+    with that reason, nothing written."""
+    settings, _, sessions = migrated
+    case = phantom_study("ct_liver", seed=15)
+    series = write_series(case.image, case.spacing, "CT", tmp_path / "series")
+    for path in series.paths:
+        ds = dcmread(path)
+        if frame_of_reference is None:
+            del ds.FrameOfReferenceUID
+        else:
+            ds.FrameOfReferenceUID = frame_of_reference
+        ds.save_as(path)
+    seg = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    job_id = _ingest(sessions, series)
+    outcome = _run(settings, sessions, job_id, seg, "t-for")
+    assert outcome.state == "failed" and outcome.reason_code == "no_frame_of_reference"
+    with session_scope(sessions) as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.FAILED and job.reason_code == "no_frame_of_reference" and job.attempts == 1
+        assert "FrameOfReferenceUID" in job.reason_detail
+        assert s.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none() is None
+        failed = s.execute(select(AuditEvent).where(AuditEvent.action == "job.failed",
+                                                    AuditEvent.object_id == str(job_id))).scalar_one()
+        assert failed.details["reason_code"] == "no_frame_of_reference"
+    assert not job_paths(settings.results_dir, job_id, 1)["seg"].exists()
+    assert claim(sessions, job_id, task_id="t-for2", worker_id="test", stale_after_s=60) is None
+
+
+def test_empty_mask_goes_through_to_a_valid_seg_and_sr(migrated, tmp_path: Path, tiny_model) -> None:
+    """A model that finds nothing: the job ends like any other (routed by the gate; here released), with a
+    SEG whose one segment is empty on every source slice and an SR beside it, both read back strictly.
+    An empty result is a result ("nothing found"), reported as such, never dropped or failed."""
+    import torch
+
+    settings, _, sessions = migrated
+    _, net = tiny_model
+    blind = type(net)(**net.config)
+    blind.load_state_dict(net.state_dict())
+    with torch.no_grad():  # the head sees the same features, and always answers "background"
+        blind.head.weight.zero_()
+        blind.head.bias.copy_(torch.tensor([20.0, -20.0]))
+    weights = tmp_path / "blind.pt"
+    save_weights(blind.eval(), weights, meta={"name": "tiny-blind", "version": "0.0.1"})
+    blind_model = (weights, blind)
+    case = phantom_study("ct_liver", seed=16)
+    series = write_series(case.image, case.spacing, "CT", tmp_path / "series")
+    probe = _segmenter(blind_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    own = _signature_of(probe, case)
+    seg = _segmenter(blind_model, tmp_path, np.stack([own, own + 1e-3, own - 1e-3]))
+    job_id = _ingest(sessions, series)
+    outcome = _run(settings, sessions, job_id, seg, "t-empty")
+    assert outcome.state == "released"
+
+    paths = job_paths(settings.results_dir, job_id, 1)
+    evidence = json.loads(paths["evidence"].read_text())
+    assert evidence["foreground_voxels"] == 0
+    with np.load(paths["prob"]) as z:
+        assert z["prob_fg_u8"].max() == 0 and not np.unpackbits(z["mask_bits"]).any()
+    seg_ds = highdicom.seg.segread(paths["seg"])
+    sources = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series.paths}
+    assert {r.ReferencedSOPInstanceUID for r in seg_ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence} \
+        == sources
+    assert seg_ds.SegmentSequence[0].SegmentNumber == 1 and not seg_ds.pixel_array.any()
+    assert seg_ds.FrameOfReferenceUID == dcmread(series.paths[0], stop_before_pixels=True).FrameOfReferenceUID
+    sr = highdicom.sr.srread(paths["sr"])
+    [reference] = [r for e in sr.CurrentRequestedProcedureEvidenceSequence for s in e.ReferencedSeriesSequence
+                   for r in s.ReferencedSOPSequence if r.ReferencedSOPInstanceUID == seg_ds.SOPInstanceUID]
+    assert reference.ReferencedSOPClassUID == seg_ds.SOPClassUID
+    with session_scope(sessions) as s:
+        res = s.execute(select(Result).where(Result.job_id == job_id)).scalar_one()
+        assert (res.seg_sop_instance_uid, res.sr_sop_instance_uid) == (seg_ds.SOPInstanceUID, sr.SOPInstanceUID)
+        assert s.get(Job, job_id).state == JobState.RELEASED

@@ -239,6 +239,10 @@ def _zero_pixel_spacing(ds: list[Dataset]) -> None:
         d.PixelSpacing = [0.0, 0.0]
 
 
+def _no_frame_of_reference(ds: list[Dataset]) -> None:
+    del ds[7].FrameOfReferenceUID
+
+
 def _mixed_with_multiframe(ds: list[Dataset]) -> None:
     ds.append(enhanced_dataset(SeriesSpec(slices=3)))
 
@@ -258,6 +262,8 @@ REFUSALS: list[tuple[str, str, Callable[[list[Dataset]], None] | None, Callable[
     ("series", "mixed_series", _other_series, None, "1.2.3.4.5.999"),
     ("no-pixel-spacing", "bad_spacing", _no_pixel_spacing, None, "missing PixelSpacing"),
     ("zero-pixel-spacing", "bad_spacing", _zero_pixel_spacing, None, "PixelSpacing must be positive"),
+    ("no-frame-of-reference", "no_frame_of_reference", _no_frame_of_reference, None,
+     "missing or empty FrameOfReferenceUID"),
     ("two-slices", "too_few_slices", _two_slices, None, "2 slice(s)"),
     ("colour", "unsupported", _colour, None, "PhotometricInterpretation=RGB"),
     ("mpeg2", "unsupported", _mpeg2, None, str(MPEG2MPML)),
