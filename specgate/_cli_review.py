@@ -128,10 +128,8 @@ def build_app(app: Any) -> Any:
 
 
 def _metrics(sessions: Any) -> Any:
-    try:
-        from ledger.metrics import render
-    except ImportError:  # pragma: no cover - ledger.metrics lands with the metrics work
-        return None
+    from ledger.metrics import render
+
     return lambda: render(sessions)
 
 

@@ -2,21 +2,18 @@
 every rule complete, and every metric and label it names one that specgate exports (taken from the
 metric definitions themselves, so renaming a metric without its alert fails here).
 
-The YAML is read by PyYAML: in this interpreter when it has it, else Debian's (``python3-yaml``, which
-the machines carry) in a subprocess; ``promtool check rules`` also runs when it is installed. Nothing is
-downloaded. With no YAML reader at all the test fails: an unchecked rule file is not a passing one.
+The YAML is read by PyYAML (a dev dependency); ``promtool check rules`` also runs when it is installed.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from dicom_node.metrics import AssociationsCollector, NodeMetrics
@@ -24,21 +21,10 @@ from ledger.metrics import LedgerCollector
 from worker.metrics import WorkerMetrics
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "specgate-alerts.yml"
-_TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
 
 
 def _load_yaml(path: Path) -> Any:
-    try:
-        import yaml  # type: ignore[import-untyped]
-    except ImportError:
-        pass
-    else:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    for python in ("/usr/bin/python3", shutil.which("python3")):
-        if python and subprocess.run([python, "-c", "import yaml"], capture_output=True).returncode == 0:
-            out = subprocess.run([python, "-c", _TO_JSON], input=path.read_bytes(), capture_output=True, check=True)
-            return json.loads(out.stdout)
-    pytest.fail("no YAML reader: install python3-yaml (Debian) or PyYAML to check the alert rules")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def _exported() -> tuple[set[str], set[str]]:

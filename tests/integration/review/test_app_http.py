@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from dicom_node.assembler import Assembler
 from ledger.db import session_scope
+from ledger.metrics import render as render_metrics
 from ledger.schema import AuditEvent, Job, Review, Study, utcnow
 from review.app import ReviewActions
 from tests.integration.review.helpers import (
@@ -46,7 +47,8 @@ def site(migrated, tmp_path, tiny_model):
         make_user(sessions, name, role)
     rec = Recorder()
     cfg = review_config(settings, viewer_url="https://pacs.example/viewer?StudyInstanceUIDs={study_instance_uid}")
-    with ReviewServer(cfg, sessions, ReviewActions(deliver=rec.deliver, retract=rec.retract)) as srv:
+    actions = ReviewActions(deliver=rec.deliver, retract=rec.retract, metrics=lambda: render_metrics(sessions))
+    with ReviewServer(cfg, sessions, actions) as srv:
         yield srv, sessions, job_id, rec
 
 
@@ -265,3 +267,26 @@ def test_logout_ends_the_session(site) -> None:
     thief = Client(srv.url)
     thief.jar.set_cookie(_cookie("specgate_session", stolen))
     assert thief.get("/queue").status == 303
+
+
+def test_metrics_need_no_session_parse_and_follow_the_queue(site) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    srv, sessions, job_id, _ = site
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        r = Client(srv.url).get("/metrics")
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        assert "DOE" not in r.text and "alert(1)" not in r.text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+    before = samples()
+    assert before[("specgate_review_queue_depth", ())] == 1
+    assert before[("specgate_jobs", (("state", "held"),))] == 1
+    c = Client(srv.url)
+    c.login("anna")
+    c.post(f"/studies/{job_id}/reject", {"csrf_token": c.csrf(f"/studies/{job_id}"), "reason_code": "artefact"})
+    after = samples()
+    assert after[("specgate_review_queue_depth", ())] == 0
+    assert after[("specgate_jobs", (("state", "rejected"),))] == 1
