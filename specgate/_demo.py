@@ -275,6 +275,8 @@ def _report(sessions: sessionmaker[Session], studies: Studies, pacs: EmbeddedPAC
                 echo(f"    review it:  specgate jobs show {job.id}   (preview: {Path(res.seg_path).parent / 'preview.png'})")
                 echo(f"    then:       specgate jobs approve {job.id} --user NAME   or   "
                      f"specgate jobs reject {job.id} --user NAME --reason TEXT")
+                echo("    or in a browser: specgate users add NAME --role radiologist, then specgate review "
+                     f"and open /studies/{job.id}")
             elif job.reason_code:
                 echo(f"    reason: {job.reason_code}: {job.reason_detail or ''}")
 
