@@ -12,7 +12,18 @@ file and no row.
 
 Statuses: 0xA700 out of resources (disk at the watermark or refusing a write, ledger unavailable), 0xA900 the dataset does not
 match the request (SOP Class/Instance UID differ, an image without pixel data), 0xC000 cannot understand
-(not decodable, a required UID missing or not a UID).
+(not decodable, a required UID missing or not a UID), 0xC409 the SOP Instance UID is stored already under
+another series or study.
+
+Duplicates. A SOP Instance UID names one image, once. Received again under the *same* series it is a resend
+(a peer that did not see our answer, a PACS sending a study twice): answered 0x0000 and nothing changes;
+if the bytes differ, the first copy is kept and ``instance.duplicate_differs`` audited. Received under
+*another* series or study it is a conflict, not a copy: a modality or PACS that reuses UIDs, or a study
+split or merged elsewhere. It is refused with 0xC409 (``uid_conflict``, the status dcm4chee answers for a
+SOP Instance UID stored before in another study) and audited, the first copy kept. Answering 0x0000 would
+tell the sender an image is stored in a study that does not hold it: that study would be assembled and
+segmented without it, and nobody told. The refusal shows in the sender's log and in ours, where a person can
+decide which copy is right.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ __all__ = [
     "DATASET_MISMATCH",
     "OUT_OF_RESOURCES",
     "SUCCESS",
+    "UID_CONFLICT",
     "InstanceHeader",
     "Outcome",
     "InstanceReceiver",
@@ -59,6 +71,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+UID_CONFLICT = 0xC409  # "cannot understand" class (0xCxxx): the same SOP Instance UID under another series
 
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
@@ -395,7 +408,7 @@ class InstanceReceiver:
             existing = self._find(new.sop_instance_uid)
             if existing is not None:
                 self.spool.discard_temp(temp)
-                return self._duplicate(existing, new.sop_instance_uid, new.calling_ae, new.sha256)
+                return self._duplicate(existing, new, new.sha256)
             # A file without a row was never acknowledged (a crash between link and commit): ours wins.
             spooled = self.spool.replace(temp, spooled.path)
         try:
@@ -409,7 +422,7 @@ class InstanceReceiver:
                 raise
             if existing.spool_path != str(spooled.path):  # same SOP Instance UID under another study/series
                 self.spool.remove(spooled.path)
-            return self._duplicate(existing, new.sop_instance_uid, new.calling_ae, spooled.sha256)
+            return self._duplicate(existing, new, spooled.sha256)
         except DatabaseUnavailable as exc:
             self.spool.remove(spooled.path)
             log.error("ledger unavailable, C-STORE refused with 0xA700: %s", exc)
@@ -428,7 +441,13 @@ class InstanceReceiver:
             log.error("ledger unavailable, C-STORE refused with 0xA700: %s", exc)
             raise Refused(OUT_OF_RESOURCES, "ledger_unavailable", "ledger database unavailable") from exc
 
-    def _duplicate(self, existing: ExistingInstance, sop_uid: str, calling_ae: str, digest: str) -> Outcome:
+    def _duplicate(self, existing: ExistingInstance, new: NewInstance, digest: str) -> Outcome:
+        """The answer for ``new`` whose SOP Instance UID is ``existing``'s (see the module's "Duplicates")."""
+        sop_uid, calling_ae = new.sop_instance_uid, new.calling_ae
+        if existing.study_instance_uid != new.study_instance_uid:
+            raise Refused(UID_CONFLICT, "uid_conflict", "SOP Instance UID stored already in another study")
+        if existing.series_instance_uid != new.series_instance_uid:
+            raise Refused(UID_CONFLICT, "uid_conflict", "SOP Instance UID stored already in another series")
         if digest == existing.sha256:
             return Outcome(SUCCESS, "duplicate", "same instance received before", instance_id=existing.id,
                            duplicate=True)

@@ -83,11 +83,13 @@ class NewInstance:
 
 
 class ExistingInstance(NamedTuple):
-    """An instance row already in the ledger."""
+    """An instance row already in the ledger, with the series and study it was filed under."""
 
     id: int
     sha256: str
     spool_path: str
+    series_instance_uid: str
+    study_instance_uid: str
 
 
 class InstanceIndex:
@@ -113,9 +115,12 @@ class InstanceIndex:
 
     def find(self, sop_instance_uid: str) -> ExistingInstance | None:
         with session_scope(self.sessions) as s:
-            row = s.execute(select(Instance.id, Instance.sha256, Instance.spool_path)
+            row = s.execute(select(Instance.id, Instance.sha256, Instance.spool_path, Series.series_instance_uid,
+                                   Study.study_instance_uid)
+                            .join(Series, Series.id == Instance.series_id).join(Study, Study.id == Series.study_id)
                             .where(Instance.sop_instance_uid == sop_instance_uid)).first()
-        return None if row is None else ExistingInstance(int(row[0]), str(row[1]), str(row[2]))
+        return None if row is None else ExistingInstance(int(row[0]), str(row[1]), str(row[2]), str(row[3]),
+                                                         str(row[4]))
 
     def add(self, new: NewInstance) -> int:
         """Insert ``new``'s row; its study's counters move in the same transaction. Returns the row id."""
