@@ -17,8 +17,8 @@ from typing import Any
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 __all__ = ["CHROMEDRIVER", "CHROMIUM", "chromium", "image_loaded", "sign_in", "statuses", "wait"]

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
 from sqlalchemy import select
 
@@ -92,7 +92,9 @@ def _open_from_queue(driver: WebDriver, base: str, job_id: int) -> None:
 
 
 def _flash(driver: WebDriver) -> str:
-    return str(wait(driver, 60).until(lambda d: (d.find_elements(By.ID, "flash") or [None])[0]).text)
+    """The message the study page shows after a decision (waits for the page after the POST)."""
+    found = wait(driver, 60).until(lambda d: d.find_elements(By.ID, "flash"))
+    return str(found[0].text)
 
 
 def test_reject_sends_nothing_and_two_browsers_approving_at_once_send_one_seg(stack: Stack, tmp_path: Path) -> None:
@@ -104,6 +106,8 @@ def test_reject_sends_nothing_and_two_browsers_approving_at_once_send_one_seg(st
     rejected = _unseen_study(tmp_path, "rejected", seed=32, patient_name=SCRIPT)
     assert set(stack.send(approved.paths)) == {0}
     assert set(stack.send(rejected.paths)) == {0}
+    orthanc = stack.orthanc
+    assert orthanc is not None
     a = stack.wait_state(approved.study_instance_uid, {"held", "sent", "failed"})
     b = stack.wait_state(rejected.study_instance_uid, {"held", "sent", "failed"})
     assert (str(a.state), str(b.state)) == ("held", "held"), (a.reason_code, b.reason_code)
@@ -166,17 +170,17 @@ def test_reject_sends_nothing_and_two_browsers_approving_at_once_send_one_seg(st
         assert not loser_page.find_elements(By.ID, "approve")
 
         # the approved SEG reaches the PACS, once, with the approver in it
-        wait_for(lambda: _seg_uids_at(stack.orthanc, approved.study_instance_uid), timeout=120,
+        wait_for(lambda: _seg_uids_at(orthanc, approved.study_instance_uid), timeout=120,
                  what="the approved SEG at Orthanc", interval=0.2)
         sent = stack.wait_state(approved.study_instance_uid, {"sent", "failed"}, timeout=60)
         assert str(sent.state) == "sent", (sent.reason_code, sent.reason_detail)
-        assert _seg_uids_at(stack.orthanc, approved.study_instance_uid) == [result.seg_sop_instance_uid]
-        assert _seg_uids_at(stack.orthanc, approved.study_instance_uid, "SR") == [result.sr_sop_instance_uid]
-        assert winner in str(_held_by_orthanc(stack.orthanc, result.seg_sop_instance_uid).ContentCreatorName)
+        assert _seg_uids_at(orthanc, approved.study_instance_uid) == [result.seg_sop_instance_uid]
+        assert _seg_uids_at(orthanc, approved.study_instance_uid, "SR") == [result.sr_sop_instance_uid]
+        assert winner in str(_held_by_orthanc(orthanc, result.seg_sop_instance_uid).ContentCreatorName)
 
         # every wake-up call enqueued before the approval has been consumed: nothing of the rejected study
-        assert _seg_uids_at(stack.orthanc, rejected.study_instance_uid) == []
-        assert _seg_uids_at(stack.orthanc, rejected.study_instance_uid, "SR") == []
+        assert _seg_uids_at(orthanc, rejected.study_instance_uid) == []
+        assert _seg_uids_at(orthanc, rejected.study_instance_uid, "SR") == []
         with stack.sessions() as s:  # type: ignore[operator]
             job_b = s.get(Job, b.id)
             assert job_b is not None and str(job_b.state) == "rejected"
@@ -187,7 +191,7 @@ def test_reject_sends_nothing_and_two_browsers_approving_at_once_send_one_seg(st
 
         # a reconcile pass after the delivery: still one SEG, one delivery row, sent by one C-STORE
         stack.wait_pass("worker", "reconcile", after=datetime.now(UTC))
-        assert _seg_uids_at(stack.orthanc, approved.study_instance_uid) == [result.seg_sop_instance_uid]
+        assert _seg_uids_at(orthanc, approved.study_instance_uid) == [result.seg_sop_instance_uid]
         with stack.sessions() as s:  # type: ignore[operator]
             rows = s.execute(select(Delivery).where(Delivery.job_id == a.id)).scalars().all()
             assert [(d.destination, str(d.state)) for d in rows] == [("pacs", "sent")]
