@@ -209,4 +209,36 @@ def patient_banner(path: Path) -> dict[str, str]:
         v = ds.get(kw)
         if v is not None and str(v).strip():
             out[kw] = str(v).strip()
+    for kw in ("PatientBirthDate", "StudyDate"):
+        if kw in out:
+            out[kw] = dicom_date(out[kw])
+    if "PatientName" in out:
+        out["PatientName"] = person_name(out["PatientName"])
     return out
+
+
+def dicom_date(value: str) -> str:
+    """DA (YYYYMMDD) as YYYY-MM-DD; anything else unchanged (shown as sent).
+
+    >>> dicom_date("19570314"), dicom_date("1957")
+    ('1957-03-14', '1957')
+    """
+    v = value.strip()
+    if len(v) == 8 and v.isdigit():
+        return f"{v[:4]}-{v[4:6]}-{v[6:]}"
+    return v
+
+
+def person_name(value: str) -> str:
+    """PN as a reading room writes it: ``FAMILY, Given Middle`` (the alphabetic group only).
+
+    >>> person_name("NORDMANN^ERIK"), person_name("DOE^JANE^Q^DR"), person_name("<script>alert(1)</script>")
+    ('NORDMANN, ERIK', 'DR DOE, JANE Q', '<script>alert(1)</script>')
+    """
+    parts = value.split("=")[0].split("^")
+    family = parts[0].strip()
+    given = " ".join(p.strip() for p in parts[1:3] if p.strip())
+    prefix = parts[3].strip() if len(parts) > 3 else ""
+    suffix = parts[4].strip() if len(parts) > 4 else ""
+    name = f"{family}, {given}" if given else family
+    return " ".join(x for x in (prefix, name, suffix) if x) or value

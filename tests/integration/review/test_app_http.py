@@ -1,6 +1,6 @@
 """The review app over real HTTP (uvicorn on a free port) on a real ledger (SQLite and PostgreSQL), with a
 held result made by the real pipeline: who may see what, CSRF, escaping, decisions and their audit rows.
-The browser-level tests (Chromium) are in tests/e2e/test_review_browser.py."""
+The browser-level tests (Chromium) are in test_browser_pages.py and tests/e2e/test_review_browser.py."""
 
 from __future__ import annotations
 
