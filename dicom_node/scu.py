@@ -12,7 +12,9 @@ again (idempotent), and a row another process is sending right now is left to it
 person has to look. A permanent refusal (association rejected permanent, e.g. our AE not recognised; no
 presentation context; a 0xA9xx/0xCxxx failure, which the same bytes will get again) stops at once.
 Connection failures, transient rejections, aborts, timeouts and 0xA7xx (out of resources) are retried
-with exponential back-off up to the policy's limit, then ``failed``.
+with exponential back-off up to the policy's limit, then ``failed``. Every wait of an attempt is bounded
+by the policy's ``timeout_s``, the socket's reads and writes included: a destination that accepts the
+association and then neither reads nor answers ends the attempt, it does not hang the worker.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -119,6 +121,18 @@ def _classify_status(status: int) -> SendResult:
     return SendResult(status, f"peer refused the object (0x{status:04X})", True)
 
 
+def _bound_socket(event: evt.Event) -> None:
+    """Give the connected socket the network timeout back. pynetdicom connects with a timeout and then
+    clears it (``AssociationSocket.connect``), so a peer that accepts the association and then stops
+    reading (or stops in the middle of a PDU) would block the sending thread in ``socket.send``/``recv``
+    for ever: the DIMSE and ACSE timeouts only bound waits for a *whole* message. With the timeout, a
+    write or read that makes no progress for ``timeout_s`` closes the transport (pynetdicom's Evt17),
+    the attempt fails and is retried like any other."""
+    transport = event.assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        transport.socket.settimeout(event.assoc.network_timeout)
+
+
 def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, Sequence[str]]],
                timeout_s: float) -> tuple[Association | None, SendResult | None]:
     ae = AE(ae_title=ae_title)
@@ -126,7 +140,8 @@ def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, S
     ae.connection_timeout = timeout_s
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, list(syntaxes))
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _bound_socket)])
     if assoc.is_established:
         return assoc, None
     if assoc.is_rejected:

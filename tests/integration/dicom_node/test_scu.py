@@ -1,5 +1,6 @@
 """Sending results: deliver() to an Orthanc PACS and to scripted pynetdicom peers; retries, back-off,
-permanent refusals, warnings, idempotency; ``specgate echo``."""
+permanent refusals, warnings, idempotency; a destination that accepts the association and then never
+answers (through :class:`tests.dicom_proxy.DicomProxy`); ``specgate echo``."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from dicom_node.scu import RetryPolicy, deliver
 from ledger.db import session_scope
 from ledger.schema import Delivery, DeliveryState, Job, JobState, Result, Study
 from specgate.settings import Destination
+from tests.dicom_proxy import P_DATA_TF, DicomProxy
 from tests.integration.dicom_node.helpers import Ledger
 from tests.peers import Orthanc, free_port, write_ct_series
 
 
-def _result(ledger: Ledger, tmp_path: Path) -> tuple[int, str]:
-    """A job with a result whose file is a DICOM object (a CT slice stands in for the SEG here)."""
-    series = write_ct_series(tmp_path / "seg", slices=1)
+def _result(ledger: Ledger, tmp_path: Path, size: int = 64) -> tuple[int, str]:
+    """A job with a result whose file is a DICOM object (a CT slice of ``size``² stands in for the SEG)."""
+    series = write_ct_series(tmp_path / "seg", slices=1, size=size)
     with session_scope(ledger.sessions) as s:
         study = Study(study_instance_uid=series.study_instance_uid, calling_ae="PACS")
         s.add(study)
@@ -128,6 +130,50 @@ def test_out_of_resources_is_retried_until_success(ledger: Ledger, tmp_path: Pat
                         sleep=waits.append)
     assert (out.state, out.attempts, out.last_status, waits) == (DeliveryState.SENT, 2, 0, [0.5])
     assert peer.received == [sop, sop]
+
+
+def test_out_of_resources_every_time_is_retried_up_to_the_cap_then_failed(ledger: Ledger, tmp_path: Path) -> None:
+    result_id, sop = _result(ledger, tmp_path)
+    with ScriptedPeer([0xA700]) as peer:
+        waits: list[float] = []
+        [out] = deliver(ledger.sessions, result_id, [peer.destination], actor="worker", retry_policy=FAST,
+                        sleep=waits.append)
+    assert (out.state, out.attempts, out.last_status, waits) == (DeliveryState.FAILED, 3, 0xA700, [0.5, 1.0])
+    assert peer.received == [sop, sop, sop] and "out of resources" in out.error
+    row = _row(ledger, result_id)
+    assert (row.state, row.attempts, row.last_status, row.sent_at) == (DeliveryState.FAILED, 3, 0xA700, None)
+    assert [e.details["status"] for e in ledger.audit("delivery.attempt_failed")] == ["0xA700", "0xA700"]
+    [final] = ledger.audit("delivery.failed")
+    assert (final.details["attempt"], final.details["status"], final.details["permanent"]) == (3, "0xA700", False)
+
+
+@pytest.mark.parametrize("size", [64, 4096], ids=["small-object", "object-larger-than-socket-buffers"])
+def test_destination_that_accepts_and_never_answers_times_out_retries_and_fails(sqlite_ledger: Ledger,
+                                                                                tmp_path: Path, size: int) -> None:
+    """The destination accepts the association, then reads nothing more and answers nothing (a hung PACS,
+    played by a proxy in front of a real SCP that stops after the A-ASSOCIATE-AC). A small object fits in
+    the socket buffers and waits for its C-STORE response: the DIMSE timeout. A 33 MB one (a large SEG)
+    blocks the sending thread in the socket write itself. Either way every attempt ends after the SCU
+    timeout, is retried with back-off, and the delivery ends failed; nothing reached the destination."""
+    result_id, _ = _result(sqlite_ledger, tmp_path, size=size)
+    policy = RetryPolicy(max_attempts=3, backoff_s=0.5, backoff_max_s=10, timeout_s=1)
+    waits: list[float] = []
+    outcomes = []
+    with ScriptedPeer([0x0000]) as peer, DicomProxy(("127.0.0.1", peer.port), hold=P_DATA_TF, hold_once=False) as hung:
+        dest = Destination(name="hung", ae_title="PEER", host="127.0.0.1", port=hung.port)
+        sender = threading.Thread(target=lambda: outcomes.extend(
+            deliver(sqlite_ledger.sessions, result_id, [dest], actor="worker", retry_policy=policy,
+                    sleep=waits.append)), daemon=True)
+        sender.start()
+        sender.join(120)  # a guard against hanging for ever, not a measurement
+        assert not sender.is_alive(), "the delivery to a destination that never answers did not end"
+    [out] = outcomes
+    assert hung.associations == 3 and peer.received == []
+    assert (out.state, out.attempts, out.last_status, waits) == (DeliveryState.FAILED, 3, None, [0.5, 1.0])
+    assert "no C-STORE response" in out.error
+    row = _row(sqlite_ledger, result_id)
+    assert (row.state, row.attempts, row.sent_at) == (DeliveryState.FAILED, 3, None)
+    assert len(sqlite_ledger.audit("delivery.attempt_failed")) == 2 and len(sqlite_ledger.audit("delivery.failed")) == 1
 
 
 @pytest.mark.parametrize("status", [0xB000, 0xB007, 0xA900, 0xC000])
