@@ -4,7 +4,9 @@ Every step that must not be forgotten is in the ledger:
 
 1. **Claim** (:func:`claim`): ``queued -> running`` in one conditional UPDATE that also counts the attempt
    and records which task owns the job. A job found ``running`` whose heartbeat is stale (its worker died)
-   is taken back (``running -> queued -> running``) and counted as a new attempt. A job that has used its
+   is taken back (``running -> queued -> running``) and counted as a new attempt; one whose heartbeat is
+   fresh is never taken over, even by its own message delivered a second time (a worker killed with its
+   task leaves the job to the reconciler, once the heartbeat is ``stale_after_s`` old). A job that has used its
    attempts ends ``failed`` (``attempts_exhausted``): a study that kills the worker every time never loops.
 2. **Work**, with a heartbeat thread: the series is loaded (``dicom_series``; a bad series fails at once
    with its reason code, no retry), segmented and gated (``worker.segmenter``), encoded as DICOM-SEG
@@ -91,10 +93,12 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, task_id: str, worker_
         now = utcnow()
         if job.state == JobState.RUNNING:
             beat = _as_aware(job.heartbeat_at)
-            # The same task id means this message was re-delivered because its worker died mid-task.
-            redelivered = job.task_id == task_id[:64]
-            if not redelivered and beat is not None and now - beat < timedelta(seconds=stale_after_s):
-                log.info("job %s is running elsewhere (heartbeat %.0fs ago); skipped", job_id,
+            # A fresh heartbeat means an attempt is alive, whatever the message: a duplicate, or this very
+            # message handed out again (a broker connection lost, a visibility timeout, a restart) while
+            # its first delivery still runs. Only a dead attempt's job is taken over.
+            if beat is not None and now - beat < timedelta(seconds=stale_after_s):
+                again = " (this message, delivered again)" if job.task_id == task_id[:64] else ""
+                log.info("job %s is running elsewhere%s (heartbeat %.0fs ago); skipped", job_id, again,
                          (now - beat).total_seconds())
                 return None
             jobs.transition(s, job_id, JobState.QUEUED, actor=actor, expect=JobState.RUNNING,

@@ -47,16 +47,25 @@ def test_claim_counts_attempts_and_only_one_attempt_runs(migrated) -> None:
     assert _state(sessions, job_id).task_id == "t1"
 
 
-def test_redelivered_message_takes_over_at_once(migrated) -> None:
+def test_a_running_job_with_a_fresh_heartbeat_is_never_taken_over_redelivered_or_not(migrated) -> None:
+    """The broker hands the same message out again (a lost connection, a visibility timeout, a worker
+    restart) while its first attempt still runs: the claim skips it as it skips any duplicate. Only a
+    heartbeat older than ``stale_after_s`` (the attempt's worker died) lets a message take the job over."""
     _, _, sessions = migrated
     job_id = _job(sessions)
-    claim(sessions, job_id, task_id="t1", worker_id="w1", stale_after_s=60)
-    c = claim(sessions, job_id, task_id="t1", worker_id="w9", stale_after_s=60)  # worker died; same message
+    assert claim(sessions, job_id, task_id="t1", worker_id="w1", stale_after_s=60) is not None
+    assert claim(sessions, job_id, task_id="t1", worker_id="w9", stale_after_s=60) is None  # redelivered
+    assert claim(sessions, job_id, task_id="t2", worker_id="w2", stale_after_s=60) is None  # a duplicate
+    job = _state(sessions, job_id)
+    assert (job.state, job.attempts, job.task_id, job.worker_id) == (JobState.RUNNING, 1, "t1", "w1")
+    _age_heartbeat(sessions, job_id, 120)  # the first attempt's worker died: no heartbeat for 2 minutes
+    c = claim(sessions, job_id, task_id="t1", worker_id="w9", stale_after_s=60)
     assert c is not None and c.attempt == 2
     with session_scope(sessions) as s:
-        actions = [e.action for e in s.execute(select(AuditEvent).where(AuditEvent.object_id == str(job_id))
-                                               .order_by(AuditEvent.id)).scalars()]
-    assert actions == ["job.created", "job.running", "job.queued", "job.running"]
+        events = [(e.action, e.details.get("reason_code")) for e in s.execute(
+            select(AuditEvent).where(AuditEvent.object_id == str(job_id)).order_by(AuditEvent.id)).scalars()]
+    assert events == [("job.created", None), ("job.running", None), ("job.queued", "worker_lost"),
+                      ("job.running", None)]
 
 
 def test_stale_running_job_is_taken_back_and_attempts_are_bounded(migrated) -> None:
