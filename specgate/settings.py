@@ -47,11 +47,13 @@ from dicom_node.scu import RetryPolicy
 from review.config import ReviewConfig, validate_viewer_url
 from worker.config import (
     DEFAULT_MODEL,
+    VISIBILITY_MARGIN_S,
     DeliveryConfig,
     InferenceOverrides,
     ModelSpec,
     PipelineConfig,
     SpacingPairs,
+    TaskLimits,
     WorkerConfig,
 )
 
@@ -163,6 +165,18 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=30.0, gt=0, le=3600)
     queued_deadline_seconds: float = Field(default=600.0, gt=0, le=86400,
                                            description="re-enqueue a queued job not claimed this long")
+    worker_segment_soft_time_limit_seconds: float = Field(
+        default=1800.0, gt=0, le=7 * 86400, description="a segmentation attempt is interrupted after this long")
+    worker_segment_time_limit_seconds: float = Field(
+        default=2100.0, gt=0, le=7 * 86400, description="hard limit: the attempt's process is killed after this long")
+    worker_delivery_soft_time_limit_seconds: float = Field(
+        default=900.0, gt=0, le=7 * 86400, description="a delivery (or retraction) task is interrupted after this long")
+    worker_delivery_time_limit_seconds: float = Field(
+        default=1000.0, gt=0, le=7 * 86400, description="hard limit of a delivery (or retraction) task")
+    broker_visibility_timeout_seconds: float = Field(
+        default=7200.0, gt=0, le=30 * 86400,
+        description="Redis hands a message not acknowledged this long to another worker; must outlast every "
+                    "hard time limit by 5 minutes")
 
     # --- review app (specgate review) -----------------------------------------------------------------
     review_host: str = Field(default="127.0.0.1", description="address the review app listens on")
@@ -294,6 +308,33 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _worker_timing_consistent(self) -> Settings:
+        """The relations the claim and the broker rely on: a live attempt's heartbeat never looks stale,
+        a soft limit comes before its hard limit, and the broker does not give a message to a second
+        worker while the task it started may still run (the visibility timeout outlasts every hard
+        limit by :data:`worker.config.VISIBILITY_MARGIN_S`)."""
+        env = f"{ENV_PREFIX}{{}}".format
+        if self.worker_stale_seconds < 3 * self.worker_heartbeat_seconds:
+            raise ValueError(f"{env('WORKER_STALE_SECONDS')} ({self.worker_stale_seconds:g}) must be at least 3 x "
+                             f"{env('WORKER_HEARTBEAT_SECONDS')} ({self.worker_heartbeat_seconds:g}): a running job "
+                             "would look abandoned between two heartbeats and be taken over")
+        hard_limits = []
+        for task in ("SEGMENT", "DELIVERY"):
+            soft = getattr(self, f"worker_{task.lower()}_soft_time_limit_seconds")
+            hard = getattr(self, f"worker_{task.lower()}_time_limit_seconds")
+            if soft >= hard:
+                raise ValueError(f"{env(f'WORKER_{task}_SOFT_TIME_LIMIT_SECONDS')} ({soft:g}) must be below "
+                                 f"{env(f'WORKER_{task}_TIME_LIMIT_SECONDS')} ({hard:g}): the soft limit lets an "
+                                 "attempt end cleanly before the hard one kills it")
+            hard_limits.append((hard, env(f"WORKER_{task}_TIME_LIMIT_SECONDS")))
+        hard, name = max(hard_limits)
+        if self.broker_visibility_timeout_seconds < hard + VISIBILITY_MARGIN_S:
+            raise ValueError(f"{env('BROKER_VISIBILITY_TIMEOUT_SECONDS')} ({self.broker_visibility_timeout_seconds:g}) "
+                             f"must exceed {name} ({hard:g}) by at least {VISIBILITY_MARGIN_S:g} s: the broker "
+                             "would hand a message to a second worker while the task it started may still run")
+        return self
+
+    @model_validator(mode="after")
     def _metrics_port_free(self) -> Settings:
         if self.scp_metrics_port and self.scp_metrics_port == self.scp_port:
             raise ValueError(f"scp_metrics_port {self.scp_metrics_port} is the DICOM port (scp_port): the SCP "
@@ -364,7 +405,12 @@ class Settings(BaseSettings):
                                          spacing=self.inference_spacing_pairs),
             delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy(),
                                     rules=tuple(self.rules)),
-            reconcile_interval_s=self.reconcile_interval_seconds, queued_deadline_s=self.queued_deadline_seconds)
+            reconcile_interval_s=self.reconcile_interval_seconds, queued_deadline_s=self.queued_deadline_seconds,
+            limits=TaskLimits(segment_soft_s=self.worker_segment_soft_time_limit_seconds,
+                              segment_hard_s=self.worker_segment_time_limit_seconds,
+                              deliver_soft_s=self.worker_delivery_soft_time_limit_seconds,
+                              deliver_hard_s=self.worker_delivery_time_limit_seconds,
+                              visibility_timeout_s=self.broker_visibility_timeout_seconds))
 
     def review_config(self) -> ReviewConfig:
         """What :mod:`review` (the web app) needs."""

@@ -7,8 +7,10 @@ Reliability settings (ARCHITECTURE.md, "Celery"):
 - ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only when its task ends; a
   worker process killed mid-task puts the message back.
 - ``worker_prefetch_multiplier = 1``: a worker holds one study at a time.
-- Redis ``visibility_timeout`` longer than the longest task, so a running task is never handed to a second
-  worker while the first still works on it.
+- Redis ``visibility_timeout`` longer than the longest task's hard time limit, with a margin
+  (:class:`worker.config.TaskLimits`, checked at start-up by the settings), so a message is not handed to
+  a second worker while the first still works on it; and should it be (a lost connection), the claim
+  never starts a second run beside a live one (:func:`worker.pipeline.claim`).
 - The ledger, not the broker, is the source of truth: attempts are counted there, and the reconciler
   (:mod:`worker.reconcile`) enqueues again what the broker lost.
 
@@ -29,23 +31,13 @@ from .config import WorkerConfig
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
 
-__all__ = ["DELIVER_QUEUE", "GPU_QUEUE", "Enqueuer", "TaskLimits", "broker_url_for", "make_celery"]
+__all__ = ["DELIVER_QUEUE", "GPU_QUEUE", "Enqueuer", "broker_url_for", "make_celery"]
 
 GPU_QUEUE = "gpu"
 DELIVER_QUEUE = "deliver"
 SEGMENT_TASK = "specgate.segment"
 DELIVER_TASK = "specgate.deliver"
 RETRACT_TASK = "specgate.retract"
-
-
-class TaskLimits:
-    """Time limits (seconds). The visibility timeout must outlast the hard limit."""
-
-    segment_soft = 1800
-    segment_hard = 2100
-    deliver_soft = 900
-    deliver_hard = 1000
-    visibility_timeout = 2 * 3600
 
 
 def broker_url_for(config: WorkerConfig) -> str:
@@ -66,7 +58,8 @@ def make_celery(config: WorkerConfig, *, device: str = "cpu", metrics: WorkerMet
     its tasks count in ``metrics`` (a worker with a metrics port)."""
     broker = broker_url_for(config)
     app = Celery("specgate", broker=broker, set_as_current=False)
-    transport_options: dict[str, Any] = {"visibility_timeout": TaskLimits.visibility_timeout}
+    limits = config.limits
+    transport_options: dict[str, Any] = {"visibility_timeout": limits.visibility_timeout_s}
     if broker.startswith("filesystem://"):
         transport_options = _filesystem_options(config.broker_dir)
     app.conf.update(
@@ -88,9 +81,9 @@ def make_celery(config: WorkerConfig, *, device: str = "cpu", metrics: WorkerMet
         worker_send_task_events=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_annotations={
-            SEGMENT_TASK: {"soft_time_limit": TaskLimits.segment_soft, "time_limit": TaskLimits.segment_hard},
-            DELIVER_TASK: {"soft_time_limit": TaskLimits.deliver_soft, "time_limit": TaskLimits.deliver_hard},
-            RETRACT_TASK: {"soft_time_limit": TaskLimits.deliver_soft, "time_limit": TaskLimits.deliver_hard},
+            SEGMENT_TASK: {"soft_time_limit": limits.segment_soft_s, "time_limit": limits.segment_hard_s},
+            DELIVER_TASK: {"soft_time_limit": limits.deliver_soft_s, "time_limit": limits.deliver_hard_s},
+            RETRACT_TASK: {"soft_time_limit": limits.deliver_soft_s, "time_limit": limits.deliver_hard_s},
         },
     )
     from .tasks import register_tasks

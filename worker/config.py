@@ -20,10 +20,17 @@ from pathlib import Path
 from dicom_node.config import Destination, SeriesRule
 from dicom_node.scu import RetryPolicy
 
-__all__ = ["DEFAULT_MODEL", "DeliveryConfig", "InferenceOverrides", "ModelSpec", "PipelineConfig",
-           "SpacingPairs", "WorkerConfig"]
+__all__ = ["DEFAULT_MODEL", "VISIBILITY_MARGIN_S", "DeliveryConfig", "InferenceOverrides", "ModelSpec",
+           "PipelineConfig", "SpacingPairs", "TaskLimits", "WorkerConfig"]
 
 DEFAULT_MODEL = "default"
+
+#: How much longer than the longest hard time limit the broker's visibility timeout must be (seconds).
+#: Redis measures a message's time out from when a worker's client took it, by that machine's clock, and
+#: another worker gives it out again by its own clock; the hard limit is counted from the task's start,
+#: and killing the task, acknowledging the message and the round trips take a moment more. Five minutes
+#: covers clocks that NTP keeps within seconds and a pool that is slow to kill its child.
+VISIBILITY_MARGIN_S = 300.0
 
 # (modality, (z, y, x) mm) pairs, as :func:`model.segment.parse_spacing` returns them; () means native.
 SpacingPairs = tuple[tuple[str, tuple[float, float, float]], ...]
@@ -73,6 +80,24 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class TaskLimits:
+    """Celery's time limits of the tasks and the Redis visibility timeout, in seconds.
+
+    A task is interrupted at its soft limit (it ends its attempt cleanly) and killed at its hard limit; a
+    message that is not acknowledged is handed to another worker once it has been out for the visibility
+    timeout. ``specgate.settings.Settings`` refuses limits where the visibility timeout does not outlast
+    every hard limit by :data:`VISIBILITY_MARGIN_S`; the claim (:func:`worker.pipeline.claim`) would still
+    refuse to start a second run beside a live one, but the message would be spent on nothing.
+    """
+
+    segment_soft_s: float = 1800.0
+    segment_hard_s: float = 2100.0
+    deliver_soft_s: float = 900.0
+    deliver_hard_s: float = 1000.0
+    visibility_timeout_s: float = 7200.0
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """Everything a worker process (and the reconciler beside it) is configured with."""
 
@@ -85,3 +110,4 @@ class WorkerConfig:
     delivery: DeliveryConfig = DeliveryConfig()
     reconcile_interval_s: float = 30.0
     queued_deadline_s: float = 600.0
+    limits: TaskLimits = TaskLimits()

@@ -153,3 +153,42 @@ def test_the_example_deployment_config_loads() -> None:
     assert s.destination("pacs").port == 104
     assert [r.name for r in s.rules] == ["abdomen-ct", "any-ct-mr"]
     assert s.rules[0].type_code == ("10200004", "SCT", "Liver")
+
+
+def test_the_visibility_timeout_must_outlast_every_hard_time_limit_with_margin(tmp_path: Path) -> None:
+    """Redis hands a message that is not acknowledged to another worker after the visibility timeout; a
+    task is killed at its hard time limit. Start-up refuses a visibility timeout that does not outlast the
+    longest hard limit by the margin, naming both values; the Celery app runs with the limits checked."""
+    from click.testing import CliRunner
+
+    from specgate.cli import main
+    from worker.celery_app import DELIVER_TASK, SEGMENT_TASK, make_celery
+    from worker.config import VISIBILITY_MARGIN_S
+
+    limits = Settings.load(data_dir=tmp_path).worker_config().limits
+    assert (limits.segment_soft_s, limits.segment_hard_s, limits.visibility_timeout_s) == (1800, 2100, 7200)
+    assert limits.visibility_timeout_s >= max(limits.segment_hard_s, limits.deliver_hard_s) + VISIBILITY_MARGIN_S
+    with pytest.raises(SettingsError, match=r"SPECGATE_BROKER_VISIBILITY_TIMEOUT_SECONDS \(2200\).*"
+                                            r"SPECGATE_WORKER_SEGMENT_TIME_LIMIT_SECONDS \(2100\)"):
+        Settings.load(broker_visibility_timeout_seconds=2200)  # outlasts it, but by less than the margin
+    with pytest.raises(SettingsError, match=r"VISIBILITY_TIMEOUT_SECONDS \(7200\).*DELIVERY_TIME_LIMIT_SECONDS "
+                                            r"\(7100\)"):
+        Settings.load(worker_delivery_time_limit_seconds=7100)  # a longer task, the default visibility
+    with pytest.raises(SettingsError, match=r"SOFT_TIME_LIMIT_SECONDS \(2100\) must be below .*\(2100\)"):
+        Settings.load(worker_segment_soft_time_limit_seconds=2100)
+    longer = Settings.load(data_dir=tmp_path, broker_url="redis://127.0.0.1:1/0",
+                           worker_segment_soft_time_limit_seconds=6000, worker_segment_time_limit_seconds=7000,
+                           broker_visibility_timeout_seconds=7300)
+    conf = make_celery(longer.worker_config()).conf  # builds the app; connects to nothing
+    assert conf.broker_transport_options["visibility_timeout"] == 7300
+    assert conf.task_annotations[SEGMENT_TASK] == {"soft_time_limit": 6000, "time_limit": 7000}
+    assert conf.task_annotations[DELIVER_TASK] == {"soft_time_limit": 900, "time_limit": 1000}
+    # a live attempt's heartbeat must never look stale to a claim
+    with pytest.raises(SettingsError, match=r"WORKER_STALE_SECONDS \(120\) must be at least 3 x "
+                                            r"SPECGATE_WORKER_HEARTBEAT_SECONDS \(60\)"):
+        Settings.load(worker_heartbeat_seconds=60)
+    # the worker does not start with the relation broken, and says why
+    refused = CliRunner().invoke(main, ["worker"], env={"SPECGATE_DATA_DIR": str(tmp_path),
+                                                        "SPECGATE_BROKER_VISIBILITY_TIMEOUT_SECONDS": "1800"})
+    assert refused.exit_code == 2
+    assert "(1800)" in refused.output and "(2100)" in refused.output, refused.output

@@ -89,7 +89,7 @@ def test_the_reconciler_thread_counts_the_jobs_it_fails(migrated, tmp_path: Path
 
     settings, _, sessions = migrated
     settings = Settings.load(data_dir=settings.data_dir, database_url=settings.db_url,
-                             reconcile_interval_seconds=0.1, worker_stale_seconds=5)
+                             reconcile_interval_seconds=0.1, worker_stale_seconds=5, worker_heartbeat_seconds=1)
     job_id = _job(sessions, "1.2.3.4", max_attempts=1)
     assert claim(sessions, job_id, task_id="t1", worker_id="dead", stale_after_s=5) is not None
     with session_scope(sessions) as s:
