@@ -7,7 +7,10 @@ The worker calls :func:`deliver` once a result may be sent (released by the gate
 
 Every destination has one ``deliveries`` row per result (unique), which records the attempts, the last
 status and the state; ``sent`` only when the peer answered 0x0000. A row already ``sent`` is never sent
-again (idempotent), and a row another process is sending right now is left to it. A warning status
+again (idempotent), and a row another process is sending right now is left to it: its sender refreshes
+it while it works, and a ``sending`` row not refreshed for the SCU timeout was left by a process that died
+(after the PACS answered and before the answer was written down, say) and is taken over. The resend is
+the same object, under the same SOP Instance UID, and a PACS answers success for an object it holds. A warning status
 (0x0001, 0xBxxx: stored with coercion, elements discarded...) is recorded and not counted as sent: a
 person has to look. A permanent refusal (association rejected permanent, e.g. our AE not recognised; no
 presentation context; a 0xA9xx/0xCxxx failure, which the same bytes will get again) stops at once.
@@ -20,6 +23,7 @@ association and then neither reads nor answers ends the attempt, it does not han
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import audit
@@ -63,14 +68,23 @@ class RetryPolicy:
     backoff_max_s: float = 300.0
     ae_title: str = "SPECGATE"
     timeout_s: float = 30.0
-    # A delivery left in 'sending' longer than this (its process died) may be taken over.
-    stale_after_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.backoff_s < 0 or self.backoff_max_s < 0:
             raise ValueError(f"back-off must not be negative, got {self.backoff_s}/{self.backoff_max_s}")
+
+    @property
+    def sending_stale_s(self) -> float:
+        """A row ``sending`` whose ``updated_at`` is older than this was left by a process that died: the
+        SCU timeout. A live sender refreshes its row every :attr:`sending_refresh_s` (its attempts and the
+        back-off waits between them included), so it never looks this old."""
+        return self.timeout_s
+
+    @property
+    def sending_refresh_s(self) -> float:
+        return self.timeout_s / 3
 
     def wait_before(self, attempt: int) -> float:
         """Seconds to wait before attempt number ``attempt`` (1-based; 0 before the first)."""
@@ -289,6 +303,37 @@ def _ship(sessions: sessionmaker[Session], shipment: _Shipment, destinations: Se
             for d in destinations]
 
 
+class _SendingRefresh:
+    """Keep a ``sending`` row's ``updated_at`` fresh while this process works on it (the attempts and the
+    waits between them), every :attr:`RetryPolicy.sending_refresh_s`: a row that goes a whole SCU timeout
+    without a refresh was abandoned by a process that died, and is taken over (:func:`_claim`, and the
+    worker's reconciler). A missed refresh (the database away for a moment) is logged, not fatal."""
+
+    def __init__(self, sessions: sessionmaker[Session], table: Any, row_id: int, every_s: float) -> None:
+        self._sessions, self._table, self._row_id, self._every = sessions, table, row_id, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sending-{table.__tablename__}-{row_id}",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        table = self._table
+        while not self._stop.wait(self._every):
+            try:
+                with session_scope(self._sessions) as s:
+                    s.execute(update(table).where(table.id == self._row_id, table.state == DeliveryState.SENDING)
+                              .values(updated_at=utcnow()).execution_options(synchronize_session=False))
+            except SQLAlchemyError:
+                log.warning("could not refresh %s row %d", table.__tablename__, self._row_id, exc_info=True)
+
+    def __enter__(self) -> _SendingRefresh:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
 def _claim(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destination,
            policy: RetryPolicy) -> tuple[int, DeliveryOutcome | None]:
     """Make sure the row exists and take it for sending; an outcome instead if there is nothing to do."""
@@ -300,7 +345,7 @@ def _claim(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destinati
         row = s.execute(select(table).where(*shipment.row_filter(dest))).scalar_one()
         if row.state == DeliveryState.SENT:
             return row.id, DeliveryOutcome(dest.name, row.state, row.attempts, row.last_status, already_sent=True)
-        stale = utcnow() - timedelta(seconds=policy.stale_after_s)
+        stale = utcnow() - timedelta(seconds=policy.sending_stale_s)
         took = s.execute(
             update(table).where(table.id == row.id,
                                 or_(table.state != DeliveryState.SENDING, table.updated_at < stale),
@@ -320,6 +365,14 @@ def _deliver_one(sessions: sessionmaker[Session], shipment: _Shipment, dest: Des
     delivery_id, early = _claim(sessions, shipment, dest, policy)
     if early is not None:
         return early
+    with _SendingRefresh(sessions, shipment.table, delivery_id, policy.sending_refresh_s):
+        return _attempts(sessions, shipment, dest, delivery_id, actor=actor, policy=policy, sleep=sleep,
+                         on_attempt=on_attempt)
+
+
+def _attempts(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destination, delivery_id: int, *,
+              actor: str, policy: RetryPolicy, sleep: Callable[[float], None],
+              on_attempt: AttemptObserver | None) -> DeliveryOutcome:
     object_type = shipment.object_type
     last: SendResult = SendResult(None, "not attempted", False)
     for n in range(1, policy.max_attempts + 1):
@@ -334,8 +387,12 @@ def _deliver_one(sessions: sessionmaker[Session], shipment: _Shipment, dest: Des
         if on_attempt is not None:
             on_attempt(dest.name, last.ok, final)
         with session_scope(sessions) as s:
-            row = s.get(shipment.table, delivery_id)
+            row = s.get(shipment.table, delivery_id, with_for_update=True)
             assert row is not None
+            if row.state == DeliveryState.SENT and not last.ok:
+                # this sender was taken for dead and another one sent it meanwhile: never undo that
+                log.info("%s to %s: sent by another process meanwhile", shipment.what, dest.name)
+                return DeliveryOutcome(dest.name, row.state, row.attempts, row.last_status, already_sent=True)
             row.attempts += 1
             row.last_status = last.status
             row.last_error = last.error

@@ -29,7 +29,8 @@ def _reconcile_once(app: Any, celery: Any) -> Any:
     cfg = app.settings.worker_config()
     return reconcile(app.sessions(), enqueue_segment=enq.segment, enqueue_delivery=enq.deliver,
                      enqueue_retraction=enq.retract,
-                     queued_deadline_s=cfg.queued_deadline_s, stale_after_s=cfg.pipeline.stale_after_s)
+                     queued_deadline_s=cfg.queued_deadline_s, stale_after_s=cfg.pipeline.stale_after_s,
+                     sending_stale_s=cfg.delivery.retry.sending_stale_s)
 
 
 def start_reconciler_thread(app: Any, celery: Any, stop: threading.Event, metrics: Any = None) -> threading.Thread:

@@ -113,7 +113,7 @@ def test_reconciler_recovers_lost_jobs(migrated) -> None:
     segs: list[int] = []
     dels: list[int] = []
     report = reconcile(sessions, enqueue_segment=segs.append, enqueue_delivery=dels.append,
-                       queued_deadline_s=300, stale_after_s=60)
+                       queued_deadline_s=300, stale_after_s=60, sending_stale_s=30)
     assert sorted(segs) == sorted([lost_queued, dead_running])
     assert report.recovered == [dead_running] and report.requeued == [lost_queued]
     assert report.failed == [exhausted] and _state(sessions, exhausted).reason_code == "attempts_exhausted"
@@ -121,7 +121,7 @@ def test_reconciler_recovers_lost_jobs(migrated) -> None:
     assert _state(sessions, live_running).state == JobState.RUNNING
     # a second pass right away finds nothing more to do
     again = reconcile(sessions, enqueue_segment=segs.append, enqueue_delivery=dels.append,
-                      queued_deadline_s=300, stale_after_s=60)
+                      queued_deadline_s=300, stale_after_s=60, sending_stale_s=30)
     assert again.requeued == again.recovered == again.failed == again.redelivered == []
 
 

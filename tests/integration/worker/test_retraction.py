@@ -94,7 +94,8 @@ def test_retraction_reaches_the_peer_once_and_refusals_send_nothing(migrated, tm
         rid = retract_job(sessions, job_id, user="dr.x", reason="patient-safety", note="wrong side")
         lost: list[int] = []  # the retraction's task was lost before it ran: the reconciler finds it
         reconcile(sessions, enqueue_segment=lambda _: None, enqueue_delivery=lambda _: None,
-                  enqueue_retraction=lost.append, queued_deadline_s=0, stale_after_s=3600)
+                  enqueue_retraction=lost.append, queued_deadline_s=0, stale_after_s=3600,
+                  sending_stale_s=30)
         assert lost == [rid]
         [outcome] = send_retraction(sessions, rid, config, actor="test")
         assert outcome.sent
@@ -110,7 +111,8 @@ def test_retraction_reaches_the_peer_once_and_refusals_send_nothing(migrated, tm
         assert [o.already_sent for o in again] == [True] and len(peer.received) == 3
         lost.clear()
         reconcile(sessions, enqueue_segment=lambda _: None, enqueue_delivery=lambda _: None,
-                  enqueue_retraction=lost.append, queued_deadline_s=0, stale_after_s=3600)
+                  enqueue_retraction=lost.append, queued_deadline_s=0, stale_after_s=3600,
+                  sending_stale_s=30)
         assert lost == []
     with session_scope(sessions) as s:
         assert str(s.get(Job, job_id).state) == JobState.SENT
