@@ -1,5 +1,6 @@
-"""Fixtures for the DICOM node's integration tests: a real ledger (SQLite and/or PostgreSQL) and an
-in-process SCP on a free port."""
+"""Fixtures for the DICOM node's integration tests: a real ledger (SQLite and/or PostgreSQL), an
+in-process SCP on a free port, and ``specgate scp`` in a process of its own (for memory measured in the
+receiving process)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dicom_node.scp import StoreSCP
 from ledger import migrations
 from ledger.db import open_engine, sessionmaker_for
 from specgate.settings import Settings
-from tests.integration.dicom_node.helpers import CALLER, Ledger
+from tests.integration.dicom_node.helpers import CALLER, Ledger, ScpProcess, start_scp_process
 from tests.peers import free_port
 
 
@@ -65,3 +66,19 @@ def start_scp() -> Iterator[Any]:
         scp.stop()
 
 
+
+
+@pytest.fixture
+def scp_process(sqlite_ledger: Ledger, tmp_path: Path) -> Iterator[Any]:
+    """scp_process(**settings) -> a running :class:`ScpProcess` on ``sqlite_ledger`` (stopped after the
+    test); ``settings`` by field name, e.g. ``scp_max_instance_bytes=str(32 << 20)``."""
+    running: list[ScpProcess] = []
+
+    def start(**settings: str) -> ScpProcess:
+        scp = start_scp_process(sqlite_ledger, tmp_path / f"scp{len(running)}.log", **settings)
+        running.append(scp)
+        return scp
+
+    yield start
+    for scp in running:
+        scp.stop()
