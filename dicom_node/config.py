@@ -19,14 +19,14 @@ validated here, where they are used::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "SeriesRule", "TLSConfig",
-           "validate_ae_title", "validate_host"]
+__all__ = ["AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "ReceiveLimits", "SeriesRule",
+           "TLSConfig", "validate_ae_title", "validate_host"]
 
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.\-]*|\[?[0-9A-Fa-f:]+\]?)$")
@@ -176,8 +176,34 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class ReceiveLimits:
+    """What one peer may make the SCP read, hold or store; every bound is a byte count or a depth, checked
+    as the bytes arrive (before anything of that size is allocated or written). CONFORMANCE.md says what
+    each refusal is answered with.
+
+    ``command_bytes``: a DIMSE command set (a few hundred bytes in practice), held whole in memory.
+    ``element_bytes``: the value length any one data element of a data set may declare, pixel data
+    excepted (whose bound is the instance's).
+    ``instance_bytes``: one data set as it arrives; also the most any element, pixel data included, may
+    declare (less what came before it).
+    ``association_bytes``: everything one association carries (commands and data sets).
+    ``sequence_depth``: sequences nested inside one another.
+    ``inflated_bytes``: what a deflated data set may inflate to.
+    """
+
+    command_bytes: int = 1 << 16
+    element_bytes: int = 64 << 20
+    instance_bytes: int = 2 << 30
+    association_bytes: int = 64 << 30
+    sequence_depth: int = 32
+    inflated_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
 class NodeConfig:
-    """The receiving side: who we are, who may call, how long we wait, where files go."""
+    """The receiving side: who we are, who may call, how long we wait, where files go, how much a peer
+    may send (``limits``, and ``max_pdu``: the PDU length we announce and hold peers to), and whether the
+    deflated transfer syntax is negotiated at all."""
 
     spool_dir: Path
     ae_title: str = "SPECGATE"
@@ -190,9 +216,11 @@ class NodeConfig:
     acse_timeout: float = 30.0  # TLS handshake and A-ASSOCIATE-RQ after a connection opens
     network_timeout: float = 60.0  # silence inside an established association
     dimse_timeout: float = 60.0  # how long a peer may take to answer us
-    max_pdu: int = 1048576  # 0: unlimited
+    max_pdu: int = 1048576  # the longest PDU we read (announced in the A-ASSOCIATE-AC)
     spool_watermark_percent: float = 95.0  # refuse C-STORE above this disk usage
     tls: TLSConfig | None = None
+    limits: ReceiveLimits = field(default_factory=ReceiveLimits)
+    accept_deflated: bool = False  # negotiate Deflated Explicit VR Little Endian
 
     @property
     def temp_max_age_s(self) -> float:

@@ -1,0 +1,285 @@
+"""A data set checked while it arrives: its element structure (PS3.5 7) read fragment by fragment,
+before anything it declares is allocated, written or decoded.
+
+Why here, on the stream: the rest of the node trusts sizes that a peer declares. pydicom, asked for one
+element of a data set, reads whatever length that element declares (an Implicit VR Study Instance UID that
+declares 160 MiB is 160 MiB in memory, several times over); it recurses once per nested sequence; and it
+inflates a deflated data set whole in memory (half a megabyte on the wire inflated to 512 MiB drove the
+SCP from 120 MiB to 1.1 GiB). Read here, every element header is seen once as it passes, and a data set
+is refused (:class:`dicom_node.receive.Refused`, 0xC000) as soon as it
+
+* has an element that declares more than ``element_bytes`` (pixel data excepted) or more than is left of
+  the instance's cap ``instance_bytes``: ``element_too_long``;
+* nests sequences deeper than ``sequence_depth``: ``sequence_too_deep``;
+* inflates (deflated transfer syntax) past ``inflated_bytes``, or has an element that declares more than
+  is left of it: ``inflated_too_large``; inflation runs with a hard output cap per call (``zlib``
+  ``max_length``), so no more than 256 KiB is ever inflated at once;
+* is broken where its structure matters (an item where an element belongs, an element running past the
+  item or sequence that holds it, file meta information inside it, a deflate stream that does not
+  inflate): ``undecodable``; or ends inside an element or an open sequence: ``truncated``.
+
+Values are skipped, never held (for a deflated data set, its first 64 KiB inflated are kept for
+:func:`dicom_node.receive.fast_header`). Where the encoding leaves room the rules are pydicom's, so that
+what it reads is what is checked: an explicit VR that is not two capital letters is read as implicit,
+Explicit VR "UN" of undefined length holds Implicit VR Little Endian items (PS3.5 6.2.2), and an Implicit VR
+element is a sequence when its length is undefined (pixel data excepted) or the dictionary says SQ.
+Checking costs one small header parse per element: nothing for the megabytes of pixel data, which are
+skipped by their length.
+
+    >>> from dicom_node.config import ReceiveLimits
+    >>> s = DataSetStream("1.2.840.10008.1.2.1", ReceiveLimits(sequence_depth=2))
+    >>> sq = bytes.fromhex("09001010 5351 0000 ffffffff") + bytes.fromhex("feff00e0 ffffffff")
+    >>> s.feed(sq * 2)
+    >>> s.feed(sq)
+    Traceback (most recent call last):
+    ...
+    dicom_node.receive.Refused: 0xC000 sequence_too_deep: sequences nested deeper than 2 levels (element (0009,1010) opens level 3)
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from pydicom.datadict import DicomDictionary
+
+from .config import ReceiveLimits
+from .receive import CANNOT_UNDERSTAND, Refused
+
+__all__ = ["DEFLATED", "DataSetStream"]
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+                       b"UV"})
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_HEAD = 1 << 16  # inflated bytes kept for fast_header
+_INFLATE_CHUNK = 1 << 18
+
+# what a level of the data set holds
+_ELEMENTS, _ITEMS, _FRAGMENTS = 0, 1, 2
+
+
+@dataclass
+class _Level:
+    kind: int  # _ELEMENTS (the data set, an item), _ITEMS (a sequence), _FRAGMENTS (encapsulated)
+    end: int | None  # offset where it ends; None: undefined length, ends at its delimiter
+    implicit: bool
+    little: bool
+    pixel: bool = False  # _FRAGMENTS of pixel data (bounded by the instance, not by element_bytes)
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _undecodable(detail: str) -> Refused:
+    return Refused(CANNOT_UNDERSTAND, "undecodable", detail)
+
+
+class DataSetStream:
+    """Feed it a data set's bytes as they arrive (:meth:`feed`), then :meth:`finish`; either raises
+    :class:`dicom_node.receive.Refused` the moment the data set is refused. ``transfer_syntax``: the
+    presentation context's."""
+
+    def __init__(self, transfer_syntax: str, limits: ReceiveLimits) -> None:
+        self.limits = limits
+        self.deflated = transfer_syntax == DEFLATED
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if self.deflated else None
+        self._cap = limits.inflated_bytes if self.deflated else limits.instance_bytes
+        implicit, little = transfer_syntax == _IMPLICIT_LE, transfer_syntax != _EXPLICIT_BE
+        self._levels = [_Level(_ELEMENTS, None, implicit, little)]
+        self._depth = 0  # sequences open
+        self._pos = 0  # bytes of the (inflated) data set walked so far
+        self._skip = 0  # bytes of the current value still to pass
+        self._header = b""  # an element or item header split between two pieces
+        self.head = bytearray()  # deflated only: the first inflated bytes
+
+    @property
+    def length(self) -> int:
+        """The data set's length so far (inflated, for a deflated one)."""
+        return self._pos
+
+    @property
+    def head_syntax(self) -> str:
+        """The transfer syntax :attr:`head` is in (a deflated data set's head is inflated)."""
+        return _EXPLICIT_LE
+
+    # ------------------------------------------------------------------------------------ public
+    def feed(self, piece: bytes | memoryview) -> None:
+        if self._inflater is None:
+            self._walk(piece)
+            return
+        data: bytes | memoryview = piece
+        try:
+            while True:
+                out = self._inflater.decompress(data, _INFLATE_CHUNK)
+                if out:
+                    if self._pos + len(out) > self._cap:
+                        raise Refused(CANNOT_UNDERSTAND, "inflated_too_large",
+                                      f"the deflated data set inflates to more than {self._cap} bytes")
+                    if len(self.head) < _HEAD:
+                        self.head += out[:_HEAD - len(self.head)]
+                    self._walk(out)
+                data = self._inflater.unconsumed_tail
+                if self._inflater.eof or (not data and len(out) < _INFLATE_CHUNK):
+                    return  # (bytes after the end of the deflate stream, a pad, are ignored)
+        except zlib.error as exc:
+            raise _undecodable(f"the deflated data set cannot be inflated ({exc})") from exc
+
+    def finish(self) -> None:
+        """The data set has ended: raises ``truncated`` when it ended inside something."""
+        if self._inflater is not None and not self._inflater.eof:
+            raise Refused(CANNOT_UNDERSTAND, "truncated", "the deflated data set ends before its deflate stream")
+        if self._skip or self._header:
+            raise Refused(CANNOT_UNDERSTAND, "truncated",
+                          f"the data set ends at byte {self._pos} inside an element "
+                          f"({self._skip or len(self._header)} bytes missing)")
+        if len(self._levels) > 1:
+            raise Refused(CANNOT_UNDERSTAND, "truncated",
+                          f"the data set ends at byte {self._pos} with {len(self._levels) - 1} sequences or items "
+                          "still open")
+
+    # ----------------------------------------------------------------------------------- walking
+    def _walk(self, data: bytes | memoryview) -> None:
+        n, i = len(data), 0
+        while i < n:
+            if self._skip:
+                k = min(self._skip, n - i)
+                self._skip -= k
+                self._pos += k
+                i += k
+                if not self._skip:
+                    self._close()
+                continue
+            need = 12 if len(self._header) >= 8 else 8
+            k = min(need - len(self._header), n - i)
+            self._header += bytes(data[i:i + k])
+            self._pos += k
+            i += k
+            if len(self._header) == need and not self._element(self._header):
+                self._header = b""
+                self._close()
+
+    def _close(self) -> None:
+        """Close the items and sequences of defined length that end here."""
+        levels = self._levels
+        while len(levels) > 1 and levels[-1].end == self._pos:
+            if levels.pop().kind == _ITEMS:
+                self._depth -= 1
+
+    def _element(self, h: bytes) -> bool:
+        """Act on one header ``h`` (8 bytes, or 12 once more were asked for); True: it needs 12."""
+        level = self._levels[-1]
+        e = "<" if level.little else ">"
+        group, elem = struct.unpack_from(e + "HH", h)
+        tag = group << 16 | elem
+        if level.end is not None and self._pos > level.end:
+            raise _undecodable(f"{_tag(tag)} at byte {self._pos - len(h)} runs past the item or sequence holding it")
+        if level.kind != _ELEMENTS:
+            self._item(level, tag, struct.unpack_from(e + "I", h, 4)[0])
+            return False
+        if tag == _ITEM_END and level.end is None and len(self._levels) > 1:
+            self._levels.pop()
+            return False
+        if group == 0xFFFE:
+            raise _undecodable(f"{_tag(tag)} at byte {self._pos - 8} where a data element belongs")
+        if group == 0x0002 and len(self._levels) == 1:
+            raise Refused(CANNOT_UNDERSTAND, "file_meta_in_dataset",
+                          f"file meta information {_tag(tag)} inside the data set")
+        vr: bytes | None = None
+        if level.implicit:
+            length = struct.unpack_from(e + "I", h, 4)[0]
+        else:
+            vr = h[4:6]
+            if vr in _LONG_VRS:
+                if len(h) < 12:
+                    return True
+                length = struct.unpack_from(e + "I", h, 8)[0]
+            elif b"AA" <= vr <= b"ZZ":  # a short VR (or one pydicom also reads with a 2-byte length)
+                length = struct.unpack_from(e + "H", h, 6)[0]
+            else:  # not a VR: pydicom reads this element as Implicit VR
+                vr = None
+                length = struct.unpack_from(e + "I", h, 4)[0]
+        if length == _UNDEFINED:
+            self._undefined(level, tag, vr)
+            return False
+        self._check_length(tag, length, pixel=tag in _PIXEL_TAGS)
+        if vr == b"SQ" or (vr is None and _dictionary_vr(tag) == "SQ"):
+            self._open(_Level(_ITEMS, self._pos + length, level.implicit, level.little), tag)
+        else:
+            self._skip = length
+        return False
+
+    def _undefined(self, level: _Level, tag: int, vr: bytes | None) -> None:
+        """An element of undefined length: a sequence, or encapsulated fragments."""
+        pixel = tag in _PIXEL_TAGS
+        if vr == b"UN":  # PS3.5 6.2.2: a sequence in Implicit VR Little Endian
+            self._open(_Level(_ITEMS, None, True, True), tag)
+        elif vr == b"SQ" or (vr is None and not pixel and _dictionary_vr(tag) in ("SQ", None)):
+            self._open(_Level(_ITEMS, None, level.implicit, level.little), tag)
+        elif pixel or vr in (b"OB", b"OW") or vr is None:
+            self._levels.append(_Level(_FRAGMENTS, None, level.implicit, level.little, pixel=pixel))
+        else:
+            raise _undecodable(f"{_tag(tag)} {vr.decode('ascii', 'replace')} of undefined length")
+
+    def _item(self, level: _Level, tag: int, length: int) -> None:
+        """A header inside a sequence (an item or its end) or inside encapsulated data (a fragment)."""
+        if tag == _SEQUENCE_END and level.end is None:
+            if self._levels.pop().kind == _ITEMS:
+                self._depth -= 1
+            return
+        if tag != _ITEM:
+            raise _undecodable(f"{_tag(tag)} at byte {self._pos - 8} where an item belongs")
+        if level.kind == _FRAGMENTS:
+            if length == _UNDEFINED:
+                raise _undecodable(f"a fragment of undefined length at byte {self._pos - 8}")
+            self._check_length(tag, length, pixel=level.pixel, what="a fragment")
+            self._skip = length
+            return
+        if length == _UNDEFINED:
+            self._levels.append(_Level(_ELEMENTS, None, level.implicit, level.little))
+            return
+        self._check_length(tag, length, pixel=True, what="an item")  # an item's bound is its sequence's
+        self._levels.append(_Level(_ELEMENTS, self._pos + length, level.implicit, level.little))
+        self._close()
+
+    def _open(self, level: _Level, tag: int) -> None:
+        self._depth += 1
+        if self._depth > self.limits.sequence_depth:
+            raise Refused(CANNOT_UNDERSTAND, "sequence_too_deep",
+                          f"sequences nested deeper than {self.limits.sequence_depth} levels (element {_tag(tag)} "
+                          f"opens level {self._depth})")
+        self._levels.append(level)
+        self._close()
+
+    def _check_length(self, tag: int, length: int, *, pixel: bool, what: str = "") -> None:
+        name = what or f"element {_tag(tag)}"
+        if not pixel and length > self.limits.element_bytes:
+            raise Refused(CANNOT_UNDERSTAND, "element_too_long",
+                          f"{name} declares {length} bytes, over the {self.limits.element_bytes} bytes an element "
+                          "may have")
+        left = self._cap - self._pos
+        if length > left:
+            if self.deflated:  # the cap it would pass is the inflated size's
+                raise Refused(CANNOT_UNDERSTAND, "inflated_too_large",
+                              f"{name} declares {length} bytes, more than the {left} bytes left of the {self._cap} "
+                              "a deflated data set may inflate to")
+            raise Refused(CANNOT_UNDERSTAND, "element_too_long",
+                          f"{name} declares {length} bytes, more than the {left} bytes left of the instance's "
+                          f"{self._cap}")
+        end = self._levels[-1].end
+        if end is not None and self._pos + length > end:
+            raise _undecodable(f"{name} of {length} bytes runs past the item or sequence holding it")
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    """The VR the DICOM dictionary gives ``tag``; None for a tag it does not know (a private one)."""
+    entry = DicomDictionary.get(tag)
+    return None if entry is None else str(entry[0])
