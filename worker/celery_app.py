@@ -11,6 +11,11 @@ Reliability settings (ARCHITECTURE.md, "Celery"):
   (:class:`worker.config.TaskLimits`, checked at start-up by the settings), so a message is not handed to
   a second worker while the first still works on it; and should it be (a lost connection), the claim
   never starts a second run beside a live one (:func:`worker.pipeline.claim`).
+- ``worker_cancel_long_running_tasks_on_connection_loss = False``: a broker outage does not kill the
+  running task (Celery's alternative: terminate it, because its message can no longer be acknowledged on
+  the lost channel, and let it run again). It carries on, under its heartbeat, and finishes the job; the
+  message, should the broker hand it out again, finds the job running with a fresh heartbeat or finished,
+  and is dropped by the claim. A 30-minute segmentation is not thrown away for a Redis restart.
 - The ledger, not the broker, is the source of truth: attempts are counted there, and the reconciler
   (:mod:`worker.reconcile`) enqueues again what the broker lost.
 
@@ -79,7 +84,7 @@ def make_celery(config: WorkerConfig, *, device: str = "cpu", metrics: WorkerMet
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_annotations={
             SEGMENT_TASK: {"soft_time_limit": limits.segment_soft_s, "time_limit": limits.segment_hard_s},
             DELIVER_TASK: {"soft_time_limit": limits.deliver_soft_s, "time_limit": limits.deliver_hard_s},

@@ -3,8 +3,9 @@ subprocesses, the shipped model, and an Orthanc PACS (Debian ``orthanc``) as the
 
 A study goes in by C-STORE; its DICOM-SEG comes out at Orthanc, read back over Orthanc's REST API. An
 unseen-organ study is held and reaches Orthanc only after ``specgate jobs approve``. Faults: the worker
-killed with SIGKILL mid-job, Redis flushed with a job queued, a destination that refuses, a corrupt series,
-the same study sent twice.
+killed with SIGKILL mid-job, Redis flushed with a job queued, the broker killed and started again while a
+job runs (a Redis server of the test's own), a destination that refuses, a corrupt series, the same study
+sent twice.
 """
 
 from __future__ import annotations
@@ -45,12 +46,53 @@ CALLER = "TESTSCU"
 
 
 @dataclass
+class RedisServer:
+    """A throw-away ``redis-server`` on a port of its own, without persistence (the machine's shared Redis
+    must not be disturbed): :meth:`kill` takes it away as a crash would, :meth:`start` brings up a new,
+    empty one on the same port."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - owned by the process record
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url)
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_for(up, timeout=30, what=f"redis-server on port {self.port}", interval=0.05)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+@dataclass
 class Stack:
     root: Path
     env: dict[str, str]
     scp_port: int
     orthanc: Orthanc | None
     sessions: object
+    broker: RedisServer | None = None  # the stack's own Redis (marker own_broker), else the shared one's db
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
@@ -127,7 +169,9 @@ def _redis_db_url() -> str:
 @pytest.fixture
 def stack(tmp_path: Path, pg_url: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
     refuse = request.node.get_closest_marker("refusing_destination") is not None
-    r = redis.Redis.from_url(_redis_db_url())
+    broker = RedisServer(tmp_path / "redis").start() if request.node.get_closest_marker("own_broker") else None
+    broker_url = broker.url if broker is not None else _redis_db_url()
+    r = redis.Redis.from_url(broker_url)
     r.flushdb()
     orthanc = None
     if refuse:
@@ -140,7 +184,7 @@ def stack(tmp_path: Path, pg_url: str, request: pytest.FixtureRequest) -> Iterat
     env.update({
         "SPECGATE_DATA_DIR": str(tmp_path / "data"),
         "SPECGATE_DATABASE_URL": pg_url,
-        "SPECGATE_BROKER_URL": _redis_db_url(),
+        "SPECGATE_BROKER_URL": broker_url,
         "SPECGATE_SCP_PORT": str(scp_port),
         "SPECGATE_ALLOWED_CALLERS": f"{CALLER}@127.0.0.1",
         "SPECGATE_DESTINATIONS": dest,
@@ -155,7 +199,7 @@ def stack(tmp_path: Path, pg_url: str, request: pytest.FixtureRequest) -> Iterat
         "SPECGATE_LOG_LEVEL": "DEBUG",  # the most talkative logs must still carry no patient identifiers
     })
     engine = open_engine(pg_url)
-    st = Stack(tmp_path, env, scp_port, orthanc, sessionmaker_for(engine))
+    st = Stack(tmp_path, env, scp_port, orthanc, sessionmaker_for(engine), broker)
     st.cli("db", "upgrade")
     st.start("scp", "scp")
     wait_for(lambda: _port_open(scp_port), timeout=30, what="specgate scp listening")
@@ -167,7 +211,10 @@ def stack(tmp_path: Path, pg_url: str, request: pytest.FixtureRequest) -> Iterat
         if orthanc is not None:
             orthanc.stop()
         engine.dispose()
-        r.flushdb()
+        if broker is not None:
+            broker.kill()
+        else:
+            r.flushdb()
 
 
 def _port_open(port: int) -> bool:
@@ -355,6 +402,29 @@ def test_redis_flushed_with_a_job_queued_the_reconciler_brings_it_back(stack: St
     done = stack.wait_state(study.study_instance_uid, {"sent", "failed"}, timeout=180)
     assert str(done.state) == "sent"
     assert len(_seg_uids_at(stack.orthanc, study.study_instance_uid)) == 1
+
+
+@pytest.mark.own_broker
+def test_broker_lost_mid_job_and_started_again_one_seg_one_delivery(stack: Stack, tmp_path: Path) -> None:
+    """Redis dies while a job runs (SIGKILL: every connection cut, every message gone) and a new, empty one
+    comes up on the same port: the running attempt carries on (a broker outage costs no GPU work, and
+    no second attempt starts beside it), and the study reaches the PACS as one SEG and one SR, by one
+    delivery."""
+    assert stack.broker is not None
+    stack.start("worker", "worker")
+    study = _study(tmp_path, "ct_liver", "known", seed=9)
+    assert set(stack.send(study.paths)) == {0}
+    stack.wait_state(study.study_instance_uid, {"running"}, timeout=120)
+    stack.broker.kill()
+    stack.broker.start()
+    done = stack.wait_state(study.study_instance_uid, {"sent", "failed", "held"}, timeout=180)
+    assert (str(done.state), done.attempts) == ("sent", 1), (done.reason_code, done.reason_detail)
+    res = _result(stack, done.id)
+    assert _seg_uids_at(stack.orthanc, study.study_instance_uid) == [res.seg_sop_instance_uid]
+    assert _seg_uids_at(stack.orthanc, study.study_instance_uid, "SR") == [res.sr_sop_instance_uid]
+    with stack.sessions() as s:  # type: ignore[operator]
+        rows = s.execute(select(Delivery).where(Delivery.job_id == done.id)).scalars().all()
+        assert [(d.destination, str(d.state), d.attempts) for d in rows] == [("pacs", "sent", 1)]
 
 
 @pytest.mark.refusing_destination
