@@ -10,10 +10,11 @@ status and the state; ``sent`` only when the peer answered 0x0000. A row already
 again (idempotent), and a row another process is sending right now is left to it: its sender refreshes
 it while it works, and a ``sending`` row not refreshed for the SCU timeout was left by a process that died
 (after the PACS answered and before the answer was written down, say) and is taken over. The resend is
-the same object, under the same SOP Instance UID, and a PACS answers success for an object it holds. A warning status
-(0x0001, 0xBxxx: stored with coercion, elements discarded...) is recorded and not counted as sent: a
-person has to look. A permanent refusal (association rejected permanent, e.g. our AE not recognised; no
-presentation context; a 0xA9xx/0xCxxx failure, which the same bytes will get again) stops at once.
+the same object, under the same SOP Instance UID, and a PACS answers success for an object it holds.
+A warning status (0x0001, 0xBxxx: stored with coercion, elements discarded...) is recorded and not
+counted as sent: a person has to look. A permanent refusal (association rejected permanent, e.g. our AE
+not recognised; no presentation context; a 0xA9xx/0xCxxx failure, which the same bytes will get again)
+stops at once.
 Connection failures, transient rejections, aborts, timeouts and 0xA7xx (out of resources) are retried
 with exponential back-off up to the policy's limit, then ``failed``. Every wait of an attempt is bounded
 by the policy's ``timeout_s``, the socket's reads and writes included: a destination that accepts the
