@@ -15,6 +15,29 @@ What ends an association and what does not:
 * a protocol error or a timeout ends it with an A-ABORT; a transport failure (the peer vanished, a TLS
   error) closes the socket.
 
+Bounds (``NodeConfig.max_pdu`` and ``NodeConfig.limits``), each checked on a header before what it
+declares is read, and each refusal audited:
+
+* what cannot be answered without reading what the bound is there to refuse ends the association with
+  an A-ABORT from the service provider (``association.aborted``): a PDU longer than the ``max_pdu`` we
+  announced, or an A-ASSOCIATE-RQ over 1 MiB (reason 0x06, invalid PDU parameter value: the PDU's length
+  is the bad parameter); a command set over ``command_bytes`` (0x06: it is held whole, and a command
+  cannot be answered before it is whole); a data set over ``instance_bytes`` or an association over
+  ``association_bytes`` (0x00, reason not specified: PS3.8 has no reason for a size we will not take, and
+  a peer that sends a data set that never ends can only be stopped by closing). The partial file goes
+  with the association;
+* what is wrong with a data set's content is that message's refusal, 0xC000, answered once the rest of
+  its data set has been read and dropped (never written), so that the association goes on: an element
+  that declares more than ``element_bytes`` or than the instance cap, sequences deeper than
+  ``sequence_depth``, a deflated data set that inflates past ``inflated_bytes``
+  (:class:`dicom_node.dataset_stream.DataSetStream`, fed each fragment as it arrives). 0xC000 and not
+  0xA700: the same instance will be refused whenever it is sent, and 0xA7xx tells a sender to try again.
+
+UIDs: every UID the node acts on goes through :func:`dicom_node.spool.validate_uid`, from the bytes the
+peer sent: the A-ASSOCIATE-RQ's application context and syntaxes (rejected, 1-1-1, audited), a C-STORE's
+Affected SOP Class and Instance UID (0xC000 ``invalid_uid`` when its command arrives; its data set is read
+and dropped), the data set's (in :mod:`dicom_node.receive`), and so the file meta written from them.
+
 Nothing about a data set is logged: no patient names or IDs.
 """
 
@@ -25,6 +48,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any, NamedTuple, Protocol
 
@@ -42,7 +66,8 @@ from pynetdicom.presentation import PresentationContext, build_context, negotiat
 
 from . import ul
 from .config import NodeConfig
-from .receive import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, InstanceReceiver
+from .dataset_stream import DEFLATED, DataSetStream
+from .receive import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, InstanceReceiver, Refused
 from .security import caller_allowed, normalise_host
 from .sink import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, TempSink, file_meta
 from .spool import InvalidUID, Spool, validate_uid
@@ -55,11 +80,12 @@ log = logging.getLogger("specgate.dicom_node.association")
 IMAGE_STORAGE_SOP_CLASSES: frozenset[str] = frozenset(
     str(getattr(_sop_class, name)) for name in dir(_sop_class) if "ImageStorage" in name
 )
-#: Transfer syntaxes accepted: uncompressed, deflated, and RLE lossless that pydicom decodes.
+#: Transfer syntaxes accepted: uncompressed, deflated (only with ``NodeConfig.accept_deflated``), and RLE
+#: lossless that pydicom decodes.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    DEFLATED,  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
@@ -72,7 +98,9 @@ _RJ_CALLED_AE = (0x01, 0x01, 0x07)
 _RJ_CONTEXT_NAME = (0x01, 0x01, 0x02)
 _RJ_PROTOCOL = (0x01, 0x02, 0x02)
 _RJ_LIMIT = (0x02, 0x03, 0x02)
+_RJ_INVALID_UID = (0x01, 0x01, 0x01)
 _RJ_REASONS = {
+    _RJ_INVALID_UID: "a UID in the A-ASSOCIATE-RQ is not a UID",
     _RJ_CALLING_AE: "calling AE title not recognised",
     _RJ_CALLED_AE: "called AE title not recognised",
     _RJ_CONTEXT_NAME: "application context name not supported",
@@ -86,14 +114,16 @@ _C_ECHO_RQ, _C_ECHO_RSP = 0x0030, 0x8030
 _C_CANCEL_RQ = 0x0FFF
 _NO_DATA_SET = 0x0101
 _UNRECOGNISED_OPERATION = 0x0211
-_MAX_COMMAND = 1 << 16  # bytes; a command set is a few hundred
-_MAX_ASSOCIATE_RQ = 1 << 20
+_MAX_ASSOCIATE_RQ = 1 << 20  # bytes; a few kilobytes with every storage class offered
 
 
-def storage_contexts() -> list[PresentationContext]:
+def storage_contexts(*, accept_deflated: bool = False) -> list[PresentationContext]:
+    """What we accept: Verification, and every image storage class in :data:`TRANSFER_SYNTAXES` (the
+    deflated one only when ``accept_deflated``)."""
+    syntaxes = [ts for ts in TRANSFER_SYNTAXES if accept_deflated or ts != DEFLATED]
     contexts = [build_context(_VERIFICATION)]
     for uid in sorted(IMAGE_STORAGE_SOP_CLASSES):
-        contexts.append(build_context(uid, list(TRANSFER_SYNTAXES)))
+        contexts.append(build_context(uid, syntaxes))
     return contexts
 
 
@@ -116,6 +146,9 @@ class Node(Protocol):
 
     def audit_tls_refused(self, host: str, why: str) -> None: ...
 
+    def audit_abort(self, calling: str, host: str, error: ul.ProtocolError, sop_instance: str | None) -> None:
+        """We abort an association for ``error`` (while receiving ``sop_instance``, when one was)."""
+
 
 class _Reply(NamedTuple):
     """A response to send: command field, status, an Error Comment, the Affected SOP Class to echo."""
@@ -132,8 +165,10 @@ class _Reply(NamedTuple):
 
 
 class _Message:
-    """A DIMSE request whose data set is still arriving: into ``sink``, or read and dropped when the
-    reply was decided when its command came (an operation we do not perform, a refusal)."""
+    """A DIMSE request whose data set is still arriving: checked by ``stream`` and written to ``sink``,
+    or read and dropped once its reply is decided (when its command came: an operation we do not
+    perform, a refusal; or on the way: the data set's content was refused). ``received``: data set bytes
+    so far, as sent."""
 
     def __init__(self, context: PresentationContext, command: dict[int, bytes], sink: TempSink | None,
                  reply: _Reply | None = None) -> None:
@@ -141,6 +176,8 @@ class _Message:
         self.command = command
         self.sink = sink
         self.reply = reply
+        self.stream: DataSetStream | None = None
+        self.received = 0
 
 
 class Association:
@@ -160,6 +197,7 @@ class Association:
         self._peer_max_pdu = 0
         self._command = bytearray()
         self._message: _Message | None = None
+        self._received = 0  # bytes of commands and data sets so far
         self.thread = threading.Thread(target=self.run, name=f"specgate-assoc-{self.host}:{self.port}",
                                        daemon=True)
 
@@ -175,6 +213,13 @@ class Association:
             self.abort(0x02, 0x00)
         except ul.ProtocolError as exc:
             log.warning("association from %r@%s aborted: %s", self.calling, self.host, exc)
+            sop_instance = None
+            if self._message is not None:
+                try:
+                    sop_instance = validate_uid(self._message.command.get(0x1000), what="UID")
+                except InvalidUID:
+                    pass
+            self.node.audit_abort(self.calling, self.host, exc, sop_instance)  # audited before the peer knows
             self.abort(0x02, exc.reason)
         except (OSError, ssl.SSLError) as exc:
             if not self._closed:
@@ -228,7 +273,8 @@ class Association:
         if pdu_type != ul.A_ASSOCIATE_RQ:
             raise ul.ProtocolError(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", ul.ABORT_UNEXPECTED_PDU)
         if length > _MAX_ASSOCIATE_RQ:
-            raise ul.ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes")
+            raise ul.ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes, over {_MAX_ASSOCIATE_RQ}",
+                                   code="pdu_too_long")
         body = reader.exact(length)
         if not self._negotiate(bytes([pdu_type, 0]) + length.to_bytes(4, "big") + body):
             return
@@ -237,6 +283,9 @@ class Association:
         while True:
             pdu_type, length = reader.pdu_header()
             if pdu_type == ul.P_DATA_TF:
+                if length > s.max_pdu:
+                    raise ul.ProtocolError(f"P-DATA-TF of {length} bytes, over the {s.max_pdu} we announced",
+                                           code="pdu_too_long")
                 self._p_data(reader, length)
             elif pdu_type == ul.A_RELEASE_RQ and length == 4:
                 reader.skip(4)
@@ -281,6 +330,8 @@ class Association:
             rsd = _RJ_CALLING_AE
         elif s.require_called_ae and called != s.ae_title:
             rsd = _RJ_CALLED_AE
+        elif not self._uids_valid(raw):
+            rsd = _RJ_INVALID_UID
         elif str(rq.application_context_name) != _APPLICATION_CONTEXT:
             rsd = _RJ_CONTEXT_NAME
         elif not (int(getattr(pdu, "protocol_version", 1)) & 0x0001):
@@ -322,6 +373,16 @@ class Association:
                  len(self._contexts), len(results))
         return True
 
+    def _uids_valid(self, raw: bytes) -> bool:
+        """Whether every UID negotiation acts on is a UID, read from the A-ASSOCIATE-RQ's own bytes."""
+        for what, value in ul.associate_rq_uids(raw):
+            try:
+                validate_uid(value, what=what)
+            except InvalidUID as exc:
+                log.warning("association from %r@%s rejected: %s", self.calling, self.host, exc)
+                return False
+        return True
+
     def _p_data(self, reader: ul.Reader, length: int) -> None:
         remaining = length
         while remaining > 0:
@@ -335,11 +396,16 @@ class Association:
             context = self._contexts.get(context_id)
             if context is None:
                 raise ul.ProtocolError(f"presentation context {context_id} was not accepted")
+            limits = self.node.config.limits
+            self._received += n
+            if self._received > limits.association_bytes:
+                raise ul.ProtocolError(f"the association carries more than {limits.association_bytes} bytes",
+                                       ul.ABORT_NOT_SPECIFIED, code="association_too_large")
             if control & 0x01:  # a command fragment
                 if self._message is not None:
                     raise ul.ProtocolError("a command while a data set was still arriving", ul.ABORT_UNEXPECTED_PDU)
-                if len(self._command) + n > _MAX_COMMAND:
-                    raise ul.ProtocolError(f"command set over {_MAX_COMMAND} bytes")
+                if len(self._command) + n > limits.command_bytes:
+                    raise ul.ProtocolError(f"command set over {limits.command_bytes} bytes", code="command_too_long")
                 self._command += reader.exact(n)
                 if control & 0x02:
                     command = ul.decode_command(bytes(self._command))
@@ -351,8 +417,12 @@ class Association:
                 message = self._message
                 if message is None or message.context.context_id != context_id:
                     raise ul.ProtocolError("a data set fragment without its command", ul.ABORT_UNEXPECTED_PDU)
+                message.received += n
+                if message.received > limits.instance_bytes:
+                    raise ul.ProtocolError(f"a data set of more than {limits.instance_bytes} bytes",
+                                           ul.ABORT_NOT_SPECIFIED, code="instance_too_large")
                 if message.sink is not None:
-                    reader.stream(n, message.sink.write)
+                    reader.stream(n, partial(self._data, message))
                 else:
                     reader.skip(n)
                 if control & 0x02:
@@ -360,6 +430,34 @@ class Association:
                     reply = self._attempt(message.context, message.command, partial(self._on_data_set, message))
                     if reply is not None:
                         self._respond(message.context, message.command, reply)
+
+    def _data(self, message: _Message, piece: memoryview) -> None:
+        """A piece of a data set: checked, then written. A refusal of its content drops the rest."""
+        if message.stream is not None:
+            try:
+                message.stream.feed(piece)
+            except Refused as refusal:
+                self._refuse_data_set(message, refusal)
+                return
+            except Exception as exc:  # noqa: BLE001 - the boundary: a bug refuses this message, not the peer
+                log.exception("association from %r@%s: unexpected error checking a data set; answered 0xC000",
+                              self.calling, self.host)
+                self._refuse_data_set(message, Refused(CANNOT_UNDERSTAND, "internal_error",
+                                                       f"unexpected error ({type(exc).__name__})"))
+                return
+        if message.sink is not None:
+            message.sink.write(piece)
+
+    def _refuse_data_set(self, message: _Message, refusal: Refused) -> None:
+        """Refuse ``message`` on the way (audited now); the rest of its data set is read and dropped."""
+        if message.sink is not None:
+            message.sink.discard()
+        message.sink = message.stream = None
+        self.node.receiver.refuse(refusal.status, refusal.reason, refusal.detail,
+                                  request_sop_class=ul.ui(message.command.get(0x0002)),
+                                  request_sop_instance=ul.ui(message.command.get(0x1000)),
+                                  calling_ae=self.calling, address=self.host)
+        message.reply = _Reply(_C_STORE_RSP, refusal.status, f"{refusal.reason}: {refusal.detail}")
 
     # ----------------------------------------------------------------------------------- messages
     # Each DIMSE message is handled behind one boundary (as pynetdicom's ``service_class.attempt``):
@@ -396,9 +494,17 @@ class Association:
         field = ul.us(command.get(0x0100))
         has_data = ul.us(command.get(0x0800)) != _NO_DATA_SET
         if field == _C_STORE_RQ and has_data:
-            prefix = file_meta(command.get(0x0002, b""), command.get(0x1000, b""), str(context.transfer_syntax[0]),
-                               self.calling)
+            try:
+                rq_class = validate_uid(command.get(0x0002), what="Affected SOP Class UID")
+                rq_instance = validate_uid(command.get(0x1000), what="Affected SOP Instance UID")
+            except InvalidUID as exc:  # refused now; its data set is read and dropped, then answered
+                self._message = _Message(context, command, None)
+                self._refuse_data_set(self._message, Refused(CANNOT_UNDERSTAND, "invalid_uid", str(exc)))
+                return None
+            syntax = str(context.transfer_syntax[0])
+            prefix = file_meta(rq_class, rq_instance, syntax, self.calling)
             self._message = _Message(context, command, None)  # set first: the boundary sees a data set coming
+            self._message.stream = DataSetStream(syntax, self.node.config.limits)
             self._message.sink = TempSink(self.node.spool.tmp_dir, prefix)
             return None
         if field == _C_ECHO_RQ and not has_data:
@@ -421,17 +527,30 @@ class Association:
         sink = message.sink
         assert sink is not None
         command = message.command
-        rq_class, rq_instance = ul.ui(command.get(0x0002)), ul.ui(command.get(0x1000))
+        # checked when the command came (validate_uid): here only to be passed on
+        rq_class = validate_uid(command.get(0x0002), what="Affected SOP Class UID")
+        rq_instance = validate_uid(command.get(0x1000), what="Affected SOP Instance UID")
+        stream = message.stream
+        assert stream is not None
+        try:
+            stream.finish()
+        except Refused as refusal:
+            self._refuse_data_set(message, refusal)
+            return message.reply
         if sink.error is not None:
             outcome = self.node.receiver.refuse(OUT_OF_RESOURCES, "disk_write_failed",
                                                 f"cannot write the data set: {sink.error.strerror}",
                                                 request_sop_class=rq_class, request_sop_instance=rq_instance,
                                                 calling_ae=self.calling, address=self.host)
         else:
+            received = sink.finish()
+            if stream.deflated:  # what fast_header reads is the inflated data set
+                received = replace(received, head=bytes(stream.head), dataset_length=stream.length,
+                                   head_syntax=stream.head_syntax)
             outcome = self.node.receiver.receive(
                 sink.path, request_sop_class=rq_class, request_sop_instance=rq_instance,
                 transfer_syntax=str(message.context.transfer_syntax[0]), calling_ae=self.calling,
-                address=self.host, received=sink.finish())
+                address=self.host, received=received)
         return _Reply(_C_STORE_RSP, outcome.status, "" if outcome.ok else f"{outcome.reason}: {outcome.detail}")
 
     def _respond(self, context: PresentationContext, command: dict[int, bytes], reply: _Reply) -> None:
@@ -439,8 +558,7 @@ class Association:
             (0x0100, "US", reply.field), (0x0120, "US", ul.us(command.get(0x0110)) or 0),
             (0x0800, "US", _NO_DATA_SET), (0x0900, "US", reply.status)]
         # The affected UIDs are echoed when they are UIDs (a response may leave them out, PS3.7 9.3.1.2)
-        for elem, value in ((0x0002, reply.class_uid or ul.ui(command.get(0x0002))),
-                            (0x1000, ul.ui(command.get(0x1000)))):
+        for elem, value in ((0x0002, reply.class_uid or command.get(0x0002)), (0x1000, command.get(0x1000))):
             try:
                 elements.append((elem, "UI", validate_uid(value, what="UID")))
             except InvalidUID:

@@ -33,7 +33,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["MODALITIES", "REJECTION_REASONS", "AssociationsCollector", "NodeMetrics", "modality_label"]
+__all__ = ["ABORT_REASONS", "MODALITIES", "REJECTION_REASONS", "AssociationsCollector", "NodeMetrics",
+           "modality_label"]
 
 #: DICOM modality codes kept as label values; any other value is "other", a missing one "unknown".
 MODALITIES = frozenset({"CT", "MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "OT", "SEG", "SR"})
@@ -45,7 +46,12 @@ REJECTION_REASONS = {
     "application context name not supported": "application_context",
     "protocol version not supported": "protocol_version",
     "local limit exceeded (too many associations)": "association_limit",
+    "a UID in the A-ASSOCIATE-RQ is not a UID": "invalid_uid",
 }
+
+#: Why the SCP aborts an association (:class:`dicom_node.ul.ProtocolError` ``code``): a fixed set.
+ABORT_REASONS = frozenset({"protocol_error", "pdu_too_long", "command_too_long", "instance_too_large",
+                           "association_too_large"})
 
 
 def modality_label(modality: str | None) -> str:
@@ -67,6 +73,8 @@ class NodeMetrics:
                                 "DIMSE status", ["reason", "status"], registry=registry)
         self._rejected = Counter("specgate_associations_rejected", "Associations rejected (A-ASSOCIATE-RJ) "
                                  "or refused at the TLS handshake, by reason", ["reason"], registry=registry)
+        self._aborted = Counter("specgate_associations_aborted", "Associations the SCP aborted (A-ABORT): a "
+                                "broken protocol or a size bound passed, by reason", ["reason"], registry=registry)
 
     def instance_received(self, modality: str | None) -> None:
         self._received.labels(modality=modality_label(modality)).inc()
@@ -78,6 +86,11 @@ class NodeMetrics:
     def association_rejected(self, reason: str) -> None:
         """``reason``: the words the SCP audits (:data:`REJECTION_REASONS`), or ``tls_handshake``."""
         self._rejected.labels(reason=REJECTION_REASONS.get(reason, reason if reason == "tls_handshake" else "other")).inc()
+
+
+    def association_aborted(self, reason: str) -> None:
+        """``reason``: a :class:`dicom_node.ul.ProtocolError` code (:data:`ABORT_REASONS`)."""
+        self._aborted.labels(reason=reason if reason in ABORT_REASONS else "other").inc()
 
 
 class AssociationsCollector(Collector):

@@ -13,7 +13,9 @@ file and no row.
 Statuses: 0xA700 out of resources (disk at the watermark or refusing a write, ledger unavailable), 0xA900 the dataset does not
 match the request (SOP Class/Instance UID differ, an image without pixel data), 0xC000 cannot understand
 (not decodable, a required UID missing or not a UID), 0xC409 the SOP Instance UID is stored already under
-another series or study.
+another series or study. A UID is checked by :func:`dicom_node.spool.validate_uid` from the bytes the
+peer sent (one NUL pad allowed, nothing else taken away), the request's and the data set's before they
+are compared: a value that is not a UID is 0xC000 wherever it comes from, two UIDs that differ 0xA900.
 
 Duplicates. A SOP Instance UID names one image, once. Received again under the *same* series it is a resend
 (a peer that did not see our answer, a PACS sending a study twice): answered 0x0000 and nothing changes;
@@ -129,7 +131,8 @@ def read_header(path: Path) -> InstanceHeader:
     try:
         size = os.path.getsize(path)
         ds = dcmread(path, defer_size=256, specific_tags=_HEADER_TAGS)
-        values = {kw: ds.get(kw) for kw in _HEADER_TAGS[:8]}
+        values: dict[str, Any] = {kw: _raw_uid(ds, kw) for kw in _HEADER_TAGS[:4]}
+        values.update({kw: ds.get(kw) for kw in _HEADER_TAGS[4:8]})
         has_pixels = False
         for kw in _PIXEL_KEYWORDS:
             if kw not in ds:
@@ -145,14 +148,12 @@ def read_header(path: Path) -> InstanceHeader:
             OverflowError, MemoryError, NotImplementedError, AttributeError, IndexError) as exc:
         raise Refused(CANNOT_UNDERSTAND, "undecodable", f"dataset cannot be decoded: {type(exc).__name__}") from exc
     missing = [kw for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-               if not values[kw]]
+               if values[kw] in ("", "\x00")]
     if missing:
         raise Refused(CANNOT_UNDERSTAND, "missing_uid", f"dataset lacks {', '.join(missing)}")
-    return InstanceHeader(
-        sop_class_uid=str(values["SOPClassUID"]).rstrip("\x00 "),
-        sop_instance_uid=str(values["SOPInstanceUID"]).rstrip("\x00 "),
-        study_instance_uid=str(values["StudyInstanceUID"]).rstrip("\x00 "),
-        series_instance_uid=str(values["SeriesInstanceUID"]).rstrip("\x00 "),
+    return InstanceHeader(  # the UIDs as sent: validate_uid decides what padding is
+        sop_class_uid=values["SOPClassUID"], sop_instance_uid=values["SOPInstanceUID"],
+        study_instance_uid=values["StudyInstanceUID"], series_instance_uid=values["SeriesInstanceUID"],
         modality=_text(values["Modality"], 16),
         body_part=_text(values["BodyPartExamined"], 64),
         series_description=_text(values["SeriesDescription"], 64),
@@ -161,16 +162,29 @@ def read_header(path: Path) -> InstanceHeader:
     )
 
 
+def _raw_uid(ds: Any, keyword: str) -> str:
+    """A UI element's value as the peer sent it (pydicom's own value has trailing spaces and NULs taken
+    away, which would make ``1.2.3 `` a UID), "" when absent. A value longer than any UID is not read."""
+    if keyword not in ds:
+        return ""
+    length = getattr(ds.get_item(keyword, keep_deferred=True), "length", 0) or 0
+    if length > 65:
+        return f"<{length} bytes>"
+    value = ds.get_item(keyword).value
+    return value.decode("ascii", errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
 @dataclass(frozen=True)
 class Received:
     """What the network layer learnt while it wrote an instance to its temporary file: the file's size
     and SHA-256 (hashed as the bytes arrived, so the file is not read again), and the data set's length
-    and first bytes (for :func:`fast_header`)."""
+    and first bytes (for :func:`fast_header`; for a deflated data set, both inflated)."""
 
     size: int
     sha256: str
     dataset_length: int
     head: bytes
+    head_syntax: str | None = None  # the transfer syntax of ``head`` when not the negotiated one (inflated)
 
 
 # --- the header without pydicom -------------------------------------------------------------------
@@ -286,8 +300,8 @@ def fast_header(head: bytes, *, transfer_syntax: str, dataset_length: int) -> In
         return None
     uids = {}
     for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        uids[kw] = values.get(kw, "").rstrip("\x00 ")
-    missing = [kw for kw, v in uids.items() if not v]
+        uids[kw] = values.get(kw, "")  # as sent: validate_uid decides what padding is
+    missing = [kw for kw, v in uids.items() if v in ("", "\x00")]
     if missing:
         raise Refused(CANNOT_UNDERSTAND, "missing_uid", f"dataset lacks {', '.join(missing)}")
     return InstanceHeader(
@@ -370,20 +384,17 @@ class InstanceReceiver:
         return outcome
 
     def _header(self, temp: Path, transfer_syntax: str, received: Received) -> InstanceHeader:
-        header = fast_header(received.head, transfer_syntax=str(transfer_syntax).rstrip("\x00 "),
+        header = fast_header(received.head, transfer_syntax=received.head_syntax or transfer_syntax,
                              dataset_length=received.dataset_length)
         return header if header is not None else read_header(temp)
 
     def _checked(self, header: InstanceHeader, rq_class: str, rq_instance: str, transfer_syntax: str,
                  calling_ae: str, received: Received) -> NewInstance:
-        """The instance as the ledger will index it, once it matches its request and its UIDs are UIDs."""
-        if header.sop_class_uid != str(rq_class).rstrip("\x00 "):
-            raise Refused(DATASET_MISMATCH, "sop_class_mismatch",
-                          "dataset SOP Class UID differs from the request's Affected SOP Class UID")
-        if header.sop_instance_uid != str(rq_instance).rstrip("\x00 "):
-            raise Refused(DATASET_MISMATCH, "sop_instance_mismatch",
-                          "dataset SOP Instance UID differs from the request's Affected SOP Instance UID")
+        """The instance as the ledger will index it, once its UIDs and the request's are UIDs (0xC000
+        otherwise) and they match (0xA900 otherwise)."""
         try:
+            rq_class = validate_uid(rq_class, what="Affected SOP Class UID")
+            rq_instance = validate_uid(rq_instance, what="Affected SOP Instance UID")
             new = NewInstance(
                 study_instance_uid=validate_uid(header.study_instance_uid, what="Study Instance UID"),
                 series_instance_uid=validate_uid(header.series_instance_uid, what="Series Instance UID"),
@@ -395,6 +406,12 @@ class InstanceReceiver:
                 series_description=header.series_description, station_name=header.station_name)
         except InvalidUID as exc:
             raise Refused(CANNOT_UNDERSTAND, "invalid_uid", str(exc)) from exc
+        if new.sop_class_uid != rq_class:
+            raise Refused(DATASET_MISMATCH, "sop_class_mismatch",
+                          "dataset SOP Class UID differs from the request's Affected SOP Class UID")
+        if new.sop_instance_uid != rq_instance:
+            raise Refused(DATASET_MISMATCH, "sop_instance_mismatch",
+                          "dataset SOP Instance UID differs from the request's Affected SOP Instance UID")
         is_image = self.image_sop_classes is None or new.sop_class_uid in self.image_sop_classes
         if is_image and not header.has_pixel_data:
             raise Refused(DATASET_MISMATCH, "no_pixel_data", "image storage dataset without pixel data")

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ledger import audit
 from ledger.db import DatabaseUnavailable, session_scope
 
+from . import ul
 from .association import IMAGE_STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, Association, storage_contexts
 from .config import NodeConfig
 from .handoff import HandoffReceiver, accept_until, close_listening
@@ -59,7 +60,7 @@ class StoreSCP:
         self.spool = spool or Spool(config.spool_dir, watermark_percent=config.spool_watermark_percent)
         self.receiver = InstanceReceiver(self.spool, sessions, image_sop_classes=IMAGE_STORAGE_SOP_CLASSES,
                                          on_stored=on_stored, metrics=metrics)
-        self.contexts = storage_contexts()
+        self.contexts = storage_contexts(accept_deflated=config.accept_deflated)
         self.ssl_context: ssl.SSLContext | None = None
         self.handoff = None if handoff is None else HandoffReceiver(handoff, self._serve, self._load)
         self._sock: socket.socket | None = None
@@ -159,6 +160,15 @@ class StoreSCP:
             self.metrics.association_rejected("tls_handshake")
         self._audit(actor="unknown", action="association.tls_refused", object_id=host,
                     details={"address": host, "reason": why})
+
+    def audit_abort(self, calling: str, host: str, error: ul.ProtocolError, sop_instance: str | None) -> None:
+        """An association we abort: a broken protocol or a bound passed (``error.code``), with the C-STORE
+        it cut short when there was one."""
+        if self.metrics is not None:
+            self.metrics.association_aborted(error.code)
+        self._audit(actor=calling or "unknown", action="association.aborted", object_id=host,
+                    details={"calling_ae": calling, "address": host, "reason": error.code, "detail": str(error),
+                             "abort": f"0x02/0x{error.reason:02X}", "sop_instance_uid": sop_instance})
 
     def _audit(self, *, actor: str, action: str, object_id: str, details: dict[str, Any]) -> None:
         try:

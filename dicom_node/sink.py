@@ -1,4 +1,4 @@
-"""A received C-STORE on its way to the spool: the Part 10 file meta we write in front of the data set,
+r"""A received C-STORE on its way to the spool: the Part 10 file meta we write in front of the data set,
 and the temporary file the data set is streamed into.
 
 The file is a DICOM Part 10 file: a preamble and file meta information written by us from the request
@@ -8,9 +8,13 @@ to ``<spool>/tmp`` (the spool's own file system: making it durable is an fsync a
 copy), hashed on the way; the data set's first bytes are kept for :func:`dicom_node.receive.fast_header`.
 Memory stays bounded for a 500 MB multi-frame.
 
-    >>> meta = file_meta(b"1.2.840.10008.5.1.4.1.1.2", b"1.2.3", "1.2.840.10008.1.2.1", "CT01")
+    >>> meta = file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1", "CT01")
     >>> meta[128:132], len(meta) % 2
     (b'DICM', 0)
+    >>> file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3\n", "1.2.840.10008.1.2.1", "CT01")
+    Traceback (most recent call last):
+    ...
+    dicom_node.spool.InvalidUID: Media Storage SOP Instance UID '1.2.3\n' is not a UID (digits and dots, no empty component or leading zero, at most 64 characters, one NUL pad at most)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 from pathlib import Path
 
 from .receive import Received
+from .spool import validate_uid
 
 __all__ = ["IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION", "TempSink", "file_meta"]
 
@@ -48,13 +53,16 @@ def _pad(value: bytes, pad: bytes) -> bytes:
     return value + pad if len(value) % 2 else value
 
 
-def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: str, calling_ae: str) -> bytes:
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str) -> bytes:
     """Preamble, 'DICM' and the file meta group for a received data set (PS3.10 7.1), from the request's
-    raw UID values (written as they came: the file is ours, its name never comes from them)."""
+    UIDs, which must be UIDs (:func:`dicom_node.spool.validate_uid`, the rule every entry uses; raises
+    :class:`dicom_node.spool.InvalidUID`)."""
+    sop_class = validate_uid(sop_class, what="Media Storage SOP Class UID")
+    sop_instance = validate_uid(sop_instance, what="Media Storage SOP Instance UID")
     body = _explicit_le([
         (0x0002, 0x0001, b"OB", b"\x00\x01"),
-        (0x0002, 0x0002, b"UI", _pad(sop_class.rstrip(b"\0 ")[:64], b"\0")),
-        (0x0002, 0x0003, b"UI", _pad(sop_instance.rstrip(b"\0 ")[:64], b"\0")),
+        (0x0002, 0x0002, b"UI", _pad(sop_class.encode("ascii"), b"\0")),
+        (0x0002, 0x0003, b"UI", _pad(sop_instance.encode("ascii"), b"\0")),
         (0x0002, 0x0010, b"UI", _pad(transfer_syntax.encode("ascii"), b"\0")),
         (0x0002, 0x0012, b"UI", _pad(IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\0")),
         (0x0002, 0x0013, b"SH", _pad(IMPLEMENTATION_VERSION.encode("ascii"), b" ")),

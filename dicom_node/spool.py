@@ -1,4 +1,4 @@
-"""Durable files for received instances.
+r"""Durable files for received instances.
 
 An instance becomes durable in three steps, in this order, before its C-STORE is answered:
 
@@ -12,14 +12,22 @@ An instance becomes durable in three steps, in this order, before its C-STORE is
    success for it and sends it again, which finds the file and indexes it.
 
 The path components are UIDs validated by :func:`validate_uid`; a DICOM value is never used as a path
-otherwise.
+otherwise. :func:`validate_uid` is also the one rule for every other UID the node takes from a peer (the
+A-ASSOCIATE-RQ's syntaxes, the C-STORE request's, the data set's, the file meta we write): a value is
+either a UID by PS3.5 9.1 or refused, never tidied into one.
 
     >>> validate_uid("1.2.840.10008.5.1.4.1.1.2", what="SOP Class UID")
     '1.2.840.10008.5.1.4.1.1.2'
+    >>> validate_uid(b"1.2.345\x00", what="Study Instance UID")  # the one NUL that pads an odd length
+    '1.2.345'
     >>> validate_uid("1.2/../3", what="SOP Instance UID")
     Traceback (most recent call last):
     ...
-    dicom_node.spool.InvalidUID: SOP Instance UID '1.2/../3' is not a UID (digits and dots, at most 64 characters)
+    dicom_node.spool.InvalidUID: SOP Instance UID '1.2/../3' is not a UID (digits and dots, no empty component or leading zero, at most 64 characters, one NUL pad at most)
+    >>> validate_uid("1.2.3\n", what="Study Instance UID")
+    Traceback (most recent call last):
+    ...
+    dicom_node.spool.InvalidUID: Study Instance UID '1.2.3\n' is not a UID (digits and dots, no empty component or leading zero, at most 64 characters, one NUL pad at most)
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from pathlib import Path
 __all__ = ["InvalidUID", "Spool", "SpooledFile", "validate_uid"]
 
 # PS3.5 9.1: components of digits separated by single dots, no leading zero in a multi-digit component.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Matched with fullmatch: "$" would also match before a trailing newline.
+_UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 _HASH_CHUNK = 1 << 20
 
 
@@ -44,12 +53,24 @@ class InvalidUID(ValueError):
 
 
 def validate_uid(value: object, *, what: str) -> str:
-    """Return ``value`` (trailing NUL/space padding removed) if it is a DICOM UID, else raise InvalidUID."""
-    text = str(value).rstrip("\x00 ") if value is not None else ""
-    if not text or len(text) > 64 or not _UID_RE.match(text):
+    """Return ``value`` as a UID if it is one, else raise :class:`InvalidUID` naming ``what`` and showing
+    the value (``repr``: a newline or a NUL is visible).
+
+    ``value``: text, or the raw bytes of a UI value (bytes that are not ASCII never make a UID). One
+    trailing NUL is the pad of an odd-length UI value (PS3.5 6.2) and is removed; any other trailing or
+    leading character, a space or a second NUL included, is part of the value and makes it not a UID.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        text = bytes(value).decode("ascii", errors="replace")
+    else:
+        text = "" if value is None else str(value)
+    if text.endswith("\x00"):
+        text = text[:-1]
+    if len(text) > 64 or not _UID_RE.fullmatch(text):
         shown = text if len(text) <= 80 else text[:80] + "..."
-        raise InvalidUID(f"{what} {shown!r} is not a UID (digits and dots, at most 64 characters)")
-    return text
+        raise InvalidUID(f"{what} {shown!r} is not a UID (digits and dots, no empty component or leading zero, "
+                         "at most 64 characters, one NUL pad at most)")
+    return str(text)
 
 
 def _fsync(path: Path, flags: int = 0) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "PeerClosed",
     "ProtocolError",
     "Reader",
+    "associate_rq_uids",
     "decode_command",
     "encode_abort",
     "encode_command",
@@ -58,6 +59,7 @@ A_ABORT = 0x07
 RELEASE_RP = struct.pack(">BBII", A_RELEASE_RP, 0, 4, 0)
 
 # A-ABORT reasons when the source is the service provider (0x02), PS3.8 9.3.8
+ABORT_NOT_SPECIFIED = 0x00
 ABORT_UNRECOGNISED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PARAMETER = 0x06
@@ -72,11 +74,13 @@ class PeerClosed(Exception):
 
 
 class ProtocolError(Exception):
-    """The peer broke the protocol; the association is aborted with ``reason`` (PS3.8 9.3.8)."""
+    """The peer broke the protocol, or a bound on what it may send; the association is aborted with
+    ``reason`` (PS3.8 9.3.8). ``code``: a short name for audit rows and metrics (a fixed set in our code)."""
 
-    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER) -> None:
+    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER, code: str = "protocol_error") -> None:
         super().__init__(message)
         self.reason = reason
+        self.code = code
 
 
 class Reader:
@@ -161,6 +165,42 @@ def encode_pdata(context_id: int, command: bool, data: bytes, max_pdu: int) -> b
         out += piece
         if last:
             return bytes(out)
+
+
+def associate_rq_uids(pdu: bytes) -> list[tuple[str, bytes]]:
+    """The UIDs of an A-ASSOCIATE-RQ (the whole PDU) that negotiation acts on, as (what, raw value):
+    the application context name, and each presentation context's abstract and transfer syntaxes
+    (PS3.8 9.3.2), read from the PDU's own bytes, since pynetdicom's decoder strips whitespace from them.
+    The Implementation Class UID and the other user information items are not among them: we never act
+    on them. Raises :class:`ProtocolError` when an item runs past the end of the PDU.
+
+        >>> rq = bytes(74) + bytes([0x10, 0, 0, 3]) + b"1.2"
+        >>> associate_rq_uids(rq)
+        [('application context name', b'1.2')]
+    """
+    out: list[tuple[str, bytes]] = []
+
+    def items(start: int, end: int) -> Iterable[tuple[int, int, int]]:
+        pos = start
+        while pos < end:
+            if pos + 4 > end:
+                raise ProtocolError("A-ASSOCIATE-RQ ends inside an item header")
+            item_type, length = pdu[pos], struct.unpack_from(">H", pdu, pos + 2)[0]
+            if pos + 4 + length > end:
+                raise ProtocolError(f"A-ASSOCIATE-RQ item 0x{item_type:02X} runs past its end")
+            yield item_type, pos + 4, pos + 4 + length
+            pos += 4 + length
+
+    for item_type, start, end in items(74, len(pdu)):
+        if item_type == 0x10:
+            out.append(("application context name", pdu[start:end]))
+        elif item_type == 0x20:
+            for sub_type, sub_start, sub_end in items(start + 4, end):
+                if sub_type == 0x30:
+                    out.append(("abstract syntax", pdu[sub_start:sub_end]))
+                elif sub_type == 0x40:
+                    out.append(("transfer syntax", pdu[sub_start:sub_end]))
+    return out
 
 
 # ------------------------------------------------------------------------------- DIMSE commands

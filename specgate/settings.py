@@ -38,6 +38,7 @@ from dicom_node.config import (
     AssemblyConfig,
     Destination,
     NodeConfig,
+    ReceiveLimits,
     SeriesRule,
     TLSConfig,
     validate_ae_title,
@@ -118,7 +119,8 @@ class Settings(BaseSettings):
     scp_acse_timeout: float = Field(default=30.0, gt=0)
     scp_dimse_timeout: float = Field(default=60.0, gt=0)
     scp_network_timeout: float = Field(default=60.0, gt=0)
-    scp_max_pdu: int = Field(default=1048576, ge=0, description="0 means unlimited")
+    scp_max_pdu: int = Field(default=1048576, ge=4096, le=1 << 26,
+                             description="the longest PDU we read, announced to peers; a longer one is aborted")
     scp_require_called_ae: bool = True
     scp_tls_cert: Path | None = None
     scp_tls_key: Path | None = None
@@ -126,6 +128,25 @@ class Settings(BaseSettings):
     scp_tls_require_client_cert: bool = False
     spool_disk_watermark_percent: float = Field(default=95.0, gt=0, le=100,
                                                 description="refuse C-STORE above this disk usage")
+    # What one peer may make the SCP read, hold or store (dicom_node.config.ReceiveLimits; the answers in
+    # dicom_node/CONFORMANCE.md, "Limits").
+    scp_max_command_bytes: int = Field(default=1 << 16, ge=1024, le=1 << 20,
+                                       description="a DIMSE command set; longer: A-ABORT")
+    scp_max_element_bytes: int = Field(default=64 << 20, ge=1 << 10, le=0xFFFFFFFE,
+                                       description="the length one data element other than pixel data may "
+                                                   "declare; more: 0xC000")
+    scp_max_instance_bytes: int = Field(default=2 << 30, ge=1 << 20, le=1 << 40,
+                                        description="one data set on the wire, and the most any element "
+                                                    "may declare; a data set that passes it: A-ABORT")
+    scp_max_association_bytes: int = Field(default=64 << 30, ge=1 << 20, le=1 << 50,
+                                           description="everything one association carries; more: A-ABORT")
+    scp_max_sequence_depth: int = Field(default=32, ge=1, le=64,
+                                        description="sequences nested in one another; deeper: 0xC000")
+    scp_accept_deflated: bool = Field(default=False,
+                                      description="negotiate Deflated Explicit VR Little Endian "
+                                                  "(1.2.840.10008.1.2.1.99)")
+    scp_max_inflated_bytes: int = Field(default=256 << 20, ge=1 << 20, le=1 << 40,
+                                        description="what a deflated data set may inflate to; more: 0xC000")
 
     # --- DICOM SCU (sending results) ---------------------------------------------------------------
     scu_ae_title: str = Field(default="SPECGATE", description="calling AE title of outbound C-STORE/C-ECHO")
@@ -308,6 +329,14 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.scp_max_association_bytes < self.scp_max_instance_bytes:
+            raise ValueError(f"scp_max_association_bytes ({self.scp_max_association_bytes}) is below "
+                             f"scp_max_instance_bytes ({self.scp_max_instance_bytes}): an association could "
+                             "not carry one instance of the largest size accepted")
+        return self
+
+    @model_validator(mode="after")
     def _worker_timing_consistent(self) -> Settings:
         """The relations the claim and the broker rely on: a live attempt's heartbeat never looks stale,
         a soft limit comes before its hard limit, and the broker does not give a message to a second
@@ -378,7 +407,14 @@ class Settings(BaseSettings):
             max_associations=self.scp_max_associations, processes=self.scp_processes,
             acse_timeout=self.scp_acse_timeout, network_timeout=self.scp_network_timeout,
             dimse_timeout=self.scp_dimse_timeout, max_pdu=self.scp_max_pdu,
-            spool_watermark_percent=self.spool_disk_watermark_percent, tls=tls)
+            spool_watermark_percent=self.spool_disk_watermark_percent, tls=tls,
+            limits=ReceiveLimits(command_bytes=self.scp_max_command_bytes,
+                                 element_bytes=self.scp_max_element_bytes,
+                                 instance_bytes=self.scp_max_instance_bytes,
+                                 association_bytes=self.scp_max_association_bytes,
+                                 sequence_depth=self.scp_max_sequence_depth,
+                                 inflated_bytes=self.scp_max_inflated_bytes),
+            accept_deflated=self.scp_accept_deflated)
 
     def assembly_config(self) -> AssemblyConfig:
         """What :class:`dicom_node.assembler.Assembler` needs."""

@@ -45,6 +45,10 @@ def test_environment_lists_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SPECGATE_DESTINATION", "pacs=ORTHANC@h:1", "SPECGATE_DESTINATION"),
         ("SPECGATE_INFERENCE_SPACING", "CT=4,0,4", "SPECGATE_INFERENCE_SPACING"),
         ("SPECGATE_INFERENCE_SPACING", "CT:4,4,4", "MODALITY=z,y,x"),
+        ("SPECGATE_SCP_MAX_PDU", "0", "SPECGATE_SCP_MAX_PDU"),  # "unlimited" is no longer a PDU length
+        ("SPECGATE_SCP_MAX_INSTANCE_BYTES", "1000", "SPECGATE_SCP_MAX_INSTANCE_BYTES"),
+        ("SPECGATE_SCP_MAX_SEQUENCE_DEPTH", "0", "SPECGATE_SCP_MAX_SEQUENCE_DEPTH"),
+        ("SPECGATE_SCP_MAX_ASSOCIATION_BYTES", "1048576", "could not carry one instance"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
@@ -122,6 +126,22 @@ name = "any-ct"
     monkeypatch.setenv("SPECGATE_MODELS", '{"brain": {"weights": "/a.pt"}}')
     with pytest.raises(SettingsError, match="SPECGATE_MODELS"):
         Settings.load()
+
+
+def test_receive_limits_have_their_documented_defaults_and_reach_the_node(tmp_path: Path) -> None:
+    node = Settings.load(data_dir=tmp_path).node_config()
+    assert node.max_pdu == 1 << 20 and node.accept_deflated is False
+    limits = node.limits
+    assert (limits.command_bytes, limits.element_bytes, limits.instance_bytes, limits.association_bytes,
+            limits.sequence_depth, limits.inflated_bytes) == (64 << 10, 64 << 20, 2 << 30, 64 << 30, 32, 256 << 20)
+    node = Settings.load(data_dir=tmp_path, scp_max_pdu=16384, scp_max_command_bytes=4096,
+                         scp_max_element_bytes=1 << 20, scp_max_instance_bytes=8 << 20,
+                         scp_max_association_bytes=16 << 20, scp_max_sequence_depth=4, scp_accept_deflated=True,
+                         scp_max_inflated_bytes=2 << 20).node_config()
+    assert node.max_pdu == 16384 and node.accept_deflated is True
+    assert (node.limits.command_bytes, node.limits.element_bytes, node.limits.instance_bytes,
+            node.limits.association_bytes, node.limits.sequence_depth, node.limits.inflated_bytes) == \
+        (4096, 1 << 20, 8 << 20, 16 << 20, 4, 2 << 20)
 
 
 def test_worker_config_carries_what_the_worker_needs(tmp_path: Path) -> None:

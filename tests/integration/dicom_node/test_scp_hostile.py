@@ -3,6 +3,7 @@ file or row for a refused instance), and the SCP keeps serving afterwards."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -18,13 +19,16 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from tests.integration.dicom_node.helpers import (
     CALLER,
     Ledger,
+    RawPeer,
     echo,
     encode_dataset,
+    nothing_left,
     pdata,
     raw_request,
     raw_store,
     store,
     store_command,
+    stored_files,
     with_payload,
 )
 from tests.peers import wait_for, write_ct_series
@@ -108,7 +112,15 @@ def test_uid_that_is_a_path_or_too_long(served, tmp_path: Path, field: str, valu
     [event] = ledger.audit("instance.refused")
     assert event.details["reason"] == "invalid_uid"
     assert list(scp.spool.tmp_dir.iterdir()) == []
-    assert not list(Path("/tmp").glob("evil*")) and not list(tmp_path.rglob("*evil*"))
+    # where the spool would have written, had it used the value as a path: <study>/<series>/<sop>.dcm
+    # under the spool, each with the hostile value in its place, resolved as the kernel would
+    root = scp.spool.root
+    study, series_uid, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    targets = [Path(os.path.normpath(p)) for p in
+               (root / study, root / study / series_uid, root / study / series_uid / f"{sop}.dcm")]
+    for target in targets:
+        assert not target.exists(), f"{target} was written"
+    assert not list(tmp_path.rglob("*evil*"))
     _assert_nothing_kept_and_still_serving(ledger, scp.address[1], series.paths[0], tmp_path)
 
 
@@ -133,20 +145,32 @@ def _nested(depth: int) -> bytes:
     return creator + (sq_open + item_open) * depth + (item_close + sq_close) * depth
 
 
-def test_deeply_nested_sequence(served, tmp_path: Path) -> None:
-    """100 000 levels of undefined-length sequences: the SCP answers, keeps serving, and what it keeps
-    (if it keeps anything) is byte for byte what was sent."""
-    ledger, scp, series = served
+def test_deeply_nested_sequence(scp_process, tmp_path: Path) -> None:
+    """100 000 levels of undefined-length sequences: refused when the 33rd opens (the bound,
+    SPECGATE_SCP_MAX_SEQUENCE_DEPTH, is 32), 0xC000 ``sequence_too_deep`` once the rest of the data set
+    was read and dropped; audited, nothing kept, memory flat in the SCP process. The answer is 0xC000 and
+    not an A-ABORT because the data set is what is wrong, not the association. 32 levels are stored,
+    byte for byte."""
+    scp = scp_process()
+    series = write_ct_series(tmp_path / "in", slices=2)
     ds = dcmread(series.paths[0])
     payload = encode_dataset(ds[:0x00090000]) + _nested(100_000) + encode_dataset(ds[0x00090000:])
-    bad = with_payload(series.paths[0], payload, tmp_path / "hostile" / "nested.dcm")
-    [status] = store(scp.address[1], [bad], raw=True)
-    assert status in (0x0000, C000)
-    if status == 0:
-        assert ledger.count() == 1 and ledger.spool_files()[0].read_bytes() == bad.read_bytes()
-    else:
-        assert ledger.count() == 0 and ledger.spool_files() == []
-    assert store(scp.address[1], [series.paths[1]]) == [0]
+    with scp.memory() as mem:
+        with RawPeer(scp.port) as peer:
+            assert peer.send_store(peer.accepted[0], CTImageStorage, ds.SOPInstanceUID, [payload])
+            assert peer.response() == C000
+    assert mem.grown_mib < 32, f"the SCP's peak memory grew by {mem.grown_mib:.1f} MiB"
+    [event] = scp.ledger.audit("instance.refused")
+    assert event.details["reason"] == "sequence_too_deep" and event.details["status"] == "0xC000"
+    assert "32" in event.details["detail"]
+    nothing_left(scp)
+    ds = dcmread(series.paths[1])
+    payload = encode_dataset(ds[:0x00090000]) + _nested(32) + encode_dataset(ds[0x00090000:])
+    with RawPeer(scp.port) as peer:
+        assert peer.send_store(peer.accepted[0], CTImageStorage, ds.SOPInstanceUID, [payload])
+        assert peer.response() == 0
+    [stored] = stored_files(scp)
+    assert stored.read_bytes().endswith(payload)
 
 
 def test_unknown_calling_ae_is_rejected_and_audited(served, tmp_path: Path) -> None:
@@ -220,8 +244,10 @@ def test_peer_goes_silent_mid_dataset(served, tmp_path: Path) -> None:
     cx = assoc.accepted_contexts[0]
     sock = assoc.dul.socket.socket
     raw = series.paths[0].read_bytes()
+    meta_end = 132 + 12 + int(dcmread(series.paths[0]).file_meta.FileMetaInformationGroupLength)
     command = store_command(CTImageStorage, series.sop_instance_uids[0])
-    sock.sendall(pdata(cx.context_id, 0x03, command) + pdata(cx.context_id, 0x00, raw[2000:6000]))
+    # the data set's first 4000 bytes (its header and the start of its pixel data): a valid beginning
+    sock.sendall(pdata(cx.context_id, 0x03, command) + pdata(cx.context_id, 0x00, raw[meta_end:meta_end + 4000]))
     wait_for(lambda: list((ledger.settings.spool_dir / "tmp").iterdir()), timeout=5, what="a partial temp file")
     t0 = time.monotonic()
     # the SCP sends an A-ABORT after its 2 s network timeout; pynetdicom (the peer's side) sees it

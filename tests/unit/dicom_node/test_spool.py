@@ -18,13 +18,17 @@ STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
 ])
 def test_valid_uids_pass(value: str) -> None:
     assert validate_uid(value, what="UID") == value.rstrip("\x00 ")
+    assert validate_uid(value.encode(), what="UID") == value.rstrip("\x00 ")  # the raw bytes: the same
 
 
 @pytest.mark.parametrize("value", [
     "", "../../etc/passwd", "1.2/3", "1.2.3/../4", "1..2", ".1.2", "1.2.", "1.02", "1.2.a",
     "1." + "2" * 63, "1.2.3 4", None,
+    # padding is one NUL and nothing else: `$` once let a trailing newline through, rstrip spaces
+    "1.2.3\n", "1.2.3 ", "1.2.3\t", "1.2.3\r\n", "1.2.3\x00\x00", " 1.2.3", "1.2\x003", "1.2\x013",
+    b"1.2.3\n", b"1.2.\xc3\xa93", "\x00",
 ])
-def test_invalid_uids_are_refused_naming_the_value(value: str | None) -> None:
+def test_invalid_uids_are_refused_naming_the_value(value: str | bytes | None) -> None:
     with pytest.raises(InvalidUID, match="Study Instance UID"):
         validate_uid(value, what="Study Instance UID")
 
