@@ -20,6 +20,7 @@ Security, as a hospital's review would ask:
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import logging
 import os
@@ -45,7 +46,7 @@ from ledger import audit
 from ledger.db import DatabaseUnavailable, session_scope
 from ledger.reviews import ReviewError, decide
 
-from . import auth, queries
+from . import auth, queries, render
 from .config import ReviewConfig
 
 __all__ = ["ReviewActions", "create_app", "load_secret"]
@@ -67,23 +68,26 @@ class ReviewActions:
 
 
 def load_secret(path: Path) -> bytes:
-    """The key that signs cookies: read it, or make one (mode 0600) the first time."""
-    try:
-        data = path.read_bytes().strip()
-        if len(data) >= 32:
-            return data
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as fh:
-        fh.write(key)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    return key
+    """The key that signs cookies: read it, or make one (mode 0600) the first time. Two processes starting
+    at once agree on one key: the new file is linked into place only if none is there yet."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as fh:
+            fh.write(secrets.token_hex(32).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # fails if another process made the key first: that one is used
+        except FileExistsError:
+            log.info("session key %s made by another process; using it", path)
+        finally:
+            tmp.unlink()
+    data = path.read_bytes().strip()
+    if len(data) < 32:
+        raise ValueError(f"session key {path} is shorter than 32 bytes: remove it to make a new one")
+    return data
 
 
 class _Redirect(Exception):
@@ -275,17 +279,13 @@ class ReviewApp:
         if view.result is not None and view.result.prob_path and view.series_paths:
             try:
                 images = self.images.get(view.job.id, view.series_paths, Path(view.result.prob_path))
-                from .render import slice_with_most_foreground
-
-                start_z = slice_with_most_foreground(images)
+                start_z = render.slice_with_most_foreground(images)
             except (OSError, ValueError) as exc:
                 log.warning("job %s: images cannot be shown (%s)", job_id, type(exc).__name__)
                 images = None
             loo = view.evidence.get("bank_loo_oodm")
             if loo:
-                from .render import bank_histogram_svg
-
-                histogram = bank_histogram_svg(loo, view.result.oodm, view.result.tau)
+                histogram = render.bank_histogram_svg(loo, view.result.oodm, view.result.tau)
         viewer = None
         if self.config.viewer_url:
             viewer = self.config.viewer_url.format(study_instance_uid=view.study.study_instance_uid,
@@ -299,21 +299,19 @@ class ReviewApp:
         self.require(request)
         job_id = int(request.path_params["job_id"])
         z = int(request.path_params["z"])
-        from .render import slice_png
-
         with session_scope(self.sessions) as s:
-            view = queries.study_view(s, job_id)
-        if view is None or view.result is None or not view.result.prob_path or not view.series_paths:
+            files = queries.image_files(s, job_id)
+        if files is None:
             return PlainTextResponse("no images for this job", status_code=404)
         window = request.query_params.get("window") or None
         overlay = request.query_params.get("overlay") or "mask"
         try:
-            images = self.images.get(job_id, view.series_paths, Path(view.result.prob_path))
+            images = self.images.get(job_id, *files)
         except (OSError, ValueError) as exc:  # a spool file gone, or the kept map does not fit the series
             log.warning("job %s: images cannot be shown (%s)", job_id, type(exc).__name__)
             return PlainTextResponse("the images of this job cannot be read", status_code=409)
         try:
-            png = slice_png(images, z, window=window, overlay=overlay)
+            png = render.slice_png(images, z, window=window, overlay=overlay)
         except IndexError as exc:
             return PlainTextResponse(str(exc), status_code=404)
         except ValueError as exc:
@@ -513,7 +511,7 @@ def _wrap(app: ReviewApp, handler: Callable[..., Any], *, html: bool = True) -> 
 
     async def endpoint(request: Request) -> Response:
         try:
-            if _is_coroutine(handler):
+            if inspect.iscoroutinefunction(handler):
                 response = await handler(request)
             else:
                 response = await run_in_threadpool(handler, request)
@@ -541,19 +539,11 @@ def _refusal(app: ReviewApp, request: Request, d: _Denied, html: bool, *, me: bo
                       me=app.current(request) if me else None, waiting=None)
 
 
-def _is_coroutine(fn: Any) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(fn)
-
-
 def create_app(config: ReviewConfig, sessions: sessionmaker[Session], actions: ReviewActions, *,
                images: Any = None) -> Starlette:
     """The ASGI application. ``images`` is the slice cache (default: a :class:`review.render.ImageCache`)."""
-    from .render import ImageCache
-
     secret = load_secret(config.secret_file)
-    cache = images if images is not None else _JobImages(ImageCache())
+    cache = images if images is not None else _JobImages(render.ImageCache())
     app = ReviewApp(config, sessions, actions, secret, cache)
     w = _wrap
     routes = [
@@ -585,6 +575,4 @@ class _JobImages:
         self.cache = cache
 
     def get(self, job_id: int, series_paths: list[Path], prob_path: Path) -> Any:
-        from .render import StudyImages
-
-        return self.cache.get(job_id, lambda: StudyImages.open(series_paths, prob_path))
+        return self.cache.get(job_id, lambda: render.StudyImages.open(series_paths, prob_path))

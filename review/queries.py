@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from ledger.schema import (
 
 from .auth import aware
 
-__all__ = ["REJECT_REASONS", "QueueFilter", "QueueRow", "StudyView", "queue", "queue_facets", "study_view"]
+__all__ = ["REJECT_REASONS", "QueueFilter", "QueueRow", "StudyView", "image_files", "queue", "queue_facets",
+           "series_paths", "study_view"]
 
 # The fixed list a rejection picks from (the free text adds detail). Kept short, as a reading room uses it.
 REJECT_REASONS: dict[str, str] = {
@@ -89,16 +90,10 @@ def _held(session: Session, f: QueueFilter) -> Any:
     if f.calling_ae:
         q = q.where(Study.calling_ae == f.calling_ae)
     if f.min_age_h is not None:
-        q = q.where(Job.updated_at <= now - _hours(f.min_age_h))
+        q = q.where(Job.updated_at <= now - timedelta(hours=f.min_age_h))
     if f.max_age_h is not None:
-        q = q.where(Job.updated_at >= now - _hours(f.max_age_h))
+        q = q.where(Job.updated_at >= now - timedelta(hours=f.max_age_h))
     return q, now
-
-
-def _hours(h: float) -> Any:
-    from datetime import timedelta
-
-    return timedelta(hours=h)
 
 
 def queue(session: Session, f: QueueFilter) -> tuple[list[QueueRow], int]:
@@ -167,9 +162,7 @@ def study_view(session: Session, job_id: int) -> StudyView | None:
     series = session.execute(select(Series).where(Series.series_instance_uid == job.series_instance_uid)
                              ).scalar_one_or_none()
     result = session.execute(select(Result).where(Result.job_id == job.id)).scalar_one_or_none()
-    paths = [Path(p) for p in session.execute(
-        select(Instance.spool_path).join(Series).where(Series.series_instance_uid == job.series_instance_uid)
-        .order_by(Instance.id)).scalars()]
+    paths = series_paths(session, job.series_instance_uid)
     evidence: dict[str, Any] = {}
     if result is not None and result.evidence_path:
         try:
@@ -190,6 +183,24 @@ def study_view(session: Session, job_id: int) -> StudyView | None:
     return StudyView(job=job, study=study, series=series, result=result, evidence=evidence, series_paths=paths,
                      reviews=reviews, deliveries=deliveries, retraction=retraction, history=history,
                      newer_job_id=newer, patient=patient_banner(paths[0]) if paths else {})
+
+
+def series_paths(session: Session, series_instance_uid: str | None) -> list[Path]:
+    """The spool files of a job's series, in the order they were stored."""
+    return [Path(p) for p in session.execute(
+        select(Instance.spool_path).join(Series).where(Series.series_instance_uid == series_instance_uid)
+        .order_by(Instance.id)).scalars()]
+
+
+def image_files(session: Session, job_id: int) -> tuple[list[Path], Path] | None:
+    """What a slice is drawn from: the series' spool files and the kept probability map (None: no images).
+    Two small queries: a slice request must not read what the study page shows (history, banner)."""
+    row = session.execute(select(Job.series_instance_uid, Result.prob_path).join(Result, Result.job_id == Job.id)
+                          .where(Job.id == job_id)).one_or_none()
+    if row is None or not row.prob_path:
+        return None
+    paths = series_paths(session, row.series_instance_uid)
+    return (paths, Path(row.prob_path)) if paths else None
 
 
 def patient_banner(path: Path) -> dict[str, str]:
