@@ -1,0 +1,96 @@
+"""The one interface every model format implements, so the worker, the gate and the bank fit do not know
+which format a model came in.
+
+An adapter is opened once per worker process (:meth:`ModelAdapter.open`, the only place that reads
+files) and then predicts study after study. :meth:`ModelAdapter.predict` runs the *format's own*
+pre-processing, inferer and post-processing (SegNet: :func:`model.segment.segment_volume`; a MONAI
+bundle: its ``preprocessing``, ``inferer`` and ``postprocessing`` from ``monai.bundle``; nnU-Net v2:
+``nnUNetPredictor``; TorchScript: the spec file's settings), with a forward hook on the signature's
+layer feeding a :class:`model.window_gram.WindowGram` window by window. It returns the label map on the
+*source* grid (what goes into the SEG) and the foreground probability for the review overlay.
+
+Memory: per-class probabilities stay on the model's grid; only the label map (``uint8``/``uint16``) and
+one float16 foreground map are brought back to the source grid.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["AdapterError", "Label", "ModelAdapter", "Prediction"]
+
+
+class AdapterError(ValueError):
+    """A model folder or file that cannot be used, with the reason (a missing file, a layer that does not
+    exist, a checkpoint that does not match its plans, a config that does not parse)."""
+
+
+@dataclass(frozen=True)
+class Label:
+    """One output label: its value in the model's label map (``1..``; 0 is background) and the model's
+    own name for it (nnU-Net ``dataset.json`` ``labels``, a bundle's ``metadata.json``, the spec file)."""
+
+    value: int
+    name: str
+
+
+@dataclass
+class Prediction:
+    """One study through one model.
+
+    ``labels``: (z, y, x) on the source grid, 0 background, values from :attr:`ModelAdapter.labels`
+    (``uint8``, or ``uint16`` past 255 labels). ``foreground``: (z, y, x) float16 on the source grid,
+    1 - P(background) (the review overlay, calibration). ``gram`` / ``n_signature_voxels`` /
+    ``signature``: the mean-Gram signature of the signature layer over the body
+    (:class:`model.window_gram.WindowGram`). ``evidence``: how it was made (grid, crop, windows, mirrors,
+    layer), for the evidence JSON.
+    """
+
+    labels: np.ndarray
+    foreground: np.ndarray
+    signature: np.ndarray
+    gram: np.ndarray
+    n_signature_voxels: int
+    evidence: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ModelAdapter(ABC):
+    """A loaded model of one format. The constructor does no I/O; build with :meth:`open`."""
+
+    #: "segnet" | "monai-bundle" | "nnunet-v2" | "torchscript"
+    format: ClassVar[str]
+
+    name: str
+    version: str
+    labels: tuple[Label, ...]
+    layer: str  # module name of the signature's layer (a forward hook)
+    files_sha256: Mapping[str, str]  # relative path -> SHA-256 of every file the model is made of
+
+    @classmethod
+    @abstractmethod
+    def open(cls, path: Path, *, layer: str | None = None, device: str = "cpu", **options: Any) -> ModelAdapter:
+        """Load the model at ``path`` with the format's own loader; ``layer`` overrides the default
+        signature layer. Raises :class:`AdapterError` naming what is wrong."""
+
+    @abstractmethod
+    def predict(self, image: np.ndarray, spacing: Sequence[float], modality: str) -> Prediction:
+        """Segment one volume: ``image`` (z, y, x) in native units (HU for CT), ``spacing`` (z, y, x) mm."""
+
+    @abstractmethod
+    def signature_settings(self) -> dict[str, Any]:
+        """Everything that changes a signature (the bank records it; a worker running other settings
+        refuses the bank): format, layer, the grid/spacing, window size and overlap, mirroring, folds,
+        :data:`model.window_gram.OWNERSHIP_RULE`, the body rule."""
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready description for the ledger's model row and the evidence file."""
+        return {"format": self.format, "name": self.name, "version": self.version, "layer": self.layer,
+                "labels": {lab.value: lab.name for lab in self.labels}, "files_sha256": dict(self.files_sha256),
+                "signature_settings": self.signature_settings()}
