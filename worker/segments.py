@@ -224,5 +224,5 @@ def segments_evidence(segments: Sequence[SegmentDefinition], label_map: np.ndarr
     return [{"segment_number": i, "value": s.value, "name": s.label, "color": list(s.color),
              "category": list(s.code.category), "type": list(s.code.type),
              "modifier": list(s.code.modifier) if s.code.modifier else None, "coded": s.coded,
-             "voxels": int(counts[s.value]), "volume_ml": round(int(counts[s.value]) * voxel_ml, 3)}
+             "voxels": int(counts[s.value]), "volume_ml": round(int(counts[s.value]) * voxel_ml, 6)}
             for i, s in enumerate(segments, start=1)]

@@ -228,8 +228,8 @@ def _measurement_group(seg: Dataset, segment: Dataset, source_series_uid: str, m
     finding_sites: Sequence[hd.sr.FindingSite] | None = None
     if "SegmentedPropertyTypeModifierCodeSequence" in kind:
         finding_sites = [hd.sr.FindingSite(
-            anatomic_location=CodedConcept.from_dataset(kind),
-            laterality=CodedConcept.from_dataset(kind.SegmentedPropertyTypeModifierCodeSequence[0]))]
+            anatomic_location=_plain(kind),
+            laterality=_plain(kind.SegmentedPropertyTypeModifierCodeSequence[0]))]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derive_uid("specgate-tracking", seg.SOPInstanceUID, str(number)),
