@@ -9,6 +9,10 @@ The pipeline calls, once per job::
     np.savez_compressed(..., **review_arrays(label_map, segments))          # what the review app draws
     evidence["segments"] = segments_evidence(segments, label_map, volume.spacing)
 
+and, when a radiologist approves a held result and its objects are written again, the very segments of
+the first writing: ``segments_from_evidence(evidence["segments"])`` with the kept ``labels`` map (the
+configuration may have changed since).
+
 and, at start-up, :func:`validate_rule_labels` for every rule with its model's labels, so a rule naming a
 label its model does not have stops the service with the rule's and the label's names.
 
@@ -30,7 +34,7 @@ finding ("no spleen found") rather than a silence.
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,7 +45,7 @@ from dicom_node.config import SeriesRule
 from .anatomy import AnatomyCode, CodeMapping, lookup, normalise_name
 
 __all__ = ["LabelLike", "PALETTE", "SegmentDefinition", "color_for", "review_arrays", "rule_segment",
-           "segments_evidence", "segments_for", "select_labels", "validate_rule_labels"]
+           "segments_evidence", "segments_for", "segments_from_evidence", "select_labels", "validate_rule_labels"]
 
 _LO_MAX = 64
 
@@ -221,8 +225,32 @@ def segments_evidence(segments: Sequence[SegmentDefinition], label_map: np.ndarr
     codes, whether coded, voxels and volume in mL (voxels times the (z, y, x) ``spacing`` in mm)."""
     counts = np.bincount(np.asarray(label_map).ravel(), minlength=max(s.value for s in segments) + 1)
     voxel_ml = float(np.prod([float(v) for v in spacing])) / 1000.0
-    return [{"segment_number": i, "value": s.value, "name": s.label, "color": list(s.color),
+    return [{"segment_number": i, "value": s.value, "name": s.label, "description": s.description,
+             "color": list(s.color),
              "category": list(s.code.category), "type": list(s.code.type),
              "modifier": list(s.code.modifier) if s.code.modifier else None, "coded": s.coded,
              "voxels": int(counts[s.value]), "volume_ml": round(int(counts[s.value]) * voxel_ml, 6)}
             for i, s in enumerate(segments, start=1)]
+
+
+def segments_from_evidence(records: Sequence[Mapping[str, Any]]) -> tuple[SegmentDefinition, ...]:
+    """The segments a job was written with, from its evidence (:func:`segments_evidence`), in segment order:
+    what an approval re-encodes, whatever the configuration says now. Raises ValueError naming the record
+    that is not one."""
+    out = []
+    for i, r in enumerate(records, start=1):
+        try:
+            if int(r["segment_number"]) != i:
+                raise ValueError(f"segment_number {r['segment_number']!r} is not {i}")
+            modifier = r.get("modifier")
+            code = AnatomyCode(type=tuple(r["type"]), category=tuple(r["category"]),  # type: ignore[arg-type]
+                               modifier=tuple(modifier) if modifier else None)  # type: ignore[arg-type]
+            out.append(SegmentDefinition(value=int(r["value"]), label=str(r["name"]),
+                                         color=tuple(int(c) for c in r["color"]),  # type: ignore[arg-type]
+                                         code=code, coded=bool(r.get("coded", True)),
+                                         description=r.get("description")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"evidence segment {i} is not a segment record ({exc}): {dict(r)!r}") from exc
+    if not out:
+        raise ValueError("the evidence lists no segments")
+    return tuple(out)

@@ -41,6 +41,7 @@ from worker.segments import (  # noqa: E402
     rule_segment,
     segments_evidence,
     segments_for,
+    segments_from_evidence,
     select_labels,
     validate_rule_labels,
 )
@@ -190,6 +191,16 @@ def test_segment_numbers_and_review_arrays() -> None:
     evidence = segments_evidence(segments, np.array([[[1, 1, 6, 0]]]), (2.0, 0.5, 0.5))
     assert [(e["name"], e["voxels"], e["volume_ml"]) for e in evidence] == [("liver", 2, 0.001),
                                                                            ("lesion", 1, 0.0005)]
+
+
+def test_the_segments_written_come_back_from_the_evidence() -> None:
+    """An approval re-encodes the very segments of the first writing, read back from the evidence JSON."""
+    segments = segments_for(RULE, LABELS)
+    records = json.loads(json.dumps(segments_evidence(segments, np.zeros((1, 2, 2), np.uint8), (1, 1, 1))))
+    assert segments_from_evidence(records) == segments
+    records[1]["segment_number"] = 3
+    with pytest.raises(ValueError, match="evidence segment 2 is not a segment record"):
+        segments_from_evidence(records)
 
 
 # ------------------------------------------------------------------------------------- the SEG
