@@ -162,13 +162,15 @@ def windows_for(modality: str, array: np.ndarray | None = None) -> Mapping[str, 
 @dataclass(frozen=True)
 class LabelInfo:
     """One label of a multi-label result: its value in the label map, name, RGB colour, and (in
-    :attr:`StudyImages.legend`) its voxels and volume in mL on the series' grid."""
+    :attr:`StudyImages.legend`) its voxels, volume in mL on the series' grid and the slice where it is
+    largest."""
 
     value: int
     name: str
     rgb: tuple[int, int, int]
     voxels: int = 0
     volume_ml: float = 0.0
+    largest_slice: int = 0
 
     @property
     def hex(self) -> str:
@@ -366,13 +368,21 @@ class StudyImages:
     @cached_property
     def legend(self) -> tuple[LabelInfo, ...]:
         """A multi-label result's labels (empty for a one-mask result), in the SEG's order, each with its
-        voxels and volume in mL (voxel count times the series' voxel volume): computed once, on first use."""
+        voxels, volume in mL (voxel count times the series' voxel volume) and the slice where it is largest
+        (the first such; the middle slice for a label with no voxel): computed once, on first use, slice by
+        slice (a 512x512x300 label map is never widened)."""
         if self.prob.labels is None:
             return ()
-        counts = np.bincount(self.prob.labels.ravel(), minlength=max(lab.value for lab in self.prob.legend) + 1)
+        size = max(int(self.prob.labels.max(initial=0)), max(lab.value for lab in self.prob.legend)) + 1
+        per_slice = np.stack([np.bincount(plane.ravel(), minlength=size) for plane in self.prob.labels])
         voxel_ml = float(np.prod(self.spacing)) / 1000.0
-        return tuple(dataclasses.replace(lab, voxels=int(counts[lab.value]),
-                                         volume_ml=int(counts[lab.value]) * voxel_ml) for lab in self.prob.legend)
+        out = []
+        for lab in self.prob.legend:
+            column = per_slice[:, lab.value]
+            voxels = int(column.sum())
+            out.append(dataclasses.replace(lab, voxels=voxels, volume_ml=voxels * voxel_ml,
+                                           largest_slice=int(np.argmax(column)) if voxels else self.n_slices // 2))
+        return tuple(out)
 
     def probability(self, z: int) -> np.ndarray:
         """The foreground probability of slice ``z`` as float32 in [0, 1]."""

@@ -93,6 +93,16 @@ def test_the_radiologist_sees_each_label_listed_and_drawn_in_its_colour(browser:
     lesion_y, lesion_x = 50, 28
     assert _pixel(browser, lesion_y, lesion_x) == list(job.segments[3].color)
 
+    # a click on a label shows the slice where it is largest
+    rows[1].click()
+    wait(browser).until(lambda d: img.get_attribute("data-z") == "4")
+    wait(browser).until(lambda d: image_loaded(d, "slice", "/slices/4.png"))
+    assert browser.find_element(By.ID, "slice-label").text == f"slice 5 / {job.label_map.shape[0]}"
+    assert _pixel(browser, 36, 8) == list(job.segments[1].color)
+    rows[3].click()
+    wait(browser).until(lambda d: img.get_attribute("data-z") == str(SLICE))
+    wait(browser).until(lambda d: image_loaded(d, "slice", f"/slices/{SLICE}.png"))
+
     browser.find_element(By.CSS_SELECTOR, "button.ov[data-overlay='none']").click()
     wait(browser).until(lambda d: image_loaded(d, "slice", "overlay=none"))
     r, g, b = _pixel(browser, 8, 6)

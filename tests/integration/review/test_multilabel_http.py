@@ -36,14 +36,17 @@ def test_the_study_page_lists_each_label_with_its_colour_and_volume(site) -> Non
     assert page.status == 200
     section = re.search(r'<section class="panel" id="labels">(.*?)</section>', page.text, re.S)
     assert section, page.text[:2000]
-    rows = re.findall(r'<tr class="label" data-value="(\d+)" data-color="(#[0-9a-f]{6})">.*?'
+    rows = re.findall(r'<tr class="label" data-value="(\d+)" data-color="(#[0-9a-f]{6})" data-z="(\d+)".*?'
                       r'<span class="label-name">(.*?)</span>.*?<td class="label-volume">(.*?)</td>', section.group(1),
                       re.S)
     voxel_ml = float(np.prod(job.spacing)) / 1000
-    expected = [(str(s.value), "#{:02x}{:02x}{:02x}".format(*s.color), s.label.replace("<", "&lt;").replace(">", "&gt;"),
-                 f"{(job.label_map == s.value).sum() * voxel_ml:.1f} mL") for s in job.segments]
+    largest = [int(np.argmax((job.label_map == s.value).sum(axis=(1, 2)))) for s in job.segments]
+    expected = [(str(s.value), "#{:02x}{:02x}{:02x}".format(*s.color), str(z),
+                 s.label.replace("<", "&lt;").replace(">", "&gt;"), f"{(job.label_map == s.value).sum() * voxel_ml:.1f} mL")
+                for s, z in zip(job.segments, largest, strict=True)]
     assert rows == expected
-    assert [r[2] for r in rows] == ["liver", "kidney_left", "kidney_right", "lesion &lt;b&gt;"]  # no spleen
+    assert [r[3] for r in rows] == ["liver", "kidney_left", "kidney_right", "lesion &lt;b&gt;"]  # no spleen
+    assert [r[2] for r in rows] == ["2", "4", "4", str(SLICE)]  # the first of equals; the lesion eats slice 6
     assert "lesion <b>" not in page.text  # a label name is escaped like any value from the model
     assert f'style="background: #{PALETTE[0][0]:02x}{PALETTE[0][1]:02x}{PALETTE[0][2]:02x}"' in section.group(1)
     assert "4 in the SEG" in section.group(1)

@@ -74,6 +74,7 @@ def test_each_label_is_drawn_in_its_colour_and_listed_with_its_volume(tmp_path: 
                                                                   (7, "lesion", PALETTE[6])]
     voxel_ml = float(np.prod(images.spacing)) / 1000
     assert [lab.voxels for lab in legend] == [15 * 20, 10 * 14, 16]
+    assert [lab.largest_slice for lab in legend] == [2, 2, 3]
     assert legend[0].volume_ml == pytest.approx(300 * voxel_ml) and legend[0].hex == "#e6194b"
     assert slice_with_most_foreground(images) == 2
 
