@@ -308,8 +308,9 @@ def test_a_rules_choice_drops_the_other_labels(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- the SR
-def test_sr_lists_every_segments_volume(tmp_path: Path, strict_reading: None) -> None:  # noqa: F811
-    volume = _shuffled_classic(tmp_path)
+@pytest.mark.parametrize("kind", list(SERIES))
+def test_sr_lists_every_segments_volume(tmp_path: Path, strict_reading: None, kind: str) -> None:  # noqa: F811
+    volume = SERIES[kind](tmp_path)
     label_map = _label_map(volume.shape)
     segments = segments_for(RULE, LABELS)
     seg = _encode(volume, label_map, segments, result=APPROVED)
@@ -339,3 +340,18 @@ def test_sr_lists_every_segments_volume(tmp_path: Path, strict_reading: None) ->
     assert sites == [[], [("64033007", "Left")], [("64033007", "Right")], [], []]
     assert all("SegmentedPropertyTypeModifierCodeSequence" not in site.ConceptCodeSequence[0]
                for g in groups for site in g.finding_sites)
+
+
+def test_a_one_mask_sr_has_its_segments_volume(tmp_path: Path) -> None:
+    """The rule's one segment (a boolean mask, as before labels) gets its volume too, beside the evidence."""
+    volume = _shuffled_classic(tmp_path)
+    mask = _label_map(volume.shape) == 1
+    evidence, release = RELEASED
+    seg = encode_seg(volume, mask, rule=RULE, model=MODEL, evidence=evidence, release=release,
+                     sop_instance_uid=derive_uid("one", "seg"), series_instance_uid=derive_uid("one", "series"))
+    assert segment_voxels(seg) == {1: int(mask.sum())}
+    sr = encode_sr(volume, seg, model=MODEL, evidence=evidence, release=release,
+                   sop_instance_uid=derive_uid("one", "sr"), series_instance_uid=derive_uid("one", "sr-series"))
+    (group,) = hd.sr.srread(write_dicom(sr, tmp_path / "sr.dcm")).content.get_volumetric_roi_measurement_groups()
+    assert group.get_measurements(name=VOLUME)[0].value == pytest.approx(mask.sum() * np.prod(volume.spacing) / 1000)
+    assert group.get_measurements(name=OODM)[0].value == pytest.approx(0.031)
