@@ -355,3 +355,31 @@ def test_a_one_mask_sr_has_its_segments_volume(tmp_path: Path) -> None:
     (group,) = hd.sr.srread(write_dicom(sr, tmp_path / "sr.dcm")).content.get_volumetric_roi_measurement_groups()
     assert group.get_measurements(name=VOLUME)[0].value == pytest.approx(mask.sum() * np.prod(volume.spacing) / 1000)
     assert group.get_measurements(name=OODM)[0].value == pytest.approx(0.031)
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_odd_frame_sizes_and_an_empty_label_map(tmp_path: Path, empty: bool) -> None:
+    """Frames whose pixels are not a whole number of bytes (13 x 11) are counted right, and a label map
+    with no label at all still gives a valid SEG (every frame written, empty) and an SR of 0 mL volumes."""
+    from dicom_factory import SeriesSpec, classic_datasets, write_datasets
+
+    from dicom_series import load_series
+
+    volume = load_series(write_datasets(classic_datasets(SeriesSpec(slices=7, rows=13, cols=11)), tmp_path / "ct"))
+    label_map = np.zeros(volume.shape, dtype=np.uint16)
+    if not empty:
+        label_map[1:4, 2:9, 3:7] = 1
+        label_map[3:6, 0:5, 0:11] = 6
+    segments = segments_for(RULE, LABELS)
+    seg = _encode(volume, label_map, segments)
+    assert segment_voxels(seg) == {n: int((label_map == s.value).sum()) for n, s in enumerate(segments, start=1)}
+    evidence, release = RELEASED
+    sr = encode_sr(volume, seg, model=MODEL, evidence=evidence, release=release,
+                   sop_instance_uid=derive_uid("odd", "sr"), series_instance_uid=derive_uid("odd", "sr-series"))
+    for ds, name in ((seg, "seg.dcm"), (sr, "sr.dcm")):
+        errors, warnings = dciodvfy(write_dicom(ds, tmp_path / name))
+        assert errors == [], "\n".join(errors + warnings)
+    groups = hd.sr.srread(tmp_path / "sr.dcm").content.get_volumetric_roi_measurement_groups()
+    volumes = [g.get_measurements(name=VOLUME)[0].value for g in groups]
+    voxel_ml = float(np.prod(volume.spacing)) / 1000
+    assert volumes == pytest.approx([(label_map == s.value).sum() * voxel_ml for s in segments], abs=1e-6)
