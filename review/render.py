@@ -505,27 +505,28 @@ def slice_png(images: StudyImages, z: int, *, window: str | Window | None = None
 
 
 def _draw_labels(rgb: np.ndarray, labels: np.ndarray, legend: Sequence[LabelInfo]) -> None:
-    """Each legend label of one slice's ``labels`` in its colour: filled, and its outline opaque."""
-    shown = np.zeros(int(max(int(labels.max(initial=0)), max(lab.value for lab in legend))) + 1, dtype=bool)
-    colours = np.zeros((shown.size, 3), dtype=np.float32)
+    """Each legend label of one slice's ``labels`` in its colour, in place on the grey ``rgb``: filled at
+    :data:`MASK_FILL_ALPHA` (the same rounding as :func:`_blend`), its outline (a 4-neighbour of another
+    value, or the image border) opaque. Whole-frame arithmetic through look-up tables, not boolean
+    selections: 20 labels on a 512x512 slice measured 9 ms here against 24 ms selected."""
+    size = max(int(labels.max(initial=0)), max(lab.value for lab in legend)) + 1
+    colours = np.zeros((size, 3), dtype=np.float32)
+    alphas = np.zeros(size, dtype=np.float32)
     for lab in legend:
-        shown[lab.value] = True
         colours[lab.value] = lab.rgb
-    where = shown[labels]
-    if not where.any():
+        alphas[lab.value] = MASK_FILL_ALPHA
+    a = alphas[labels]
+    if not a.any():
         return
-    edge = np.zeros_like(where)  # a 4-neighbour of another value, or the image border
-    edge[0, :] = edge[-1, :] = True
-    edge[:, 0] = edge[:, -1] = True
-    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
-    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
-    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    edge &= where
-    fill = where & ~edge
-    if fill.any():
-        _blend(rgb, fill, colours[labels[fill]], MASK_FILL_ALPHA)
-    rgb[edge] = colours[labels[edge]].astype(np.uint8)
+    edge = np.ones(labels.shape, dtype=bool)
+    inner = edge[1:-1, 1:-1]
+    centre = labels[1:-1, 1:-1]
+    inner[...] = ((centre == labels[:-2, 1:-1]) & (centre == labels[2:, 1:-1])
+                  & (centre == labels[1:-1, :-2]) & (centre == labels[1:-1, 2:]))
+    np.logical_not(inner, out=inner)
+    a[edge & (a > 0)] = 1.0
+    grey = rgb[:, :, :1].astype(np.float32)
+    rgb[...] = (grey * (1 - a[:, :, None]) + colours[labels] * a[:, :, None] + 0.5).astype(np.uint8)
 
 
 def _encode(pixels: np.ndarray) -> bytes:
