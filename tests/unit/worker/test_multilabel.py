@@ -383,3 +383,34 @@ def test_odd_frame_sizes_and_an_empty_label_map(tmp_path: Path, empty: bool) -> 
     volumes = [g.get_measurements(name=VOLUME)[0].value for g in groups]
     voxel_ml = float(np.prod(volume.spacing)) / 1000
     assert volumes == pytest.approx([(label_map == s.value).sum() * voxel_ml for s in segments], abs=1e-6)
+
+
+def test_one_label_through_the_label_map_path_is_the_same_seg(tmp_path: Path) -> None:
+    """The pipeline may call encode_seg with the label map and segments_for() for every model: for a
+    one-label model under a rule that chooses nothing it writes the very SEG the boolean mask gave."""
+    from test_seg import _mask
+
+    from worker.seg import encode_seg as encode
+
+    volume = _shuffled_classic(tmp_path)
+    mask = _mask(volume.shape)
+    rule = SeriesRule(name="default-ct-mr")
+    segments = segments_for(rule, [Label(1, "foreground")])
+    evidence, release = RELEASED
+    uids = {"sop_instance_uid": derive_uid("same", "seg"), "series_instance_uid": derive_uid("same", "series")}
+    old = encode(volume, mask, rule=rule, model=MODEL, evidence=evidence, release=release, **uids)
+    again = encode(volume, mask, rule=rule, model=MODEL, evidence=evidence, release=release, **uids)
+    new = encode(volume, mask.astype(np.uint8), rule=rule, model=MODEL, evidence=evidence, release=release,
+                 segments=segments, **uids)
+
+    def differ(a: pydicom.Dataset, b: pydicom.Dataset) -> set[str]:
+        return {e.keyword for e in a if e.tag not in b or b[e.tag] != e} | {e.keyword for e in b if e.tag not in a}
+
+    # only what differs between two writings of the same mask anyway (highdicom's random dimension
+    # organisation UID, the clock) may differ
+    moving = {"ContributingEquipmentSequence", "DimensionOrganizationSequence", "DimensionIndexSequence",
+              "ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "SeriesDate",
+              "SeriesTime"}
+    assert differ(old, again) <= moving
+    assert differ(old, new) <= moving
+    assert old.PixelData == new.PixelData and old.SegmentSequence == new.SegmentSequence
