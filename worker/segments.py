@@ -1,20 +1,20 @@
 """Which segments a result's DICOM-SEG has, and what each says it is: from the model's labels, the rule's
 choice of labels, and the anatomy codes (:mod:`worker.anatomy`).
 
-The pipeline calls, once per job::
+At start-up, :func:`validate_rule_labels` for every rule with its model's labels, so a rule naming a
+label its model does not have stops the service with the rule's and the label's names. Then, once per
+job, with the prediction's ``labels`` map (z, y, x on the source grid)::
 
-    segments = segments_for(rule, model_labels, codes=registration_codes)   # -> tuple[SegmentDefinition]
-    seg = encode_seg(volume, label_map, segments=segments, rule=rule, ...)  # worker.seg
-    sr = encode_sr(volume, seg, ...)                                         # volumes read from the SEG
-    np.savez_compressed(..., **review_arrays(label_map, segments))          # what the review app draws
-    evidence["segments"] = segments_evidence(segments, label_map, volume.spacing)
+    segments = segments_for(rule, model.labels, codes=registration_codes)  # tuple[SegmentDefinition]
+    seg = encode_seg(volume, labels, segments=segments, rule=rule, ...)   # worker.seg: one segment each
+    sr = encode_sr(volume, seg, ...)                                       # volumes counted from the SEG
+    save_probability(path, foreground, labels > 0, extra=review_arrays(labels, segments))  # review draws
+    evidence["segments"] = segments_evidence(segments, labels, volume.spacing)
 
-and, when a radiologist approves a held result and its objects are written again, the very segments of
-the first writing: ``segments_from_evidence(evidence["segments"])`` with the kept ``labels`` map (the
-configuration may have changed since).
-
-and, at start-up, :func:`validate_rule_labels` for every rule with its model's labels, so a rule naming a
-label its model does not have stops the service with the rule's and the label's names.
+(a one-label model goes the same way: its SEG is the very one its boolean mask gave). When a radiologist
+approves a held result and its objects are written again, they are written with the segments of the first
+writing, whatever the configuration says now: ``segments_from_evidence(evidence["segments"])`` and the
+kept ``labels`` map (``review_arrays`` keeps the labels sent, which are all the SEG needs).
 
 **One label, no choice in the rule**: the segment is described by the rule (label, description, codes,
 colour), exactly as before labels existed: the shipped phantom model's segment stays "Phantom organ".
