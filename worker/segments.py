@@ -34,6 +34,7 @@ finding ("no spleen found") rather than a silence.
 from __future__ import annotations
 
 import colorsys
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,6 +49,7 @@ __all__ = ["LabelLike", "PALETTE", "SegmentDefinition", "color_for", "review_arr
            "segments_evidence", "segments_for", "segments_from_evidence", "select_labels", "validate_rule_labels"]
 
 _LO_MAX = 64
+_NOT_LO = re.compile(r"[\\\x00-\x1f\x7f]")
 
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -103,8 +105,9 @@ class SegmentDefinition:
     def __post_init__(self) -> None:
         if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 1:
             raise ValueError(f"a segment's label value must be an integer >= 1, got {self.value!r}")
-        if not self.label.strip() or len(self.label) > _LO_MAX:
-            raise ValueError(f"a segment label must be 1 to {_LO_MAX} characters, got {self.label!r}")
+        if not self.label.strip() or len(self.label) > _LO_MAX or _NOT_LO.search(self.label):
+            raise ValueError(f"a segment label must be 1 to {_LO_MAX} characters without a backslash or a "
+                             f"control character (DICOM LO), got {self.label!r}")
         if len(self.color) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.color):
             raise ValueError(f"a segment colour must be three integers 0-255 (RGB), got {self.color!r}")
         if self.description is not None and len(self.description) > _LO_MAX:
@@ -173,10 +176,11 @@ def select_labels(rule: SeriesRule, labels: Sequence[LabelLike]) -> tuple[LabelL
     return tuple(lab for lab in labels if lab.value in chosen)
 
 
-def validate_rule_labels(rule: SeriesRule, labels: Sequence[LabelLike]) -> None:
-    """Start-up check of one rule against its model's labels: raises ValueError (see
-    :func:`select_labels`) when the rule chooses a label the model does not have."""
-    select_labels(rule, labels)
+def validate_rule_labels(rule: SeriesRule, labels: Sequence[LabelLike], *, codes: CodeMapping | None = None) -> None:
+    """Start-up check of one rule against its model's labels and code mapping: raises ValueError naming
+    the rule and the label (see :func:`select_labels`) when the rule chooses a label the model does not
+    have, and naming the label when a chosen label's name or code cannot be written into a SEG."""
+    segments_for(rule, labels, codes=codes)
 
 
 def segments_for(rule: SeriesRule, labels: Sequence[LabelLike], *,

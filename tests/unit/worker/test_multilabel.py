@@ -36,6 +36,7 @@ from worker.atomic import write_dicom  # noqa: E402
 from worker.seg import derive_uid, encode_seg, segment_numbers  # noqa: E402
 from worker.segments import (  # noqa: E402
     PALETTE,
+    SegmentDefinition,
     color_for,
     review_arrays,
     rule_segment,
@@ -168,12 +169,24 @@ def test_a_rule_naming_a_label_the_model_lacks_is_refused(labels: tuple, message
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_rule_labels(SeriesRule(name="r", labels=labels), LABELS)
     validate_rule_labels(SeriesRule(name="r", labels=("Liver", 6)), LABELS)  # fine: nothing raised
+    with pytest.raises(ValueError, match="the code of label 'liver'"):
+        validate_rule_labels(SeriesRule(name="r"), LABELS, codes={"liver": ("10200004", "SCT", "")})
+    with pytest.raises(ValueError, match="without a backslash"):
+        validate_rule_labels(SeriesRule(name="r"), [Label(1, "liver"), Label(2, "a\\b")])
 
 
 @pytest.mark.parametrize("bad", [[], [0], [True], [""], [1.5]])
 def test_rule_labels_setting_is_validated(bad: list) -> None:
     with pytest.raises(ValueError, match="labels"):
         SeriesRule(name="r", labels=bad)
+
+
+@pytest.mark.parametrize("name", ["a\\b", "tab\there", "x" * 65])
+def test_a_label_name_dicom_cannot_carry_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="a segment label must be 1 to 64 characters"):
+        SegmentDefinition(1, name, (1, 2, 3), AnatomyCode(("10200004", "SCT", "Liver")))
+    long = segments_for(RULE, [Label(1, "liver"), Label(2, "y" * 80)])
+    assert long[1].label == "y" * 61 + "..."  # the model's long name, cut to fit
 
 
 def test_segment_numbers_and_review_arrays() -> None:
