@@ -42,10 +42,15 @@ data-loader item, with exactly these differences:
   label map's foreground (0 or 1): the adapter does not invent probabilities the bundle does not make.
 
 **Memory.** When the postprocessing after the softmax is exactly ``Invertd`` then ``AsDiscreted(argmax=
-True)`` (the zoo's layout), the inversion runs one channel at a time (the bundle's own ``Invertd``
-object on a one-channel ``pred``) with a running argmax; linear resampling treats channels apart, so the
-label map is the one the whole inversion gives (ties go to the lower channel, as ``argmax`` does), and
-per-class probabilities exist only on the network grid. Otherwise the postprocessing runs as a whole.
+True)`` (the zoo's layout), the bundle's own ``Invertd`` object runs on :data:`INVERT_CHANNELS` channels of
+``pred`` at a time, with a running argmax; resampling treats channels apart, so the label map is the one
+the whole inversion gives (ties go to the lower channel, as ``argmax`` does; tested), and per-class
+probabilities exist only on the network grid and for one chunk on the source grid. Measured on an
+80x512x512 CT with the tests' bundle (2 threads): ``Invertd`` of 1 channel 4.0 s, of 4 channels 8.1 s,
+both +730 MB of peak: the resampling grid MONAI builds over the source grid dominates, one channel adds
+4 bytes a voxel. So 8 channels at a time: a 4-class bundle costs what the bundle's own run costs, a
+105-class one does not hold 105 float32 maps at full resolution. Otherwise the postprocessing runs as
+a whole.
 
 **Signature** (:mod:`model.window_gram`). A forward hook on :attr:`MonaiBundleAdapter.layer` receives the
 features of each batch of windows of the bundle's ``SlidingWindowInferer``; the windows are MONAI's own
@@ -93,6 +98,8 @@ BODY_RULE = f"source-preprocess-resampled-to-network-grid+{SEGMENT_BODY_RULE}"
 _LOADERS = ("LoadImaged", "LoadImage")
 _SAVERS = ("SaveImaged", "SaveImage")
 _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+#: channels inverted together (see the module doc, Memory)
+INVERT_CHANNELS = 8
 _IMAGE, _PRED = "image", "pred"  # the keys SupervisedEvaluator's default_prepare_batch and its output use
 # what instantiating a config can raise for a config that is wrong (not a bug of ours): JSON/YAML syntax,
 # unknown ids or targets, bad arguments, expressions that do not evaluate
@@ -503,26 +510,31 @@ class MonaiBundleAdapter(ModelAdapter):
         return bool(t.argmax[0]) and t.to_onehot[0] is None and t.threshold[0] is None and t.rounding[0] is None
 
     def _channelwise(self, item: dict[str, Any], softmax: int) -> tuple[np.ndarray, np.ndarray]:
-        """Activations, then the bundle's ``Invertd`` one channel at a time with a running argmax."""
+        """Activations, then the bundle's ``Invertd`` on :data:`INVERT_CHANNELS` channels at a time with a
+        running argmax (ties to the lower channel, as ``torch.argmax``)."""
         from monai.data import MetaTensor
 
         post = self.postprocessing
         item = post(item, start=0, end=softmax + 1)
         probs = item[_PRED]
+        k = int(probs.shape[0])
         best_p: torch.Tensor | None = None
         best_c: torch.Tensor | None = None
         fg: np.ndarray | None = None
-        for c in range(int(probs.shape[0])):
-            one = {**item, _PRED: probs[c:c + 1].clone()}
-            inv = post(one, start=softmax + 1, end=softmax + 2)[_PRED]
-            p = (inv.as_tensor() if isinstance(inv, MetaTensor) else torch.as_tensor(inv))[0]
-            if c == 0:
-                fg = (1.0 - p).numpy().astype(np.float16)
-                best_p, best_c = p, torch.zeros(p.shape, dtype=torch.uint8 if probs.shape[0] <= 256 else torch.int32)
+        for c0 in range(0, k, INVERT_CHANNELS):
+            part = {**item, _PRED: probs[c0:c0 + INVERT_CHANNELS].clone()}
+            inv = post(part, start=softmax + 1, end=softmax + 2)[_PRED]
+            p = inv.as_tensor() if isinstance(inv, MetaTensor) else torch.as_tensor(inv)
+            if c0 == 0:
+                fg = (1.0 - p[0]).numpy().astype(np.float16)
+            val, idx = torch.max(p, dim=0)
+            del p, inv
+            idx = idx.to(torch.uint8 if k <= 256 else torch.int32) + c0
+            if best_p is None or best_c is None:
+                best_p, best_c = val, idx
                 continue
-            assert best_p is not None and best_c is not None
-            better = p > best_p
-            best_p = torch.where(better, p, best_p)
-            best_c[better] = c
+            better = val > best_p
+            best_p = torch.where(better, val, best_p)
+            best_c = torch.where(better, idx, best_c)
         assert best_c is not None and fg is not None
         return best_c.numpy(), fg

@@ -85,11 +85,16 @@ def test_labels_equal_the_bundles_own_run(adapter: MonaiBundleAdapter, bundle: P
     assert float(pred.foreground[pred.labels == 0].max()) <= 0.75 + 1e-3
 
 
-def test_channelwise_inversion_equals_the_whole_postprocessing(adapter: MonaiBundleAdapter) -> None:
-    """The memory path (Invertd one channel at a time) gives the label map and foreground of the bundle's
-    whole postprocessing Compose (less SaveImaged) on the same network output."""
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_channelwise_inversion_equals_the_whole_postprocessing(adapter: MonaiBundleAdapter, chunk: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory path (Invertd on ``chunk`` channels at a time, running argmax) gives the label map and
+    foreground of the bundle's whole postprocessing Compose (less SaveImaged) on the same network output."""
     from monai.data import decollate_batch, list_data_collate
 
+    import model.adapters.monai_bundle as mb
+
+    monkeypatch.setattr(mb, "INVERT_CHANNELS", chunk)
     case = phantom_case(*CASE)
     with torch.no_grad():
         data, _ = adapter.network_input(case.image, case.spacing, "CT")
