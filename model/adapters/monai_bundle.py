@@ -66,7 +66,8 @@ HU) so the body cannot be found in the network's input. The source volume in nat
 :func:`model.preprocess.preprocess` (CT: [-1000, 1000] HU -> [0, 1], what :func:`model.segment.body_mask`
 expects), is resampled linearly onto the network input's grid (MONAI ``ResampleToMatch`` to the
 preprocessed image's affine and shape), and :func:`model.segment.body_mask` is taken there; voxels the
-inferer pads in are outside.
+inferer pads in are outside. Its cost is one more linear resampling of the source, what the bundle's own
+``Spacingd`` costs (measured on an 80x512x512 CT, 2 threads: 1.4-1.5 s each).
 """
 
 from __future__ import annotations

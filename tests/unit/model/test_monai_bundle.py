@@ -71,6 +71,8 @@ def test_labels_equal_the_bundles_own_run(adapter: MonaiBundleAdapter, bundle: P
     import nibabel as nib
 
     ref = nib.load(str(tmp_path / "out" / "case_seg.nii.gz"))
+    assert isinstance(ref, nib.Nifti1Image)
+    np.testing.assert_array_equal(ref.affine, np.diag([-4.0, -4.0, 5.0, 1.0]))  # saved on the source grid
     theirs = np.asarray(ref.dataobj).transpose(2, 1, 0)
 
     pred = adapter.predict(case.image, case.spacing, "CT")
@@ -127,7 +129,7 @@ def test_signature_equals_the_stitched_feature_map(adapter: MonaiBundleAdapter) 
     padded = tuple(int(n) for n in x.shape[2:])
     mask = np.zeros(padded, bool)
     mask[tuple(slice(d // 2, d // 2 + n) for d, n in zip(pads, shape, strict=True))] = body
-    windows = dense_patch_slices(padded, ROI, _get_scan_interval(padded, ROI, 3, (0.25,) * 3))
+    windows = [(w[0], w[1], w[2]) for w in dense_patch_slices(padded, ROI, _get_scan_interval(padded, ROI, 3, (0.25,) * 3))]
     feats: list[np.ndarray] = []
     layer = adapter.network.get_submodule(adapter.layer)
     handle = layer.register_forward_hook(lambda m, i, o: feats.append(o[0].detach().double().numpy()))
