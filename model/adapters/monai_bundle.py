@@ -267,6 +267,8 @@ class MonaiBundleAdapter(ModelAdapter):
             dev = torch.device(device)
         except RuntimeError:
             raise AdapterError(f"device {device!r} is not a torch device") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise AdapterError(f"device {device!r}: no CUDA device here")
 
         try:
             meta = json.loads(meta_path.read_text())

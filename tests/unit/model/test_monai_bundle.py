@@ -181,6 +181,14 @@ def test_refuses_weights_that_do_not_match_network_def(bundle: Path, tmp_path: P
         MonaiBundleAdapter.open(bad)
 
 
+def test_refuses_a_device_that_is_not_there(bundle: Path) -> None:
+    with pytest.raises(AdapterError, match="'gpu0' is not a torch device"):
+        MonaiBundleAdapter.open(bundle, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(AdapterError, match="no CUDA device here"):
+            MonaiBundleAdapter.open(bundle, device="cuda:0")
+
+
 def test_refuses_a_layer_that_does_not_exist(bundle: Path) -> None:
     with pytest.raises(AdapterError, match=r"layer 'model\.2\.7' does not exist .*model\.2\.0"):
         MonaiBundleAdapter.open(bundle, layer="model.2.7")
