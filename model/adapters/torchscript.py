@@ -285,7 +285,7 @@ class TorchScriptAdapter(ModelAdapter):
 
         from model.preprocess import preprocess
         from model.resample import GridError, model_grid, to_grid, validate_spacing
-        from model.segment import body_mask, labels_on_source
+        from model.segment import body_mask, labels_on_source, release_freed_memory
         from model.window_gram import WindowGram
 
         timings: dict[str, float] = {}
@@ -331,7 +331,8 @@ class TorchScriptAdapter(ModelAdapter):
         crop = tuple(slice(0, n) for n in grid.shape)
         acc = acc[(slice(None), *crop)] / wsum[crop]
         probs = torch.softmax(torch.from_numpy(acc), dim=0).numpy()
-        del acc
+        del acc, wsum
+        release_freed_memory()
         timings["infer"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
