@@ -311,14 +311,11 @@ def release_freed_memory() -> None:
     from 0.6 s to 1.3 s.)
     """
     import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
         return
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    trim = getattr(libc, "malloc_trim", None)  # glibc only (musl has none)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process' own symbols; glibc only (musl: none)
     if trim is not None:
         trim(0)
 
