@@ -38,11 +38,21 @@ SpacingPairs = tuple[tuple[str, tuple[float, float, float]], ...]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One named model: its weights and the OOD bank fitted for them (None: the shipped model's file)."""
+    """One named model: its weights and the OOD bank fitted for them (None: the shipped model's file).
+
+    A model registered in the ledger (``specgate model register``) also names its ``format`` (a key of
+    :data:`model.adapters.FORMATS`), the ``path`` it was registered from and the signature's ``layer``
+    (None: the format's default), and ``options`` its adapter is opened with (a TorchScript model's
+    ``spec`` file); a SegNet one keeps ``weights`` = ``path`` as well.
+    """
 
     name: str
     weights: Path | None = None
     bank: Path | None = None
+    format: str = "segnet"
+    path: Path | None = None
+    layer: str | None = None
+    options: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
