@@ -14,12 +14,14 @@ from typing import Any
 
 import click
 
-__all__ = ["echo_command", "scp_command"]
+from ._context import AppContext, pass_app
+
+__all__ = ["echo_command", "register", "scp_command"]
 
 log = logging.getLogger("specgate.scp")
 
 
-def _job_queued_hook(app: Any) -> Any:
+def _job_queued_hook(app: AppContext) -> Any:
     """The enqueue hook the assembler calls with each new job id: a wake-up call to the workers."""
     from worker.celery_app import Enqueuer, make_celery
 
@@ -29,8 +31,8 @@ def _job_queued_hook(app: Any) -> Any:
 @click.command("scp")
 @click.option("--receiver-fd", type=int, default=None, hidden=True,
               help="Internal: run as a receiver process of the listener, taking connections from this fd.")
-@click.pass_context
-def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
+@pass_app
+def scp_command(app: AppContext, receiver_fd: int | None) -> None:
     """Run the DICOM Storage SCP and the study assembler until SIGTERM/SIGINT.
 
     Accepts C-ECHO and image C-STORE from the callers in SPECGATE_ALLOWED_CALLERS, makes every instance
@@ -43,7 +45,6 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
 
     from ._metrics import multiprocess_dir
 
-    app = ctx.obj
     settings = app.settings
     if receiver_fd is not None:
         _run_receiver(app, receiver_fd)
@@ -54,9 +55,10 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
     if current != head:
         raise click.ClickException(f"the ledger is at revision {current or 'base'}, this version needs {head}: "
                                    "run 'specgate db upgrade' first")
+    app.check_routing()  # every rule's model configured, or registered with a fitted bank
     if not settings.allowed_callers:
         log.warning("SPECGATE_ALLOWED_CALLERS is empty: every association will be rejected")
-    config_file = ctx.find_root().params.get("config_file")
+    config_file = click.get_current_context().find_root().params.get("config_file")
     stop = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -68,7 +70,7 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
     _run_node(app, config_file, stop, metrics_dir)
 
 
-def _metrics_endpoint(app: Any, directory: Path, open_associations: Any) -> Any:
+def _metrics_endpoint(app: AppContext, directory: Path, open_associations: Any) -> Any:
     """The SCP's /metrics: the receivers' counters, the open associations, the ledger's gauges."""
     from dicom_node.metrics import AssociationsCollector
     from ledger.metrics import LedgerCollector
@@ -84,7 +86,7 @@ def _metrics_endpoint(app: Any, directory: Path, open_associations: Any) -> Any:
         raise click.ClickException(f"cannot serve metrics on {s.metrics_host}:{s.scp_metrics_port}: {exc}") from exc
 
 
-def _run_node(app: Any, config_file: Any, stop: threading.Event, metrics_dir: Path | None = None) -> None:
+def _run_node(app: AppContext, config_file: Any, stop: threading.Event, metrics_dir: Path | None = None) -> None:
     from dicom_node.assembler import Assembler
     from dicom_node.handoff import Listener, default_processes
     from dicom_node.scp import StoreSCP
@@ -145,7 +147,7 @@ def _node_metrics(metrics_dir: Path | None) -> Any:
     return NodeMetrics()
 
 
-def _run_receiver(app: Any, fd: int) -> None:
+def _run_receiver(app: AppContext, fd: int) -> None:
     """A receiver process: serve the connections the listener hands over until it goes away."""
     import socket
 
@@ -174,8 +176,8 @@ def _run_receiver(app: Any, fd: int) -> None:
 @click.command("echo")
 @click.argument("name")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the peer.")
-@click.pass_obj
-def echo_command(app: Any, name: str, timeout: float) -> None:
+@pass_app
+def echo_command(app: AppContext, name: str, timeout: float) -> None:
     """C-ECHO the destination NAME (from SPECGATE_DESTINATIONS) and say whether it answered."""
     from dicom_node.scu import echo
     from specgate.settings import SettingsError
@@ -188,3 +190,8 @@ def echo_command(app: Any, name: str, timeout: float) -> None:
     click.echo(result.describe(dest))
     if not result.ok:
         sys.exit(1)
+
+
+def register(main: click.Group) -> None:
+    main.add_command(scp_command)
+    main.add_command(echo_command)

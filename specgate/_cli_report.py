@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from ._context import AppContext, pass_app
+
 __all__ = ["register", "render_csv", "render_json", "render_table"]
 
 _NUMERIC = frozenset({"int", "float", "seconds", "rate"})
@@ -97,8 +99,8 @@ def _list_reports(fmt: str) -> None:
               help="Last UTC day included (YYYY-MM-DD).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--list", "list_only", is_flag=True, help="List the reports and exit.")
-@click.pass_obj
-def report_command(app: Any, name: str | None, since: datetime | None, until: datetime | None, fmt: str,
+@pass_app
+def report_command(app: AppContext, name: str | None, since: datetime | None, until: datetime | None, fmt: str,
                    list_only: bool) -> None:
     """Print an administrators' report: volume, turnaround, OOD rate, review queue, reviewers,
     delivery failures, failed jobs (``specgate report --list``). Days are UTC and both ends are included."""

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from ._context import AppContext, pass_app
+
 __all__ = ["register"]
 
 log = logging.getLogger("specgate")
@@ -31,7 +33,7 @@ def _read_password(prompt: bool) -> str:
     return line.rstrip("\r\n")
 
 
-def _in_tx(app: Any, fn: Any) -> Any:
+def _in_tx(app: AppContext, fn: Any) -> Any:
     from ledger.db import session_scope
     from review.auth import AccountError
 
@@ -60,8 +62,8 @@ def users_group() -> None:
 @click.argument("name")
 @click.option("--role", type=click.Choice(["radiologist", "admin"]), required=True)
 @click.option("--display-name", default=None, help="Name shown in the app and recorded with decisions.")
-@click.pass_obj
-def users_add(app: Any, name: str, role: str, display_name: str | None) -> None:
+@pass_app
+def users_add(app: AppContext, name: str, role: str, display_name: str | None) -> None:
     """Add an account. The password is asked for (or read from standard input)."""
     from review.auth import add_user
 
@@ -72,8 +74,8 @@ def users_add(app: Any, name: str, role: str, display_name: str | None) -> None:
 
 
 @users_group.command("list")
-@click.pass_obj
-def users_list(app: Any) -> None:
+@pass_app
+def users_list(app: AppContext) -> None:
     """List the accounts."""
     from review.auth import list_users
 
@@ -86,8 +88,8 @@ def users_list(app: Any) -> None:
 
 @users_group.command("disable")
 @click.argument("name")
-@click.pass_obj
-def users_disable(app: Any, name: str) -> None:
+@pass_app
+def users_disable(app: AppContext, name: str) -> None:
     """Disable an account; its sessions end at once."""
     from review.auth import disable_user
 
@@ -97,8 +99,8 @@ def users_disable(app: Any, name: str) -> None:
 
 @users_group.command("passwd")
 @click.argument("name")
-@click.pass_obj
-def users_passwd(app: Any, name: str) -> None:
+@pass_app
+def users_passwd(app: AppContext, name: str) -> None:
     """Set an account's password (asked for, or read from standard input); its sessions end."""
     from review.auth import set_password
 
@@ -107,7 +109,7 @@ def users_passwd(app: Any, name: str) -> None:
     click.echo(f"password of {name} changed")
 
 
-def build_app(app: Any) -> Any:
+def build_app(app: AppContext) -> Any:
     """The review ASGI app with its actions wired to the worker (delivery, retraction) and metrics."""
     from review.app import ReviewActions, create_app
     from worker.celery_app import Enqueuer, make_celery
@@ -136,8 +138,8 @@ def _metrics(sessions: Any) -> Any:
 @click.command("review")
 @click.option("--host", default=None, help="Listen on this address (default: the review_host setting).")
 @click.option("--port", type=int, default=None, help="Listen on this port (default: the review_port setting).")
-@click.pass_obj
-def review_command(app: Any, host: str | None, port: int | None) -> None:
+@pass_app
+def review_command(app: AppContext, host: str | None, port: int | None) -> None:
     """Serve the review web app (the queue of held results, the study viewer, reports, users).
 
     It refuses to listen beyond loopback while no admin account exists or an account has no password.
