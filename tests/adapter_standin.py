@@ -2,7 +2,8 @@
 
 It runs a SegNet weights file through :func:`model.segment.segment_volume`, the worker's production path,
 as the real adapter does, and refuses what the real one must refuse with :class:`AdapterError`: a missing
-file, a file that is not a SegNet weights file, a layer the network does not have. The registry tests
+file, a file that is not a SegNet weights file, a layer other than its last decoder stage (messages as
+the real adapter's on branch ``core``). The registry tests
 use the real adapter when it is importable (:func:`use_segnet_adapter`) and this one otherwise.
 """
 
@@ -19,8 +20,6 @@ import pytest
 
 from model.adapters import FORMATS
 from model.adapters.base import AdapterError, Label, ModelAdapter, Prediction
-
-DEFAULT_LAYER = "decoders"
 
 
 class StandInSegNetAdapter(ModelAdapter):
@@ -43,14 +42,15 @@ class StandInSegNetAdapter(ModelAdapter):
         try:
             net, meta = load_weights(path, device=device)
         except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise AdapterError(f"{path} is not a SegNet weights file ({exc})") from exc
-        modules = dict(net.named_modules())
-        if layer is not None and layer not in modules:
-            raise AdapterError(f"layer {layer!r} does not exist in {path.name} (modules: "
-                               f"{', '.join(n for n in modules if n and '.' not in n)})")
+            raise AdapterError(f"{path} is not a loadable SegNet weights file: {exc}") from exc
+        default_layer = f"decoders.{len(net.decoders) - 1}"
+        if layer is not None and layer != default_layer:
+            raise AdapterError(f"SegNet's signature layer is its last decoder stage {default_layer!r}; "
+                               f"layer {layer!r} cannot be chosen for this format")
+        labels = tuple(Label(int(v), str(n)) for v, n in sorted((meta.get("labels") or {"1": "organ"}).items()))
         return cls(net, InferenceSettings.for_weights(meta, device=device), name=str(meta.get("name", path.stem)),
-                   version=str(meta.get("version", "0")), labels=(Label(1, str(meta.get("label", "organ"))),),
-                   layer=layer or DEFAULT_LAYER, files_sha256={path.name: sha256_file(path)}, device=device)
+                   version=str(meta.get("version", "0")), labels=labels, layer=default_layer,
+                   files_sha256={path.name: sha256_file(path)}, device=device)
 
     def predict(self, image: np.ndarray, spacing: Sequence[float], modality: str) -> Prediction:
         from model.segment import segment_volume
@@ -63,7 +63,7 @@ class StandInSegNetAdapter(ModelAdapter):
                           n_signature_voxels=res.n_signature_voxels, evidence=res.evidence())
 
     def signature_settings(self) -> dict[str, Any]:
-        return {**self.settings.signature_settings(), "format": self.format, "layer": self.layer}
+        return dict(self.settings.signature_settings())
 
 
 def use_segnet_adapter(monkeypatch: pytest.MonkeyPatch) -> str:

@@ -35,7 +35,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     net = SegNet(base_features=4, levels=2).eval()
     path = tmp_path_factory.mktemp("model") / "liver.pt"
-    save_weights(net, path, meta={"name": "liver-test", "version": "1.2"})
+    save_weights(net, path, meta={"name": "liver-test", "version": "1.2", "labels": {"1": "organ"}})
     return path
 
 
@@ -102,11 +102,11 @@ def test_register_refuses_naming_the_problem(migrated, cli: Run, segnet: str, we
         args[-1], expected = str(tmp_path / "gone.pt"), "gone.pt' does not exist"
     elif case == "no such layer":
         args += ["--layer", "decoder.nope"]
-        expected = "layer 'decoder.nope' does not exist"
+        expected = "layer 'decoder.nope' cannot be chosen"
     elif case == "not a model":
         junk = tmp_path / "junk.pt"
         junk.write_bytes(b"not a network")
-        args[-1], expected = str(junk), "junk.pt is not a SegNet weights file"
+        args[-1], expected = str(junk), "junk.pt is not a loadable SegNet weights file"
     elif case == "name taken":
         cli(*args)
         expected = "a model named 'liver' is already registered (segnet"
