@@ -244,28 +244,38 @@ def fit_ood_cmd(name: str | None, data: tuple[Path, ...], modality: str | None, 
 
 
 @model_group.command("evaluate")
-@click.option("--weights", type=_existing_file, required=True)
-@click.option("--bank", type=_existing_file, required=True)
+@click.argument("name", required=False)
+@click.option("--weights", type=_existing_file, default=None, help="Without NAME: a SegNet weights file.")
+@click.option("--bank", type=_existing_file, default=None, help="Without NAME: the OOD bank of those weights.")
 @click.option("--data", "data", multiple=True, required=True, type=_existing_dir,
               help="In-distribution test data (MSD folder with labels, or DICOM series); repeatable.")
 @click.option("--ood", "ood", multiple=True, type=_existing_dir, help="Out-of-distribution test data; repeatable.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for metrics.json, oodm_histogram.png, reliability_*.png [default: DATA_DIR/evaluation].")
+              help="Folder for metrics.json, oodm_histogram.png, reliability_*.png "
+                   "[default: DATA_DIR/evaluation, DATA_DIR/evaluation/NAME for a registered model].")
 @click.option("--block", type=int, default=None, help="Sliding-window block [default: the weights'].")
 @click.option("--overlap", type=int, default=None, help="Sliding-window overlap [default: the weights'].")
 @_spacing_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of the table.")
-def evaluate_cmd(weights: Path, bank: Path, data: tuple[Path, ...], ood: tuple[Path, ...],
-                 out: Path | None, block: int | None, overlap: int | None, spacing: str | None, device: str,
-                 as_json: bool) -> None:
+def evaluate_cmd(name: str | None, weights: Path | None, bank: Path | None, data: tuple[Path, ...],
+                 ood: tuple[Path, ...], out: Path | None, block: int | None, overlap: int | None,
+                 spacing: str | None, device: str, as_json: bool) -> None:
     """DSC/HD95/ASSD/ECE/MCE per dataset and OOD accuracy/sensitivity/specificity/AUC.
 
-    Each image goes through the worker's path; metrics are computed on the image's own grid.
+    NAME: a registered SegNet model with its fitted bank; else --weights and --bank. Each image goes
+    through the worker's path; metrics are computed on the image's own grid.
     """
     from model.evaluate import evaluate, format_report
     from model.ood import BankMismatchError
 
+    if name is not None:
+        if weights is not None or bank is not None:
+            raise click.UsageError(f"--weights/--bank: not for a registered model (model {name!r} has its own)")
+        weights, bank = _registered_segnet(app_context(), name)
+        out = out or app_context().data_dir / "evaluation" / name
+    elif weights is None or bank is None:
+        raise click.UsageError("give NAME (a registered model), or --weights and --bank")
     dev = _device(device)
     net, meta = _open_net(weights, dev)
     gate = _open_gate(weights, bank)
@@ -613,6 +623,23 @@ def _fit_registered(app: AppContext, name: str, data: tuple[Path, ...], modality
                                  "modalities": gate.meta.get("modalities"), "data": [str(p) for p in data]})
     click.echo(f"model {name}: bank of {gate.bank.shape[0]} signatures, tau={gate.tau:.4f} (c={c}) -> {bank} "
                f"sha256={sha}; the model is live")
+
+
+def _registered_segnet(app: AppContext, name: str) -> tuple[Path, Path]:
+    """The weights and bank of registered model ``name``, which ``evaluate`` can run (SegNet, bank fitted)."""
+    from ledger import models
+
+    with app.sessions()() as session:
+        try:
+            row = models.require(session, name)
+        except models.ModelRegistryError as exc:
+            raise click.BadParameter(str(exc), param_hint="NAME") from None
+    if row.format != "segnet":
+        raise click.ClickException(f"model {name!r} is a {row.format} model; evaluate runs SegNet models only "
+                                   "so far")
+    if row.bank_path is None:
+        raise click.ClickException(f"model {name!r} has no OOD bank yet: specgate model fit-ood {name} --data DIR")
+    return Path(row.path), Path(row.bank_path)
 
 
 def register(main: click.Group) -> None:

@@ -172,6 +172,11 @@ def test_fit_ood_writes_the_bank_into_the_data_dir_and_records_its_hash(migrated
     seg = Segmenter.open(weights, bank)
     assert seg.gate.tau == pytest.approx(gate.tau)
 
+    # evaluate NAME: the registered weights and bank; figures under DATA_DIR/evaluation/NAME
+    res = cli("model", "evaluate", "liver", "--data", str(msd), "--device", "cpu", "--json")
+    assert json.loads(res.stdout)["datasets"]["ct_liver"]["n"] == 3
+    assert (settings.data_dir / "evaluation" / "liver" / "metrics.json").is_file()
+
     # fitting again keeps the earlier bank where the audit trail says it was, and records both hashes
     res = cli("model", "fit-ood", "liver", "--data", str(msd), "--c", "3", "--device", "cpu")
     [m2] = json.loads(cli("model", "list", "--json").output)
