@@ -9,19 +9,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
 from ._context import AppContext, pass_app
+
+if TYPE_CHECKING:
+    from dicom_node.handoff import Listener
+    from dicom_node.metrics import NodeMetrics
+    from dicom_node.scp import StoreSCP
+
+    from ._metrics import MetricsEndpoint
 
 __all__ = ["echo_command", "register", "scp_command"]
 
 log = logging.getLogger("specgate.scp")
 
 
-def _job_queued_hook(app: AppContext) -> Any:
+def _job_queued_hook(app: AppContext) -> Callable[[int], None]:
     """The enqueue hook the assembler calls with each new job id: a wake-up call to the workers."""
     from worker.celery_app import Enqueuer, make_celery
 
@@ -61,7 +70,7 @@ def scp_command(app: AppContext, receiver_fd: int | None) -> None:
     config_file = click.get_current_context().find_root().params.get("config_file")
     stop = threading.Event()
 
-    def _stop(signum: int, _frame: Any) -> None:
+    def _stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
         stop.set()
 
@@ -70,7 +79,7 @@ def scp_command(app: AppContext, receiver_fd: int | None) -> None:
     _run_node(app, config_file, stop, metrics_dir)
 
 
-def _metrics_endpoint(app: AppContext, directory: Path, open_associations: Any) -> Any:
+def _metrics_endpoint(app: AppContext, directory: Path, open_associations: Callable[[], int]) -> MetricsEndpoint:
     """The SCP's /metrics: the receivers' counters, the open associations, the ledger's gauges."""
     from dicom_node.metrics import AssociationsCollector
     from ledger.metrics import LedgerCollector
@@ -86,7 +95,7 @@ def _metrics_endpoint(app: AppContext, directory: Path, open_associations: Any) 
         raise click.ClickException(f"cannot serve metrics on {s.metrics_host}:{s.scp_metrics_port}: {exc}") from exc
 
 
-def _run_node(app: AppContext, config_file: Any, stop: threading.Event, metrics_dir: Path | None = None) -> None:
+def _run_node(app: AppContext, config_file: Path | None, stop: threading.Event, metrics_dir: Path | None = None) -> None:
     from dicom_node.assembler import Assembler
     from dicom_node.handoff import Listener, default_processes
     from dicom_node.scp import StoreSCP
@@ -97,7 +106,7 @@ def _run_node(app: AppContext, config_file: Any, stop: threading.Event, metrics_
     sessions = app.sessions()
     processes = default_processes(node)
     spool = Spool(node.spool_dir, watermark_percent=node.spool_watermark_percent).open()
-    front: Any
+    front: StoreSCP | Listener
     if processes == 1:
         front = StoreSCP(node, sessions, spool=spool, metrics=_node_metrics(metrics_dir))
         open_associations = front.active_associations
@@ -135,7 +144,7 @@ def _run_node(app: AppContext, config_file: Any, stop: threading.Event, metrics_
         log.info("stopped in %.1f s", time.monotonic() - t0)
 
 
-def _node_metrics(metrics_dir: Path | None) -> Any:
+def _node_metrics(metrics_dir: Path | None) -> NodeMetrics | None:
     """The counters of an SCP process, in the multiprocess directory its parent set up (None: not counted)."""
     if metrics_dir is None:
         return None

@@ -13,7 +13,7 @@ from ._cli_worker import celery_app
 from ._context import AppContext, pass_app
 
 if TYPE_CHECKING:
-    pass
+    from ledger.schema import Job
 
 __all__ = ["jobs", "register"]
 
@@ -35,7 +35,7 @@ def _gate_evidence(path: str | None) -> dict[str, Any] | None:
             "spacing": (ev.get("inference") or {}).get("spacing")}
 
 
-def _job_dict(job: Any, *, full: bool = False) -> dict[str, Any]:
+def _job_dict(job: Job, *, full: bool = False) -> dict[str, Any]:
     result = job.results[-1] if job.results else None
     d: dict[str, Any] = {
         "id": job.id,
@@ -68,7 +68,7 @@ def _job_dict(job: Any, *, full: bool = False) -> dict[str, Any]:
     return d
 
 
-def _retraction_dict(job: Any) -> dict[str, Any] | None:
+def _retraction_dict(job: Job) -> dict[str, Any] | None:
     from sqlalchemy import select
     from sqlalchemy.orm import object_session
 

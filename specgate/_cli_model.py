@@ -31,6 +31,10 @@ from ._context import AppContext, app_context, operator, pass_app
 if TYPE_CHECKING:
     from ledger.schema import RegisteredModel
     from model.adapters.base import Label, ModelAdapter
+    from model.data.volumes import Case, MSDDataset
+    from model.ood import SpectralGate
+    from model.segment import InferenceSettings
+    from model.unet import SegNet
 
 __all__ = ["model_group", "read_codes", "register", "synthetic_volume"]
 
@@ -52,12 +56,12 @@ def _dataset_name(path: Path) -> str:
     return path.name
 
 
-def _load(paths: tuple[Path, ...], what: str) -> dict[str, Any]:
+def _load(paths: tuple[Path, ...], what: str) -> dict[str, MSDDataset | list[Case]]:
     """Datasets by name. MSD folders load one case at a time as they are iterated (a clinical-size CT is
     300 MB: a set of them never sits in memory at once); a bare folder of DICOM series is read whole."""
     from model.data.volumes import MSDDataset, iter_cases
 
-    out: dict[str, Any] = {}
+    out: dict[str, MSDDataset | list[Case]] = {}
     for p in paths:
         name = _dataset_name(p)
         if name in out:
@@ -72,13 +76,13 @@ def _load(paths: tuple[Path, ...], what: str) -> dict[str, Any]:
 class _Chain:
     """Several datasets as one sized iterable, loaded case by case."""
 
-    def __init__(self, parts: list[Any]) -> None:
+    def __init__(self, parts: list[MSDDataset | list[Case]]) -> None:
         self.parts = parts
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Case]:
         return (case for part in self.parts for case in part)
 
 
@@ -97,7 +101,7 @@ def _parse_named(values: tuple[str, ...]) -> dict[str, Path]:
     return named
 
 
-def _open_gate(weights: Path, bank: Path) -> Any:
+def _open_gate(weights: Path, bank: Path) -> SpectralGate:
     from model.ood import BankMismatchError, SpectralGate, sha256_file
 
     try:
@@ -108,7 +112,7 @@ def _open_gate(weights: Path, bank: Path) -> Any:
         raise click.BadParameter(str(exc), param_hint="--bank") from None
 
 
-def _open_net(weights: Path, device: str) -> tuple[Any, dict[str, Any]]:
+def _open_net(weights: Path, device: str) -> tuple[SegNet, dict[str, Any]]:
     from model.unet import load_weights
 
     try:
@@ -118,7 +122,7 @@ def _open_net(weights: Path, device: str) -> tuple[Any, dict[str, Any]]:
 
 
 def _settings(meta: dict[str, Any], device: str, block: int | None, overlap: int | None,
-              spacing: str | None) -> Any:
+              spacing: str | None) -> InferenceSettings:
     """The inference path: the weights' own (block, overlap, spacing per modality), then these options."""
     from model.segment import InferenceSettings, parse_spacing
 
@@ -550,7 +554,7 @@ def list_cmd(app: AppContext, as_json: bool) -> None:
         click.echo(f"{r['name']:<20} {r['state']:<10} {r['format']:<12} {r['version']:<12} {bank:<14} {labels}")
 
 
-def _site_cases(paths: tuple[Path, ...], modality: str | None) -> Iterator[Any]:
+def _site_cases(paths: tuple[Path, ...], modality: str | None) -> Iterator[Case]:
     from model.data.volumes import iter_site_cases
 
     for p in paths:
@@ -572,7 +576,7 @@ class _Counted:
             self._n = sum(1 for _ in _case_names(self.paths, self.modality))
         return self._n
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Case]:
         return _site_cases(self.paths, self.modality)
 
 

@@ -10,11 +10,14 @@ import io
 import json
 from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ._context import AppContext, pass_app
+
+if TYPE_CHECKING:
+    from ledger.reports import Report
 
 __all__ = ["register", "render_csv", "render_json", "render_table"]
 
@@ -26,7 +29,7 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
-def render_table(report: Any, rows: Sequence[dict[str, Any]]) -> str:
+def render_table(report: Report, rows: Sequence[dict[str, Any]]) -> str:
     """An aligned text table: numbers to the right, text to the left, '-' for nothing."""
     from ledger.reports import format_value
 
@@ -54,7 +57,7 @@ def render_json(rows: Sequence[dict[str, Any]]) -> str:
     return json.dumps([{k: _plain(v) for k, v in row.items()} for row in rows], indent=2)
 
 
-def render_csv(report: Any, rows: Sequence[dict[str, Any]]) -> str:
+def render_csv(report: Report, rows: Sequence[dict[str, Any]]) -> str:
     """CSV with the column names as header; empty for nothing, true/false, ISO 8601 times, full floats."""
     def cell(value: Any) -> Any:
         if value is None:

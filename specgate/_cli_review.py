@@ -5,11 +5,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from ._context import AppContext, pass_app
+from ._context import AppContext, operator, pass_app
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+    from starlette.applications import Starlette
+
+T = TypeVar("T")
 
 __all__ = ["register"]
 
@@ -33,7 +40,7 @@ def _read_password(prompt: bool) -> str:
     return line.rstrip("\r\n")
 
 
-def _in_tx(app: AppContext, fn: Any) -> Any:
+def _in_tx(app: AppContext, fn: Callable[[Session], T]) -> T:
     from ledger.db import session_scope
     from review.auth import AccountError
 
@@ -44,13 +51,6 @@ def _in_tx(app: AppContext, fn: Any) -> Any:
         raise click.ClickException(str(exc)) from exc
 
 
-def _operator() -> str:
-    import getpass
-
-    try:
-        return f"operator:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "operator:unknown"
 
 
 @click.group("users")
@@ -68,7 +68,7 @@ def users_add(app: AppContext, name: str, role: str, display_name: str | None) -
     from review.auth import add_user
 
     password = _read_password(prompt=True)
-    _in_tx(app, lambda s: add_user(s, name, role=role, password=password, actor=_operator(),
+    _in_tx(app, lambda s: add_user(s, name, role=role, password=password, actor=operator(),
                                    display_name=display_name))
     click.echo(f"account {name} added ({role})")
 
@@ -93,7 +93,7 @@ def users_disable(app: AppContext, name: str) -> None:
     """Disable an account; its sessions end at once."""
     from review.auth import disable_user
 
-    _in_tx(app, lambda s: disable_user(s, name, actor=_operator()))
+    _in_tx(app, lambda s: disable_user(s, name, actor=operator()))
     click.echo(f"account {name} disabled")
 
 
@@ -105,11 +105,11 @@ def users_passwd(app: AppContext, name: str) -> None:
     from review.auth import set_password
 
     password = _read_password(prompt=True)
-    _in_tx(app, lambda s: set_password(s, name, password, actor=_operator()))
+    _in_tx(app, lambda s: set_password(s, name, password, actor=operator()))
     click.echo(f"password of {name} changed")
 
 
-def build_app(app: AppContext) -> Any:
+def build_app(app: AppContext) -> Starlette:
     """The review ASGI app with its actions wired to the worker (delivery, retraction) and metrics."""
     from review.app import ReviewActions, create_app
     from worker.celery_app import Enqueuer, make_celery
@@ -129,7 +129,7 @@ def build_app(app: AppContext) -> Any:
                       ReviewActions(deliver=enqueuer.deliver, retract=retract, metrics=_metrics(sessions)))
 
 
-def _metrics(sessions: Any) -> Any:
+def _metrics(sessions: sessionmaker[Session]) -> Callable[[], tuple[bytes, str]]:
     from ledger.metrics import render
 
     return lambda: render(sessions)
