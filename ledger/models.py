@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import audit
@@ -108,7 +109,11 @@ def register(session: Session, *, name: str, version: str, format: str, path: st
         codes=None if codes is None else dict(codes), state=ModelState.REGISTERED, registered_at=utcnow(),
         registered_by=actor[:128])
     session.add(row)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as exc:  # PostgreSQL: another registration of this name committed meanwhile
+        raise ModelRegistryError(f"a model named {name!r} was registered by someone else just now; choose "
+                                 "another name") from exc
     audit.append(session, actor=actor, action="model.registered", object_type="model", object_id=name,
                  details={"id": row.id, "version": version, "format": format, "path": path,
                           "files_sha256": row.files_sha256, "labels": row.labels, "layer": layer,

@@ -111,7 +111,8 @@ class AppContext:
         """Refuse to start while a rule selects a model that cannot judge its results.
 
         Each ``[[rules]]`` entry's ``model`` must be configured in the settings (``default``,
-        ``SPECGATE_MODELS``) or registered in the ledger with a fitted OOD bank. Raises
+        ``SPECGATE_MODELS``) or registered in the ledger with a fitted OOD bank, whose file is there with
+        the SHA-256 the ledger recorded (hashing a bank takes milliseconds). Raises
         :class:`StartupError` naming every such rule and its model.
         """
         configured = {"default", *self.settings.models}
@@ -127,13 +128,33 @@ class AppContext:
                     f"rule {rule.name!r} names model {rule.model!r}, which is neither configured (models: "
                     f"{', '.join(sorted(configured))}) nor registered in the ledger (registered: "
                     f"{', '.join(sorted(registered)) or 'none'})")
-            elif row.bank_path is None:
+            elif row.bank_path is None or row.bank_sha256 is None:
                 problems.append(
                     f"rule {rule.name!r} names model {rule.model!r}, which is registered without an OOD bank: "
                     "every result would be unjudged; fit one with "
                     f"'specgate model fit-ood {rule.model} --data DIR'")
+            else:
+                bank = _bank_problem(Path(row.bank_path), row.bank_sha256)
+                if bank is not None:
+                    problems.append(f"rule {rule.name!r} names model {rule.model!r}, whose OOD bank {bank}; fit "
+                                    f"it again with 'specgate model fit-ood {rule.model} --data DIR'")
         if problems:
             raise StartupError("refusing to start: " + "; ".join(problems))
+
+
+def _bank_problem(path: Path, sha256: str) -> str | None:
+    """What is wrong with a registered model's bank file (gone, or not the one the ledger recorded)."""
+    from model.ood import sha256_file
+
+    try:
+        actual = sha256_file(path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    if actual != sha256:
+        return f"{path} is not the one the ledger recorded (SHA-256 {actual}, recorded {sha256})"
+    return None
 
 
 def model_spec(row: RegisteredModel) -> ModelSpec:

@@ -4,6 +4,7 @@ on both ledger backends (real SQLite and PostgreSQL), through the real CLI in-pr
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ledger.schema import AuditEvent
 from model.data.phantoms import write_msd_dataset
 from model.ood import SpectralGate, sha256_file
 from model.unet import SegNet, save_weights
+from specgate._context import StartupError
 from specgate.cli import AppContext, main
 from specgate.settings import Settings
 from tests.adapter_standin import use_segnet_adapter
@@ -230,8 +232,20 @@ def test_a_rule_naming_an_unregistered_or_bankless_model_stops_start_up(migrated
         assert [m.name for m in app.worker_config().models] == ["default"]  # not routable yet: not served
         run("model", "fit-ood", "liver", "--data", str(site_data[0]), "--device", "cpu")
         app.check_routing()  # live now: no error
-        spec = app.worker_config().models[-1]
         [m] = app.registered_models()
+        bank = Path(m.bank_path or "")
+        saved = bank.read_bytes()
+        bank.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+        with pytest.raises(StartupError, match=f"rule 'liver-ct' names model 'liver', whose OOD bank {re.escape(str(bank))} "
+                                               r"is not the one the ledger recorded \(SHA-256 [0-9a-f]{64}, recorded "
+                                               rf"{m.bank_sha256}\)"):
+            app.check_routing()
+        bank.unlink()
+        res = run("worker", expect=1)
+        assert f"whose OOD bank {bank} is missing" in " ".join(res.output.split())
+        bank.write_bytes(saved)
+        app.check_routing()
+        spec = app.worker_config().models[-1]
         assert (spec.name, spec.format, spec.path, spec.weights, spec.bank, spec.layer) == (
             "liver", "segnet", weights, weights, Path(m.bank_path or ""), m.layer)
     finally:
