@@ -50,11 +50,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.infer import sliding_window
+from model.infer import InferenceResult, sliding_window
 from model.preprocess import preprocess
-from model.resample import Grid, from_grid, model_grid, to_grid, validate_spacing
+from model.resample import Grid, SourceSlabs, from_grid, model_grid, to_grid, validate_spacing
 
-__all__ = ["BODY_RULE", "InferenceSettings", "StudyInference", "body_mask", "parse_spacing", "segment_volume"]
+__all__ = ["BODY_RULE", "InferenceSettings", "StudyInference", "StudyLabels", "body_mask", "labels_on_source",
+           "parse_spacing", "segment_labels", "segment_volume"]
 
 #: name of the body-mask rule of :func:`body_mask` (recorded in banks: change it when the rule changes)
 BODY_RULE = "threshold-v1"
@@ -298,14 +299,24 @@ def _to_source_grid(probabilities: np.ndarray, canvas: _Canvas, grid: Grid, resa
     return probs
 
 
-def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,
-                   settings: InferenceSettings, *, device: str | torch.device | None = None,
-                   out_dtype: type[np.floating] | np.dtype = np.float16) -> StudyInference:
-    """Probabilities on the source grid and the content signature of one volume (see the module doc).
+@dataclass
+class _OnGrid:
+    """One study up to the windows' output: probabilities on the body's canvas of the model's grid."""
 
-    ``image``: (z, y, x) in native units (HU for CT). ``spacing``: (z, y, x) mm. Raises
-    :class:`model.resample.GridError` (``reason_code`` ``bad_spacing``) for a spacing that cannot be used.
-    """
+    grid: Grid
+    canvas: _Canvas
+    result: InferenceResult
+    resampled: bool
+    spacing: Spacing
+    shape: tuple[int, int, int]
+    timings: dict[str, float]
+
+
+def _run_on_grid(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,
+                 settings: InferenceSettings, device: str | torch.device | None,
+                 grid_dtype: type[np.floating] | np.dtype) -> _OnGrid:
+    """Steps 1-4 of the module doc: the model's grid, intensities, body crop, windows and signature.
+    :func:`segment_volume` and :func:`segment_labels` share it, so their signatures are the same."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     vol = np.asarray(image)
@@ -327,14 +338,166 @@ def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], 
     t0 = time.perf_counter()
     res = sliding_window(net, canvas.image, block=settings.block, overlap=settings.overlap,
                          batch_size=settings.batch_size, device=device, amp=settings.precision == "bfloat16",
-                         out_dtype=np.float32 if resampled else out_dtype, signature_mask=canvas.signature_mask)
+                         out_dtype=grid_dtype, signature_mask=canvas.signature_mask)
     timings["infer"] = time.perf_counter() - t0
+    return _OnGrid(grid, canvas, res, resampled, sp, tuple(int(n) for n in vol.shape), timings)  # type: ignore[arg-type]
 
+
+def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,
+                   settings: InferenceSettings, *, device: str | torch.device | None = None,
+                   out_dtype: type[np.floating] | np.dtype = np.float16) -> StudyInference:
+    """Probabilities on the source grid and the content signature of one volume (see the module doc).
+
+    ``image``: (z, y, x) in native units (HU for CT). ``spacing``: (z, y, x) mm. Raises
+    :class:`model.resample.GridError` (``reason_code`` ``bad_spacing``) for a spacing that cannot be used.
+    Every class at full resolution: for evaluation (DSC, calibration) and the bank fit; the worker runs
+    :func:`segment_labels`, which keeps only the label map and the foreground.
+    """
+    run = _run_on_grid(net, image, spacing, modality, settings, device,
+                       np.float32 if settings.spacing_for(modality) is not None else out_dtype)
     t0 = time.perf_counter()
-    probs = _to_source_grid(res.probabilities, canvas, grid, resampled, vol.shape, sp, out_dtype)
-    timings["restore"] = time.perf_counter() - t0
+    probs = _to_source_grid(run.result.probabilities, run.canvas, run.grid, run.resampled, run.shape, run.spacing,
+                            out_dtype)
+    run.timings["restore"] = time.perf_counter() - t0
+    res, canvas, grid = run.result, run.canvas, run.grid
     return StudyInference(
         probabilities=probs, signature=res.signature, n_signature_voxels=res.n_signature_voxels,
         body_voxels=canvas.body_voxels, model_shape=grid.shape, model_spacing=grid.spacing,
         crop=tuple((int(lo), int(hi)) for lo, hi in canvas.box), n_windows=res.n_windows,
-        resampled=resampled, timings=timings)
+        resampled=run.resampled, timings=run.timings)
+
+
+@dataclass
+class StudyLabels:
+    """What :func:`segment_labels` returns: the label map and the foreground on the source grid, the
+    per-class probabilities left on the model's grid.
+
+    ``labels``: (z, y, x) ``uint8`` (``uint16`` past 256 classes), the class index (0 background).
+    ``foreground``: (z, y, x) float16, 1 - P(background).
+    """
+
+    labels: np.ndarray
+    foreground: np.ndarray
+    signature: np.ndarray
+    gram: np.ndarray
+    n_signature_voxels: int
+    body_voxels: int
+    model_shape: tuple[int, int, int]
+    model_spacing: tuple[float, float, float]
+    crop: tuple[tuple[int, int], ...]
+    n_windows: int
+    resampled: bool
+    n_classes: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def evidence(self) -> dict[str, Any]:
+        """The numbers a reviewer needs to see how the signature was made."""
+        return {"model_grid_shape": list(self.model_shape),
+                "model_grid_spacing_mm": [round(s, 4) for s in self.model_spacing],
+                "resampled": self.resampled, "crop": [list(c) for c in self.crop],
+                "body_voxels": self.body_voxels, "signature_voxels": self.n_signature_voxels,
+                "windows": self.n_windows}
+
+
+def segment_labels(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,
+                   settings: InferenceSettings, *, device: str | torch.device | None = None) -> StudyLabels:
+    """The worker's path: as :func:`segment_volume` (the same grid, crop, windows and signature), but
+    only the label map and one float16 foreground map come back to the source grid
+    (:func:`labels_on_source`); the per-class probabilities stay on the model's grid.
+    """
+    run = _run_on_grid(net, image, spacing, modality, settings, device, np.float32)
+    t0 = time.perf_counter()
+    labels, fg = labels_on_source(run.result.probabilities, run.canvas.box, run.grid, run.shape, run.spacing,
+                                  resampled=run.resampled)
+    run.timings["restore"] = time.perf_counter() - t0
+    res, canvas, grid = run.result, run.canvas, run.grid
+    return StudyLabels(
+        labels=labels, foreground=fg, signature=res.signature, gram=res.gram,
+        n_signature_voxels=res.n_signature_voxels, body_voxels=canvas.body_voxels, model_shape=grid.shape,
+        model_spacing=grid.spacing, crop=tuple((int(lo), int(hi)) for lo, hi in canvas.box),
+        n_windows=res.n_windows, resampled=run.resampled, n_classes=int(res.probabilities.shape[0]),
+        timings=run.timings)
+
+
+def _label_dtype(k: int) -> type[np.unsignedinteger]:
+    if k > 65536:
+        raise ValueError(f"{k} classes do not fit a uint16 label map")
+    return np.uint8 if k <= 256 else np.uint16
+
+
+def _grid_slices(probs: np.ndarray, box: Sequence[tuple[int, int]], grid_shape: Sequence[int],
+                 g: int) -> torch.Tensor:
+    """Every class on grid slice ``g`` of the whole model grid, (K, h, w) float64: the canvas' values where
+    the body's box lies, background (P = 1 for class 0, 0 for the others) elsewhere."""
+    k = probs.shape[0]
+    out = torch.zeros((k, *grid_shape[1:]), dtype=torch.float64)
+    out[0] = 1.0
+    if box[0][0] <= g < box[0][1]:
+        img_sl, can_sl = _overlap(box[1:], grid_shape[1:])
+        part = probs[:, g - box[0][0]][(slice(None), *can_sl)]
+        out[(slice(None), *img_sl)] = torch.from_numpy(np.ascontiguousarray(part, np.float64))
+    return out
+
+
+def labels_on_source(probs: np.ndarray, box: Sequence[tuple[int, int]], grid: Grid, shape: Sequence[int],
+                     spacing: Sequence[float], *, resampled: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, foreground)`` on the source grid from the class probabilities ``probs`` (K, canvas)
+    of the body's ``box`` on the model's ``grid`` (background outside it).
+
+    The decision rule is the argmax of the linearly interpolated class probabilities (ties to the lower
+    class), computed slab by slab along z (:class:`model.resample.SourceSlabs`: the source slices between
+    two grid slices) with a running maximum over the classes, so only one slab of one class is ever held
+    in float32 at full resolution. A class whose largest probability on the slab's two grid slices is
+    below the smallest running maximum cannot win anywhere in the slab (an interpolated value never
+    exceeds its neighbours') and is skipped: classes are visited by decreasing maximum, so an organ
+    absent from a slab costs nothing there.
+
+    The interpolation runs in float64 and is rounded to float32: bit for bit what SimpleITK's resampler
+    (:func:`model.resample.from_grid`, the path before) gave, measured on every voxel of a 300x512x512 CT
+    from a smooth random field (in float32 the blends differed by an ulp on 25 % of the voxels and 2352
+    float16 values moved). Two classes: the foreground is P(class 1) so interpolated and rounded to float16
+    (1 - P(background) in exact arithmetic) and the label is ``foreground >= 0.5``: the worker's rule
+    before, the same mask. More: the foreground is 1 - P(background) (float16) and the label the argmax
+    of the float32 values.
+    """
+    k = int(probs.shape[0])
+    dtype = _label_dtype(k)
+    shape = tuple(int(n) for n in shape)
+    labels = np.zeros(shape, dtype)
+    fg = np.zeros(shape, np.float16)
+    if not resampled:  # the model's grid is the source grid
+        img_sl, can_sl = _overlap(box, shape)
+        part = probs[(slice(None), *can_sl)]
+        if k == 2:
+            fg[img_sl] = part[1]
+            np.greater_equal(fg, np.float16(0.5), out=labels.view(np.bool_))
+        else:
+            fg[img_sl] = 1.0 - part[0]
+            labels[img_sl] = np.argmax(part, axis=0)
+        return labels, fg
+    src = SourceSlabs(grid, shape, spacing)
+    fg_t = torch.from_numpy(fg)
+    lab_t = torch.from_numpy(labels.view(np.bool_))
+    planes: dict[int, torch.Tensor] = {}
+    for z0, z1, ga, gb in src.slabs():
+        grid_a = _grid_slices(probs, box, grid.shape, ga)
+        grid_b = grid_a if gb == ga else _grid_slices(probs, box, grid.shape, gb)
+        if k == 2:  # one class: each grid slice brought to the source's plane once
+            planes = {g: planes[g] if g in planes else src.plane(s[1]) for g, s in ((ga, grid_a), (gb, grid_b))}
+            fg_t[z0:z1] = src.blend(planes[ga], planes[gb], z0, z1).float()  # float32 first, as before
+            torch.ge(fg_t[z0:z1], 0.5, out=lab_t[z0:z1])
+            continue
+        p0 = src.blend(src.plane(grid_a[0]), src.plane(grid_b[0]), z0, z1).float()
+        fg_t[z0:z1] = 1.0 - p0
+        best = torch.full_like(p0, -1.0)
+        lab = torch.zeros(p0.shape, dtype=torch.int64)
+        tops = torch.maximum(grid_a.amax(dim=(1, 2)), grid_b.amax(dim=(1, 2))) * (1 + 1e-6)  # a lerp may pass by an ulp
+        for c in torch.argsort(tops, descending=True, stable=True).tolist():
+            if float(tops[c]) < float(best.min()):
+                break  # this class and every later one (smaller maxima) lose everywhere in the slab
+            v = p0 if c == 0 else src.blend(src.plane(grid_a[c]), src.plane(grid_b[c]), z0, z1).float()
+            take = (v > best) | ((v == best) & (lab > c))
+            best = torch.where(take, v, best)
+            lab.masked_fill_(take, c)
+        labels[z0:z1] = lab.numpy().astype(dtype)
+    return labels, fg

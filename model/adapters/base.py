@@ -15,6 +15,7 @@ one float16 foreground map are brought back to the source grid.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class ModelAdapter(ABC):
     labels: tuple[Label, ...]
     layer: str  # module name of the signature's layer (a forward hook)
     files_sha256: Mapping[str, str]  # relative path -> SHA-256 of every file the model is made of
+    #: False marks every object the model makes NOT FOR CLINICAL USE (a format may read it from its files)
+    clinical_use: bool = False
 
     @classmethod
     @abstractmethod
@@ -88,6 +91,18 @@ class ModelAdapter(ABC):
         """Everything that changes a signature (the bank records it; a worker running other settings
         refuses the bank): format, layer, the grid/spacing, window size and overlap, mirroring, folds,
         :data:`model.window_gram.OWNERSHIP_RULE`, the body rule."""
+
+    def model_sha256(self) -> str:
+        """One SHA-256 for the whole model, what its OOD bank records and checks: the file's own for a
+        one-file model (so a SegNet bank keeps matching :func:`model.ood.sha256_file`), else the SHA-256 of
+        the sorted ``"<sha256>  <relative path>"`` lines (``sha256sum``'s format)."""
+        files = dict(self.files_sha256)
+        if not files:
+            raise AdapterError(f"model {self.name!r} lists no files, so it has no SHA-256")
+        if len(files) == 1:
+            return next(iter(files.values()))
+        lines = "".join(f"{sha}  {rel}\n" for rel, sha in sorted(files.items()))
+        return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
     def record(self) -> dict[str, Any]:
         """JSON-ready description for the ledger's model row and the evidence file."""

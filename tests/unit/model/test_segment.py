@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from model.data.phantoms import phantom_case
-from model.segment import InferenceSettings, body_mask, parse_spacing, segment_volume
+from model.resample import Grid, from_grid
+from model.segment import (
+    InferenceSettings,
+    body_mask,
+    labels_on_source,
+    parse_spacing,
+    segment_labels,
+    segment_volume,
+)
 from model.unet import SegNet
 
 
@@ -69,3 +77,50 @@ def test_resampled_probabilities_lie_on_the_source_grid(net):
     np.testing.assert_allclose(r.probabilities.sum(0), 1.0, atol=1e-5)
     native = segment_volume(net, case.image, case.spacing, "MR", s)  # no MR spacing declared: native
     assert not native.resampled and native.model_shape == case.image.shape
+
+
+@pytest.mark.parametrize("spacing", [(("CT", (8.0, 8.0, 8.0)),), ()], ids=["resampled", "native"])
+def test_labels_equal_the_thresholded_probabilities_of_two_classes(net, spacing):
+    """The worker's path (label map + float16 foreground) gives the mask and the foreground of the
+    full-probability path bit for bit, and the same signature."""
+    case = phantom_case("ct_liver", 0, 3)
+    s = InferenceSettings(block=32, overlap=8, spacing=spacing)
+    full = segment_volume(net, case.image, case.spacing, "CT", s)
+    lab = segment_labels(net, case.image, case.spacing, "CT", s)
+    assert lab.labels.dtype == np.uint8 and lab.foreground.dtype == np.float16 and lab.n_classes == 2
+    np.testing.assert_array_equal(lab.foreground, full.foreground)
+    np.testing.assert_array_equal(lab.labels, full.foreground >= 0.5)
+    np.testing.assert_array_equal(lab.signature, full.signature)
+    assert lab.evidence() == full.evidence()
+
+
+def test_labels_of_many_classes_are_the_argmax_of_the_resampled_probabilities():
+    torch.manual_seed(1)
+    net5 = SegNet(base_features=4, levels=2, num_classes=5).eval()
+    case = phantom_case("ct_liver", 0, 4)
+    s = InferenceSettings(block=32, overlap=8, spacing=(("CT", (8.0, 8.0, 8.0)),))
+    full = segment_volume(net5, case.image, case.spacing, "CT", s, out_dtype=np.float32)
+    lab = segment_labels(net5, case.image, case.spacing, "CT", s)
+    assert lab.n_classes == 5 and set(np.unique(lab.labels)) <= set(range(5))
+    np.testing.assert_array_equal(lab.labels, full.probabilities.argmax(0))
+    np.testing.assert_allclose(lab.foreground.astype(np.float32), 1 - full.probabilities[0], atol=1e-3)
+
+
+def test_running_argmax_skips_only_classes_that_cannot_win():
+    """Many classes, each present in a few slices only: the slab-wise running maximum with skipped
+    classes equals the argmax over every class resampled at full resolution (SimpleITK)."""
+    rng = np.random.default_rng(0)
+    k, grid = 40, Grid((12, 10, 9), (4.0, 4.0, 4.0))
+    logits = rng.normal(size=(k, *grid.shape)) * 0.5
+    for c in range(1, k):  # class c strong around slice c % 12 only
+        logits[c, c % 12] += 4.0
+    p = np.exp(logits) / np.exp(logits).sum(0)
+    shape, sp = (48, 40, 30), (1.0, 1.0, 1.2)
+    box = ((0, 12), (0, 10), (0, 9))
+    labels, fg = labels_on_source(p.astype(np.float32), box, grid, shape, sp)
+    ref = np.stack([from_grid(p[c].astype(np.float32), grid, shape, sp) for c in range(k)])
+    np.testing.assert_array_equal(labels, ref.argmax(0))
+    np.testing.assert_array_equal(fg, (1.0 - ref[0]).astype(np.float16))
+    big = labels_on_source(np.full((300, 2, 2, 2), 1 / 300, np.float32), ((0, 2),) * 3, Grid((2, 2, 2), (2.0,) * 3),
+                           (4, 4, 4), (1.0, 1.0, 1.0))[0]
+    assert big.dtype == np.uint16 and not big.any()  # all tied: the lowest class
