@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from model._atomic import atomic_write
-from model.adapters.base import ModelAdapter
 from model.calibration import ece_mce, reliability_diagram
 from model.metrics import assd, dice, hd95, ood_detection_metrics
 from model.ood import SpectralGate
 from model.segment import InferenceSettings, StudyInference, segment_volume
 
-__all__ = ["evaluate", "fit_adapter_bank", "fit_bank", "format_report", "oodm_histogram", "run_case"]
+__all__ = ["evaluate", "fit_bank", "format_report", "oodm_histogram", "run_case"]
 
 DECIMALS = 4
 
@@ -82,32 +81,6 @@ def fit_bank(net: nn.Module, cases: Cases, weights_sha256: str | None, settings:
     m = {"n": len(sigs), "images": len(set(groups)), **(meta or {}), "inference": settings.record(),
          "modalities": sorted(modalities)}
     return SpectralGate.fit(np.stack(sigs), c=c, weights_sha256=weights_sha256, meta=m,
-                            groups=groups if len(set(groups)) < len(groups) else None)
-
-
-def fit_adapter_bank(adapter: ModelAdapter, cases: Cases, *, c: float = 2.5, progress: bool = False,
-                     meta: dict[str, Any] | None = None) -> SpectralGate:
-    """The OOD bank of any format's model: each case through :meth:`ModelAdapter.predict`, exactly what the
-    worker runs for a study, and its signature into the bank.
-
-    The gate is tied to the model's files (:func:`model.adapters.model_sha256`), records the adapter's
-    :meth:`~ModelAdapter.signature_settings` as ``meta["inference"]`` (a worker running other settings
-    refuses it) and the modalities seen; tau leaves out each training image's own signatures
-    (:func:`case_group`), as :func:`fit_bank` does.
-    """
-    from model.adapters import model_sha256
-
-    sigs, groups, modalities = [], [], set()
-    for cs in _progress(cases, progress, "signatures"):
-        sigs.append(np.asarray(adapter.predict(cs.image, cs.spacing, cs.modality).signature, dtype=np.float64))
-        groups.append(case_group(cs))
-        modalities.add(str(cs.modality).upper())
-    if len(sigs) < 2:
-        raise ValueError(f"an OOD bank needs at least two training images, got {len(sigs)}")
-    m = {"n": len(sigs), "images": len(set(groups)), **(meta or {}), "inference": adapter.signature_settings(),
-         "modalities": sorted(modalities), "model": {"format": adapter.format, "name": adapter.name,
-                                                     "version": adapter.version, "layer": adapter.layer}}
-    return SpectralGate.fit(np.stack(sigs), c=c, weights_sha256=model_sha256(adapter.files_sha256), meta=m,
                             groups=groups if len(set(groups)) < len(groups) else None)
 
 

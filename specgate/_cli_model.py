@@ -31,6 +31,7 @@ from ._context import AppContext, app_context, operator, pass_app
 if TYPE_CHECKING:
     from ledger.schema import RegisteredModel
     from model.adapters.base import Label, ModelAdapter
+    from model.bank_fit import BankCase
     from model.data.volumes import Case, MSDDataset
     from model.ood import SpectralGate
     from model.segment import InferenceSettings
@@ -554,12 +555,16 @@ def list_cmd(app: AppContext, as_json: bool) -> None:
         click.echo(f"{r['name']:<20} {r['state']:<10} {r['format']:<12} {r['version']:<12} {bank:<14} {labels}")
 
 
-def _site_cases(paths: tuple[Path, ...], modality: str | None) -> Iterator[Case]:
+def _site_cases(paths: tuple[Path, ...], modality: str | None) -> Iterator[BankCase]:
+    """Each image of each folder, one at a time; its training image (the bank's group) named by folder
+    and case, so that two folders with the same case names stay apart."""
+    from model.bank_fit import BankCase
     from model.data.volumes import iter_site_cases
 
     for p in paths:
         try:
-            yield from iter_site_cases(p, modality)
+            for case in iter_site_cases(p, modality):
+                yield BankCase(case.image, case.spacing, case.modality, f"{p}:{case.name}")
         except ValueError as exc:  # a folder that is not a dataset, a series the worker would refuse
             raise click.BadParameter(str(exc), param_hint="--data") from None
 
@@ -576,7 +581,7 @@ class _Counted:
             self._n = sum(1 for _ in _case_names(self.paths, self.modality))
         return self._n
 
-    def __iter__(self) -> Iterator[Case]:
+    def __iter__(self) -> Iterator[BankCase]:
         return _site_cases(self.paths, self.modality)
 
 
@@ -599,7 +604,7 @@ def _fit_registered(app: AppContext, name: str, data: tuple[Path, ...], modality
                     device: str) -> None:
     from ledger import models
     from ledger.db import session_scope
-    from model.evaluate import fit_adapter_bank
+    from model.bank_fit import fit_adapter_bank
     from model.ood import sha256_file
 
     with app.sessions()() as session:

@@ -16,17 +16,14 @@ install.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .base import AdapterError, Label, ModelAdapter, Prediction
 
-__all__ = ["FORMATS", "AdapterError", "Label", "ModelAdapter", "Prediction", "adapter_class", "model_sha256",
-           "open_adapter"]
+__all__ = ["FORMATS", "AdapterError", "Label", "ModelAdapter", "Prediction", "adapter_class", "open_adapter"]
 
 #: format name -> "module:Class" of its adapter (imported on first use)
 FORMATS: dict[str, str] = {
@@ -75,20 +72,3 @@ def open_adapter(fmt: str, path: str | os.PathLike[str], *, layer: str | None = 
     """
     return adapter_class(fmt).open(Path(path), layer=layer, device=device, **options)
 
-
-def model_sha256(files_sha256: Mapping[str, str]) -> str:
-    """One SHA-256 for a model made of files: the file's own for a one-file model (a SegNet or TorchScript
-    file, so a bank fitted for it matches :func:`model.ood.sha256_file` of that file), else the SHA-256 of
-    the sorted ``"<sha256>  <relative path>"`` lines (``sha256sum``'s format). An OOD bank is tied to it.
-
-        >>> model_sha256({"w.pt": "ab" * 32}) == "ab" * 32
-        True
-        >>> model_sha256({"b": "1" * 64, "a": "0" * 64}) == model_sha256({"a": "0" * 64, "b": "1" * 64})
-        True
-    """
-    if not files_sha256:
-        raise AdapterError("a model with no files has no SHA-256")
-    if len(files_sha256) == 1:
-        return next(iter(files_sha256.values()))
-    lines = "".join(f"{sha}  {rel}\n" for rel, sha in sorted(files_sha256.items()))
-    return hashlib.sha256(lines.encode("utf-8")).hexdigest()

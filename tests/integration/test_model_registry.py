@@ -21,14 +21,8 @@ from model.unet import SegNet, save_weights
 from specgate._context import StartupError
 from specgate.cli import AppContext, main
 from specgate.settings import Settings
-from tests.adapter_standin import use_segnet_adapter
 
 Run = Callable[..., Result]
-
-
-@pytest.fixture
-def segnet(monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_segnet_adapter(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +62,7 @@ def _events(sessions, action: str) -> list[AuditEvent]:  # type: ignore[no-untyp
         return list(s.execute(select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id)).scalars())
 
 
-def test_register_and_list_round_trip(migrated, cli: Run, segnet: str, weights: Path, tmp_path: Path) -> None:
+def test_register_and_list_round_trip(migrated, cli: Run, weights: Path, tmp_path: Path) -> None:
     _settings, _engine, sessions = migrated
     codes = tmp_path / "codes.csv"
     codes.write_text("label,code,meaning\norgan,10200004,Liver\n")
@@ -96,7 +90,7 @@ def test_register_and_list_round_trip(migrated, cli: Run, segnet: str, weights: 
 
 @pytest.mark.parametrize("case", ["missing file", "no such layer", "not a model", "name taken", "bad name",
                                   "two formats", "code of an unknown label", "not a SNOMED code"])
-def test_register_refuses_naming_the_problem(migrated, cli: Run, segnet: str, weights: Path, tmp_path: Path,
+def test_register_refuses_naming_the_problem(migrated, cli: Run, weights: Path, tmp_path: Path,
                                               case: str) -> None:
     _settings, _engine, sessions = migrated
     args = ["model", "register", "liver", "--segnet", str(weights)]
@@ -135,18 +129,75 @@ def test_register_refuses_naming_the_problem(migrated, cli: Run, segnet: str, we
     assert len(_events(sessions, "model.registered")) == (1 if case == "name taken" else 0)
 
 
-def test_register_refuses_a_torchscript_spec_without_spacing(migrated, cli: Run, tmp_path: Path) -> None:
-    pytest.importorskip("model.adapters.torchscript", reason="the TorchScript adapter is on branch core")
-    net = torch.jit.script(torch.nn.Conv3d(1, 2, 1))
-    model = tmp_path / "net.ts"
-    net.save(str(model))
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"classes": {"1": "organ"}, "patch_size": [16, 16, 16], "normalisation": "ct"}))
-    result = cli("model", "register", "ts", "--torchscript", str(model), "--spec", str(spec), expect=None)
-    assert result.exit_code != 0 and "spacing" in result.output
+TS_SPEC = """
+model = "net.ts"
+[input]
+spacing = { CT = [4.0, 4.0, 4.0] }
+normalization = { CT = "ct_window" }
+ct_window = [-1000, 1000]
+[inference]
+patch_size = [8, 16, 16]
+overlap = 0.25
+mode = "gaussian"
+[output]
+classes = ["background", "liver", "spleen"]
+[signature]
+output = 1
+"""
 
 
-def test_fit_ood_writes_the_bank_into_the_data_dir_and_records_its_hash(migrated, cli: Run, segnet: str,
+class _TwoOutputs(torch.nn.Module):
+    """(logits, features): a TorchScript export names its signature's feature map as an output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.head = torch.nn.Conv3d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = torch.relu(self.features(x))
+        return self.head(f), f
+
+
+@pytest.fixture(scope="module")
+def torchscript(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ts")
+    torch.jit.save(torch.jit.trace(_TwoOutputs().eval(), torch.zeros(1, 1, 8, 16, 16)), str(d / "net.ts"))
+    return d / "net.ts"
+
+
+def test_register_a_torchscript_model_and_refuse_its_bad_specs(migrated, cli: Run, torchscript: Path,
+                                                               tmp_path: Path) -> None:
+    good = tmp_path / "spec.toml"
+    good.write_text(TS_SPEC)
+    codes = tmp_path / "codes.json"
+    codes.write_text(json.dumps({"liver": "10200004", "2": {"code": "78961009", "meaning": "Spleen"}}))
+    out = cli("model", "register", "abdomen", "--torchscript", str(torchscript), "--spec", str(good),
+              "--codes", str(codes)).output
+    assert "labels: 1=liver, 2=spleen" in out
+    [m] = json.loads(cli("model", "list", "--json").output)
+    assert (m["format"], m["layer"], m["labels"]) == ("torchscript", "output:1", {"1": "liver", "2": "spleen"})
+    assert m["codes"]["spleen"] == {"scheme": "SCT", "code": "78961009", "meaning": "Spleen"}
+    assert m["codes"]["liver"]["meaning"] == "liver"
+
+    refusals = {
+        "no spacing": (TS_SPEC.replace("spacing = { CT = [4.0, 4.0, 4.0] }\n", ""), [], "spacing"),
+        "unparsable": (TS_SPEC.replace("[input]", "[input"), [], "is not valid TOML"),
+        "a submodule as layer": (TS_SPEC, ["--layer", "features"], "'features'"),
+    }
+    for n, (text, extra, expected) in enumerate(refusals.values()):
+        spec = tmp_path / f"bad{n}.toml"
+        spec.write_text(text)
+        result = cli("model", "register", f"bad{n}", "--torchscript", str(torchscript), "--spec", str(spec),
+                     *extra, expect=1)
+        assert f"model 'bad{n}' refused:" in result.output and expected in result.output, result.output
+    result = cli("model", "register", "nospec", "--torchscript", str(torchscript), expect=2)
+    assert "--torchscript needs --spec FILE" in result.output
+    assert [m["name"] for m in json.loads(cli("model", "list", "--json").output)] == ["abdomen"]
+
+
+def test_fit_ood_writes_the_bank_into_the_data_dir_and_records_its_hash(migrated, cli: Run,
                                                                         weights: Path,
                                                                         site_data: tuple[Path, Path]) -> None:
     settings, _engine, sessions = migrated
@@ -188,7 +239,7 @@ def test_fit_ood_writes_the_bank_into_the_data_dir_and_records_its_hash(migrated
         assert audit.verify(s).ok
 
 
-def test_fit_ood_refuses_what_it_cannot_use(migrated, cli: Run, segnet: str, weights: Path, tmp_path: Path,
+def test_fit_ood_refuses_what_it_cannot_use(migrated, cli: Run, weights: Path, tmp_path: Path,
                                             site_data: tuple[Path, Path]) -> None:
     msd, _dicom = site_data
     res = cli("model", "fit-ood", "nobody", "--data", str(msd), expect=2)
@@ -210,7 +261,7 @@ def test_fit_ood_refuses_what_it_cannot_use(migrated, cli: Run, segnet: str, wei
     assert "model 'moved': its files changed since it was registered (liver.pt)" in res.output
 
 
-def test_a_rule_naming_an_unregistered_or_bankless_model_stops_start_up(migrated, segnet: str, weights: Path,
+def test_a_rule_naming_an_unregistered_or_bankless_model_stops_start_up(migrated, weights: Path,
                                                                        site_data: tuple[Path, Path]) -> None:
     settings, _engine, _sessions = migrated
     rules = json.dumps([{"name": "liver-ct", "model": "liver"}, {"name": "any", "model": "default"}])
