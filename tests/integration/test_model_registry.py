@@ -324,3 +324,29 @@ def test_evaluate_writes_under_the_data_dir(tmp_path: Path, monkeypatch: pytest.
     assert (data_dir / "evaluation" / "metrics.json").is_file()
     assert f"figures and metrics.json in {data_dir / 'evaluation'}" in res.stderr
     assert list(cwd.iterdir()) == []
+
+
+def test_the_ledger_refuses_bad_rows_naming_the_value(migrated) -> None:
+    from ledger import models
+    from ledger.db import session_scope
+
+    _settings, _engine, sessions = migrated
+    good = {"version": "1", "format": "segnet", "path": "/m/a.pt", "files_sha256": {"a.pt": "0" * 64},
+            "labels": {1: "liver"}, "layer": "decoders.1", "settings": {}, "actor": "operator:test"}
+    bad = [({"name": "default"}, "model name 'default' is reserved"),
+           ({"files_sha256": {"a.pt": "XYZ"}}, "model 'm': SHA-256 of 'a.pt' 'XYZ' is not a lower-case hex SHA-256"),
+           ({"labels": {0: "background"}}, "model 'm': label value 0 is not a positive integer"),
+           ({"labels": {}}, "model 'm': the model declares no labels")]
+    for change, message in bad:
+        with pytest.raises(models.ModelRegistryError, match=re.escape(message)), session_scope(sessions) as s:
+            models.register(s, **{"name": "m", **good, **change})  # type: ignore[arg-type]
+    with session_scope(sessions) as s:
+        models.register(s, name="m", **good)  # type: ignore[arg-type]
+    with pytest.raises(models.ModelRegistryError, match="no model is registered as 'n' \\(registered: m\\)"), \
+            session_scope(sessions) as s:
+        models.set_bank(s, "n", bank_path="/b.npz", bank_sha256="1" * 64, actor="operator:test")
+    with pytest.raises(models.ModelRegistryError, match="bank SHA-256 'nope'"), session_scope(sessions) as s:
+        models.set_bank(s, "m", bank_path="/b.npz", bank_sha256="nope", actor="operator:test")
+    with session_scope(sessions) as s:
+        assert models.require(s, "m").state == "registered" and models.require(s, "m").bank_path is None
+        assert audit.verify(s).ok and audit.count(s) == 1
