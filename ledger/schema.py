@@ -331,7 +331,8 @@ class RegisteredModel(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(JSONType)  # label value (as text) -> the model's name
     layer: Mapped[str] = mapped_column(String(256))
     settings: Mapped[dict[str, Any]] = mapped_column(JSONType)  # the adapter's signature settings
-    codes: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)  # label name -> SNOMED CT
+    # label name -> [code value, "SCT", code meaning] (SNOMED CT; worker.anatomy's code triple)
+    codes: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
     bank_path: Mapped[str | None] = mapped_column(String(1024), default=None)
     bank_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     state: Mapped[ModelState] = mapped_column(_enum(ModelState, "model_state"), default=ModelState.REGISTERED)

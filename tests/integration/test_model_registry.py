@@ -76,7 +76,7 @@ def test_register_and_list_round_trip(migrated, cli: Run, weights: Path, tmp_pat
     assert (m["name"], m["state"], m["format"], m["path"]) == ("liver", "registered", "segnet", str(weights))
     assert m["files_sha256"] == {weights.name: sha256_file(weights)}
     assert m["labels"] == {"1": "organ"}
-    assert m["codes"] == {"organ": {"scheme": "SCT", "code": "10200004", "meaning": "Liver"}}
+    assert m["codes"] == {"organ": ["10200004", "SCT", "Liver"]}
     assert m["bank_path"] is None and m["bank_sha256"] is None and m["registered_by"].startswith("operator:")
     table = cli("model", "list").output
     assert "liver" in table and "registered" in table
@@ -178,8 +178,7 @@ def test_register_a_torchscript_model_and_refuse_its_bad_specs(migrated, cli: Ru
     assert "labels: 1=liver, 2=spleen" in out
     [m] = json.loads(cli("model", "list", "--json").output)
     assert (m["format"], m["layer"], m["labels"]) == ("torchscript", "output:1", {"1": "liver", "2": "spleen"})
-    assert m["codes"]["spleen"] == {"scheme": "SCT", "code": "78961009", "meaning": "Spleen"}
-    assert m["codes"]["liver"]["meaning"] == "liver"
+    assert m["codes"] == {"liver": ["10200004", "SCT", "liver"], "spleen": ["78961009", "SCT", "Spleen"]}
 
     refusals = {
         "no spacing": (TS_SPEC.replace("spacing = { CT = [4.0, 4.0, 4.0] }\n", ""), [], "spacing"),
