@@ -27,11 +27,14 @@ __all__ = ["celery_app", "register", "start_reconciler_thread"]
 log = logging.getLogger("specgate")
 
 
-def celery_app(app: AppContext, device: str = "cpu", metrics: WorkerMetrics | None = None) -> Celery:
-    """The Celery app; its worker configuration includes the ledger's live registered models."""
+def celery_app(app: AppContext, device: str = "cpu", metrics: WorkerMetrics | None = None, *,
+               serving: bool = False) -> Celery:
+    """The Celery app. ``serving``: it runs tasks (``specgate worker``), so its configuration includes the
+    ledger's live registered models; a command that only enqueues does not read them."""
     from worker.celery_app import make_celery
 
-    return make_celery(app.worker_config(), device=device, metrics=metrics)
+    config = app.worker_config() if serving else app.settings.worker_config()
+    return make_celery(config, device=device, metrics=metrics)
 
 
 def _reconcile_once(app: AppContext, celery: Celery) -> ReconcileReport:
@@ -113,7 +116,7 @@ def worker_command(app: AppContext, gpu: int | None, queues: str, no_reconcile: 
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before any CUDA call; children inherit it
         device = "cuda:0"
-    celery = celery_app(app, device, metrics)
+    celery = celery_app(app, device, metrics, serving=True)
     stop = threading.Event()
     if not no_reconcile:
         worker_ready.connect(lambda **_: start_reconciler_thread(app, celery, stop, metrics), weak=False)
