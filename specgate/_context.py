@@ -115,7 +115,9 @@ class AppContext:
         the SHA-256 the ledger recorded (hashing a bank takes milliseconds). Raises
         :class:`StartupError` naming every such rule and its model.
         """
-        configured = {"default", *self.settings.models}
+        from worker.config import DEFAULT_MODEL
+
+        configured = {DEFAULT_MODEL, *self.settings.models}
         wanted = [r for r in self.settings.rules if r.model not in configured]
         if not wanted:
             return
