@@ -447,10 +447,11 @@ def labels_on_source(probs: np.ndarray, box: Sequence[tuple[int, int]], grid: Gr
     The decision rule is the argmax of the linearly interpolated class probabilities (ties to the lower
     class), computed slab by slab along z (:class:`model.resample.SourceSlabs`: the source slices between
     two grid slices) with a running maximum over the classes, so only one slab of one class is ever held
-    in float32 at full resolution. A class whose largest probability on the slab's two grid slices is
-    below the smallest running maximum cannot win anywhere in the slab (an interpolated value never
-    exceeds its neighbours') and is skipped: classes are visited by decreasing maximum, so an organ
-    absent from a slab costs nothing there.
+    in float32 at full resolution. An interpolated value never exceeds its grid neighbours', so a class
+    can only win where some neighbour's probability reaches the smallest running maximum of the slab:
+    each class is interpolated only over the (y, x) bounding box of those grid points
+    (:meth:`model.resample.SourceSlabs.window`), and classes are visited by decreasing maximum, so an
+    organ costs its own extent and an organ absent from the slab nothing.
 
     The interpolation runs in float64 and is rounded to float32: bit for bit what SimpleITK's resampler
     (:func:`model.resample.from_grid`, the path before) gave, measured on every voxel of a 300x512x512 CT
@@ -491,13 +492,18 @@ def labels_on_source(probs: np.ndarray, box: Sequence[tuple[int, int]], grid: Gr
         fg_t[z0:z1] = 1.0 - p0
         best = torch.full_like(p0, -1.0)
         lab = torch.zeros(p0.shape, dtype=torch.int64)
-        tops = torch.maximum(grid_a.amax(dim=(1, 2)), grid_b.amax(dim=(1, 2))) * (1 + 1e-6)  # a lerp may pass by an ulp
-        for c in torch.argsort(tops, descending=True, stable=True).tolist():
-            if float(tops[c]) < float(best.min()):
+        top = torch.maximum(grid_a, grid_b).numpy()  # (K, h, w): no interpolated value exceeds its corners'
+        for c in np.argsort(-top.max(axis=(1, 2)), kind="stable").tolist():
+            floor = float(best.min()) / (1 + 1e-6)  # a float lerp may pass its corners by an ulp
+            win = src.window(top[c] >= floor)
+            if win is None:
                 break  # this class and every later one (smaller maxima) lose everywhere in the slab
-            v = p0 if c == 0 else src.blend(src.plane(grid_a[c]), src.plane(grid_b[c]), z0, z1).float()
-            take = (v > best) | ((v == best) & (lab > c))
-            best = torch.where(take, v, best)
-            lab.masked_fill_(take, c)
+            ys, xs = win
+            v = p0[:, ys, xs] if c == 0 else src.blend(src.plane(grid_a[c], ys, xs), src.plane(grid_b[c], ys, xs),
+                                                       z0, z1).float()
+            b, lb = best[:, ys, xs], lab[:, ys, xs]
+            take = (v > b) | ((v == b) & (lb > c))
+            b.copy_(torch.where(take, v, b))
+            lb.masked_fill_(take, c)
         labels[z0:z1] = lab.numpy().astype(dtype)
     return labels, fg

@@ -38,12 +38,20 @@ SpacingPairs = tuple[tuple[str, tuple[float, float, float]], ...]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One named model: its weights and the OOD bank fitted for them (None: the shipped model's file).
+    """One named model: its files and the OOD bank fitted for them.
 
-    A model registered in the ledger (``specgate model register``) also names its ``format`` (a key of
-    :data:`model.adapters.FORMATS`), the ``path`` it was registered from and the signature's ``layer``
-    (None: the format's default), and ``options`` its adapter is opened with (a TorchScript model's
-    ``spec`` file); a SegNet one keeps ``weights`` = ``path`` as well.
+    ``format`` names the model's format (``"segnet"``, ``"torchscript"``, ``"monai-bundle"``,
+    ``"nnunet-v2"``: :mod:`model.adapters`), ``path`` its file or folder and ``layer`` the module whose
+    output the signature reads (None: the format's default). ``weights`` is the SegNet weights file (the
+    older name of ``path`` for that format); SegNet's ``path``/``weights`` and ``bank`` default to the
+    shipped model's files. Any other format needs its ``path`` and its ``bank``. ``options``: what its
+    adapter is opened with besides (a TorchScript model's ``spec`` file), as ``(name, value)`` pairs; a model
+    registered in the ledger (``specgate model register``) records them.
+
+    >>> ModelSpec("ts", format="torchscript", path=Path("m.ts"))
+    Traceback (most recent call last):
+    ...
+    ValueError: model 'ts' (format 'torchscript') needs its OOD bank (bank=...): a model without one cannot be routed to
     """
 
     name: str
@@ -53,6 +61,19 @@ class ModelSpec:
     path: Path | None = None
     layer: str | None = None
     options: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.format == "segnet":
+            if self.weights is not None and self.path is not None and self.weights != self.path:
+                raise ValueError(f"model {self.name!r}: weights {self.weights} and path {self.path} disagree")
+            return
+        if self.weights is not None:
+            raise ValueError(f"model {self.name!r} (format {self.format!r}): 'weights' is SegNet's; give 'path'")
+        if self.path is None:
+            raise ValueError(f"model {self.name!r} (format {self.format!r}) needs the path of its model")
+        if self.bank is None:
+            raise ValueError(f"model {self.name!r} (format {self.format!r}) needs its OOD bank (bank=...): "
+                             "a model without one cannot be routed to")
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ very mask the model drew, without running the model again.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from sqlalchemy import select
@@ -60,13 +61,34 @@ def write_objects(seg_path: Path, sr_path: Path, volume: Volume, mask: np.ndarra
     write_dicom(sr, sr_path)
 
 
-def save_probability(path: Path, prob_fg: np.ndarray, mask: np.ndarray) -> None:
+def save_probability(path: Path, prob_fg: np.ndarray, mask: np.ndarray,
+                     extra: Mapping[str, np.ndarray] | None = None) -> None:
     """The foreground probability (uint8 quantisation: 1/255 steps keep a 512x512x300 map near 80 MB
-    uncompressed, ~10x less zipped) and the mask drawn from it (bit-packed)."""
-    prob_u8 = np.round(np.clip(prob_fg, 0, 1) * 255).astype(np.uint8)
-    atomic_write(path, lambda fh: np.savez_compressed(
-        fh, prob_fg_u8=prob_u8, scale=np.float32(1 / 255), mask_bits=np.packbits(mask.astype(bool), axis=None),
-        shape=np.asarray(mask.shape, dtype=np.int64)))
+    uncompressed), the mask drawn from it (bit-packed), and ``extra`` arrays (a multi-label result's label
+    map and legend, read by ``review.render.read_probability``), as an ``.npz`` that ``numpy.load`` reads.
+
+    Quantised slab by slab in float32 (``np.round`` on the float16 map took 1.5-2 s on a 300x512x512 CT
+    and a float32 copy of it would be 300 MB); zipped at deflate level 1, not ``savez_compressed``'s 6:
+    on that CT's map (mostly zeros outside the body) 1.0 s instead of 2.7-3.1 s for 0.54 MB instead of
+    0.32 MB.
+    """
+    import zipfile
+
+    fg = np.asarray(prob_fg)
+    prob_u8 = np.empty(fg.shape, np.uint8)
+    for z in range(0, fg.shape[0], 16):
+        np.rint(np.clip(fg[z:z + 16].astype(np.float32), 0, 1) * 255, out=prob_u8[z:z + 16], casting="unsafe")
+    arrays = {"prob_fg_u8": prob_u8, "scale": np.float32(1 / 255),
+              "mask_bits": np.packbits(np.asarray(mask, dtype=bool), axis=None),
+              "shape": np.asarray(mask.shape, dtype=np.int64), **(extra or {})}
+
+    def write(fh: BinaryIO) -> None:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+            for name, a in arrays.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def load_mask(path: Path) -> np.ndarray:

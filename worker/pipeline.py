@@ -297,7 +297,7 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
                 "model": segmenter.model_name, "model_version": segmenter.model_version,
                 "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
                 "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
-                "inference": segmenter.settings.record(), "grid": out.grid,
+                "inference": segmenter.inference_record(), "grid": out.grid,
                 "timings_s": timings}
     atomic_write(path, json.dumps(evidence, indent=2).encode())
 

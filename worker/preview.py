@@ -18,7 +18,7 @@ def write_preview(path: Path, image: np.ndarray, prob_fg: np.ndarray, mask: np.n
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    counts = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
     z = int(np.argmax(counts)) if counts.max() > 0 else mask.shape[0] // 2
     sl = image[z].astype(np.float32)
     if modality.upper() == "CT":

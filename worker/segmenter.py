@@ -1,13 +1,15 @@
-"""The model, as the worker uses it: weights + OOD bank loaded once per worker process, one call per study.
+"""The model, as the worker uses it: a model adapter + its OOD bank loaded once per worker process, one call
+per study.
 
-``Segmenter.segment`` runs :func:`model.segment.segment_volume` (the model's grid, the body crop, the
-sliding window with the streaming content signature, back to the source grid) and scores the signature
-with the :class:`model.ood.SpectralGate` fitted for exactly these weights *and* this inference path: a
-bank fitted for other weights, or through other settings (spacing, block, overlap, body crop,
-precision), is refused at load with a message that names each difference.
+:class:`Segmenter` holds any :class:`model.adapters.base.ModelAdapter` (the shipped SegNet through
+:class:`model.adapters.segnet.SegNetAdapter`, a TorchScript file, a MONAI bundle, an nnU-Net folder) and
+the :class:`model.ood.SpectralGate` fitted for exactly that model *and* its inference path: a bank fitted
+for other files (``ModelAdapter.model_sha256``), or through other settings (spacing, window, overlap,
+body crop, precision, layer), is refused at load with a message that names each difference
+(:meth:`model.ood.SpectralGate.check_inference` on ``adapter.signature_settings()``).
 
-Settings come from the weights' metadata (``inference_block``, ``inference_overlap``,
-``inference_spacing``: what the model was trained and evaluated at), then the operator's overrides.
+``Segmenter.segment`` runs the adapter's ``predict`` (the label map and the float16 foreground on the
+source grid, the per-class probabilities left on the model's grid) and scores the signature.
 
 A worker may serve several named models (a rule's ``model`` names one): :class:`Segmenters` opens each on
 first use and keeps it for the life of the worker process.
@@ -19,17 +21,25 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import InferenceOverrides, ModelSpec
+
+if TYPE_CHECKING:
+    from model.adapters.base import Label, ModelAdapter
+    from model.ood import SpectralGate
 
 __all__ = ["SegmentOutput", "Segmenter", "Segmenters"]
 
 
 @dataclass(frozen=True)
 class SegmentOutput:
+    """One study through one model and its gate. ``labels``: the label map on the source grid (0
+    background, values of ``model_labels``); ``mask``: ``labels > 0``; ``prob_fg``: float16
+    1 - P(background) on the source grid."""
+
     mask: np.ndarray
     prob_fg: np.ndarray
     oodm: float
@@ -39,63 +49,95 @@ class SegmentOutput:
     gate_reason: str | None = None  # "oodm_above_tau" | "modality_not_in_bank" | None (released)
     grid: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    labels: np.ndarray | None = None
+    model_labels: tuple[Label, ...] = ()
 
 
 class Segmenter:
-    """A loaded model and gate. Build with :meth:`open`; the constructor does no I/O."""
+    """A loaded model adapter and its gate. Build with :meth:`open` (SegNet weights) or
+    :meth:`from_adapter`; the constructor does no I/O."""
 
-    def __init__(self, net: Any, gate: Any, settings: Any, *, model_name: str, model_version: str,
-                 weights_sha256: str, device: str = "cpu", threshold: float = 0.5,
-                 clinical_use: bool = False) -> None:
-        """``clinical_use``: False marks every object the model makes NOT FOR CLINICAL USE."""
-        self.net, self.gate, self.settings = net, gate, settings
-        self.model_name, self.model_version, self.weights_sha256 = model_name, model_version, weights_sha256
-        self.device, self.threshold, self.clinical_use = device, threshold, clinical_use
+    def __init__(self, adapter: ModelAdapter, gate: SpectralGate) -> None:
+        self.adapter, self.gate = adapter, gate
+
+    @property
+    def model_name(self) -> str:
+        return self.adapter.name
+
+    @property
+    def model_version(self) -> str:
+        return self.adapter.version
+
+    @property
+    def weights_sha256(self) -> str:
+        """The model's SHA-256 (the weights file's for a one-file model), which its bank records."""
+        return self.adapter.model_sha256()
+
+    @property
+    def clinical_use(self) -> bool:
+        """False marks every object the model makes NOT FOR CLINICAL USE."""
+        return self.adapter.clinical_use
+
+    @property
+    def settings(self) -> Any:
+        """A SegNet model's :class:`model.segment.InferenceSettings` (None for other formats)."""
+        from model.adapters.segnet import SegNetAdapter
+
+        return self.adapter.settings if isinstance(self.adapter, SegNetAdapter) else None
+
+    @property
+    def labels(self) -> tuple[Label, ...]:
+        return tuple(self.adapter.labels)
+
+    def inference_record(self) -> dict[str, Any]:
+        """What the evidence file records as the inference path: the bank was checked against it (SegNet:
+        its settings' full record, with the batch size, as before adapters)."""
+        settings = self.settings
+        return settings.record() if settings is not None else self.adapter.signature_settings()
 
     @classmethod
     def open(cls, weights: Path | None = None, bank: Path | None = None, *, device: str = "cpu",
              block: int | None = None, overlap: int | None = None, spacing: Any = None) -> Segmenter:
-        """Load weights and bank (default: the shipped model in ``model/weights/``).
+        """SegNet weights and their bank (default: the shipped model in ``model/weights/``).
 
         Raises :class:`model.ood.BankMismatchError` when the bank was fitted for other weights or
         through other inference settings than these.
         """
-        from model.ood import SpectralGate, sha256_file
-        from model.segment import InferenceSettings
-        from model.unet import load_weights
+        from model.adapters.segnet import SegNetAdapter
 
-        if weights is None or bank is None:
+        if bank is None:  # the shipped bank (refused, naming both hashes, for any other weights)
             from model import weights as shipped
 
-            weights = weights or shipped.WEIGHTS_PATH
-            bank = bank or shipped.BANK_PATH
-        sha = sha256_file(weights)
-        net, meta = load_weights(weights, device=device)
-        gate = SpectralGate.load(bank, weights_sha256=sha)
-        settings = InferenceSettings.for_weights(meta, device=device, block=block, overlap=overlap, spacing=spacing)
-        gate.check_inference(settings.signature_settings())
-        # not for clinical use unless the weights' metadata says otherwise
-        return cls(net, gate, settings, model_name=str(meta.get("name", "specgate-segnet")),
-                   model_version=str(meta.get("version", f"sha256-{sha[:12]}")), weights_sha256=sha,
-                   device=device, clinical_use=meta.get("clinical_use") is True)
+            bank = shipped.BANK_PATH
+        adapter = SegNetAdapter.open(weights, device=device, block=block, overlap=overlap, spacing=spacing)
+        return cls.from_adapter(adapter, bank)
+
+    @classmethod
+    def from_adapter(cls, adapter: ModelAdapter, bank: Path) -> Segmenter:
+        """``adapter`` with the bank at ``bank``: refused (:class:`model.ood.BankMismatchError`) when the
+        bank was fitted for another model or through other signature settings."""
+        from model.ood import SpectralGate
+
+        gate = SpectralGate.load(bank, weights_sha256=adapter.model_sha256())
+        gate.check_inference(adapter.signature_settings())
+        return cls(adapter, gate)
 
     def segment(self, volume: np.ndarray, modality: str, *, spacing: Any) -> SegmentOutput:
         """Segment and gate one volume (z, y, x, native units) with its spacing (z, y, x) in mm.
 
         Raises :class:`model.resample.GridError` (``bad_spacing``) for a spacing that cannot be used.
         """
-        from model.segment import segment_volume
-
-        res = segment_volume(self.net, volume, spacing, modality, self.settings, device=self.device,
-                             out_dtype=np.float16)
+        pred = self.adapter.predict(volume, spacing, modality)
         t0 = time.perf_counter()
-        oodm, is_ood, reason = self.gate.verdict(res.signature, modality)
-        timings = {**res.timings, "gate": time.perf_counter() - t0}
-        prob_fg = res.foreground
-        mask = prob_fg >= self.threshold
-        return SegmentOutput(mask=mask, prob_fg=prob_fg, oodm=float(oodm), tau=float(self.gate.tau),
-                             is_ood=bool(is_ood), signature=np.asarray(res.signature), gate_reason=reason,
-                             grid=res.evidence(), timings=timings)
+        oodm, is_ood, reason = self.gate.verdict(pred.signature, modality)
+        timings = {**pred.timings, "gate": time.perf_counter() - t0}
+        labels = pred.labels
+        one = labels.dtype == np.uint8 and max((lab.value for lab in self.labels), default=0) == 1
+        mask = labels.view(np.bool_) if one else labels > 0  # 0/1 bytes are a valid bool view: no 78 MB copy
+        return SegmentOutput(mask=mask, prob_fg=pred.foreground, oodm=float(oodm),
+                             tau=float(self.gate.tau), is_ood=bool(is_ood), signature=np.asarray(pred.signature),
+                             gate_reason=reason, grid=dict(pred.evidence), timings=timings, labels=pred.labels,
+                             model_labels=self.labels)
 
 
 class Segmenters:
@@ -115,7 +157,18 @@ class Segmenters:
             spec = self._specs.get(name)
             if spec is None:  # Settings refuses a rule naming an unknown model: this is a bug, not input
                 raise LookupError(f"model {name!r} is not configured (configured: {', '.join(self._specs)})")
-            inf = self._inference
-            self._open[name] = Segmenter.open(spec.weights, spec.bank, device=self._device, block=inf.block,
-                                              overlap=inf.overlap, spacing=inf.spacing)
+            self._open[name] = self._load(spec)
         return self._open[name]
+
+    def _load(self, spec: ModelSpec) -> Segmenter:
+        inf = self._inference
+        if spec.format == "segnet":  # the overrides are SegNet's (its weights' own settings, then these)
+            return Segmenter.open(spec.path or spec.weights, spec.bank, device=self._device, block=inf.block,
+                                  overlap=inf.overlap, spacing=inf.spacing)
+        if spec.path is None or spec.bank is None:  # ModelSpec refuses it; a bug, not input
+            raise LookupError(f"model {spec.name!r} ({spec.format}) has no path or no OOD bank")
+        # the registry (model/adapters/__init__.py) opens every format with its own loader
+        from model.adapters import open_adapter  # type: ignore[attr-defined,unused-ignore]
+
+        adapter = open_adapter(spec.format, spec.path, layer=spec.layer, device=self._device)
+        return Segmenter.from_adapter(adapter, spec.bank)
