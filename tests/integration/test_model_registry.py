@@ -296,6 +296,13 @@ def test_a_rule_naming_an_unregistered_or_bankless_model_stops_start_up(migrated
         bank.write_bytes(saved)
         app.check_routing()
         spec = app.worker_config().models[-1]
+        # the worker's own loader opens the registered model with the bank fitted for it, and gates a study
+        from model.data.phantoms import phantom_case
+        from worker.segmenter import Segmenters
+
+        case = phantom_case("ct_liver", 3, 0)
+        out = Segmenters(app.worker_config().models)("liver").segment(case.image, "CT", spacing=case.spacing)
+        assert out.tau == pytest.approx(SpectralGate.load(Path(m.bank_path or "")).tau) and out.oodm >= 0
         assert (spec.name, spec.format, spec.path, spec.weights, spec.bank, spec.layer) == (
             "liver", "segnet", weights, weights, Path(m.bank_path or ""), m.layer)
     finally:
