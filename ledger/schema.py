@@ -37,6 +37,8 @@ __all__ = [
     "Instance",
     "Job",
     "JobState",
+    "ModelState",
+    "RegisteredModel",
     "Result",
     "Review",
     "ReviewDecision",
@@ -88,6 +90,14 @@ class DeliveryState(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+
+
+class ModelState(enum.StrEnum):
+    """A registered model: ``registered`` (validated and recorded, no OOD bank yet: nothing may be routed
+    to it) or ``live`` (its bank is fitted; a rule may select it). Moves live in :mod:`ledger.models`."""
+
+    REGISTERED = "registered"
+    LIVE = "live"
 
 
 class ReviewDecision(enum.StrEnum):
@@ -303,6 +313,32 @@ class RetractionDelivery(_Sending, Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
     retraction_id: Mapped[int] = mapped_column(ForeignKey("retractions.id", ondelete="RESTRICT"))
+
+
+class RegisteredModel(Base):
+    """A hospital's model registered with ``specgate model register`` (migration 0008): what it is made of
+    (format, path as given, the SHA-256 of every file), what it outputs (labels, optional SNOMED CT codes
+    per label), how its signature is taken (layer, signature settings), and its OOD bank once fitted.
+    Changed only through :mod:`ledger.models`, which writes an audit event for every change."""
+
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    version: Mapped[str] = mapped_column(String(128))
+    format: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(String(1024))
+    files_sha256: Mapped[dict[str, Any]] = mapped_column(JSONType)  # relative path -> SHA-256
+    labels: Mapped[dict[str, Any]] = mapped_column(JSONType)  # label value (as text) -> the model's name
+    layer: Mapped[str] = mapped_column(String(256))
+    settings: Mapped[dict[str, Any]] = mapped_column(JSONType)  # the adapter's signature settings
+    # label name -> [code value, "SCT", code meaning] (SNOMED CT; worker.anatomy's code triple)
+    codes: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
+    bank_path: Mapped[str | None] = mapped_column(String(1024), default=None)
+    bank_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    state: Mapped[ModelState] = mapped_column(_enum(ModelState, "model_state"), default=ModelState.REGISTERED)
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    registered_by: Mapped[str] = mapped_column(String(128))
+    bank_fitted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class AuditEvent(Base):

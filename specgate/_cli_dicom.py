@@ -9,17 +9,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
-__all__ = ["echo_command", "scp_command"]
+from ._context import AppContext, pass_app
+
+if TYPE_CHECKING:
+    from dicom_node.handoff import Listener
+    from dicom_node.metrics import NodeMetrics
+    from dicom_node.scp import StoreSCP
+
+    from ._metrics import MetricsEndpoint
+
+__all__ = ["echo_command", "register", "scp_command"]
 
 log = logging.getLogger("specgate.scp")
 
 
-def _job_queued_hook(app: Any) -> Any:
+def _job_queued_hook(app: AppContext) -> Callable[[int], None]:
     """The enqueue hook the assembler calls with each new job id: a wake-up call to the workers."""
     from worker.celery_app import Enqueuer, make_celery
 
@@ -29,8 +40,8 @@ def _job_queued_hook(app: Any) -> Any:
 @click.command("scp")
 @click.option("--receiver-fd", type=int, default=None, hidden=True,
               help="Internal: run as a receiver process of the listener, taking connections from this fd.")
-@click.pass_context
-def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
+@pass_app
+def scp_command(app: AppContext, receiver_fd: int | None) -> None:
     """Run the DICOM Storage SCP and the study assembler until SIGTERM/SIGINT.
 
     Accepts C-ECHO and image C-STORE from the callers in SPECGATE_ALLOWED_CALLERS, makes every instance
@@ -43,7 +54,6 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
 
     from ._metrics import multiprocess_dir
 
-    app = ctx.obj
     settings = app.settings
     if receiver_fd is not None:
         _run_receiver(app, receiver_fd)
@@ -54,12 +64,13 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
     if current != head:
         raise click.ClickException(f"the ledger is at revision {current or 'base'}, this version needs {head}: "
                                    "run 'specgate db upgrade' first")
+    app.check_routing()  # every rule's model configured, or registered with a fitted bank
     if not settings.allowed_callers:
         log.warning("SPECGATE_ALLOWED_CALLERS is empty: every association will be rejected")
-    config_file = ctx.find_root().params.get("config_file")
+    config_file = click.get_current_context().find_root().params.get("config_file")
     stop = threading.Event()
 
-    def _stop(signum: int, _frame: Any) -> None:
+    def _stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
         stop.set()
 
@@ -68,7 +79,7 @@ def scp_command(ctx: click.Context, receiver_fd: int | None) -> None:
     _run_node(app, config_file, stop, metrics_dir)
 
 
-def _metrics_endpoint(app: Any, directory: Path, open_associations: Any) -> Any:
+def _metrics_endpoint(app: AppContext, directory: Path, open_associations: Callable[[], int]) -> MetricsEndpoint:
     """The SCP's /metrics: the receivers' counters, the open associations, the ledger's gauges."""
     from dicom_node.metrics import AssociationsCollector
     from ledger.metrics import LedgerCollector
@@ -84,7 +95,7 @@ def _metrics_endpoint(app: Any, directory: Path, open_associations: Any) -> Any:
         raise click.ClickException(f"cannot serve metrics on {s.metrics_host}:{s.scp_metrics_port}: {exc}") from exc
 
 
-def _run_node(app: Any, config_file: Any, stop: threading.Event, metrics_dir: Path | None = None) -> None:
+def _run_node(app: AppContext, config_file: Path | None, stop: threading.Event, metrics_dir: Path | None = None) -> None:
     from dicom_node.assembler import Assembler
     from dicom_node.handoff import Listener, default_processes
     from dicom_node.scp import StoreSCP
@@ -95,7 +106,7 @@ def _run_node(app: Any, config_file: Any, stop: threading.Event, metrics_dir: Pa
     sessions = app.sessions()
     processes = default_processes(node)
     spool = Spool(node.spool_dir, watermark_percent=node.spool_watermark_percent).open()
-    front: Any
+    front: StoreSCP | Listener
     if processes == 1:
         front = StoreSCP(node, sessions, spool=spool, metrics=_node_metrics(metrics_dir))
         open_associations = front.active_associations
@@ -133,7 +144,7 @@ def _run_node(app: Any, config_file: Any, stop: threading.Event, metrics_dir: Pa
         log.info("stopped in %.1f s", time.monotonic() - t0)
 
 
-def _node_metrics(metrics_dir: Path | None) -> Any:
+def _node_metrics(metrics_dir: Path | None) -> NodeMetrics | None:
     """The counters of an SCP process, in the multiprocess directory its parent set up (None: not counted)."""
     if metrics_dir is None:
         return None
@@ -145,7 +156,7 @@ def _node_metrics(metrics_dir: Path | None) -> Any:
     return NodeMetrics()
 
 
-def _run_receiver(app: Any, fd: int) -> None:
+def _run_receiver(app: AppContext, fd: int) -> None:
     """A receiver process: serve the connections the listener hands over until it goes away."""
     import socket
 
@@ -174,8 +185,8 @@ def _run_receiver(app: Any, fd: int) -> None:
 @click.command("echo")
 @click.argument("name")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the peer.")
-@click.pass_obj
-def echo_command(app: Any, name: str, timeout: float) -> None:
+@pass_app
+def echo_command(app: AppContext, name: str, timeout: float) -> None:
     """C-ECHO the destination NAME (from SPECGATE_DESTINATIONS) and say whether it answered."""
     from dicom_node.scu import echo
     from specgate.settings import SettingsError
@@ -188,3 +199,8 @@ def echo_command(app: Any, name: str, timeout: float) -> None:
     click.echo(result.describe(dest))
     if not result.ok:
         sys.exit(1)
+
+
+def register(main: click.Group) -> None:
+    main.add_command(scp_command)
+    main.add_command(echo_command)

@@ -1,28 +1,39 @@
-"""``specgate model ...``: train the network on several datasets, fit the OOD gate, evaluate.
+"""``specgate model ...``: register the hospital's models, fit their OOD banks, train and evaluate SegNet.
 
-Registered by ``specgate.cli`` with ``main.add_command(model_group)``. Uses only :mod:`model`; the
-settings object (``ctx.obj``) is read only for ``data_dir``, the default place for evaluation figures.
+- ``register NAME --segnet W | --torchscript F --spec S | --monai-bundle D | --nnunet D``: opens the model
+  with its format's own loader (:func:`model.adapters.open_adapter`), runs it on a small synthetic volume,
+  and records it in the ledger (:mod:`ledger.models`): files and their SHA-256, labels, layer, signature
+  settings, optional SNOMED CT codes per label. ``list`` shows them.
+- ``fit-ood NAME --data DIR...``: the registered model's OOD bank, fitted through the adapter's
+  ``predict`` (what the worker runs) on the site's images; the bank goes into the data directory and its
+  SHA-256 into the ledger, and the model becomes live (routable).
+- ``train``, ``fit-ood --weights``, ``evaluate``: the SegNet of the paper (Karimi & Gholipour 2023).
+
+``register``, ``list`` and the registered-model halves of ``fit-ood`` and ``evaluate`` live in
+:mod:`specgate._cli_model_registry`. Commands that need the settings or the ledger take the typed
+:class:`specgate._context.AppContext` (:func:`specgate._context.pass_app`); the group is registered in
+:mod:`specgate.cli` by :func:`register`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-__all__ = ["model_group"]
+from ._cli_model_registry import fit_registered, list_cmd, register_cmd, registered_segnet, resolve_device
+from ._context import app_context
 
+if TYPE_CHECKING:
+    from model.data.volumes import Case, MSDDataset
+    from model.ood import SpectralGate
+    from model.segment import InferenceSettings
+    from model.unet import SegNet
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter(f"{name!r}: no CUDA device is available", param_hint="--device")
-    return name
+__all__ = ["model_group", "register"]
 
 
 def _dataset_name(path: Path) -> str:
@@ -32,12 +43,12 @@ def _dataset_name(path: Path) -> str:
     return path.name
 
 
-def _load(paths: tuple[Path, ...], what: str) -> dict[str, Any]:
+def _load(paths: tuple[Path, ...], what: str) -> dict[str, MSDDataset | list[Case]]:
     """Datasets by name. MSD folders load one case at a time as they are iterated (a clinical-size CT is
     300 MB: a set of them never sits in memory at once); a bare folder of DICOM series is read whole."""
     from model.data.volumes import MSDDataset, iter_cases
 
-    out: dict[str, Any] = {}
+    out: dict[str, MSDDataset | list[Case]] = {}
     for p in paths:
         name = _dataset_name(p)
         if name in out:
@@ -52,13 +63,13 @@ def _load(paths: tuple[Path, ...], what: str) -> dict[str, Any]:
 class _Chain:
     """Several datasets as one sized iterable, loaded case by case."""
 
-    def __init__(self, parts: list[Any]) -> None:
+    def __init__(self, parts: list[MSDDataset | list[Case]]) -> None:
         self.parts = parts
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Case]:
         return (case for part in self.parts for case in part)
 
 
@@ -77,7 +88,7 @@ def _parse_named(values: tuple[str, ...]) -> dict[str, Path]:
     return named
 
 
-def _open_gate(weights: Path, bank: Path) -> Any:
+def _open_gate(weights: Path, bank: Path) -> SpectralGate:
     from model.ood import BankMismatchError, SpectralGate, sha256_file
 
     try:
@@ -88,7 +99,7 @@ def _open_gate(weights: Path, bank: Path) -> Any:
         raise click.BadParameter(str(exc), param_hint="--bank") from None
 
 
-def _open_net(weights: Path, device: str) -> tuple[Any, dict[str, Any]]:
+def _open_net(weights: Path, device: str) -> tuple[SegNet, dict[str, Any]]:
     from model.unet import load_weights
 
     try:
@@ -98,7 +109,7 @@ def _open_net(weights: Path, device: str) -> tuple[Any, dict[str, Any]]:
 
 
 def _settings(meta: dict[str, Any], device: str, block: int | None, overlap: int | None,
-              spacing: str | None) -> Any:
+              spacing: str | None) -> InferenceSettings:
     """The inference path: the weights' own (block, overlap, spacing per modality), then these options."""
     from model.segment import InferenceSettings, parse_spacing
 
@@ -152,7 +163,7 @@ def train_cmd(datasets: tuple[str, ...], out: Path, block: int, batch_size: int,
     from model.train import TrainConfig, TrainData, sampling_probabilities, train
 
     named = _parse_named(datasets)
-    dev = _device(device)
+    dev = resolve_device(device)
     cfg = TrainConfig(block=block, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience,
                       max_iterations=max_iterations, max_minutes=max_minutes, seed=seed, folds=folds, fold=fold,
                       base_features=base_features, levels=levels, dropout=dropout)
@@ -173,26 +184,46 @@ def train_cmd(datasets: tuple[str, ...], out: Path, block: int, batch_size: int,
 
 
 @model_group.command("fit-ood")
-@click.option("--weights", type=_existing_file, required=True)
+@click.argument("name", required=False)
 @click.option("--data", "data", multiple=True, required=True, type=_existing_dir,
-              help="Training images: an MSD dataset folder or a folder of DICOM series; repeatable.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Bank file (.npz).")
+              help="Training images: DICOM series folders, NIfTI files, an MSD or nnU-Net v2 dataset folder; "
+                   "repeatable.")
+@click.option("--modality", type=click.Choice(["CT", "MR"], case_sensitive=False), default=None,
+              help="Modality of bare NIfTI files (DICOM and dataset folders state their own).")
+@click.option("--weights", type=_existing_file, default=None,
+              help="Without NAME: a SegNet weights file that is not registered.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Without NAME: the bank file (.npz). A registered model's bank goes into the data directory.")
 @click.option("--c", "c", default=2.5, show_default=True, help="tau = mean + c * std of leave-one-out OODMs.")
-@click.option("--block", type=int, default=None, help="Sliding-window block [default: the weights'].")
-@click.option("--overlap", type=int, default=None, help="Sliding-window overlap [default: the weights'].")
+@click.option("--block", type=int, default=None, help="Without NAME: sliding-window block [default: the weights'].")
+@click.option("--overlap", type=int, default=None,
+              help="Without NAME: sliding-window overlap [default: the weights'].")
 @_spacing_option
 @click.option("--device", default="auto", show_default=True)
-def fit_ood_cmd(weights: Path, data: tuple[Path, ...], out: Path, c: float, block: int | None,
-                overlap: int | None, spacing: str | None, device: str) -> None:
+def fit_ood_cmd(name: str | None, data: tuple[Path, ...], modality: str | None, weights: Path | None,
+                out: Path | None, c: float, block: int | None, overlap: int | None, spacing: str | None,
+                device: str) -> None:
     """Fit the spectral OOD gate on the training images' signatures.
 
-    The images go through the path the worker runs (model grid, body crop, windows); the bank records
-    those settings, and a worker running other settings refuses it.
+    With NAME (a registered model): every image goes through the model's own inference, exactly the
+    worker's path; the bank is written into the data directory, its SHA-256 recorded in the ledger, and
+    the model becomes live (a rule may route to it). Without NAME: a SegNet weights file (--weights) and
+    a bank file (--out). The bank records the inference settings; a worker running others refuses it.
     """
+    if name is not None:
+        given = [opt for opt, v in (("--weights", weights), ("--out", out), ("--block", block),
+                                    ("--overlap", overlap), ("--spacing", spacing)) if v is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: not for a registered model (model {name!r} runs with the "
+                                   "files and settings it was registered with)")
+        fit_registered(app_context(), name, data, modality, c, resolve_device(device))
+        return
+    if weights is None or out is None:
+        raise click.UsageError("give NAME (a registered model), or --weights and --out (a SegNet weights file)")
     from model.evaluate import fit_bank
     from model.ood import sha256_file
 
-    dev = _device(device)
+    dev = resolve_device(device)
     net, meta = _open_net(weights, dev)
     settings = _settings(meta, dev, block, overlap, spacing)
     sets = _load(data, "data")
@@ -204,30 +235,39 @@ def fit_ood_cmd(weights: Path, data: tuple[Path, ...], out: Path, c: float, bloc
 
 
 @model_group.command("evaluate")
-@click.option("--weights", type=_existing_file, required=True)
-@click.option("--bank", type=_existing_file, required=True)
+@click.argument("name", required=False)
+@click.option("--weights", type=_existing_file, default=None, help="Without NAME: a SegNet weights file.")
+@click.option("--bank", type=_existing_file, default=None, help="Without NAME: the OOD bank of those weights.")
 @click.option("--data", "data", multiple=True, required=True, type=_existing_dir,
               help="In-distribution test data (MSD folder with labels, or DICOM series); repeatable.")
 @click.option("--ood", "ood", multiple=True, type=_existing_dir, help="Out-of-distribution test data; repeatable.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for metrics.json, oodm_histogram.png, reliability_*.png [default: DATA_DIR/evaluation].")
+              help="Folder for metrics.json, oodm_histogram.png, reliability_*.png "
+                   "[default: DATA_DIR/evaluation, DATA_DIR/evaluation/NAME for a registered model].")
 @click.option("--block", type=int, default=None, help="Sliding-window block [default: the weights'].")
 @click.option("--overlap", type=int, default=None, help="Sliding-window overlap [default: the weights'].")
 @_spacing_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of the table.")
-@click.pass_context
-def evaluate_cmd(ctx: click.Context, weights: Path, bank: Path, data: tuple[Path, ...], ood: tuple[Path, ...],
-                 out: Path | None, block: int | None, overlap: int | None, spacing: str | None, device: str,
-                 as_json: bool) -> None:
+def evaluate_cmd(name: str | None, weights: Path | None, bank: Path | None, data: tuple[Path, ...],
+                 ood: tuple[Path, ...], out: Path | None, block: int | None, overlap: int | None,
+                 spacing: str | None, device: str, as_json: bool) -> None:
     """DSC/HD95/ASSD/ECE/MCE per dataset and OOD accuracy/sensitivity/specificity/AUC.
 
-    Each image goes through the worker's path; metrics are computed on the image's own grid.
+    NAME: a registered SegNet model with its fitted bank; else --weights and --bank. Each image goes
+    through the worker's path; metrics are computed on the image's own grid.
     """
     from model.evaluate import evaluate, format_report
     from model.ood import BankMismatchError
 
-    dev = _device(device)
+    if name is not None:
+        if weights is not None or bank is not None:
+            raise click.UsageError(f"--weights/--bank: not for a registered model (model {name!r} has its own)")
+        weights, bank = registered_segnet(app_context(), name)
+        out = out or app_context().data_dir / "evaluation" / name
+    elif weights is None or bank is None:
+        raise click.UsageError("give NAME (a registered model), or --weights and --bank")
+    dev = resolve_device(device)
     net, meta = _open_net(weights, dev)
     gate = _open_gate(weights, bank)
     settings = _settings(meta, dev, block, overlap, spacing)
@@ -236,8 +276,7 @@ def evaluate_cmd(ctx: click.Context, weights: Path, bank: Path, data: tuple[Path
     except BankMismatchError as exc:
         raise click.ClickException(str(exc)) from None
     if out is None:
-        data_dir = getattr(ctx.obj, "data_dir", None)
-        out = Path(data_dir) / "evaluation" if data_dir is not None else Path("specgate-eval")
+        out = app_context().data_dir / "evaluation"
     ids = _load(data, "data")
     oods = _load(ood, "ood")
     clash = set(ids) & set(oods)
@@ -246,3 +285,9 @@ def evaluate_cmd(ctx: click.Context, weights: Path, bank: Path, data: tuple[Path
     m = evaluate(net, gate, ids, oods, settings=settings, device=dev, out_dir=out)
     click.echo(json.dumps(m, indent=2, sort_keys=True) if as_json else format_report(m))
     click.echo(f"figures and metrics.json in {out}", err=True)
+
+
+def register(main: click.Group) -> None:
+    model_group.add_command(register_cmd)
+    model_group.add_command(list_cmd)
+    main.add_command(model_group)

@@ -8,9 +8,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+from ._context import AppContext, pass_app
+
+if TYPE_CHECKING:
+    from ledger.reports import Report
 
 __all__ = ["register", "render_csv", "render_json", "render_table"]
 
@@ -22,7 +27,7 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
-def render_table(report: Any, rows: Sequence[dict[str, Any]]) -> str:
+def render_table(report: Report, rows: Sequence[dict[str, Any]]) -> str:
     """An aligned text table: numbers to the right, text to the left, '-' for nothing."""
     from ledger.reports import format_value
 
@@ -50,7 +55,7 @@ def render_json(rows: Sequence[dict[str, Any]]) -> str:
     return json.dumps([{k: _plain(v) for k, v in row.items()} for row in rows], indent=2)
 
 
-def render_csv(report: Any, rows: Sequence[dict[str, Any]]) -> str:
+def render_csv(report: Report, rows: Sequence[dict[str, Any]]) -> str:
     """CSV with the column names as header; formula-like text made inert (:func:`ledger.reports.to_csv`)."""
     from ledger.reports import to_csv
 
@@ -85,8 +90,8 @@ def _list_reports(fmt: str) -> None:
               help="Last UTC day included (YYYY-MM-DD).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--list", "list_only", is_flag=True, help="List the reports and exit.")
-@click.pass_obj
-def report_command(app: Any, name: str | None, since: datetime | None, until: datetime | None, fmt: str,
+@pass_app
+def report_command(app: AppContext, name: str | None, since: datetime | None, until: datetime | None, fmt: str,
                    list_only: bool) -> None:
     """Print an administrators' report: volume, turnaround, OOD rate, review queue, reviewers,
     delivery failures, failed jobs (``specgate report --list``). Days are UTC and both ends are included."""

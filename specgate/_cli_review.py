@@ -5,9 +5,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import click
+
+from ._context import AppContext, operator, pass_app
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+    from starlette.applications import Starlette
+
+T = TypeVar("T")
 
 __all__ = ["register"]
 
@@ -31,7 +40,7 @@ def _read_password(prompt: bool) -> str:
     return line.rstrip("\r\n")
 
 
-def _in_tx(app: Any, fn: Any) -> Any:
+def _in_tx(app: AppContext, fn: Callable[[Session], T]) -> T:
     from ledger.db import session_scope
     from review.auth import AccountError
 
@@ -42,13 +51,6 @@ def _in_tx(app: Any, fn: Any) -> Any:
         raise click.ClickException(str(exc)) from exc
 
 
-def _operator() -> str:
-    import getpass
-
-    try:
-        return f"operator:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "operator:unknown"
 
 
 @click.group("users")
@@ -60,20 +62,20 @@ def users_group() -> None:
 @click.argument("name")
 @click.option("--role", type=click.Choice(["radiologist", "admin"]), required=True)
 @click.option("--display-name", default=None, help="Name shown in the app and recorded with decisions.")
-@click.pass_obj
-def users_add(app: Any, name: str, role: str, display_name: str | None) -> None:
+@pass_app
+def users_add(app: AppContext, name: str, role: str, display_name: str | None) -> None:
     """Add an account. The password is asked for (or read from standard input)."""
     from review.auth import add_user
 
     password = _read_password(prompt=True)
-    _in_tx(app, lambda s: add_user(s, name, role=role, password=password, actor=_operator(),
+    _in_tx(app, lambda s: add_user(s, name, role=role, password=password, actor=operator(),
                                    display_name=display_name))
     click.echo(f"account {name} added ({role})")
 
 
 @users_group.command("list")
-@click.pass_obj
-def users_list(app: Any) -> None:
+@pass_app
+def users_list(app: AppContext) -> None:
     """List the accounts."""
     from review.auth import list_users
 
@@ -86,28 +88,28 @@ def users_list(app: Any) -> None:
 
 @users_group.command("disable")
 @click.argument("name")
-@click.pass_obj
-def users_disable(app: Any, name: str) -> None:
+@pass_app
+def users_disable(app: AppContext, name: str) -> None:
     """Disable an account; its sessions end at once."""
     from review.auth import disable_user
 
-    _in_tx(app, lambda s: disable_user(s, name, actor=_operator()))
+    _in_tx(app, lambda s: disable_user(s, name, actor=operator()))
     click.echo(f"account {name} disabled")
 
 
 @users_group.command("passwd")
 @click.argument("name")
-@click.pass_obj
-def users_passwd(app: Any, name: str) -> None:
+@pass_app
+def users_passwd(app: AppContext, name: str) -> None:
     """Set an account's password (asked for, or read from standard input); its sessions end."""
     from review.auth import set_password
 
     password = _read_password(prompt=True)
-    _in_tx(app, lambda s: set_password(s, name, password, actor=_operator()))
+    _in_tx(app, lambda s: set_password(s, name, password, actor=operator()))
     click.echo(f"password of {name} changed")
 
 
-def build_app(app: Any) -> Any:
+def build_app(app: AppContext) -> Starlette:
     """The review ASGI app with its actions wired to the worker (delivery, retraction) and metrics."""
     from review.app import ReviewActions, create_app
     from worker.celery_app import Enqueuer, make_celery
@@ -127,7 +129,7 @@ def build_app(app: Any) -> Any:
                       ReviewActions(deliver=enqueuer.deliver, retract=retract, metrics=_metrics(sessions)))
 
 
-def _metrics(sessions: Any) -> Any:
+def _metrics(sessions: sessionmaker[Session]) -> Callable[[], tuple[bytes, str]]:
     from ledger.metrics import render
 
     return lambda: render(sessions)
@@ -136,8 +138,8 @@ def _metrics(sessions: Any) -> Any:
 @click.command("review")
 @click.option("--host", default=None, help="Listen on this address (default: the review_host setting).")
 @click.option("--port", type=int, default=None, help="Listen on this port (default: the review_port setting).")
-@click.pass_obj
-def review_command(app: Any, host: str | None, port: int | None) -> None:
+@pass_app
+def review_command(app: AppContext, host: str | None, port: int | None) -> None:
     """Serve the review web app (the queue of held results, the study viewer, reports, users).
 
     It refuses to listen beyond loopback while no admin account exists or an account has no password.

@@ -1,4 +1,4 @@
-"""``specgate worker``, ``specgate reconcile`` and the review decisions ``jobs approve|reject|retry``."""
+"""``specgate worker`` and ``specgate reconcile`` (registered in :mod:`specgate.cli` by :func:`register`)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,38 @@ import logging
 import os
 import shutil
 import threading
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-__all__ = ["register"]
+from ._context import AppContext, pass_app
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from worker.metrics import WorkerMetrics
+    from worker.reconcile import ReconcileReport
+
+    from ._metrics import MetricsEndpoint
+    from .settings import Settings
+
+__all__ = ["celery_app", "register", "start_reconciler_thread"]
 
 log = logging.getLogger("specgate")
 
 
-def _celery(app: Any, device: str = "cpu", metrics: Any = None) -> Any:
+def celery_app(app: AppContext, device: str = "cpu", metrics: WorkerMetrics | None = None, *,
+               serving: bool = False) -> Celery:
+    """The Celery app. ``serving``: it runs tasks (``specgate worker``), so its configuration includes the
+    ledger's live registered models; a command that only enqueues does not read them."""
     from worker.celery_app import make_celery
 
-    return make_celery(app.settings.worker_config(), device=device, metrics=metrics)
+    config = app.worker_config() if serving else app.settings.worker_config()
+    return make_celery(config, device=device, metrics=metrics)
 
 
-def _reconcile_once(app: Any, celery: Any) -> Any:
+def _reconcile_once(app: AppContext, celery: Celery) -> ReconcileReport:
     from worker.celery_app import Enqueuer
     from worker.reconcile import reconcile
 
@@ -33,7 +49,8 @@ def _reconcile_once(app: Any, celery: Any) -> Any:
                      sending_stale_s=cfg.delivery.retry.sending_stale_s)
 
 
-def start_reconciler_thread(app: Any, celery: Any, stop: threading.Event, metrics: Any = None) -> threading.Thread:
+def start_reconciler_thread(app: AppContext, celery: Celery, stop: threading.Event,
+                            metrics: WorkerMetrics | None = None) -> threading.Thread:
     """Run a reconcile pass every ``reconcile_interval_seconds`` until ``stop`` is set; the jobs a pass
     fails (out of attempts) are counted in ``metrics`` (a :class:`worker.metrics.WorkerMetrics`)."""
     interval = app.settings.worker_config().reconcile_interval_s
@@ -54,7 +71,7 @@ def start_reconciler_thread(app: Any, celery: Any, stop: threading.Event, metric
     return t
 
 
-def _start_metrics(settings: Any) -> tuple[Any, Any, Any]:
+def _start_metrics(settings: Settings) -> tuple[Path, MetricsEndpoint, WorkerMetrics]:
     """The worker's multiprocess directory, its /metrics endpoint (serving) and its WorkerMetrics.
     Runs first: before prometheus_client is imported and before Celery forks its child."""
     from ._metrics import MetricsEndpoint, multiprocess_dir, remove_dead_worker_dirs, worker_metrics_dir
@@ -79,8 +96,8 @@ def _start_metrics(settings: Any) -> tuple[Any, Any, Any]:
 @click.option("--queues", default="gpu,deliver", show_default=True,
               help="Queues to consume: 'gpu' (segmentation), 'deliver' (sending results).")
 @click.option("--no-reconcile", is_flag=True, help="Do not run the periodic reconciler in this process.")
-@click.pass_obj
-def worker_command(app: Any, gpu: int | None, queues: str, no_reconcile: bool) -> None:
+@pass_app
+def worker_command(app: AppContext, gpu: int | None, queues: str, no_reconcile: bool) -> None:
     """Run a Celery worker: one process that segments studies (and sends results).
 
     Start one per GPU (``--gpu 0``, ``--gpu 1``...) on any number of machines sharing the ledger database
@@ -90,6 +107,7 @@ def worker_command(app: Any, gpu: int | None, queues: str, no_reconcile: bool) -
     """
     from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
+    app.check_routing()  # every rule's model configured, or registered with a fitted bank
     settings = app.settings
     metrics_dir, endpoint, metrics = _start_metrics(settings) if settings.worker_metrics_port else (None, None, None)
     if endpoint is not None:
@@ -98,7 +116,10 @@ def worker_command(app: Any, gpu: int | None, queues: str, no_reconcile: bool) -
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before any CUDA call; children inherit it
         device = "cuda:0"
-    celery = _celery(app, device, metrics)
+    celery = celery_app(app, device, metrics, serving=True)
+    # The checks above read the ledger: close that engine so that no pooled connection is inherited by the
+    # pool's forked children (a child closing its copy would end the parent's); the reconciler opens anew.
+    app.close()
     stop = threading.Event()
     if not no_reconcile:
         worker_ready.connect(lambda **_: start_reconciler_thread(app, celery, stop, metrics), weak=False)
@@ -118,10 +139,10 @@ def worker_command(app: Any, gpu: int | None, queues: str, no_reconcile: bool) -
 
 @click.command("reconcile")
 @click.option("--loop", is_flag=True, help="Keep running, one pass every reconcile_interval_seconds.")
-@click.pass_obj
-def reconcile_command(app: Any, loop: bool) -> None:
+@pass_app
+def reconcile_command(app: AppContext, loop: bool) -> None:
     """Enqueue again the jobs the broker lost (queued too long, or running with a dead worker)."""
-    celery = _celery(app)
+    celery = celery_app(app)
     report = _reconcile_once(app, celery)
     click.echo(report.describe())
     if loop:
@@ -134,86 +155,6 @@ def reconcile_command(app: Any, loop: bool) -> None:
             pass
 
 
-def _decide(app: Any, job_id: int, user: str, decision: str, reason: str | None) -> None:
-    from ledger.db import session_scope
-    from ledger.reviews import ReviewError, decide
-
-    try:
-        with session_scope(app.sessions()) as s:
-            decide(s, job_id, user=user, decision=decision, reason=reason)
-    except ReviewError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-@click.command("approve")
-@click.argument("job_id", type=int)
-@click.option("--user", required=True, help="Who approves (recorded in the audit trail).")
-@click.option("--reason", default=None, help="Optional note.")
-@click.pass_obj
-def approve_command(app: Any, job_id: int, user: str, reason: str | None) -> None:
-    """Approve a held result: it is then sent to every destination."""
-    from worker.celery_app import Enqueuer
-
-    _decide(app, job_id, user, "approve", reason)
-    Enqueuer(_celery(app), app.sessions()).deliver(job_id)
-    click.echo(f"job {job_id} approved by {user}; delivery enqueued")
-
-
-@click.command("reject")
-@click.argument("job_id", type=int)
-@click.option("--user", required=True, help="Who rejects (recorded in the audit trail).")
-@click.option("--reason", required=True, help="Why (required).")
-@click.pass_obj
-def reject_command(app: Any, job_id: int, user: str, reason: str) -> None:
-    """Reject a held result: it is never sent."""
-    _decide(app, job_id, user, "reject", reason)
-    click.echo(f"job {job_id} rejected by {user}")
-
-
-@click.command("retry")
-@click.argument("job_id", type=int)
-@click.option("--user", required=True, help="Who asks for the retry (recorded in the audit trail).")
-@click.pass_obj
-def retry_command(app: Any, job_id: int, user: str) -> None:
-    """Put a failed job back in the queue, with a fresh count of attempts."""
-    from ledger import jobs
-    from ledger.db import session_scope
-    from ledger.schema import JobState
-    from worker.celery_app import Enqueuer
-
-    try:
-        with session_scope(app.sessions()) as s:
-            jobs.transition(s, job_id, JobState.QUEUED, actor=f"user:{user}", expect=JobState.FAILED,
-                            attempts=0, details={"why": "operator retry"})
-    except (jobs.TransitionError, LookupError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    Enqueuer(_celery(app), app.sessions()).segment(job_id)
-    click.echo(f"job {job_id} queued again")
-
-
-@click.command("retract")
-@click.argument("job_id", type=int)
-@click.option("--user", required=True, help="Who retracts (recorded in the audit trail and in the KOS).")
-@click.option("--reason", required=True, type=click.Choice(["quality", "patient-safety"]),
-              help="IHE IOCM rejection note: 'Rejected for Quality Reasons' or '... for Patient Safety Reasons'.")
-@click.option("--note", default=None, help="Optional free text, kept in the ledger.")
-@click.pass_obj
-def retract_command(app: Any, job_id: int, user: str, reason: str, note: str | None) -> None:
-    """Take a sent result back: a Key Object Selection document (IHE IOCM) that rejects its SEG and SR is
-    sent to every destination that received them."""
-    from worker.celery_app import Enqueuer
-    from worker.retraction import RetractionError, retract_job
-
-    try:
-        retraction_id = retract_job(app.sessions(), job_id, user=user, reason=reason, note=note)
-    except RetractionError as exc:
-        raise click.ClickException(str(exc)) from exc
-    Enqueuer(_celery(app), app.sessions()).retract(retraction_id)
-    click.echo(f"job {job_id} retracted by {user} ({reason}); the rejection note is on its way to the PACS")
-
-
-def register(main: click.Group, jobs_group: click.Group) -> None:
+def register(main: click.Group) -> None:
     main.add_command(worker_command)
     main.add_command(reconcile_command)
-    for cmd in (approve_command, reject_command, retry_command, retract_command):
-        jobs_group.add_command(cmd)

@@ -169,7 +169,8 @@ class Settings(BaseSettings):
     models: dict[str, ModelFiles] = Field(
         default_factory=dict,
         description="more models, by name ([models.NAME] tables: weights, bank), that a rule's `model` selects; "
-                    "'default' is always model_weights/model_bank (or the shipped model)")
+                    "'default' is always model_weights/model_bank (or the shipped model); a rule may also "
+                    "select a model registered in the ledger (specgate model register)")
     inference_block: int | None = Field(default=None, ge=16, le=512,
                                         description="sliding-window block; default: the model's own")
     inference_overlap: int | None = Field(default=None, ge=0, le=256,
@@ -307,15 +308,13 @@ class Settings(BaseSettings):
         return parse_spacing(self.inference_spacing)
 
     @model_validator(mode="after")
-    def _rules_name_configured_models(self) -> Settings:
+    def _default_model_is_model_weights(self) -> Settings:
+        """``default`` is model_weights/model_bank. Whether each rule's ``model`` exists is checked when
+        ``specgate worker`` or ``scp`` starts (``specgate._context.AppContext.check_routing``): a rule may
+        name a model registered in the ledger, which the settings cannot see."""
         if DEFAULT_MODEL in self.models:
             raise ValueError(f"models.{DEFAULT_MODEL} cannot be set: the {DEFAULT_MODEL!r} model is model_weights/"
                              "model_bank (or the shipped model)")
-        known = [DEFAULT_MODEL, *sorted(self.models)]
-        for rule in self.rules:
-            if rule.model not in known:
-                raise ValueError(f"rule {rule.name!r} names model {rule.model!r}, which is not configured "
-                                 f"(models: {', '.join(known)})")
         return self
 
     @model_validator(mode="after")

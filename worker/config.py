@@ -44,7 +44,9 @@ class ModelSpec:
     ``"nnunet-v2"``: :mod:`model.adapters`), ``path`` its file or folder and ``layer`` the module whose
     output the signature reads (None: the format's default). ``weights`` is the SegNet weights file (the
     older name of ``path`` for that format); SegNet's ``path``/``weights`` and ``bank`` default to the
-    shipped model's files. Any other format needs its ``path`` and its ``bank``.
+    shipped model's files. Any other format needs its ``path`` and its ``bank``. ``options``: what its
+    adapter is opened with besides (a TorchScript model's ``spec`` file), as ``(name, value)`` pairs; a model
+    registered in the ledger (``specgate model register``) records them.
 
     >>> ModelSpec("ts", format="torchscript", path=Path("m.ts"))
     Traceback (most recent call last):
@@ -58,6 +60,7 @@ class ModelSpec:
     format: str = "segnet"
     path: Path | None = None
     layer: str | None = None
+    options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.format == "segnet":

@@ -23,6 +23,7 @@ __all__ = [
     "MSDDataset",
     "SeriesGeometry",
     "iter_cases",
+    "iter_site_cases",
     "load_dicom_series",
     "load_nifti",
 ]
@@ -189,4 +190,74 @@ def iter_cases(path: str | os.PathLike[str]) -> Iterator[Case]:
     for n, (_uid, files) in enumerate(sorted(groups.items())):
         vol, geom, modality = load_dicom_series(files)
         yield Case(name=f"series_{n:03d}", image=vol, spacing=geom.spacing, modality=modality,
+                   meta={"geometry": geom})
+
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES))
+
+
+def _nifti_cases(files: Sequence[Path], modality: str, strip: str = "") -> Iterator[Case]:
+    for f in files:
+        image, spacing = load_nifti(f)
+        name = f.name.removesuffix(".gz").removesuffix(".nii").removesuffix(strip)
+        yield Case(name=name, image=image.astype(np.float32), spacing=spacing, modality=modality,
+                   meta={"file": str(f)})
+
+
+def _modality_of_channel(name: str) -> str:
+    """nnU-Net v2's channel name (``dataset.json`` ``channel_names["0"]``) as a modality: "CT" is CT (its
+    CT normalisation), anything else (T2, ADC, MRI, noNorm...) is normalised as MR."""
+    return "CT" if name.strip().upper() == "CT" else "MR"
+
+
+def iter_site_cases(path: str | os.PathLike[str], modality: str | None = None) -> Iterator[Case]:
+    """A site's images, one case at a time, in whichever layout they come:
+
+    - an MSD folder (``dataset.json`` with ``training``): :class:`MSDDataset`;
+    - an nnU-Net v2 raw dataset (``dataset.json`` with ``channel_names``, images
+      ``imagesTr/<case>_0000<file_ending>``): single-channel only, the modality from the channel's name;
+    - a folder of NIfTI files (``.nii``/``.nii.gz``): every file one image, of ``modality``;
+    - a folder of DICOM series (any depth): each series read by :func:`dicom_series.load_series`, the
+      worker's loader, with the modality its headers state.
+
+    ``modality`` ("CT"/"MR") is needed only for bare NIfTI files, which do not record one. Raises
+    ``ValueError`` naming the folder when none of these fits.
+    """
+    p = Path(path)
+    meta_path = p / "dataset.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if "training" in meta:
+            yield from MSDDataset(p)
+            return
+        channels = meta.get("channel_names")
+        if not isinstance(channels, dict) or not channels:
+            raise ValueError(f"{meta_path} is neither an MSD dataset.json ('training') nor an nnU-Net v2 one "
+                             "('channel_names')")
+        if len(channels) != 1:
+            raise ValueError(f"{meta_path}: only single-channel images are supported, channel_names={channels!r}")
+        ending = str(meta.get("file_ending", ".nii.gz"))
+        files = sorted((p / "imagesTr").glob(f"*_0000{ending}"))
+        if not files:
+            raise ValueError(f"{p}: no images imagesTr/*_0000{ending}")
+        yield from _nifti_cases(files, _modality_of_channel(str(next(iter(channels.values())))), strip="_0000")
+        return
+    if not p.is_dir():
+        raise ValueError(f"{p} is not a folder")
+    niftis = _nifti_files(p)
+    if niftis:
+        if modality is None:
+            raise ValueError(f"{p} holds NIfTI files, which do not record their modality: give it (CT or MR)")
+        yield from _nifti_cases(niftis, modality.upper())
+        return
+    groups = find_series(p)
+    if not groups:
+        raise ValueError(f"{p} holds no images: neither an MSD or nnU-Net dataset, NIfTI files nor DICOM series")
+    for n, (_uid, files) in enumerate(sorted(groups.items())):
+        vol, geom, mod = load_dicom_series(files)
+        yield Case(name=f"{p.name}/series_{n:03d}", image=vol, spacing=geom.spacing, modality=mod,
                    meta={"geometry": geom})

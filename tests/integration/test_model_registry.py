@@ -1,0 +1,358 @@
+"""``specgate model register | list | fit-ood | evaluate`` and the start-up checks on the ledger's models,
+on both ledger backends (real SQLite and PostgreSQL), through the real CLI in-process."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from sqlalchemy import select
+
+from ledger import audit
+from ledger.schema import AuditEvent
+from model.data.phantoms import write_msd_dataset
+from model.ood import SpectralGate, sha256_file
+from model.unet import SegNet, save_weights
+from specgate._context import StartupError
+from specgate.cli import AppContext, main
+from specgate.settings import Settings
+
+Run = Callable[..., Result]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small untrained SegNet (one 96^3 window covers a phantom: a CPU runs it in about a second)."""
+    torch.manual_seed(0)
+    net = SegNet(base_features=4, levels=2).eval()
+    path = tmp_path_factory.mktemp("model") / "liver.pt"
+    save_weights(net, path, meta={"name": "liver-test", "version": "1.2", "labels": {"1": "organ"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The site's images: an MSD folder of NIfTI files (3 CTs) and a folder of DICOM series (1 CT)."""
+    from model.data.clinical import Geometry, write_clinical_set
+
+    root = tmp_path_factory.mktemp("site")
+    msd = write_msd_dataset(root / "msd", "ct_liver", 3, seed=3)
+    clinical = write_clinical_set(root / "dicom", "ct_liver", 1, seed=3,
+                                  geometry=Geometry((24, 64, 64), (5.0, 3.0, 3.0), (0.0, 0.0, 0.0)))
+    return msd, clinical / "series"
+
+
+def _runner(settings: Settings, **env: str) -> Run:
+    def run(*args: str, expect: int | None = 0) -> Result:
+        full = {"SPECGATE_DATA_DIR": str(settings.data_dir), "SPECGATE_DATABASE_URL": settings.db_url, **env}
+        result = CliRunner().invoke(main, list(args), env=full, catch_exceptions=False)
+        if expect is not None:
+            assert result.exit_code == expect, result.output
+        return result
+    return run
+
+
+def _events(sessions, action: str) -> list[AuditEvent]:  # type: ignore[no-untyped-def]
+    with sessions() as s:
+        return list(s.execute(select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id)).scalars())
+
+
+def test_register_and_list_round_trip(migrated, cli: Run, weights: Path, tmp_path: Path) -> None:
+    _settings, _engine, sessions = migrated
+    codes = tmp_path / "codes.csv"
+    codes.write_text("label,code,meaning\norgan,10200004,Liver\n")
+    out = cli("model", "register", "liver", "--segnet", str(weights), "--codes", str(codes)).output
+    assert "registered liver: segnet" in out and "labels: 1=organ" in out
+    assert "next: specgate model fit-ood liver" in out
+
+    listed = json.loads(cli("model", "list", "--json").output)
+    assert len(listed) == 1
+    m = listed[0]
+    assert (m["name"], m["state"], m["format"], m["path"]) == ("liver", "registered", "segnet", str(weights))
+    assert m["files_sha256"] == {weights.name: sha256_file(weights)}
+    assert m["labels"] == {"1": "organ"}
+    assert m["codes"] == {"organ": ["10200004", "SCT", "Liver"]}
+    assert m["bank_path"] is None and m["bank_sha256"] is None and m["registered_by"].startswith("operator:")
+    table = cli("model", "list").output
+    assert "liver" in table and "registered" in table
+
+    [event] = _events(sessions, "model.registered")
+    assert (event.object_type, event.object_id) == ("model", "liver")
+    assert event.details["files_sha256"] == m["files_sha256"] and event.details["path"] == str(weights)
+    with sessions() as s:
+        assert audit.verify(s).ok
+
+
+@pytest.mark.parametrize("case", ["missing file", "no such layer", "not a model", "name taken", "bad name",
+                                  "two formats", "code of an unknown label", "not a SNOMED code"])
+def test_register_refuses_naming_the_problem(migrated, cli: Run, weights: Path, tmp_path: Path,
+                                              case: str) -> None:
+    _settings, _engine, sessions = migrated
+    args = ["model", "register", "liver", "--segnet", str(weights)]
+    if case == "missing file":
+        args[-1], expected = str(tmp_path / "gone.pt"), "gone.pt' does not exist"
+    elif case == "no such layer":
+        args += ["--layer", "decoder.nope"]
+        expected = "layer 'decoder.nope' cannot be chosen"
+    elif case == "not a model":
+        junk = tmp_path / "junk.pt"
+        junk.write_bytes(b"not a network")
+        args[-1], expected = str(junk), "junk.pt is not a loadable SegNet weights file"
+    elif case == "name taken":
+        cli(*args)
+        expected = "a model named 'liver' is already registered (segnet"
+    elif case == "bad name":
+        args[2], expected = "my liver", "model name 'my liver' is not allowed"
+    elif case == "two formats":
+        args += ["--nnunet", str(tmp_path)]
+        expected = "give exactly one of --segnet | --torchscript | --monai-bundle | --nnunet (given: --segnet, --nnunet)"
+    elif case == "code of an unknown label":
+        codes = tmp_path / "codes.json"
+        codes.write_text(json.dumps({"spleen": "78961009"}))
+        args += ["--codes", str(codes)]
+        expected = "the model has no label 'spleen' (labels: 1=organ)"
+    else:
+        codes = tmp_path / "codes.json"
+        codes.write_text(json.dumps({"organ": "10200005"}))
+        args += ["--codes", str(codes)]
+        expected = "'10200005' is not a SNOMED CT identifier"
+    result = cli(*args, expect=None)
+    assert result.exit_code != 0
+    assert expected in " ".join(result.output.split()), result.output
+    listed = json.loads(cli("model", "list", "--json").output)
+    assert [m["name"] for m in listed] == (["liver"] if case == "name taken" else [])
+    assert len(_events(sessions, "model.registered")) == (1 if case == "name taken" else 0)
+
+
+TS_SPEC = """
+model = "net.ts"
+[input]
+spacing = { CT = [4.0, 4.0, 4.0] }
+normalization = { CT = "ct_window" }
+ct_window = [-1000, 1000]
+[inference]
+patch_size = [8, 16, 16]
+overlap = 0.25
+mode = "gaussian"
+[output]
+classes = ["background", "liver", "spleen"]
+[signature]
+output = 1
+"""
+
+
+class _TwoOutputs(torch.nn.Module):
+    """(logits, features): a TorchScript export names its signature's feature map as an output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.head = torch.nn.Conv3d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = torch.relu(self.features(x))
+        return self.head(f), f
+
+
+@pytest.fixture(scope="module")
+def torchscript(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ts")
+    torch.jit.save(torch.jit.trace(_TwoOutputs().eval(), torch.zeros(1, 1, 8, 16, 16)), str(d / "net.ts"))
+    return d / "net.ts"
+
+
+def test_register_a_torchscript_model_and_refuse_its_bad_specs(migrated, cli: Run, torchscript: Path,
+                                                               tmp_path: Path) -> None:
+    good = tmp_path / "spec.toml"
+    good.write_text(TS_SPEC)
+    codes = tmp_path / "codes.json"
+    codes.write_text(json.dumps({"liver": "10200004", "2": {"code": "78961009", "meaning": "Spleen"}}))
+    out = cli("model", "register", "abdomen", "--torchscript", str(torchscript), "--spec", str(good),
+              "--codes", str(codes)).output
+    assert "labels: 1=liver, 2=spleen" in out
+    [m] = json.loads(cli("model", "list", "--json").output)
+    assert (m["format"], m["layer"], m["labels"]) == ("torchscript", "output:1", {"1": "liver", "2": "spleen"})
+    assert m["codes"] == {"liver": ["10200004", "SCT", "liver"], "spleen": ["78961009", "SCT", "Spleen"]}
+
+    refusals = {
+        "no spacing": (TS_SPEC.replace("spacing = { CT = [4.0, 4.0, 4.0] }\n", ""), [], "spacing"),
+        "unparsable": (TS_SPEC.replace("[input]", "[input"), [], "is not valid TOML"),
+        "a submodule as layer": (TS_SPEC, ["--layer", "features"], "'features'"),
+    }
+    for n, (text, extra, expected) in enumerate(refusals.values()):
+        spec = tmp_path / f"bad{n}.toml"
+        spec.write_text(text)
+        result = cli("model", "register", f"bad{n}", "--torchscript", str(torchscript), "--spec", str(spec),
+                     *extra, expect=1)
+        assert f"model 'bad{n}' refused:" in result.output and expected in result.output, result.output
+    result = cli("model", "register", "nospec", "--torchscript", str(torchscript), expect=2)
+    assert "--torchscript needs --spec FILE" in result.output
+    assert [m["name"] for m in json.loads(cli("model", "list", "--json").output)] == ["abdomen"]
+
+
+def test_fit_ood_writes_the_bank_into_the_data_dir_and_records_its_hash(migrated, cli: Run,
+                                                                        weights: Path,
+                                                                        site_data: tuple[Path, Path]) -> None:
+    settings, _engine, sessions = migrated
+    msd, dicom = site_data
+    cli("model", "register", "liver", "--segnet", str(weights))
+    res = cli("model", "fit-ood", "liver", "--data", str(msd), "--data", str(dicom), "--device", "cpu")
+    assert "bank of 4 signatures" in res.output and "the model is live" in res.output
+
+    [m] = json.loads(cli("model", "list", "--json").output)
+    bank = Path(m["bank_path"])
+    assert m["state"] == "live" and bank.is_file()
+    assert bank.parent == settings.data_dir / "models" / "liver"
+    assert m["bank_sha256"] == sha256_file(bank) and bank.name == f"ood-bank-{m['bank_sha256'][:16]}.npz"
+    gate = SpectralGate.load(bank, weights_sha256=sha256_file(weights))  # tied to the registered file
+    assert gate.bank.shape[0] == 4 and gate.meta["modalities"] == ["CT"]
+    assert gate.meta["inference"]["block"] == 96 and gate.meta["registered_model"] == "liver"
+    [event] = _events(sessions, "model.bank_fitted")
+    assert event.object_id == "liver" and event.details["bank_sha256"] == m["bank_sha256"]
+    assert event.details["previous"] == {"bank_path": None, "bank_sha256": None, "state": "registered"}
+    assert event.details["signatures"] == 4
+
+    # the worker's own loader takes this bank for these weights: fitted through exactly its path
+    from worker.segmenter import Segmenter
+
+    seg = Segmenter.open(weights, bank)
+    assert seg.gate.tau == pytest.approx(gate.tau)
+
+    # evaluate NAME: the registered weights and bank; figures under DATA_DIR/evaluation/NAME
+    res = cli("model", "evaluate", "liver", "--data", str(msd), "--device", "cpu", "--json")
+    assert json.loads(res.stdout)["datasets"]["ct_liver"]["n"] == 3
+    assert (settings.data_dir / "evaluation" / "liver" / "metrics.json").is_file()
+
+    # fitting again keeps the earlier bank where the audit trail says it was, and records both hashes
+    res = cli("model", "fit-ood", "liver", "--data", str(msd), "--c", "3", "--device", "cpu")
+    [m2] = json.loads(cli("model", "list", "--json").output)
+    assert m2["bank_sha256"] != m["bank_sha256"] and bank.is_file() and Path(m2["bank_path"]).is_file()
+    assert _events(sessions, "model.bank_fitted")[-1].details["previous"]["bank_sha256"] == m["bank_sha256"]
+    with sessions() as s:
+        assert audit.verify(s).ok
+
+
+def test_fit_ood_refuses_what_it_cannot_use(migrated, cli: Run, weights: Path, tmp_path: Path,
+                                            site_data: tuple[Path, Path]) -> None:
+    msd, _dicom = site_data
+    res = cli("model", "fit-ood", "nobody", "--data", str(msd), expect=2)
+    assert "no model is registered as 'nobody' (registered: none)" in res.output
+    cli("model", "register", "liver", "--segnet", str(weights))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = cli("model", "fit-ood", "liver", "--data", str(empty), expect=2)
+    assert "holds no images" in res.output
+    res = cli("model", "fit-ood", "liver", "--data", str(msd), "--weights", str(weights), expect=2)
+    assert "--weights: not for a registered model" in res.output
+    # the registered file changed: its bank would judge another model
+    copy = tmp_path / "liver.pt"
+    copy.write_bytes(weights.read_bytes())
+    cli("model", "register", "moved", "--segnet", str(copy))
+    torch.manual_seed(1)
+    save_weights(SegNet(base_features=4, levels=2), copy)
+    res = cli("model", "fit-ood", "moved", "--data", str(msd), expect=1)
+    assert "model 'moved': its files changed since it was registered (liver.pt)" in res.output
+
+
+def test_a_rule_naming_an_unregistered_or_bankless_model_stops_start_up(migrated, weights: Path,
+                                                                       site_data: tuple[Path, Path]) -> None:
+    settings, _engine, _sessions = migrated
+    rules = json.dumps([{"name": "liver-ct", "model": "liver"}, {"name": "any", "model": "default"}])
+    run = _runner(settings, SPECGATE_RULES=rules)
+    for command in ("worker", "scp"):
+        res = run(command, expect=1)
+        assert ("refusing to start: rule 'liver-ct' names model 'liver', which is neither configured (models: "
+                "default) nor registered in the ledger (registered: none)") in " ".join(res.output.split())
+    run("model", "register", "liver", "--segnet", str(weights))
+    for command in ("worker", "scp"):
+        res = run(command, expect=1)
+        assert ("rule 'liver-ct' names model 'liver', which is registered without an OOD bank: every result "
+                "would be unjudged; fit one with 'specgate model fit-ood liver --data DIR'") \
+            in " ".join(res.output.split())
+
+    app = AppContext(Settings.load(data_dir=settings.data_dir, database_url=settings.db_url,
+                                   rules=[{"name": "liver-ct", "model": "liver"}]))
+    try:
+        assert [m.name for m in app.worker_config().models] == ["default"]  # not routable yet: not served
+        run("model", "fit-ood", "liver", "--data", str(site_data[0]), "--device", "cpu")
+        app.check_routing()  # live now: no error
+        [m] = app.registered_models()
+        bank = Path(m.bank_path or "")
+        saved = bank.read_bytes()
+        bank.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+        with pytest.raises(StartupError, match=f"rule 'liver-ct' names model 'liver', whose OOD bank {re.escape(str(bank))} "
+                                               r"is not the one the ledger recorded \(SHA-256 [0-9a-f]{64}, recorded "
+                                               rf"{m.bank_sha256}\)"):
+            app.check_routing()
+        bank.unlink()
+        res = run("worker", expect=1)
+        assert f"whose OOD bank {bank} is missing" in " ".join(res.output.split())
+        bank.write_bytes(saved)
+        app.check_routing()
+        spec = app.worker_config().models[-1]
+        # the worker's own loader opens the registered model with the bank fitted for it, and gates a study
+        from model.data.phantoms import phantom_case
+        from worker.segmenter import Segmenters
+
+        case = phantom_case("ct_liver", 3, 0)
+        out = Segmenters(app.worker_config().models)("liver").segment(case.image, "CT", spacing=case.spacing)
+        assert out.tau == pytest.approx(SpectralGate.load(Path(m.bank_path or "")).tau) and out.oodm >= 0
+        assert (spec.name, spec.format, spec.path, spec.weights, spec.bank, spec.layer) == (
+            "liver", "segnet", weights, weights, Path(m.bank_path or ""), m.layer)
+    finally:
+        app.close()
+
+
+def test_evaluate_writes_under_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights: Path,
+                                            site_data: tuple[Path, Path]) -> None:
+    """Without --out, the figures go to DATA_DIR/evaluation, whatever the working directory (the command
+    read ``ctx.obj.data_dir``, which does not exist, and wrote to ./specgate-eval)."""
+    msd, _dicom = site_data
+    bank = tmp_path / "bank.npz"
+    data_dir = tmp_path / "data"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    env = {"SPECGATE_DATA_DIR": str(data_dir)}
+    res = CliRunner().invoke(main, ["model", "fit-ood", "--weights", str(weights), "--data", str(msd),
+                                    "--out", str(bank), "--device", "cpu"], env=env, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["model", "evaluate", "--weights", str(weights), "--bank", str(bank),
+                                    "--data", str(msd), "--device", "cpu", "--json"], env=env,
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert (data_dir / "evaluation" / "metrics.json").is_file()
+    assert f"figures and metrics.json in {data_dir / 'evaluation'}" in res.stderr
+    assert list(cwd.iterdir()) == []
+
+
+def test_the_ledger_refuses_bad_rows_naming_the_value(migrated) -> None:
+    from ledger import models
+    from ledger.db import session_scope
+
+    _settings, _engine, sessions = migrated
+    good = {"version": "1", "format": "segnet", "path": "/m/a.pt", "files_sha256": {"a.pt": "0" * 64},
+            "labels": {1: "liver"}, "layer": "decoders.1", "settings": {}, "actor": "operator:test"}
+    bad = [({"name": "default"}, "model name 'default' is reserved"),
+           ({"files_sha256": {"a.pt": "XYZ"}}, "model 'm': SHA-256 of 'a.pt' 'XYZ' is not a lower-case hex SHA-256"),
+           ({"labels": {0: "background"}}, "model 'm': label value 0 is not a positive integer"),
+           ({"labels": {}}, "model 'm': the model declares no labels")]
+    for change, message in bad:
+        with pytest.raises(models.ModelRegistryError, match=re.escape(message)), session_scope(sessions) as s:
+            models.register(s, **{"name": "m", **good, **change})  # type: ignore[arg-type]
+    with session_scope(sessions) as s:
+        models.register(s, name="m", **good)  # type: ignore[arg-type]
+    with pytest.raises(models.ModelRegistryError, match="no model is registered as 'n' \\(registered: m\\)"), \
+            session_scope(sessions) as s:
+        models.set_bank(s, "n", bank_path="/b.npz", bank_sha256="1" * 64, actor="operator:test")
+    with pytest.raises(models.ModelRegistryError, match="bank SHA-256 'nope'"), session_scope(sessions) as s:
+        models.set_bank(s, "m", bank_path="/b.npz", bank_sha256="nope", actor="operator:test")
+    with session_scope(sessions) as s:
+        assert models.require(s, "m").state == "registered" and models.require(s, "m").bank_path is None
+        assert audit.verify(s).ok and audit.count(s) == 1
