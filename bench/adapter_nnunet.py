@@ -5,6 +5,7 @@ the same run: both times, their ratio, each one's peak memory, and whether the l
     .venv/bin/python bench/adapter_nnunet.py --shape 120 512 512      # a quicker look
     .venv/bin/python bench/adapter_nnunet.py --model DIR --folds 0 1  # a trained model folder of your own
     .venv/bin/python bench/adapter_nnunet.py --no-mirroring           # both sides without test-time mirroring
+    .venv/bin/python bench/adapter_nnunet.py --classes 16             # a 16-output head: memory with many labels
 
 Without ``--model`` the phantom model of the tests is built first (nnU-Net's own planning and
 preprocessing, a short training: ``tests/model_factories/nnunet_model.py``; 5 x 4 x 4 mm, 2 labels). The
@@ -36,7 +37,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _rss_mb() -> float:
+    """Peak resident memory of this process since its ``exec`` (``VmHWM``; ``ru_maxrss`` would carry the
+    parent's peak over from the fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def many_class_model(src: Path, dst: Path, n_classes: int) -> Path:
+    """``src``'s network with a segmentation head of ``n_classes`` outputs: the trained background and
+    first label, the others drawn (seed 0) at a tenth of their scale, so that the label map stays mostly the
+    trained one while every class's logits exist (what memory and time depend on, as for
+    TotalSegmentator's 105 outputs)."""
+    import shutil
+
+    import torch
+
+    dst.mkdir(parents=True)
+    ds = json.loads((src / "dataset.json").read_text())
+    ds["labels"] = {"background": 0, **{f"class_{i}": i for i in range(1, n_classes)}}
+    (dst / "dataset.json").write_text(json.dumps(ds))
+    shutil.copy(src / "plans.json", dst / "plans.json")
+    g = torch.Generator().manual_seed(0)
+    for fold in sorted(p.parent.name for p in src.glob("fold_*/checkpoint_final.pth")):
+        ck = torch.load(src / fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        w = ck["network_weights"]
+        for k in [k for k in w if k.startswith("decoder.seg_layers.")]:
+            old = w[k]
+            new = torch.randn((n_classes, *old.shape[1:]), generator=g) * 0.1 * old.std()
+            new[: old.shape[0]] = old
+            w[k] = new
+        ck["init_args"]["dataset_json"] = ds
+        (dst / fold).mkdir()
+        torch.save(ck, dst / fold / "checkpoint_final.pth")
+    return dst
 
 
 def child(side: str, model: Path, ct: Path, folds: list[int], threads: int, mirroring: bool, out: Path) -> None:
@@ -75,6 +110,8 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, nargs=3, default=[1.0, 0.7, 0.7])
     ap.add_argument("--model", type=Path, help="an nnU-Net v2 trained model folder (default: the tests' phantom model)")
     ap.add_argument("--folds", type=int, nargs="+", default=[0])
+    ap.add_argument("--classes", type=int, default=0,
+                    help="widen the model's segmentation head to this many outputs (memory with many labels)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mirroring", action="store_true", help="both sides without test-time mirroring (8x fewer passes)")
     ap.add_argument("--child", nargs=4, metavar=("SIDE", "MODEL", "CT", "OUT"), help=argparse.SUPPRESS)
@@ -99,6 +136,8 @@ def main() -> None:
             t = time.perf_counter()
             model = build_nnunet_model(tmp / "nnunet").model_dir
             print(f"  {time.perf_counter() - t:.0f} s", flush=True)
+        if args.classes:
+            model = many_class_model(model, tmp / "many", args.classes)
         shape, spacing = tuple(args.shape), tuple(args.spacing)
         print(f"writing a {shape} CT at {spacing} mm ...", flush=True)
         case, _ = clinical_case("ct_liver", SEED, EVAL_FIRST_INDEX, geometry=Geometry(shape, spacing, (0.0, 0.0, 0.0)))
@@ -117,12 +156,13 @@ def main() -> None:
                            stdout=subprocess.DEVNULL)
             res[side] = json.loads((tmp / f"{side}.json").read_text())
         equal = bool(np.array_equal(np.load(tmp / "specgate.npy"), np.load(tmp / "nnunet.npy")))
-    print(f"\nCT {shape} at {spacing} mm, folds {args.folds}, mirroring {not args.no_mirroring}, "
+    n_out = args.classes or "the model's"
+    print(f"\nCT {shape} at {spacing} mm, {n_out} classes, folds {args.folds}, mirroring {not args.no_mirroring}, "
           f"{args.threads} threads")
     for side in ("nnunet", "specgate"):
         r = res[side]
         print(f"  {side:9s} load {r['load_s']:6.1f} s   predict {r['predict_s']:6.1f} s   "
-              f"RSS after load {r['rss_loaded_mb']:6.0f} MB   peak {r['peak_mb']:6.0f} MB"
+              f"peak RSS after load {r['rss_loaded_mb']:6.0f} MB, at the end {r['peak_mb']:6.0f} MB"
               + (f"   stages {json.dumps({k: round(v, 1) for k, v in r['stages'].items()})}" if "stages" in r else ""))
     ratio = res["specgate"]["predict_s"] / res["nnunet"]["predict_s"]
     print(f"  ratio specgate / nnU-Net (predict): {ratio:.2f}   peak share of one study: "

@@ -51,12 +51,19 @@ same ``resampling_fn_probabilities`` one class at a time, keeping
 Above the logits that is one class at full resolution at a time (skimage's float64 output 0.63 GB and
 its float16 copy 0.16 GB, transient), the maximum and the sum (2 x 0.31 GB), the background logits
 (0.16 GB), the label map (0.08 GB) and the temporaries of one update (0.31 + 0.31 + 0.08 GB): at most
-about 2 GB whatever the number of classes, against 27 GB for nnU-Net's own export of 105 classes
-(``bench/adapter_nnunet.py`` prints the measured peaks of both for the model it runs).
+about 2 GB whatever the number of classes, against 27 GB for nnU-Net's own export of 105 classes.
+Measured (``bench/adapter_nnunet.py --no-mirroring``, 300x512x512 CT at 1.0 x 0.7 x 0.7 mm, the tests'
+phantom model on a 5 x 4 x 4 mm grid, 2 threads on a shared 2-core machine): with 2 classes both peak at
+3.3 GB resident, with a 16-output head nnU-Net peaks at 6.4 GB and this adapter still at 3.3 GB; that
+3.3 GB is nnU-Net's own preprocessing (``run_case_npy`` alone: 1.0 GB before, 3.3 GB after; its cubic
+resampling of the CT in float64), which the adapter runs unchanged. Label maps equal voxel for voxel in
+both runs; time 1.27x and 1.01x nnU-Net's (the foreground's log-sum-exp, the body and the signature are
+the extra work; the resampling of each class, about 10 s, dominates both).
 
 Not supported (refused at :meth:`NnUNetAdapter.open`, naming the reason): region-based models
 (``labels`` with lists), models with more than one input channel, cascades (``previous_stage``), and
-image readers other than SimpleITK's and nibabel's.
+image readers other than ``SimpleITKIO`` and ``NibabelIO`` (the ``WithReorient`` ones need the
+image's orientation).
 """
 
 from __future__ import annotations
@@ -85,8 +92,10 @@ __all__ = ["FOLD_RULE", "NnUNetAdapter"]
 FOLD_RULE = "first-fold-v1"
 BODY_GRID_RULE = "source-nearest-to-network-grid-v1"
 CHECKPOINT = "checkpoint_final.pth"
-_SITK_READERS = {"SimpleITKIO", "SimpleITKIOWithReorient"}
-_NIBABEL_READERS = {"NibabelIO", "NibabelIOWithReorient"}
+#: nnU-Net's readers that hand the network the file's voxel order as SimpleITK's (z, y, x) array (nibabel's
+#: transposes to it): an in-memory (z, y, x) volume is what they would read. The "WithReorient" readers
+#: turn the image to RAS first, which needs the orientation that (image, spacing) does not carry.
+_READERS = {"SimpleITKIO", "NibabelIO"}
 
 
 def _default_layer(network: torch.nn.Module) -> str | None:
@@ -124,6 +133,10 @@ class _WindowRecorder:
     def start_pass(self, image_size: Sequence[int], slicers: Sequence[tuple[slice, ...]]) -> None:
         from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
+        if self.gram is not None and not self.gram.complete():
+            # the first fold's pass began again: nnU-Net retries a pass on the CPU when the device runs
+            # out of memory (predict_sliding_window_return_logits), with the same slicers
+            self.passes -= 1
         self.passes += 1
         self.window = -1
         self.active = self.passes == 1
@@ -256,9 +269,9 @@ class NnUNetAdapter(ModelAdapter):
         if n_channels != 1:
             raise AdapterError(f"{path / 'dataset.json'}: {n_channels} input channels; this adapter takes one image")
         reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
-        if reader not in _SITK_READERS | _NIBABEL_READERS:
+        if reader not in _READERS:
             raise AdapterError(f"{path / 'plans.json'}: image_reader_writer {reader!r} is not supported "
-                               f"(one of {sorted(_SITK_READERS | _NIBABEL_READERS)})")
+                               f"(one of {sorted(_READERS)})")
 
         predictor = _hooked_predictor_class()(
             tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
@@ -369,12 +382,14 @@ class NnUNetAdapter(ModelAdapter):
                                    f"plans.json: {str(e)[:800]}") from e
         predictor.network.load_state_dict(predictor.list_of_parameters[0])
 
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """The spacing (mm) the network expects, from ``plans.json``, in nnU-Net's (transposed) axis order:
+        (z, y, x) for SimpleITK's reader with ``transpose_forward`` [0, 1, 2]."""
+        return tuple(float(s) for s in self.predictor.configuration_manager.spacing)
+
     # ------------------------------------------------------------------------------------------------
     # predicting
-
-    def _reader_order(self) -> bool:
-        """True when the plans' reader gives (x, y, z) arrays (nibabel), False for SimpleITK's (z, y, x)."""
-        return str(self.predictor.plans_manager.plans.get("image_reader_writer")) in _NIBABEL_READERS
 
     def network_input(self, image: np.ndarray, spacing: Sequence[float], modality: str) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
         """nnU-Net's preprocessed ``data`` (1, ...) and ``properties`` for ``image`` (z, y, x), and the body
@@ -387,8 +402,6 @@ class NnUNetAdapter(ModelAdapter):
         if not modality:
             raise ValueError("modality is empty")
         img = np.asarray(image, np.float32)
-        if self._reader_order():
-            img, sp = img.transpose(2, 1, 0), sp[::-1]
         pm, cm = self.predictor.plans_manager, self.predictor.configuration_manager
         pre = cm.preprocessor_class(verbose=False)
         data, _, props = pre.run_case_npy(img[None], None, {"spacing": sp}, pm, cm, self.predictor.dataset_json)
@@ -409,6 +422,7 @@ class NnUNetAdapter(ModelAdapter):
         t0 = time.perf_counter()
         data, props, mask = self.network_input(image, spacing, modality)
         t1 = time.perf_counter()
+        timings = {"preprocess_and_body": t1 - t0}
         p = self.predictor
         mirrors = _mirror_combinations(p.allowed_mirroring_axes if self.use_mirroring else None)
         recorder = _WindowRecorder(self.layer, mirrors, mask, p.configuration_manager.patch_size)
@@ -426,8 +440,6 @@ class NnUNetAdapter(ModelAdapter):
         del data
         labels, foreground = self._export(logits, props)
         del logits
-        if self._reader_order():
-            labels, foreground = labels.transpose(2, 1, 0), foreground.transpose(2, 1, 0)
         t3 = time.perf_counter()
         gram = recorder.gram
         evidence = {"format": self.format, "layer": self.layer, "network_grid": grid,
@@ -438,7 +450,7 @@ class NnUNetAdapter(ModelAdapter):
         return Prediction(labels=np.ascontiguousarray(labels), foreground=np.ascontiguousarray(foreground),
                           signature=gram.signature(), gram=gram.gram / max(gram.n_voxels, 1),
                           n_signature_voxels=gram.n_voxels, evidence=evidence,
-                          timings={"preprocess": t1 - t0, "inference": t2 - t1, "export": t3 - t2})
+                          timings={**timings, "inference_and_signature": t2 - t1, "export": t3 - t2})
 
     def _resample_back(self, channels: torch.Tensor, props: dict[str, Any]) -> np.ndarray:
         """nnU-Net's ``resampling_fn_probabilities`` from the network grid to the cropped original shape,

@@ -150,6 +150,7 @@ def test_signature_settings_and_labels(two_folds):  # type: ignore[no-untyped-de
     assert s["spacing"] == [5.0, 4.0, 4.0] and s["patch_size"] == [16, 32, 32] and s["step_size"] == 0.5
     assert s["mirroring_axes"] == [0, 1, 2] and s["ownership_rule"] == "nearest-centre-v1"
     assert [(lab.value, lab.name) for lab in two_folds.labels] == [(1, "liver")]
+    assert two_folds.spacing == (5.0, 4.0, 4.0)
     assert set(two_folds.files_sha256) == {"dataset.json", "plans.json", "fold_0/checkpoint_final.pth",
                                            "fold_1/checkpoint_final.pth"}
     json.dumps(two_folds.record())
@@ -203,3 +204,12 @@ def test_refuses_a_low_resolution_layer_at_its_first_window(nnunet_model, case):
     a = NnUNetAdapter.open(nnunet_model, folds=(0,), layer="decoder.stages.0", use_mirroring=False)
     with pytest.raises(AdapterError, match=r"layer 'decoder\.stages\.0' outputs \(8, 16, 16\) voxels per window"):
         a.predict(case.image, case.spacing, "CT")
+
+
+def test_refuses_a_reader_that_reorients(nnunet_model, tmp_path):  # type: ignore[no-untyped-def]
+    m = _copy(nnunet_model, tmp_path)
+    plans = json.loads((m / "plans.json").read_text())
+    plans["image_reader_writer"] = "NibabelIOWithReorient"
+    (m / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(AdapterError, match=r"image_reader_writer 'NibabelIOWithReorient' is not supported"):
+        NnUNetAdapter.open(m)
