@@ -57,11 +57,16 @@ phantom model on a 5 x 4 x 4 mm grid, 2 threads on a shared 2-core machine): wit
 3.3 GB resident, with a 16-output head nnU-Net peaks at 6.4 GB and this adapter still at 3.3 GB; that
 3.3 GB is nnU-Net's own preprocessing (``run_case_npy`` alone: 1.0 GB before, 3.3 GB after; its cubic
 resampling of the CT in float64), which the adapter runs unchanged. Label maps equal voxel for voxel in
-both runs; time 1.27x and 1.01x nnU-Net's (the foreground's log-sum-exp, the body and the signature are
-the extra work; the resampling of each class, about 10 s, dominates both).
+every run. Time, specgate / nnU-Net: 1.27 (2 classes), 1.01 (16), 1.33 with mirroring (72 s for nnU-Net),
+1.02 on 120x512x512 with mirroring and two folds (12 s); on this shared machine the same call varies by
+up to 6x between runs, and the hook itself measured 13.1 s against 15.0 s unhooked (175 windows x 8
+passes), i.e. within that noise. The extra work is the body mask, the foreground's log-sum-exp and the
+Gram; each class's resampling to the source grid (skimage, about 10 s per class at 300x512x512) is
+nnU-Net's and dominates both.
 
 Not supported (refused at :meth:`NnUNetAdapter.open`, naming the reason): region-based models
-(``labels`` with lists), models with more than one input channel, cascades (``previous_stage``), and
+(``labels`` with lists), models with more than one input channel, 2D configurations, cascades
+(``previous_stage``), and
 image readers other than ``SimpleITKIO`` and ``NibabelIO`` (the ``WithReorient`` ones need the
 image's orientation).
 """
@@ -288,6 +293,9 @@ class NnUNetAdapter(ModelAdapter):
         if wanted is not None and wanted != cfg_name:
             raise AdapterError(f"configuration {wanted!r} was asked for, but the checkpoints in {path} were trained "
                                f"with {cfg_name!r}")
+        if len(predictor.configuration_manager.patch_size) != 3:
+            raise AdapterError(f"{path}: configuration {cfg_name!r} is 2D (patch "
+                               f"{predictor.configuration_manager.patch_size}); this adapter runs 3D configurations")
         if predictor.configuration_manager.previous_stage_name is not None:
             raise AdapterError(f"{path}: configuration {cfg_name!r} is a cascade stage (needs "
                                f"{predictor.configuration_manager.previous_stage_name!r}); not supported")
