@@ -213,3 +213,10 @@ def test_refuses_a_reader_that_reorients(nnunet_model, tmp_path):  # type: ignor
     (m / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(AdapterError, match=r"image_reader_writer 'NibabelIOWithReorient' is not supported"):
         NnUNetAdapter.open(m)
+
+
+def test_predict_refuses_a_bad_volume_or_spacing_naming_it(two_folds):  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=r"image must be \(z, y, x\), got shape \(4, 4\)"):
+        two_folds.predict(np.zeros((4, 4), np.float32), (1.0, 1.0, 1.0), "CT")
+    with pytest.raises(ValueError, match=r"spacing must be three positive mm values \(z, y, x\), got \(1.0, 0.0, 1.0\)"):
+        two_folds.predict(np.zeros((4, 4, 4), np.float32), (1.0, 0.0, 1.0), "CT")
