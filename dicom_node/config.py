@@ -130,6 +130,10 @@ class SeriesRule(BaseModel):
     type_code: tuple[str, str, str] = ("91772007", "SCT", "Organ")
     # the segment's recommended display colour, RGB 0-255 (written as CIELab, as DICOM asks)
     display_color: tuple[int, int, int] = (255, 160, 0)
+    # Which of the model's labels the SEG carries: names (any case; "_", "-" or spaces alike) or label
+    # values; None sends every label. Checked against the model's labels at start-up
+    # (worker.segments.validate_rule_labels). With one label and no choice, the segment is the one above.
+    labels: tuple[str | int, ...] | None = None
 
     @field_validator("body_part", "series_description")
     @classmethod
@@ -155,6 +159,32 @@ class SeriesRule(BaseModel):
         if not all(0 <= c <= 255 for c in v):
             raise ValueError(f"display_color must be three integers 0-255 (RGB), got {v!r}")
         return v
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        """Names or values, at least one: ``labels = ["liver", "kidney_left", 7]``.
+
+        >>> SeriesRule(name="abdomen", labels=["liver", 3]).labels
+        ('liver', 3)
+        >>> try:
+        ...     SeriesRule(name="abdomen", labels=[0])
+        ... except ValueError as exc:
+        ...     print(exc.errors()[0]["msg"])
+        Value error, labels must be label names or values >= 1, got 0 in [0]
+        """
+        if v is None:
+            return v
+        if isinstance(v, str | int):
+            v = [v]
+        items = list(v)
+        if not items:
+            raise ValueError("labels must name at least one label (leave it out to send every label)")
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, str | int) or (isinstance(item, int) and item < 1) \
+                    or (isinstance(item, str) and not item.strip()):
+                raise ValueError(f"labels must be label names or values >= 1, got {item!r} in {items!r}")
+        return tuple(items)
 
     @field_validator("modalities", mode="before")
     @classmethod

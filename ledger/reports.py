@@ -26,6 +26,8 @@ Use a report by name::
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +38,7 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, DateTime, Select, column, select, table
 from sqlalchemy.orm import Session
 
-__all__ = ["REPORTS", "Column", "Kind", "Report", "format_value", "percentile"]
+__all__ = ["REPORTS", "Column", "Kind", "Report", "csv_cell", "format_value", "percentile", "to_csv"]
 
 Kind = Literal["text", "day", "int", "float", "seconds", "rate", "datetime", "bool"]
 Row = dict[str, Any]
@@ -117,6 +119,50 @@ def format_value(value: Any, kind: Kind) -> str:
     if kind == "bool":
         return "yes" if value else "no"
     return str(value)
+
+
+#: a text cell starting with one of these is a formula (or becomes one) in Excel, LibreOffice and Sheets
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+
+def csv_cell(value: Any) -> Any:
+    """One CSV cell: empty for nothing, true/false, ISO 8601 times, numbers as they are, and text that a
+    spreadsheet would run as a formula made inert (OWASP: a leading single quote; the writer quotes every
+    text cell). The sender of a study controls StationName, BodyPartExamined, SeriesDescription and the
+    AE title, so ``=HYPERLINK("http://evil","x")`` must reach an administrator's spreadsheet as text.
+
+        >>> print(csv_cell('=HYPERLINK("http://evil","x")'))
+        '=HYPERLINK("http://evil","x")
+        >>> csv_cell("-1+1"), csv_cell(-1.5), csv_cell("CT_1"), csv_cell(None)
+        ("'-1+1", -1.5, 'CT_1', '')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, int | float):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def to_csv(report: Report, rows: Sequence[Mapping[str, Any]]) -> str:
+    """A report as CSV (``specgate report --format csv`` and the reports page's downloads): the column
+    names as header, every text cell quoted and made inert by :func:`csv_cell`.
+
+        >>> r = Report("x", "X", "", (Column("station", "Station", "text"), Column("n", "N", "int")), lambda *a: [])
+        >>> print(to_csv(r, [{"station": "=1+2", "n": 3}]), end="")
+        "station","n"
+        "'=1+2",3
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+    writer.writerow(report.column_names)
+    for row in rows:
+        writer.writerow([csv_cell(row.get(name)) for name in report.column_names])
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------- helpers

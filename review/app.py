@@ -5,42 +5,52 @@ served by uvicorn (``specgate review``). Built by :func:`create_app` from a :cla
 ledger's sessionmaker and :class:`ReviewActions` (what happens after a decision: enqueue the delivery,
 send a retraction), which the composition root supplies, so this package never imports the worker.
 
-Security, as a hospital's review would ask:
-- every page except ``/login``, ``/metrics`` and ``/static`` needs a session; without one a page answers
-  303 to ``/login`` (an image or a POST answers 401/403);
+Security, as a hospital's review would ask (and a penetration tester with OWASP ASVS level 2 checks):
+- every page except ``/login``, ``/metrics``, ``/healthz`` and ``/static`` needs a session; without one a
+  page answers 303 to ``/login``, an image, a CSV or a POST answers 401;
 - the session cookie is signed, HttpOnly, SameSite=Strict, and Secure when served over TLS or behind a
   TLS proxy (:mod:`review.auth` for the server side);
 - every form carries the session's CSRF token (the login form a signed double-submit cookie); a POST
   without it is refused with 403 and nothing happens;
-- pages that show patient data are ``Cache-Control: no-store``; a Content-Security-Policy allows scripts
-  only from this app (an injected ``<script>`` would not run even if escaping failed);
+- every response (pages, errors, images, CSVs, static files) carries the security headers and
+  ``Cache-Control: no-store`` (:class:`review.security.SecurityHeaders`, one middleware); a
+  Content-Security-Policy allows scripts only from this app (an injected ``<script>`` would not run even
+  if escaping failed);
+- bad input answers 4xx with its reason, never 5xx: every query, path and form value is checked at the
+  boundary (:mod:`review.security`), and Starlette's own errors render the app's error page; a request
+  body past ``max_body_bytes`` is refused with 413 before it is read; forms are urlencoded only;
+- every refused login gets the same answer, whether the account exists, is disabled or is being slowed
+  down; the password is verified outside any transaction, at most ``hash_concurrency`` at a time;
+- CSV cells that a spreadsheet would run as a formula are written inert (:func:`ledger.reports.to_csv`);
 - the patient's name and ID are shown on the study page only, never logged or counted.
 """
 
 from __future__ import annotations
 
-import csv
-import inspect
-import io
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import anyio
+import anyio.to_thread
 from itsdangerous import BadSignature, URLSafeSerializer
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from ledger import audit
 from ledger.db import DatabaseUnavailable, session_scope
@@ -48,6 +58,16 @@ from ledger.reviews import ReviewError, decide
 
 from . import auth, queries, render
 from .config import ReviewConfig
+from .security import (
+    BadInput,
+    BodyLimit,
+    SecurityHeaders,
+    parse_date,
+    parse_float,
+    parse_id,
+    parse_text,
+    tokens_equal,
+)
 
 __all__ = ["ReviewActions", "create_app", "load_secret"]
 
@@ -95,9 +115,20 @@ class _Redirect(Exception):
         self.url = url
 
 
-class _Denied(Exception):
+class _Denied(HTTPException):
+    """A refusal the app answers with its error page (or plain text for images and CSVs)."""
+
     def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
+        super().__init__(status_code=status, detail=message)
+
+
+#: the longest queue age filter, in hours (ten years)
+MAX_AGE_H = 24 * 3653.0
+#: the largest slice index a path may name
+MAX_SLICE = 100_000
+#: the most fields one form may have, and the longest value (a note)
+MAX_FORM_FIELDS = 32
+MAX_FORM_VALUE = 4000
 
 
 def _fmt_age(seconds: float) -> str:
@@ -133,6 +164,7 @@ class ReviewApp:
         self.signer = URLSafeSerializer(secret, salt="specgate-review")
         self.env = _templates()
         self.images = images
+        self.hash_limiter = anyio.CapacityLimiter(config.hash_concurrency)
 
     # --- plumbing ---------------------------------------------------------------------------------
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -160,22 +192,38 @@ class ReviewApp:
         me = self.current(request)
         if me is None:
             path = request.url.path
-            if path.endswith((".png", ".csv")):
+            if path.endswith((".png", ".csv")) or request.method not in ("GET", "HEAD"):
                 raise _Denied(401, "sign in first")
-            raise _Redirect(f"/login?next={quote(path)}" if request.method == "GET" else "/login")
+            raise _Redirect(f"/login?next={quote(path)}")
         if admin and not me.is_admin:
             raise _Denied(403, "this page is for administrators")
         return me
 
+    async def read_form(self, request: Request) -> dict[str, str]:
+        """The posted form, checked: urlencoded only (the app's forms are; multipart would only widen what
+        a stranger can make the parser do), a bounded number of fields, values of printable text."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/x-www-form-urlencoded":
+            raise BadInput("forms must be sent as application/x-www-form-urlencoded", status_code=415)
+        form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
+        values: dict[str, str] = {}
+        for k, v in form.items():
+            if isinstance(v, str):
+                values[k] = parse_text(v, f"form field {k[:40]!r}", MAX_FORM_VALUE) or ""
+        return values
+
     async def form(self, request: Request, me: auth.SessionInfo) -> dict[str, str]:
-        form = await request.form()
-        values = {k: str(v) for k, v in form.items() if isinstance(v, str)}
+        values = await self.read_form(request)
         if not me.csrf_ok(values.get("csrf_token")):
-            with session_scope(self.sessions) as s:
-                audit.append(s, actor=f"user:{me.username}", action="auth.csrf_refused", object_type="user",
-                             object_id=me.user_id, details={"path": request.url.path})
+            await run_in_threadpool(self._csrf_refused, request, f"user:{me.username}", me.user_id)
             raise _Denied(403, "the form's security token is missing or wrong: reload the page and try again")
         return values
+
+    def _csrf_refused(self, request: Request, actor: str, user_id: int | str) -> None:
+        with session_scope(self.sessions) as s:
+            audit.append(s, actor=actor, action="auth.csrf_refused", object_type="user", object_id=user_id,
+                         details={"path": request.url.path,
+                                  **({"remote_addr": request.client.host} if request.client else {})})
 
     # --- login ------------------------------------------------------------------------------------
     async def login_page(self, request: Request) -> Response:
@@ -186,32 +234,39 @@ class ReviewApp:
         return response
 
     async def login(self, request: Request) -> Response:
-        form = await request.form()
-        values = {k: str(v) for k, v in form.items() if isinstance(v, str)}
+        values = await self.read_form(request)
         cookie = request.cookies.get(LOGIN_COOKIE, "")
         try:
             expected = self.signer.loads(cookie) if cookie else None
         except BadSignature:
             expected = None
-        if not expected or not secrets.compare_digest(str(expected), values.get("login_token", "")):
-            return PlainTextResponse("the login form's security token is missing or wrong: reload the page",
-                                     status_code=403)
+        if not isinstance(expected, str) or not tokens_equal(expected, values.get("login_token")):
+            await run_in_threadpool(self._csrf_refused, request, "anonymous", "-")
+            raise _Denied(403, "the login form's security token is missing or wrong: reload the page")
         remote = request.client.host if request.client else None
+        username, password = values.get("username", ""), values.get("password", "")
+        limit = self.config.failed_login_limit
 
-        def attempt() -> tuple[str | None, auth.LoginRefused | None]:
+        def lookup() -> auth.LoginAttempt:
+            with session_scope(self.sessions) as s:
+                return auth.login_lookup(s, username, limit=limit)
+
+        def record(attempt: auth.LoginAttempt, ok: bool, rehash: str | None) -> tuple[str | None, bool]:
             with session_scope(self.sessions) as s:
                 try:
-                    user = auth.authenticate(s, values.get("username", ""), values.get("password", ""),
-                                             limit=self.config.failed_login_limit, remote_addr=remote)
-                except auth.LoginRefused as exc:
-                    return None, exc  # committed: the failure's audit row and count stay
-                return auth.open_session(s, user, lifetime_s=self.config.session_s, remote_addr=remote), None
+                    user = auth.login_record(s, attempt, ok, limit=limit, rehash=rehash, remote_addr=remote)
+                except auth.LoginRefused:
+                    return None, False  # committed: the failure's audit row and count stay
+                return auth.open_session(s, user, lifetime_s=self.config.session_s, remote_addr=remote), True
 
-        token, refused = await run_in_threadpool(attempt)
-        if refused is not None or token is None:
-            msg = str(refused)
-            if refused is not None and refused.retry_after_s:
-                msg += f": try again in {int(refused.retry_after_s) + 1} s"
+        attempt = await run_in_threadpool(lookup)
+        # argon2 outside any transaction, and only hash_concurrency at a time: a burst of logins queues
+        # here instead of taking every core from the radiologists' pages
+        good, rehash = await anyio.to_thread.run_sync(auth.verify_password, attempt, password,
+                                                    limiter=self.hash_limiter)
+        token, _ = await run_in_threadpool(record, attempt, good, rehash)
+        if token is None:
+            msg = auth.LOGIN_REFUSED
             nonce = secrets.token_urlsafe(24)
             response = self.render(request, "login.html", status=401, login_token=nonce, error=msg,
                                    next=_safe_next(values.get("next")))
@@ -252,8 +307,10 @@ class ReviewApp:
     def queue_page(self, request: Request) -> Response:
         me = self.require(request)
         qp = request.query_params
-        f = queries.QueueFilter(modality=qp.get("modality") or None, calling_ae=qp.get("ae") or None,
-                                min_age_h=_float(qp.get("min_age_h")), max_age_h=_float(qp.get("max_age_h")))
+        f = queries.QueueFilter(modality=parse_text(qp.get("modality"), "modality", 16),
+                                calling_ae=parse_text(qp.get("ae"), "ae", 64),
+                                min_age_h=parse_float(qp.get("min_age_h"), "min_age_h", 0, MAX_AGE_H),
+                                max_age_h=parse_float(qp.get("max_age_h"), "max_age_h", 0, MAX_AGE_H))
         with session_scope(self.sessions) as s:
             rows, total = queries.queue(s, f)
             facets = queries.queue_facets(s)
@@ -264,7 +321,7 @@ class ReviewApp:
     # --- study ------------------------------------------------------------------------------------
     def study_page(self, request: Request) -> Response:
         me = self.require(request)
-        job_id = int(request.path_params["job_id"])
+        job_id = parse_id(request.path_params["job_id"], "job")
         message = self.flash(request)
         with session_scope(self.sessions) as s:
             view = queries.study_view(s, job_id)
@@ -297,14 +354,16 @@ class ReviewApp:
 
     def slice_png(self, request: Request) -> Response:
         self.require(request)
-        job_id = int(request.path_params["job_id"])
+        job_id = parse_id(request.path_params["job_id"], "job")
         z = int(request.path_params["z"])
+        if not 0 <= z <= MAX_SLICE:
+            raise _Denied(404, f"no slice {z}")
         with session_scope(self.sessions) as s:
             files = queries.image_files(s, job_id)
         if files is None:
             return PlainTextResponse("no images for this job", status_code=404)
-        window = request.query_params.get("window") or None
-        overlay = request.query_params.get("overlay") or "mask"
+        window = parse_text(request.query_params.get("window"), "window", 32)
+        overlay = parse_text(request.query_params.get("overlay"), "overlay", 32) or "mask"
         try:
             images = self.images.get(job_id, *files)
         except (OSError, ValueError) as exc:  # a spool file gone, or the kept map does not fit the series
@@ -316,12 +375,12 @@ class ReviewApp:
             return PlainTextResponse(str(exc), status_code=404)
         except ValueError as exc:
             return PlainTextResponse(str(exc), status_code=400)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+        return Response(png, media_type="image/png")  # no-store, as every response (SecurityHeaders)
 
     async def approve(self, request: Request) -> Response:
         me = self.require(request)
+        job_id = parse_id(request.path_params["job_id"], "job")
         values = await self.form(request, me)
-        job_id = int(request.path_params["job_id"])
 
         def run() -> str:
             try:
@@ -336,8 +395,8 @@ class ReviewApp:
 
     async def reject(self, request: Request) -> Response:
         me = self.require(request)
+        job_id = parse_id(request.path_params["job_id"], "job")
         values = await self.form(request, me)
-        job_id = int(request.path_params["job_id"])
         code = values.get("reason_code", "")
         if code not in queries.REJECT_REASONS:
             return self.back(job_id, "not rejected: choose a reason from the list")
@@ -358,8 +417,8 @@ class ReviewApp:
 
     async def retract(self, request: Request) -> Response:
         me = self.require(request)
+        job_id = parse_id(request.path_params["job_id"], "job")
         values = await self.form(request, me)
-        job_id = int(request.path_params["job_id"])
         if self.actions.retract is None:
             return self.back(job_id, "retraction is not available from this server")
         reason = values.get("reason", "")
@@ -383,7 +442,7 @@ class ReviewApp:
 
         from . import charts
 
-        since, until = _date(request.query_params.get("since")), _date(request.query_params.get("until"))
+        since, until = _period(request)
         tables = {}
         with session_scope(self.sessions) as s:
             for name, report in REPORTS.items():
@@ -399,21 +458,16 @@ class ReviewApp:
 
     def report_csv(self, request: Request) -> Response:
         self.require(request, admin=True)
-        from ledger.reports import REPORTS
+        from ledger.reports import REPORTS, to_csv
 
         name = request.path_params["name"]
         report = REPORTS.get(name)
         if report is None:
-            raise _Denied(404, f"no report named {name!r}")
-        since, until = _date(request.query_params.get("since")), _date(request.query_params.get("until"))
+            raise _Denied(404, f"no report named {name[:64]!r}")
+        since, until = _period(request)
         with session_scope(self.sessions) as s:
             rows = report.run(s, since, until)
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(report.column_names)
-        for row in rows:
-            writer.writerow(["" if row.get(c) is None else row.get(c) for c in report.column_names])
-        return Response(out.getvalue(), media_type="text/csv",
+        return Response(to_csv(report, rows), media_type="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="specgate-{name}.csv"'})
 
     # --- users ------------------------------------------------------------------------------------
@@ -483,60 +537,72 @@ def _safe_next(value: str | None) -> str:
     return "/queue"
 
 
-def _float(v: str | None) -> float | None:
-    try:
-        return float(v) if v not in (None, "") else None
-    except ValueError:
-        return None
+def _period(request: Request) -> tuple[date | None, date | None]:
+    since = parse_date(request.query_params.get("since"), "since")
+    until = parse_date(request.query_params.get("until"), "until")
+    if since is not None and until is not None and since > until:
+        raise BadInput(f"the period is empty: since {since.isoformat()} is after until {until.isoformat()}")
+    return since, until
 
 
-def _date(v: str | None) -> date | None:
-    try:
-        return date.fromisoformat(v) if v else None
-    except ValueError:
-        return None
+_PLAIN_PATHS = ("/metrics", "/healthz", "/static/")
 
 
-_SECURITY_HEADERS = {
-    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-}
+def _is_plain(request: Request) -> bool:
+    """Images, CSVs, metrics and static files are answered in plain text, not with a page."""
+    path = request.url.path
+    return path.endswith((".png", ".csv")) or path.startswith(_PLAIN_PATHS)
 
 
-def _wrap(app: ReviewApp, handler: Callable[..., Any], *, html: bool = True) -> Callable[[Request], Awaitable[Response]]:
-    """One error boundary per request: redirects to login, refusals as pages, no-store on pages."""
+def _error_handlers(app: ReviewApp) -> dict[Any, Callable[[Request, Exception], Any]]:
+    """One error page for every refusal: the app's own (403/404/409/...), Starlette's (404 for an unknown
+    path, 405, 400 for a form it cannot parse), 413 from :class:`review.security.BodyLimit`, 503 when the
+    ledger is down, and 500 for a bug (the traceback goes to the server log, never to the page)."""
 
-    async def endpoint(request: Request) -> Response:
-        try:
-            if inspect.iscoroutinefunction(handler):
-                response = await handler(request)
-            else:
-                response = await run_in_threadpool(handler, request)
-        except _Redirect as r:
-            response = RedirectResponse(r.url, status_code=303)
-        except DatabaseUnavailable as exc:
-            log.error("review app: %s", exc)
-            d = _Denied(503, "the ledger database cannot be reached: nothing was changed; try again shortly")
-            response = _refusal(app, request, d, html, me=False)
-        except _Denied as d:
-            response = _refusal(app, request, d, html)
-        for k, v in _SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
-        if html:
-            response.headers.setdefault("Cache-Control", "no-store")
+    def page(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
+             who: bool = True) -> Response:
+        if _is_plain(request):
+            return PlainTextResponse(message, status_code=status, headers=headers)
+        me = None
+        if who:
+            try:
+                me = app.current(request)
+            except DatabaseUnavailable:
+                me = None
+        response = app.render(request, "error.html", status=status, message=message, me=me, waiting=None)
+        for k, v in (headers or {}).items():
+            response.headers[k] = v
         return response
 
-    return endpoint
+    def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        default = {404: "no such page", 405: "this page does not take that method"}.get(exc.status_code)
+        return page(request, exc.status_code, str(exc.detail) if exc.detail and default is None else
+                    default or str(exc.detail), headers=dict(exc.headers or {}), who=exc.status_code != 413)
+
+    def redirect(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, _Redirect)
+        return RedirectResponse(exc.url, status_code=303)
+
+    def unavailable(request: Request, exc: Exception) -> Response:
+        log.error("review app: %s", exc)
+        return page(request, 503, "the ledger database cannot be reached: nothing was changed; try again shortly",
+                    who=False)
+
+    def server_error(request: Request, exc: Exception) -> Response:
+        return page(request, 500, "something went wrong on the server: nothing was changed", who=False)
+
+    return {HTTPException: http_error, _Redirect: redirect, DatabaseUnavailable: unavailable, 500: server_error}
 
 
-def _refusal(app: ReviewApp, request: Request, d: _Denied, html: bool, *, me: bool = True) -> Response:
-    if not html:
-        return PlainTextResponse(d.message, status_code=d.status)
-    return app.render(request, "error.html", status=d.status, message=d.message,
-                      me=app.current(request) if me else None, waiting=None)
+class _ReviewStarlette(Starlette):
+    """Starlette with :class:`review.security.SecurityHeaders` outside everything, Starlette's own
+    ServerErrorMiddleware included, so that even a 500 carries the headers."""
+
+    hsts: bool = False
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack(), hsts=self.hsts)
 
 
 def create_app(config: ReviewConfig, sessions: sessionmaker[Session], actions: ReviewActions, *,
@@ -545,27 +611,29 @@ def create_app(config: ReviewConfig, sessions: sessionmaker[Session], actions: R
     secret = load_secret(config.secret_file)
     cache = images if images is not None else _JobImages(render.ImageCache())
     app = ReviewApp(config, sessions, actions, secret, cache)
-    w = _wrap
     routes = [
-        Route("/", w(app, app.index)),
-        Route("/login", w(app, app.login_page), methods=["GET"]),
-        Route("/login", w(app, app.login), methods=["POST"]),
-        Route("/logout", w(app, app.logout), methods=["POST"]),
-        Route("/queue", w(app, app.queue_page)),
-        Route("/studies/{job_id:int}", w(app, app.study_page)),
-        Route("/studies/{job_id:int}/slices/{z:int}.png", w(app, app.slice_png, html=False)),
-        Route("/studies/{job_id:int}/approve", w(app, app.approve), methods=["POST"]),
-        Route("/studies/{job_id:int}/reject", w(app, app.reject), methods=["POST"]),
-        Route("/studies/{job_id:int}/retract", w(app, app.retract), methods=["POST"]),
-        Route("/reports", w(app, app.reports_page)),
-        Route("/reports/{name}.csv", w(app, app.report_csv, html=False)),
-        Route("/users", w(app, app.users_page), methods=["GET"]),
-        Route("/users", w(app, app.users_post), methods=["POST"]),
-        Route("/metrics", w(app, app.metrics, html=False)),
-        Route("/healthz", w(app, app.health, html=False)),
+        Route("/", app.index),
+        Route("/login", app.login_page, methods=["GET"]),
+        Route("/login", app.login, methods=["POST"]),
+        Route("/logout", app.logout, methods=["POST"]),
+        Route("/queue", app.queue_page),
+        Route("/studies/{job_id:int}", app.study_page),
+        Route("/studies/{job_id:int}/slices/{z:int}.png", app.slice_png),
+        Route("/studies/{job_id:int}/approve", app.approve, methods=["POST"]),
+        Route("/studies/{job_id:int}/reject", app.reject, methods=["POST"]),
+        Route("/studies/{job_id:int}/retract", app.retract, methods=["POST"]),
+        Route("/reports", app.reports_page),
+        Route("/reports/{name}.csv", app.report_csv),
+        Route("/users", app.users_page, methods=["GET"]),
+        Route("/users", app.users_post, methods=["POST"]),
+        Route("/metrics", app.metrics),
+        Route("/healthz", app.health),
         Mount("/static", StaticFiles(packages=[("review", "static")]), name="static"),
     ]
-    return Starlette(routes=routes)
+    web = _ReviewStarlette(routes=routes, exception_handlers=_error_handlers(app),
+                           middleware=[Middleware(BodyLimit, max_bytes=config.max_body_bytes)])
+    web.hsts = config.secure_cookies
+    return web
 
 
 class _JobImages:

@@ -45,3 +45,8 @@ class ReviewConfig:
     idle_s: float = 30 * 60.0
     viewer_url: str | None = None
     failed_login_limit: int = 5
+    #: the longest request body accepted (the app's forms are a few hundred bytes; 413 past this)
+    max_body_bytes: int = 256 * 1024
+    #: password verifications run at once (argon2id: about 60 ms of CPU and 64 MiB each); a burst of
+    #: logins waits its turn rather than taking every core from the pages
+    hash_concurrency: int = 1

@@ -4,7 +4,10 @@ the gate's evidence (the bank's own OODM distribution with this study marked) as
 Slices are drawn on request from what the worker kept: the original DICOM files in the spool (read with
 :func:`dicom_series.load_series`, the one loader the worker segmented from, so a voxel here is the voxel
 the model saw) and the probability map ``prob.npz`` (read by :func:`read_probability`; the format is
-written by the worker's ``save_probability``, which this package does not import).
+written by the worker's ``save_probability``, which this package does not import). A multi-label result
+adds its label map and legend to that file (keys in :func:`read_probability`, written by
+``worker.segments.review_arrays``); each label is then drawn in its own colour, and
+:attr:`StudyImages.legend` lists the labels with their volumes for the study page.
 
 Why Pillow and NumPy, not matplotlib, for slices: a radiologist holds the arrow key and expects the next
 slice at once. On this project's 2-core machine (``bench/review_slices.py``, a 512x512 CT slice): the
@@ -27,6 +30,7 @@ here; so :class:`ImageCache` keeps the studies being read, bounded by bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import operator
@@ -49,6 +53,7 @@ __all__ = [
     "OVERLAYS",
     "CacheStats",
     "ImageCache",
+    "LabelInfo",
     "MASK_FILL_ALPHA",
     "MASK_RGB",
     "PROB_MIN",
@@ -154,13 +159,50 @@ def windows_for(modality: str, array: np.ndarray | None = None) -> Mapping[str, 
 
 
 # --------------------------------------------------------------------------------------- the files
+@dataclass(frozen=True)
+class LabelInfo:
+    """One label of a multi-label result: its value in the label map, name, RGB colour, and (in
+    :attr:`StudyImages.legend`) its voxels, volume in mL on the series' grid and the slice where it is
+    largest."""
+
+    value: int
+    name: str
+    rgb: tuple[int, int, int]
+    voxels: int = 0
+    volume_ml: float = 0.0
+    largest_slice: int = 0
+
+    @property
+    def hex(self) -> str:
+        return _hex(self.rgb)
+
+
+def fallback_rgb(value: int) -> tuple[int, int, int]:
+    """The colour of label ``value`` when the file names none: hues a golden angle apart. (The worker
+    writes the SEG's own colours as ``label_colors``; this is only for a file without them.)
+
+    >>> fallback_rgb(1)
+    (255, 59, 48)
+    """
+    import colorsys
+
+    if value == 1:
+        return MASK_RGB
+    r, g, b = colorsys.hsv_to_rgb((0.011 + (value - 1) * 0.381966) % 1.0, 0.81, 1.0)
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
 @dataclass(frozen=True, eq=False)
 class ProbabilityMap:
-    """A job's kept foreground probability (``prob_u8 * scale``) and the mask drawn from it, (z, y, x)."""
+    """A job's kept foreground probability (``prob_u8 * scale``) and the mask drawn from it, (z, y, x);
+    for a multi-label result also its label map (``labels``, 0 background) and the labels shown
+    (``legend``: value, name, colour; voxel counts are :class:`StudyImages`')."""
 
     prob_u8: np.ndarray
     scale: float
     mask: np.ndarray
+    labels: np.ndarray | None = None
+    legend: tuple[LabelInfo, ...] = ()
 
     def __post_init__(self) -> None:
         if self.prob_u8.dtype != np.uint8 or self.prob_u8.ndim != 3:
@@ -171,38 +213,94 @@ class ProbabilityMap:
                                    f"probability map {tuple(self.prob_u8.shape)}")
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise StudyImagesError(f"the probability scale must be finite and > 0, got {self.scale!r}")
+        if self.labels is not None:
+            if self.labels.dtype not in (np.uint8, np.uint16) or self.labels.shape != self.prob_u8.shape:
+                raise StudyImagesError(f"the label map ({self.labels.dtype} {tuple(self.labels.shape)}) must be "
+                                       f"uint8 or uint16 of the probability map's shape {tuple(self.prob_u8.shape)}")
+            if not self.legend:
+                raise StudyImagesError("a label map needs its legend (the labels' values, names and colours)")
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.prob_u8.shape)  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.prob_u8.nbytes + self.mask.nbytes + (0 if self.labels is None else self.labels.nbytes))
+
+
+_LABEL_KEYS = ("labels", "label_values", "label_names", "label_colors")
+
+
+def _legend(name: str, labels: np.ndarray, values: np.ndarray | None, names: np.ndarray | None,
+            colors: np.ndarray | None) -> tuple[LabelInfo, ...]:
+    """The labels a file lists (or, listing none, the values its label map holds), with names and colours."""
+    if values is None:
+        values = np.unique(labels)
+        values = values[values > 0]
+    values = np.asarray(values).ravel()
+    n = values.size
+    if values.dtype.kind not in "iu" or (n and (values.min() < 1 or len(set(values.tolist())) != n)):
+        raise StudyImagesError(f"{name}: label_values must be distinct integers >= 1, got {values.tolist()}")
+    if names is not None and (names.dtype.kind != "U" or names.shape != (n,)):
+        raise StudyImagesError(f"{name}: label_names must be {n} strings, got {names.dtype} {names.shape}")
+    if colors is not None and (colors.dtype != np.uint8 or colors.shape != (n, 3)):
+        raise StudyImagesError(f"{name}: label_colors must be ({n}, 3) uint8 RGB, got {colors.dtype} {colors.shape}")
+    return tuple(LabelInfo(value=int(v), name=str(names[i]) if names is not None else f"label {int(v)}",
+                           rgb=(tuple(int(c) for c in colors[i]) if colors is not None  # type: ignore[arg-type]
+                                else fallback_rgb(int(v))))
+                 for i, v in enumerate(values))
 
 
 def read_probability(path: str | PathLike[str]) -> ProbabilityMap:
     """Read ``prob.npz`` as the worker writes it: ``prob_fg_u8`` (uint8, z y x), ``scale`` (float32,
     1/255), ``mask_bits`` (the mask bit-packed over the flattened array) and ``shape`` (int64, 3).
 
+    A multi-label result adds (``worker.segments.review_arrays``):
+
+    - ``labels``: (z, y, x) ``uint8`` or ``uint16``, 0 background, only the labels sent;
+    - ``label_values``: (n,) integers, the labels to list, in the SEG's segment order;
+    - ``label_names``: (n,) unicode, their names; ``label_colors``: (n, 3) ``uint8``, their RGB colours.
+
+    With ``labels``, ``mask_bits`` may be left out (the mask is then ``labels > 0``), and each of the other
+    three may be: the values are then those the map holds, the names "label V", the colours
+    :func:`fallback_rgb`'s.
+
     Raises :class:`StudyImagesError` naming the file and the disagreeing values when the arrays do not
     fit together; a missing file raises FileNotFoundError as usual. Pickles are refused.
     """
     p = Path(path)
     with np.load(p, allow_pickle=False) as npz:
-        missing = sorted({"prob_fg_u8", "scale", "mask_bits", "shape"} - set(npz.files))
+        has_labels = "labels" in npz.files
+        needed = {"prob_fg_u8", "scale", "shape"} | (set() if has_labels else {"mask_bits"})
+        missing = sorted(needed - set(npz.files))
         if missing:
             raise StudyImagesError(f"{p.name}: not a probability map, missing {', '.join(missing)}")
         shape = tuple(int(n) for n in np.asarray(npz["shape"]).ravel())
         prob = np.asarray(npz["prob_fg_u8"])
         scale = float(np.asarray(npz["scale"]))
-        bits = np.asarray(npz["mask_bits"])
+        bits = np.asarray(npz["mask_bits"]) if "mask_bits" in npz.files else None
+        extra = {k: np.asarray(npz[k]) for k in _LABEL_KEYS if k in npz.files}
     if len(shape) != 3 or min(shape) < 1:
         raise StudyImagesError(f"{p.name}: shape {shape} is not a 3D (z, y, x) shape")
     if tuple(prob.shape) != shape:
         raise StudyImagesError(f"{p.name}: prob_fg_u8 has shape {tuple(prob.shape)}, the file says {shape}")
+    labels = extra.get("labels")
+    if labels is not None and tuple(labels.shape) != shape:
+        raise StudyImagesError(f"{p.name}: labels has shape {tuple(labels.shape)}, the file says {shape}")
     n = int(np.prod(shape))
-    if bits.dtype != np.uint8 or bits.size != (n + 7) // 8:
-        raise StudyImagesError(f"{p.name}: mask_bits holds {bits.size} {bits.dtype} bytes, a mask of {shape} "
-                               f"needs {(n + 7) // 8}")
-    mask = np.unpackbits(bits, count=n).view(np.bool_).reshape(shape)  # 0/1 bytes: a valid bool view
-    return ProbabilityMap(prob_u8=prob, scale=scale, mask=mask)
+    if bits is None:
+        assert labels is not None
+        mask = labels > 0
+    else:
+        if bits.dtype != np.uint8 or bits.size != (n + 7) // 8:
+            raise StudyImagesError(f"{p.name}: mask_bits holds {bits.size} {bits.dtype} bytes, a mask of {shape} "
+                                   f"needs {(n + 7) // 8}")
+        mask = np.unpackbits(bits, count=n).view(np.bool_).reshape(shape)  # 0/1 bytes: a valid bool view
+    if labels is None:
+        return ProbabilityMap(prob_u8=prob, scale=scale, mask=mask)
+    legend = _legend(p.name, labels, extra.get("label_values"), extra.get("label_names"), extra.get("label_colors"))
+    return ProbabilityMap(prob_u8=prob, scale=scale, mask=mask, labels=labels, legend=legend)
 
 
 @dataclass(frozen=True, eq=False)
@@ -265,7 +363,26 @@ class StudyImages:
     @property
     def nbytes(self) -> int:
         """Memory held by the arrays (what :class:`ImageCache` counts)."""
-        return int(self.volume.array.nbytes + self.prob.prob_u8.nbytes + self.prob.mask.nbytes)
+        return int(self.volume.array.nbytes + self.prob.nbytes)
+
+    @cached_property
+    def legend(self) -> tuple[LabelInfo, ...]:
+        """A multi-label result's labels (empty for a one-mask result), in the SEG's order, each with its
+        voxels, volume in mL (voxel count times the series' voxel volume) and the slice where it is largest
+        (the first such; the middle slice for a label with no voxel): computed once, on first use, slice by
+        slice (a 512x512x300 label map is never widened)."""
+        if self.prob.labels is None:
+            return ()
+        size = max(int(self.prob.labels.max(initial=0)), max(lab.value for lab in self.prob.legend)) + 1
+        per_slice = np.stack([np.bincount(plane.ravel(), minlength=size) for plane in self.prob.labels])
+        voxel_ml = float(np.prod(self.spacing)) / 1000.0
+        out = []
+        for lab in self.prob.legend:
+            column = per_slice[:, lab.value]
+            voxels = int(column.sum())
+            out.append(dataclasses.replace(lab, voxels=voxels, volume_ml=voxels * voxel_ml,
+                                           largest_slice=int(np.argmax(column)) if voxels else self.n_slices // 2))
+        return tuple(out)
 
     def probability(self, z: int) -> np.ndarray:
         """The foreground probability of slice ``z`` as float32 in [0, 1]."""
@@ -352,6 +469,8 @@ def slice_png(images: StudyImages, z: int, *, window: str | Window | None = None
 
     * ``"mask"``: the mask filled in :data:`MASK_RGB` at :data:`MASK_FILL_ALPHA`, with its outline (mask
       pixels with a 4-neighbour outside it) opaque, so the boundary the model drew is exact to the pixel;
+      a multi-label result: each label of the legend filled in its own colour at the same opacity, with
+      its outline (label pixels with a 4-neighbour of another value) opaque in that colour;
     * ``"prob"``: the foreground probability as a heat map (plasma colours), blended, not drawn below
       :data:`PROB_MIN`;
     * ``"none"``: the plain windowed slice (a greyscale PNG).
@@ -367,7 +486,9 @@ def slice_png(images: StudyImages, z: int, *, window: str | Window | None = None
     if overlay == "none":
         return _encode(grey)
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
-    if overlay == "mask":
+    if overlay == "mask" and images.prob.labels is not None:
+        _draw_labels(rgb, images.prob.labels[index], images.prob.legend)
+    elif overlay == "mask":
         mask = images.prob.mask[index]
         if mask.any():
             edge = _outline(mask)
@@ -381,6 +502,31 @@ def slice_png(images: StudyImages, z: int, *, window: str | Window | None = None
             values = stored[shown]
             _blend(rgb, shown, colours[values], alphas[values])
     return _encode(rgb)
+
+
+def _draw_labels(rgb: np.ndarray, labels: np.ndarray, legend: Sequence[LabelInfo]) -> None:
+    """Each legend label of one slice's ``labels`` in its colour, in place on the grey ``rgb``: filled at
+    :data:`MASK_FILL_ALPHA` (the same rounding as :func:`_blend`), its outline (a 4-neighbour of another
+    value, or the image border) opaque. Whole-frame arithmetic through look-up tables, not boolean
+    selections: 20 labels on a 512x512 slice measured 9 ms here against 24 ms selected."""
+    size = max(int(labels.max(initial=0)), max(lab.value for lab in legend)) + 1
+    colours = np.zeros((size, 3), dtype=np.float32)
+    alphas = np.zeros(size, dtype=np.float32)
+    for lab in legend:
+        colours[lab.value] = lab.rgb
+        alphas[lab.value] = MASK_FILL_ALPHA
+    a = alphas[labels]
+    if not a.any():
+        return
+    edge = np.ones(labels.shape, dtype=bool)
+    inner = edge[1:-1, 1:-1]
+    centre = labels[1:-1, 1:-1]
+    inner[...] = ((centre == labels[:-2, 1:-1]) & (centre == labels[2:, 1:-1])
+                  & (centre == labels[1:-1, :-2]) & (centre == labels[1:-1, 2:]))
+    np.logical_not(inner, out=inner)
+    a[edge & (a > 0)] = 1.0
+    grey = rgb[:, :, :1].astype(np.float32)
+    rgb[...] = (grey * (1 - a[:, :, None]) + colours[labels] * a[:, :, None] + 0.5).astype(np.uint8)
 
 
 def _encode(pixels: np.ndarray) -> bytes:

@@ -5,8 +5,6 @@ Registered in :mod:`specgate.cli`. Without NAME (or with ``--list``) it lists th
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from datetime import date, datetime
@@ -53,20 +51,10 @@ def render_json(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def render_csv(report: Any, rows: Sequence[dict[str, Any]]) -> str:
-    """CSV with the column names as header; empty for nothing, true/false, ISO 8601 times, full floats."""
-    def cell(value: Any) -> Any:
-        if value is None:
-            return ""
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return _plain(value)
+    """CSV with the column names as header; formula-like text made inert (:func:`ledger.reports.to_csv`)."""
+    from ledger.reports import to_csv
 
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(report.column_names)
-    for row in rows:
-        writer.writerow([cell(row[name]) for name in report.column_names])
-    return buf.getvalue()
+    return to_csv(report, rows)
 
 
 def _period_text(since: date | None, until: date | None) -> str:

@@ -218,6 +218,10 @@ class Settings(BaseSettings):
                                   "{study_instance_uid}")
     review_failed_login_limit: int = Field(default=5, ge=1, le=100,
                                            description="failed logins before the account is slowed down")
+    review_max_body_bytes: int = Field(default=256 * 1024, ge=4096, le=64 * 1024 * 1024,
+                                       description="longest request body the review app reads (413 past it)")
+    review_hash_concurrency: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1, le=64,
+                                         description="password verifications at once (argon2id, CPU-bound)")
 
     # --- metrics (Prometheus) ------------------------------------------------------------------------
     scp_metrics_port: int = Field(default=0, ge=0, le=65535,
@@ -456,7 +460,8 @@ class Settings(BaseSettings):
             secure_cookies=self.review_behind_tls_proxy or self.review_tls_cert is not None,
             tls_cert=self.review_tls_cert, tls_key=self.review_tls_key,
             session_s=self.review_session_minutes * 60, idle_s=self.review_idle_minutes * 60,
-            viewer_url=self.review_viewer_url, failed_login_limit=self.review_failed_login_limit)
+            viewer_url=self.review_viewer_url, failed_login_limit=self.review_failed_login_limit,
+            max_body_bytes=self.review_max_body_bytes, hash_concurrency=self.review_hash_concurrency)
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:

@@ -1,17 +1,25 @@
-"""A binary mask on a loaded series -> a DICOM Segmentation (highdicom), and its atomic write.
+"""A mask or a label map on a loaded series -> a DICOM Segmentation (highdicom), and its atomic write.
 
-:func:`encode_seg` makes a BINARY SEG with one segment, the algorithm identified (name, the DCM
-"Artificial Intelligence" family, version, and the weights' SHA-256 as a parameter), every source
-instance referenced, empty frames omitted, and each frame of the mask referencing the source
-slice (single-frame series) or source frame (multi-frame series) it was drawn on.
+:func:`encode_seg` makes a BINARY SEG with one segment per :class:`worker.segments.SegmentDefinition`
+(one, described by the rule, when given a boolean mask as before labels existed), the algorithm identified
+(name, the DCM "Artificial Intelligence" family, version, and the weights' SHA-256 as a parameter), every
+source instance referenced, empty frames omitted, and each frame referencing the source slice
+(single-frame series) or source frame (multi-frame series) it was drawn on.
 
 What a radiologist sees in the PACS comes from :mod:`worker.labels`: a Series Description naming the
-segment, the model and how the result was released ("gate" or "approved by NAME"), prefixed
+segment(s), the model and how the result was released ("gate" or "approved by NAME"), prefixed
 "NOT FOR CLINICAL USE" (and the same in Image Comments) unless the model card says otherwise; the gate's
 verdict in Content Label (``GATE_PASS`` / ``GATE_OOD`` / ``GATE_NO_BANK``) and Content Description
-(OODM against tau); the approving radiologist as Content Creator's Name. The segment's label,
-description, SNOMED CT category and type and recommended display colour (RGB in the rule, CIELab in
-the object) come from the rule.
+(OODM against tau); the approving radiologist as Content Creator's Name. Each segment's label,
+description, SNOMED CT category, type and laterality modifier (``SegmentedPropertyTypeModifierCodeSequence``
+inside the type's item, PS3.3 C.8.20.2) and recommended display colour (RGB in the definition, CIELab in
+the object, converted by ``highdicom.color.CIELabColor.from_rgb``) come from its definition
+(:func:`worker.segments.segments_for`: the rule's, or the model's label names with the anatomy codes).
+
+Segments are numbered 1..n in the definitions' order (consecutive, as PS3.3 C.8.20.2 asks); voxel ``v``
+of the label map goes to the segment whose definition has ``value == v``; values no definition names (a
+label the rule does not send) are background. A defined label with no voxel is still a segment, with no
+frames (highdicom allows it; dcmqi and dciodvfy read it), so a rule's SEGs list the same segments.
 
 The SEG's UIDs come from :func:`derive_uid`, so one (installation, study, job, version) always makes
 the same object: a resend after a crash is the same instance, never a second one.
@@ -20,6 +28,7 @@ the same object: a resend after a crash is the same instance, never a second one
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
@@ -41,9 +50,10 @@ from worker.labels import (
     content_label,
     series_description,
 )
+from worker.segments import SegmentDefinition, rule_segment
 
-__all__ = ["derive_uid", "encode_seg", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE",
-           "GateEvidence", "ModelIdentity", "Release"]
+__all__ = ["derive_uid", "encode_seg", "segment_numbers", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE",
+           "GateEvidence", "ModelIdentity", "Release", "SegmentDefinition"]
 
 try:  # the installed distribution's version: a metadata lookup, no other work at import
     DEFAULT_SOFTWARE_VERSION = _dist_version("specgate")
@@ -124,30 +134,40 @@ def encode_seg(
     release: Release,
     sop_instance_uid: str,
     series_instance_uid: str,
+    segments: Sequence[SegmentDefinition] | None = None,
     series_number: int = 9001,
     manufacturer: str = "specgate",
     software_version: str = DEFAULT_SOFTWARE_VERSION,
 ) -> Dataset:
-    """A BINARY DICOM-SEG of ``mask`` (bool, shape of ``volume.array``) over ``volume``'s source images.
+    """A BINARY DICOM-SEG over ``volume``'s source images.
 
-    The segment (label, description, coded category and type, display colour) comes from ``rule``; the
-    algorithm from ``model``; the Series Description names segment, model and release
-    (:func:`worker.labels.series_description`); Content Label and Content Description carry the gate's
-    verdict; Content Creator's Name is the approving radiologist, if any. Frames with no foreground are
-    omitted; an all-empty mask still gives a valid SEG (highdicom then writes every frame, empty, since it
-    cannot omit them all). Returns a highdicom ``Segmentation`` (a ``pydicom.Dataset``).
+    ``mask``: with ``segments`` None, a boolean mask (shape of ``volume.array``), written as one segment
+    described by ``rule`` (label, description, coded category and type, display colour), as before labels
+    existed. With ``segments`` (:func:`worker.segments.segments_for`), an integer label map of that shape
+    (0 background), one segment per definition (see the module docstring). The algorithm comes from
+    ``model``; the Series Description names the segment (or the segments, or their count), the model and
+    the release (:func:`worker.labels.series_description`); Content Label and Content Description carry
+    the gate's verdict; Content Creator's Name is the approving radiologist, if any. Frames with no
+    foreground are omitted; an all-empty result still gives a valid SEG (highdicom then writes every frame,
+    empty, since it cannot omit them all). Returns a highdicom ``Segmentation`` (a ``pydicom.Dataset``).
     """
     mask = np.asarray(mask)
     if mask.shape != volume.array.shape:
         raise ValueError(f"mask shape {mask.shape} does not match the volume's {volume.array.shape}")
-    if mask.dtype != np.bool_:
-        raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
+    if segments is None:
+        if mask.dtype != np.bool_:
+            raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
+        segments = (rule_segment(rule),)
+        pixels = mask
+    else:
+        pixels = segment_numbers(mask, segments)
 
     seg = hd.seg.Segmentation(
         source_images=_source_headers(volume),
-        pixel_array=_frames_in_source_order(volume, mask),
+        pixel_array=_frames_in_source_order(volume, pixels),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_describe_segment(rule, model)],
+        segment_descriptions=[_describe_segment(number, definition, model)
+                              for number, definition in enumerate(segments, start=1)],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -161,15 +181,54 @@ def encode_seg(
         content_creator_name=PersonName(release.reviewer_pn) if release.reviewer_pn is not None else None,
         omit_empty_frames=True,
     )
-    seg.SeriesDescription = series_description(rule.segment_label, model, release)
+    seg.SeriesDescription = series_description(_what(segments), model, release)
     if not model.clinical_use:
         seg.ImageComments = NOT_FOR_CLINICAL_USE
     return seg
 
 
-def _describe_segment(rule: SeriesRule, model: ModelIdentity) -> hd.seg.SegmentDescription:
-    """Segment 1: what it is (coded, described, coloured) and which algorithm drew it, with the weights'
-    digest."""
+def _what(segments: Sequence[SegmentDefinition]) -> str:
+    """What the Series Description says the SEG holds: the label, the labels if short, or their count."""
+    if len(segments) == 1:
+        return segments[0].label
+    joined = ", ".join(s.label for s in segments)
+    return joined if len(joined) <= 24 else f"{len(segments)} segments"
+
+
+def segment_numbers(label_map: np.ndarray, segments: Sequence[SegmentDefinition]) -> np.ndarray:
+    """``label_map`` (integers, 0 background) with each definition's label value replaced by its segment
+    number (1..n in ``segments``' order) and every other value by 0; ``uint8``, or ``uint16`` past 255
+    segments.
+
+    >>> from worker.anatomy import AnatomyCode
+    >>> code = AnatomyCode(("10200004", "SCT", "Liver"))
+    >>> defs = [SegmentDefinition(7, "a", (1, 2, 3), code), SegmentDefinition(3, "b", (1, 2, 3), code)]
+    >>> segment_numbers(np.array([0, 3, 7, 5]), defs).tolist()
+    [0, 2, 1, 0]
+    """
+    if not segments:
+        raise ValueError("a SEG needs at least one segment definition")
+    values = [s.value for s in segments]
+    if len(set(values)) != len(values):
+        raise ValueError(f"two segment definitions share a label value: {values}")
+    if label_map.dtype == np.bool_:
+        label_map = label_map.view(np.uint8)
+    if not np.issubdtype(label_map.dtype, np.integer):
+        raise ValueError(f"a label map must hold integers, got dtype {label_map.dtype}")
+    low = int(label_map.min(initial=0))
+    if low < 0:
+        raise ValueError(f"a label map's values must be >= 0, found {low}")
+    lut = np.zeros(max(int(label_map.max(initial=0)), max(values)) + 1,
+                   dtype=np.uint8 if len(segments) <= 255 else np.uint16)
+    for number, value in enumerate(values, start=1):
+        lut[value] = number
+    return lut[label_map]
+
+
+def _describe_segment(number: int, definition: SegmentDefinition,
+                      model: ModelIdentity) -> hd.seg.SegmentDescription:
+    """Segment ``number``: what it is (coded, described, coloured) and which algorithm drew it, with the
+    weights' digest."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model.name,
         family=codes.cid7162.ArtificialIntelligence,
@@ -177,16 +236,19 @@ def _describe_segment(rule: SeriesRule, model: ModelIdentity) -> hd.seg.SegmentD
         parameters={"weights_sha256": model.weights_sha256},
     )
     segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=rule.segment_label,
-        segmented_property_category=_code(rule.category_code, "category_code"),
-        segmented_property_type=_code(rule.type_code, "type_code"),
+        segment_number=number,
+        segment_label=definition.label,
+        segmented_property_category=_code(definition.code.category, "category_code"),
+        segmented_property_type=_code(definition.code.type, "type_code"),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
-        display_color=hd.color.CIELabColor.from_rgb(*rule.display_color),
+        display_color=hd.color.CIELabColor.from_rgb(*definition.color),
     )
-    if rule.segment_description:
-        segment.SegmentDescription = rule.segment_description
+    if definition.code.modifier is not None:
+        segment.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _code(definition.code.modifier, "type modifier code")]
+    if definition.description:
+        segment.SegmentDescription = definition.description
     return segment
 
 

@@ -8,9 +8,15 @@ PACS or a research query finds every AI result and its evidence without specgate
   if any, as the person observer (TID 1003).
 - Image library (TID 1600): every source image (single-frame series; an enhanced multi-frame source
   is referenced by its series and in the evidence).
-- One volumetric ROI measurement group (TID 1411) for segment 1 of the SEG: it references the SEG segment
-  and, through it, the source series; its finding type and category are the segment's; its algorithm
-  (TID 4019) is the model's name and version, with ``weights_sha256=<hex>`` as algorithm parameter. In it:
+- One volumetric ROI measurement group (TID 1411) per segment of the SEG, in segment order: it references
+  the SEG segment and, through it, the source series; its tracking identifier is "segment N of LABEL"; its
+  finding type and category are the segment's (a segment coded with a laterality modifier also gets a
+  finding site, TID 1419, with that laterality); its algorithm (TID 4019) is the model's name and
+  version, with ``weights_sha256=<hex>`` as algorithm parameter. Each group has the segment's volume:
+  NUM (118565006, SCT, "Volume") in ``cm3`` (UCUM "cubic centimeter", CID 7181: 1 cm3 = 1 mL), counted
+  from the SEG's own frames (voxels of the segment times the source voxel volume), so it is 0 for a
+  segment the model did not find. The gate's evidence is about the whole study, not one organ: it is
+  given once, in the group of segment 1 (so a query finds one OODM per SR):
 
   ========================  ==============================================  ======================
   item                      concept name                                    value
@@ -37,7 +43,10 @@ procedure reported is (363679005, SCT, "Imaging procedure"); units are UCUM ``1`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import highdicom as hd
+import numpy as np
 from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -47,7 +56,8 @@ from dicom_series import Volume
 from worker.labels import NOT_FOR_CLINICAL_USE, GateEvidence, ModelIdentity, Release, series_description
 from worker.seg import DEFAULT_SOFTWARE_VERSION, derive_uid
 
-__all__ = ["encode_sr", "OODM", "OOD_TAU", "OOD_C", "OOD_VERDICT", "RELEASE_DECISION", "VERDICTS", "DECISIONS"]
+__all__ = ["encode_sr", "segment_voxels", "OODM", "OOD_TAU", "OOD_C", "OOD_VERDICT", "RELEASE_DECISION", "VERDICTS",
+           "DECISIONS", "VOLUME", "CUBIC_CENTIMETER"]
 
 _SCHEME = "99SPECGATE"
 
@@ -70,6 +80,8 @@ DECISIONS = {
     "gate": _private("GATE", "Released by the OOD gate"),
     "approved": _private("APPROVED", "Approved by a radiologist"),
 }
+VOLUME = CodedConcept.from_code(codes.SCT.Volume)
+CUBIC_CENTIMETER = CodedConcept.from_code(codes.UCUM.CubicCentimeter)
 _NO_UNITS = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 _IMAGING_PROCEDURE = CodedConcept(value="363679005", scheme_designator="SCT", meaning="Imaging procedure")
 _SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -96,13 +108,16 @@ def encode_sr(
         raise ValueError(f"SEG study {seg.StudyInstanceUID} is not the volume's study {volume.study_instance_uid}")
     if seg.SOPClassUID != _SEGMENTATION_STORAGE:
         raise ValueError(f"not a SEG: SOP class {seg.SOPClassUID}")
-    segment = seg.SegmentSequence[0]
+    voxel_cm3 = float(np.prod([float(v) for v in volume.spacing])) / 1000.0
+    voxels = segment_voxels(seg)
+    groups = [_measurement_group(seg, segment, volume.series_instance_uid, model, voxels[int(segment.SegmentNumber)]
+                                 * voxel_cm3, evidence if k == 0 else None, release)
+              for k, segment in enumerate(seg.SegmentSequence)]
 
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(model, release),
         procedure_reported=_IMAGING_PROCEDURE,
-        imaging_measurements=[_measurement_group(seg, segment, volume.series_instance_uid, model, evidence,
-                                                 release)],
+        imaging_measurements=groups,
         # highdicom's image library entry reads the top-level geometry of single-frame images only; an
         # enhanced multi-frame source is referenced by its series (and in the evidence) alone
         referenced_images=None if volume.is_multiframe else list(volume.headers),
@@ -168,30 +183,75 @@ def _verdict(evidence: GateEvidence) -> CodedConcept:
     return VERDICTS["nobank"] if evidence.gate_reason == "modality_not_in_bank" else VERDICTS["ood"]
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def segment_voxels(seg: Dataset) -> dict[int, int]:
+    """Voxels of each segment of a BINARY SEG (segment number -> count; 0 for a segment with no frame),
+    counted from its bit-packed Pixel Data, frame by frame, with each frame's segment number from its
+    Segment Identification (per frame, or shared when the SEG has one segment)."""
+    if seg.SegmentationType != "BINARY":
+        raise ValueError(f"only a BINARY SEG's voxels are counted here, got {seg.SegmentationType!r}")
+    numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
+    counts = dict.fromkeys(numbers, 0)
+    n_frames, pixels = int(seg.NumberOfFrames), int(seg.Rows) * int(seg.Columns)
+    shared = seg.SharedFunctionalGroupsSequence[0].get("SegmentIdentificationSequence")
+    data = np.frombuffer(seg.PixelData, dtype=np.uint8)
+    if pixels % 8 == 0:  # every frame starts on a byte: count set bits per frame's bytes
+        per_frame = _POPCOUNT[data[: n_frames * pixels // 8]].reshape(n_frames, -1).sum(axis=1, dtype=np.int64)
+    else:
+        bits = np.unpackbits(data, bitorder="little", count=n_frames * pixels)
+        per_frame = bits.reshape(n_frames, pixels).sum(axis=1, dtype=np.int64)
+    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        ident = item.get("SegmentIdentificationSequence") or shared
+        counts[int(ident[0].ReferencedSegmentNumber)] += int(per_frame[i])
+    return counts
+
+
 def _measurement_group(seg: Dataset, segment: Dataset, source_series_uid: str, model: ModelIdentity,
-                       evidence: GateEvidence, release: Release) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    measurements = [hd.sr.Measurement(name=OODM, value=evidence.oodm, unit=_NO_UNITS),
-                    hd.sr.Measurement(name=OOD_TAU, value=evidence.tau, unit=_NO_UNITS)]
-    if evidence.c is not None:
-        measurements.append(hd.sr.Measurement(name=OOD_C, value=evidence.c, unit=_NO_UNITS))
-    decision = hd.sr.QualitativeEvaluation(name=RELEASE_DECISION, value=DECISIONS[release.how])
-    if release.decided_at is not None:
-        decision[0].ObservationDateTime = DT(release.decided_at)
+                       volume_cm3: float, evidence: GateEvidence | None,
+                       release: Release) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """Segment ``segment``'s group: its volume, and the gate's evidence when ``evidence`` is given."""
+    number = int(segment.SegmentNumber)
+    measurements = [hd.sr.Measurement(name=VOLUME, value=round(volume_cm3, 6), unit=CUBIC_CENTIMETER)]
+    evaluations: list[hd.sr.QualitativeEvaluation] = []
+    if evidence is not None:
+        measurements += [hd.sr.Measurement(name=OODM, value=evidence.oodm, unit=_NO_UNITS),
+                         hd.sr.Measurement(name=OOD_TAU, value=evidence.tau, unit=_NO_UNITS)]
+        if evidence.c is not None:
+            measurements.append(hd.sr.Measurement(name=OOD_C, value=evidence.c, unit=_NO_UNITS))
+        decision = hd.sr.QualitativeEvaluation(name=RELEASE_DECISION, value=DECISIONS[release.how])
+        if release.decided_at is not None:
+            decision[0].ObservationDateTime = DT(release.decided_at)
+        evaluations = [hd.sr.QualitativeEvaluation(name=OOD_VERDICT, value=_verdict(evidence)), decision]
+    kind = segment.SegmentedPropertyTypeCodeSequence[0]
+    finding_sites: Sequence[hd.sr.FindingSite] | None = None
+    if "SegmentedPropertyTypeModifierCodeSequence" in kind:
+        finding_sites = [hd.sr.FindingSite(
+            anatomic_location=_plain(kind),
+            laterality=_plain(kind.SegmentedPropertyTypeModifierCodeSequence[0]))]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derive_uid("specgate-tracking", seg.SOPInstanceUID, "1"),
-            identifier=f"segment 1 of {segment.SegmentLabel}"[:64],
+            uid=derive_uid("specgate-tracking", seg.SOPInstanceUID, str(number)),
+            identifier=f"segment {number} of {segment.SegmentLabel}"[:64],
         ),
         # highdicom's ReferencedSegment.from_segmentation looks for per-frame segment identification, which
         # a one-segment SEG keeps in the shared functional groups: reference segment and source series directly
         referenced_segment=hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=1,
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
             source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
         ),
-        finding_type=CodedConcept.from_dataset(segment.SegmentedPropertyTypeCodeSequence[0]),
+        finding_type=_plain(kind),
         finding_category=CodedConcept.from_dataset(segment.SegmentedPropertyCategoryCodeSequence[0]),
+        finding_sites=finding_sites,
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=model.name, version=model.version, parameters=[f"weights_sha256={model.weights_sha256}"]),
         measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=OOD_VERDICT, value=_verdict(evidence)), decision],
+        qualitative_evaluations=evaluations or None,
     )
+
+
+def _plain(item: Dataset) -> CodedConcept:
+    """A code item's value, scheme and meaning only (a SEG's type item may carry its modifier inside)."""
+    return CodedConcept(value=item.CodeValue, scheme_designator=item.CodingSchemeDesignator,
+                        meaning=item.CodeMeaning)

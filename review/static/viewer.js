@@ -1,5 +1,6 @@
 // The study page's slice viewer: keyboard, wheel and slider step through slices; buttons pick the window
-// preset and the overlay. Images are PNGs rendered by the server; the neighbours are fetched ahead.
+// preset and the overlay; a click on a label of a multi-label result shows the slice where it is largest.
+// Images are PNGs rendered by the server; the neighbours are fetched ahead.
 (function () {
   "use strict";
   var img = document.getElementById("slice");
@@ -62,6 +63,9 @@
   });
   document.querySelectorAll("button.ov").forEach(function (b) {
     b.addEventListener("click", function () { overlay = b.dataset.overlay; ahead = {}; show(z); });
+  });
+  document.querySelectorAll("#labels tr.label").forEach(function (row) {
+    row.addEventListener("click", function () { show(parseInt(row.dataset.z, 10)); });
   });
   mark();
   prefetch(z + 1);

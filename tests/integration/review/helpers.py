@@ -48,9 +48,9 @@ class Recorder:
 class ReviewServer:
     """``create_app`` served by uvicorn in a thread of the test process, on 127.0.0.1 and a free port."""
 
-    def __init__(self, config: ReviewConfig, sessions: Any, actions: ReviewActions) -> None:
+    def __init__(self, config: ReviewConfig, sessions: Any, actions: ReviewActions, **app_options: Any) -> None:
         self.port = free_port()
-        self.app = create_app(config, sessions, actions)
+        self.app = create_app(config, sessions, actions, **app_options)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     access_log=False))
         self.thread = threading.Thread(target=self.server.run, name="review-server", daemon=True)
