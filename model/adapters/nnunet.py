@@ -267,6 +267,12 @@ class NnUNetAdapter(ModelAdapter):
         if not 0.0 < step_size <= 1.0:
             raise AdapterError(f"step_size must be in (0, 1], got {step_size!r}")
         use_mirroring = bool(options.get("use_mirroring", True))
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise AdapterError(f"device {device!r} is not a torch device: {e}") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise AdapterError(f"device {device!r}: this machine has no CUDA device")
         dataset_json = cls._json(path / "dataset.json")
         plans = cls._json(path / "plans.json")
         labels = cls._labels(path, dataset_json)
@@ -280,7 +286,7 @@ class NnUNetAdapter(ModelAdapter):
 
         predictor = _hooked_predictor_class()(
             tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
-            perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
+            perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
             allow_tqdm=False)
         try:
             predictor.initialize_from_trained_model_folder(str(path), use_folds=folds, checkpoint_name=CHECKPOINT)

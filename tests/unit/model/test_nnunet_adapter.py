@@ -220,3 +220,11 @@ def test_predict_refuses_a_bad_volume_or_spacing_naming_it(two_folds):  # type: 
         two_folds.predict(np.zeros((4, 4), np.float32), (1.0, 1.0, 1.0), "CT")
     with pytest.raises(ValueError, match=r"spacing must be three positive mm values \(z, y, x\), got \(1.0, 0.0, 1.0\)"):
         two_folds.predict(np.zeros((4, 4, 4), np.float32), (1.0, 0.0, 1.0), "CT")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_a_cuda_device_on_a_machine_without_one(nnunet_model):  # type: ignore[no-untyped-def]
+    with pytest.raises(AdapterError, match=r"device 'cuda:0': this machine has no CUDA device"):
+        NnUNetAdapter.open(nnunet_model, device="cuda:0")
+    with pytest.raises(AdapterError, match=r"device 'gpu' is not a torch device"):
+        NnUNetAdapter.open(nnunet_model, device="gpu")
