@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	# CPU PyTorch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# nnU-Net v2 without its declared dependencies: dynamic-network-architectures requires timm, which
+	# requires torchvision, and torchvision's wheels would replace the CPU torch with a CUDA build (or break
+	# beside it). What nnU-Net's planning, preprocessing and predictor import is the `nnunet` extra, which
+	# `dev` includes; pip check would list timm, graphviz, imagecodecs, yacs, requests as missing: unused here.
+	$(PY) -m pip install -q --no-deps nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
 	touch $@
 
 setup: $(STAMP)
