@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import getpass
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
     from sqlalchemy.orm import Session, sessionmaker
 
+    from dicom_node.config import SeriesRule
     from ledger.schema import RegisteredModel
     from worker.config import ModelSpec, WorkerConfig
 
@@ -122,7 +123,7 @@ class AppContext:
         if not wanted:
             return
         registered = {row.name: row for row in self.registered_models()}
-        problems = []
+        problems = self._label_problems(wanted, registered)
         for rule in wanted:
             row = registered.get(rule.model)
             if row is None:
@@ -142,6 +143,26 @@ class AppContext:
                                     f"it again with 'specgate model fit-ood {rule.model} --data DIR'")
         if problems:
             raise StartupError("refusing to start: " + "; ".join(problems))
+
+    @staticmethod
+    def _label_problems(rules: Sequence[SeriesRule], registered: Mapping[str, RegisteredModel]) -> list[str]:
+        """A rule that sends labels its registered model does not have, or whose names or codes cannot be
+        written into a SEG (:func:`worker.segments.validate_rule_labels`)."""
+        from model.adapters.base import Label
+        from worker.segments import validate_rule_labels
+
+        problems = []
+        for rule in rules:
+            row = registered.get(rule.model)
+            if row is None:
+                continue
+            labels = [Label(int(v), str(n)) for v, n in sorted((row.labels or {}).items(), key=lambda kv: int(kv[0]))]
+            codes = {str(n): (str(c[0]), str(c[1]), str(c[2])) for n, c in (row.codes or {}).items()}
+            try:
+                validate_rule_labels(rule, labels, codes=codes)
+            except ValueError as exc:
+                problems.append(str(exc))
+        return problems
 
 
 def _bank_problem(path: Path, sha256: str) -> str | None:
@@ -168,7 +189,9 @@ def model_spec(row: RegisteredModel) -> ModelSpec:
     return ModelSpec(row.name, weights=path if row.format == "segnet" else None,
                      bank=None if row.bank_path is None else Path(row.bank_path),
                      format=row.format, path=path, layer=row.layer,
-                     options=tuple(sorted((str(k), str(v)) for k, v in options.items())))
+                     options=tuple(sorted((str(k), str(v)) for k, v in options.items())),
+                     codes=tuple(sorted((str(name), (str(c[0]), str(c[1]), str(c[2])))
+                                        for name, c in (row.codes or {}).items())))
 
 
 def app_context() -> AppContext:

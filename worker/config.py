@@ -61,6 +61,9 @@ class ModelSpec:
     path: Path | None = None
     layer: str | None = None
     options: tuple[tuple[str, str], ...] = ()
+    #: SNOMED CT codes per label name, ``(name, (code value, scheme, meaning))``, from the registration
+    #: (``specgate model register --codes``); over :data:`worker.anatomy.DEFAULT_ANATOMY` in the SEG
+    codes: tuple[tuple[str, tuple[str, str, str]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.format == "segnet":

@@ -13,10 +13,10 @@ very mask the model drew, without running the model again.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from sqlalchemy import select
@@ -31,6 +31,9 @@ from .atomic import atomic_write, write_dicom
 from .labels import GateEvidence, ModelIdentity, Release
 from .seg import derive_uid, encode_seg
 from .sr import encode_sr
+
+if TYPE_CHECKING:
+    from .segments import SegmentDefinition
 
 __all__ = ["ObjectUIDs", "load_mask", "rewrite_approved", "save_probability", "series_files", "write_objects"]
 
@@ -51,10 +54,12 @@ class ObjectUIDs:
 
 
 def write_objects(seg_path: Path, sr_path: Path, volume: Volume, mask: np.ndarray, *, rule: SeriesRule,
-                  model: ModelIdentity, evidence: GateEvidence, release: Release, uids: ObjectUIDs) -> None:
-    """Encode the SEG and its SR and publish both (each atomically)."""
+                  model: ModelIdentity, evidence: GateEvidence, release: Release, uids: ObjectUIDs,
+                  segments: Sequence[SegmentDefinition] | None = None) -> None:
+    """Encode the SEG and its SR and publish both (each atomically). ``mask``: a boolean mask (the rule's
+    one segment), or a label map with ``segments`` (:func:`worker.segments.segments_for`)."""
     seg = encode_seg(volume, mask, rule=rule, model=model, evidence=evidence, release=release,
-                     sop_instance_uid=uids.seg, series_instance_uid=uids.seg_series)
+                     sop_instance_uid=uids.seg, series_instance_uid=uids.seg_series, segments=segments)
     sr = encode_sr(volume, seg, model=model, evidence=evidence, release=release, sop_instance_uid=uids.sr,
                    series_instance_uid=uids.sr_series)
     write_dicom(seg, seg_path)
@@ -124,8 +129,19 @@ def rewrite_approved(sessions: sessionmaker[Session], job_id: int, rules: tuple[
     evidence: dict[str, Any] = json.loads(paths[3].read_text())
     rule = next((r for r in rules if r.name == rule_name), None) or _rule_from_evidence(evidence, rule_name)
     volume = load_series(series_files(sessions, series_uid))
-    write_objects(paths[0], paths[1], volume, load_mask(paths[2]), rule=rule, model=model_identity(evidence),
-                  evidence=gate_evidence(evidence), release=release, uids=uids)
+    segments = None
+    mask = None
+    if evidence.get("segments"):  # the segments it was written with, whatever the configuration says now
+        from .segments import segments_from_evidence
+
+        segments = segments_from_evidence(evidence["segments"])
+        with np.load(paths[2]) as npz:
+            if "labels" in npz.files:
+                mask = npz["labels"]
+    if mask is None:  # a result kept before label maps were: its one mask
+        segments, mask = None, load_mask(paths[2])
+    write_objects(paths[0], paths[1], volume, mask, rule=rule, model=model_identity(evidence),
+                  evidence=gate_evidence(evidence), release=release, uids=uids, segments=segments)
     return True
 
 

@@ -30,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,6 +48,7 @@ from .segmenter import Segmenter, SegmentOutput
 
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
+    from .segments import SegmentDefinition
 
 __all__ = ["Claim", "StudyOutcome", "claim", "job_paths", "run_job"]
 
@@ -216,9 +218,10 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             if metrics is not None:
                 metrics.inference(time.perf_counter() - t0, model=rule.model, modality=volume.modality)
             timings.update(out.timings)
-            uids = _write_objects(paths, c, cfg, rule, volume, out, segmenter, timings)
-            _write_views(paths, c, volume, out, timings)
-            _write_evidence(paths["evidence"], rule, volume, out, segmenter, timings)
+            segments = _segments(rule, segmenter)
+            uids = _write_objects(paths, c, cfg, rule, volume, out, segmenter, segments, timings)
+            _write_views(paths, c, volume, out, segments, timings)
+            _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings)
     except _JobFailed as exc:
         fail(sessions, c, exc.reason_code, exc.detail, actor=cfg.actor)
         if metrics is not None:
@@ -253,8 +256,25 @@ def _segment(segmenter: Segmenter, volume: Volume) -> SegmentOutput:
         raise _JobFailed(exc.reason_code, f"{exc.reason_code}: {exc}") from exc
 
 
+def _segments(rule: SeriesRule, segmenter: Segmenter) -> tuple[SegmentDefinition, ...]:
+    """The SEG's segments: the model's labels the rule sends, named and coded (the registration's codes
+    over the shipped anatomy table). A rule that chooses a label the model lacks is refused at start-up;
+    met here (a model replaced under a running configuration) it fails the job, with no retry."""
+    from .segments import segments_for
+
+    try:
+        return segments_for(rule, segmenter.labels, codes=segmenter.codes)
+    except ValueError as exc:
+        raise _JobFailed("rule_labels", str(exc)) from exc
+
+
+def _label_map(out: SegmentOutput) -> np.ndarray:
+    return out.labels if out.labels is not None else out.mask.astype(np.uint8)
+
+
 def _write_objects(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, rule: SeriesRule, volume: Volume,
-                   out: SegmentOutput, segmenter: Segmenter, timings: dict[str, float]) -> ObjectUIDs:
+                   out: SegmentOutput, segmenter: Segmenter, segments: tuple[SegmentDefinition, ...],
+                   timings: dict[str, float]) -> ObjectUIDs:
     """The labelled DICOM-SEG and the gate's evidence as an SR, under UIDs derived from the job (a resend
     after a crash is the same object). A held result's objects say "gate" until a radiologist approves
     it; they are written again then (:func:`worker.objects.rewrite_approved`) and only then sent."""
@@ -265,18 +285,20 @@ def _write_objects(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, rule: 
                           weights_sha256=segmenter.weights_sha256, clinical_use=segmenter.clinical_use)
     evidence = GateEvidence(oodm=out.oodm, tau=out.tau, c=segmenter.gate.c, is_ood=out.is_ood,
                             gate_reason=out.gate_reason)
-    write_objects(paths["seg"], paths["sr"], volume, out.mask, rule=rule, model=model, evidence=evidence,
-                  release=Release("gate"), uids=uids)
+    write_objects(paths["seg"], paths["sr"], volume, _label_map(out), rule=rule, model=model, evidence=evidence,
+                  release=Release("gate"), uids=uids, segments=segments)
     timings["encode"] = time.perf_counter() - t0
     return uids
 
 
 def _write_views(paths: dict[str, Path], c: Claim, volume: Volume, out: SegmentOutput,
-                 timings: dict[str, float]) -> None:
-    """What a reviewer looks at: the probability map, and the preview PNG with the gate's verdict."""
+                 segments: tuple[SegmentDefinition, ...], timings: dict[str, float]) -> None:
+    """What a reviewer looks at: the probability map with the label map and its legend (each label in its
+    colour), and the preview PNG with the gate's verdict."""
     from .preview import write_preview
+    from .segments import review_arrays
 
-    save_probability(paths["prob"], out.prob_fg, out.mask)
+    save_probability(paths["prob"], out.prob_fg, out.mask, extra=review_arrays(_label_map(out), segments))
     t0 = time.perf_counter()
     verdict = ("HELD: a modality the model was not trained on" if out.gate_reason == "modality_not_in_bank"
                else "HELD: unlike the training data" if out.is_ood else "released")
@@ -286,8 +308,11 @@ def _write_views(paths: dict[str, Path], c: Claim, volume: Volume, out: SegmentO
 
 
 def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOutput, segmenter: Segmenter,
-                    timings: dict[str, float]) -> None:
-    """The gate's evidence and what produced it, as JSON beside the result."""
+                    segments: tuple[SegmentDefinition, ...], timings: dict[str, float]) -> None:
+    """The gate's evidence and what produced it, as JSON beside the result; ``segments``: what the SEG
+    holds (names, colours, codes, volumes), which an approval re-encodes."""
+    from .segments import segments_evidence
+
     evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
                 "signature": list(map(float, out.signature)),
                 "c": segmenter.gate.c, "clinical_use": segmenter.clinical_use,
@@ -298,6 +323,7 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
                 "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
                 "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
                 "inference": segmenter.inference_record(), "grid": out.grid,
+                "segments": segments_evidence(segments, _label_map(out), volume.spacing),
                 "timings_s": timings}
     atomic_write(path, json.dumps(evidence, indent=2).encode())
 

@@ -18,7 +18,7 @@ first use and keeps it for the life of the worker process.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,8 +57,11 @@ class Segmenter:
     """A loaded model adapter and its gate. Build with :meth:`open` (SegNet weights) or
     :meth:`from_adapter`; the constructor does no I/O."""
 
-    def __init__(self, adapter: ModelAdapter, gate: SpectralGate) -> None:
+    def __init__(self, adapter: ModelAdapter, gate: SpectralGate,
+                 codes: Mapping[str, tuple[str, str, str]] | None = None) -> None:
+        """``codes``: the registration's SNOMED CT codes per label name (the SEG's segments)."""
         self.adapter, self.gate = adapter, gate
+        self.codes: dict[str, tuple[str, str, str]] = dict(codes or {})
 
     @property
     def model_name(self) -> str:
@@ -155,7 +158,7 @@ class Segmenters:
     def __call__(self, name: str) -> Segmenter:
         if name not in self._open:
             spec = self._specs.get(name)
-            if spec is None:  # Settings refuses a rule naming an unknown model: this is a bug, not input
+            if spec is None:  # start-up refuses a rule naming an unknown model: this is a bug, not input
                 raise LookupError(f"model {name!r} is not configured (configured: {', '.join(self._specs)})")
             self._open[name] = self._load(spec)
         return self._open[name]
@@ -170,5 +173,7 @@ class Segmenters:
         # the registry (model/adapters/__init__.py) opens every format with its own loader
         from model.adapters import open_adapter  # type: ignore[attr-defined,unused-ignore]
 
-        adapter = open_adapter(spec.format, spec.path, layer=spec.layer, device=self._device)
-        return Segmenter.from_adapter(adapter, spec.bank)
+        adapter = open_adapter(spec.format, spec.path, layer=spec.layer, device=self._device, **dict(spec.options))
+        seg = Segmenter.from_adapter(adapter, spec.bank)
+        seg.codes = dict(spec.codes)
+        return seg
