@@ -296,6 +296,10 @@ class NnUNetAdapter(ModelAdapter):
         except (RuntimeError, KeyError, pickle.UnpicklingError, EOFError) as e:
             raise AdapterError(f"nnU-Net model folder {path} (folds {list(folds)}): the checkpoint cannot be "
                                f"loaded against plans.json: {type(e).__name__}: {str(e)[:800]}") from e
+        except ImportError as e:  # nnU-Net finds the checkpoint's trainer by importing every trainer module
+            raise AdapterError(f"nnU-Net model folder {path}: nnU-Net could not import a module while looking up "
+                               f"the trainer its checkpoints name ({type(e).__name__}: {e}); install the missing "
+                               f"package ({e.name or 'see the message'}) beside nnunetv2") from e
         cls._check_all_folds(path, predictor, folds)
         cfg_name = cls._configuration_name(predictor)
         wanted = options.get("configuration")

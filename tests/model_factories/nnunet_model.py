@@ -100,7 +100,7 @@ import json, sys, torch, numpy as np
 torch.set_num_threads(2)
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-out, pre, its, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out, pre, its, seed, folds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 plans = json.load(open(out + "/plans.json")); cfg = plans["configurations"]["3d_fullres"]
 a = cfg["architecture"]
 torch.manual_seed(seed); rng = np.random.default_rng(seed)
@@ -144,12 +144,16 @@ def save(fold, epoch):
                 "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
                f"{out}/fold_{fold}/checkpoint_final.pth")
 print("fold 0 loss", train(its)); save(0, its)
-print("fold 1 loss", train(its // 3)); save(1, its + its // 3)
+if folds > 1:
+    print("fold 1 loss", train(its // 3)); save(1, its + its // 3)
 '''
 
 
-def build_nnunet_model(root: Path, iterations: int = 60) -> NnUNetTestModel:
-    """Raw dataset -> nnU-Net planning and preprocessing -> shrunk plans -> short training -> model folder."""
+def build_nnunet_model(root: Path, iterations: int = 60, *, folds: int = 2) -> NnUNetTestModel:
+    """Raw dataset -> nnU-Net planning and preprocessing -> shrunk plans -> short training -> model folder
+    with ``folds`` folds (1 or 2: a site that trained fold 0 only, or two folds to ensemble)."""
+    if folds not in (1, 2):
+        raise ValueError(f"folds must be 1 or 2, got {folds!r}")
     env = nnunet_env(root)
     ds = write_raw_dataset(root / "raw")
     py = sys.executable
@@ -165,6 +169,6 @@ def build_nnunet_model(root: Path, iterations: int = 60) -> NnUNetTestModel:
     (out / "plans.json").write_text(json.dumps(plans, indent=2))
     (out / "dataset.json").write_text((ds / "dataset.json").read_text())
     (out / "dataset_fingerprint.json").write_text((pre / "dataset_fingerprint.json").read_text())
-    subprocess.run([py, "-c", _TRAIN, str(out), str(pre / "nnUNetPlans_3d_fullres"), str(iterations), str(SEED)],
+    subprocess.run([py, "-c", _TRAIN, str(out), str(pre / "nnUNetPlans_3d_fullres"), str(iterations), str(SEED), str(folds)],
                    env=env, check=True, capture_output=True, text=True)
     return NnUNetTestModel(root=root, model_dir=out, raw_dir=ds)

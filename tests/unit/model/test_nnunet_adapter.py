@@ -195,6 +195,19 @@ def test_refuses_a_state_dict_of_another_architecture_in_a_later_fold(nnunet_mod
         NnUNetAdapter.open(m, folds=(0, 1))
 
 
+def test_refuses_a_trainer_whose_modules_cannot_be_imported(nnunet_model, monkeypatch):  # type: ignore[no-untyped-def]
+    """nnU-Net looks a checkpoint's trainer (e.g. ``nnUNetTrainerNoMirroring``) up by importing its trainer
+    modules, some of which need ``timm``: without it, ``register`` printed a traceback instead of a refusal."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    def fail(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ModuleNotFoundError("No module named 'timm'", name="timm")
+
+    monkeypatch.setattr(nnUNetPredictor, "initialize_from_trained_model_folder", fail)
+    with pytest.raises(AdapterError, match=r"could not import a module .* install the missing package \(timm\)"):
+        NnUNetAdapter.open(nnunet_model)
+
+
 def test_refuses_a_layer_that_does_not_exist(nnunet_model):  # type: ignore[no-untyped-def]
     with pytest.raises(AdapterError, match=r"layer 'decoder\.head' does not exist.*decoder\.stages\.1"):
         NnUNetAdapter.open(nnunet_model, folds=(0,), layer="decoder.head")
