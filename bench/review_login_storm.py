@@ -25,6 +25,7 @@ of CPU before its 403.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import socket
@@ -71,11 +72,9 @@ def _big_post(port: int, size: int, barrier: threading.Barrier, took: list[float
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
         sock.sendall(head)
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before it was all sent
             for _ in range(size // len(block)):
                 sock.sendall(block)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused before the whole body was sent
         try:
             answer = sock.recv(64)
         except ConnectionResetError:

@@ -164,8 +164,29 @@ class InferenceSettings:
         return d
 
 
+class _GridEvidence:
+    """``evidence()`` of a result that carries the model's grid, the crop and the windows (both
+    :class:`StudyInference` and :class:`StudyLabels`)."""
+
+    model_shape: tuple[int, int, int]
+    model_spacing: tuple[float, float, float]
+    resampled: bool
+    crop: tuple[tuple[int, int], ...]
+    body_voxels: int
+    n_signature_voxels: int
+    n_windows: int
+
+    def evidence(self) -> dict[str, Any]:
+        """The numbers a reviewer needs to see how the signature was made."""
+        return {"model_grid_shape": list(self.model_shape),
+                "model_grid_spacing_mm": [round(s, 4) for s in self.model_spacing],
+                "resampled": self.resampled, "crop": [list(c) for c in self.crop],
+                "body_voxels": self.body_voxels, "signature_voxels": self.n_signature_voxels,
+                "windows": self.n_windows}
+
+
 @dataclass
-class StudyInference:
+class StudyInference(_GridEvidence):
     """What :func:`segment_volume` returns. ``probabilities`` lie on the source grid."""
 
     probabilities: np.ndarray  # (num_classes, D, H, W), out_dtype
@@ -183,13 +204,6 @@ class StudyInference:
     def foreground(self) -> np.ndarray:
         return self.probabilities[1]
 
-    def evidence(self) -> dict[str, Any]:
-        """The numbers a reviewer needs to see how the signature was made."""
-        return {"model_grid_shape": list(self.model_shape),
-                "model_grid_spacing_mm": [round(s, 4) for s in self.model_spacing],
-                "resampled": self.resampled, "crop": [list(c) for c in self.crop],
-                "body_voxels": self.body_voxels, "signature_voxels": self.n_signature_voxels,
-                "windows": self.n_windows}
 
 
 def body_mask(x: np.ndarray, modality: str) -> np.ndarray:
@@ -391,7 +405,7 @@ def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], 
 
 
 @dataclass
-class StudyLabels:
+class StudyLabels(_GridEvidence):
     """What :func:`segment_labels` returns: the label map and the foreground on the source grid, the
     per-class probabilities left on the model's grid.
 
@@ -413,13 +427,6 @@ class StudyLabels:
     n_classes: int
     timings: dict[str, float] = field(default_factory=dict)
 
-    def evidence(self) -> dict[str, Any]:
-        """The numbers a reviewer needs to see how the signature was made."""
-        return {"model_grid_shape": list(self.model_shape),
-                "model_grid_spacing_mm": [round(s, 4) for s in self.model_spacing],
-                "resampled": self.resampled, "crop": [list(c) for c in self.crop],
-                "body_voxels": self.body_voxels, "signature_voxels": self.n_signature_voxels,
-                "windows": self.n_windows}
 
 
 def segment_labels(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,

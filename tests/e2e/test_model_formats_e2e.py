@@ -139,7 +139,6 @@ def _nnunet(root: Path) -> SiteModel:
     (``tests/model_factories/nnunet_model.py``), fold 0 only: with the checkpoint's test-time mirroring
     (8 passes per window) a fold costs about 3 s a study here; fold ensembling is compared with
     ``nnUNetPredictor`` in ``tests/unit/model/test_nnunet_adapter.py``."""
-    pytest.importorskip("nnunetv2")
     from tests.model_factories.nnunet_model import build_nnunet_model
 
     model_dir = build_nnunet_model(root, iterations=30, folds=1).model_dir
@@ -156,7 +155,6 @@ def _nnunet(root: Path) -> SiteModel:
 
 def _monai(root: Path) -> SiteModel:
     """A MONAI bundle: the Model Zoo's layout, its UNet trained briefly (``tests/model_factories``)."""
-    pytest.importorskip("monai")
     import nibabel as nib
 
     from tests.model_factories.monai_bundle import LABELS, write_bundle, write_nifti

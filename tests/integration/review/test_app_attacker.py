@@ -6,6 +6,7 @@ logins for this account", a 50 MB body parsed before the 403, ``private, max-age
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
@@ -243,10 +244,8 @@ def _http_head_then(port: int, head: bytes, body_parts, read_timeout: float = 30
         sock.setblocking(False)
         answer = b""
         for part in body_parts:
-            try:
+            with contextlib.suppress(BlockingIOError):  # nothing from the server yet
                 answer += sock.recv(65536)
-            except BlockingIOError:
-                pass
             if answer:
                 break
             try:

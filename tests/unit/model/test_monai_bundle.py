@@ -11,11 +11,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import monai  # noqa: F401  (in the dev extra: missing is a failure, not a skip)
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("monai")
 
 from model.adapters.base import AdapterError  # noqa: E402
 from model.adapters.monai_bundle import MonaiBundleAdapter, default_layer  # noqa: E402
