@@ -43,6 +43,8 @@ def resolve_device(name: str) -> str:
 _FORMAT_OPTIONS = {"segnet": "--segnet", "torchscript": "--torchscript", "monai-bundle": "--monai-bundle",
                    "nnunet-v2": "--nnunet"}
 _SNOMED = "SCT"
+#: fewer numbers than this in a signature (channels of its layer) and ``register`` warns
+NARROW_SIGNATURE = 8
 
 
 def _verhoeff_ok(digits: str) -> bool:
@@ -159,6 +161,10 @@ def _probe(adapter: ModelAdapter, name: str, modality: str) -> tuple[tuple[float
         problems.append(f"its signature is not a finite vector (shape {sig.shape})")
     if problems:
         raise click.ClickException(f"model {name!r} refused: on a {modality} test volume " + "; ".join(problems))
+    if sig.size < NARROW_SIGNATURE:
+        click.echo(f"warning: the signature's layer {adapter.layer!r} gives {sig.size} numbers a study (a feature "
+                   f"map {sig.size} channels wide): the gate can tell little apart with so few; pass --layer a "
+                   "wider feature map before the segmentation head", err=True)
     return spacing, tuple(sorted(found))
 
 

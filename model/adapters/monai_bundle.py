@@ -134,8 +134,14 @@ def _net_kind(net: nn.Module) -> str:
 def default_layer(net: nn.Module) -> str:
     """The last full-resolution feature map before the segmentation head, from the network's class.
 
-    MONAI ``UNet`` with residual units: ``model.2`` is the top up-layer (transposed conv, then a residual
-    unit whose last conv is the head): its ``model.2.0`` output is the head's input. ``SegResNet``: the
+    MONAI ``UNet``: ``model.1`` is the top skip connection (the first level's features concatenated with
+    the upsampled deeper ones, ``2 * channels[0]`` wide) and ``model.2`` the top up-layer that makes the
+    classes of it. With ``strides[0] == 1`` the top level is at full resolution and ``model.1`` is the
+    signature's layer. With ``strides[0] == 2`` (the zoo's spleen bundle) ``model.1`` is at half
+    resolution, and the only full-resolution map before the head is ``model.2.0`` (the transposed conv,
+    then a residual unit whose last conv is the head), which is only ``out_channels`` wide: a 2-class
+    model's signature is then 2 numbers, and ``specgate model register`` warns that the layer is narrow
+    (pass ``layer=``). ``SegResNet``: the
     last of ``up_layers`` (``conv_final`` follows). ``SwinUNETR``: ``decoder1`` (``out`` follows).
     Raises :class:`AdapterError` for a network whose head input is not at full resolution or whose class
     is not one of these (pass ``layer=``).
@@ -143,6 +149,9 @@ def default_layer(net: nn.Module) -> str:
     kind = _net_kind(net)
     names = {n for n, _ in net.named_modules()}
     if kind in ("UNet", "Unet"):
+        strides = getattr(net, "strides", None)
+        if strides is not None and len(strides) and int(strides[0]) == 1 and "model.1" in names:
+            return "model.1"
         top = net.get_submodule("model.2")
         if isinstance(top, nn.Sequential) and "model.2.0" in names:
             return "model.2.0"

@@ -216,8 +216,28 @@ def test_default_layers_from_the_network_definition() -> None:
     from monai.networks.nets import SegResNet, UNet
 
     assert default_layer(UNet(3, 1, 3, (4, 8), (2,), num_res_units=1)) == "model.2.0"
+    # a top level at full resolution: the top skip connection (2 x channels[0] wide) feeds the head
+    unet = UNet(3, 1, 2, (4, 8, 16), (1, 2), num_res_units=1).eval()
+    assert default_layer(unet) == "model.1"
+    seen: list[tuple[int, ...]] = []
+    unet.get_submodule("model.1").register_forward_hook(lambda _m, _i, o: seen.append(tuple(o.shape)))
+    with torch.no_grad():
+        assert tuple(unet(torch.zeros(1, 1, 8, 8, 8)).shape) == (1, 2, 8, 8, 8)
+    assert seen == [(1, 8, 8, 8, 8)]  # full resolution, 8 channels where the head gives 2
     assert default_layer(SegResNet(3, 8, 1, 3, blocks_down=(1, 1, 1), blocks_up=(1, 1))) == "up_layers.1"
     with pytest.raises(AdapterError, match="num_res_units=0"):
         default_layer(UNet(3, 1, 3, (4, 8), (2,), num_res_units=0))
     with pytest.raises(AdapterError, match="no default signature layer for a Conv3d"):
         default_layer(torch.nn.Conv3d(1, 2, 3))
+
+
+def test_register_warns_about_a_narrow_signature_layer(adapter: MonaiBundleAdapter,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The tests' bundle is a UNet with a strided top level: its default layer is as wide as its 4
+    classes, and ``register``'s probe says the gate can tell little apart with 4 numbers."""
+    from specgate._cli_model_registry import NARROW_SIGNATURE, _probe
+
+    _probe(adapter, "narrow", "CT")
+    err = capsys.readouterr().err
+    assert len(LABELS) < NARROW_SIGNATURE
+    assert f"the signature's layer 'model.2.0' gives {len(LABELS)} numbers a study" in err, err
