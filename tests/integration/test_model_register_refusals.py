@@ -56,14 +56,14 @@ class Broken:
     expected: tuple[str, ...]
 
 
-def _bundle(change: Callable[[Path], None], *extra: str) -> Callable[[Path], list[str]]:
+def _bundle(change: Callable[[Path], object], *extra: str) -> Callable[[Path], list[str]]:
     def breaks(d: Path) -> list[str]:
         change(d)
         return ["--monai-bundle", str(d), *extra]
     return breaks
 
 
-def _nnunet(change: Callable[[Path], None], *extra: str) -> Callable[[Path], list[str]]:
+def _nnunet(change: Callable[[Path], object], *extra: str) -> Callable[[Path], list[str]]:
     def breaks(d: Path) -> list[str]:
         change(d)
         return ["--nnunet", str(d), *extra]
@@ -80,11 +80,11 @@ def _ts(spec: str | None, *extra: str, model: str = "net.ts", junk: bool = False
     return breaks
 
 
-def _unlink(rel: str) -> Callable[[Path], None]:
+def _unlink(rel: str) -> Callable[[Path], object]:
     return lambda d: (d / rel).unlink()
 
 
-def _write(rel: str, text: str) -> Callable[[Path], None]:
+def _write(rel: str, text: str) -> Callable[[Path], object]:
     return lambda d: (d / rel).write_text(text)
 
 
