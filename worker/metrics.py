@@ -60,8 +60,9 @@ class WorkerMetrics:
         # set once by each process that runs tasks (multiprocess: the largest of the live and dead children's;
         # they all apply the same setting)
         self._torch_threads = Gauge(
-            "specgate_worker_torch_threads", "torch threads of the worker's task process (worker_torch_threads; "
-            "0 there: torch's default, one per core)", ["pool"], registry=registry, multiprocess_mode="max")
+            "specgate_worker_torch_threads", "torch threads the worker's task process runs with, per pool "
+            "(intra_op, inter_op), after worker_torch_threads is applied (0 there: torch's default, one per core)",
+            ["pool"], registry=registry, multiprocess_mode="max")
         self._jobs_failed = Counter(
             "specgate_jobs_failed", "Jobs that ended failed, by reason code (every failed job is final until "
             "an operator retries it)", ["reason"], registry=registry)
