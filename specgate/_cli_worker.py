@@ -117,6 +117,9 @@ def worker_command(app: AppContext, gpu: int | None, queues: str, no_reconcile: 
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before any CUDA call; children inherit it
         device = "cuda:0"
     celery = celery_app(app, device, metrics, serving=True)
+    # torch's threads, in the pool's child (the process that runs tasks) as it starts, before any model
+    runtime = celery.specgate_runtime  # type: ignore[attr-defined]
+    worker_process_init.connect(lambda **_: runtime.start_process(), weak=False)
     # The checks above read the ledger: close that engine so that no pooled connection is inherited by the
     # pool's forked children (a child closing its copy would end the parent's); the reconciler opens anew.
     app.close()

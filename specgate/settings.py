@@ -179,6 +179,10 @@ class Settings(BaseSettings):
         default=None,
         description="grid the model runs on per modality ('CT=4,4,4;MR=3,1.8,1.8') or 'native'; "
                     "default: the spacing the weights declare")
+    worker_torch_threads: int = Field(
+        default=0, ge=0, le=256,
+        description="torch threads (intra-op, and inter-op) of each worker process that runs tasks; 0: torch's "
+                    "default (one per core)")
     worker_max_attempts: int = Field(default=3, ge=1, le=20,
                                      description="attempts per job before it ends failed")
     worker_heartbeat_seconds: float = Field(default=10.0, gt=0, le=600)
@@ -445,6 +449,7 @@ class Settings(BaseSettings):
             delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy(),
                                     rules=tuple(self.rules)),
             reconcile_interval_s=self.reconcile_interval_seconds, queued_deadline_s=self.queued_deadline_seconds,
+            torch_threads=self.worker_torch_threads,
             limits=TaskLimits(segment_soft_s=self.worker_segment_soft_time_limit_seconds,
                               segment_hard_s=self.worker_segment_time_limit_seconds,
                               deliver_soft_s=self.worker_delivery_soft_time_limit_seconds,

@@ -95,3 +95,41 @@ def cli(settings: Settings):
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def monai_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MONAI bundle in the Model Zoo's layout, its UNet trained briefly with MONAI's own tools on CT
+    phantoms (``tests/model_factories/monai_bundle.py``; seconds). One per test session: the adapter's
+    tests and the CLI's share it; a test that breaks it works on a copy (:func:`copy_model`)."""
+    import warnings
+
+    import torch
+
+    from tests.model_factories.monai_bundle import write_bundle
+
+    torch.set_num_threads(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return write_bundle(tmp_path_factory.mktemp("bundle") / "phantom_liver", iterations=32)
+
+
+@pytest.fixture(scope="session")
+def nnunet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An nnU-Net v2 trained model folder from nnU-Net's own planning and preprocessing and a short training,
+    two folds (``tests/model_factories/nnunet_model.py``; about a minute). One per test session."""
+    import torch
+
+    from tests.model_factories.nnunet_model import build_nnunet_model
+
+    torch.set_num_threads(2)
+    return build_nnunet_model(tmp_path_factory.mktemp("nnunet"), iterations=30).model_dir
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    """A copy of a model folder to break in a test (a MONAI bundle's ``configs/`` and ``models/``, an
+    nnU-Net folder's files and ``fold_*``), without the training data a factory leaves beside them."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train", "eval"))
+    return dst

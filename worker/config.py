@@ -145,3 +145,5 @@ class WorkerConfig:
     reconcile_interval_s: float = 30.0
     queued_deadline_s: float = 600.0
     limits: TaskLimits = TaskLimits()
+    #: torch's intra-op (and inter-op) threads in each process that runs tasks; 0: torch's default
+    torch_threads: int = 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dicom_node.metrics import modality_label
 
@@ -57,6 +57,12 @@ class WorkerMetrics:
         self._deliveries_failed = Counter(
             "specgate_deliveries_failed", "Deliveries given up (the destination refused for good, or every "
             "attempt failed)", ["destination", "object"], registry=registry)
+        # set once by each process that runs tasks (multiprocess: the largest of the live and dead children's;
+        # they all apply the same setting)
+        self._torch_threads = Gauge(
+            "specgate_worker_torch_threads", "torch threads the worker's task process runs with, per pool "
+            "(intra_op, inter_op), after worker_torch_threads is applied (0 there: torch's default, one per core)",
+            ["pool"], registry=registry, multiprocess_mode="max")
         self._jobs_failed = Counter(
             "specgate_jobs_failed", "Jobs that ended failed, by reason code (every failed job is final until "
             "an operator retries it)", ["reason"], registry=registry)
@@ -80,6 +86,10 @@ class WorkerMetrics:
                 self._deliveries_failed.labels(destination=destination, object=obj).inc()
 
         return observe
+
+    def torch_threads(self, *, intra_op: int, inter_op: int) -> None:
+        self._torch_threads.labels(pool="intra_op").set(intra_op)
+        self._torch_threads.labels(pool="inter_op").set(inter_op)
 
     def job_failed(self, reason: str) -> None:
         self._jobs_failed.labels(reason=reason).inc()

@@ -25,9 +25,33 @@ from .segmenter import Segmenters
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
 
-__all__ = ["Runtime", "register_tasks"]
+__all__ = ["Runtime", "register_tasks", "set_torch_threads"]
 
 log = logging.getLogger("specgate.worker")
+
+
+def set_torch_threads(threads: int) -> tuple[int, int]:
+    """Size torch's thread pools in this process: ``threads`` intra-op threads (``torch.set_num_threads``)
+    and as many inter-op threads; 0 leaves torch's defaults (one intra-op thread per core). Returns the
+    (intra-op, inter-op) threads torch now uses.
+
+    Why a setting: torch's intra-op threads wait for each other by spinning, so a worker whose threads
+    outnumber the cores it really gets (a small machine shared with the SCP, the database, a second worker)
+    loses time to the spinning instead of gaining it: give it the cores it may use. The inter-op pool can
+    be sized once per process, before any inter-op work (torch raises ``RuntimeError`` otherwise, also in a
+    process forked from one that sized it): then it stays as it is, with a warning; intra-op always applies.
+    """
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+        if torch.get_num_interop_threads() != threads:
+            try:
+                torch.set_num_interop_threads(threads)
+            except RuntimeError as exc:
+                log.warning("torch inter-op threads stay %d, not %d: %s", torch.get_num_interop_threads(),
+                            threads, exc)
+    return torch.get_num_threads(), torch.get_num_interop_threads()
 
 
 class Runtime:
@@ -39,7 +63,23 @@ class Runtime:
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
         self._pid = -1
+        self._started_pid = -1
         self.segmenters = Segmenters(config.models, config.inference, device=device)
+
+    def start_process(self) -> None:
+        """Once in each process that runs tasks, before it opens a model: torch's threads
+        (:func:`set_torch_threads`, ``config.torch_threads``), logged and exported. ``specgate worker`` calls
+        it when Celery starts the pool's child (``worker_process_init``); every task calls it too, so a
+        pool that sends no such signal still applies it before its first model."""
+        if self._started_pid == os.getpid():
+            return
+        self._started_pid = os.getpid()
+        intra, inter = set_torch_threads(self.config.torch_threads)
+        log.info("worker process %d: torch threads %d intra-op, %d inter-op (worker_torch_threads=%d%s)",
+                 os.getpid(), intra, inter, self.config.torch_threads,
+                 ": torch's default" if self.config.torch_threads == 0 else "")
+        if self.metrics is not None:
+            self.metrics.torch_threads(intra_op=intra, inter_op=inter)
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -68,6 +108,7 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
     def segment(self: Any, job_id: int) -> str:
         from ledger.jobs import TransitionError
 
+        runtime.start_process()
         task_id = self.request.id or f"local-{os.getpid()}"
         c = claim(runtime.sessions, job_id, task_id=task_id, worker_id=_worker_id(),
                   stale_after_s=cfg.stale_after_s, metrics=runtime.metrics)

@@ -16,6 +16,7 @@ one float16 foreground map are brought back to the source grid.
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +25,65 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["AdapterError", "Label", "ModelAdapter", "Prediction"]
+__all__ = ["AdapterError", "Label", "ModelAdapter", "Prediction", "StateDictMismatch"]
 
 
 class AdapterError(ValueError):
     """A model folder or file that cannot be used, with the reason (a missing file, a layer that does not
     exist, a checkpoint that does not match its plans, a config that does not parse)."""
+
+
+_SIZE = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, "
+                   r"the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+_KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: ((?:\"[^\"]*\"(?:, )?)+)")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class StateDictMismatch:
+    """What torch's ``load_state_dict`` refused, read from its ``RuntimeError`` (whose text is the only
+    place torch states it): weights missing from the checkpoint, weights the network does not have, and
+    weights of another shape (key, shape in the checkpoint, shape in the network).
+
+    >>> import torch
+    >>> net = torch.nn.Conv3d(1, 2, 3)
+    >>> try:
+    ...     net.load_state_dict(torch.nn.Conv3d(1, 4, 3).state_dict())
+    ... except RuntimeError as exc:
+    ...     print(StateDictMismatch.parse(exc).summary())
+    2 weight(s) of another shape (first: weight is [4, 1, 3, 3, 3] in the checkpoint, [2, 1, 3, 3, 3] in the network)
+    """
+
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
+
+    @classmethod
+    def parse(cls, exc: BaseException) -> StateDictMismatch | None:
+        """The mismatch in ``exc``'s message; None when it is not a ``load_state_dict`` refusal."""
+        text = str(exc)
+        if "Error(s) in loading state_dict" not in text:
+            return None
+        keys: dict[str, tuple[str, ...]] = {"Missing": (), "Unexpected": ()}
+        for kind, listed in _KEYS.findall(text):
+            keys[kind] = tuple(re.findall(r'"([^"]*)"', listed))
+        shapes = tuple((k, _shape(a), _shape(b)) for k, a, b in _SIZE.findall(text))
+        return cls(keys["Missing"], keys["Unexpected"], shapes)
+
+    def summary(self) -> str:
+        parts = []
+        if self.shapes:
+            key, ours, theirs = self.shapes[0]
+            parts.append(f"{len(self.shapes)} weight(s) of another shape (first: {key} is {list(ours)} in the "
+                         f"checkpoint, {list(theirs)} in the network)")
+        if self.missing:
+            parts.append(f"{len(self.missing)} weight(s) missing from the checkpoint (first: {self.missing[0]})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} weight(s) the network does not have (first: {self.unexpected[0]})")
+        return "; ".join(parts) or "torch refused the state dict"
 
 
 @dataclass(frozen=True)

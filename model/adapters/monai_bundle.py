@@ -74,6 +74,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -84,7 +86,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.adapters.base import AdapterError, Label, ModelAdapter, Prediction
+from model.adapters.base import AdapterError, Label, ModelAdapter, Prediction, StateDictMismatch
 from model.preprocess import preprocess
 from model.resample import validate_spacing
 from model.segment import BODY_RULE as SEGMENT_BODY_RULE
@@ -106,6 +108,19 @@ _IMAGE, _PRED = "image", "pred"  # the keys SupervisedEvaluator's default_prepar
 # unknown ids or targets, bad arguments, expressions that do not evaluate
 _CONFIG_ERRORS = (ValueError, KeyError, TypeError, RuntimeError, ImportError, AttributeError, SyntaxError, NameError,
                   IndexError)
+# what torch.load raises for a file that is not a checkpoint: a zip torch cannot read (RuntimeError), a legacy
+# file cut short (struct.error, EOFError), a pickle that weights_only refuses or that is not one (UnpicklingError)
+_CHECKPOINT_ERRORS = (RuntimeError, OSError, ValueError, EOFError, struct.error, pickle.UnpicklingError)
+
+
+def _syntax_errors() -> tuple[type[BaseException], ...]:
+    """What reading a config file raises for bad syntax: JSON's ``ValueError`` and, when PyYAML is there
+    (MONAI reads ``.yaml`` configs with it), ``yaml.YAMLError``, which is no ``ValueError``."""
+    try:
+        import yaml
+    except ImportError:  # no PyYAML: MONAI refuses a .yaml config with an OptionalImportError (ImportError)
+        return _CONFIG_ERRORS
+    return (*_CONFIG_ERRORS, yaml.YAMLError)
 
 
 def ras_affine(spacing: Sequence[float], direction: np.ndarray | None = None) -> np.ndarray:
@@ -289,8 +304,9 @@ class MonaiBundleAdapter(ModelAdapter):
         try:
             parser.read_meta(meta_path)
             parser.read_config(cfg_path)
-        except _CONFIG_ERRORS as exc:  # JSON/YAML syntax
-            raise AdapterError(f"{cfg_path}: the inference config cannot be parsed: {exc}") from None
+        except _syntax_errors() as exc:  # JSON/YAML syntax
+            raise AdapterError(f"{cfg_path}: the inference config cannot be parsed: {type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())}") from None
         parser["bundle_root"] = str(root)
         parser["device"] = f"$torch.device({str(dev)!r})"
         for key in ("network_def", "preprocessing", "inferer", "postprocessing"):
@@ -322,7 +338,11 @@ class MonaiBundleAdapter(ModelAdapter):
         chosen = default_layer(network) if layer is None else layer
         if chosen not in names:
             near = [n for n in names if n.startswith(chosen.rsplit(".", 1)[0])][:8] or names[-8:]
-            raise AdapterError(f"layer {chosen!r} does not exist in the bundle's {_net_kind(network)}; "
+            try:
+                default = f" (the default is {default_layer(network)!r})"
+            except AdapterError:
+                default = ""
+            raise AdapterError(f"layer {chosen!r} does not exist in the bundle's {_net_kind(network)}{default}; "
                                f"valid names include: {', '.join(near)}")
 
         evaluator = parser.get("evaluator")
@@ -349,7 +369,7 @@ class MonaiBundleAdapter(ModelAdapter):
         if load_path.is_file():
             try:
                 ckpt = torch.load(load_path, map_location="cpu", weights_only=True)
-            except (RuntimeError, OSError, ValueError) as exc:  # pickle errors are RuntimeError/UnpicklingError
+            except _CHECKPOINT_ERRORS as exc:
                 raise AdapterError(f"{load_path}: not a PyTorch checkpoint: {exc}") from None
         elif ts.is_file():
             try:
@@ -365,7 +385,10 @@ class MonaiBundleAdapter(ModelAdapter):
         try:
             network.load_state_dict(ckpt, strict=strict)
         except RuntimeError as exc:
-            raise AdapterError(f"{load_path}: does not match network_def: {str(exc)[:400]}") from None
+            mismatch = StateDictMismatch.parse(exc)
+            why = mismatch.summary() if mismatch is not None else str(exc)[:400]
+            raise AdapterError(f"{load_path}: does not match network_def ({_net_kind(network)} of {cfg_path.name}): "
+                               f"{why}") from None
 
     @staticmethod
     def _settings_of(pre: Any, inferer: Any, layer: str, net_kind: str) -> dict[str, Any]:

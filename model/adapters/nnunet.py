@@ -82,6 +82,7 @@ import itertools
 import json
 import math
 import pickle
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,7 +90,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from model.adapters.base import AdapterError, Label, ModelAdapter, Prediction
+from model.adapters.base import AdapterError, Label, ModelAdapter, Prediction, StateDictMismatch
 from model.ood import sha256_file
 from model.segment import BODY_RULE, body_mask
 from model.window_gram import OWNERSHIP_RULE, WindowGram
@@ -293,9 +294,13 @@ class NnUNetAdapter(ModelAdapter):
             allow_tqdm=False)
         try:
             predictor.initialize_from_trained_model_folder(str(path), use_folds=folds, checkpoint_name=CHECKPOINT)
-        except (RuntimeError, KeyError, pickle.UnpicklingError, EOFError) as e:
-            raise AdapterError(f"nnU-Net model folder {path} (folds {list(folds)}): the checkpoint cannot be "
-                               f"loaded against plans.json: {type(e).__name__}: {str(e)[:800]}") from e
+        except RuntimeError as e:
+            mismatch = StateDictMismatch.parse(e)
+            if mismatch is not None:  # nnU-Net loads the first fold's weights into the network it built
+                raise cls._mismatch(path, folds[0], plans, dataset_json, mismatch) from e
+            raise cls._unreadable(path, folds, e) from e
+        except (KeyError, pickle.UnpicklingError, EOFError) as e:
+            raise cls._unreadable(path, folds, e) from e
         except ImportError as e:  # nnU-Net finds the checkpoint's trainer by importing every trainer module
             raise AdapterError(f"nnU-Net model folder {path}: nnU-Net could not import a module while looking up "
                                f"the trainer its checkpoints name ({type(e).__name__}: {e}); install the missing "
@@ -320,8 +325,11 @@ class NnUNetAdapter(ModelAdapter):
             raise AdapterError(f"{type(network).__name__} has no decoder.stages; name the signature layer, one of: "
                                f"{', '.join(names)}")
         if chosen not in names:
-            raise AdapterError(f"layer {chosen!r} does not exist in {type(network).__name__}; valid names: "
-                               f"{', '.join(names)}")
+            default = _default_layer(network)
+            stages = [n for n in names if n.count(".") == 2 and n.split(".")[1] == "stages"]
+            raise AdapterError(f"layer {chosen!r} does not exist in {type(network).__name__}"
+                               + (f" (the default is {default!r})" if default else "")
+                               + f"; its stages: {', '.join(stages) or '-'}; every module: {', '.join(names)}")
 
         files = {"dataset.json": path / "dataset.json", "plans.json": path / "plans.json"}
         files.update({f"fold_{f}/{CHECKPOINT}": path / f"fold_{f}" / CHECKPOINT for f in folds})
@@ -382,6 +390,66 @@ class NnUNetAdapter(ModelAdapter):
         return tuple(sorted(out, key=lambda lab: lab.value))
 
     @staticmethod
+    def _saved(path: Path, fold: int | str) -> dict[str, Any]:
+        """One fold's checkpoint as nnU-Net reads it (a pickle: nnU-Net's own ``torch.load``, weights_only
+        False); :class:`AdapterError` naming the file when it is not an nnU-Net checkpoint."""
+        ck = path / f"fold_{fold}" / CHECKPOINT
+        try:
+            saved = torch.load(ck, map_location="cpu", weights_only=False)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, struct.error) as e:
+            raise AdapterError(f"nnU-Net model folder {path}: fold_{fold}/{CHECKPOINT} is not a readable PyTorch "
+                               f"checkpoint: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+        missing = [k for k in ("network_weights", "trainer_name", "init_args") if not isinstance(saved, dict)
+                   or k not in saved]
+        if missing:
+            raise AdapterError(f"nnU-Net model folder {path}: fold_{fold}/{CHECKPOINT} is not an nnU-Net checkpoint "
+                               f"(no {', '.join(repr(k) for k in missing)})")
+        return dict(saved)
+
+    @classmethod
+    def _unreadable(cls, path: Path, folds: tuple[int | str, ...], error: BaseException) -> AdapterError:
+        """What nnU-Net's loader stumbled on: the first fold whose checkpoint does not read, or its message."""
+        for fold in folds:
+            try:
+                cls._saved(path, fold)
+            except AdapterError as e:
+                return e
+        return AdapterError(f"nnU-Net model folder {path} (folds {list(folds)}): the checkpoint cannot be loaded "
+                            f"against plans.json: {type(error).__name__}: {str(error)[:800]}")
+
+    @classmethod
+    def _mismatch(cls, path: Path, fold: int | str, plans: dict[str, Any], dataset_json: dict[str, Any],
+                  mismatch: StateDictMismatch) -> AdapterError:
+        """A fold's weights against the network nnU-Net built from ``plans.json`` (the checkpoint's
+        configuration) and ``dataset.json`` (one output per label): which file, which network, and when the
+        checkpoint shows it, the number of stages or of classes that differs."""
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        saved = cls._saved(path, fold)
+        weights = saved["network_weights"]
+        configuration = str(saved["init_args"].get("configuration", "?"))
+        names = [str(n) for n in dataset_json.get("labels", {})]
+        hints = []
+        try:
+            cm = PlansManager(plans).get_configuration(configuration)
+            kw = dict(cm.network_arch_init_kwargs)
+            network = f"{cm.network_arch_class_name.rsplit('.', 1)[-1]} with n_stages {kw.get('n_stages')}, " \
+                      f"features_per_stage {kw.get('features_per_stage')}"
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError):
+            kw, network = {}, "?"
+        stages = {k.split(".")[2] for k in weights if k.startswith("encoder.stages.") and k.count(".") > 2}
+        if stages and isinstance(kw.get("n_stages"), int) and len(stages) != kw["n_stages"]:
+            hints.append(f"the checkpoint has {len(stages)} encoder stages, plans.json {kw['n_stages']}")
+        heads = sorted((k for k in weights if k.startswith("decoder.seg_layers.") and k.endswith(".weight")),
+                       key=lambda k: int(k.split(".")[2]) if k.split(".")[2].isdigit() else -1)
+        if heads and names and int(weights[heads[-1]].shape[0]) != len(names):
+            hints.append(f"the checkpoint's segmentation head gives {int(weights[heads[-1]].shape[0])} classes, "
+                         f"dataset.json's labels are {len(names)} ({', '.join(names)})")
+        return AdapterError(f"{path / f'fold_{fold}' / CHECKPOINT} does not match the network of plans.json and "
+                            f"dataset.json (configuration {configuration!r}: {network}; {len(names)} classes): "
+                            + "; ".join([*hints, mismatch.summary()]))
+
+    @staticmethod
     def _configuration_name(predictor: Any) -> str:
         """The name of the configuration nnU-Net took from the checkpoint (``init_args``); the predictor
         keeps only its content."""
@@ -399,8 +467,12 @@ class NnUNetAdapter(ModelAdapter):
             try:
                 predictor.network.load_state_dict(params)
             except RuntimeError as e:
-                raise AdapterError(f"{path / f'fold_{fold}' / CHECKPOINT} does not match the network of "
-                                   f"plans.json: {str(e)[:800]}") from e
+                mismatch = StateDictMismatch.parse(e)
+                if mismatch is None:
+                    raise AdapterError(f"{path / f'fold_{fold}' / CHECKPOINT} does not match the network of "
+                                       f"plans.json: {str(e)[:800]}") from e
+                raise NnUNetAdapter._mismatch(path, fold, predictor.plans_manager.plans, predictor.dataset_json,
+                                              mismatch) from e
         predictor.network.load_state_dict(predictor.list_of_parameters[0])
 
     @property

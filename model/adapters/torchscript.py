@@ -239,7 +239,7 @@ class TorchScriptAdapter(ModelAdapter):
         adapter = cls(module, spec, name=spec.name or path.stem, version=spec.version or "",
                       files_sha256=sha, device=device)
         adapter.version = adapter.version or f"sha256-{adapter.model_sha256()[:12]}"
-        adapter._check_outputs(path)
+        adapter._check_outputs(path, spec_path)
         return adapter
 
     def _run(self, x: Any) -> tuple[Any, Any]:
@@ -260,8 +260,9 @@ class TorchScriptAdapter(ModelAdapter):
                                f"{tuple(x.shape[2:])}: the signature needs the feature map at the logits' resolution")
         return logits, feats
 
-    def _check_outputs(self, path: Path) -> None:
-        """Run the module on one window of zeros: the outputs the spec names must exist."""
+    def _check_outputs(self, path: Path, spec_path: Path) -> None:
+        """Run the module on one window of zeros: the outputs the spec names must exist; a refusal names
+        both files (the module and the spec that does not describe it)."""
         import torch
 
         with torch.inference_mode():
@@ -269,6 +270,8 @@ class TorchScriptAdapter(ModelAdapter):
                 self._run(torch.zeros((1, 1, *self.spec.patch_size), device=self.device))
             except RuntimeError as exc:
                 raise AdapterError(f"{path} does not run on a {self.spec.patch_size} window: {exc}") from exc
+            except AdapterError as exc:
+                raise AdapterError(f"{path} against {spec_path}: {exc}") from None
 
     def signature_settings(self) -> dict[str, Any]:
         from model.segment import BODY_RULE

@@ -21,6 +21,8 @@ from model.unet import SegNet, save_weights
 from specgate._context import StartupError
 from specgate.cli import AppContext, main
 from specgate.settings import Settings
+from tests.model_factories.torchscript_model import SPEC as TS_SPEC
+from tests.model_factories.torchscript_model import write_torchscript_model
 
 Run = Callable[..., Result]
 
@@ -129,42 +131,10 @@ def test_register_refuses_naming_the_problem(migrated, cli: Run, weights: Path, 
     assert len(_events(sessions, "model.registered")) == (1 if case == "name taken" else 0)
 
 
-TS_SPEC = """
-model = "net.ts"
-[input]
-spacing = { CT = [4.0, 4.0, 4.0] }
-normalization = { CT = "ct_window" }
-ct_window = [-1000, 1000]
-[inference]
-patch_size = [8, 16, 16]
-overlap = 0.25
-mode = "gaussian"
-[output]
-classes = ["background", "liver", "spleen"]
-[signature]
-output = 1
-"""
-
-
-class _TwoOutputs(torch.nn.Module):
-    """(logits, features): a TorchScript export names its signature's feature map as an output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = torch.nn.Conv3d(1, 4, 3, padding=1)
-        self.head = torch.nn.Conv3d(4, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = torch.relu(self.features(x))
-        return self.head(f), f
-
-
 @pytest.fixture(scope="module")
 def torchscript(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ts")
-    torch.jit.save(torch.jit.trace(_TwoOutputs().eval(), torch.zeros(1, 1, 8, 16, 16)), str(d / "net.ts"))
-    return d / "net.ts"
+    net, _spec = write_torchscript_model(tmp_path_factory.mktemp("ts"))
+    return net
 
 
 def test_register_a_torchscript_model_and_refuse_its_bad_specs(migrated, cli: Run, torchscript: Path,

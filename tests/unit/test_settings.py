@@ -49,6 +49,8 @@ def test_environment_lists_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SPECGATE_SCP_MAX_INSTANCE_BYTES", "1000", "SPECGATE_SCP_MAX_INSTANCE_BYTES"),
         ("SPECGATE_SCP_MAX_SEQUENCE_DEPTH", "0", "SPECGATE_SCP_MAX_SEQUENCE_DEPTH"),
         ("SPECGATE_SCP_MAX_ASSOCIATION_BYTES", "1048576", "could not carry one instance"),
+        ("SPECGATE_WORKER_TORCH_THREADS", "-1", "SPECGATE_WORKER_TORCH_THREADS"),
+        ("SPECGATE_WORKER_TORCH_THREADS", "two", "SPECGATE_WORKER_TORCH_THREADS"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
@@ -152,6 +154,8 @@ def test_worker_config_carries_what_the_worker_needs(tmp_path: Path) -> None:
     assert w.pipeline.stale_after_s == 90 and w.pipeline.rule("default-ct-mr") == s.rules[0]
     assert w.inference.spacing == (("CT", (4.0, 4.0, 4.0)),)
     assert w.delivery.destinations == (s.destination("pacs"),) and w.delivery.retry.max_attempts == 2
+    assert w.torch_threads == 0  # torch decides
+    assert Settings.load(data_dir=tmp_path, worker_torch_threads=2).worker_config().torch_threads == 2
 
 
 def test_cli_refuses_bad_settings_naming_them(monkeypatch: pytest.MonkeyPatch) -> None:

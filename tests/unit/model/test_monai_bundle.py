@@ -5,10 +5,8 @@ windows' signature against the stitched full feature map; the refusals."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import monai  # noqa: F401  (in the dev extra: missing is a failure, not a skip)
@@ -21,18 +19,17 @@ from model.adapters.monai_bundle import MonaiBundleAdapter, default_layer  # noq
 from model.data.phantoms import phantom_case  # noqa: E402
 from model.ood import signature_from_gram  # noqa: E402
 from model.window_gram import stitch_features  # noqa: E402
-from tests.model_factories.monai_bundle import LABELS, ROI, write_bundle, write_nifti  # noqa: E402
+from tests.conftest import copy_model  # noqa: E402
+from tests.model_factories.monai_bundle import LABELS, ROI, write_nifti  # noqa: E402
 
 # a held-out phantom at 5 x 4 x 4 mm (the bundle resamples to 4 mm: Spacingd and its inversion both work)
 CASE = ("ct_liver", 0, 11)
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return write_bundle(tmp_path_factory.mktemp("bundle") / "phantom_liver", iterations=32)
+def bundle(monai_bundle: Path) -> Path:
+    """The session's bundle (``tests/conftest.py``)."""
+    return monai_bundle
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +38,7 @@ def adapter(bundle: Path) -> MonaiBundleAdapter:
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "copy"
-    shutil.copytree(bundle / "configs", out / "configs")
-    shutil.copytree(bundle / "models", out / "models")
-    return out
+    return copy_model(bundle, tmp_path / "copy")
 
 
 def test_open_reads_the_bundle(adapter: MonaiBundleAdapter) -> None:

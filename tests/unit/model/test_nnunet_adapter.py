@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 import nnunetv2  # noqa: F401  (installed by `make setup`, Makefile --no-deps step: missing is a failure, not a skip)
@@ -18,17 +17,11 @@ from model.adapters.nnunet import NnUNetAdapter  # noqa: E402
 from model.data.clinical import Geometry, clinical_case  # noqa: E402
 from model.ood import signature_from_gram  # noqa: E402
 from model.window_gram import stitch_features  # noqa: E402
-from tests.model_factories.nnunet_model import build_nnunet_model  # noqa: E402
+from tests.conftest import copy_model  # noqa: E402
 
 # a CT on another grid than the model's (5 x 4 x 4 mm): nnU-Net resamples it in and the logits back out;
 # on the network grid (24, 40, 40) with patch (16, 32, 32): 2 x 2 x 2 windows, each run 8 times (mirrors)
 GEOMETRY = Geometry((30, 64, 64), (4.0, 2.5, 2.5), (2.0, -3.0, 4.0))
-
-
-@pytest.fixture(scope="session")
-def nnunet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(2)
-    return build_nnunet_model(tmp_path_factory.mktemp("nnunet"), iterations=30).model_dir
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +149,7 @@ def test_signature_settings_and_labels(two_folds):  # type: ignore[no-untyped-de
 
 
 def _copy(model: Path, tmp: Path) -> Path:
-    dst = tmp / "model"
-    shutil.copytree(model, dst)
-    return dst
+    return copy_model(model, tmp / "model")
 
 
 def test_refuses_a_missing_checkpoint(nnunet_model, tmp_path):  # type: ignore[no-untyped-def]
@@ -179,7 +170,9 @@ def test_refuses_a_checkpoint_that_does_not_match_its_plans(nnunet_model, tmp_pa
     plans = json.loads((m / "plans.json").read_text())
     plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32]
     (m / "plans.json").write_text(json.dumps(plans))
-    with pytest.raises(AdapterError, match=r"(?s)cannot be loaded against plans\.json.*size mismatch"):
+    with pytest.raises(AdapterError, match=r"fold_0/checkpoint_final\.pth does not match the network of plans\.json and "
+                                           r"dataset\.json \(configuration '3d_fullres': PlainConvUNet with n_stages 3, "
+                                           r"features_per_stage \[8, 16, 32\]; 2 classes\): \d+ weight\(s\) of another shape"):
         NnUNetAdapter.open(m, folds=(0,))
 
 
