@@ -4,10 +4,14 @@
   with its format's own loader (:func:`model.adapters.open_adapter`), runs it on a small synthetic volume,
   and records it in the ledger (:mod:`ledger.models`): files and their SHA-256, labels, layer, signature
   settings, optional SNOMED CT codes per label. ``list`` shows them.
-- ``fit-ood NAME --data DIR...``: the registered model's OOD bank, fitted through the adapter's
-  ``predict`` (what the worker runs) on the site's images; the bank goes into the data directory and its
-  SHA-256 into the ledger, and the model becomes live (routable).
-- ``train``, ``fit-ood --weights``, ``evaluate``: the SegNet of the paper (Karimi & Gholipour 2023).
+- ``fit-ood NAME --data DIR... [--like DIR... --regrids N --seed S]``: the registered model's OOD bank,
+  fitted through the adapter's ``predict`` (what the worker runs) on the site's images, each also
+  re-gridded to the grids of the site's own scanners with ``--like`` (:class:`model.bank_fit.Regrids`);
+  the bank goes into the data directory and its SHA-256 into the ledger, and the model becomes live.
+- ``evaluate NAME --data DIR... --ood DIR...``: any registered model through its adapter and its bank
+  (:func:`model.evaluate.evaluate_adapter`): DSC per label, ECE/MCE, the gate's figures.
+- ``train``, ``fit-ood --weights``, ``evaluate --weights --bank``: the SegNet of the paper (Karimi &
+  Gholipour 2023), by its weights file.
 
 ``register``, ``list`` and the registered-model halves of ``fit-ood`` and ``evaluate`` live in
 :mod:`specgate._cli_model_registry`. Commands that need the settings or the ledger take the typed
