@@ -176,8 +176,12 @@ def _run_dataset(predict: Predict, gate: SpectralGate, name: str, cases: Cases, 
     probabilities and labels of the labelled cases; ``label_names``: the model's labels (value -> name),
     each scored by its DSC where the model makes a label map."""
     run = _DatasetRun(per_label={n: [] for n in (label_names or {}).values()})
-    for cs in _progress(cases, progress, name):
-        r = predict(cs)
+    for i, cs in enumerate(_progress(cases, progress, name)):
+        try:
+            r = predict(cs)
+        except Exception as exc:  # re-raised, with the case it failed on
+            exc.add_note(f"dataset {name!r}, case {getattr(cs, 'name', i)!r} ({cs.modality}, shape {cs.image.shape})")
+            raise
         s, _flagged, why = gate.verdict(gate.observe(r), cs.modality)
         run.scores.append(s)
         # for detection metrics a modality the bank never saw ranks above every OODM

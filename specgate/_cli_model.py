@@ -295,8 +295,10 @@ def evaluate_cmd(name: str | None, weights: Path | None, bank: Path | None, data
     path), with the DSC of each of its labels by name; else a SegNet --weights file and its --bank.
     Metrics are computed on each image's own grid.
     """
+    from model.adapters import AdapterError
     from model.evaluate import evaluate, evaluate_adapter, format_report
     from model.ood import BankMismatchError
+    from model.resample import GridError
 
     dev = resolve_device(device)
     if name is not None:
@@ -311,7 +313,11 @@ def evaluate_cmd(name: str | None, weights: Path | None, bank: Path | None, data
         ids, oods = _load_site(data, "data", mod), _load_site(ood, "ood", mod)
         _refuse_clash(set(ids), set(oods))
         out = out or app.data_dir / "evaluation" / name
-        m = evaluate_adapter(adapter, gate, ids, oods, out_dir=out, progress=True)
+        try:
+            m = evaluate_adapter(adapter, gate, ids, oods, out_dir=out, progress=True)
+        except (AdapterError, GridError) as exc:  # a case the model cannot run (the worker would fail it too)
+            where = "; ".join(getattr(exc, "__notes__", []))
+            raise click.ClickException(f"model {name!r} failed on {where}: {exc}") from exc
     else:
         if weights is None or bank is None:
             raise click.UsageError("give NAME (a registered model), or --weights and --bank")

@@ -378,6 +378,10 @@ def fit_registered(app: AppContext, name: str, data: tuple[Path, ...], modality:
             click.echo(f"scanner geometry {g.modality} {'x'.join(map(str, g.geometry.shape))} at "
                        f"{', '.join(f'{v:g}' for v in g.geometry.spacing)} mm ({g.series} series, {g.source})",
                        err=True)
+        for m in sorted(set(cases.modalities())):
+            if plan.count(m) == 0:
+                click.echo(f"note: --like has no {m} series: the {m} images go into the bank at their own grid "
+                           "only", err=True)
     try:
         gate = fit_adapter_bank(adapter, cases, c=c, progress=True, regrids=plan,
                                 total=regrid_total(cases.modalities(), plan),

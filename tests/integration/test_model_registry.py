@@ -252,6 +252,11 @@ def test_fit_ood_refuses_what_it_cannot_use(migrated, cli: Run, weights: Path, t
     assert "holds no images" in res.output
     res = cli("model", "fit-ood", "liver", "--data", str(msd), "--weights", str(weights), expect=2)
     assert "--weights: not for a registered model" in res.output
+    res = cli("model", "fit-ood", "liver", "--data", str(msd), "--like", str(empty), expect=2)
+    assert f"{empty} holds no DICOM series" in " ".join(res.output.split())
+    res = cli("model", "fit-ood", "--weights", str(weights), "--out", str(tmp_path / "b.npz"), "--data", str(msd),
+              "--like", str(msd), expect=2)
+    assert "--like/--regrids: for a registered model" in res.output
     # the registered file changed: its bank would judge another model
     copy = tmp_path / "liver.pt"
     copy.write_bytes(weights.read_bytes())
@@ -477,3 +482,8 @@ def test_fit_ood_like_regrids_to_the_sites_scanners_and_evaluate_runs_any_format
     assert "DSC per label: liver=" in table and "spleen=" in table and "OOD detection:" in table
     res = cli("model", "evaluate", "abdomen", "--data", str(multilabel), "--spacing", "CT=1,1,1", expect=2)
     assert "--spacing: not for a registered model" in res.output
+    # a case the model cannot run is named (the spec has no MR spacing)
+    prostate = write_msd_dataset(tmp_path / "mr", "mr_prostate", 1, seed=5)
+    res = cli("model", "evaluate", "abdomen", "--data", str(prostate), "--device", "cpu", expect=1)
+    assert "model 'abdomen' failed on dataset 'mr_prostate', case 'mr_prostate_000' (MR" in res.output
+    assert "no spacing for modality 'MR'" in res.output
