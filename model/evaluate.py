@@ -1,10 +1,16 @@
 """Fitting the OOD bank and evaluating a model: what ``specgate model fit-ood`` / ``evaluate`` run.
 
-Cases are anything with ``image`` (native units), ``modality``, ``spacing`` and optionally ``label`` and
-``name`` attributes: :class:`model.data.volumes.Case` or :class:`model.data.phantoms.PhantomCase`.
+Cases are anything with ``image`` (native units), ``modality``, ``spacing`` and optionally ``label``,
+``label_map`` and ``name`` attributes: :class:`model.data.volumes.Case` or
+:class:`model.data.phantoms.PhantomCase`.
 
-Both go through :func:`model.segment.segment_volume` with one :class:`model.segment.InferenceSettings`:
-the path the worker runs. Segmentation metrics are computed on each case's own (source) grid.
+One evaluation loop (:func:`evaluate_cases`) is fed by a per-case :data:`Predict` callable: a bare SegNet
+through :func:`model.segment.segment_volume` with one :class:`model.segment.InferenceSettings`
+(:func:`evaluate`, :func:`segnet_predict`), or any registered model through its adapter's
+:meth:`~model.adapters.base.ModelAdapter.predict` (:func:`evaluate_adapter`, :func:`adapter_predict`):
+in both cases the path the worker runs. Segmentation metrics are computed on each case's own (source)
+grid; a model that names its labels also gets the DSC of each label (its value in the model's label
+map against the same value in the ground truth's ``label_map``).
 """
 
 from __future__ import annotations
@@ -12,10 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +33,11 @@ from model.metrics import assd, dice, hd95, ood_detection_metrics
 from model.ood import SpectralGate
 from model.segment import InferenceSettings, StudyInference, segment_volume
 
-__all__ = ["evaluate", "fit_bank", "format_report", "oodm_histogram", "run_case"]
+if TYPE_CHECKING:
+    from model.adapters.base import ModelAdapter
+
+__all__ = ["CaseOutput", "Predict", "adapter_predict", "evaluate", "evaluate_adapter", "evaluate_cases", "fit_bank",
+           "format_report", "oodm_histogram", "run_case", "segnet_predict"]
 
 DECIMALS = 4
 
@@ -45,6 +55,39 @@ def run_case(net: nn.Module, case: Any, settings: InferenceSettings,
     """One case through the production path (:func:`model.segment.segment_volume`), float32 output."""
     return segment_volume(net, case.image, case.spacing, case.modality, settings, device=device,
                           out_dtype=np.float32)
+
+
+@dataclass
+class CaseOutput:
+    """What the evaluation needs of one case through a model, on the case's own grid: the foreground
+    probability (1 - P(background)), the signature, and the label map when the model makes one (then the
+    segmentation is ``labels > 0`` and each label gets its DSC; else ``foreground >= 0.5``)."""
+
+    foreground: np.ndarray
+    signature: np.ndarray
+    labels: np.ndarray | None = None
+
+
+#: one case -> its :class:`CaseOutput`: what :func:`evaluate_cases` runs on every case
+Predict = Callable[[Any], CaseOutput]
+
+
+def segnet_predict(net: nn.Module, settings: InferenceSettings,
+                   device: str | torch.device | None = None) -> Predict:
+    """A bare SegNet through :func:`run_case` (float32 probabilities of every class on the source grid)."""
+    def predict(case: Any) -> CaseOutput:
+        r = run_case(net, case, settings, device)
+        return CaseOutput(foreground=r.foreground, signature=r.signature)
+    return predict
+
+
+def adapter_predict(adapter: ModelAdapter) -> Predict:
+    """A registered model through :meth:`~model.adapters.base.ModelAdapter.predict`, the worker's path:
+    its label map and float16 foreground on the source grid."""
+    def predict(case: Any) -> CaseOutput:
+        r = adapter.predict(case.image, case.spacing, case.modality)
+        return CaseOutput(foreground=r.foreground, signature=r.signature, labels=r.labels)
+    return predict
 
 
 def _progress(items: Cases, on: bool, desc: str) -> Iterable[Any]:
@@ -103,9 +146,12 @@ def _resolve_settings(gate: SpectralGate, settings: InferenceSettings | None) ->
     return settings
 
 
-def _segmentation_metrics(p: np.ndarray, lab: np.ndarray, spacing: Any, band: int, bins: int) -> dict[str, float]:
-    """DSC, HD95, ASSD of ``p >= 0.5`` against ``lab``, and ECE, MCE of the probabilities ``p``."""
-    pred = p >= 0.5
+def _segmentation_metrics(p: np.ndarray, lab: np.ndarray, spacing: Any, band: int, bins: int,
+                          pred: np.ndarray | None = None) -> dict[str, float]:
+    """DSC, HD95, ASSD of ``pred`` (default ``p >= 0.5``) against ``lab``, and ECE, MCE of the
+    probabilities ``p``."""
+    if pred is None:
+        pred = p >= 0.5
     metrics = {"dsc": dice(pred, lab), "hd95": hd95(pred, lab, spacing), "assd": assd(pred, lab, spacing)}
     metrics["ece"], metrics["mce"] = ece_mce(p, lab, band=band, bins=bins)
     return metrics
@@ -117,20 +163,25 @@ class _DatasetRun:
 
     rows: dict[str, list[float]] = field(  # segmentation metrics of the labelled cases
         default_factory=lambda: {"dsc": [], "hd95": [], "assd": [], "ece": [], "mce": []})
+    per_label: dict[str, list[float]] = field(default_factory=dict)  # DSC of each of the model's labels
     scores: list[float] = field(default_factory=list)  # OODM
     decisions: list[float] = field(default_factory=list)  # OODM, inf for a modality the bank never saw
     probs: list[np.ndarray] = field(default_factory=list)  # foreground maps, for the reliability diagram
     labels: list[np.ndarray] = field(default_factory=list)
 
 
-def _run_dataset(net: nn.Module, gate: SpectralGate, name: str, cases: Cases, settings: InferenceSettings,
-                 device: str | torch.device | None, band: int, bins: int, keep_maps: bool,
-                 progress: bool) -> _DatasetRun:
-    """Every case of ``cases`` through the production path and the gate; ``keep_maps``: keep the foreground
-    probabilities and labels of the labelled cases."""
-    run = _DatasetRun()
-    for cs in _progress(cases, progress, name):
-        r = run_case(net, cs, settings, device)
+def _run_dataset(predict: Predict, gate: SpectralGate, name: str, cases: Cases, band: int, bins: int,
+                 keep_maps: bool, progress: bool, label_names: Mapping[int, str] | None = None) -> _DatasetRun:
+    """Every case of ``cases`` through ``predict`` and the gate; ``keep_maps``: keep the foreground
+    probabilities and labels of the labelled cases; ``label_names``: the model's labels (value -> name),
+    each scored by its DSC where the model makes a label map."""
+    run = _DatasetRun(per_label={n: [] for n in (label_names or {}).values()})
+    for i, cs in enumerate(_progress(cases, progress, name)):
+        try:
+            r = predict(cs)
+        except Exception as exc:  # re-raised, with the case it failed on
+            exc.add_note(f"dataset {name!r}, case {getattr(cs, 'name', i)!r} ({cs.modality}, shape {cs.image.shape})")
+            raise
         s, _flagged, why = gate.verdict(gate.observe(r), cs.modality)
         run.scores.append(s)
         # for detection metrics a modality the bank never saw ranks above every OODM
@@ -138,11 +189,17 @@ def _run_dataset(net: nn.Module, gate: SpectralGate, name: str, cases: Cases, se
         lab = getattr(cs, "label", None)
         if lab is None:
             continue
-        p = r.foreground
-        for k, v in _segmentation_metrics(p, lab, cs.spacing, band, bins).items():
+        p = np.asarray(r.foreground, dtype=np.float32)
+        pred = None if r.labels is None else np.asarray(r.labels) > 0
+        for k, v in _segmentation_metrics(p, lab, cs.spacing, band, bins, pred).items():
             run.rows[k].append(v)
+        if r.labels is not None and label_names:
+            truth = getattr(cs, "label_map", None)
+            truth = np.asarray(lab if truth is None else truth)
+            for value, label in label_names.items():
+                run.per_label[label].append(dice(r.labels == value, truth == value))
         if keep_maps:
-            run.probs.append(np.asarray(p, dtype=np.float32))
+            run.probs.append(p)
             run.labels.append(np.asarray(lab, dtype=bool))
     return run
 
@@ -152,10 +209,65 @@ def _dataset_entry(run: _DatasetRun, n: int, is_ood: bool, tau: float) -> dict[s
     entry: dict[str, Any] = {"n": n, "in_distribution": not is_ood}
     if run.rows["dsc"]:
         entry.update({k: _r(_nanmean(v)) for k, v in run.rows.items()})
+        if run.per_label:
+            entry["dsc_per_label"] = {k: _r(_nanmean(v)) for k, v in run.per_label.items()}
     entry["flagged_ood"] = int(sum(d > tau for d in run.decisions))
     if any(d == float("inf") for d in run.decisions):
         entry["held_for_modality"] = int(sum(d == float("inf") for d in run.decisions))
     return entry
+
+
+def evaluate_cases(
+    predict: Predict,
+    gate: SpectralGate,
+    datasets: Mapping[str, Cases],
+    ood_datasets: Mapping[str, Cases] | None = None,
+    inference: Mapping[str, Any] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    band: int = 10,
+    bins: int = 10,
+    progress: bool = False,
+    label_names: Mapping[int, str] | None = None,
+) -> dict[str, Any]:
+    """Segmentation (DSC, HD95, ASSD, ECE, MCE: per-dataset means; DSC per label with ``label_names``)
+    and OOD detection metrics of every case through ``predict`` and ``gate``.
+
+    ``datasets`` are in distribution, ``ood_datasets`` are not. ``inference``: how the cases were run,
+    reported as ``result["inference"]`` (with ``band`` and ``bins``). With ``out_dir``, writes
+    ``metrics.json``, ``oodm_histogram.png`` and one ``reliability_<dataset>.png`` per labelled dataset.
+    Floats are rounded to 4 decimals; NaN/undefined values are ``None``.
+    """
+    ood_datasets = ood_datasets or {}
+    seg: dict[str, Any] = {}
+    oodm: dict[str, list[float]] = {}
+    scores_in: list[float] = []
+    scores_out: list[float] = []
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for is_ood, group in ((False, datasets), (True, ood_datasets)):
+        for name, cases in group.items():
+            run = _run_dataset(predict, gate, name, cases, band, bins, out is not None, progress, label_names)
+            oodm[name] = [_r(s) for s in run.scores]  # type: ignore[misc]
+            (scores_out if is_ood else scores_in).extend(run.decisions)
+            seg[name] = _dataset_entry(run, len(cases), is_ood, gate.tau)
+            if out is not None and run.probs:
+                reliability_diagram(run.probs, run.labels, out / f"reliability_{name}.png", band=band, bins=bins,
+                                    title=name)
+    result: dict[str, Any] = {
+        "inference": {**(inference or {}), "band": band, "bins": bins},
+        "gate": {"tau": _r(gate.tau), "c": gate.c, "bank_size": int(gate.bank.shape[0])},
+        "datasets": seg,
+        "oodm": oodm,
+    }
+    if scores_in and scores_out:
+        result["ood"] = {k: _r(v) for k, v in ood_detection_metrics(scores_in, scores_out, gate.tau).items()}
+        result["ood"].update({"n_in": len(scores_in), "n_out": len(scores_out)})
+    if out is not None:
+        oodm_histogram({k: v for k, v in oodm.items() if k in datasets},
+                       {k: v for k, v in oodm.items() if k in ood_datasets}, gate.tau, out / "oodm_histogram.png")
+        atomic_write(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True).encode())
+    return result
 
 
 def evaluate(
@@ -170,46 +282,35 @@ def evaluate(
     bins: int = 10,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Segmentation (DSC, HD95, ASSD, ECE, MCE: per-dataset means) and OOD detection metrics.
+    """:func:`evaluate_cases` of a bare SegNet (:func:`segnet_predict`).
 
-    ``datasets`` are in distribution, ``ood_datasets`` are not. ``settings``: the inference path (default:
-    the one the gate's bank was fitted through). With ``out_dir``, writes
-    ``oodm_histogram.png`` and one ``reliability_<dataset>.png`` per labelled dataset.
-    Floats are rounded to 4 decimals; NaN/undefined values are ``None``.
+    ``settings``: the inference path (default: the one the gate's bank was fitted through; refused when
+    the bank was fitted through another).
     """
-    ood_datasets = ood_datasets or {}
     settings = _resolve_settings(gate, settings)
-    seg: dict[str, Any] = {}
-    oodm: dict[str, list[float]] = {}
-    scores_in: list[float] = []
-    scores_out: list[float] = []
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    for is_ood, group in ((False, datasets), (True, ood_datasets)):
-        for name, cases in group.items():
-            run = _run_dataset(net, gate, name, cases, settings, device, band, bins, out is not None, progress)
-            oodm[name] = [_r(s) for s in run.scores]  # type: ignore[misc]
-            (scores_out if is_ood else scores_in).extend(run.decisions)
-            seg[name] = _dataset_entry(run, len(cases), is_ood, gate.tau)
-            if out is not None and run.probs:
-                reliability_diagram(run.probs, run.labels, out / f"reliability_{name}.png", band=band, bins=bins,
-                                    title=name)
-    result: dict[str, Any] = {
-        "inference": {"block": settings.block, "overlap": settings.overlap, "band": band, "bins": bins,
-                      "spacing": settings.record()["spacing"]},
-        "gate": {"tau": _r(gate.tau), "c": gate.c, "bank_size": int(gate.bank.shape[0])},
-        "datasets": seg,
-        "oodm": oodm,
-    }
-    if scores_in and scores_out:
-        result["ood"] = {k: _r(v) for k, v in ood_detection_metrics(scores_in, scores_out, gate.tau).items()}
-        result["ood"].update({"n_in": len(scores_in), "n_out": len(scores_out)})
-    if out is not None:
-        oodm_histogram({k: v for k, v in oodm.items() if k in datasets},
-                       {k: v for k, v in oodm.items() if k in ood_datasets}, gate.tau, out / "oodm_histogram.png")
-        atomic_write(out / "metrics.json", json.dumps(result, indent=2, sort_keys=True).encode())
-    return result
+    inference = {"block": settings.block, "overlap": settings.overlap, "spacing": settings.record()["spacing"]}
+    return evaluate_cases(segnet_predict(net, settings, device), gate, datasets, ood_datasets, inference,
+                          out_dir, band, bins, progress)
+
+
+def evaluate_adapter(
+    adapter: ModelAdapter,
+    gate: SpectralGate,
+    datasets: Mapping[str, Cases],
+    ood_datasets: Mapping[str, Cases] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    band: int = 10,
+    bins: int = 10,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """:func:`evaluate_cases` of any model through its adapter (:func:`adapter_predict`), with the DSC of
+    each of its labels by name. ``gate``: the model's own bank; refused
+    (:class:`model.ood.BankMismatchError`) when it was fitted through other signature settings."""
+    gate.check_inference(adapter.signature_settings(), "this evaluation")
+    inference = {"model": {k: v for k, v in adapter.record().items() if k in ("format", "name", "version", "layer")},
+                 "signature": adapter.signature_settings()}
+    return evaluate_cases(adapter_predict(adapter), gate, datasets, ood_datasets, inference, out_dir, band, bins,
+                          progress, label_names={lab.value: lab.name for lab in adapter.labels})
 
 
 def oodm_histogram(in_scores: dict[str, list[float]], out_scores: dict[str, list[float]], tau: float,
@@ -255,6 +356,9 @@ def format_report(m: dict[str, Any]) -> str:
             f"{_f(d.get('hd95'), 2):>7} {_f(d.get('assd'), 2):>7} {_f(d.get('ece')):>6} {_f(d.get('mce')):>6} "
             f"{d['flagged_ood']:>2}/{d['n']:<2} {spread}"
         )
+        if d.get("dsc_per_label"):
+            lines.append(f"{'':<{width}}   DSC per label: "
+                         + ", ".join(f"{k}={_f(v)}" for k, v in d["dsc_per_label"].items()))
     lines.append(f"gate: tau={_f(g['tau'], 4)} (c={g['c']}, bank of {g['bank_size']})")
     if "ood" in m:
         o = m["ood"]

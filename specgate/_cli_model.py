@@ -4,10 +4,14 @@
   with its format's own loader (:func:`model.adapters.open_adapter`), runs it on a small synthetic volume,
   and records it in the ledger (:mod:`ledger.models`): files and their SHA-256, labels, layer, signature
   settings, optional SNOMED CT codes per label. ``list`` shows them.
-- ``fit-ood NAME --data DIR...``: the registered model's OOD bank, fitted through the adapter's
-  ``predict`` (what the worker runs) on the site's images; the bank goes into the data directory and its
-  SHA-256 into the ledger, and the model becomes live (routable).
-- ``train``, ``fit-ood --weights``, ``evaluate``: the SegNet of the paper (Karimi & Gholipour 2023).
+- ``fit-ood NAME --data DIR... [--like DIR... --regrids N --seed S]``: the registered model's OOD bank,
+  fitted through the adapter's ``predict`` (what the worker runs) on the site's images, each also
+  re-gridded to the grids of the site's own scanners with ``--like`` (:class:`model.bank_fit.Regrids`);
+  the bank goes into the data directory and its SHA-256 into the ledger, and the model becomes live.
+- ``evaluate NAME --data DIR... --ood DIR...``: any registered model through its adapter and its bank
+  (:func:`model.evaluate.evaluate_adapter`): DSC per label, ECE/MCE, the gate's figures.
+- ``train``, ``fit-ood --weights``, ``evaluate --weights --bank``: the SegNet of the paper (Karimi &
+  Gholipour 2023), by its weights file.
 
 ``register``, ``list`` and the registered-model halves of ``fit-ood`` and ``evaluate`` live in
 :mod:`specgate._cli_model_registry`. Commands that need the settings or the ledger take the typed
@@ -24,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ._cli_model_registry import fit_registered, list_cmd, register_cmd, registered_segnet, resolve_device
+from ._cli_model_registry import (
+    SiteDataset,
+    fit_registered,
+    list_cmd,
+    open_evaluated,
+    register_cmd,
+    resolve_device,
+)
 from ._context import app_context
 
 if TYPE_CHECKING:
@@ -195,19 +206,28 @@ def train_cmd(datasets: tuple[str, ...], out: Path, block: int, batch_size: int,
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Without NAME: the bank file (.npz). A registered model's bank goes into the data directory.")
 @click.option("--c", "c", default=2.5, show_default=True, help="tau = mean + c * std of leave-one-out OODMs.")
+@click.option("--like", "like", multiple=True, type=_existing_dir,
+              help="With NAME: DICOM series from the site's own scanners (only their grids are read); each "
+                   "training image is also re-gridded to --regrids of those of its modality. Repeatable.")
+@click.option("--regrids", type=click.IntRange(min=1), default=None,
+              help="With --like: scanner geometries each training image is re-gridded to [default: 2].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="With --like: seeds which geometries each image gets and their scanner noise.")
 @click.option("--block", type=int, default=None, help="Without NAME: sliding-window block [default: the weights'].")
 @click.option("--overlap", type=int, default=None,
               help="Without NAME: sliding-window overlap [default: the weights'].")
 @_spacing_option
 @click.option("--device", default="auto", show_default=True)
 def fit_ood_cmd(name: str | None, data: tuple[Path, ...], modality: str | None, weights: Path | None,
-                out: Path | None, c: float, block: int | None, overlap: int | None, spacing: str | None,
-                device: str) -> None:
+                out: Path | None, c: float, like: tuple[Path, ...], regrids: int | None, seed: int,
+                block: int | None, overlap: int | None, spacing: str | None, device: str) -> None:
     """Fit the spectral OOD gate on the training images' signatures.
 
     With NAME (a registered model): every image goes through the model's own inference, exactly the
     worker's path; the bank is written into the data directory, its SHA-256 recorded in the ledger, and
-    the model becomes live (a rule may route to it). Without NAME: a SegNet weights file (--weights) and
+    the model becomes live (a rule may route to it). With --like, each image goes into the bank at its
+    own grid and re-gridded to the grids of the site's scanners, as the shipped bank is (all of one
+    image's signatures count as one image for tau). Without NAME: a SegNet weights file (--weights) and
     a bank file (--out). The bank records the inference settings; a worker running others refuses it.
     """
     if name is not None:
@@ -216,8 +236,11 @@ def fit_ood_cmd(name: str | None, data: tuple[Path, ...], modality: str | None, 
         if given:
             raise click.UsageError(f"{', '.join(given)}: not for a registered model (model {name!r} runs with the "
                                    "files and settings it was registered with)")
-        fit_registered(app_context(), name, data, modality, c, resolve_device(device))
+        fit_registered(app_context(), name, data, modality, c, resolve_device(device), like=like,
+                       regrids=regrids, seed=seed)
         return
+    if like or regrids is not None:
+        raise click.UsageError("--like/--regrids: for a registered model (specgate model fit-ood NAME --like DIR)")
     if weights is None or out is None:
         raise click.UsageError("give NAME (a registered model), or --weights and --out (a SegNet weights file)")
     from model.evaluate import fit_bank
@@ -234,13 +257,27 @@ def fit_ood_cmd(name: str | None, data: tuple[Path, ...], modality: str | None, 
     click.echo(f"bank of {gate.bank.shape[0]} signatures, tau={gate.tau:.4f} (c={c}) -> {out}")
 
 
+def _load_site(paths: tuple[Path, ...], what: str, modality: str | None) -> dict[str, SiteDataset]:
+    """Datasets by name, in any layout a registered model's ``fit-ood`` reads, loaded case by case."""
+    out: dict[str, SiteDataset] = {}
+    for p in paths:
+        name = _dataset_name(p)
+        if name in out:
+            raise click.BadParameter(f"two {what} datasets are named {name!r}", param_hint=f"--{what}")
+        out[name] = SiteDataset(p, modality, f"--{what}")
+    return out
+
+
 @model_group.command("evaluate")
 @click.argument("name", required=False)
 @click.option("--weights", type=_existing_file, default=None, help="Without NAME: a SegNet weights file.")
 @click.option("--bank", type=_existing_file, default=None, help="Without NAME: the OOD bank of those weights.")
 @click.option("--data", "data", multiple=True, required=True, type=_existing_dir,
-              help="In-distribution test data (MSD folder with labels, or DICOM series); repeatable.")
+              help="In-distribution test data (MSD folder with labels, or DICOM series; with NAME also an "
+                   "nnU-Net v2 raw dataset or NIfTI files); repeatable.")
 @click.option("--ood", "ood", multiple=True, type=_existing_dir, help="Out-of-distribution test data; repeatable.")
+@click.option("--modality", type=click.Choice(["CT", "MR"], case_sensitive=False), default=None,
+              help="With NAME: modality of bare NIfTI files (DICOM and dataset folders state their own).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for metrics.json, oodm_histogram.png, reliability_*.png "
                    "[default: DATA_DIR/evaluation, DATA_DIR/evaluation/NAME for a registered model].")
@@ -250,41 +287,62 @@ def fit_ood_cmd(name: str | None, data: tuple[Path, ...], modality: str | None, 
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of the table.")
 def evaluate_cmd(name: str | None, weights: Path | None, bank: Path | None, data: tuple[Path, ...],
-                 ood: tuple[Path, ...], out: Path | None, block: int | None, overlap: int | None,
-                 spacing: str | None, device: str, as_json: bool) -> None:
+                 ood: tuple[Path, ...], modality: str | None, out: Path | None, block: int | None,
+                 overlap: int | None, spacing: str | None, device: str, as_json: bool) -> None:
     """DSC/HD95/ASSD/ECE/MCE per dataset and OOD accuracy/sensitivity/specificity/AUC.
 
-    NAME: a registered SegNet model with its fitted bank; else --weights and --bank. Each image goes
-    through the worker's path; metrics are computed on the image's own grid.
+    NAME: a registered model of any format with its fitted bank, run through its adapter (the worker's
+    path), with the DSC of each of its labels by name; else a SegNet --weights file and its --bank.
+    Metrics are computed on each image's own grid.
     """
-    from model.evaluate import evaluate, format_report
+    from model.adapters import AdapterError
+    from model.evaluate import evaluate, evaluate_adapter, format_report
     from model.ood import BankMismatchError
+    from model.resample import GridError
 
-    if name is not None:
-        if weights is not None or bank is not None:
-            raise click.UsageError(f"--weights/--bank: not for a registered model (model {name!r} has its own)")
-        weights, bank = registered_segnet(app_context(), name)
-        out = out or app_context().data_dir / "evaluation" / name
-    elif weights is None or bank is None:
-        raise click.UsageError("give NAME (a registered model), or --weights and --bank")
     dev = resolve_device(device)
-    net, meta = _open_net(weights, dev)
-    gate = _open_gate(weights, bank)
-    settings = _settings(meta, dev, block, overlap, spacing)
-    try:
-        gate.check_inference(settings.signature_settings(), "this evaluation")
-    except BankMismatchError as exc:
-        raise click.ClickException(str(exc)) from None
-    if out is None:
-        out = app_context().data_dir / "evaluation"
-    ids = _load(data, "data")
-    oods = _load(ood, "ood")
-    clash = set(ids) & set(oods)
-    if clash:
-        raise click.BadParameter(f"datasets {sorted(clash)} given as both --data and --ood", param_hint="--ood")
-    m = evaluate(net, gate, ids, oods, settings=settings, device=dev, out_dir=out)
+    if name is not None:
+        given = [opt for opt, v in (("--weights", weights), ("--bank", bank), ("--block", block),
+                                    ("--overlap", overlap), ("--spacing", spacing)) if v is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: not for a registered model (model {name!r} runs with the "
+                                   "files, settings and bank it was registered and fitted with)")
+        app = app_context()
+        adapter, gate = open_evaluated(app, name, dev)
+        mod = modality.upper() if modality else None
+        ids, oods = _load_site(data, "data", mod), _load_site(ood, "ood", mod)
+        _refuse_clash(set(ids), set(oods))
+        out = out or app.data_dir / "evaluation" / name
+        try:
+            m = evaluate_adapter(adapter, gate, ids, oods, out_dir=out, progress=True)
+        except (AdapterError, GridError) as exc:  # a case the model cannot run (the worker would fail it too)
+            where = "; ".join(getattr(exc, "__notes__", []))
+            raise click.ClickException(f"model {name!r} failed on {where}: {exc}") from exc
+    else:
+        if weights is None or bank is None:
+            raise click.UsageError("give NAME (a registered model), or --weights and --bank")
+        if modality is not None:
+            raise click.UsageError("--modality: for a registered model (NAME)")
+        net, meta = _open_net(weights, dev)
+        gate = _open_gate(weights, bank)
+        settings = _settings(meta, dev, block, overlap, spacing)
+        try:
+            gate.check_inference(settings.signature_settings(), "this evaluation")
+        except BankMismatchError as exc:
+            raise click.ClickException(str(exc)) from None
+        if out is None:
+            out = app_context().data_dir / "evaluation"
+        ids_w, oods_w = _load(data, "data"), _load(ood, "ood")
+        _refuse_clash(set(ids_w), set(oods_w))
+        m = evaluate(net, gate, ids_w, oods_w, settings=settings, device=dev, out_dir=out)
     click.echo(json.dumps(m, indent=2, sort_keys=True) if as_json else format_report(m))
     click.echo(f"figures and metrics.json in {out}", err=True)
+
+
+def _refuse_clash(ids: set[str], oods: set[str]) -> None:
+    clash = ids & oods
+    if clash:
+        raise click.BadParameter(f"datasets {sorted(clash)} given as both --data and --ood", param_hint="--ood")
 
 
 def register(main: click.Group) -> None:

@@ -7,6 +7,7 @@ model: the hospital's own models in the ledger (:mod:`ledger.models`), opened wi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -22,9 +23,11 @@ from ._context import AppContext, operator, pass_app
 if TYPE_CHECKING:
     from ledger.schema import RegisteredModel
     from model.adapters.base import Label, ModelAdapter
-    from model.bank_fit import BankCase
+    from model.bank_fit import BankCase, Regrids
+    from model.data.volumes import Case
+    from model.ood import SpectralGate
 
-__all__ = ["fit_registered", "list_cmd", "read_codes", "register_cmd", "registered_segnet", "resolve_device",
+__all__ = ["SiteDataset", "fit_registered", "list_cmd", "open_evaluated", "read_codes", "register_cmd", "resolve_device",
            "synthetic_volume"]
 
 
@@ -317,37 +320,55 @@ class _Counted:
 
     def __init__(self, paths: tuple[Path, ...], modality: str | None) -> None:
         self.paths, self.modality = paths, modality
-        self._n: int | None = None
+        self._modalities: list[str] | None = None  # one per image
+
+    def modalities(self) -> list[str]:
+        """The modality of each image, read without its pixels."""
+        if self._modalities is None:
+            from model.data.volumes import site_modalities
+
+            try:
+                self._modalities = [m for p in self.paths for m in site_modalities(p, self.modality)]
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--data") from None
+        return self._modalities
 
     def __len__(self) -> int:
-        if self._n is None:
-            self._n = sum(1 for _ in _case_names(self.paths, self.modality))
-        return self._n
+        return len(self.modalities())
 
     def __iter__(self) -> Iterator[BankCase]:
         return _site_cases(self.paths, self.modality)
 
 
-def _case_names(paths: tuple[Path, ...], modality: str | None) -> Iterator[str]:
-    """How many images the folders hold, without reading their pixels (for the progress bar)."""
-    from dicom_series import find_series
+def _scanner_regrids(like: tuple[Path, ...], regrids: int | None, seed: int) -> Regrids | None:
+    """``--like`` folders' distinct series geometries and ``--regrids`` as a :class:`model.bank_fit.Regrids`."""
+    from model.bank_fit import Regrids
+    from model.data.clinical import ScannerGeometry, read_scanner_geometries
 
-    for p in paths:
-        meta = p / "dataset.json"
-        if meta.is_file():
-            doc = json.loads(meta.read_text())
-            n = len(doc["training"]) if "training" in doc else len(list((p / "imagesTr").glob("*_0000*")))
-            yield from (f"{p}:{i}" for i in range(n))
-            continue
-        niftis = [f for f in p.iterdir() if f.is_file() and f.name.endswith((".nii", ".nii.gz"))]
-        yield from (str(f) for f in niftis) if niftis else find_series(p)
+    if not like:
+        if regrids is not None:
+            raise click.UsageError("--regrids needs --like DIR (series from the site's scanners)")
+        return None
+    found: dict[tuple[str, Any], ScannerGeometry] = {}  # one grid of several folders counts once
+    for folder in like:
+        try:
+            for g in read_scanner_geometries(folder):
+                key = (g.modality, g.geometry)
+                seen = found.get(key)
+                found[key] = g if seen is None else dataclasses.replace(seen, series=seen.series + g.series)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--like") from None
+    try:
+        return Regrids(tuple(found.values()), per_image=2 if regrids is None else regrids, seed=seed)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--regrids") from None
 
 
 def fit_registered(app: AppContext, name: str, data: tuple[Path, ...], modality: str | None, c: float,
-                    device: str) -> None:
+                   device: str, like: tuple[Path, ...] = (), regrids: int | None = None, seed: int = 0) -> None:
     from ledger import models
     from ledger.db import session_scope
-    from model.bank_fit import fit_adapter_bank
+    from model.bank_fit import fit_adapter_bank, regrid_total
     from model.ood import sha256_file
 
     with app.sessions()() as session:
@@ -355,10 +376,21 @@ def fit_registered(app: AppContext, name: str, data: tuple[Path, ...], modality:
             row = models.require(session, name)
         except models.ModelRegistryError as exc:
             raise click.BadParameter(str(exc), param_hint="NAME") from None
+    plan = _scanner_regrids(like, regrids, seed)
     adapter = _open_registered(row, device)
     cases = _Counted(data, modality.upper() if modality else None)
+    if plan is not None:
+        for g in plan.geometries:
+            click.echo(f"scanner geometry {g.modality} {'x'.join(map(str, g.geometry.shape))} at "
+                       f"{', '.join(f'{v:g}' for v in g.geometry.spacing)} mm ({g.series} series, {g.source})",
+                       err=True)
+        for m in sorted(set(cases.modalities())):
+            if plan.count(m) == 0:
+                click.echo(f"note: --like has no {m} series: the {m} images go into the bank at their own grid "
+                           "only", err=True)
     try:
-        gate = fit_adapter_bank(adapter, cases, c=c, progress=True,
+        gate = fit_adapter_bank(adapter, cases, c=c, progress=True, regrids=plan,
+                                total=regrid_total(cases.modalities(), plan),
                                 meta={"data": [str(p) for p in data], "registered_model": name})
     except ValueError as exc:
         raise click.ClickException(f"model {name!r}: no bank fitted: {exc}") from exc
@@ -369,26 +401,60 @@ def fit_registered(app: AppContext, name: str, data: tuple[Path, ...], modality:
     sha = sha256_file(partial)
     bank = folder / f"ood-bank-{sha[:16]}.npz"
     os.replace(partial, bank)  # content-addressed: an earlier bank stays where the audit trail says it was
+    details = {"signatures": int(gate.bank.shape[0]), "tau": gate.tau, "c": gate.c,
+               "modalities": gate.meta.get("modalities"), "data": [str(p) for p in data]}
+    if plan is not None:
+        details["regrids"] = gate.meta["regrids"]
     with session_scope(app.sessions()) as session:
-        models.set_bank(session, name, bank_path=str(bank), bank_sha256=sha, actor=operator(),
-                        details={"signatures": int(gate.bank.shape[0]), "tau": gate.tau, "c": gate.c,
-                                 "modalities": gate.meta.get("modalities"), "data": [str(p) for p in data]})
-    click.echo(f"model {name}: bank of {gate.bank.shape[0]} signatures, tau={gate.tau:.4f} (c={c}) -> {bank} "
-               f"sha256={sha}; the model is live")
+        models.set_bank(session, name, bank_path=str(bank), bank_sha256=sha, actor=operator(), details=details)
+    images = gate.meta.get("images")
+    click.echo(f"model {name}: bank of {gate.bank.shape[0]} signatures ({images} images"
+               + (f", each also re-gridded to up to {plan.per_image} of {len(plan.geometries)} scanner geometries"
+                  if plan is not None else "")
+               + f"), tau={gate.tau:.4f} (c={c}) -> {bank} sha256={sha}; the model is live")
 
 
-def registered_segnet(app: AppContext, name: str) -> tuple[Path, Path]:
-    """The weights and bank of registered model ``name``, which ``evaluate`` can run (SegNet, bank fitted)."""
+def open_evaluated(app: AppContext, name: str, device: str) -> tuple[ModelAdapter, SpectralGate]:
+    """Registered model ``name`` as ``evaluate`` runs it: its adapter (the worker's path, refused when its
+    files changed) and its fitted bank (refused when there is none, or when it is not this model's)."""
     from ledger import models
+    from model.ood import BankMismatchError, SpectralGate
 
     with app.sessions()() as session:
         try:
             row = models.require(session, name)
         except models.ModelRegistryError as exc:
             raise click.BadParameter(str(exc), param_hint="NAME") from None
-    if row.format != "segnet":
-        raise click.ClickException(f"model {name!r} is a {row.format} model; evaluate runs SegNet models only "
-                                   "so far")
     if row.bank_path is None:
         raise click.ClickException(f"model {name!r} has no OOD bank yet: specgate model fit-ood {name} --data DIR")
-    return Path(row.path), Path(row.bank_path)
+    adapter = _open_registered(row, device)
+    try:
+        gate = SpectralGate.load(row.bank_path, weights_sha256=adapter.model_sha256())
+        gate.check_inference(adapter.signature_settings(), "this evaluation")
+    except BankMismatchError as exc:
+        raise click.ClickException(f"model {name!r}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"model {name!r}: its OOD bank {row.bank_path} cannot be read: {exc}") from None
+    return adapter, gate
+
+
+class SiteDataset:
+    """One ``--data``/``--ood`` folder in any layout :func:`model.data.volumes.iter_site_cases` reads, as a
+    sized dataset whose cases load one at a time (with their ground truth where the folder has it)."""
+
+    def __init__(self, path: Path, modality: str | None, option: str) -> None:
+        from model.data.volumes import site_modalities
+
+        self.path, self.modality = path, modality
+        try:
+            self._n = len(site_modalities(path, modality))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Case]:
+        from model.data.volumes import iter_site_cases
+
+        return iter_site_cases(self.path, self.modality)

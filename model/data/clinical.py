@@ -15,6 +15,9 @@ checked on clinical grids without any real patient data:
   smooth): Gaussian for CT (then whole HU, floored at -1024 like a scanner stores them), Rician-like for MR,
   none for PT;
 - :func:`clinical_case` is a pure function of ``(kind, seed, index, variant)``;
+- :func:`read_scanner_geometries` reads the grids of a site's own series (headers only) and
+  :func:`regrid_volume` rescans any volume onto one of them as :func:`regrid` rescans a phantom
+  (``specgate model fit-ood --like``);
 - :func:`write_clinical_set` writes ``root/<kind>_clinical/``: an MSD-like ``dataset.json`` whose images
   are DICOM series (one file per slice, real geometry) and whose labels are ``.npz`` files, readable with
   :func:`model.data.volumes.iter_cases` and so by ``specgate model evaluate --data``.
@@ -42,9 +45,12 @@ from model.data.phantoms import KINDS, PhantomCase, phantom_case, write_dataset_
 __all__ = [
     "AIR",
     "Geometry",
+    "ScannerGeometry",
     "clinical_case",
     "extent_mm",
+    "read_scanner_geometries",
     "regrid",
+    "regrid_volume",
     "sample_geometry",
     "write_clinical_set",
 ]
@@ -247,11 +253,6 @@ def _slabs(shape: tuple[int, ...]) -> Iterator[slice]:
         yield slice(z0, z0 + min(chunk, nz - z0))
 
 
-def _centred_origin(case: PhantomCase) -> list[float]:
-    """Centre of the phantom's voxel (0, 0, 0) in mm, (z, y, x), for a grid centred on patient coordinate 0."""
-    return [-(n - 1) / 2.0 * s for n, s in zip(case.image.shape, case.spacing, strict=True)]
-
-
 def _sitk_image(a: np.ndarray, spacing: Sequence[float], origin: Sequence[float]) -> Any:
     """``a`` (z, y, x) as a float32 SimpleITK image with ``spacing`` and ``origin`` given in (z, y, x)."""
     import SimpleITK as sitk
@@ -275,29 +276,40 @@ def _resample_slab(src: Any, out: np.ndarray, origin_xyz: list[float], spacing_x
     out[...] = values if threshold is None else values >= threshold
 
 
-def _resample_onto(case: PhantomCase, geom: Geometry, air: float) -> tuple[np.ndarray, np.ndarray]:
-    """The phantom's image (linear, ``air`` outside) and label (linear then >= 0.5, 0 outside) on ``geom``,
-    slab by slab; slabs wholly outside the phantom's z extent are just air."""
-    src_origin = _centred_origin(case)
-    src_img = _sitk_image(case.image, case.spacing, src_origin)
-    src_lab = _sitk_image(case.label, case.spacing, src_origin)
-    # the phantom's z extent (voxel centres, plus half a voxel)
-    zlo = src_origin[0] - case.spacing[0] / 2.0
+def _resample_volume(image: np.ndarray, spacing: Sequence[float], geom: Geometry, air: float,
+                     label: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``image`` (linear, ``air`` outside) and ``label`` when given (linear then >= 0.5, 0 outside) on
+    ``geom``, both grids centred on patient coordinate 0, slab by slab; slabs wholly outside the image's
+    z extent are just air."""
+    src_origin = [-(n - 1) / 2.0 * s for n, s in zip(image.shape, spacing, strict=True)]
+    src_img = _sitk_image(image, spacing, src_origin)
+    src_lab = _sitk_image(label, spacing, src_origin) if label is not None else None
+    # the source's z extent (voxel centres, plus half a voxel)
+    zlo = src_origin[0] - float(spacing[0]) / 2.0
     zhi = -zlo
     dz, dy, dx = (float(s) for s in geom.spacing)
     oz, oy, ox = geom.origin_mm
-    image = np.empty(tuple(int(n) for n in geom.shape), np.float32)
-    label = np.empty(image.shape, np.uint8)
-    for sl in _slabs(image.shape):
+    out = np.empty(tuple(int(n) for n in geom.shape), np.float32)
+    out_lab = np.empty(out.shape, np.uint8) if src_lab is not None else None
+    for sl in _slabs(out.shape):
         n = sl.stop - sl.start
         zs = oz + sl.start * dz
         if zs + (n - 1) * dz < zlo or zs > zhi:
-            image[sl] = air
-            label[sl] = 0
+            out[sl] = air
+            if out_lab is not None:
+                out_lab[sl] = 0
         else:
-            _resample_slab(src_img, image[sl], [ox, oy, zs], [dx, dy, dz], air)
-            # linear, then >= 0.5: the organ's outline at the fine grid, not the coarse grid's staircase
-            _resample_slab(src_lab, label[sl], [ox, oy, zs], [dx, dy, dz], 0.0, threshold=0.5)
+            _resample_slab(src_img, out[sl], [ox, oy, zs], [dx, dy, dz], air)
+            if out_lab is not None:
+                # linear, then >= 0.5: the organ's outline at the fine grid, not the coarse grid's staircase
+                _resample_slab(src_lab, out_lab[sl], [ox, oy, zs], [dx, dy, dz], 0.0, threshold=0.5)
+    return out, out_lab
+
+
+def _resample_onto(case: PhantomCase, geom: Geometry, air: float) -> tuple[np.ndarray, np.ndarray]:
+    """The phantom's image and label on ``geom`` (:func:`_resample_volume`)."""
+    image, label = _resample_volume(case.image, case.spacing, geom, air, case.label)
+    assert label is not None
     return image, label
 
 
@@ -356,6 +368,31 @@ def regrid(
     return replace(case, image=image, label=label, spacing=(dz, dy, dx))
 
 
+def regrid_volume(
+    image: np.ndarray,
+    spacing: Sequence[float],
+    modality: str,
+    geom: Geometry,
+    rng: np.random.Generator,
+    noise: bool = True,
+) -> np.ndarray:
+    """Any volume ``image`` (z, y, x, native units) at ``spacing`` (mm) rescanned on ``geom`` as
+    :func:`regrid` rescans a phantom: both grids centred on the image's centre (then ``geom.shift_mm``),
+    linear, air outside, and the same fine-grid noise when ``noise`` (drawn from ``rng``). What
+    ``specgate model fit-ood --like`` does to a site's training image for each of its scanners'
+    geometries (:func:`read_scanner_geometries`)."""
+    if len(geom.shape) != 3 or min(geom.shape) < 1 or min(geom.spacing) <= 0:
+        raise ValueError(f"invalid geometry {geom!r}")
+    if image.ndim != 3 or len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
+        raise ValueError(f"expected a 3-D image with three positive spacings, got shape {image.shape}, "
+                         f"spacing {tuple(spacing)}")
+    m = modality.upper()
+    out, _ = _resample_volume(image, spacing, geom, AIR.get(m, 0.0))
+    if noise:
+        _add_scanner_noise(out, m, rng)
+    return out
+
+
 def clinical_case(
     kind: str, seed: int, index: int, variant: int = 0, geometry: Geometry | None = None
 ) -> tuple[PhantomCase, Geometry]:
@@ -370,6 +407,69 @@ def clinical_case(
     if geometry is not None:
         geom = geometry
     return regrid(case, geom, rng=rng), geom
+
+
+# ----------------------------------------------------------------------------------------------------
+# a site's own scanner geometries
+
+
+@dataclass(frozen=True)
+class ScannerGeometry:
+    """The grid one of a site's scanners produces for one protocol, read from a series it wrote:
+    ``geometry`` (slices, rows, columns; slice spacing, pixel spacing; no shift) and the series' modality.
+    ``source``: the folder of the first series seen with it, ``series``: how many series share it."""
+
+    modality: str
+    geometry: Geometry
+    source: str
+    series: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"modality": self.modality, "shape": list(self.geometry.shape),
+                "spacing": list(self.geometry.spacing), "source": self.source, "series": self.series}
+
+
+def _series_geometry(files: Sequence[Path]) -> tuple[str, Geometry]:
+    """Modality and grid of one series from its headers only, validated as :func:`dicom_series.load_series`
+    validates it (one regular grid, slices ordered along the normal) but with no pixel decoded."""
+    from dicom_series import SeriesError
+    from dicom_series.grid import check_grid
+    from dicom_series.headers import planes_of, read_instance
+
+    instances = [read_instance(Path(f)) for f in files]
+    modalities = sorted({str(inst.header.get("Modality", "") or "").upper() for inst in instances})
+    if len(modalities) != 1 or not modalities[0]:
+        raise SeriesError("mixed_series", f"the files state modalities {modalities}, not one")
+    planes = [plane for i, inst in enumerate(instances) for plane in planes_of(i, inst)]
+    planes, _direction, dz = check_grid(planes, 3)
+    px = planes[0].pixel_spacing
+    shape = (len(planes), int(planes[0].rows), int(planes[0].cols))
+    spacing = (round(float(dz), 6), float(px[0]), float(px[1]))
+    return modalities[0], Geometry(shape=shape, spacing=spacing, shift_mm=(0.0, 0.0, 0.0))
+
+
+def read_scanner_geometries(root: str | os.PathLike[str]) -> list[ScannerGeometry]:
+    """The distinct grids of the DICOM series under ``root`` (any depth), in the order of their series'
+    UIDs: modality, rows x columns, pixel spacing, slice spacing (the distance between slice positions
+    along the normal, as the worker's loader measures it: the grid a study arrives on) and the number of
+    slices. Only headers are read. Series on the same grid count once (``series`` says how many).
+    Raises ``ValueError`` naming the folder (no series) or the series (one the worker would refuse)."""
+    from dicom_series import SeriesError, find_series
+
+    groups = find_series(root)
+    if not groups:
+        raise ValueError(f"{root} holds no DICOM series")
+    found: dict[tuple[str, Geometry], ScannerGeometry] = {}
+    for uid, files in sorted(groups.items()):
+        try:
+            modality, geom = _series_geometry(files)
+        except SeriesError as exc:
+            raise ValueError(f"{root}: series {uid} cannot be read as a grid: {exc}") from exc
+        key = (modality, geom)
+        seen = found.get(key)
+        source = str(Path(files[0]).parent)
+        found[key] = ScannerGeometry(modality, geom, source) if seen is None else replace(seen, series=seen.series + 1)
+    return list(found.values())
 
 
 # ----------------------------------------------------------------------------------------------------

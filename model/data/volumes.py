@@ -26,12 +26,18 @@ __all__ = [
     "iter_site_cases",
     "load_dicom_series",
     "load_nifti",
+    "site_modalities",
 ]
 
 
 @dataclass
 class Case:
-    """One image (and label, when known) in ``(z, y, x)`` order."""
+    """One image (and label, when known) in ``(z, y, x)`` order.
+
+    ``label`` is the foreground (``uint8``, 1 wherever the ground truth names any label);
+    ``label_map`` the ground truth's own values (``uint8``/``uint16``, 0 background), for the DSC of each
+    label of a multi-label model.
+    """
 
     name: str
     image: np.ndarray
@@ -39,6 +45,7 @@ class Case:
     modality: str
     label: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    label_map: np.ndarray | None = None
 
 
 def load_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -114,7 +121,23 @@ class MSDDataset:
             modality=modality,
             label=(label > 0).astype(np.uint8),
             meta=meta,
+            label_map=_label_values(label, self.root / e["label"]),
         )
+
+
+def _label_values(label: np.ndarray, path: Path) -> np.ndarray:
+    """A ground-truth label map's values as ``uint8`` (``uint16`` past 255); refused when they are not
+    non-negative integers."""
+    a = np.asarray(label)
+    if a.dtype.kind not in "iub":
+        rounded = np.rint(a)
+        if not np.array_equal(rounded, a):
+            raise ValueError(f"{path}: label values must be integers")
+        a = rounded
+    top = int(a.max()) if a.size else 0
+    if a.size and int(a.min()) < 0:
+        raise ValueError(f"{path}: negative label value {int(a.min())}")
+    return a.astype(np.uint8 if top <= 255 else np.uint16)
 
 
 def _load_label(path: Path) -> np.ndarray:
@@ -200,12 +223,22 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES))
 
 
-def _nifti_cases(files: Sequence[Path], modality: str, strip: str = "") -> Iterator[Case]:
+def _nifti_cases(files: Sequence[Path], modality: str, strip: str = "",
+                 labels: Path | None = None, ending: str = "") -> Iterator[Case]:
+    """Each file one case; with ``labels``, its ground truth ``labels/<case><ending>`` when there is one
+    (nnU-Net v2's ``labelsTr``)."""
     for f in files:
         image, spacing = load_nifti(f)
         name = f.name.removesuffix(".gz").removesuffix(".nii").removesuffix(strip)
-        yield Case(name=name, image=image.astype(np.float32), spacing=spacing, modality=modality,
-                   meta={"file": str(f)})
+        case = Case(name=name, image=image.astype(np.float32), spacing=spacing, modality=modality,
+                    meta={"file": str(f)})
+        gt = labels / f"{name}{ending}" if labels is not None else None
+        if gt is not None and gt.is_file():
+            values = _label_values(load_nifti(gt)[0], gt)
+            if values.shape != case.image.shape:
+                raise ValueError(f"{gt}: label shape {values.shape} != image shape {case.image.shape}")
+            case.label, case.label_map = (values > 0).astype(np.uint8), values
+        yield case
 
 
 def _modality_of_channel(name: str) -> str:
@@ -219,7 +252,8 @@ def iter_site_cases(path: str | os.PathLike[str], modality: str | None = None) -
 
     - an MSD folder (``dataset.json`` with ``training``): :class:`MSDDataset`;
     - an nnU-Net v2 raw dataset (``dataset.json`` with ``channel_names``, images
-      ``imagesTr/<case>_0000<file_ending>``): single-channel only, the modality from the channel's name;
+      ``imagesTr/<case>_0000<file_ending>``): single-channel only, the modality from the channel's name,
+      the ground truth ``labelsTr/<case><file_ending>`` where there is one;
     - a folder of NIfTI files (``.nii``/``.nii.gz``): every file one image, of ``modality``;
     - a folder of DICOM series (any depth): each series read by :func:`dicom_series.load_series`, the
       worker's loader, with the modality its headers state.
@@ -244,7 +278,8 @@ def iter_site_cases(path: str | os.PathLike[str], modality: str | None = None) -
         files = sorted((p / "imagesTr").glob(f"*_0000{ending}"))
         if not files:
             raise ValueError(f"{p}: no images imagesTr/*_0000{ending}")
-        yield from _nifti_cases(files, _modality_of_channel(str(next(iter(channels.values())))), strip="_0000")
+        yield from _nifti_cases(files, _modality_of_channel(str(next(iter(channels.values())))), strip="_0000",
+                                labels=p / "labelsTr", ending=ending)
         return
     if not p.is_dir():
         raise ValueError(f"{p} is not a folder")
@@ -261,3 +296,43 @@ def iter_site_cases(path: str | os.PathLike[str], modality: str | None = None) -
         vol, geom, mod = load_dicom_series(files)
         yield Case(name=f"{p.name}/series_{n:03d}", image=vol, spacing=geom.spacing, modality=mod,
                    meta={"geometry": geom})
+
+
+def site_modalities(path: str | os.PathLike[str], modality: str | None = None) -> list[str]:
+    """The modality of each image :func:`iter_site_cases` would yield from ``path``, in its order, from
+    the folder's ``dataset.json`` and DICOM headers only (no pixels): how many images there are of which
+    modality before any is loaded (a progress bar's total). Raises ``ValueError`` as it does."""
+    import pydicom
+
+    def header_modality(f: Path) -> str:
+        return str(pydicom.dcmread(f, stop_before_pixels=True).get("Modality", "") or "").upper()
+
+    p = Path(path)
+    meta_path = p / "dataset.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if "training" in meta:
+            ds = MSDDataset(p)
+            out = []
+            for e in ds.entries:
+                image = p / e["image"]
+                files = sorted(f for f in image.iterdir() if f.is_file()) if image.is_dir() else []
+                out.append(header_modality(files[0]) if files else ds.modality)
+            return out
+        channels = meta.get("channel_names")
+        if not isinstance(channels, dict) or len(channels) != 1:
+            return [c.modality for c in iter_site_cases(p, modality)]  # refused there, naming the problem
+        ending = str(meta.get("file_ending", ".nii.gz"))
+        n = len(list((p / "imagesTr").glob(f"*_0000{ending}")))
+        return [_modality_of_channel(str(next(iter(channels.values()))))] * n
+    if not p.is_dir():
+        raise ValueError(f"{p} is not a folder")
+    niftis = _nifti_files(p)
+    if niftis:
+        if modality is None:
+            raise ValueError(f"{p} holds NIfTI files, which do not record their modality: give it (CT or MR)")
+        return [modality.upper()] * len(niftis)
+    groups = find_series(p)
+    if not groups:
+        raise ValueError(f"{p} holds no images: neither an MSD or nnU-Net dataset, NIfTI files nor DICOM series")
+    return [header_modality(files[0]) for _uid, files in sorted(groups.items())]

@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -196,7 +197,8 @@ def test_fit_ood_writes_the_bank_into_the_data_dir_and_records_its_hash(migrated
 
     # evaluate NAME: the registered weights and bank; figures under DATA_DIR/evaluation/NAME
     res = cli("model", "evaluate", "liver", "--data", str(msd), "--device", "cpu", "--json")
-    assert json.loads(res.stdout)["datasets"]["ct_liver"]["n"] == 3
+    liver = json.loads(res.stdout)["datasets"]["ct_liver"]
+    assert liver["n"] == 3 and liver["dsc_per_label"] == {"organ": liver["dsc"]}  # one label: the foreground
     assert (settings.data_dir / "evaluation" / "liver" / "metrics.json").is_file()
 
     # fitting again keeps the earlier bank where the audit trail says it was, and records both hashes
@@ -220,6 +222,11 @@ def test_fit_ood_refuses_what_it_cannot_use(migrated, cli: Run, weights: Path, t
     assert "holds no images" in res.output
     res = cli("model", "fit-ood", "liver", "--data", str(msd), "--weights", str(weights), expect=2)
     assert "--weights: not for a registered model" in res.output
+    res = cli("model", "fit-ood", "liver", "--data", str(msd), "--like", str(empty), expect=2)
+    assert f"{empty} holds no DICOM series" in " ".join(res.output.split())
+    res = cli("model", "fit-ood", "--weights", str(weights), "--out", str(tmp_path / "b.npz"), "--data", str(msd),
+              "--like", str(msd), expect=2)
+    assert "--like/--regrids: for a registered model" in res.output
     # the registered file changed: its bank would judge another model
     copy = tmp_path / "liver.pt"
     copy.write_bytes(weights.read_bytes())
@@ -326,3 +333,127 @@ def test_the_ledger_refuses_bad_rows_naming_the_value(migrated) -> None:
     with session_scope(sessions) as s:
         assert models.require(s, "m").state == "registered" and models.require(s, "m").bank_path is None
         assert audit.verify(s).ok and audit.count(s) == 1
+
+
+class _Thresholds(torch.nn.Module):
+    """A three-class model that segments the phantoms by intensity (CT window [-1000, 1000] -> [0, 1]):
+    background below 0.4 (-200 HU), "liver" from there to 0.535 (70 HU: the body), "spleen" above (the
+    organ); its features (the signature) are the intensity and its excess over 0.5."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.cat([40.0 * (0.4 - x), torch.zeros_like(x), 400.0 * (x - 0.535)], dim=1)
+        return logits, torch.cat([x, torch.relu(x - 0.5) * 10.0], dim=1)
+
+
+@pytest.fixture(scope="module")
+def thresholds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("ts3")
+    torch.jit.save(torch.jit.trace(_Thresholds().eval(), torch.zeros(1, 1, 8, 16, 16)), str(d / "net.ts"))
+    (d / "spec.toml").write_text(TS_SPEC)
+    return d / "net.ts", d / "spec.toml"
+
+
+@pytest.fixture(scope="module")
+def scanners(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Series from the site's scanners: three CT grids (one of them twice) and an MR grid."""
+    from model.data.series_writer import write_series
+
+    root = tmp_path_factory.mktemp("scanners")
+    grids = [("CT", (24, 64, 64), (5.0, 3.0, 3.0)), ("CT", (30, 48, 48), (4.0, 4.5, 4.5)),
+             ("CT", (20, 56, 56), (6.0, 3.5, 3.5)), ("CT", (24, 64, 64), (5.0, 3.0, 3.0)),
+             ("MR", (16, 40, 40), (3.0, 2.0, 2.0))]
+    for n, (modality, shape, spacing) in enumerate(grids):
+        write_series(np.full(shape, 40.0 if modality == "CT" else 300.0, np.float32), spacing, modality,
+                     root / f"s{n}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def multilabel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Held-out CTs with a two-label ground truth (MSD layout): 1 the body outside the organ, 2 the organ."""
+    import nibabel as nib
+
+    folder = write_msd_dataset(tmp_path_factory.mktemp("held"), "ct_liver", 2, seed=5, first_index=100)
+    for entry in json.loads((folder / "dataset.json").read_text())["training"]:
+        image = nib.load(folder / entry["image"])
+        organ = np.asarray(nib.load(folder / entry["label"]).dataobj) > 0
+        hu = np.asarray(image.dataobj)
+        truth = np.where(organ, 2, np.where(hu > -500, 1, 0)).astype(np.uint8)
+        nib.save(nib.Nifti1Image(truth, image.affine), str(folder / entry["label"]))
+    doc = json.loads((folder / "dataset.json").read_text())
+    doc["labels"] = {"0": "background", "1": "liver", "2": "spleen"}
+    (folder / "dataset.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_fit_ood_like_regrids_to_the_sites_scanners_and_evaluate_runs_any_format(
+        migrated, cli: Run, thresholds: tuple[Path, Path], site_data: tuple[Path, Path], scanners: Path,
+        multilabel: Path, tmp_path: Path) -> None:
+    from model.adapters import open_adapter
+    from model.data.volumes import iter_site_cases
+    from model.metrics import dice
+
+    settings, _engine, sessions = migrated
+    ts, spec = thresholds
+    msd, _dicom = site_data
+    cli("model", "register", "abdomen", "--torchscript", str(ts), "--spec", str(spec))
+    res = cli("model", "evaluate", "abdomen", "--data", str(multilabel), expect=1)
+    assert "model 'abdomen' has no OOD bank yet: specgate model fit-ood abdomen --data DIR" in res.output
+    res = cli("model", "fit-ood", "abdomen", "--data", str(msd), "--regrids", "2", expect=2)
+    assert "--regrids needs --like DIR" in res.output
+
+    res = cli("model", "fit-ood", "abdomen", "--data", str(msd), "--like", str(scanners), "--regrids", "2",
+              "--seed", "3", "--device", "cpu")
+    assert "bank of 9 signatures (3 images, each also re-gridded to up to 2 of 4 scanner geometries)" in res.output
+    assert "/9 " in res.stderr  # the progress bar counts every re-gridding
+    [m] = json.loads(cli("model", "list", "--json").output)
+    adapter = open_adapter("torchscript", ts, spec=str(spec))
+    gate = SpectralGate.load(Path(m["bank_path"]), weights_sha256=adapter.model_sha256())
+    assert gate.bank.shape[0] == 3 * (1 + 2) and gate.meta["images"] == 3
+    rec = gate.meta["regrids"]
+    assert (rec["per_image"], rec["seed"]) == (2, 3)
+    geometries = {(g["modality"], tuple(g["shape"]), tuple(g["spacing"])): g for g in rec["geometries"]}
+    assert set(geometries) == {("CT", (24, 64, 64), (5.0, 3.0, 3.0)), ("CT", (30, 48, 48), (4.0, 4.5, 4.5)),
+                               ("CT", (20, 56, 56), (6.0, 3.5, 3.5)), ("MR", (16, 40, 40), (3.0, 2.0, 2.0))}
+    assert geometries[("CT", (24, 64, 64), (5.0, 3.0, 3.0))]["series"] == 2
+    assert sum(g["images"] for g in rec["geometries"] if g["modality"] == "CT") == 6
+    assert geometries[("MR", (16, 40, 40), (3.0, 2.0, 2.0))]["images"] == 0
+    [event] = _events(sessions, "model.bank_fitted")
+    assert event.details["regrids"] == rec and event.details["signatures"] == 9
+    # without --like: one signature per image, as before
+    cli("model", "fit-ood", "abdomen", "--data", str(msd), "--device", "cpu")
+    [m2] = json.loads(cli("model", "list", "--json").output)
+    plain = SpectralGate.load(Path(m2["bank_path"]))
+    assert plain.bank.shape[0] == 3 and "regrids" not in plain.meta
+    assert "regrids" not in _events(sessions, "model.bank_fitted")[-1].details
+
+    # evaluate NAME: the TorchScript model through its adapter, DSC per label by the model's label names
+    lung = write_msd_dataset(tmp_path / "ood", "ct_lung", 2, seed=5, first_index=100)
+    res = cli("model", "evaluate", "abdomen", "--data", str(multilabel), "--ood", str(lung), "--device", "cpu",
+              "--json")
+    report = json.loads(res.stdout)
+    held = report["datasets"]["ct_liver"]
+    expected: dict[str, list[float]] = {"liver": [], "spleen": []}
+    for case in iter_site_cases(multilabel):
+        pred = adapter.predict(case.image, case.spacing, case.modality)
+        for value, name in ((1, "liver"), (2, "spleen")):
+            expected[name].append(dice(pred.labels == value, case.label_map == value))
+    assert held["dsc_per_label"] == {k: pytest.approx(float(np.mean(v)), abs=1e-4) for k, v in expected.items()}
+    assert 0.3 < held["dsc_per_label"]["spleen"] < 1.0 and 0.3 < held["dsc_per_label"]["liver"] < 1.0
+    assert held["ece"] is not None and held["mce"] is not None and held["n"] == 2
+    assert report["ood"]["n_in"] == 2 and report["ood"]["n_out"] == 2 and report["ood"]["auc"] is not None
+    assert report["gate"]["bank_size"] == 3 and report["inference"]["model"]["format"] == "torchscript"
+    assert set(report["oodm"]) == {"ct_liver", "ct_lung"} and report["datasets"]["ct_lung"]["in_distribution"] is False
+    out = settings.data_dir / "evaluation" / "abdomen"
+    assert json.loads((out / "metrics.json").read_text()) == report
+    assert (out / "reliability_ct_liver.png").is_file() and (out / "oodm_histogram.png").is_file()
+    table = cli("model", "evaluate", "abdomen", "--data", str(multilabel), "--ood", str(lung), "--device", "cpu",
+                "--out", str(tmp_path / "ev")).stdout
+    assert "DSC per label: liver=" in table and "spleen=" in table and "OOD detection:" in table
+    res = cli("model", "evaluate", "abdomen", "--data", str(multilabel), "--spacing", "CT=1,1,1", expect=2)
+    assert "--spacing: not for a registered model" in res.output
+    # a case the model cannot run is named (the spec has no MR spacing)
+    prostate = write_msd_dataset(tmp_path / "mr", "mr_prostate", 1, seed=5)
+    res = cli("model", "evaluate", "abdomen", "--data", str(prostate), "--device", "cpu", expect=1)
+    assert "model 'abdomen' failed on dataset 'mr_prostate', case 'mr_prostate_000' (MR" in res.output
+    assert "no spacing for modality 'MR'" in res.output

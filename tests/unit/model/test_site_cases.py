@@ -50,3 +50,29 @@ def test_a_folder_without_images_is_refused_naming_it(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text("{}")
     with pytest.raises(ValueError, match="neither an MSD dataset.json"):
         list(iter_site_cases(tmp_path))
+
+
+def test_ground_truth_keeps_its_label_values_and_modalities_are_read_without_pixels(tmp_path: Path) -> None:
+    from model.data.volumes import site_modalities
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}))
+    _nifti(tmp_path / "imagesTr" / "a_0000.nii.gz", (6, 5, 4), (1.0, 1.0, 2.0), 40.0)
+    _nifti(tmp_path / "imagesTr" / "b_0000.nii.gz", (6, 5, 4), (1.0, 1.0, 2.0), 40.0)
+    truth = np.zeros((6, 5, 4), np.uint8)
+    truth[1:3] = 1
+    truth[4] = 3
+    nib.save(nib.Nifti1Image(truth, np.eye(4)), str(tmp_path / "labelsTr" / "a.nii.gz"))  # b has none
+    a, b = iter_site_cases(tmp_path)
+    assert a.label_map is not None and sorted(np.unique(a.label_map)) == [0, 1, 3]
+    assert a.label_map.dtype == np.uint8 and a.label_map.shape == a.image.shape == (4, 5, 6)
+    np.testing.assert_array_equal(a.label, (a.label_map > 0).astype(np.uint8))
+    assert b.label is None and b.label_map is None
+    assert site_modalities(tmp_path) == ["CT", "CT"]
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 3), np.uint8), np.eye(4)), str(tmp_path / "labelsTr" / "b.nii.gz"))
+    with pytest.raises(ValueError, match="label shape"):
+        list(iter_site_cases(tmp_path))
+    with pytest.raises(ValueError, match="do not record their modality"):
+        site_modalities(tmp_path / "imagesTr")
+    assert site_modalities(tmp_path / "imagesTr", "mr") == ["MR", "MR"]
