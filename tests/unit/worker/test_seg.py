@@ -423,3 +423,13 @@ def test_write_seg_is_atomic(tmp_path: Path) -> None:
         write_dicom(broken, target)
     assert target.read_bytes() == first
     assert sorted(p.name for p in out.iterdir()) == ["seg.dcm"]
+
+
+def test_the_seg_modules_do_not_need_the_dicom_node() -> None:
+    """What a segment says it is comes from the model, so writing a result's objects needs no DICOM node
+    configuration: worker.seg, worker.segments and worker.objects load no module of dicom_node."""
+    code = ("import sys; import worker.seg, worker.segments, worker.objects; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dicom_node'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert out.stdout.strip() == "[]"
