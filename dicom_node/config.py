@@ -25,8 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["MOVED_TO_MODEL", "AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "ReceiveLimits", "SeriesRule",
-           "TLSConfig", "validate_ae_title", "validate_host"]
+__all__ = ["MOVED_TO_MODEL", "AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "ReceiveLimits",
+           "SeriesRule", "TLSConfig", "validate_ae_title", "validate_host"]
 
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.\-]*|\[?[0-9A-Fa-f:]+\]?)$")

@@ -51,8 +51,9 @@ import numpy as np
 
 from .anatomy import AnatomyCode, CodeMapping, lookup, normalise_name
 
-__all__ = ["GENERIC_CODE", "LabelLike", "PALETTE", "PHANTOM_SEGMENT", "PHANTOM_SEGMENT_DESCRIPTION", "RuleChoice", "RuleOf",
-           "SegmentDefinition", "color_for", "review_arrays", "segments_evidence", "segments_for", "segments_from_evidence", "select_labels", "validate_rule_labels"]
+__all__ = ["GENERIC_CODE", "LabelLike", "PALETTE", "PHANTOM_SEGMENT", "PHANTOM_SEGMENT_DESCRIPTION", "RuleChoice",
+           "RuleOf", "SegmentDefinition", "color_for", "review_arrays", "segments_evidence", "segments_for",
+           "segments_from_evidence", "select_labels", "validate_rule_labels"]
 
 _LO_MAX = 64
 _NOT_LO = re.compile(r"[\\\x00-\x1f\x7f]")
