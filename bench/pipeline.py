@@ -66,7 +66,6 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import SegmentationStorage
 
-    from dicom_node.config import SeriesRule
     from dicom_series import load_series
     from tests.peers import dcmtk_path, wait_for
     from worker.atomic import write_dicom
@@ -75,6 +74,7 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     from worker.preview import write_preview
     from worker.seg import derive_uid, encode_seg
     from worker.segmenter import Segmenter
+    from worker.segments import PHANTOM_SEGMENT
 
     if threads:
         torch.set_num_threads(threads)
@@ -93,8 +93,7 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
               "restore": o.timings["restore"], "gate": o.timings["gate"]})
     rss["segment"] = _peak_mb()
     t0 = time.perf_counter()
-    ds = encode_seg(volume, o.mask, rule=SeriesRule(name="bench", segment_label="Liver",
-                                                    type_code=("10200004", "SCT", "Liver")),
+    ds = encode_seg(volume, o.mask, segments=(PHANTOM_SEGMENT,),  # the shipped model's one segment
                     model=ModelIdentity(seg_model.model_name, seg_model.model_version, seg_model.weights_sha256),
                     evidence=GateEvidence(oodm=o.oodm, tau=o.tau, c=None, is_ood=o.is_ood, gate_reason=o.gate_reason),
                     release=Release("gate"),

@@ -13,6 +13,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from dicom_factory import SeriesSpec, write_series  # noqa: E402
 
-from dicom_node.config import SeriesRule  # noqa: E402
 from dicom_series import load_series  # noqa: E402
 from worker.atomic import write_dicom  # noqa: E402
 from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
 from worker.seg import derive_uid, encode_seg  # noqa: E402
+from worker.segments import PHANTOM_SEGMENT  # noqa: E402
 
 
 def main() -> None:
@@ -61,7 +62,7 @@ def main() -> None:
             seg = encode_seg(
                 volume,
                 mask,
-                rule=SeriesRule(name="bench", segment_label="sphere", type_code=("10200004", "SCT", "Liver")),
+                segments=(replace(PHANTOM_SEGMENT, label="sphere", description=None),),
                 model=ModelIdentity("specgate-bench", "0", "0" * 64),
                 evidence=GateEvidence(oodm=0.01, tau=0.05, c=2.5, is_ood=False),
                 release=Release("gate"),

@@ -25,8 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "ReceiveLimits", "SeriesRule",
-           "TLSConfig", "validate_ae_title", "validate_host"]
+__all__ = ["MOVED_TO_MODEL", "AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "ReceiveLimits",
+           "SeriesRule", "TLSConfig", "validate_ae_title", "validate_host"]
 
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.\-]*|\[?[0-9A-Fa-f:]+\]?)$")
@@ -102,14 +102,24 @@ class Destination(BaseModel):
         return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
 
 
-# The default rule's segment description: the shipped model was trained on synthetic phantoms only.
-PHANTOM_SEGMENT_DESCRIPTION = "Organ outline by a model trained on synthetic phantoms only"
+# What a rule once said about the SEG's segment, and where each now is: what a model's output is belongs to
+# the model, a rule only chooses which series go to which model (and which of its labels are sent).
+MOVED_TO_MODEL = ("segment_label", "segment_description", "category_code", "type_code", "display_color")
 
 
 class SeriesRule(BaseModel):
-    """Which series are segmented, and as what (TOML ``[[rules]]`` tables).
+    """Which series are segmented, by which model, and which of its labels the SEG carries (TOML
+    ``[[rules]]`` tables).
 
-    Every condition that is set must match; unset conditions match anything.
+    Every condition that is set must match; unset conditions match anything. What the SEG's segments say
+    they are (label, description, codes, colour) is the model's (``worker.config.ModelSpec``), not the
+    rule's; a rule that still sets it is refused, naming where it moved::
+
+        >>> try:
+        ...     SeriesRule(name="abdomen", model="liver", segment_label="Liver")
+        ... except ValueError as exc:
+        ...     print(exc.errors()[0]["msg"])  # doctest: +ELLIPSIS
+        Value error, rule 'abdomen' sets segment_label, which a rule no longer carries: ... [models.liver]; ...
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -120,20 +130,34 @@ class SeriesRule(BaseModel):
     series_description: str | None = Field(default=None, description="regex, matched case-insensitively")
     min_slices: int = Field(default=16, ge=1)
     model: str = "default"
-    # What the SEG's segment says it is. The defaults describe the shipped model honestly: it was trained on
-    # synthetic phantoms only, so its segment is "an organ of a phantom", not a named human organ. A rule
-    # that names its own segment_label gets no description unless it gives one.
-    segment_label: str = Field(default="Phantom organ", min_length=1, max_length=64)
-    segment_description: str | None = Field(default=None, max_length=64)
-    # SNOMED CT codes: (code value, coding scheme designator, code meaning)
-    category_code: tuple[str, str, str] = ("123037004", "SCT", "Anatomical Structure")
-    type_code: tuple[str, str, str] = ("91772007", "SCT", "Organ")
-    # the segment's recommended display colour, RGB 0-255 (written as CIELab, as DICOM asks)
-    display_color: tuple[int, int, int] = (255, 160, 0)
     # Which of the model's labels the SEG carries: names (any case; "_", "-" or spaces alike) or label
     # values; None sends every label. Checked against the model's labels at start-up
-    # (worker.segments.validate_rule_labels). With one label and no choice, the segment is the one above.
+    # (worker.segments.validate_rule_labels).
     labels: tuple[str | int, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_model(cls, data: Any) -> Any:
+        """A rule from before the split, that still describes the segment: refused (never ignored), saying
+        where each key now is (a settings model's ``[models.NAME]`` table, or a registered model's codes)."""
+        if not isinstance(data, dict):
+            return data
+        moved = [key for key in MOVED_TO_MODEL if key in data]
+        if moved:
+            name, model = data.get("name", "?"), data.get("model", "default")
+            them = "it" if len(moved) == 1 else "them"
+            if model == "default":
+                where = (f"the rule selects the default model (model_weights, or the shipped one): set {them} in "
+                         f"its table [models.default]; a model registered in the ledger is described by its label "
+                         f"names and the codes of 'specgate model register NAME ... --codes FILE'")
+            else:
+                where = (f"the rule selects model {model!r}: if it is a model of the settings, set {them} in its "
+                         f"table [models.{model}]; if it is registered in the ledger, its segments are named by "
+                         f"its labels and coded with 'specgate model register {model} ... --codes FILE' (label "
+                         f"name -> SNOMED CT code)")
+            raise ValueError(f"rule {name!r} sets {', '.join(moved)}, which a rule no longer carries: what the "
+                             f"SEG says a model's segment is belongs to the model; {where}")
+        return data
 
     @field_validator("body_part", "series_description")
     @classmethod
@@ -143,21 +167,6 @@ class SeriesRule(BaseModel):
                 re.compile(v)
             except re.error as exc:
                 raise ValueError(f"regex {v!r} does not compile: {exc}") from exc
-        return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _phantom_description(cls, data: Any) -> Any:
-        """The default label comes with the description of what the shipped model really is."""
-        if isinstance(data, dict) and "segment_label" not in data and "segment_description" not in data:
-            data = {**data, "segment_description": PHANTOM_SEGMENT_DESCRIPTION}
-        return data
-
-    @field_validator("display_color")
-    @classmethod
-    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if not all(0 <= c <= 255 for c in v):
-            raise ValueError(f"display_color must be three integers 0-255 (RGB), got {v!r}")
         return v
 
     @field_validator("labels", mode="before")

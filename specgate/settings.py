@@ -46,6 +46,7 @@ from dicom_node.config import (
 )
 from dicom_node.scu import RetryPolicy
 from review.config import ReviewConfig, validate_viewer_url
+from worker.anatomy import AnatomyCode
 from worker.config import (
     DEFAULT_MODEL,
     VISIBILITY_MARGIN_S,
@@ -57,6 +58,7 @@ from worker.config import (
     TaskLimits,
     WorkerConfig,
 )
+from worker.segments import PHANTOM_SEGMENT, SegmentDefinition
 
 __all__ = [
     "AllowedCaller",
@@ -75,11 +77,56 @@ class SettingsError(ValueError):
 
 
 class ModelFiles(BaseModel):
-    """One named model (TOML ``[models.NAME]``): its weights and the OOD bank fitted for those weights."""
+    """One named model (TOML ``[models.NAME]``): its weights, the OOD bank fitted for those weights, and
+    what the SEG says its segment is (a one-label model's; a model with several labels names each segment
+    after its label, :mod:`worker.segments`). The defaults describe the shipped model honestly: it was
+    trained on synthetic phantoms only, so its segment is "an organ of a phantom", not a named human organ;
+    a model that names its own ``segment_label`` gets no description unless it gives one.
+
+    ``[models.default]`` describes the default model (model_weights/model_bank, or the shipped model): it
+    sets no ``weights`` or ``bank``; every other model sets both::
+
+        >>> ModelFiles(weights="liver.pt", bank="liver.npz", segment_label="Liver",
+        ...            type_code=("10200004", "SCT", "Liver")).segment().code.type
+        ('10200004', 'SCT', 'Liver')
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    weights: Path
-    bank: Path
+    weights: Path | None = None
+    bank: Path | None = None
+    segment_label: str = Field(default=PHANTOM_SEGMENT.label, min_length=1, max_length=64)
+    segment_description: str | None = Field(default=None, max_length=64)
+    # SNOMED CT codes: (code value, coding scheme designator, code meaning)
+    category_code: tuple[str, str, str] = PHANTOM_SEGMENT.code.category
+    type_code: tuple[str, str, str] = PHANTOM_SEGMENT.code.type
+    # the segment's recommended display colour, RGB 0-255 (written as CIELab, as DICOM asks)
+    display_color: tuple[int, int, int] = PHANTOM_SEGMENT.color
+
+    @model_validator(mode="before")
+    @classmethod
+    def _phantom_description(cls, data: Any) -> Any:
+        """The default label comes with the description of what the shipped model really is."""
+        if isinstance(data, dict) and "segment_label" not in data and "segment_description" not in data:
+            data = {**data, "segment_description": PHANTOM_SEGMENT.description}
+        return data
+
+    @field_validator("display_color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= c <= 255 for c in v):
+            raise ValueError(f"display_color must be three integers 0-255 (RGB), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _segment_writable(self) -> ModelFiles:
+        self.segment()  # raises ValueError naming a label, code or colour a SEG cannot carry
+        return self
+
+    def segment(self) -> SegmentDefinition:
+        """The model's one segment as the worker writes it (:attr:`worker.config.ModelSpec.segment`)."""
+        return SegmentDefinition(value=1, label=self.segment_label, color=self.display_color,
+                                 code=AnatomyCode(type=self.type_code, category=self.category_code),
+                                 description=self.segment_description)
 
 
 def _split_csv(value: Any) -> Any:
@@ -168,8 +215,10 @@ class Settings(BaseSettings):
     model_bank: Path | None = Field(default=None, description="OOD bank for those weights; default: shipped")
     models: dict[str, ModelFiles] = Field(
         default_factory=dict,
-        description="more models, by name ([models.NAME] tables: weights, bank), that a rule's `model` selects; "
-                    "'default' is always model_weights/model_bank (or the shipped model); a rule may also "
+        description="more models, by name ([models.NAME] tables: weights, bank, and what the SEG says the "
+                    "segment is: segment_label, segment_description, category_code, type_code, "
+                    "display_color), that a rule's `model` selects; 'default' is always model_weights/"
+                    "model_bank (or the shipped model), described by [models.default]; a rule may also "
                     "select a model registered in the ledger (specgate model register)")
     inference_block: int | None = Field(default=None, ge=16, le=512,
                                         description="sliding-window block; default: the model's own")
@@ -316,9 +365,15 @@ class Settings(BaseSettings):
         """``default`` is model_weights/model_bank. Whether each rule's ``model`` exists is checked when
         ``specgate worker`` or ``scp`` starts (``specgate._context.AppContext.check_routing``): a rule may
         name a model registered in the ledger, which the settings cannot see."""
-        if DEFAULT_MODEL in self.models:
-            raise ValueError(f"models.{DEFAULT_MODEL} cannot be set: the {DEFAULT_MODEL!r} model is model_weights/"
-                             "model_bank (or the shipped model)")
+        default = self.models.get(DEFAULT_MODEL)
+        if default is not None and (default.weights is not None or default.bank is not None):
+            raise ValueError(f"models.{DEFAULT_MODEL} cannot set weights or bank: the {DEFAULT_MODEL!r} model is "
+                             "model_weights/model_bank (or the shipped model); its table only describes its segment")
+        missing = sorted(name for name, m in self.models.items()
+                         if name != DEFAULT_MODEL and (m.weights is None or m.bank is None))
+        if missing:
+            raise ValueError(f"models.{missing[0]} (SPECGATE_MODELS, TOML [models.{missing[0]}]) needs weights and "
+                             "bank (the OOD bank fitted for those weights)")
         return self
 
     @model_validator(mode="after")
@@ -442,12 +497,13 @@ class Settings(BaseSettings):
             pipeline=PipelineConfig(results_dir=self.results_dir, installation=self.installation,
                                     rules=tuple(self.rules), heartbeat_s=self.worker_heartbeat_seconds,
                                     stale_after_s=self.worker_stale_seconds),
-            models=(ModelSpec(DEFAULT_MODEL, self.model_weights, self.model_bank),
-                    *(ModelSpec(name, m.weights, m.bank) for name, m in self.models.items())),
+            models=(ModelSpec(DEFAULT_MODEL, self.model_weights, self.model_bank,
+                              segment=self.models.get(DEFAULT_MODEL, ModelFiles()).segment()),
+                    *(ModelSpec(name, m.weights, m.bank, segment=m.segment())
+                      for name, m in self.models.items() if name != DEFAULT_MODEL)),
             inference=InferenceOverrides(block=self.inference_block, overlap=self.inference_overlap,
                                          spacing=self.inference_spacing_pairs),
-            delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy(),
-                                    rules=tuple(self.rules)),
+            delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy()),
             reconcile_interval_s=self.reconcile_interval_seconds, queued_deadline_s=self.queued_deadline_seconds,
             torch_threads=self.worker_torch_threads,
             limits=TaskLimits(segment_soft_s=self.worker_segment_soft_time_limit_seconds,
@@ -531,6 +587,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         loc = err.get("loc") or ()
         field = str(loc[0]) if loc else "settings"
         where = f"{ENV_PREFIX}{field.upper()}" if field in Settings.model_fields else field
+        if len(loc) > 1:  # inside a table: which entry and key ([models.NAME] key, the n-th [[rules]])
+            where += "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"invalid setting {where}: {err.get('msg')}{shown}")

@@ -20,6 +20,8 @@ from pathlib import Path
 from dicom_node.config import Destination, SeriesRule
 from dicom_node.scu import RetryPolicy
 
+from .segments import PHANTOM_SEGMENT, SegmentDefinition
+
 __all__ = ["DEFAULT_MODEL", "VISIBILITY_MARGIN_S", "DeliveryConfig", "InferenceOverrides", "ModelSpec",
            "PipelineConfig", "SpacingPairs", "TaskLimits", "WorkerConfig"]
 
@@ -64,6 +66,11 @@ class ModelSpec:
     #: SNOMED CT codes per label name, ``(name, (code value, scheme, meaning))``, from the registration
     #: (``specgate model register --codes``); over :data:`worker.anatomy.DEFAULT_ANATOMY` in the SEG
     codes: tuple[tuple[str, tuple[str, str, str]], ...] = ()
+    #: What the SEG says the model's one segment is (label, description, codes, colour), when the model
+    #: says it: a settings model's ``[models.NAME]`` table (the shipped model's:
+    #: :data:`worker.segments.PHANTOM_SEGMENT`). None: each label is described by its name and ``codes``
+    #: (a registered model). See :func:`worker.segments.segments_for`.
+    segment: SegmentDefinition | None = None
 
     def __post_init__(self) -> None:
         if self.format == "segnet":
@@ -110,7 +117,6 @@ class DeliveryConfig:
 
     destinations: tuple[Destination, ...] = ()
     retry: RetryPolicy = RetryPolicy()
-    rules: tuple[SeriesRule, ...] = ()  # an approved result's objects are re-encoded with its rule
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,7 @@ class WorkerConfig:
     broker_url: str | None  # None: kombu's filesystem transport under ``broker_dir`` (no server)
     broker_dir: Path
     pipeline: PipelineConfig
-    models: tuple[ModelSpec, ...] = (ModelSpec(DEFAULT_MODEL),)
+    models: tuple[ModelSpec, ...] = (ModelSpec(DEFAULT_MODEL, segment=PHANTOM_SEGMENT),)
     inference: InferenceOverrides = InferenceOverrides()
     delivery: DeliveryConfig = DeliveryConfig()
     reconcile_interval_s: float = 30.0

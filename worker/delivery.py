@@ -57,7 +57,7 @@ def deliver_job(sessions: sessionmaker[Session], job_id: int, config: DeliveryCo
             return "no destinations"
     if state == JobState.APPROVED and not _any_delivery(sessions, result_id):
         # the approver's name and the time go into the SEG and the SR before they first leave specgate
-        if rewrite_approved(sessions, job_id, config.rules):
+        if rewrite_approved(sessions, job_id):
             with session_scope(sessions) as s:
                 audit.append(s, actor=actor, action="result.approved_objects_written", object_type="result",
                              object_id=result_id, details={"job_id": job_id})

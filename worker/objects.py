@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -22,7 +22,6 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import SeriesRule
 from dicom_series import Volume, load_series
 from ledger.db import session_scope
 from ledger.schema import Instance, Job, Result, Review, ReviewDecision, Series
@@ -53,12 +52,12 @@ class ObjectUIDs:
         return cls(seg=uid("seg"), seg_series=uid("series"), sr=uid("sr"), sr_series=uid("sr-series"))
 
 
-def write_objects(seg_path: Path, sr_path: Path, volume: Volume, mask: np.ndarray, *, rule: SeriesRule,
+def write_objects(seg_path: Path, sr_path: Path, volume: Volume, mask: np.ndarray, *,
                   model: ModelIdentity, evidence: GateEvidence, release: Release, uids: ObjectUIDs,
-                  segments: Sequence[SegmentDefinition] | None = None) -> None:
-    """Encode the SEG and its SR and publish both (each atomically). ``mask``: a boolean mask (the rule's
-    one segment), or a label map with ``segments`` (:func:`worker.segments.segments_for`)."""
-    seg = encode_seg(volume, mask, rule=rule, model=model, evidence=evidence, release=release,
+                  segments: Sequence[SegmentDefinition]) -> None:
+    """Encode the SEG and its SR and publish both (each atomically). ``mask``: a label map, or a boolean
+    mask (one segment, value 1), with its ``segments`` (:func:`worker.segments.segments_for`)."""
+    seg = encode_seg(volume, mask, model=model, evidence=evidence, release=release,
                      sop_instance_uid=uids.seg, series_instance_uid=uids.seg_series, segments=segments)
     sr = encode_sr(volume, seg, model=model, evidence=evidence, release=release, sop_instance_uid=uids.sr,
                    series_instance_uid=uids.sr_series)
@@ -111,9 +110,10 @@ def series_files(sessions: sessionmaker[Session], series_uid: str | None) -> lis
         return [Path(p) for p in s.execute(q.order_by(Instance.id)).scalars()]
 
 
-def rewrite_approved(sessions: sessionmaker[Session], job_id: int, rules: tuple[SeriesRule, ...]) -> bool:
-    """Re-encode an approved job's SEG and SR with the approver and the time of approval. False when
-    there is nothing to rewrite (no SR: a result made before SRs existed is sent as it was)."""
+def rewrite_approved(sessions: sessionmaker[Session], job_id: int) -> bool:
+    """Re-encode an approved job's SEG and SR with the approver and the time of approval, with the segments
+    they were first written with (from the job's evidence), whatever the configuration says now. False
+    when there is nothing to rewrite (no SR: a result made before SRs existed is sent as it was)."""
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
         result = s.execute(select(Result).where(Result.job_id == job_id)).scalar_one()
@@ -124,12 +124,11 @@ def rewrite_approved(sessions: sessionmaker[Session], job_id: int, rules: tuple[
         paths = (Path(result.seg_path), Path(result.sr_path), Path(result.prob_path), Path(str(result.evidence_path)))
         uids = ObjectUIDs(result.seg_sop_instance_uid, result.seg_series_instance_uid, str(result.sr_sop_instance_uid),
                           str(result.sr_series_instance_uid))
-        series_uid, rule_name = job.series_instance_uid, job.rule_name
+        series_uid = job.series_instance_uid
         release = Release("approved", reviewer=review.username, decided_at=review.created_at)
     evidence: dict[str, Any] = json.loads(paths[3].read_text())
-    rule = next((r for r in rules if r.name == rule_name), None) or _rule_from_evidence(evidence, rule_name)
     volume = load_series(series_files(sessions, series_uid))
-    segments = None
+    segments: Sequence[SegmentDefinition] | None = None
     mask = None
     if evidence.get("segments"):  # the segments it was written with, whatever the configuration says now
         from .segments import segments_from_evidence
@@ -139,8 +138,10 @@ def rewrite_approved(sessions: sessionmaker[Session], job_id: int, rules: tuple[
             if "labels" in npz.files:
                 mask = npz["labels"]
     if mask is None:  # a result kept before label maps were: its one mask
-        segments, mask = None, load_mask(paths[2])
-    write_objects(paths[0], paths[1], volume, mask, rule=rule, model=model_identity(evidence),
+        mask = load_mask(paths[2])
+    if segments is None:  # ... and before segments were recorded: its rule's one segment
+        segments = (_segment_from_rule_config(evidence, job_id),)
+    write_objects(paths[0], paths[1], volume, mask, model=model_identity(evidence),
                   evidence=gate_evidence(evidence), release=release, uids=uids, segments=segments)
     return True
 
@@ -158,9 +159,20 @@ def gate_evidence(evidence: dict[str, Any]) -> GateEvidence:
                         gate_reason=evidence.get("gate_reason"))
 
 
-def _rule_from_evidence(evidence: dict[str, Any], rule_name: str | None) -> SeriesRule:
-    """The rule as it was when the job ran (recorded in its evidence), when the configuration dropped it."""
+def _segment_from_rule_config(evidence: dict[str, Any], job_id: int) -> SegmentDefinition:
+    """The one segment of a result written before segments were recorded: its rule then described it, and
+    the evidence records that rule (``rule_config``: ``segment_label``, ``segment_description``,
+    ``category_code``, ``type_code``, ``display_color``; what it left out was the shipped model's)."""
+    from .anatomy import AnatomyCode
+    from .segments import PHANTOM_SEGMENT
+
     recorded = evidence.get("rule_config")
-    if isinstance(recorded, dict):
-        return SeriesRule.model_validate(recorded)
-    raise LookupError(f"rule {rule_name!r} is no longer configured and the job's evidence does not record it")
+    if not isinstance(recorded, dict):
+        raise LookupError(f"job {job_id}'s evidence records neither its segments nor its rule")
+    p = PHANTOM_SEGMENT
+    return replace(p, label=str(recorded.get("segment_label", p.label)),
+                   description=recorded.get("segment_description",
+                                            p.description if "segment_label" not in recorded else None),
+                   color=tuple(int(c) for c in recorded.get("display_color", p.color)),  # type: ignore[arg-type]
+                   code=AnatomyCode(type=tuple(recorded.get("type_code", p.code.type)),  # type: ignore[arg-type]
+                                    category=tuple(recorded.get("category_code", p.code.category))))  # type: ignore[arg-type]

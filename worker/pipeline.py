@@ -219,7 +219,7 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
                 metrics.inference(time.perf_counter() - t0, model=rule.model, modality=volume.modality)
             timings.update(out.timings)
             segments = _segments(rule, segmenter)
-            uids = _write_objects(paths, c, cfg, rule, volume, out, segmenter, segments, timings)
+            uids = _write_objects(paths, c, cfg, volume, out, segmenter, segments, timings)
             _write_views(paths, c, volume, out, segments, timings)
             _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings)
     except _JobFailed as exc:
@@ -263,7 +263,7 @@ def _segments(rule: SeriesRule, segmenter: Segmenter) -> tuple[SegmentDefinition
     from .segments import segments_for
 
     try:
-        return segments_for(rule, segmenter.labels, codes=segmenter.codes)
+        return segments_for(rule, segmenter.labels, codes=segmenter.codes, segment=segmenter.model_segment)
     except ValueError as exc:
         raise _JobFailed("rule_labels", str(exc)) from exc
 
@@ -272,7 +272,7 @@ def _label_map(out: SegmentOutput) -> np.ndarray:
     return out.labels if out.labels is not None else out.mask.astype(np.uint8)
 
 
-def _write_objects(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, rule: SeriesRule, volume: Volume,
+def _write_objects(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, volume: Volume,
                    out: SegmentOutput, segmenter: Segmenter, segments: tuple[SegmentDefinition, ...],
                    timings: dict[str, float]) -> ObjectUIDs:
     """The labelled DICOM-SEG and the gate's evidence as an SR, under UIDs derived from the job (a resend
@@ -285,7 +285,7 @@ def _write_objects(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, rule: 
                           weights_sha256=segmenter.weights_sha256, clinical_use=segmenter.clinical_use)
     evidence = GateEvidence(oodm=out.oodm, tau=out.tau, c=segmenter.gate.c, is_ood=out.is_ood,
                             gate_reason=out.gate_reason)
-    write_objects(paths["seg"], paths["sr"], volume, _label_map(out), rule=rule, model=model, evidence=evidence,
+    write_objects(paths["seg"], paths["sr"], volume, _label_map(out), model=model, evidence=evidence,
                   release=Release("gate"), uids=uids, segments=segments)
     timings["encode"] = time.perf_counter() - t0
     return uids

@@ -1,7 +1,7 @@
 """A mask or a label map on a loaded series -> a DICOM Segmentation (highdicom), and its atomic write.
 
 :func:`encode_seg` makes a BINARY SEG with one segment per :class:`worker.segments.SegmentDefinition`
-(one, described by the rule, when given a boolean mask as before labels existed), the algorithm identified
+(a boolean mask is a label map of one segment, value 1), the algorithm identified
 (name, the DCM "Artificial Intelligence" family, version, and the weights' SHA-256 as a parameter), every
 source instance referenced, empty frames omitted, and each frame referencing the source slice
 (single-frame series) or source frame (multi-frame series) it was drawn on.
@@ -14,7 +14,8 @@ verdict in Content Label (``GATE_PASS`` / ``GATE_OOD`` / ``GATE_NO_BANK``) and C
 description, SNOMED CT category, type and laterality modifier (``SegmentedPropertyTypeModifierCodeSequence``
 inside the type's item, PS3.3 C.8.20.2) and recommended display colour (RGB in the definition, CIELab in
 the object, converted by ``highdicom.color.CIELabColor.from_rgb``) come from its definition
-(:func:`worker.segments.segments_for`: the rule's, or the model's label names with the anatomy codes).
+(:func:`worker.segments.segments_for`: the model's own description of its one segment, or the model's
+label names with the anatomy codes; never the rule's, which only chooses the labels).
 
 Segments are numbered 1..n in the definitions' order (consecutive, as PS3.3 C.8.20.2 asks); voxel ``v``
 of the label map goes to the segment whose definition has ``value == v``; values no definition names (a
@@ -39,7 +40,6 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import PersonName
 
-from dicom_node.config import SeriesRule
 from dicom_series import Volume
 from worker.labels import (
     NOT_FOR_CLINICAL_USE,
@@ -50,7 +50,7 @@ from worker.labels import (
     content_label,
     series_description,
 )
-from worker.segments import SegmentDefinition, rule_segment
+from worker.segments import SegmentDefinition
 
 __all__ = ["derive_uid", "encode_seg", "segment_numbers", "DEFAULT_SOFTWARE_VERSION", "SPECGATE_UUID_NAMESPACE",
            "GateEvidence", "ModelIdentity", "Release", "SegmentDefinition"]
@@ -128,23 +128,21 @@ def encode_seg(
     volume: Volume,
     mask: np.ndarray,
     *,
-    rule: SeriesRule,
+    segments: Sequence[SegmentDefinition],
     model: ModelIdentity,
     evidence: GateEvidence,
     release: Release,
     sop_instance_uid: str,
     series_instance_uid: str,
-    segments: Sequence[SegmentDefinition] | None = None,
     series_number: int = 9001,
     manufacturer: str = "specgate",
     software_version: str = DEFAULT_SOFTWARE_VERSION,
 ) -> Dataset:
     """A BINARY DICOM-SEG over ``volume``'s source images.
 
-    ``mask``: with ``segments`` None, a boolean mask (shape of ``volume.array``), written as one segment
-    described by ``rule`` (label, description, coded category and type, display colour), as before labels
-    existed. With ``segments`` (:func:`worker.segments.segments_for`), an integer label map of that shape
-    (0 background), one segment per definition (see the module docstring). The algorithm comes from
+    ``mask``: an integer label map (shape of ``volume.array``, 0 background), or a boolean mask (label
+    value 1), written as one segment per definition of ``segments`` (:func:`worker.segments.segments_for`;
+    see the module docstring). The algorithm comes from
     ``model``; the Series Description names the segment (or the segments, or their count), the model and
     the release (:func:`worker.labels.series_description`); Content Label and Content Description carry
     the gate's verdict; Content Creator's Name is the approving radiologist, if any. Frames with no
@@ -154,13 +152,8 @@ def encode_seg(
     mask = np.asarray(mask)
     if mask.shape != volume.array.shape:
         raise ValueError(f"mask shape {mask.shape} does not match the volume's {volume.array.shape}")
-    if segments is None:
-        if mask.dtype != np.bool_:
-            raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
-        segments = (rule_segment(rule),)
-        pixels = mask
-    else:
-        pixels = segment_numbers(mask, segments)
+    one = mask.dtype == np.bool_ and [s.value for s in segments] == [1]
+    pixels = mask if one else segment_numbers(mask, segments)  # a boolean mask is its own segment numbers
 
     seg = hd.seg.Segmentation(
         source_images=_source_headers(volume),

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from model.adapters.base import Label, ModelAdapter
     from model.ood import SpectralGate
 
+    from .segments import SegmentDefinition
+
 __all__ = ["SegmentOutput", "Segmenter", "Segmenters"]
 
 
@@ -58,10 +60,14 @@ class Segmenter:
     :meth:`from_adapter`; the constructor does no I/O."""
 
     def __init__(self, adapter: ModelAdapter, gate: SpectralGate,
-                 codes: Mapping[str, tuple[str, str, str]] | None = None) -> None:
-        """``codes``: the registration's SNOMED CT codes per label name (the SEG's segments)."""
+                 codes: Mapping[str, tuple[str, str, str]] | None = None,
+                 model_segment: SegmentDefinition | None = None) -> None:
+        """``codes``: the registration's SNOMED CT codes per label name; ``model_segment``: the model's own
+        description of its one segment (:attr:`worker.config.ModelSpec.segment`); both for the SEG's
+        segments (:func:`worker.segments.segments_for`)."""
         self.adapter, self.gate = adapter, gate
         self.codes: dict[str, tuple[str, str, str]] = dict(codes or {})
+        self.model_segment = model_segment
 
     @property
     def model_name(self) -> str:
@@ -166,14 +172,16 @@ class Segmenters:
     def _load(self, spec: ModelSpec) -> Segmenter:
         inf = self._inference
         if spec.format == "segnet":  # the overrides are SegNet's (its weights' own settings, then these)
-            return Segmenter.open(spec.path or spec.weights, spec.bank, device=self._device, block=inf.block,
-                                  overlap=inf.overlap, spacing=inf.spacing)
-        if spec.path is None or spec.bank is None:  # ModelSpec refuses it; a bug, not input
-            raise LookupError(f"model {spec.name!r} ({spec.format}) has no path or no OOD bank")
-        # the registry (model/adapters/__init__.py) opens every format with its own loader
-        from model.adapters import open_adapter  # type: ignore[attr-defined,unused-ignore]
+            seg = Segmenter.open(spec.path or spec.weights, spec.bank, device=self._device, block=inf.block,
+                                 overlap=inf.overlap, spacing=inf.spacing)
+        else:
+            if spec.path is None or spec.bank is None:  # ModelSpec refuses it; a bug, not input
+                raise LookupError(f"model {spec.name!r} ({spec.format}) has no path or no OOD bank")
+            # the registry (model/adapters/__init__.py) opens every format with its own loader
+            from model.adapters import open_adapter  # type: ignore[attr-defined,unused-ignore]
 
-        adapter = open_adapter(spec.format, spec.path, layer=spec.layer, device=self._device, **dict(spec.options))
-        seg = Segmenter.from_adapter(adapter, spec.bank)
-        seg.codes = dict(spec.codes)
+            adapter = open_adapter(spec.format, spec.path, layer=spec.layer, device=self._device,
+                                   **dict(spec.options))
+            seg = Segmenter.from_adapter(adapter, spec.bank)
+        seg.codes, seg.model_segment = dict(spec.codes), spec.segment  # what the SEG says each segment is
         return seg

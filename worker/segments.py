@@ -1,12 +1,20 @@
-"""Which segments a result's DICOM-SEG has, and what each says it is: from the model's labels, the rule's
-choice of labels, and the anatomy codes (:mod:`worker.anatomy`).
+"""Which segments a result's DICOM-SEG has, and what each says it is: from the model's labels and its
+description of its output (:class:`worker.config.ModelSpec`), the rule's choice of labels, and the anatomy
+codes (:mod:`worker.anatomy`).
+
+What a model's output is belongs to the model: a model of the settings (TOML ``[models.NAME]``) describes
+its one segment there (label, description, codes, colour: ``ModelSpec.segment``, a
+:class:`SegmentDefinition`; the shipped model's is :data:`PHANTOM_SEGMENT`); a model registered in the
+ledger is described by its label names and the codes of its registration (``specgate model register
+--codes``). A rule (``dicom_node.config.SeriesRule``) only routes: which model, and which of its labels
+the SEG carries (:class:`RuleChoice`: its ``name`` and ``labels``).
 
 At start-up, :func:`validate_rule_labels` for every rule with its model's labels, so a rule naming a
 label its model does not have stops the service with the rule's and the label's names. Then, once per
 job, with the prediction's ``labels`` map (z, y, x on the source grid)::
 
-    segments = segments_for(rule, model.labels, codes=registration_codes)  # tuple[SegmentDefinition]
-    seg = encode_seg(volume, labels, segments=segments, rule=rule, ...)   # worker.seg: one segment each
+    segments = segments_for(rule, model.labels, codes=spec.codes, segment=spec.segment)
+    seg = encode_seg(volume, labels, segments=segments, ...)              # worker.seg: one segment each
     sr = encode_sr(volume, seg, ...)                                       # volumes counted from the SEG
     save_probability(path, foreground, labels > 0, extra=review_arrays(labels, segments))  # review draws
     evidence["segments"] = segments_evidence(segments, labels, volume.spacing)
@@ -16,15 +24,15 @@ approves a held result and its objects are written again, they are written with 
 writing, whatever the configuration says now: ``segments_from_evidence(evidence["segments"])`` and the
 kept ``labels`` map (``review_arrays`` keeps the labels sent, which are all the SEG needs).
 
-**One label, no choice in the rule**: the segment is described by the rule (label, description, codes,
-colour), exactly as before labels existed: the shipped phantom model's segment stays "Phantom organ".
-**Several labels, or a rule that chooses labels**: one segment per chosen label, in the model's label
-order, numbered 1..n (DICOM asks for consecutive segment numbers; the model's label value is kept in
-:attr:`SegmentDefinition.value` and the review arrays), named with the model's own label name, coded from
-the model's mapping or the default table, and coloured from :data:`PALETTE` by label value (so a label
-has the same colour whichever labels a rule chooses). A label without a known code gets the rule's
-category and type codes (by default "Anatomical Structure" / "Organ", as the single segment always had)
-and says so in its Segment Description: ``"no anatomy code known for label 'NAME'"``.
+**A model that describes its one segment** (a settings model), **one label, no choice in the rule**: the
+segment is the model's description: the shipped phantom model's segment stays "Phantom organ".
+**Otherwise** (several labels, a rule that chooses labels, or a registered model): one segment per chosen
+label, in the model's label order, numbered 1..n (DICOM asks for consecutive segment numbers; the model's
+label value is kept in :attr:`SegmentDefinition.value` and the review arrays), named with the model's own
+label name, coded from the model's mapping or the default table, and coloured from :data:`PALETTE` by label
+value (so a label has the same colour whichever labels a rule chooses). A label without a known code gets
+the generic codes (:data:`GENERIC_CODE`: "Anatomical Structure" / "Organ", as the single segment always
+had) and says so in its Segment Description: ``"no anatomy code known for label 'NAME'"``.
 
 A chosen label the model did not find in this study still gets its segment (with no frames): the SEG's
 segment list is then the same for every study of a rule, and the SR says the volume is 0 mL, which is a
@@ -36,17 +44,16 @@ from __future__ import annotations
 import colorsys
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from dicom_node.config import SeriesRule
-
 from .anatomy import AnatomyCode, CodeMapping, lookup, normalise_name
 
-__all__ = ["LabelLike", "PALETTE", "SegmentDefinition", "color_for", "review_arrays", "rule_segment",
-           "segments_evidence", "segments_for", "segments_from_evidence", "select_labels", "validate_rule_labels"]
+__all__ = ["GENERIC_CODE", "LabelLike", "PALETTE", "PHANTOM_SEGMENT", "PHANTOM_SEGMENT_DESCRIPTION", "RuleChoice",
+           "RuleOf", "SegmentDefinition", "color_for", "review_arrays", "segments_evidence", "segments_for",
+           "segments_from_evidence", "select_labels", "validate_rule_labels"]
 
 _LO_MAX = 64
 _NOT_LO = re.compile(r"[\\\x00-\x1f\x7f]")
@@ -77,6 +84,17 @@ def color_for(value: int) -> tuple[int, int, int]:
     sat, val = (0.85, 0.95) if k % 2 else (0.55, 0.80)
     r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
     return (round(r * 255), round(g * 255), round(b * 255))
+
+
+class RuleChoice(Protocol):
+    """What the segments need of a rule (``dicom_node.config.SeriesRule``): its name, for messages, and
+    which of its model's labels it sends (names or values; None: every label)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def labels(self) -> tuple[str | int, ...] | None: ...
 
 
 class LabelLike(Protocol):
@@ -115,29 +133,34 @@ class SegmentDefinition:
                              f"{self.description!r}")
 
 
+GENERIC_CODE = AnatomyCode(type=("91772007", "SCT", "Organ"), category=("123037004", "SCT", "Anatomical Structure"))
+"""The codes of a segment that names no structure: "Organ", an "Anatomical Structure" (SNOMED CT); the
+shipped model's segment, and a label with no known code."""
+
+PHANTOM_SEGMENT_DESCRIPTION = "Organ outline by a model trained on synthetic phantoms only"
+
+PHANTOM_SEGMENT = SegmentDefinition(value=1, label="Phantom organ", color=(255, 160, 0), code=GENERIC_CODE,
+                                    description=PHANTOM_SEGMENT_DESCRIPTION)
+"""What the shipped model's one segment says it is, and the default of a settings model (``[models.NAME]``):
+it was trained on synthetic phantoms only, so its segment is "an organ of a phantom", not a named human
+organ."""
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3].rstrip() + "..."
 
 
-def rule_segment(rule: SeriesRule, value: int = 1) -> SegmentDefinition:
-    """The one segment a rule describes (label, description, category and type codes, colour): what every
-    SEG had before models had several labels."""
-    return SegmentDefinition(value=value, label=rule.segment_label, color=rule.display_color,
-                             code=AnatomyCode(type=rule.type_code, category=rule.category_code),
-                             description=rule.segment_description)
-
-
-def _describe(label: LabelLike, rule: SeriesRule, codes: CodeMapping | None) -> SegmentDefinition:
+def _describe(label: LabelLike, codes: CodeMapping | None) -> SegmentDefinition:
     name = label.name.strip() or f"label {label.value}"
     code = lookup(name, codes)
     if code is None:
         return SegmentDefinition(value=label.value, label=_clip(name), color=color_for(label.value),
-                                 code=AnatomyCode(type=rule.type_code, category=rule.category_code), coded=False,
+                                 code=GENERIC_CODE, coded=False,
                                  description=_clip(f"no anatomy code known for label {name!r}"))
     return SegmentDefinition(value=label.value, label=_clip(name), color=color_for(label.value), code=code)
 
 
-def select_labels(rule: SeriesRule, labels: Sequence[LabelLike]) -> tuple[LabelLike, ...]:
+def select_labels(rule: RuleChoice, labels: Sequence[LabelLike]) -> tuple[LabelLike, ...]:
     """The model's labels the rule chooses (``rule.labels``: names or values; None: all), in the model's
     order. A name matches whatever the case and separators (``Kidney_Left`` = ``kidney left``); a value is
     an integer. Raises ValueError naming the rule, the label and the model's labels when a choice matches
@@ -145,9 +168,9 @@ def select_labels(rule: SeriesRule, labels: Sequence[LabelLike]) -> tuple[LabelL
 
     >>> from model.adapters.base import Label
     >>> labels = [Label(1, "liver"), Label(2, "spleen")]
-    >>> [lab.name for lab in select_labels(SeriesRule(name="r", labels=("Spleen",)), labels)]
+    >>> [lab.name for lab in select_labels(RuleOf("r", ("Spleen",)), labels)]
     ['spleen']
-    >>> select_labels(SeriesRule(name="r", labels=("kidney",)), labels)
+    >>> select_labels(RuleOf("r", ("kidney",)), labels)
     Traceback (most recent call last):
     ...
     ValueError: rule 'r' sends label 'kidney', which the model does not have (its labels: 1=liver, 2=spleen)
@@ -176,24 +199,46 @@ def select_labels(rule: SeriesRule, labels: Sequence[LabelLike]) -> tuple[LabelL
     return tuple(lab for lab in labels if lab.value in chosen)
 
 
-def validate_rule_labels(rule: SeriesRule, labels: Sequence[LabelLike], *, codes: CodeMapping | None = None) -> None:
+def validate_rule_labels(rule: RuleChoice, labels: Sequence[LabelLike], *, codes: CodeMapping | None = None,
+                         segment: SegmentDefinition | None = None) -> None:
     """Start-up check of one rule against its model's labels and code mapping: raises ValueError naming
     the rule and the label (see :func:`select_labels`) when the rule chooses a label the model does not
     have, and naming the label when a chosen label's name or code cannot be written into a SEG."""
-    segments_for(rule, labels, codes=codes)
+    segments_for(rule, labels, codes=codes, segment=segment)
 
 
-def segments_for(rule: SeriesRule, labels: Sequence[LabelLike], *,
-                 codes: CodeMapping | None = None) -> tuple[SegmentDefinition, ...]:
-    """The SEG's segments for a model with ``labels`` under ``rule`` (see the module docstring): the rule's
-    own segment for a one-label model whose rule chooses nothing, else one per chosen label, described by
-    the model's names and ``codes`` (the registration's mapping, over :data:`worker.anatomy.DEFAULT_ANATOMY`)."""
+def segments_for(rule: RuleChoice, labels: Sequence[LabelLike], *, codes: CodeMapping | None = None,
+                 segment: SegmentDefinition | None = None) -> tuple[SegmentDefinition, ...]:
+    """The SEG's segments for a model with ``labels`` under ``rule`` (see the module docstring): the model's
+    own ``segment`` (a settings model's description, ``ModelSpec.segment``) for a one-label model whose rule
+    chooses nothing, else one per chosen label, described by the model's names and ``codes`` (the
+    registration's mapping, over :data:`worker.anatomy.DEFAULT_ANATOMY`).
+
+    >>> from model.adapters.base import Label
+    >>> [s.label for s in segments_for(RuleOf("r"), [Label(1, "foreground")], segment=PHANTOM_SEGMENT)]
+    ['Phantom organ']
+    >>> [(s.label, s.code.type[2]) for s in segments_for(RuleOf("r"), [Label(1, "liver")])]
+    [('liver', 'Liver')]
+    """
     chosen = select_labels(rule, labels)
-    if len(labels) == 1 and rule.labels is None:
-        return (rule_segment(rule, value=labels[0].value),)
+    if segment is not None and len(labels) == 1 and rule.labels is None:
+        return (replace(segment, value=labels[0].value),)
     if not chosen:
         raise ValueError(f"rule {rule.name!r} chooses no label of its model")
-    return tuple(_describe(lab, rule, codes) for lab in chosen)
+    return tuple(_describe(lab, codes) for lab in chosen)
+
+
+@dataclass(frozen=True)
+class RuleOf:
+    """A :class:`RuleChoice` from plain values (a rule's name and its choice of labels).
+
+    >>> from model.adapters.base import Label
+    >>> [lab.name for lab in select_labels(RuleOf("r", ("Spleen",)), [Label(1, "liver"), Label(2, "spleen")])]
+    ['spleen']
+    """
+
+    name: str
+    labels: tuple[str | int, ...] | None = None
 
 
 def _label_dtype(segments: Sequence[SegmentDefinition]) -> type[np.unsignedinteger[Any]]:

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,6 @@ def test_toml_file_is_read_and_environment_overrides_it(tmp_path: Path, monkeypa
     cfg.write_text(
         'scp_port = 4000\nstudy_quiet_seconds = 5\n'
         '[[rules]]\nname = "brain-mr"\nmodalities = ["MR"]\nseries_description = "T1"\nmin_slices = 20\n'
-        'segment_label = "Brain"\n'
     )
     monkeypatch.setenv("SPECGATE_SCP_PORT", "4001")
     s = Settings.load(cfg)
@@ -120,13 +120,40 @@ name = "any-ct"
     # (and has a bank) is checked when the worker or the SCP starts (tests/integration/test_model_registry.py)
     cfg.write_text('[[rules]]\nname = "brain-mr"\nmodel = "brian"\n')
     assert [r.model for r in Settings.load(cfg).rules] == ["brian"]
-    # "default" is model_weights / model_bank, never a second definition
+    # "default" is model_weights / model_bank, never a second definition; its table only describes its segment
     monkeypatch.setenv("SPECGATE_MODELS", '{"default": {"weights": "/a.pt", "bank": "/a.npz"}}')
-    with pytest.raises(SettingsError, match="models.default cannot be set"):
+    with pytest.raises(SettingsError, match="models.default cannot set weights or bank"):
         Settings.load()
     monkeypatch.setenv("SPECGATE_MODELS", '{"brain": {"weights": "/a.pt"}}')
-    with pytest.raises(SettingsError, match="SPECGATE_MODELS"):
+    with pytest.raises(SettingsError, match=r"models.brain \(SPECGATE_MODELS, TOML \[models.brain\]\) needs weights and bank"):
         Settings.load()
+
+
+def test_a_models_table_describes_its_segment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """segment_label, segment_description, codes and display_color of [models.NAME] reach the worker's
+    ModelSpec; left out, they are the shipped model's phantom description; nonsense is refused naming it."""
+    from worker.segments import PHANTOM_SEGMENT
+
+    assert Settings().worker_config().models[0].segment == PHANTOM_SEGMENT  # no table: the shipped model's
+    monkeypatch.setenv("SPECGATE_MODELS", json.dumps({
+        "liver": {"weights": "/l.pt", "bank": "/l.npz", "segment_label": "Liver", "display_color": [10, 20, 30],
+                  "type_code": ["10200004", "SCT", "Liver"]},
+        "plain": {"weights": "/p.pt", "bank": "/p.npz"},
+        "default": {"segment_description": "Shipped phantom model"}}))
+    specs = {m.name: m for m in Settings.load().worker_config().models}
+    assert specs["liver"].segment is not None
+    assert (specs["liver"].segment.label, specs["liver"].segment.color, specs["liver"].segment.description) == (
+        "Liver", (10, 20, 30), None)
+    assert specs["liver"].segment.code.type == ("10200004", "SCT", "Liver")
+    assert specs["liver"].segment.code.category == PHANTOM_SEGMENT.code.category
+    assert specs["plain"].segment == PHANTOM_SEGMENT
+    assert specs["default"].segment is not None and specs["default"].segment.label == "Phantom organ"
+    assert specs["default"].segment.description == "Shipped phantom model"
+    for bad, needle in [({"display_color": [0, 0, 256]}, "display_color"), ({"type_code": ["1", "SCT", ""]}, "type_code"),
+                        ({"segment_label": "a\\b"}, "segment label"), ({"segment_colour": [1, 2, 3]}, "segment_colour")]:
+        monkeypatch.setenv("SPECGATE_MODELS", json.dumps({"m": {"weights": "/m.pt", "bank": "/m.npz", **bad}}))
+        with pytest.raises(SettingsError, match=needle):
+            Settings.load()
 
 
 def test_receive_limits_have_their_documented_defaults_and_reach_the_node(tmp_path: Path) -> None:
@@ -175,7 +202,10 @@ def test_the_example_deployment_config_loads() -> None:
     assert [str(c) for c in s.allowed_callers] == ["PACS_MAIN@10.1.2.3", "CT_SCANNER_1@10.1.5.20"]
     assert s.destination("pacs").port == 104
     assert [r.name for r in s.rules] == ["abdomen-ct", "any-ct-mr"]
-    assert s.rules[0].type_code == ("10200004", "SCT", "Liver")
+    assert s.rules[0].model == "liver-v3"
+    (liver,) = [m for m in s.worker_config().models if m.name == "liver-v3"]
+    assert liver.segment is not None and liver.segment.label == "Liver"
+    assert liver.segment.code.type == ("10200004", "SCT", "Liver")
 
 
 def test_the_visibility_timeout_must_outlast_every_hard_time_limit_with_margin(tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ def test_rules_by_calling_ae_and_description(ledger: Ledger, start_scp, tmp_path
                             series_description="AXIAL 1mm")
     port = start_scp(ledger).address[1]
     rule = SeriesRule(name="axial-from-testscu", calling_ae="TESTSCU", series_description="^axial",
-                      min_slices=6, model="liver", segment_label="Liver")
+                      min_slices=6, model="liver")
     queued: list[int] = []
     asm = _assembler(ledger, queued, rules=[rule])
     assert store(port, study.paths + axial.paths) == [0] * 10

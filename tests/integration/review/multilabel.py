@@ -91,7 +91,7 @@ def multilabel_job(sessions: Any, root: Path, results_dir: Path, *, patient_name
     uids = ObjectUIDs.for_job("TEST", series.study_instance_uid, job_id, version)
     paths = job_paths(results_dir, job_id, version)
     paths["dir"].mkdir(parents=True, exist_ok=True)
-    seg = encode_seg(volume, lm, rule=RULE, model=MODEL, evidence=evidence, release=release, segments=segments,
+    seg = encode_seg(volume, lm, model=MODEL, evidence=evidence, release=release, segments=segments,
                      sop_instance_uid=uids.seg, series_instance_uid=uids.seg_series)
     sr = encode_sr(volume, seg, model=MODEL, evidence=evidence, release=release, sop_instance_uid=uids.sr,
                    series_instance_uid=uids.sr_series)

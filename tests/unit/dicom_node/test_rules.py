@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dicom_node.assembler import SeriesFacts, choose_series
-from specgate.settings import SeriesRule, Settings
+from specgate.settings import SeriesRule, Settings, SettingsError
 
 
 def facts(uid: str, modality: str = "CT", n: int = 20, desc: str = "AXIAL", body: str | None = "ABDOMEN",
@@ -41,11 +43,36 @@ def test_first_rule_in_order_wins() -> None:
 def test_rules_come_from_toml(tmp_path) -> None:
     cfg = tmp_path / "specgate.toml"
     cfg.write_text('[[rules]]\nname = "brain"\nmodalities = ["MR"]\nbody_part = "HEAD|BRAIN"\nmin_slices = 20\n'
-                   'model = "brain-v2"\nsegment_label = "Brain"\n'
-                   'type_code = ["12738006", "SCT", "Brain"]\n'
-                   '[models.brain-v2]\nweights = "/models/brain-v2.pt"\nbank = "/models/brain-v2.npz"\n')
-    rules = Settings.load(cfg).rules
+                   'model = "brain-v2"\nlabels = ["brain"]\n'
+                   '[models.brain-v2]\nweights = "/models/brain-v2.pt"\nbank = "/models/brain-v2.npz"\n'
+                   'segment_label = "Brain"\ntype_code = ["12738006", "SCT", "Brain"]\n')
+    settings = Settings.load(cfg)
+    rules = settings.rules
     assert [r.name for r in rules] == ["brain"]
     rule, s = choose_series(rules, [facts("1", "MR", 24, body="HEAD")])
-    assert rule.type_code == ("12738006", "SCT", "Brain") and s.series_instance_uid == "1"
-    assert rule.model == "brain-v2"
+    assert rule.model == "brain-v2" and rule.labels == ("brain",) and s.series_instance_uid == "1"
+    # what the segment says it is came with the model, not the rule
+    (spec,) = [m for m in settings.worker_config().models if m.name == "brain-v2"]
+    assert spec.segment is not None and spec.segment.label == "Brain"
+    assert spec.segment.code.type == ("12738006", "SCT", "Brain")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("segment_label", '"Liver"'), ("segment_description", '"Liver parenchyma"'),
+    ("category_code", '["123037004", "SCT", "Anatomical Structure"]'), ("type_code", '["10200004", "SCT", "Liver"]'),
+    ("display_color", "[200, 80, 40]"),
+])
+def test_a_rule_that_still_describes_the_segment_is_refused_naming_where_it_moved(tmp_path, key, value) -> None:
+    """A site's TOML from before the split is refused at start-up, never half read: the message names the
+    rule, the key and its new place (the model's [models.NAME] table, or a registered model's --codes)."""
+    cfg = tmp_path / "specgate.toml"
+    cfg.write_text(f'[[rules]]\nname = "abdomen-ct"\nmodel = "liver-v3"\n{key} = {value}\n'
+                   '[models.liver-v3]\nweights = "/m/liver.pt"\nbank = "/m/liver.npz"\n')
+    with pytest.raises(SettingsError) as exc:
+        Settings.load(cfg)
+    message = str(exc.value)
+    assert "SPECGATE_RULES" in message and f"rule 'abdomen-ct' sets {key}, which a rule no longer carries" in message
+    assert "[models.liver-v3]" in message and "specgate model register liver-v3 ... --codes FILE" in message
+    # the default model's rule is pointed at [models.default]
+    with pytest.raises(ValueError, match=r"sets segment_label, display_color, .*\[models\.default\]"):
+        SeriesRule(name="any", segment_label="Liver", display_color=(1, 2, 3))

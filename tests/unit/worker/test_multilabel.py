@@ -35,11 +35,13 @@ from worker.anatomy import DEFAULT_ANATOMY, LEFT, RIGHT, AnatomyCode, lookup, no
 from worker.atomic import write_dicom  # noqa: E402
 from worker.seg import derive_uid, encode_seg, segment_numbers  # noqa: E402
 from worker.segments import (  # noqa: E402
+    GENERIC_CODE,
     PALETTE,
+    PHANTOM_SEGMENT,
+    RuleOf,
     SegmentDefinition,
     color_for,
     review_arrays,
-    rule_segment,
     segments_evidence,
     segments_for,
     segments_from_evidence,
@@ -68,7 +70,7 @@ def _label_map(shape: tuple[int, int, int]) -> np.ndarray:
 
 def _encode(volume: Volume, label_map: np.ndarray, segments: tuple, result=RELEASED) -> hd.seg.Segmentation:
     evidence, release = result
-    return encode_seg(volume, label_map, rule=RULE, model=MODEL, evidence=evidence, release=release,
+    return encode_seg(volume, label_map, model=MODEL, evidence=evidence, release=release,
                       segments=segments, sop_instance_uid=derive_uid("ml", volume.study_instance_uid, "seg"),
                       series_instance_uid=derive_uid("ml", volume.study_instance_uid, "series"))
 
@@ -137,19 +139,25 @@ def test_segments_for_a_multi_label_model() -> None:
     assert [s.color for s in segments] == [PALETTE[0], PALETTE[1], PALETTE[2], PALETTE[3], PALETTE[5]]
     lesion = segments[-1]
     assert not lesion.coded and lesion.description == "no anatomy code known for label 'lesion'"
-    assert lesion.code == AnatomyCode(type=RULE.type_code, category=RULE.category_code)  # generic, as before
+    assert lesion.code == GENERIC_CODE  # "Anatomical Structure" / "Organ", as before
     assert all(s.coded and s.description is None for s in segments[:-1])
     colours = [color_for(v) for v in range(1, 120)]
     assert len(set(colours)) == len(colours)  # distinct for a TotalSegmentator-sized label set
 
 
-def test_one_label_and_no_choice_keeps_the_rules_segment() -> None:
-    (only,) = segments_for(SeriesRule(name="default-ct-mr"), [Label(1, "foreground")])
-    assert only == rule_segment(SeriesRule(name="default-ct-mr"))
-    assert only.label == "Phantom organ" and "synthetic phantoms" in (only.description or "")
+def test_one_label_and_no_choice_keeps_the_models_segment() -> None:
+    (only,) = segments_for(SeriesRule(name="default-ct-mr"), [Label(3, "foreground")], segment=PHANTOM_SEGMENT)
+    assert only == SegmentDefinition(3, "Phantom organ", (255, 160, 0), GENERIC_CODE,
+                                     description=PHANTOM_SEGMENT.description)
+    assert "synthetic phantoms" in (only.description or "")
     # a rule that chooses the label describes it by the model's name instead
-    (chosen,) = segments_for(SeriesRule(name="liver", labels=("Liver",)), [Label(1, "liver")])
+    (chosen,) = segments_for(SeriesRule(name="liver", labels=("Liver",)), [Label(1, "liver")], segment=PHANTOM_SEGMENT)
     assert chosen.label == "liver" and chosen.code.type[0] == "10200004"
+    # a model without its own description (a registered one) is described by its label, even with one label
+    (named,) = segments_for(RuleOf("r"), [Label(1, "liver")], codes={"liver": ("10200004", "SCT", "Liver parenchyma")})
+    assert (named.label, named.code.type, named.color) == ("liver", ("10200004", "SCT", "Liver parenchyma"), PALETTE[0])
+    # several labels: the model's description is not used for any of them
+    assert [s.label for s in segments_for(RULE, LABELS, segment=PHANTOM_SEGMENT)] == [lab.name for lab in LABELS]
 
 
 def test_rules_choose_labels_by_name_or_value_in_the_models_order() -> None:
@@ -356,11 +364,11 @@ def test_sr_lists_every_segments_volume(tmp_path: Path, strict_reading: None, ki
 
 
 def test_a_one_mask_sr_has_its_segments_volume(tmp_path: Path) -> None:
-    """The rule's one segment (a boolean mask, as before labels) gets its volume too, beside the evidence."""
+    """A model's one segment (a boolean mask, as before labels) gets its volume too, beside the evidence."""
     volume = _shuffled_classic(tmp_path)
     mask = _label_map(volume.shape) == 1
     evidence, release = RELEASED
-    seg = encode_seg(volume, mask, rule=RULE, model=MODEL, evidence=evidence, release=release,
+    seg = encode_seg(volume, mask, segments=(PHANTOM_SEGMENT,), model=MODEL, evidence=evidence, release=release,
                      sop_instance_uid=derive_uid("one", "seg"), series_instance_uid=derive_uid("one", "series"))
     assert segment_voxels(seg) == {1: int(mask.sum())}
     sr = encode_sr(volume, seg, model=MODEL, evidence=evidence, release=release,
@@ -408,12 +416,13 @@ def test_one_label_through_the_label_map_path_is_the_same_seg(tmp_path: Path) ->
     volume = _shuffled_classic(tmp_path)
     mask = _mask(volume.shape)
     rule = SeriesRule(name="default-ct-mr")
-    segments = segments_for(rule, [Label(1, "foreground")])
+    segments = segments_for(rule, [Label(1, "foreground")], segment=PHANTOM_SEGMENT)
     evidence, release = RELEASED
     uids = {"sop_instance_uid": derive_uid("same", "seg"), "series_instance_uid": derive_uid("same", "series")}
-    old = encode(volume, mask, rule=rule, model=MODEL, evidence=evidence, release=release, **uids)
-    again = encode(volume, mask, rule=rule, model=MODEL, evidence=evidence, release=release, **uids)
-    new = encode(volume, mask.astype(np.uint8), rule=rule, model=MODEL, evidence=evidence, release=release,
+    one = (PHANTOM_SEGMENT,)
+    old = encode(volume, mask, segments=one, model=MODEL, evidence=evidence, release=release, **uids)
+    again = encode(volume, mask, segments=one, model=MODEL, evidence=evidence, release=release, **uids)
+    new = encode(volume, mask.astype(np.uint8), model=MODEL, evidence=evidence, release=release,
                  segments=segments, **uids)
 
     def differ(a: pydicom.Dataset, b: pydicom.Dataset) -> set[str]:

@@ -21,9 +21,13 @@ from dicom_factory import SeriesSpec, classic_datasets, enhanced_dataset, write_
 
 from dicom_node.config import SeriesRule  # noqa: E402
 from dicom_series import Volume, load_series  # noqa: E402
-from worker.atomic import write_dicom
+from model.adapters.base import Label  # noqa: E402
+from specgate.settings import ModelFiles, Settings  # noqa: E402
+from worker.anatomy import AnatomyCode  # noqa: E402
+from worker.atomic import write_dicom  # noqa: E402
 from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
 from worker.seg import derive_uid, encode_seg  # noqa: E402
+from worker.segments import SegmentDefinition, segments_for  # noqa: E402
 
 SHA = "3f" * 32
 CATEGORY = ("123037004", "SCT", "Anatomical Structure")
@@ -45,21 +49,21 @@ def _mask(shape: tuple[int, int, int]) -> np.ndarray:
     return mask
 
 
-RULE = SeriesRule(name="liver", segment_label="Liver", segment_description="Liver parenchyma", type_code=LIVER,
-                  display_color=(200, 80, 40))
+SEGMENT = SegmentDefinition(1, "Liver", (200, 80, 40), AnatomyCode(type=LIVER, category=CATEGORY),
+                            description="Liver parenchyma")
 MODEL = ModelIdentity("specgate-unet", "1.2.0", SHA)
 RELEASED = (GateEvidence(oodm=0.031, tau=0.052, c=2.5, is_ood=False), Release("gate"))
 APPROVED = (GateEvidence(oodm=0.0875, tau=0.052, c=2.5, is_ood=True, gate_reason="oodm_above_tau"),
             Release("approved", reviewer="Jones^Anna", decided_at=datetime(2026, 3, 4, 10, 30, tzinfo=UTC)))
 
 
-def _encode(volume: Volume, mask: np.ndarray, job: str = "job-1", *, rule: SeriesRule = RULE,
+def _encode(volume: Volume, mask: np.ndarray, job: str = "job-1", *, segment: SegmentDefinition = SEGMENT,
             model: ModelIdentity = MODEL, result: tuple[GateEvidence, Release] = RELEASED) -> hd.seg.Segmentation:
     evidence, release = result
     return encode_seg(
         volume,
         mask,
-        rule=rule,
+        segments=(segment,),
         model=model,
         evidence=evidence,
         release=release,
@@ -237,8 +241,8 @@ def test_derive_uid() -> None:
     ("change", "message"),
     [
         ({"mask": "shape"}, "does not match"),
-        ({"mask": "uint8"}, "must be boolean"),
-        ({"rule": RULE.model_copy(update={"type_code": ("10200004", "SCT", "")})}, "type_code"),
+        ({"mask": "float"}, "must hold integers"),
+        ({"segments": ()}, "at least one segment"),
     ],
 )
 def test_encode_refuses_bad_arguments(tmp_path: Path, change: dict, message: str) -> None:
@@ -246,10 +250,11 @@ def test_encode_refuses_bad_arguments(tmp_path: Path, change: dict, message: str
     mask = _mask(volume.shape)
     if change.get("mask") == "shape":
         mask = mask[:-1]
-    elif change.get("mask") == "uint8":
-        mask = mask.astype(np.uint8)
+    elif change.get("mask") == "float":
+        mask = mask.astype(np.float32)
     with pytest.raises(ValueError, match=message):
-        _encode(volume, mask, rule=change.get("rule", RULE))
+        encode_seg(volume, mask, segments=change.get("segments", (SEGMENT,)), model=MODEL, evidence=RELEASED[0],
+                   release=RELEASED[1], sop_instance_uid="2.25.1", series_instance_uid="2.25.2")
 
 
 @pytest.mark.parametrize(
@@ -262,7 +267,9 @@ def test_encode_refuses_bad_arguments(tmp_path: Path, change: dict, message: str
         (lambda: Release("rejected"), "'gate' or 'approved'"),  # type: ignore[arg-type]
         (lambda: GateEvidence(oodm=float("nan"), tau=0.05, c=None, is_ood=False), "oodm must be a finite"),
         (lambda: GateEvidence(oodm=0.1, tau=0.05, c=None, is_ood=True, gate_reason="odd"), "gate_reason"),
-        (lambda: SeriesRule(name="x", display_color=(0, 0, 256)), "display_color"),
+        (lambda: SegmentDefinition(1, "x", (0, 0, 256), SEGMENT.code), "colour must be three integers"),
+        (lambda: AnatomyCode(type=("10200004", "SCT", "")), "type_code"),
+        (lambda: ModelFiles(weights="w.pt", bank="b.npz", display_color=(0, 0, 256)), "display_color"),
     ],
 )
 def test_records_refuse_nonsense(build: object, message: str) -> None:
@@ -314,11 +321,20 @@ def test_clinical_model_is_not_marked_and_long_names_fit(tmp_path: Path) -> None
     assert marked.SeriesDescription == "NOT FOR CLINICAL USE: Li., a-m. 2024.11.30-rc7, approved by Max."
 
 
-def test_default_rule_says_what_the_phantom_model_is(tmp_path: Path) -> None:
-    """The shipped model was trained on phantoms: the default rule's segment says so, with valid SNOMED CT."""
+def _model_segment(settings: Settings, model: str, labels: list[Label]) -> SegmentDefinition:
+    """The worker's way from the settings to a one-label model's segment: its ModelSpec's description,
+    through :func:`worker.segments.segments_for` under the default rule."""
+    spec = next(m for m in settings.worker_config().models if m.name == model)
+    (segment,) = segments_for(SeriesRule(name="default-ct-mr", model=model), labels, codes=dict(spec.codes),
+                              segment=spec.segment)
+    return segment
+
+
+def test_default_model_says_what_the_phantom_model_is(tmp_path: Path) -> None:
+    """The shipped model was trained on phantoms: the default model's segment says so, with valid SNOMED CT."""
     volume = _shuffled_classic(tmp_path)
-    rule = SeriesRule(name="default-ct-mr")
-    path = write_dicom(_encode(volume, _mask(volume.shape), rule=rule), tmp_path / "seg.dcm")
+    segment = _model_segment(Settings(), "default", [Label(1, "Phantom organ")])
+    path = write_dicom(_encode(volume, _mask(volume.shape), segment=segment), tmp_path / "seg.dcm")
     (segment,) = pydicom.dcmread(path).SegmentSequence
     assert segment.SegmentLabel == "Phantom organ"
     assert "synthetic phantoms" in segment.SegmentDescription
@@ -327,8 +343,38 @@ def test_default_rule_says_what_the_phantom_model_is(tmp_path: Path) -> None:
     assert (category.CodeValue, category.CodingSchemeDesignator) == ("123037004", "SCT")
     assert (kind.CodeValue, kind.CodingSchemeDesignator, kind.CodeMeaning) == ("91772007", "SCT", "Organ")
     assert dciodvfy(path)[0] == []
-    # a rule naming its own segment does not inherit the phantom description
-    assert SeriesRule(name="liver", segment_label="Liver").segment_description is None
+    lab = hd.color.CIELabColor.from_dicom_value(tuple(segment.RecommendedDisplayCIELabValue))
+    assert lab.to_rgb() == (255, 160, 0)
+    # a model naming its own segment does not inherit the phantom description
+    assert ModelFiles(weights="w.pt", bank="b.npz", segment_label="Liver").segment_description is None
+
+
+def test_settings_model_description_reaches_the_seg(tmp_path: Path) -> None:
+    """A ``[models.NAME]`` table's segment_label, segment_description, codes and display_color are what the
+    SEG of a rule selecting that model says, through the worker's ModelSpec and segments."""
+    cfg = tmp_path / "specgate.toml"
+    cfg.write_text('[models.liver-v3]\nweights = "/m/liver.pt"\nbank = "/m/liver.npz"\n'
+                   'segment_label = "Liver"\nsegment_description = "Liver parenchyma, site model"\n'
+                   'category_code = ["123037004", "SCT", "Anatomical Structure"]\n'
+                   'type_code = ["10200004", "SCT", "Liver"]\ndisplay_color = [10, 200, 90]\n'
+                   '[models.default]\nsegment_label = "Organ (phantom)"\n'
+                   '[[rules]]\nname = "abdomen"\nmodel = "liver-v3"\n')
+    settings = Settings.load(cfg)
+    volume = _shuffled_classic(tmp_path)
+    segment = _model_segment(settings, "liver-v3", [Label(1, "foreground")])
+    path = write_dicom(_encode(volume, _mask(volume.shape), segment=segment), tmp_path / "seg.dcm")
+    ds = pydicom.dcmread(path)
+    (item,) = ds.SegmentSequence
+    assert item.SegmentLabel == "Liver" and item.SegmentDescription == "Liver parenchyma, site model"
+    kind, category = item.SegmentedPropertyTypeCodeSequence[0], item.SegmentedPropertyCategoryCodeSequence[0]
+    assert (kind.CodeValue, kind.CodingSchemeDesignator, kind.CodeMeaning) == LIVER
+    assert (category.CodeValue, category.CodingSchemeDesignator, category.CodeMeaning) == CATEGORY
+    assert hd.color.CIELabColor.from_dicom_value(tuple(item.RecommendedDisplayCIELabValue)).to_rgb() == (10, 200, 90)
+    assert ds.SeriesDescription.startswith("NOT FOR CLINICAL USE: Liver,")
+    assert dciodvfy(path)[0] == []
+    # [models.default] describes the default model (model_weights or the shipped one), with no description
+    default = _model_segment(settings, "default", [Label(1, "Phantom organ")])
+    assert default.label == "Organ (phantom)" and default.description is None and default.color == (255, 160, 0)
 
 
 @pytest.mark.parametrize("kind", list(SERIES))
@@ -377,3 +423,13 @@ def test_write_seg_is_atomic(tmp_path: Path) -> None:
         write_dicom(broken, target)
     assert target.read_bytes() == first
     assert sorted(p.name for p in out.iterdir()) == ["seg.dcm"]
+
+
+def test_the_seg_modules_do_not_need_the_dicom_node() -> None:
+    """What a segment says it is comes from the model, so writing a result's objects needs no DICOM node
+    configuration: worker.seg, worker.segments and worker.objects load no module of dicom_node."""
+    code = ("import sys; import worker.seg, worker.segments, worker.objects; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dicom_node'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert out.stdout.strip() == "[]"

@@ -13,7 +13,16 @@ import pytest
 from pydicom.dataset import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_seg import APPROVED, MODEL, RELEASED, RULE, _mask, _shuffled_classic, _shuffled_multiframe, dciodvfy  # noqa: E402
+from test_seg import (  # noqa: E402
+    APPROVED,
+    MODEL,
+    RELEASED,
+    SEGMENT,
+    _mask,
+    _shuffled_classic,
+    _shuffled_multiframe,
+    dciodvfy,
+)
 
 from dicom_series import Volume  # noqa: E402
 from worker.atomic import write_dicom
@@ -25,7 +34,7 @@ from worker.sr import DECISIONS, OOD_C, OOD_TAU, OOD_VERDICT, OODM, RELEASE_DECI
 def _objects(volume: Volume, result: tuple[GateEvidence, Release], model: ModelIdentity = MODEL,
              ) -> tuple[Dataset, Dataset]:
     evidence, release = result
-    seg = encode_seg(volume, _mask(volume.shape), rule=RULE, model=model, evidence=evidence, release=release,
+    seg = encode_seg(volume, _mask(volume.shape), segments=(SEGMENT,), model=model, evidence=evidence, release=release,
                      sop_instance_uid=derive_uid("t", "seg"), series_instance_uid=derive_uid("t", "seg-series"))
     sr = encode_sr(volume, seg, model=model, evidence=evidence, release=release,
                    sop_instance_uid=derive_uid("t", "sr"), series_instance_uid=derive_uid("t", "sr-series"))
