@@ -88,9 +88,11 @@ def save_probability(path: Path, prob_fg: np.ndarray, mask: np.ndarray,
             with z.open("prob_fg_u8.npy", "w", force_zip64=True) as f:  # slab by slab: no full uint8 copy
                 np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                                          "fortran_order": False, "shape": fg.shape})
-                for z0 in range(0, fg.shape[0], 16):
-                    slab = np.clip(fg[z0:z0 + 16].astype(np.float32), 0, 1) * 255
-                    f.write(np.rint(slab).astype(np.uint8).tobytes())
+                for z0 in range(0, fg.shape[0], 16):  # in place: one float32 slab (16 MB), not four
+                    slab = fg[z0:z0 + 16].astype(np.float32)
+                    np.clip(slab, 0, 1, out=slab)
+                    slab *= 255
+                    f.write(np.rint(slab, out=slab).astype(np.uint8).tobytes())
             for name, a in arrays.items():
                 with z.open(f"{name}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)

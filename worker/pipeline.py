@@ -211,8 +211,8 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             known = ", ".join(r.name for r in cfg.rules) or "none"
             raise _JobFailed("unknown_rule", f"rule {c.rule_name!r} is not configured (rules: {known})")
         with Heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
-            volume = _load_volume(sessions, c, timings)
             segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
+            volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16)
             t0 = time.perf_counter()
             out = _segment(segmenter, volume)
             if metrics is not None:
@@ -234,13 +234,16 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
     return outcome
 
 
-def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float]) -> Volume:
+def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float], *,
+                 compact: bool = False) -> Volume:
+    """The job's series; ``compact``: int16 when that holds its values (a CT: 157 MB instead of 315 MB for
+    300x512x512), for a model that takes it (:attr:`worker.segmenter.Segmenter.takes_int16`)."""
     t0 = time.perf_counter()
     files = series_files(sessions, c.series_instance_uid)
     try:
         if not files:
             raise SeriesError("no_instances", f"series {c.series_instance_uid} has no stored instances")
-        volume = load_series(files)
+        volume = load_series(files, compact=compact)
     except SeriesError as exc:
         raise _JobFailed(exc.reason_code, str(exc)) from exc
     timings["load"] = time.perf_counter() - t0
