@@ -7,11 +7,15 @@ and peak memory; then the same CT through a synthetic 105-class model (``--class
 
 The series is the held-out liver phantom re-gridded to the scanner geometry (``model.data.clinical``),
 written as DICOM by the parent process. A fresh child process then runs what the worker runs for one
-study: load (DICOM series -> volume), segment (resample to the model's grid, body crop, sliding window and
-signature, probabilities back onto the source grid), gate (OODM), encode (DICOM-SEG written), keep (the
-probability map and the preview PNG), send (C-STORE to dcmtk's ``storescp`` on loopback). Its peak
-resident memory is the child's ``ru_maxrss``. Targets from issue 19 (printed, never asserted): under 3 s
-for segment + gate + keep and under 1 GB peak on 2 cores.
+study: load (DICOM series -> volume, int16 when the model takes it), segment (resample to the model's grid,
+body crop, sliding window and signature, label map and foreground back onto the source grid), gate (OODM),
+encode (the DICOM-SEG and its SR, ``worker.objects.write_objects``), keep (the probability map with the
+review arrays, and the preview PNG), send (C-STORE to dcmtk's ``storescp`` on loopback). Its peak resident
+memory is the child's ``VmHWM``. It then says what the peak is made of (what stays resident once the
+study's arrays are freed: interpreter, libraries, their caches; the arrays; the rest, transient) and runs
+the same study again in the same process (a warm worker, its caches loaded; peak counted from there).
+Targets from issue 19 (printed, never asserted): under 3 s for segment + gate + keep and under 1 GB peak on
+2 cores.
 
 The many-class case (TotalSegmentator has 105 classes with background) runs the worker's path
 (:func:`model.segment.segment_labels`: model grid, body crop, window, signature, label map and float16
@@ -131,7 +135,7 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
                       title=f"bench: OODM {o.oodm:.4f} vs tau {o.tau:.4f}")
         t["keep_preview"] = time.perf_counter() - t0
         rss["keep"] = _peak_mb()
-        held.update({"series": volume.array.nbytes / 2**20, "labels": o.labels.nbytes / 2**20,
+        held.update({"series": volume.array.nbytes / 2**20, "labels": label_map.nbytes / 2**20,
                      "foreground": o.prob_fg.nbytes / 2**20})
         return volume, o, int(dcmread(out / "seg.dcm", stop_before_pixels=True).NumberOfFrames)
 
