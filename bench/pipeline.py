@@ -7,10 +7,11 @@ and peak memory; then the same CT through a synthetic 105-class model (``--class
 
 The series is the held-out liver phantom re-gridded to the scanner geometry (``model.data.clinical``),
 written as DICOM by the parent process. A fresh child process then runs what the worker runs for one
-study: load (DICOM series -> volume, int16 when the model takes it), segment (resample to the model's grid,
-body crop, sliding window and signature, label map and foreground back onto the source grid), gate (OODM),
-encode (the DICOM-SEG and its SR, ``worker.objects.write_objects``), keep (the probability map with the
-review arrays, and the preview PNG), send (C-STORE to dcmtk's ``storescp`` on loopback). Its peak resident
+study, in the worker's order: load (DICOM series -> volume, int16 when the model takes it), segment
+(resample to the model's grid, body crop, sliding window and signature, label map and foreground back onto
+the source grid), gate (OODM), keep (the probability map with the review arrays, and the preview PNG, the
+pixels' last use), encode (the DICOM-SEG and its SR, ``worker.objects.write_objects``, on the volume
+without its pixels), send (C-STORE to dcmtk's ``storescp`` on loopback). Its peak resident
 memory is the child's ``VmHWM``. It then says what the peak is made of (what stays resident once the
 study's arrays are freed: interpreter, libraries, their caches; the arrays; the rest, transient) and runs
 the same study again in the same process (a warm worker, its caches loaded; peak counted from there).
@@ -107,8 +108,9 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     rule = SeriesRule(name="bench", segment_label="Liver", type_code=("10200004", "SCT", "Liver"))
 
     def study(t: dict[str, float], rss: dict[str, float], held: dict[str, float]) -> tuple[Any, Any, int]:
-        """One study as ``worker.pipeline.run_job`` runs it: load, segment and gate, the SEG and its SR
-        (``write_objects``), the probability file with the review arrays, the preview."""
+        """One study as ``worker.pipeline.run_job`` runs it: load, segment and gate, the probability file
+        with the review arrays and the preview, then the SEG and its SR (``write_objects``) on the volume
+        without its pixels."""
         t0 = time.perf_counter()
         volume = load_series(paths, compact=seg_model.takes_int16)
         t["load"] = time.perf_counter() - t0
@@ -116,17 +118,8 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
         o = seg_model.segment(volume.array, volume.modality, spacing=volume.spacing)
         t.update({k: o.timings[k] for k in ("resample", "preprocess", "infer", "restore", "gate")})
         rss["segment"] = _peak_mb()
-        t0 = time.perf_counter()
         label_map = o.labels if o.labels is not None else o.mask.astype(np.uint8)
         segments = segments_for(rule, seg_model.labels, codes=seg_model.codes)
-        write_objects(out / "seg.dcm", out / "sr.dcm", volume, label_map, rule=rule,
-                      model=ModelIdentity(seg_model.model_name, seg_model.model_version, seg_model.weights_sha256),
-                      evidence=GateEvidence(oodm=o.oodm, tau=o.tau, c=None, is_ood=o.is_ood, gate_reason=o.gate_reason),
-                      release=Release("gate"), uids=ObjectUIDs.for_job("BENCH", volume.study_instance_uid, 1, 1),
-                      segments=segments)
-        release_freed_memory()  # as the worker does after its SEG and SR
-        t["encode"] = time.perf_counter() - t0
-        rss["encode"] = _peak_mb()
         t0 = time.perf_counter()
         save_probability(out / "probability.npz", o.prob_fg, o.mask, extra=review_arrays(label_map, segments))
         t["keep_prob"] = time.perf_counter() - t0
@@ -135,7 +128,18 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
                       title=f"bench: OODM {o.oodm:.4f} vs tau {o.tau:.4f}")
         t["keep_preview"] = time.perf_counter() - t0
         rss["keep"] = _peak_mb()
-        held.update({"series": volume.array.nbytes / 2**20, "labels": label_map.nbytes / 2**20,
+        held["series"] = volume.array.nbytes / 2**20
+        volume = volume.without_pixels()  # as the worker does once the preview is written
+        t0 = time.perf_counter()
+        write_objects(out / "seg.dcm", out / "sr.dcm", volume, label_map, rule=rule,
+                      model=ModelIdentity(seg_model.model_name, seg_model.model_version, seg_model.weights_sha256),
+                      evidence=GateEvidence(oodm=o.oodm, tau=o.tau, c=None, is_ood=o.is_ood, gate_reason=o.gate_reason),
+                      release=Release("gate"), uids=ObjectUIDs.for_job("BENCH", volume.study_instance_uid, 1, 1),
+                      segments=segments)
+        release_freed_memory()  # as the worker does after its SEG and SR
+        t["encode"] = time.perf_counter() - t0
+        rss["encode"] = _peak_mb()
+        held.update({"labels": label_map.nbytes / 2**20,
                      "foreground": o.prob_fg.nbytes / 2**20})
         return volume, o, int(dcmread(out / "seg.dcm", stop_before_pixels=True).NumberOfFrames)
 
@@ -147,7 +151,7 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     report: dict[str, Any] = {
         "shape": list(volume.shape), "spacing": list(volume.spacing), "grid": o.grid, "oodm": o.oodm, "tau": o.tau,
         "held": o.is_ood, "foreground_voxels": int(np.count_nonzero(o.mask)), "frames": frames,
-        "series_dtype": str(volume.array.dtype)}
+        "series_dtype": str(volume.array.dtype)}  # the stand-in keeps the dtype
     del volume, o
     gc.collect()
     release_freed_memory()
@@ -294,12 +298,14 @@ def main() -> None:
           f"peak memory {r['peak_mb']:.0f} MB (target < 1024 MB); peak after each stage: "
           + ", ".join(f"{k} {v:.0f}" for k, v in r["rss"].items()) + " MB")
     h, fl = r["held_mb"], r["floor_mb"]
-    arrays = sum(h.values())
-    print(f"what the peak is made of: {fl['rss']:.0f} MB that stays resident after the study (interpreter, torch, "
-          f"the model, SimpleITK, highdicom's DICOM tables, matplotlib; {fl['file']:.0f} MB of it file-backed library "
-          f"pages) + the study's arrays {arrays:.0f} MB (series {r['series_dtype']} {h['series']:.0f}, label map "
-          f"{h['labels']:.0f}, float16 foreground {h['foreground']:.0f}) + {r['peak_mb'] - fl['rss'] - arrays:.0f} MB "
-          f"transient")
+    stage = next(k for k, v in r["rss"].items() if v >= r["peak_mb"] - 0.5)  # where the peak was reached
+    held = {k: v for k, v in h.items() if k != "series" or stage != "encode"}  # the series is gone by the SEG
+    arrays = sum(held.values())
+    print(f"what the peak is made of (reached in {stage}): {fl['rss']:.0f} MB that stays resident after the study "
+          f"(interpreter, torch, the model, SimpleITK, highdicom's DICOM tables, matplotlib; {fl['file']:.0f} MB of "
+          f"it file-backed library pages) + the study's arrays then {arrays:.0f} MB ("
+          + ", ".join(f"{k} {v:.0f}" for k, v in held.items()) + f"; series {r['series_dtype']}) + "
+          f"{r['peak_mb'] - fl['rss'] - arrays:.0f} MB transient")
     w = r["warm"]
     print(f"the same study again in the same process (a warm worker): peak {w['peak_mb']:.0f} MB; "
           f"segment+gate+keep {sum(v for k, v in w['timings'].items() if k not in ('load', 'encode')):.2f} s; "

@@ -15,6 +15,7 @@ into float32 there and then, so what comes back is always the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -67,6 +68,22 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def without_pixels(self) -> Volume:
+        """The same volume, its ``array`` a read-only zero-strided stand-in of the same shape and dtype
+        (no memory; every value 0): for what needs only the geometry and the headers (a SEG, an SR) once
+        the pixels have been used, so that the caller can let the pixel data go (157 MB for a 300x512x512
+        CT as int16).
+
+        >>> import numpy as np
+        >>> v = Volume(np.ones((2, 3, 4), np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT", "1", "2", "3",
+        ...            (), ())
+        >>> light = v.without_pixels()
+        >>> light.shape, light.array.dtype, light.array.strides, light.array.flags.writeable
+        ((2, 3, 4), dtype('int16'), (0, 0, 0), False)
+        """
+        stand_in = np.broadcast_to(np.zeros((), self.array.dtype), self.array.shape)
+        return dataclasses.replace(self, array=stand_in)
 
     @property
     def is_multiframe(self) -> bool:

@@ -219,8 +219,10 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
                 metrics.inference(time.perf_counter() - t0, model=rule.model, modality=volume.modality)
             timings.update(out.timings)
             segments = _segments(rule, segmenter)
+            paths["dir"].mkdir(parents=True, exist_ok=True)
+            _write_views(paths, c, volume, out, segments, timings)  # the preview is the last use of the pixels
+            volume = volume.without_pixels()  # the SEG and the SR need its geometry and headers: 157 MB less
             uids = _write_objects(paths, c, cfg, rule, volume, out, segmenter, segments, timings)
-            _write_views(paths, c, volume, out, segments, timings)
             _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings)
     except _JobFailed as exc:
         fail(sessions, c, exc.reason_code, exc.detail, actor=cfg.actor)
@@ -285,7 +287,6 @@ def _write_objects(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, rule: 
 
     t0 = time.perf_counter()
     uids = ObjectUIDs.for_job(cfg.installation, c.study_instance_uid, c.job_id, c.version)
-    paths["dir"].mkdir(parents=True, exist_ok=True)
     model = ModelIdentity(name=segmenter.model_name, version=segmenter.model_version,
                           weights_sha256=segmenter.weights_sha256, clinical_use=segmenter.clinical_use)
     evidence = GateEvidence(oodm=out.oodm, tau=out.tau, c=segmenter.gate.c, is_ood=out.is_ood,
