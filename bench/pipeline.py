@@ -297,19 +297,23 @@ def main() -> None:
     print(f"child process: {wall:.1f} s wall including start-up, model load and a second study; "
           f"peak memory {r['peak_mb']:.0f} MB (target < 1024 MB); peak after each stage: "
           + ", ".join(f"{k} {v:.0f}" for k, v in r["rss"].items()) + " MB")
-    h, fl = r["held_mb"], r["floor_mb"]
-    stage = next(k for k, v in r["rss"].items() if v >= r["peak_mb"] - 0.5)  # where the peak was reached
-    held = {k: v for k, v in h.items() if k != "series" or stage != "encode"}  # the series is gone by the SEG
-    arrays = sum(held.values())
-    print(f"what the peak is made of (reached in {stage}): {fl['rss']:.0f} MB that stays resident after the study "
-          f"(interpreter, torch, the model, SimpleITK, highdicom's DICOM tables, matplotlib; {fl['file']:.0f} MB of "
-          f"it file-backed library pages) + the study's arrays then {arrays:.0f} MB ("
-          + ", ".join(f"{k} {v:.0f}" for k, v in held.items()) + f"; series {r['series_dtype']}) + "
-          f"{r['peak_mb'] - fl['rss'] - arrays:.0f} MB transient")
-    w = r["warm"]
+    h, fl, w = r["held_mb"], r["floor_mb"], r["warm"]
+
+    def reached(rss: dict[str, float], peak: float) -> str:
+        return next(k for k, v in rss.items() if v >= peak - 0.5)
+
     print(f"the same study again in the same process (a warm worker): peak {w['peak_mb']:.0f} MB; "
           f"segment+gate+keep {sum(v for k, v in w['timings'].items() if k not in ('load', 'encode')):.2f} s; "
           "peak after each stage: " + ", ".join(f"{k} {v:.0f}" for k, v in w["rss"].items()) + " MB")
+    # a warm worker's peak, part by part: what the first study loaded as it went is all resident by then
+    stage = reached(w["rss"], w["peak_mb"])
+    held = {k: v for k, v in h.items() if k != "series" or stage != "encode"}  # the SEG and SR run without it
+    arrays = sum(held.values())
+    print(f"what the warm peak is made of (reached in {stage}; the first study's in {reached(r['rss'], r['peak_mb'])}): "
+          f"{fl['rss']:.0f} MB that stays resident between studies (interpreter, torch, the model, SimpleITK, "
+          f"highdicom's DICOM tables, matplotlib; {fl['file']:.0f} MB of it file-backed library pages) + the study's "
+          f"arrays then {arrays:.0f} MB (" + ", ".join(f"{k} {v:.0f}" for k, v in held.items())
+          + f"; series {r['series_dtype']}) + {w['peak_mb'] - fl['rss'] - arrays:.0f} MB transient")
     if many is not None:
         mt = many["timings"]
         print(f"\n{many['classes']} classes (BlobNet, the same series): model grid {tuple(many['model_shape'])}, "
