@@ -439,6 +439,7 @@ def segment_labels(net: nn.Module, image: np.ndarray, spacing: Sequence[float], 
     t0 = time.perf_counter()
     labels, fg = labels_on_source(run.result.probabilities, run.canvas.box, run.grid, run.shape, run.spacing,
                                   resampled=run.resampled)
+    release_freed_memory()
     run.timings["restore"] = time.perf_counter() - t0
     res, canvas, grid = run.result, run.canvas, run.grid
     return StudyLabels(

@@ -18,7 +18,8 @@ def write_preview(path: Path, image: np.ndarray, prob_fg: np.ndarray, mask: np.n
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+    # slice by slice: count_nonzero along an axis first makes a boolean copy of the whole mask (78 MB)
+    counts = np.array([np.count_nonzero(m) for m in mask])
     z = int(np.argmax(counts)) if counts.max() > 0 else mask.shape[0] // 2
     sl = image[z].astype(np.float32)
     if modality.upper() == "CT":

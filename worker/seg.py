@@ -215,6 +215,8 @@ def segment_numbers(label_map: np.ndarray, segments: Sequence[SegmentDefinition]
                    dtype=np.uint8 if len(segments) <= 255 else np.uint16)
     for number, value in enumerate(values, start=1):
         lut[value] = number
+    if label_map.dtype == lut.dtype and np.array_equal(lut, np.arange(lut.size)):
+        return label_map  # every value is its own segment number (one label, 1): no copy (78 MB for a CT)
     return lut[label_map]
 
 

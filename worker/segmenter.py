@@ -95,6 +95,12 @@ class Segmenter:
         return self.adapter.settings if isinstance(self.adapter, SegNetAdapter) else None
 
     @property
+    def takes_int16(self) -> bool:
+        """Whether the model takes an int16 volume as it takes the same values in float32 (then the worker
+        loads the series with :func:`dicom_series.load_series` ``compact``: a CT in half the memory)."""
+        return bool(self.adapter.takes_int16)
+
+    @property
     def labels(self) -> tuple[Label, ...]:
         return tuple(self.adapter.labels)
 
@@ -134,8 +140,11 @@ class Segmenter:
     def segment(self, volume: np.ndarray, modality: str, *, spacing: Any) -> SegmentOutput:
         """Segment and gate one volume (z, y, x, native units) with its spacing (z, y, x) in mm.
 
+        ``volume`` may be int16 (:attr:`takes_int16`); a model that does not take it gets it as float32.
         Raises :class:`model.resample.GridError` (``bad_spacing``) for a spacing that cannot be used.
         """
+        if volume.dtype == np.int16 and not self.takes_int16:
+            volume = volume.astype(np.float32)
         pred = self.adapter.predict(volume, spacing, modality)
         t0 = time.perf_counter()
         oodm, is_ood, reason = self.gate.verdict(pred.signature, modality)

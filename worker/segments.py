@@ -260,8 +260,9 @@ def review_arrays(label_map: np.ndarray, segments: Sequence[SegmentDefinition]) 
     lut = np.zeros(max(int(label_map.max(initial=0)), max(s.value for s in segments)) + 1, dtype=_label_dtype(segments))
     for s in segments:
         lut[s.value] = s.value
+    keep_all = label_map.dtype == lut.dtype and np.array_equal(lut, np.arange(lut.size))
     return {
-        "labels": lut[label_map],
+        "labels": label_map if keep_all else lut[label_map],  # every value shown: the map itself, no copy
         "label_values": np.array([s.value for s in segments], dtype=np.uint16),
         "label_names": np.array([s.label for s in segments], dtype=np.str_),
         "label_colors": np.array([s.color for s in segments], dtype=np.uint8).reshape(len(segments), 3),

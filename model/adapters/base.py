@@ -129,6 +129,10 @@ class ModelAdapter(ABC):
     files_sha256: Mapping[str, str]  # relative path -> SHA-256 of every file the model is made of
     #: False marks every object the model makes NOT FOR CLINICAL USE (a format may read it from its files)
     clinical_use: bool = False
+    #: True when :meth:`predict` gives the same result for an int16 image as for the same values in float32
+    #: (the worker then loads a CT as int16, half the memory: :func:`dicom_series.load_series` ``compact``);
+    #: False: the image is given as float32
+    takes_int16: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

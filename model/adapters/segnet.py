@@ -61,6 +61,8 @@ class SegNetAdapter(ModelAdapter):
     """A :class:`model.unet.SegNet` and its inference settings. Build with :meth:`open`."""
 
     format: ClassVar[str] = "segnet"
+    #: :func:`model.resample.to_grid` reads int16 block by block, :func:`model.preprocess.preprocess` converts
+    takes_int16: ClassVar[bool] = True
 
     def __init__(self, net: Any, settings: Any, *, name: str, version: str, labels: tuple[Label, ...],
                  layer: str, files_sha256: Mapping[str, str], weights_sha256: str, meta: Mapping[str, Any],

@@ -105,6 +105,37 @@ def test_rescale_per_slice(tmp_path: Path) -> None:
     np.testing.assert_allclose(volume.array, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_compact_load_is_int16_with_the_same_values(tmp_path: Path, enhanced: bool) -> None:
+    """``compact``: a CT's integer rescale as int16, equal to the float32 load value for value."""
+    spec = SeriesSpec(slices=10, rescale_slope=1.0, rescale_intercept=-1024.0)
+    datasets = [enhanced_dataset(spec)] if enhanced else classic_datasets(spec)
+    paths = write_datasets(datasets, tmp_path)
+    full, compact = load_series(paths), load_series(paths, compact=True)
+    assert full.array.dtype == np.float32 and compact.array.dtype == np.int16
+    assert not compact.array.flags.writeable
+    np.testing.assert_array_equal(compact.array.astype(np.float32), full.array)
+    np.testing.assert_array_equal(compact.array, expected_volume(spec))
+
+
+@pytest.mark.parametrize(("slopes", "intercepts", "what"), [
+    ([0.5] * 8, [-1000.0] * 8, "a fractional slope"),
+    ([1.0] * 7 + [20.0], [-1024.0] * 8, "the last slice's values beyond int16"),
+    ([1.0] * 3 + [1.0] + [1.0] * 4, [-1024.0] * 3 + [0.5] + [-1024.0] * 4, "a fractional intercept mid-series"),
+])
+def test_compact_load_falls_back_to_float32(tmp_path: Path, slopes: list[float], intercepts: list[float],
+                                            what: str) -> None:
+    """A slice whose rescaled values int16 cannot hold turns the whole array float32: the same numbers."""
+    spec = SeriesSpec(slices=8)
+    datasets = classic_datasets(spec)
+    for ds, slope, intercept in zip(datasets, slopes, intercepts, strict=True):
+        ds.RescaleSlope, ds.RescaleIntercept = str(slope), str(intercept)
+    paths = write_datasets(datasets, tmp_path)
+    full, compact = load_series(paths), load_series(paths, compact=True)
+    assert compact.array.dtype == np.float32, what
+    np.testing.assert_array_equal(compact.array, full.array)
+
+
 def test_mr_without_rescale_is_raw(tmp_path: Path) -> None:
     spec = SeriesSpec(slices=6, modality="MR", rescale_slope=1.0, rescale_intercept=0.0)
     datasets = classic_datasets(spec)

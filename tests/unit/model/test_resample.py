@@ -57,3 +57,36 @@ def test_probabilities_stay_probabilities():
     np.testing.assert_allclose(buf, out, atol=1e-3)
     with pytest.raises(ValueError, match="the grid"):
         from_grid(p[:5], g, (27, 61, 61), (1.5, 0.8, 0.8))
+
+
+def _whole_volume_block_means(a, spacing, grid):
+    """The block means over the whole volume at once (the path before chunks), as float32."""
+    from model.resample import _block_mean
+
+    a = np.asarray(a, dtype=np.float32)
+    for axis in range(3):
+        k = int(grid.spacing[axis] / spacing[axis])
+        if k >= 2:
+            a = _block_mean(a, axis, k)
+    return a
+
+
+@pytest.mark.parametrize(("shape", "spacing", "target"), [
+    ((70, 64, 61), (1.0, 0.703125, 0.703125), (4.0, 4.0, 4.0)),  # z blocks of 4 split over chunks, x with a tail
+    ((41, 70, 66), (2.5, 0.45, 0.45), (4.0, 4.0, 4.0)),  # no z blocks; 8 per block in-plane (pairwise sums)
+    ((70, 30, 90), (0.3, 1.0, 0.25), (4.0, 4.0, 4.0)),  # 13 per z block, a short last chunk; 16 along x
+    ((33, 40, 40), (1.0, 1.0, 1.0), (1.5, 1.5, 1.5)),  # no block at all
+])
+def test_int16_and_chunked_block_means_give_the_same_grid(shape, spacing, target):
+    """An int16 CT resamples to the same float32 bits as its float32 copy, and the chunked block means
+    equal the whole-volume ones (each mean adds the same values in the same order)."""
+    from model.resample import _block_means
+
+    rng = np.random.default_rng(1)
+    hu = rng.integers(-1024, 3072, size=shape).astype(np.int16)
+    grid = model_grid(shape, spacing, target)
+    ref = _whole_volume_block_means(hu, spacing, grid)
+    ks = [max(1, int(g / s)) for g, s in zip(grid.spacing, spacing, strict=True)]
+    chunked = _block_means(hu, [k if k >= 2 else 1 for k in ks])
+    assert chunked.dtype == np.float32 and chunked.tobytes() == ref.tobytes()
+    assert to_grid(hu, spacing, grid).tobytes() == to_grid(hu.astype(np.float32), spacing, grid).tobytes()

@@ -84,6 +84,34 @@ def test_the_shipped_model_opens_through_its_adapter() -> None:
     seg.gate.check_inference(seg.adapter.signature_settings())
 
 
+def _hu_int16(image: np.ndarray) -> np.ndarray:
+    """A phantom in whole Hounsfield units as int16, as ``load_series(compact=True)`` gives a CT."""
+    return np.clip(np.rint(image), -32768, 32767).astype(np.int16)
+
+
+def test_an_int16_ct_gives_the_shipped_model_the_same_result_bit_for_bit() -> None:
+    """The worker loads a CT as int16 for SegNet (``takes_int16``): the label map, foreground and
+    signature equal those of the same values in float32, bit for bit."""
+    seg = Segmenter.open()
+    assert seg.takes_int16
+    hu = _hu_int16(phantom_case("ct_liver", 0, 7).image)
+    spacing = (1.0, 0.703125, 0.703125)  # resampled onto the 4 mm grid: block means along every axis
+    a, b = seg.segment(hu, "CT", spacing=spacing), seg.segment(hu.astype(np.float32), "CT", spacing=spacing)
+    assert a.labels is not None and b.labels is not None
+    assert a.labels.tobytes() == b.labels.tobytes() and a.prob_fg.tobytes() == b.prob_fg.tobytes()
+    assert a.signature.tobytes() == b.signature.tobytes() and a.oodm == b.oodm
+
+
+def test_a_model_that_does_not_take_int16_gets_float32(model_dir: Path) -> None:
+    seg = Segmenter.from_adapter(TorchScriptAdapter.open(model_dir / "net.ts", spec=model_dir / "spec.toml"),
+                                 model_dir / "bank.npz")
+    assert not seg.takes_int16
+    hu = _hu_int16(phantom_case("ct_liver", 0, 7).image)
+    a, b = seg.segment(hu, "CT", spacing=(2.0, 2.0, 2.0)), seg.segment(hu.astype(np.float32), "CT", spacing=(2.0, 2.0, 2.0))
+    assert a.labels is not None and b.labels is not None
+    assert a.labels.tobytes() == b.labels.tobytes() and a.signature.tobytes() == b.signature.tobytes()
+
+
 def test_model_spec_formats() -> None:
     assert ModelSpec("default").format == "segnet"
     ModelSpec("ts", format="torchscript", path=Path("m.ts"), bank=Path("b.npz"), layer="output:1")
