@@ -105,7 +105,7 @@ def train(bundle: Path, data: Path, epochs: int) -> dict[str, object]:
         sys.stderr.write(log[-4000:])
         raise SystemExit(f"the bundle's training failed (exit {proc.returncode})")
     history = [float(m) for m in _VAL_DICE.findall(log)]
-    info = {"epochs": epochs, "train_cases": TRAIN, "val_cases": VAL, "seed": SEED, "seconds": round(seconds, 1),
+    info: dict[str, object] = {"epochs": epochs, "train_cases": TRAIN, "val_cases": VAL, "seed": SEED, "seconds": round(seconds, 1),
             "best_val_mean_dice": max(history) if history else None, "val_dice_history": history,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "torch_threads": torch.get_num_threads(),
