@@ -8,7 +8,7 @@ Cases are held-out phantoms of every kind (indices from 1000: never in training 
 re-gridded to ``--variants`` clinical scanner geometries by ``model.data.clinical.clinical_case`` (CT
 512x512, 120-300 slices; MR 256-320 square, 40-180 slices; PET 128-200 square; fields of view 0.8x to 3x
 the phantom: some padded with air, some cropped). Each goes through the worker's path
-(``model.segment.segment_volume`` with the weights' settings). With ``--dicom`` every case is written as a
+(``model.study_inference.segment_volume`` with the weights' settings). With ``--dicom`` every case is written as a
 DICOM series and read back by the evaluation loader first (``model.data.volumes.MSDDataset``), as
 ``specgate model evaluate`` reads it.
 
@@ -44,9 +44,9 @@ def main() -> None:
     from model.data.phantoms import TRAINING_KINDS, UNSEEN_KINDS, phantom_case
     from model.data.volumes import MSDDataset
     from model.evaluate import oodm_histogram
-    from model.metrics import dice, ood_detection_metrics
     from model.ood import SpectralGate, sha256_file
-    from model.segment import InferenceSettings, segment_volume
+    from model.scores import dice, ood_detection_metrics
+    from model.study_inference import InferenceSettings, segment_volume
     from model.unet import load_weights
     from model.weights import BANK_PATH, WEIGHTS_PATH
     from model.weights.build import SEED

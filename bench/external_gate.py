@@ -52,7 +52,7 @@ def main() -> None:
     from model.data.clinical import clinical_case
     from model.data.phantoms import phantom_case
     from model.evaluate import oodm_histogram
-    from model.metrics import dice, ood_detection_metrics
+    from model.scores import dice, ood_detection_metrics
     from model.weights.build_monai_bundle import BUNDLE, HELD_OUT_FIRST, SEED, TRAIN, VAL
 
     bundle = args.bundle or BUNDLE

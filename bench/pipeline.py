@@ -19,7 +19,7 @@ Targets from issue 19 (printed, never asserted): under 3 s for segment + gate + 
 2 cores.
 
 The many-class case (TotalSegmentator has 105 classes with background) runs the worker's path
-(:func:`model.segment.segment_labels`: model grid, body crop, window, signature, label map and float16
+(:func:`model.study_inference.segment_labels`: model grid, body crop, window, signature, label map and float16
 foreground back on the source grid) on the same series in its own child, with :class:`BlobNet`, a
 stand-in network whose logits are 104 organ-sized blobs placed over the body (an untrained network's
 per-voxel noise would be the worst case of the running argmax, not a segmentation). What it measures is
@@ -90,12 +90,12 @@ def run_child(series_dir: Path, out: Path, threads: int | None) -> None:
     from pynetdicom.sop_class import SegmentationStorage
 
     from dicom_series import load_series
-    from model.segment import release_freed_memory
+    from model.study_inference import release_freed_memory
     from tests.peers import dcmtk_path, wait_for
     from worker.labels import GateEvidence, ModelIdentity, Release
+    from worker.model_runtime import Segmenter
     from worker.objects import ObjectUIDs, save_probability, write_objects
     from worker.preview import write_preview
-    from worker.segmenter import Segmenter
     from worker.segments import PHANTOM_SEGMENT, RuleOf, review_arrays, segments_for
 
     if threads:
@@ -227,7 +227,7 @@ def run_classes_child(series_dir: Path, out: Path, threads: int | None, classes:
     import torch
 
     from dicom_series import load_series
-    from model.segment import InferenceSettings, segment_labels
+    from model.study_inference import InferenceSettings, segment_labels
 
     if threads:
         torch.set_num_threads(threads)

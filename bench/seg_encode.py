@@ -1,4 +1,4 @@
-"""Time worker.seg.encode_seg on a 300-frame 512x512 CT with a binary mask (target: <= 2 s). Never asserts.
+"""Time worker.dicom_seg.encode_seg on a 300-frame 512x512 CT with a binary mask (target: <= 2 s). Never asserts.
 
     .venv/bin/python bench/seg_encode.py [--slices 300] [--size 512] [--repeat 3] [--enhanced]
 
@@ -25,8 +25,8 @@ from dicom_factory import SeriesSpec, write_series  # noqa: E402
 
 from dicom_series import load_series  # noqa: E402
 from worker.atomic import write_dicom  # noqa: E402
+from worker.dicom_seg import derive_uid, encode_seg  # noqa: E402
 from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
-from worker.seg import derive_uid, encode_seg  # noqa: E402
 from worker.segments import PHANTOM_SEGMENT  # noqa: E402
 
 

@@ -50,7 +50,7 @@ from ledger.instances import ExistingInstance, InstanceIndex, NewInstance
 from .spool import InvalidUID, Spool, validate_uid
 
 if TYPE_CHECKING:  # prometheus_client is imported only by a process that counts (multiprocess mode)
-    from .metrics import NodeMetrics
+    from .prometheus import NodeMetrics
 
 __all__ = [
     "CANNOT_UNDERSTAND",

@@ -37,7 +37,7 @@ from .sink import IMPLEMENTATION_CLASS_UID
 from .spool import Spool
 
 if TYPE_CHECKING:  # prometheus_client is imported only by a process that counts (multiprocess mode)
-    from .metrics import NodeMetrics
+    from .prometheus import NodeMetrics
 
 __all__ = ["IMAGE_STORAGE_SOP_CLASSES", "IMPLEMENTATION_CLASS_UID", "TRANSFER_SYNTAXES", "StoreSCP",
            "storage_contexts"]

@@ -56,7 +56,7 @@ _REJECT_REASONS = {(1, 3): "calling AE title not recognised", (1, 7): "called AE
                    (3, 2): "local limit exceeded", (3, 1): "temporary congestion"}
 
 #: Told after every C-STORE attempt, as soon as its answer is known: (destination name, sent, gave up:
-#: no attempt follows). The worker counts attempts and failures with it (:mod:`worker.metrics`).
+#: no attempt follows). The worker counts attempts and failures with it (:mod:`worker.prometheus`).
 AttemptObserver = Callable[[str, bool, bool], None]
 
 

@@ -194,8 +194,8 @@ def ingest(sessions: sessionmaker[Session], folder: Path, source: Source, rule: 
 
 def run_held(settings: Settings, sessions: sessionmaker[Session], root: Path) -> dict[str, int]:
     """Each of HELD through the real pipeline with the shipped model; their job ids by name."""
+    from worker.model_runtime import Segmenters
     from worker.pipeline import claim, run_job
-    from worker.segmenter import Segmenters
 
     config = settings.worker_config()
     segmenters = Segmenters(config.models, config.inference)

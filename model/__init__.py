@@ -8,9 +8,9 @@ It imports nothing else of specgate's. Importing ``model`` does no work; import 
   (probabilities and the streaming spectral signature, in one pass)
 - :mod:`model.ood`: ``spectral_signature``, ``SpectralGate`` (fit / score / is_ood / save / load)
 - :mod:`model.resample`: the model's grid (``model_grid``, ``to_grid``, ``from_grid``)
-- :mod:`model.segment`: ``segment_volume``, ``InferenceSettings``: one study as production runs it
+- :mod:`model.study_inference`: ``segment_volume``, ``InferenceSettings``: one study as production runs it
 - :mod:`model.baselines`: max-softmax, entropy, MC-dropout and Mahalanobis scorers; ``SCORERS``
-- :mod:`model.calibration`: ``ece_mce``, ``reliability_diagram``; :mod:`model.metrics`: ``dice``, ``hd95``, ``assd``
+- :mod:`model.calibration`: ``ece_mce``, ``reliability_diagram``; :mod:`model.scores`: ``dice``, ``hd95``, ``assd``
 - :mod:`model.train`: multi-dataset training; :mod:`model.evaluate`: ``fit_bank``, ``evaluate``
 - :mod:`model.data.phantoms`, :mod:`model.data.volumes`: phantom datasets, NIfTI / MSD / DICOM loaders;
   :mod:`model.data.clinical`: phantoms re-gridded to clinical scanner geometries
@@ -18,7 +18,7 @@ It imports nothing else of specgate's. Importing ``model`` does no work; import 
 
 A whole study, as the worker runs it (the model's grid, the body crop, windows, back to the source grid)::
 
-    from model.segment import InferenceSettings, segment_volume
+    from model.study_inference import InferenceSettings, segment_volume
     from model.unet import load_weights
     from model.weights import WEIGHTS_PATH, load_default
 

@@ -1,7 +1,7 @@
 """Fitting an OOD bank through a model adapter: the worker's own path, for any format.
 
 :func:`fit_adapter_bank` runs :meth:`model.adapters.base.ModelAdapter.predict` (exactly what
-:class:`worker.segmenter.Segmenter` runs) on the site's training cases and fits a
+:class:`worker.model_runtime.Segmenter` runs) on the site's training cases and fits a
 :class:`model.ood.SpectralGate` on their signatures, as :func:`model.evaluate.fit_bank` does for a bare
 SegNet: tau on leave-one-out OODMs where every signature of the same training image is left out
 (:func:`model.evaluate.case_group`: a case re-gridded to several scanner geometries is one image). The

@@ -5,7 +5,7 @@ Cases are anything with ``image`` (native units), ``modality``, ``spacing`` and 
 :class:`model.data.phantoms.PhantomCase`.
 
 One evaluation loop (:func:`evaluate_cases`) is fed by a per-case :data:`Predict` callable: a bare SegNet
-through :func:`model.segment.segment_volume` with one :class:`model.segment.InferenceSettings`
+through :func:`model.study_inference.segment_volume` with one :class:`model.study_inference.InferenceSettings`
 (:func:`evaluate`, :func:`segnet_predict`), or any registered model through its adapter's
 :meth:`~model.adapters.base.ModelAdapter.predict` (:func:`evaluate_adapter`, :func:`adapter_predict`):
 in both cases the path the worker runs. Segmentation metrics are computed on each case's own (source)
@@ -29,9 +29,9 @@ from torch import nn
 
 from model._atomic import atomic_write
 from model.calibration import ece_mce, reliability_diagram
-from model.metrics import assd, dice, hd95, ood_detection_metrics
 from model.ood import SpectralGate
-from model.segment import InferenceSettings, StudyInference, segment_volume
+from model.scores import assd, dice, hd95, ood_detection_metrics
+from model.study_inference import InferenceSettings, StudyInference, segment_volume
 
 if TYPE_CHECKING:
     from model.adapters.base import ModelAdapter
@@ -52,7 +52,7 @@ class Cases(Protocol):
 
 def run_case(net: nn.Module, case: Any, settings: InferenceSettings,
              device: str | torch.device | None = None) -> StudyInference:
-    """One case through the production path (:func:`model.segment.segment_volume`), float32 output."""
+    """One case through the production path (:func:`model.study_inference.segment_volume`), float32 output."""
     return segment_volume(net, case.image, case.spacing, case.modality, settings, device=device,
                           out_dtype=np.float32)
 

@@ -219,7 +219,7 @@ def sliding_window(
     ``channels_last_3d`` memory format; note it converts ``net`` in place.
 
     ``signature_mask`` (``(D, H, W)`` bool, at least one voxel): the voxels the signature's mean Gram runs
-    over (:mod:`model.segment` passes the body); default every voxel.
+    over (:mod:`model.study_inference` passes the body); default every voxel.
     """
     vol = _channels_first(volume)
     dev, amp, channels_last = _run_settings(net, device, amp, batch_size, channels_last)

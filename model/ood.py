@@ -23,7 +23,7 @@ Deviation from the paper: the mean Gram matrix, over the voxels that count
     over a body mask alone, to 0.6-1.9 (instance normalisation inside each window still sees the air);
     with the image cropped to the body's bounding box (+12 mm) before the windows *and* the mean over the
     body mask, padding left the CT signatures unchanged to two decimals (0.17-0.58) while unseen kinds
-    stayed at 1.3-8.4. That is what :mod:`model.segment` runs, and the bank is fitted through it; the
+    stayed at 1.3-8.4. That is what :mod:`model.study_inference` runs, and the bank is fitted through it; the
     model card's table gives OODM / tau of the shipped bank for each kind padded, cropped, tiled and
     re-gridded.
 
@@ -275,7 +275,7 @@ class SpectralGate(OODScorer):
     def check_inference(self, settings: dict[str, Any], source: str = "the worker") -> None:
         """Refuse to score signatures made by another inference path than the bank's.
 
-        ``settings`` is what :meth:`model.segment.InferenceSettings.signature_settings` returns; every key
+        ``settings`` is what :meth:`model.study_inference.InferenceSettings.signature_settings` returns; every key
         the bank also records must be equal. Raises :class:`BankMismatchError` naming each difference.
         """
         fitted = self.inference

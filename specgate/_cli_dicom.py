@@ -20,7 +20,7 @@ from ._context import AppContext, pass_app
 
 if TYPE_CHECKING:
     from dicom_node.handoff import Listener
-    from dicom_node.metrics import NodeMetrics
+    from dicom_node.prometheus import NodeMetrics
     from dicom_node.scp import StoreSCP
 
     from ._metrics import MetricsEndpoint
@@ -81,8 +81,8 @@ def scp_command(app: AppContext, receiver_fd: int | None) -> None:
 
 def _metrics_endpoint(app: AppContext, directory: Path, open_associations: Callable[[], int]) -> MetricsEndpoint:
     """The SCP's /metrics: the receivers' counters, the open associations, the ledger's gauges."""
-    from dicom_node.metrics import AssociationsCollector
-    from ledger.metrics import LedgerCollector
+    from dicom_node.prometheus import AssociationsCollector
+    from ledger.prometheus import LedgerCollector
 
     from ._metrics import MetricsEndpoint
 
@@ -148,7 +148,7 @@ def _node_metrics(metrics_dir: Path | None) -> NodeMetrics | None:
     """The counters of an SCP process, in the multiprocess directory its parent set up (None: not counted)."""
     if metrics_dir is None:
         return None
-    from dicom_node.metrics import NodeMetrics
+    from dicom_node.prometheus import NodeMetrics
 
     from ._metrics import require_multiprocess
 

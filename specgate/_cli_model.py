@@ -41,7 +41,7 @@ from ._context import app_context
 if TYPE_CHECKING:
     from model.data.volumes import Case, MSDDataset
     from model.ood import SpectralGate
-    from model.segment import InferenceSettings
+    from model.study_inference import InferenceSettings
     from model.unet import SegNet
 
 __all__ = ["model_group", "register"]
@@ -122,7 +122,7 @@ def _open_net(weights: Path, device: str) -> tuple[SegNet, dict[str, Any]]:
 def _settings(meta: dict[str, Any], device: str, block: int | None, overlap: int | None,
               spacing: str | None) -> InferenceSettings:
     """The inference path: the weights' own (block, overlap, spacing per modality), then these options."""
-    from model.segment import InferenceSettings, parse_spacing
+    from model.study_inference import InferenceSettings, parse_spacing
 
     try:
         sp = None if spacing is None else parse_spacing(spacing)

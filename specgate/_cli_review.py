@@ -130,7 +130,7 @@ def build_app(app: AppContext) -> Starlette:
 
 
 def _metrics(sessions: sessionmaker[Session]) -> Callable[[], tuple[bytes, str]]:
-    from ledger.metrics import render
+    from ledger.prometheus import render
 
     return lambda: render(sessions)
 

@@ -16,7 +16,7 @@ from ._context import AppContext, pass_app
 if TYPE_CHECKING:
     from celery import Celery
 
-    from worker.metrics import WorkerMetrics
+    from worker.prometheus import WorkerMetrics
     from worker.reconcile import ReconcileReport
 
     from ._metrics import MetricsEndpoint
@@ -52,7 +52,7 @@ def _reconcile_once(app: AppContext, celery: Celery) -> ReconcileReport:
 def start_reconciler_thread(app: AppContext, celery: Celery, stop: threading.Event,
                             metrics: WorkerMetrics | None = None) -> threading.Thread:
     """Run a reconcile pass every ``reconcile_interval_seconds`` until ``stop`` is set; the jobs a pass
-    fails (out of attempts) are counted in ``metrics`` (a :class:`worker.metrics.WorkerMetrics`)."""
+    fails (out of attempts) are counted in ``metrics`` (a :class:`worker.prometheus.WorkerMetrics`)."""
     interval = app.settings.worker_config().reconcile_interval_s
 
     def loop() -> None:
@@ -78,7 +78,7 @@ def _start_metrics(settings: Settings) -> tuple[Path, MetricsEndpoint, WorkerMet
 
     remove_dead_worker_dirs(settings.data_dir)
     metrics_dir = multiprocess_dir(worker_metrics_dir(settings.data_dir))
-    from worker.metrics import WorkerMetrics
+    from worker.prometheus import WorkerMetrics
 
     metrics = WorkerMetrics()
     endpoint = MetricsEndpoint(settings.metrics_host, settings.worker_metrics_port, metrics_dir)

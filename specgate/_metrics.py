@@ -2,7 +2,7 @@
 mode set up by the parent process, and a small HTTP server that sums the processes' files at scrape time.
 
 Both services count in child processes (the SCP's receivers, Celery's prefork child), so both use
-prometheus_client's multiprocess mode (see :mod:`dicom_node.metrics` and :mod:`worker.metrics` for why).
+prometheus_client's multiprocess mode (see :mod:`dicom_node.prometheus` and :mod:`worker.prometheus` for why).
 Its one constraint shapes this module: prometheus_client decides at its *import* whether values live in
 memory or in files (``prometheus_client.values.ValueClass``, chosen from ``PROMETHEUS_MULTIPROC_DIR``).
 So :func:`multiprocess_dir` runs in the parent first thing, before anything imports prometheus_client

@@ -346,7 +346,7 @@ class Settings(BaseSettings):
     def _inference_spacing(cls, v: str | None) -> str | None:
         if v is None or v.strip() == "":
             return None
-        from model.segment import parse_spacing
+        from model.study_inference import parse_spacing
 
         parse_spacing(v)  # raises ValueError naming the bad part
         return v.strip()
@@ -356,7 +356,7 @@ class Settings(BaseSettings):
         """``inference_spacing`` parsed: None (the weights'), () (native) or (modality, (z, y, x)) pairs."""
         if self.inference_spacing is None:
             return None
-        from model.segment import parse_spacing
+        from model.study_inference import parse_spacing
 
         return parse_spacing(self.inference_spacing)
 

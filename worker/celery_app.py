@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .config import WorkerConfig
 
 if TYPE_CHECKING:
-    from .metrics import WorkerMetrics
+    from .prometheus import WorkerMetrics
 
 __all__ = ["DELIVER_QUEUE", "GPU_QUEUE", "Enqueuer", "broker_url_for", "make_celery"]
 

@@ -3,7 +3,7 @@
 
 :class:`WorkerConfig` is the whole of it; each part goes to the code that needs it and no further:
 :class:`PipelineConfig` to :func:`worker.pipeline.run_job`, :class:`ModelSpec` and
-:class:`InferenceOverrides` to :class:`worker.segmenter.Segmenters`, :class:`DeliveryConfig` to
+:class:`InferenceOverrides` to :class:`worker.model_runtime.Segmenters`, :class:`DeliveryConfig` to
 :func:`worker.delivery.deliver_job`.
 
     >>> cfg = PipelineConfig(results_dir=Path("/results"), installation="SITE",
@@ -34,7 +34,7 @@ DEFAULT_MODEL = "default"
 #: covers clocks that NTP keeps within seconds and a pool that is slow to kill its child.
 VISIBILITY_MARGIN_S = 300.0
 
-# (modality, (z, y, x) mm) pairs, as :func:`model.segment.parse_spacing` returns them; () means native.
+# (modality, (z, y, x) mm) pairs, as :func:`model.study_inference.parse_spacing` returns them; () means native.
 SpacingPairs = tuple[tuple[str, tuple[float, float, float]], ...]
 
 

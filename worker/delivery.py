@@ -26,7 +26,7 @@ from .objects import rewrite_approved
 from .retraction import retract_superseded
 
 if TYPE_CHECKING:
-    from .metrics import WorkerMetrics
+    from .prometheus import WorkerMetrics
 
 __all__ = ["deliver_job"]
 

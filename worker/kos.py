@@ -23,8 +23,8 @@ from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from worker.dicom_seg import DEFAULT_SOFTWARE_VERSION
 from worker.labels import NOT_FOR_CLINICAL_USE, person_name, readable_name
-from worker.seg import DEFAULT_SOFTWARE_VERSION
 
 __all__ = ["encode_kos", "REJECTION_TITLES"]
 

@@ -1,5 +1,5 @@
 """What every DICOM object we produce says about itself: which model made it, what the OOD gate saw, and
-how the result was released. Shared by :mod:`worker.seg`, :mod:`worker.sr` and :mod:`worker.kos`.
+how the result was released. Shared by :mod:`worker.dicom_seg`, :mod:`worker.sr` and :mod:`worker.kos`.
 
 The three records are small and frozen, validated where they are built (the bad value in the message),
 and turned into the short texts a PACS shows: a Series Description of at most 64 characters, a Content

@@ -27,8 +27,8 @@ from ledger.db import session_scope
 from ledger.schema import Instance, Job, Result, Review, ReviewDecision, Series
 
 from .atomic import atomic_write, write_dicom
+from .dicom_seg import derive_uid, encode_seg
 from .labels import GateEvidence, ModelIdentity, Release
-from .seg import derive_uid, encode_seg
 from .sr import encode_sr
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def write_objects(seg_path: Path, sr_path: Path, volume: Volume, mask: np.ndarra
                   segments: Sequence[SegmentDefinition]) -> None:
     """Encode the SEG and its SR and publish both (each atomically). ``mask``: a label map, or a boolean
     mask (one segment, value 1), with its ``segments`` (:func:`worker.segments.segments_for`)."""
-    from model.segment import release_freed_memory
+    from model.study_inference import release_freed_memory
 
     seg = encode_seg(volume, mask, model=model, evidence=evidence, release=release,
                      sop_instance_uid=uids.seg, series_instance_uid=uids.seg_series, segments=segments)

@@ -9,8 +9,8 @@ Every step that must not be forgotten is in the ledger:
    task leaves the job to the reconciler, once the heartbeat is ``stale_after_s`` old). A job that has used its
    attempts ends ``failed`` (``attempts_exhausted``): a study that kills the worker every time never loops.
 2. **Work**, with a heartbeat thread: the series is loaded (``dicom_series``; a bad series fails at once
-   with its reason code, no retry), segmented and gated (``worker.segmenter``), encoded as DICOM-SEG
-   (``worker.seg``) whose UIDs derive from (installation, study, job, version): a re-run writes the same
+   with its reason code, no retry), segmented and gated (``worker.model_runtime``), encoded as DICOM-SEG
+   (``worker.dicom_seg``) whose UIDs derive from (installation, study, job, version): a re-run writes the same
    object. The probability map and the gate's evidence are kept beside it for review.
 3. **Route or hold** (:func:`finish`): a ``results`` row and ``running -> released`` (OODM <= tau) or
    ``running -> held``, guarded by the task id, so only the attempt that owns the job finishes it.
@@ -43,11 +43,11 @@ from ledger.schema import Job, JobState, Result, utcnow
 from .atomic import atomic_write
 from .config import PipelineConfig
 from .labels import GateEvidence, ModelIdentity, Release
+from .model_runtime import Segmenter, SegmentOutput
 from .objects import ObjectUIDs, save_probability, series_files, write_objects
-from .segmenter import Segmenter, SegmentOutput
 
 if TYPE_CHECKING:
-    from .metrics import WorkerMetrics
+    from .prometheus import WorkerMetrics
     from .segments import SegmentDefinition
 
 __all__ = ["Claim", "StudyOutcome", "claim", "job_paths", "run_job"]
@@ -239,7 +239,7 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
 def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float], *,
                  compact: bool = False) -> Volume:
     """The job's series; ``compact``: int16 when that holds its values (a CT: 157 MB instead of 315 MB for
-    300x512x512), for a model that takes it (:attr:`worker.segmenter.Segmenter.takes_int16`)."""
+    300x512x512), for a model that takes it (:attr:`worker.model_runtime.Segmenter.takes_int16`)."""
     t0 = time.perf_counter()
     files = series_files(sessions, c.series_instance_uid)
     try:
@@ -283,7 +283,7 @@ def _write_objects(paths: dict[str, Path], c: Claim, cfg: PipelineConfig, volume
     """The labelled DICOM-SEG and the gate's evidence as an SR, under UIDs derived from the job (a resend
     after a crash is the same object). A held result's objects say "gate" until a radiologist approves
     it; they are written again then (:func:`worker.objects.rewrite_approved`) and only then sent."""
-    from model.segment import release_freed_memory
+    from model.study_inference import release_freed_memory
 
     t0 = time.perf_counter()
     uids = ObjectUIDs.for_job(cfg.installation, c.study_instance_uid, c.job_id, c.version)

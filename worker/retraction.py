@@ -30,11 +30,11 @@ from ledger.schema import Delivery, DeliveryState, Job, JobState, Result, Retrac
 
 from .atomic import write_dicom
 from .config import DeliveryConfig
+from .dicom_seg import derive_uid
 from .kos import encode_kos
-from .seg import derive_uid
 
 if TYPE_CHECKING:
-    from .metrics import WorkerMetrics
+    from .prometheus import WorkerMetrics
 
 __all__ = ["RetractionError", "retract_job", "retract_superseded", "send_retraction"]
 

@@ -14,7 +14,7 @@ label its model does not have stops the service with the rule's and the label's 
 job, with the prediction's ``labels`` map (z, y, x on the source grid)::
 
     segments = segments_for(rule, model.labels, codes=spec.codes, segment=spec.segment)
-    seg = encode_seg(volume, labels, segments=segments, ...)              # worker.seg: one segment each
+    seg = encode_seg(volume, labels, segments=segments, ...)              # worker.dicom_seg: one segment each
     sr = encode_sr(volume, seg, ...)                                       # volumes counted from the SEG
     save_probability(path, foreground, labels > 0, extra=review_arrays(labels, segments))  # review draws
     evidence["segments"] = segments_evidence(segments, labels, volume.spacing)

@@ -53,8 +53,8 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DT
 
 from dicom_series import Volume
+from worker.dicom_seg import DEFAULT_SOFTWARE_VERSION, derive_uid
 from worker.labels import NOT_FOR_CLINICAL_USE, GateEvidence, ModelIdentity, Release, series_description
-from worker.seg import DEFAULT_SOFTWARE_VERSION, derive_uid
 
 __all__ = ["encode_sr", "segment_voxels", "OODM", "OOD_TAU", "OOD_C", "OOD_VERDICT", "RELEASE_DECISION", "VERDICTS",
            "DECISIONS", "VOLUME", "CUBIC_CENTIMETER"]
@@ -101,7 +101,7 @@ def encode_sr(
     manufacturer: str = "specgate",
     software_version: str = DEFAULT_SOFTWARE_VERSION,
 ) -> Dataset:
-    """A Comprehensive 3D SR (TID 1500) with the gate's evidence for ``seg`` (made by :func:`worker.seg.
+    """A Comprehensive 3D SR (TID 1500) with the gate's evidence for ``seg`` (made by :func:`worker.dicom_seg.
     encode_seg` over ``volume``), in the source's study, in its own series. See the module docstring for
     its content."""
     if seg.StudyInstanceUID != volume.study_instance_uid:

@@ -20,10 +20,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import WorkerConfig
-from .segmenter import Segmenters
+from .model_runtime import Segmenters
 
 if TYPE_CHECKING:
-    from .metrics import WorkerMetrics
+    from .prometheus import WorkerMetrics
 
 __all__ = ["Runtime", "register_tasks", "set_torch_threads"]
 

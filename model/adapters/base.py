@@ -3,7 +3,7 @@ which format a model came in.
 
 An adapter is opened once per worker process (:meth:`ModelAdapter.open`, the only place that reads
 files) and then predicts study after study. :meth:`ModelAdapter.predict` runs the *format's own*
-pre-processing, inferer and post-processing (SegNet: :func:`model.segment.segment_volume`; a MONAI
+pre-processing, inferer and post-processing (SegNet: :func:`model.study_inference.segment_volume`; a MONAI
 bundle: its ``preprocessing``, ``inferer`` and ``postprocessing`` from ``monai.bundle``; nnU-Net v2:
 ``nnUNetPredictor``; TorchScript: the spec file's settings), with a forward hook on the signature's
 layer feeding a :class:`model.window_gram.WindowGram` window by window. It returns the label map on the

@@ -63,9 +63,9 @@ probabilities are the inferer's own blend, the signature's features are the owne
 
 **The body** (:data:`BODY_RULE`). The bundle's intensity transforms clip (the spleen bundle: -57 to 164
 HU) so the body cannot be found in the network's input. The source volume in native units goes through
-:func:`model.preprocess.preprocess` (CT: [-1000, 1000] HU -> [0, 1], what :func:`model.segment.body_mask`
+:func:`model.preprocess.preprocess` (CT: [-1000, 1000] HU -> [0, 1], what :func:`model.study_inference.body_mask`
 expects), is resampled linearly onto the network input's grid (MONAI ``ResampleToMatch`` to the
-preprocessed image's affine and shape), and :func:`model.segment.body_mask` is taken there; voxels the
+preprocessed image's affine and shape), and :func:`model.study_inference.body_mask` is taken there; voxels the
 inferer pads in are outside. Its cost is one more linear resampling of the source, what the bundle's own
 ``Spacingd`` costs (measured on an 80x512x512 CT, 2 threads: 1.4-1.5 s each).
 """
@@ -89,8 +89,8 @@ from torch import nn
 from model.adapters.base import AdapterError, Label, ModelAdapter, Prediction, StateDictMismatch
 from model.preprocess import preprocess
 from model.resample import validate_spacing
-from model.segment import BODY_RULE as SEGMENT_BODY_RULE
-from model.segment import body_mask
+from model.study_inference import BODY_RULE as SEGMENT_BODY_RULE
+from model.study_inference import body_mask
 from model.window_gram import OWNERSHIP_RULE, Slices, WindowGram
 
 __all__ = ["BODY_RULE", "MonaiBundleAdapter", "default_layer", "ras_affine"]

@@ -27,7 +27,7 @@ The rule, the same for every format (:mod:`model.window_gram`):
    would hold every window's features until the last fold: 32 channels x 11 M voxels x 4 bytes =
    1.5 GB for a TotalSegmentator-sized network grid, instead of one window at a time). A bank fitted
    with other folds is refused, since ``folds`` is in :meth:`NnUNetAdapter.signature_settings`;
-4. **body**: :func:`model.segment.body_mask` on the network's input grid, computed from the source
+4. **body**: :func:`model.study_inference.body_mask` on the network's input grid, computed from the source
    image (CT in HU, scaled from [-1000, 1000] to [0, 1] as ``body_mask`` expects), taken through
    nnU-Net's own geometry (transpose, the preprocessor's crop) and sampled nearest-neighbour onto the
    network grid's shape (voxel centres, ``align_corners=False``), then padded like the data
@@ -92,7 +92,7 @@ import torch
 
 from model.adapters.base import AdapterError, Label, ModelAdapter, Prediction, StateDictMismatch
 from model.ood import sha256_file
-from model.segment import BODY_RULE, body_mask
+from model.study_inference import BODY_RULE, body_mask
 from model.window_gram import OWNERSHIP_RULE, WindowGram
 
 __all__ = ["FOLD_RULE", "NnUNetAdapter"]

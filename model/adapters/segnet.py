@@ -1,11 +1,11 @@
 """Format ``"segnet"``: specgate's own :class:`model.unet.SegNet` weights file, through the production path.
 
-:meth:`SegNetAdapter.predict` is :func:`model.segment.segment_labels`: the model's grid, the body crop,
+:meth:`SegNetAdapter.predict` is :func:`model.study_inference.segment_labels`: the model's grid, the body crop,
 the sliding window with the streaming signature (:func:`model.infer.sliding_window`, each voxel's
 features from the one window that owns it), the label map and the float16 foreground brought back to
 the source grid. The signature is the one the shipped bank was fitted through, bit for bit
-(:func:`model.segment.segment_volume` and :func:`~model.segment.segment_labels` share everything up to
-the windows), so :meth:`signature_settings` is exactly :meth:`model.segment.InferenceSettings.signature_settings`:
+(:func:`model.study_inference.segment_volume` and :func:`~model.study_inference.segment_labels` share everything up to
+the windows), so :meth:`signature_settings` is exactly :meth:`model.study_inference.InferenceSettings.signature_settings`:
 a bank records those keys and :meth:`model.ood.SpectralGate.check_inference` compares every one of
 them (a key the bank lacks counts as a difference, so none is added here; the bank is tied to the
 weights by their SHA-256 instead).
@@ -79,11 +79,11 @@ class SegNetAdapter(ModelAdapter):
         """Load a weights file (default: the shipped ``model/weights/segnet.pt``).
 
         ``options``: ``block``, ``overlap``, ``spacing`` override the weights' own inference settings
-        (:meth:`model.segment.InferenceSettings.for_weights`). Raises :class:`AdapterError` for a missing
+        (:meth:`model.study_inference.InferenceSettings.for_weights`). Raises :class:`AdapterError` for a missing
         or unreadable file, a ``layer`` other than the last decoder stage, an unknown option.
         """
         from model.ood import sha256_file
-        from model.segment import InferenceSettings
+        from model.study_inference import InferenceSettings
         from model.unet import load_weights
 
         unknown = sorted(set(options) - {"block", "overlap", "spacing"})
@@ -118,7 +118,7 @@ class SegNetAdapter(ModelAdapter):
                    files_sha256={path.name: sha}, weights_sha256=sha, meta=meta, device=device)
 
     def predict(self, image: np.ndarray, spacing: Sequence[float], modality: str) -> Prediction:
-        from model.segment import segment_labels
+        from model.study_inference import segment_labels
 
         r = segment_labels(self.net, image, spacing, modality, self.settings, device=self.device)
         return Prediction(labels=r.labels, foreground=r.foreground, signature=np.asarray(r.signature),

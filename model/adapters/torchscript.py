@@ -38,9 +38,9 @@ end), as MONAI's ``sliding_window_inference`` and nnU-Net do. Overlapping window
 weighted by a constant or by a Gaussian of sigma ``patch / 8`` per axis (``mode``), then softmax: the
 combination of both those libraries. The signature's feature map is combined by
 :data:`model.window_gram.OWNERSHIP_RULE` (each voxel's features from the window whose centre is nearest)
-and accumulated window by window over the body (:func:`model.segment.body_mask` on the model's grid) in a
+and accumulated window by window over the body (:func:`model.study_inference.body_mask` on the model's grid) in a
 :class:`model.window_gram.WindowGram`: the full feature map never exists. The label map and the float16
-foreground come back to the source grid by :func:`model.segment.labels_on_source` (the per-class
+foreground come back to the source grid by :func:`model.study_inference.labels_on_source` (the per-class
 probabilities stay on the model's grid).
 """
 
@@ -274,7 +274,7 @@ class TorchScriptAdapter(ModelAdapter):
                 raise AdapterError(f"{path} against {spec_path}: {exc}") from None
 
     def signature_settings(self) -> dict[str, Any]:
-        from model.segment import BODY_RULE
+        from model.study_inference import BODY_RULE
         from model.window_gram import OWNERSHIP_RULE
 
         s = self.spec
@@ -288,7 +288,7 @@ class TorchScriptAdapter(ModelAdapter):
 
         from model.preprocess import preprocess
         from model.resample import GridError, model_grid, to_grid, validate_spacing
-        from model.segment import body_mask, labels_on_source, release_freed_memory
+        from model.study_inference import body_mask, labels_on_source, release_freed_memory
         from model.window_gram import WindowGram
 
         timings: dict[str, float] = {}

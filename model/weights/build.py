@@ -9,7 +9,7 @@ Three stages, each a function and a command:
 2. ``python -m model.weights.build bank --weights W --out BANK``: fits the spectral bank on the signatures
    of all training-range phantoms (training and validation folds), each at its own grid and re-gridded to
    :data:`BANK_GEOMETRIES` clinical scanner geometries (per kind) (:func:`model.data.clinical.clinical_case`),
-   through the worker's path (:func:`model.segment.segment_volume` with the weights' own settings), on
+   through the worker's path (:func:`model.study_inference.segment_volume` with the weights' own settings), on
    the CPU, float32. ``python -m model.weights.build relabel --weights W`` rewrites the metadata only.
 3. ``python -m model.weights.build card --weights W --bank B --out CARD [--figures DIR]``: evaluates on held-out phantoms
    (:func:`evaluation_cases`: indices from :data:`EVAL_FIRST_INDEX`) exactly as ``specgate model
@@ -166,7 +166,7 @@ def stage_bank(weights: Path, out: Path, sizes: dict[str, int] | None = None,
                geometries: dict[str, int] | None = None) -> None:
     from model.evaluate import fit_bank
     from model.ood import sha256_file
-    from model.segment import InferenceSettings
+    from model.study_inference import InferenceSettings
     from model.unet import load_weights
 
     net, meta = load_weights(weights)
@@ -183,7 +183,7 @@ def stage_check(weights: Path, device: str, per_kind: int = 10) -> str:
     """A quick look at a freshly trained model on the machine that trained it (not the card's figures)."""
     from model.evaluate import evaluate, fit_bank, format_report
     from model.ood import sha256_file
-    from model.segment import InferenceSettings
+    from model.study_inference import InferenceSettings
     from model.unet import load_weights
 
     net, meta = load_weights(weights, device)
@@ -213,7 +213,7 @@ def evaluate_folders(weights: Path, bank: Path, ids: list[Path], ood: list[Path]
     from model.data.volumes import MSDDataset
     from model.evaluate import evaluate
     from model.ood import SpectralGate, sha256_file
-    from model.segment import InferenceSettings
+    from model.study_inference import InferenceSettings
     from model.unet import load_weights
 
     net, meta = load_weights(weights, "cpu")
@@ -241,7 +241,7 @@ def invariance_table(weights: Path, bank: Path) -> str:
 
     from model.data.clinical import AIR, clinical_case
     from model.ood import SpectralGate, sha256_file
-    from model.segment import InferenceSettings, segment_volume
+    from model.study_inference import InferenceSettings, segment_volume
     from model.unet import load_weights
 
     net, meta = load_weights(weights)
@@ -346,7 +346,7 @@ runnable end to end (demo, tests) without patient data. It says nothing about pe
 | network | `SegNet(in_channels=1, num_classes=2, base_features=14, levels=4, dropout=0.0)`: residual 3D U-Net, dense encoder skips, instance normalisation, one head (Karimi & Gholipour 2023, III-B) |
 | weights | `segnet.pt`, {weights_mb:.1f} MB, SHA-256 `{weights_sha}`; metadata: name, version, `inference_block` 96, `inference_overlap` 24, `inference_spacing` {spacing} |
 | OOD bank | `ood_bank.npz`, SHA-256 `{bank_sha}`: {bank_meta}; tau = {tau} (c = 2.5); records the inference settings it was fitted through |
-| inference | `model.segment.segment_volume`: resampled to the training spacing of the modality (CT, MR; other modalities at native resolution), CT: HU [-1000, 1000] -> [0, 1], other modalities divided by the image's standard deviation; cropped to the body (+12 mm); `sliding_window(block=96, overlap=24)`; probabilities resampled back onto the source grid |
+| inference | `model.study_inference.segment_volume`: resampled to the training spacing of the modality (CT, MR; other modalities at native resolution), CT: HU [-1000, 1000] -> [0, 1], other modalities divided by the image's standard deviation; cropped to the body (+12 mm); `sliding_window(block=96, overlap=24)`; probabilities resampled back onto the source grid |
 | load | `from model.weights import load_default; net, gate = load_default()` |
 
 ## Training data
@@ -382,7 +382,7 @@ metadata changed (the training spacing, with which the worker now runs the model
 The paper's signature uses the singular values of the whole feature map, which grow with the square root
 of the number of voxels: on clinical-size studies every result was held whatever it showed (version 1 of
 this card; a 512x512 CT scored OODM 0.083-0.092 against tau 0.0116, an unseen head MR 0.049-0.052).
-specgate deviates in three ways (details and measurements in `model/ood.py` and `model/segment.py`):
+specgate deviates in three ways (details and measurements in `model/ood.py` and `model/study_inference.py`):
 the *mean* Gram matrix instead of the sum; only the voxels inside the body count, and the image is cropped
 to the body before the windows (air around the patient and a padded field of view change nothing); the
 model runs at its training spacing. The bank is fitted through exactly the worker's path, on each training

@@ -38,7 +38,7 @@ from dicom_series import load_series
 from model.data.clinical import clinical_case
 from model.data.phantoms import phantom_case
 from model.data.series_writer import SyntheticSeries, write_series
-from model.metrics import dice
+from model.scores import dice
 from model.weights.build_monai_bundle import BUNDLE, HELD_OUT_FIRST, SEED
 from tests.e2e.test_model_formats_e2e import one_thread, stack  # noqa: F401 (fixtures)
 from tests.e2e.test_pipeline_e2e import Stack, _orthanc_id, _port_open, _result, _seg_uids_at

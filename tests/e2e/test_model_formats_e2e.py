@@ -318,7 +318,7 @@ def _dcmqi(path: Path, volume: Volume, out: Path) -> dict[str, np.ndarray]:
 def _check_study(stack: Stack, study: SyntheticSeries, model: SiteModel, what: str, work: Path) -> None:
     """The study's job ends sent (approved if the gate held it), and the SEG that Orthanc holds equals the
     format's own prediction, reads back through dcmqi with the model's label names and passes dciodvfy."""
-    from tests.unit.worker.test_seg import dciodvfy
+    from tests.unit.worker.test_dicom_seg import dciodvfy
 
     job = stack.wait_state(study.study_instance_uid, {"sent", "held", "failed"}, timeout=240)
     assert str(job.state) != "failed", (job.reason_code, job.reason_detail, stack.log("worker"))

@@ -1,4 +1,4 @@
-"""The ledger's gauges (:mod:`ledger.metrics`) on SQLite and PostgreSQL: jobs by state, the review queue's
+"""The ledger's gauges (:mod:`ledger.prometheus`) on SQLite and PostgreSQL: jobs by state, the review queue's
 depth and its oldest held result's age, against figures computed here from the seeded rows; the
 ``/metrics`` body the review app serves parses with Prometheus's own parser; a ledger that does not answer
 leaves ``specgate_ledger_up`` at 0 instead of failing the scrape."""
@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.db import open_engine, session_scope, sessionmaker_for
-from ledger.metrics import LedgerCollector, render
+from ledger.prometheus import LedgerCollector, render
 from ledger.schema import Job, JobState, Study
 
 NOW = datetime(2025, 3, 4, 12, 0, 0, tzinfo=UTC)

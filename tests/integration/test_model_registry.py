@@ -190,7 +190,7 @@ def test_fit_ood_writes_the_bank_into_the_data_dir_and_records_its_hash(migrated
     assert event.details["signatures"] == 4
 
     # the worker's own loader takes this bank for these weights: fitted through exactly its path
-    from worker.segmenter import Segmenter
+    from worker.model_runtime import Segmenter
 
     seg = Segmenter.open(weights, bank)
     assert seg.gate.tau == pytest.approx(gate.tau)
@@ -275,7 +275,7 @@ def test_a_rule_naming_an_unregistered_or_bankless_model_stops_start_up(migrated
         spec = app.worker_config().models[-1]
         # the worker's own loader opens the registered model with the bank fitted for it, and gates a study
         from model.data.phantoms import phantom_case
-        from worker.segmenter import Segmenters
+        from worker.model_runtime import Segmenters
 
         case = phantom_case("ct_liver", 3, 0)
         out = Segmenters(app.worker_config().models)("liver").segment(case.image, "CT", spacing=case.spacing)
@@ -391,7 +391,7 @@ def test_fit_ood_like_regrids_to_the_sites_scanners_and_evaluate_runs_any_format
         multilabel: Path, tmp_path: Path) -> None:
     from model.adapters import open_adapter
     from model.data.volumes import iter_site_cases
-    from model.metrics import dice
+    from model.scores import dice
 
     settings, _engine, sessions = migrated
     ts, spec = thresholds

@@ -123,7 +123,7 @@ def _version(pkg: str) -> str:
 def training_label(image: np.ndarray, liver: np.ndarray) -> np.ndarray:
     """0 air, 1 body (not liver), 2/3 the liver's halves along x (split at its centre)."""
     from model.preprocess import preprocess
-    from model.segment import body_mask
+    from model.study_inference import body_mask
 
     lab = body_mask(preprocess(image, "CT"), "CT").astype(np.uint8)
     xs = np.flatnonzero(liver.any(axis=(0, 1)))

@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from dicom_node.metrics import AssociationsCollector, NodeMetrics
-from ledger.metrics import LedgerCollector
-from worker.metrics import WorkerMetrics
+from dicom_node.prometheus import AssociationsCollector, NodeMetrics
+from ledger.prometheus import LedgerCollector
+from worker.prometheus import WorkerMetrics
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "specgate-alerts.yml"
 

@@ -1,6 +1,6 @@
 """A held multi-label result written straight into a ledger and a result folder, without running a model:
 a synthetic CT series recorded as the SCP records it, a job moved queued -> running -> held, and the
-result folder the worker keeps (``worker.pipeline.job_paths``): the SEG and SR as ``worker.seg`` /
+result folder the worker keeps (``worker.pipeline.job_paths``): the SEG and SR as ``worker.dicom_seg`` /
 ``worker.sr`` write them from a label map with four labels, ``prob.npz`` with the label map and legend of
 ``worker.segments.review_arrays``, and ``evidence.json`` with ``worker.segments.segments_evidence``."""
 
@@ -22,10 +22,10 @@ from ledger.schema import Instance, JobState, Result, Series, Study
 from model.adapters.base import Label
 from specgate.synthetic import write_series
 from worker.atomic import atomic_write, write_dicom
+from worker.dicom_seg import encode_seg
 from worker.labels import GateEvidence, ModelIdentity, Release
 from worker.objects import ObjectUIDs
 from worker.pipeline import job_paths
-from worker.seg import encode_seg
 from worker.segments import SegmentDefinition, review_arrays, segments_evidence, segments_for
 from worker.sr import encode_sr
 

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from dicom_node.scp import StoreSCP
 from ledger import jobs
 from ledger.db import session_scope
-from ledger.metrics import render as render_metrics
+from ledger.prometheus import render as render_metrics
 from ledger.reports import REPORTS
 from ledger.schema import AuditEvent, JobState, Series, Study, User
 from model.data.phantoms import phantom_study

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from dicom_node.assembler import Assembler
 from ledger.db import session_scope
-from ledger.metrics import render as render_metrics
+from ledger.prometheus import render as render_metrics
 from ledger.schema import AuditEvent, Job, Review, Study, utcnow
 from review.app import ReviewActions
 from tests.integration.review.helpers import (

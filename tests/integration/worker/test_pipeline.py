@@ -21,13 +21,13 @@ from ledger.db import session_scope
 from ledger.schema import AuditEvent, Instance, Job, JobState, Result, Series, Study
 from model.data.phantoms import phantom_study
 from model.ood import BankMismatchError, SpectralGate, sha256_file
-from model.segment import InferenceSettings
+from model.study_inference import InferenceSettings
 from model.unet import load_weights, save_weights
 from specgate.settings import SeriesRule, Settings
 from specgate.synthetic import write_series
 from worker.config import PipelineConfig
+from worker.model_runtime import Segmenter, Segmenters
 from worker.pipeline import claim, job_paths, run_job
-from worker.segmenter import Segmenter, Segmenters
 
 
 def _ingest(sessions, series, calling_ae: str = "PACS", rule_name: str = "default-ct-mr") -> int:
@@ -118,7 +118,7 @@ def test_one_study_end_to_end_without_broker(migrated, tmp_path: Path, tiny_mode
     assert paths["preview"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # an attempt after a crash derives the same SEG object (idempotent resend)
-    from worker.seg import derive_uid
+    from worker.dicom_seg import derive_uid
 
     assert derive_uid("TEST", series.study_instance_uid, str(job_id), "1", "seg") == res.seg_sop_instance_uid
 
@@ -153,7 +153,7 @@ def test_seg_from_a_resampled_grid_lies_on_the_source_series(migrated, tmp_path:
     """Thin-slice CT, run on a 4 mm grid: the SEG's frames are the source slices, dciodvfy finds no error."""
     from dicom_series import load_series
     from model.data.phantoms import phantom_case
-    from tests.unit.worker.test_seg import dciodvfy
+    from tests.unit.worker.test_dicom_seg import dciodvfy
 
     settings, _, sessions = migrated
     case = phantom_case("ct_liver", 3, 5)

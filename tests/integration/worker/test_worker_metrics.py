@@ -19,8 +19,8 @@ from specgate.cli import AppContext
 from specgate.settings import Settings
 from tests.peers import wait_for
 from worker.config import PipelineConfig
-from worker.metrics import WorkerMetrics
 from worker.pipeline import claim, retry_or_fail, run_job
+from worker.prometheus import WorkerMetrics
 
 
 def _job(sessions, uid: str, max_attempts: int = 3, rule_name: str | None = None) -> int:

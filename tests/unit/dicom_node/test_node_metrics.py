@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from dicom_node import association
-from dicom_node.metrics import ABORT_REASONS, MODALITIES, REJECTION_REASONS, NodeMetrics
+from dicom_node.prometheus import ABORT_REASONS, MODALITIES, REJECTION_REASONS, NodeMetrics
 
 
 def test_every_rejection_reason_has_its_own_label() -> None:

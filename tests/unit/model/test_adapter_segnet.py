@@ -10,7 +10,7 @@ from model.adapters.base import AdapterError, Label
 from model.adapters.segnet import SegNetAdapter
 from model.data.phantoms import phantom_case
 from model.ood import SpectralGate, sha256_file
-from model.segment import segment_volume
+from model.study_inference import segment_volume
 from model.unet import SegNet, save_weights
 from model.weights import BANK_PATH, WEIGHTS_PATH
 

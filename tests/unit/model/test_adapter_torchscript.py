@@ -15,7 +15,7 @@ from model.data.phantoms import phantom_case
 from model.ood import spectral_signature
 from model.preprocess import preprocess
 from model.resample import from_grid, model_grid, to_grid
-from model.segment import body_mask
+from model.study_inference import body_mask
 from model.window_gram import stitch_features
 
 SPEC = """

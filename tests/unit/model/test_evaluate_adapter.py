@@ -12,8 +12,8 @@ from model.adapters.segnet import SegNetAdapter
 from model.bank_fit import fit_adapter_bank
 from model.data.phantoms import phantom_case
 from model.evaluate import evaluate, evaluate_adapter, format_report
-from model.metrics import dice
 from model.ood import BankMismatchError
+from model.scores import dice
 from model.unet import SegNet, save_weights
 
 

@@ -110,7 +110,7 @@ def test_model_card_shows_what_evaluate_prints(evaluation):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from model.segment import InferenceSettings
+    from model.study_inference import InferenceSettings
     from model.unet import load_weights
 
     _net, meta = load_weights(WEIGHTS_PATH)
@@ -122,7 +122,7 @@ def shipped():
 
 def _verdict(shipped, image, spacing, modality) -> tuple[float, bool, str | None]:
     """(OODM / tau, held, reason) for one image through the worker's path."""
-    from model.segment import segment_volume
+    from model.study_inference import segment_volume
 
     net, gate, settings = shipped
     oodm, held, reason = gate.verdict(segment_volume(net, image, spacing, modality, settings).signature, modality)

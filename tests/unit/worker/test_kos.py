@@ -12,13 +12,13 @@ import pytest
 from pydicom.dataset import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_seg import APPROVED, MODEL, RELEASED, _shuffled_classic, dciodvfy  # noqa: E402
+from test_dicom_seg import APPROVED, MODEL, RELEASED, _shuffled_classic, dciodvfy  # noqa: E402
 from test_sr import _objects  # noqa: E402
 
 from worker.atomic import write_dicom
+from worker.dicom_seg import derive_uid  # noqa: E402
 from worker.kos import encode_kos  # noqa: E402
 from worker.labels import ModelIdentity  # noqa: E402
-from worker.seg import derive_uid  # noqa: E402
 
 
 def _kos(objects: list[Dataset], **kwargs: object) -> Dataset:

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from pydicom.sr._concepts_dict import concepts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_seg import (  # noqa: E402
+from test_dicom_seg import (  # noqa: E402
     APPROVED,
     MODEL,
     RELEASED,
@@ -33,7 +33,7 @@ from dicom_series import Volume  # noqa: E402
 from model.adapters.base import Label  # noqa: E402
 from worker.anatomy import DEFAULT_ANATOMY, LEFT, RIGHT, AnatomyCode, lookup, normalise_name  # noqa: E402
 from worker.atomic import write_dicom  # noqa: E402
-from worker.seg import derive_uid, encode_seg, segment_numbers  # noqa: E402
+from worker.dicom_seg import derive_uid, encode_seg, segment_numbers  # noqa: E402
 from worker.segments import (  # noqa: E402
     GENERIC_CODE,
     PALETTE,
@@ -409,9 +409,9 @@ def test_odd_frame_sizes_and_an_empty_label_map(tmp_path: Path, empty: bool) -> 
 def test_one_label_through_the_label_map_path_is_the_same_seg(tmp_path: Path) -> None:
     """The pipeline may call encode_seg with the label map and segments_for() for every model: for a
     one-label model under a rule that chooses nothing it writes the very SEG the boolean mask gave."""
-    from test_seg import _mask
+    from test_dicom_seg import _mask
 
-    from worker.seg import encode_seg as encode
+    from worker.dicom_seg import encode_seg as encode
 
     volume = _shuffled_classic(tmp_path)
     mask = _mask(volume.shape)

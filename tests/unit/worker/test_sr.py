@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_seg import (  # noqa: E402
+from test_dicom_seg import (  # noqa: E402
     APPROVED,
     MODEL,
     RELEASED,
@@ -26,8 +26,8 @@ from test_seg import (  # noqa: E402
 
 from dicom_series import Volume  # noqa: E402
 from worker.atomic import write_dicom
+from worker.dicom_seg import derive_uid, encode_seg  # noqa: E402
 from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
-from worker.seg import derive_uid, encode_seg  # noqa: E402
 from worker.sr import DECISIONS, OOD_C, OOD_TAU, OOD_VERDICT, OODM, RELEASE_DECISION, encode_sr  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""worker.seg: a mask on a loaded series -> DICOM-SEG, read back strictly, checked by dciodvfy."""
+"""worker.dicom_seg: a mask on a loaded series -> DICOM-SEG, read back strictly, checked by dciodvfy."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from model.adapters.base import Label  # noqa: E402
 from specgate.settings import ModelFiles, Settings  # noqa: E402
 from worker.anatomy import AnatomyCode  # noqa: E402
 from worker.atomic import write_dicom  # noqa: E402
+from worker.dicom_seg import derive_uid, encode_seg  # noqa: E402
 from worker.labels import GateEvidence, ModelIdentity, Release  # noqa: E402
-from worker.seg import derive_uid, encode_seg  # noqa: E402
 from worker.segments import SegmentDefinition, segments_for  # noqa: E402
 
 SHA = "3f" * 32
@@ -229,7 +229,7 @@ def test_derive_uid() -> None:
     # fixed forever: a resend after an upgrade must still be the same object
     assert derive_uid("specgate") == derive_uid("specgate")
     out = subprocess.run(
-        [sys.executable, "-c", "from worker.seg import derive_uid; print(derive_uid('site-a', '1.2.3', '42', '1'))"],
+        [sys.executable, "-c", "from worker.dicom_seg import derive_uid; print(derive_uid('site-a', '1.2.3', '42', '1'))"],
         capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == uid
@@ -427,8 +427,8 @@ def test_write_seg_is_atomic(tmp_path: Path) -> None:
 
 def test_the_seg_modules_do_not_need_the_dicom_node() -> None:
     """What a segment says it is comes from the model, so writing a result's objects needs no DICOM node
-    configuration: worker.seg, worker.segments and worker.objects load no module of dicom_node."""
-    code = ("import sys; import worker.seg, worker.segments, worker.objects; "
+    configuration: worker.dicom_seg, worker.segments and worker.objects load no module of dicom_node."""
+    code = ("import sys; import worker.dicom_seg, worker.segments, worker.objects; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dicom_node'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[3])

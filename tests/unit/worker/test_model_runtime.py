@@ -1,4 +1,4 @@
-"""worker.segmenter: any model adapter behind its own gate; the shipped model keeps its decisions."""
+"""worker.model_runtime: any model adapter behind its own gate; the shipped model keeps its decisions."""
 
 import shutil
 from pathlib import Path
@@ -14,7 +14,7 @@ from model.bank_fit import BankCase, fit_adapter_bank
 from model.data.phantoms import phantom_case
 from model.ood import BankMismatchError
 from worker.config import ModelSpec
-from worker.segmenter import Segmenter
+from worker.model_runtime import Segmenter
 
 SPEC = """
 [input]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from model.metrics import assd, dice, hd95, ood_detection_metrics, roc_auc
+from model.scores import assd, dice, hd95, ood_detection_metrics, roc_auc
 
 
 def _box(shape=(10, 10, 10), lo=(2, 2, 2), hi=(6, 6, 6)):

@@ -89,7 +89,7 @@ class Segmenter:
 
     @property
     def settings(self) -> Any:
-        """A SegNet model's :class:`model.segment.InferenceSettings` (None for other formats)."""
+        """A SegNet model's :class:`model.study_inference.InferenceSettings` (None for other formats)."""
         from model.adapters.segnet import SegNetAdapter
 
         return self.adapter.settings if isinstance(self.adapter, SegNetAdapter) else None

@@ -11,7 +11,7 @@ its own directory and port (``worker_metrics_port``): Prometheus sums the worker
 
 Label values come only from fixed sets in our code or configuration: reason codes (``dicom_series``'s,
 the grid's, the pipeline's), the gate's decision and reason, the configured model and destination names,
-the modality folded by :func:`dicom_node.metrics.modality_label`. No UID, no patient data.
+the modality folded by :func:`dicom_node.prometheus.modality_label`. No UID, no patient data.
 
     >>> from prometheus_client import CollectorRegistry
     >>> registry = CollectorRegistry()
@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from dicom_node.metrics import modality_label
+from dicom_node.prometheus import modality_label
 
 __all__ = ["INFERENCE_BUCKETS", "WorkerMetrics"]
 

@@ -43,7 +43,7 @@ from .schema import Job, JobState, utcnow
 
 __all__ = ["LedgerCollector", "LedgerSnapshot", "ledger_registry", "render", "snapshot"]
 
-log = logging.getLogger("specgate.ledger.metrics")
+log = logging.getLogger("specgate.ledger.prometheus")
 
 
 @dataclass(frozen=True)

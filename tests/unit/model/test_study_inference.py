@@ -1,4 +1,4 @@
-"""model.segment: the production path. Settings parse and record; the body decides what counts."""
+"""model.study_inference: the production path. Settings parse and record; the body decides what counts."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from model.data.phantoms import phantom_case
 from model.resample import Grid, from_grid
-from model.segment import (
+from model.study_inference import (
     InferenceSettings,
     body_mask,
     labels_on_source,
