@@ -9,8 +9,10 @@ through :func:`model.study_inference.segment_volume` with one :class:`model.stud
 (:func:`evaluate`, :func:`segnet_predict`), or any registered model through its adapter's
 :meth:`~model.adapters.base.ModelAdapter.predict` (:func:`evaluate_adapter`, :func:`adapter_predict`):
 in both cases the path the worker runs. Segmentation metrics are computed on each case's own (source)
-grid; a model that names its labels also gets the DSC of each label (its value in the model's label
-map against the same value in the ground truth's ``label_map``).
+grid; a model that names its labels also gets the DSC of each label: its value in the model's label
+map against the ground truth's value of the same name, where the dataset names its labels
+(``dataset.json`` ``labels``, :attr:`model.data.volumes.Case.label_names`; :func:`match_labels`), else
+against the same value.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from model.study_inference import InferenceSettings, StudyInference, segment_vol
 if TYPE_CHECKING:
     from model.adapters.base import ModelAdapter
 
-__all__ = ["CaseOutput", "Predict", "adapter_predict", "evaluate", "evaluate_adapter", "evaluate_cases", "fit_bank",
-           "format_report", "oodm_histogram", "run_case", "segnet_predict"]
+__all__ = ["CaseOutput", "LabelMatch", "Predict", "adapter_predict", "evaluate", "evaluate_adapter", "evaluate_cases", "fit_bank",
+           "format_report", "match_labels", "oodm_histogram", "run_case", "segnet_predict"]
 
 DECIMALS = 4
 
@@ -88,6 +90,44 @@ def adapter_predict(adapter: ModelAdapter) -> Predict:
         r = adapter.predict(case.image, case.spacing, case.modality)
         return CaseOutput(foreground=r.foreground, signature=r.signature, labels=r.labels)
     return predict
+
+
+@dataclass(frozen=True)
+class LabelMatch:
+    """The ground truth's value of each of the model's labels (model value -> truth value), how they were
+    matched ("name" or "value"), and the names either side lacks."""
+
+    truth_of: dict[int, int]
+    by: str
+    not_in_dataset: tuple[str, ...] = ()
+    not_in_model: tuple[str, ...] = ()
+
+
+def match_labels(model: Mapping[int, str], dataset: Mapping[int, str] | None) -> LabelMatch:
+    """The model's labels (value -> name) matched to the dataset's by name, whatever the case and the
+    separators (:func:`worker.anatomy.normalise_name`, as a rule names labels); by value when the dataset
+    names none. A model label the dataset lacks gets no DSC; a dataset label the model lacks is listed.
+
+    >>> m = match_labels({1: "liver", 2: "spleen", 3: "Kidney_Left"}, {1: "Spleen", 2: "liver", 4: "pancreas"})
+    >>> m.truth_of, m.not_in_dataset, m.not_in_model
+    ({1: 2, 2: 1}, ('Kidney_Left',), ('pancreas',))
+    >>> match_labels({1: "liver"}, None)
+    LabelMatch(truth_of={1: 1}, by='value', not_in_dataset=(), not_in_model=())
+    """
+    from worker.anatomy import normalise_name
+
+    if not dataset:
+        return LabelMatch({v: v for v in model}, "value")
+    by_name: dict[str, list[int]] = {}
+    for value, name in dataset.items():
+        by_name.setdefault(normalise_name(name), []).append(value)
+    twice = {k: v for k, v in by_name.items() if len(v) > 1}
+    if twice:
+        raise ValueError(f"the dataset names several labels alike: {twice} (its labels: {dict(dataset)})")
+    truth_of = {v: by_name[normalise_name(n)][0] for v, n in model.items() if normalise_name(n) in by_name}
+    matched = set(truth_of.values())
+    return LabelMatch(truth_of, "name", tuple(n for v, n in model.items() if v not in truth_of),
+                      tuple(n for v, n in dataset.items() if v not in matched))
 
 
 def _progress(items: Cases, on: bool, desc: str) -> Iterable[Any]:
@@ -164,6 +204,9 @@ class _DatasetRun:
     rows: dict[str, list[float]] = field(  # segmentation metrics of the labelled cases
         default_factory=lambda: {"dsc": [], "hd95": [], "assd": [], "ece": [], "mce": []})
     per_label: dict[str, list[float]] = field(default_factory=dict)  # DSC of each of the model's labels
+    matched_by: set[str] = field(default_factory=set)  # "name" / "value": how the labels were matched
+    not_in_dataset: dict[str, None] = field(default_factory=dict)  # model labels no case's truth names
+    not_in_model: dict[str, None] = field(default_factory=dict)  # truth labels the model lacks
     scores: list[float] = field(default_factory=list)  # OODM
     decisions: list[float] = field(default_factory=list)  # OODM, inf for a modality the bank never saw
     probs: list[np.ndarray] = field(default_factory=list)  # foreground maps, for the reliability diagram
@@ -196,8 +239,13 @@ def _run_dataset(predict: Predict, gate: SpectralGate, name: str, cases: Cases, 
         if r.labels is not None and label_names:
             truth = getattr(cs, "label_map", None)
             truth = np.asarray(lab if truth is None else truth)
+            match = match_labels(label_names, getattr(cs, "label_names", None))
+            run.matched_by.add(match.by)
+            run.not_in_dataset.update(dict.fromkeys(match.not_in_dataset))
+            run.not_in_model.update(dict.fromkeys(match.not_in_model))
             for value, label in label_names.items():
-                run.per_label[label].append(dice(r.labels == value, truth == value))
+                if value in match.truth_of:
+                    run.per_label[label].append(dice(r.labels == value, truth == match.truth_of[value]))
         if keep_maps:
             run.probs.append(p)
             run.labels.append(np.asarray(lab, dtype=bool))
@@ -210,7 +258,13 @@ def _dataset_entry(run: _DatasetRun, n: int, is_ood: bool, tau: float) -> dict[s
     if run.rows["dsc"]:
         entry.update({k: _r(_nanmean(v)) for k, v in run.rows.items()})
         if run.per_label:
-            entry["dsc_per_label"] = {k: _r(_nanmean(v)) for k, v in run.per_label.items()}
+            entry["dsc_per_label"] = {k: _r(_nanmean(v)) for k, v in run.per_label.items() if v}
+        if run.matched_by:
+            entry["labels_matched_by"] = "/".join(sorted(run.matched_by))
+        if run.not_in_dataset:
+            entry["labels_not_in_dataset"] = list(run.not_in_dataset)
+        if run.not_in_model:
+            entry["dataset_labels_not_in_model"] = list(run.not_in_model)
     entry["flagged_ood"] = int(sum(d > tau for d in run.decisions))
     if any(d == float("inf") for d in run.decisions):
         entry["held_for_modality"] = int(sum(d == float("inf") for d in run.decisions))
@@ -357,8 +411,15 @@ def format_report(m: dict[str, Any]) -> str:
             f"{d['flagged_ood']:>2}/{d['n']:<2} {spread}"
         )
         if d.get("dsc_per_label"):
+            by = {"name": "labels matched by name", "value": "labels matched by value: the dataset names none"}.get(
+                d.get("labels_matched_by", ""), f"labels matched by {d.get('labels_matched_by')}")
             lines.append(f"{'':<{width}}   DSC per label: "
-                         + ", ".join(f"{k}={_f(v)}" for k, v in d["dsc_per_label"].items()))
+                         + ", ".join(f"{k}={_f(v)}" for k, v in d["dsc_per_label"].items()) + f" ({by})")
+        if d.get("labels_not_in_dataset"):
+            lines.append(f"{'':<{width}}   not in the dataset (no DSC): {', '.join(d['labels_not_in_dataset'])}")
+        if d.get("dataset_labels_not_in_model"):
+            lines.append(f"{'':<{width}}   the dataset's labels the model lacks: "
+                         f"{', '.join(d['dataset_labels_not_in_model'])}")
     lines.append(f"gate: tau={_f(g['tau'], 4)} (c={g['c']}, bank of {g['bank_size']})")
     if "ood" in m:
         o = m["ood"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from dicom_series import Volume, find_series, load_series
 __all__ = [
     "Case",
     "MSDDataset",
+    "declared_label_names",
     "SeriesGeometry",
     "iter_cases",
     "iter_site_cases",
@@ -36,7 +37,8 @@ class Case:
 
     ``label`` is the foreground (``uint8``, 1 wherever the ground truth names any label);
     ``label_map`` the ground truth's own values (``uint8``/``uint16``, 0 background), for the DSC of each
-    label of a multi-label model.
+    label of a multi-label model; ``label_names`` what those values are (value -> name), where the
+    dataset declares it (``dataset.json`` ``labels``, :func:`declared_label_names`).
     """
 
     name: str
@@ -46,6 +48,41 @@ class Case:
     label: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     label_map: np.ndarray | None = None
+    label_names: dict[int, str] | None = None
+
+
+def declared_label_names(meta: Mapping[str, Any], where: str | os.PathLike[str]) -> dict[int, str] | None:
+    """The foreground labels a ``dataset.json`` names (value -> name, background left out), in either
+    layout: MSD's ``{"0": "background", "1": "liver"}`` or nnU-Net v2's ``{"background": 0, "liver": 1}``
+    (a region of several values, nnU-Net v2's region-based training, names no single value: left out).
+    None when it names none; ``ValueError`` naming ``where`` when ``labels`` is neither.
+
+    >>> declared_label_names({"labels": {"0": "background", "1": "liver"}}, "d")
+    {1: 'liver'}
+    >>> declared_label_names({"labels": {"background": 0, "spleen": 1, "liver": 2}}, "d")
+    {1: 'spleen', 2: 'liver'}
+    >>> declared_label_names({"labels": ["liver"]}, "d/dataset.json")
+    Traceback (most recent call last):
+    ...
+    ValueError: d/dataset.json: 'labels' must map values to names (MSD) or names to values (nnU-Net v2), got ['liver']
+    """
+    labels = meta.get("labels")
+    if labels is None:
+        return None
+    bad = ValueError(f"{os.fspath(where)}: 'labels' must map values to names (MSD) or names to values "
+                     f"(nnU-Net v2), got {labels!r}")
+    if not isinstance(labels, Mapping):
+        raise bad
+    if all(isinstance(k, str) and k.strip().isdigit() for k in labels):  # MSD: "1": "liver"
+        pairs = [(int(k), v) for k, v in labels.items()]
+    elif all(isinstance(v, (int, list)) and not isinstance(v, bool) for v in labels.values()):  # nnU-Net v2
+        pairs = [(v, k) for k, v in labels.items() if isinstance(v, int)]
+    else:
+        raise bad
+    if not all(isinstance(name, str) for _v, name in pairs):
+        raise bad
+    out = {int(v): str(name) for v, name in pairs if int(v) != 0}
+    return out or None
 
 
 def load_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -82,6 +119,7 @@ class MSDDataset:
         if self.modality not in ("CT",):  # MSD writes e.g. "MRI", "T2", "ADC": all normalised like MR
             self.modality = "MR" if self.modality not in ("PT", "PET") else "PT"
         self.name = name or str(self.meta.get("name") or self.root.name)
+        self.label_names = declared_label_names(self.meta, meta_path)
         self.entries = list(self.meta.get("training", []))
         if not self.entries:
             raise ValueError(f"{self.root}: dataset.json lists no training cases")
@@ -122,6 +160,7 @@ class MSDDataset:
             label=(label > 0).astype(np.uint8),
             meta=meta,
             label_map=_label_values(label, self.root / e["label"]),
+            label_names=self.label_names,
         )
 
 
@@ -224,9 +263,10 @@ def _nifti_files(folder: Path) -> list[Path]:
 
 
 def _nifti_cases(files: Sequence[Path], modality: str, strip: str = "",
-                 labels: Path | None = None, ending: str = "") -> Iterator[Case]:
+                 labels: Path | None = None, ending: str = "",
+                 label_names: dict[int, str] | None = None) -> Iterator[Case]:
     """Each file one case; with ``labels``, its ground truth ``labels/<case><ending>`` when there is one
-    (nnU-Net v2's ``labelsTr``)."""
+    (nnU-Net v2's ``labelsTr``), whose values ``label_names`` names."""
     for f in files:
         image, spacing = load_nifti(f)
         name = f.name.removesuffix(".gz").removesuffix(".nii").removesuffix(strip)
@@ -238,6 +278,7 @@ def _nifti_cases(files: Sequence[Path], modality: str, strip: str = "",
             if values.shape != case.image.shape:
                 raise ValueError(f"{gt}: label shape {values.shape} != image shape {case.image.shape}")
             case.label, case.label_map = (values > 0).astype(np.uint8), values
+            case.label_names = label_names
         yield case
 
 
@@ -279,7 +320,8 @@ def iter_site_cases(path: str | os.PathLike[str], modality: str | None = None) -
         if not files:
             raise ValueError(f"{p}: no images imagesTr/*_0000{ending}")
         yield from _nifti_cases(files, _modality_of_channel(str(next(iter(channels.values())))), strip="_0000",
-                                labels=p / "labelsTr", ending=ending)
+                                labels=p / "labelsTr", ending=ending,
+                                label_names=declared_label_names(meta, meta_path))
         return
     if not p.is_dir():
         raise ValueError(f"{p} is not a folder")

@@ -55,3 +55,70 @@ def test_segnet_by_weights_and_through_its_adapter_report_alike(weights: Path, t
     # a bank fitted through other signature settings is refused, naming the difference
     with pytest.raises(BankMismatchError, match="overlap: bank 8, this evaluation 16"):
         evaluate_adapter(SegNetAdapter.open(weights, overlap=16), gate, held_out)
+
+
+def _write_nnunet(folder: Path, cases: list, labels: dict[str, int]) -> Path:
+    """A tiny nnU-Net v2 raw dataset: 2 = the organ, 1 = the body outside it (values named by ``labels``)."""
+    import json
+
+    import nibabel as nib
+
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    for i, c in enumerate(cases):
+        sz, sy, sx = c.spacing
+        affine = np.diag([sx, sy, sz, 1.0])
+        truth = np.where(c.label > 0, 2, np.where(c.image > -500, 1, 0)).astype(np.uint8)
+        nib.save(nib.Nifti1Image(c.image.astype(np.float32).transpose(2, 1, 0), affine),
+                 str(folder / "imagesTr" / f"case_{i:03d}_0000.nii.gz"))
+        nib.save(nib.Nifti1Image(truth.transpose(2, 1, 0), affine), str(folder / "labelsTr" / f"case_{i:03d}.nii.gz"))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels,
+                                                     "file_ending": ".nii.gz", "numTraining": len(cases)}))
+    return folder
+
+
+def test_ground_truth_labels_are_matched_to_the_models_by_name(tmp_path: Path) -> None:
+    from model.data.volumes import iter_site_cases
+
+    torch.manual_seed(1)
+    w = tmp_path / "w.pt"
+    net = SegNet(num_classes=4, base_features=4, levels=2).eval()
+    with torch.no_grad():  # label 1 nearly everywhere: the body (value 1 here) scores far above the organ
+        net.head.bias.copy_(torch.tensor([0.0, 4.0, 0.0, 0.0]))  # type: ignore[union-attr]
+    save_weights(net, w,
+                 {"inference_block": 32, "inference_overlap": 8, "inference_spacing": {"CT": [6.0, 6.0, 6.0]},
+                  "labels": {"1": "liver", "2": "spleen", "3": "Kidney_Left"}})
+    adapter = SegNetAdapter.open(w)
+    gate = fit_adapter_bank(adapter, [phantom_case("ct_liver", 0, i) for i in range(2)])
+    held = [phantom_case("ct_liver", 0, i) for i in (10, 11)]
+    # the dataset numbers the labels the other way round: 1 = spleen (the body), 2 = liver (the organ)
+    folder = _write_nnunet(tmp_path / "Dataset001", held,
+                           {"background": 0, "Spleen": 1, "liver": 2, "pancreas": 3})
+    cases = list(iter_site_cases(folder))
+    assert cases[0].label_names == {1: "Spleen", 2: "liver", 3: "pancreas"}
+    report = evaluate_adapter(adapter, gate, {"site": cases})
+    entry = report["datasets"]["site"]
+
+    by_name: dict[str, list[float]] = {"liver": [], "spleen": []}
+    by_value: dict[str, list[float]] = {"liver": [], "spleen": []}
+    for c in cases:
+        pred = adapter.predict(c.image, c.spacing, c.modality).labels
+        assert c.label_map is not None
+        for value, name, truth in ((1, "liver", 2), (2, "spleen", 1)):
+            by_name[name].append(dice(pred == value, c.label_map == truth))
+            by_value[name].append(dice(pred == value, c.label_map == value))
+    expected = {k: float(np.mean(v)) for k, v in by_name.items()}
+    assert entry["dsc_per_label"] == {k: pytest.approx(v, abs=1e-4) for k, v in expected.items()}
+    assert any(abs(expected[k] - float(np.mean(by_value[k]))) > 0.05 for k in expected)  # the swap matters
+    assert entry["labels_matched_by"] == "name"
+    assert entry["labels_not_in_dataset"] == ["Kidney_Left"] and entry["dataset_labels_not_in_model"] == ["pancreas"]
+    table = format_report(report)
+    assert "(labels matched by name)" in table and "not in the dataset (no DSC): Kidney_Left" in table
+    assert "the dataset's labels the model lacks: pancreas" in table
+
+    # a dataset that names no labels: matched by value, and the report says so
+    for c in cases:
+        c.label_names = None
+    entry = evaluate_adapter(adapter, gate, {"site": cases})["datasets"]["site"]
+    assert entry["labels_matched_by"] == "value" and "labels_not_in_dataset" not in entry
+    assert entry["dsc_per_label"]["liver"] == pytest.approx(float(np.mean(by_value["liver"])), abs=1e-4)
