@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from model.adapters.base import ModelAdapter
     from model.data.clinical import ScannerGeometry
 
-__all__ = ["BankCase", "Regrids", "fit_adapter_bank", "regrid_total"]
+__all__ = ["BankCase", "Regrids", "bank_cases", "fit_adapter_bank", "regrid_total"]
 
 
 class BankCase(NamedTuple):
@@ -122,6 +122,20 @@ def regrid_total(modalities: Sequence[str], regrids: Regrids | None) -> int:
     return sum(1 + (regrids.count(m) if regrids is not None else 0) for m in modalities)
 
 
+def bank_cases(cases: Iterable[Any], regrids: Regrids | None, used: Counter[int] | None = None) -> Iterator[Any]:
+    """Every case of ``cases`` (a plain ``(image, spacing, modality)`` tuple as a :class:`BankCase`), each
+    followed by its re-griddings when ``regrids`` (counted in ``used``): what a bank is fitted on, by
+    :func:`fit_adapter_bank` and by :func:`model.evaluate.fit_bank` alike."""
+    from model.evaluate import case_group
+
+    for i, raw in enumerate(cases):
+        case = _as_case(raw, i)
+        if regrids is None:
+            yield case
+        else:
+            yield from regrids.expand(case, case_group(case), used)
+
+
 def fit_adapter_bank(adapter: ModelAdapter, cases: Iterable[Any], *, c: float = 2.5, progress: bool = False,
                      meta: dict[str, Any] | None = None, regrids: Regrids | None = None,
                      total: int | None = None) -> SpectralGate:
@@ -134,16 +148,7 @@ def fit_adapter_bank(adapter: ModelAdapter, cases: Iterable[Any], *, c: float = 
     from model.evaluate import case_group
 
     used: Counter[int] = Counter()
-
-    def signatures_in() -> Iterator[Any]:
-        for i, raw in enumerate(cases):
-            case = _as_case(raw, i)
-            if regrids is None:
-                yield case
-            else:
-                yield from regrids.expand(case, case_group(case), used)
-
-    items: Iterable[Any] = signatures_in()
+    items: Iterable[Any] = bank_cases(cases, regrids, used)
     if progress:
         from tqdm import tqdm
 

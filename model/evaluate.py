@@ -37,6 +37,7 @@ from model.study_inference import InferenceSettings, StudyInference, segment_vol
 
 if TYPE_CHECKING:
     from model.adapters.base import ModelAdapter
+    from model.bank_fit import Regrids
 
 __all__ = ["CaseOutput", "LabelMatch", "Predict", "adapter_predict", "evaluate", "evaluate_adapter", "evaluate_cases", "fit_bank",
            "format_report", "match_labels", "oodm_histogram", "run_case", "segnet_predict"]
@@ -150,19 +151,36 @@ def case_group(case: Any) -> str:
 
 def fit_bank(net: nn.Module, cases: Cases, weights_sha256: str | None, settings: InferenceSettings,
              c: float = 2.5, device: str | torch.device | None = None, progress: bool = False,
-             meta: dict[str, Any] | None = None) -> SpectralGate:
+             meta: dict[str, Any] | None = None, regrids: Regrids | None = None,
+             total: int | None = None) -> SpectralGate:
     """Signatures of the training cases through the production path -> a :class:`SpectralGate`.
 
     The gate is tied to ``weights_sha256`` and records ``settings`` (``meta["inference"]``); tau is fitted
     leaving out, for each signature, every signature of the same training image (:func:`case_group`).
+    ``regrids``: each case also re-gridded to the site's scanner geometries, as
+    :func:`model.bank_fit.fit_adapter_bank` does (recorded as ``meta["regrids"]``); ``total``: the number
+    of signatures, for the progress bar (default: ``len(cases)`` without re-griddings).
     """
+    from collections import Counter
+
+    from model.bank_fit import bank_cases
+
+    used: Counter[int] = Counter()
+    items: Iterable[Any] = bank_cases(cases, regrids, used)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="signatures", unit="signature",
+                     total=total if total is not None or regrids is not None else len(cases))
     sigs, groups, modalities = [], [], set()
-    for cs in _progress(cases, progress, "signatures"):  # one case at a time: cases may be generated lazily
+    for cs in items:  # one case at a time: cases may be generated lazily
         sigs.append(run_case(net, cs, settings, device).signature)
         groups.append(case_group(cs))
         modalities.add(str(cs.modality).upper())
     m = {"n": len(sigs), "images": len(set(groups)), **(meta or {}), "inference": settings.record(),
          "modalities": sorted(modalities)}
+    if regrids is not None:
+        m["regrids"] = regrids.record(used)
     return SpectralGate.fit(np.stack(sigs), c=c, weights_sha256=weights_sha256, meta=m,
                             groups=groups if len(set(groups)) < len(groups) else None)
 

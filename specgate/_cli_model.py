@@ -9,9 +9,10 @@
   re-gridded to the grids of the site's own scanners with ``--like`` (:class:`model.bank_fit.Regrids`);
   the bank goes into the data directory and its SHA-256 into the ledger, and the model becomes live.
 - ``evaluate NAME --data DIR... --ood DIR...``: any registered model through its adapter and its bank
-  (:func:`model.evaluate.evaluate_adapter`): DSC per label, ECE/MCE, the gate's figures.
-- ``train``, ``fit-ood --weights``, ``evaluate --weights --bank``: the SegNet of the paper (Karimi &
-  Gholipour 2023), by its weights file.
+  (:func:`model.evaluate.evaluate_adapter`): DSC per label (the ground truth's labels matched by name),
+  ECE/MCE, the gate's figures.
+- ``train``, ``fit-ood --weights [--like DIR...]``, ``evaluate --weights --bank``: the SegNet of the paper
+  (Karimi & Gholipour 2023), by its weights file; ``--like`` re-grids as for a registered model.
 
 ``register``, ``list`` and the registered-model halves of ``fit-ood`` and ``evaluate`` live in
 :mod:`specgate._cli_model_registry`. Commands that need the settings or the ledger take the typed
@@ -30,11 +31,13 @@ import click
 
 from ._cli_model_registry import (
     SiteDataset,
+    announce_regrids,
     fit_registered,
     list_cmd,
     open_evaluated,
     register_cmd,
     resolve_device,
+    scanner_regrids,
 )
 from ._context import app_context
 
@@ -82,6 +85,13 @@ class _Chain:
 
     def __iter__(self) -> Iterator[Case]:
         return (case for part in self.parts for case in part)
+
+    def modalities(self) -> list[str]:
+        """The modality of each image, without loading an MSD folder's images (its ``dataset.json``'s)."""
+        from model.data.volumes import MSDDataset
+
+        return [m for part in self.parts
+                for m in ([part.modality] * len(part) if isinstance(part, MSDDataset) else [c.modality for c in part])]
 
 
 def _parse_named(values: tuple[str, ...]) -> dict[str, Path]:
@@ -207,8 +217,8 @@ def train_cmd(datasets: tuple[str, ...], out: Path, block: int, batch_size: int,
               help="Without NAME: the bank file (.npz). A registered model's bank goes into the data directory.")
 @click.option("--c", "c", default=2.5, show_default=True, help="tau = mean + c * std of leave-one-out OODMs.")
 @click.option("--like", "like", multiple=True, type=_existing_dir,
-              help="With NAME: DICOM series from the site's own scanners (only their grids are read); each "
-                   "training image is also re-gridded to --regrids of those of its modality. Repeatable.")
+              help="DICOM series from the site's own scanners (only their grids are read); each training "
+                   "image is also re-gridded to --regrids of those of its modality. Repeatable.")
 @click.option("--regrids", type=click.IntRange(min=1), default=None,
               help="With --like: scanner geometries each training image is re-gridded to [default: 2].")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -228,7 +238,7 @@ def fit_ood_cmd(name: str | None, data: tuple[Path, ...], modality: str | None, 
     the model becomes live (a rule may route to it). With --like, each image goes into the bank at its
     own grid and re-gridded to the grids of the site's scanners, as the shipped bank is (all of one
     image's signatures count as one image for tau). Without NAME: a SegNet weights file (--weights) and
-    a bank file (--out). The bank records the inference settings; a worker running others refuses it.
+    a bank file (--out), --like alike. The bank records the inference settings; a worker running others refuses it.
     """
     if name is not None:
         given = [opt for opt, v in (("--weights", weights), ("--out", out), ("--block", block),
@@ -239,22 +249,28 @@ def fit_ood_cmd(name: str | None, data: tuple[Path, ...], modality: str | None, 
         fit_registered(app_context(), name, data, modality, c, resolve_device(device), like=like,
                        regrids=regrids, seed=seed)
         return
-    if like or regrids is not None:
-        raise click.UsageError("--like/--regrids: for a registered model (specgate model fit-ood NAME --like DIR)")
     if weights is None or out is None:
         raise click.UsageError("give NAME (a registered model), or --weights and --out (a SegNet weights file)")
+    from model.bank_fit import regrid_total
     from model.evaluate import fit_bank
     from model.ood import sha256_file
 
+    plan = scanner_regrids(like, regrids, seed)
     dev = resolve_device(device)
     net, meta = _open_net(weights, dev)
     settings = _settings(meta, dev, block, overlap, spacing)
     sets = _load(data, "data")
     cases = _Chain(list(sets.values()))
+    modalities = cases.modalities()
+    announce_regrids(plan, modalities)
     gate = fit_bank(net, cases, sha256_file(weights), settings, c=c, device=dev, progress=True,
-                    meta={"datasets": {k: len(v) for k, v in sets.items()}})
+                    meta={"datasets": {k: len(v) for k, v in sets.items()}}, regrids=plan,
+                    total=regrid_total(modalities, plan))
     gate.save(out)
-    click.echo(f"bank of {gate.bank.shape[0]} signatures, tau={gate.tau:.4f} (c={c}) -> {out}")
+    click.echo(f"bank of {gate.bank.shape[0]} signatures ({gate.meta['images']} images"
+               + (f", each also re-gridded to up to {plan.per_image} of {len(plan.geometries)} scanner geometries"
+                  if plan is not None else "")
+               + f"), tau={gate.tau:.4f} (c={c}) -> {out}")
 
 
 def _load_site(paths: tuple[Path, ...], what: str, modality: str | None) -> dict[str, SiteDataset]:

@@ -11,7 +11,7 @@ import dataclasses
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from model.data.volumes import Case
     from model.ood import SpectralGate
 
-__all__ = ["SiteDataset", "fit_registered", "list_cmd", "open_evaluated", "read_codes", "register_cmd", "resolve_device",
-           "synthetic_volume"]
+__all__ = ["SiteDataset", "announce_regrids", "fit_registered", "list_cmd", "open_evaluated", "read_codes",
+           "register_cmd", "resolve_device", "scanner_regrids", "synthetic_volume"]
 
 
 def resolve_device(name: str) -> str:
@@ -340,7 +340,7 @@ class _Counted:
         return _site_cases(self.paths, self.modality)
 
 
-def _scanner_regrids(like: tuple[Path, ...], regrids: int | None, seed: int) -> Regrids | None:
+def scanner_regrids(like: tuple[Path, ...], regrids: int | None, seed: int) -> Regrids | None:
     """``--like`` folders' distinct series geometries and ``--regrids`` as a :class:`model.bank_fit.Regrids`."""
     from model.bank_fit import Regrids
     from model.data.clinical import ScannerGeometry, read_scanner_geometries
@@ -364,6 +364,21 @@ def _scanner_regrids(like: tuple[Path, ...], regrids: int | None, seed: int) -> 
         raise click.BadParameter(str(exc), param_hint="--regrids") from None
 
 
+def announce_regrids(plan: Regrids | None, modalities: Sequence[str]) -> None:
+    """On stderr: the scanner geometries of ``plan``, and each modality of the training images
+    (``modalities``) that none of them has (those images go into the bank at their own grid only)."""
+    if plan is None:
+        return
+    for g in plan.geometries:
+        click.echo(f"scanner geometry {g.modality} {'x'.join(map(str, g.geometry.shape))} at "
+                   f"{', '.join(f'{v:g}' for v in g.geometry.spacing)} mm ({g.series} series, {g.source})",
+                   err=True)
+    for m in sorted(set(modalities)):
+        if plan.count(m) == 0:
+            click.echo(f"note: --like has no {m} series: the {m} images go into the bank at their own grid "
+                       "only", err=True)
+
+
 def fit_registered(app: AppContext, name: str, data: tuple[Path, ...], modality: str | None, c: float,
                    device: str, like: tuple[Path, ...] = (), regrids: int | None = None, seed: int = 0) -> None:
     from ledger import models
@@ -376,18 +391,10 @@ def fit_registered(app: AppContext, name: str, data: tuple[Path, ...], modality:
             row = models.require(session, name)
         except models.ModelRegistryError as exc:
             raise click.BadParameter(str(exc), param_hint="NAME") from None
-    plan = _scanner_regrids(like, regrids, seed)
+    plan = scanner_regrids(like, regrids, seed)
     adapter = _open_registered(row, device)
     cases = _Counted(data, modality.upper() if modality else None)
-    if plan is not None:
-        for g in plan.geometries:
-            click.echo(f"scanner geometry {g.modality} {'x'.join(map(str, g.geometry.shape))} at "
-                       f"{', '.join(f'{v:g}' for v in g.geometry.spacing)} mm ({g.series} series, {g.source})",
-                       err=True)
-        for m in sorted(set(cases.modalities())):
-            if plan.count(m) == 0:
-                click.echo(f"note: --like has no {m} series: the {m} images go into the bank at their own grid "
-                           "only", err=True)
+    announce_regrids(plan, cases.modalities())
     try:
         gate = fit_adapter_bank(adapter, cases, c=c, progress=True, regrids=plan,
                                 total=regrid_total(cases.modalities(), plan),

@@ -224,9 +224,10 @@ def test_fit_ood_refuses_what_it_cannot_use(migrated, cli: Run, weights: Path, t
     assert "--weights: not for a registered model" in res.output
     res = cli("model", "fit-ood", "liver", "--data", str(msd), "--like", str(empty), expect=2)
     assert f"{empty} holds no DICOM series" in " ".join(res.output.split())
+    # a weights file takes --like as a registered model does, through the same reader
     res = cli("model", "fit-ood", "--weights", str(weights), "--out", str(tmp_path / "b.npz"), "--data", str(msd),
-              "--like", str(msd), expect=2)
-    assert "--like/--regrids: for a registered model" in res.output
+              "--like", str(empty), expect=2)
+    assert f"{empty} holds no DICOM series" in " ".join(res.output.split())
     # the registered file changed: its bank would judge another model
     copy = tmp_path / "liver.pt"
     copy.write_bytes(weights.read_bytes())
@@ -439,6 +440,7 @@ def test_fit_ood_like_regrids_to_the_sites_scanners_and_evaluate_runs_any_format
         for value, name in ((1, "liver"), (2, "spleen")):
             expected[name].append(dice(pred.labels == value, case.label_map == value))
     assert held["dsc_per_label"] == {k: pytest.approx(float(np.mean(v)), abs=1e-4) for k, v in expected.items()}
+    assert held["labels_matched_by"] == "name"  # the folder's dataset.json names its labels
     assert 0.3 < held["dsc_per_label"]["spleen"] < 1.0 and 0.3 < held["dsc_per_label"]["liver"] < 1.0
     assert held["ece"] is not None and held["mce"] is not None and held["n"] == 2
     assert report["ood"]["n_in"] == 2 and report["ood"]["n_out"] == 2 and report["ood"]["auc"] is not None

@@ -66,3 +66,41 @@ def test_train_rejects_bad_dataset_argument(tmp_path):
     assert res.exit_code == 2 and "NAME=PATH" in res.output
     res = CliRunner().invoke(model_group, ["train", "--dataset", f"x={tmp_path}", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "dataset.json" in res.output
+
+
+def test_fit_ood_weights_like_regrids_to_the_sites_scanners(tmp_path):
+    import torch
+
+    from model.data.series_writer import write_series
+    from model.unet import SegNet, save_weights
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    save_weights(SegNet(base_features=4, levels=2).eval(), weights,
+                 {"inference_block": 32, "inference_overlap": 8, "inference_spacing": {"CT": [6.0, 6.0, 6.0]}})
+    liver = write_msd_dataset(tmp_path / "data", "ct_liver", 2, seed=1)
+    scanners = tmp_path / "scanners"
+    for n, (modality, shape, spacing) in enumerate([("CT", (12, 24, 24), (5.0, 3.0, 3.0)),
+                                                    ("CT", (10, 20, 20), (6.0, 4.0, 4.0)),
+                                                    ("MR", (8, 16, 16), (3.0, 2.0, 2.0))]):
+        write_series(np.full(shape, 40.0 if modality == "CT" else 300.0, np.float32), spacing, modality,
+                     scanners / f"s{n}")
+    run = CliRunner()
+    bank = tmp_path / "bank.npz"
+    res = run.invoke(model_group, ["fit-ood", "--weights", str(weights), "--data", str(liver), "--out", str(bank),
+                                   "--regrids", "2", "--device", "cpu"])
+    assert res.exit_code == 2 and "--regrids needs --like DIR" in res.output
+
+    res = run.invoke(model_group, ["fit-ood", "--weights", str(weights), "--data", str(liver), "--out", str(bank),
+                                   "--like", str(scanners), "--regrids", "2", "--seed", "3", "--device", "cpu"],
+                     catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "bank of 6 signatures (2 images, each also re-gridded to up to 2 of 3 scanner geometries)" in res.stdout
+    assert "scanner geometry CT 12x24x24 at 5, 3, 3 mm" in res.stderr and "/6 " in res.stderr
+    gate = SpectralGate.load(bank, weights_sha256=sha256_file(weights))
+    assert gate.bank.shape[0] == 2 * (1 + 2) and gate.meta["images"] == 2
+    rec = gate.meta["regrids"]
+    assert (rec["per_image"], rec["seed"]) == (2, 3)
+    used = {(g["modality"], tuple(g["shape"]), tuple(g["spacing"])): g["images"] for g in rec["geometries"]}
+    assert used == {("CT", (12, 24, 24), (5.0, 3.0, 3.0)): 2, ("CT", (10, 20, 20), (6.0, 4.0, 4.0)): 2,
+                    ("MR", (8, 16, 16), (3.0, 2.0, 2.0)): 0}
