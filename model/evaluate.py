@@ -106,7 +106,7 @@ class LabelMatch:
 
 def match_labels(model: Mapping[int, str], dataset: Mapping[int, str] | None) -> LabelMatch:
     """The model's labels (value -> name) matched to the dataset's by name, whatever the case and the
-    separators (:func:`worker.anatomy.normalise_name`, as a rule names labels); by value when the dataset
+    separators (:func:`model.adapters.base.normalise_name`, as a rule names labels); by value when the dataset
     names none. A model label the dataset lacks gets no DSC; a dataset label the model lacks is listed.
 
     >>> m = match_labels({1: "liver", 2: "spleen", 3: "Kidney_Left"}, {1: "Spleen", 2: "liver", 4: "pancreas"})
@@ -115,7 +115,7 @@ def match_labels(model: Mapping[int, str], dataset: Mapping[int, str] | None) ->
     >>> match_labels({1: "liver"}, None)
     LabelMatch(truth_of={1: 1}, by='value', not_in_dataset=(), not_in_model=())
     """
-    from worker.anatomy import normalise_name
+    from model.adapters.base import normalise_name
 
     if not dataset:
         return LabelMatch({v: v for v in model}, "value")

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeAlias
 
+from model.adapters.base import normalise_name
+
 __all__ = ["ANATOMICAL_STRUCTURE", "AnatomyCode", "CodeTriple", "CodeMapping", "DEFAULT_ANATOMY", "LEFT", "RIGHT",
            "lookup", "normalise_name", "validate_code"]
 
@@ -77,18 +79,6 @@ class AnatomyCode:
 
 CodeMapping: TypeAlias = Mapping[str, AnatomyCode | CodeTriple]
 """A model's own label name -> code table (a bare triple is the type, category "Anatomical Structure")."""
-
-
-def normalise_name(name: str) -> str:
-    """A label name as the tables key it: lower case, words separated by one space, the words "left" and
-    "right" (and the parentheses around them) moved to the end.
-
-    >>> normalise_name("Kidney_Left"), normalise_name("left  kidney"), normalise_name("kidney (left)")
-    ('kidney left', 'kidney left', 'kidney left')
-    """
-    words = re.sub(r"[\s_\-.()\[\],/]+", " ", name.casefold()).split()
-    sides = [w for w in words if w in _SIDES]
-    return " ".join([w for w in words if w not in _SIDES] + sides)
 
 
 def _sct(value: str, meaning: str) -> CodeTriple:

@@ -86,6 +86,19 @@ class StateDictMismatch:
         return "; ".join(parts) or "torch refused the state dict"
 
 
+def normalise_name(name: str) -> str:
+    """A label name as specgate compares names (a rule's choice of labels, the anatomy table, a held-out
+    dataset's labels against the model's): lower case, words separated by one space, the words "left"
+    and "right" (and the parentheses around them) moved to the end.
+
+    >>> normalise_name("Kidney_Left"), normalise_name("left  kidney"), normalise_name("kidney (left)")
+    ('kidney left', 'kidney left', 'kidney left')
+    """
+    words = re.sub(r"[\s_\-.()\[\],/]+", " ", name.casefold()).split()
+    sides = [w for w in words if w in ("left", "right")]
+    return " ".join([w for w in words if w not in ("left", "right")] + sides)
+
+
 @dataclass(frozen=True)
 class Label:
     """One output label: its value in the model's label map (``1..``; 0 is background) and the model's
