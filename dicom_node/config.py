@@ -260,6 +260,7 @@ class NodeConfig:
     tls: TLSConfig | None = None
     limits: ReceiveLimits = field(default_factory=ReceiveLimits)
     accept_deflated: bool = False  # negotiate Deflated Explicit VR Little Endian
+    data_dir: Path | None = None  # the ledger's spool paths are relative to it (ledger.paths)
 
     @property
     def temp_max_age_s(self) -> float:

@@ -46,6 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ledger import audit
 from ledger.db import DatabaseUnavailable, session_scope
 from ledger.instances import ExistingInstance, InstanceIndex, NewInstance
+from ledger.paths import from_ledger, to_ledger
 
 from .spool import InvalidUID, Spool, validate_uid
 
@@ -324,8 +325,10 @@ class InstanceReceiver:
 
     def __init__(self, spool: Spool, sessions: sessionmaker[Session], *, actor: str = "dicom_node.scp",
                  image_sop_classes: frozenset[str] | None = None,
-                 on_stored: Callable[[int, str], None] | None = None, metrics: NodeMetrics | None = None) -> None:
+                 on_stored: Callable[[int, str], None] | None = None, metrics: NodeMetrics | None = None,
+                 data_dir: Path | None = None) -> None:
         self.spool = spool
+        self.data_dir = data_dir
         self.sessions = sessions
         self.actor = actor
         self.image_sop_classes = image_sop_classes
@@ -429,7 +432,8 @@ class InstanceReceiver:
             # A file without a row was never acknowledged (a crash between link and commit): ours wins.
             spooled = self.spool.replace(temp, spooled.path)
         try:
-            instance_id = self.index.add(replace(new, spool_path=str(spooled.path), size_bytes=spooled.size_bytes,
+            instance_id = self.index.add(replace(new, spool_path=to_ledger(spooled.path, self.data_dir),
+                                                 size_bytes=spooled.size_bytes,
                                                  sha256=spooled.sha256))
         except IntegrityError:
             # Another association indexed the same SOP Instance at the same moment: its row names this
@@ -437,7 +441,8 @@ class InstanceReceiver:
             existing = self._find(new.sop_instance_uid)
             if existing is None:
                 raise
-            if existing.spool_path != str(spooled.path):  # same SOP Instance UID under another study/series
+            # same SOP Instance UID under another study/series: another file
+            if from_ledger(existing.spool_path, self.data_dir).resolve() != spooled.path.resolve():
                 self.spool.remove(spooled.path)
             return self._duplicate(existing, new, spooled.sha256)
         except DatabaseUnavailable as exc:

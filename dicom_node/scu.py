@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import audit
 from ledger.db import session_scope
+from ledger.paths import from_ledger
 from ledger.schema import Delivery, DeliveryState, Result, Retraction, RetractionDelivery, utcnow
 from ledger.sql import insert_ignore
 
@@ -262,7 +263,7 @@ class _Shipment:
 def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Sequence[Destination], *,
             actor: str, retry_policy: RetryPolicy | None = None,
             sleep: Callable[[float], None] = time.sleep,
-            on_attempt: AttemptObserver | None = None) -> list[DeliveryOutcome]:
+            on_attempt: AttemptObserver | None = None, data_dir: Path | None = None) -> list[DeliveryOutcome]:
     """Send result ``result_id``'s objects (its SEG, and the SR with the gate's evidence) to every
     destination, on one association each; return one outcome per destination.
 
@@ -274,7 +275,7 @@ def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Seque
         result = s.get(Result, result_id)
         if result is None:
             raise LookupError(f"result {result_id} does not exist")
-        files = (Path(result.seg_path),) + ((Path(result.sr_path),) if result.sr_path else ())
+        files = tuple(from_ledger(p, data_dir) for p in (result.seg_path, result.sr_path) if p)
         shipment = _Shipment(Delivery, "result_id", result_id, result.job_id, files, f"result {result_id}",
                              "delivery")
     return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep,
@@ -284,7 +285,8 @@ def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Seque
 def deliver_retraction(sessions: sessionmaker[Session], retraction_id: int, destinations: Sequence[Destination],
                        *, actor: str, retry_policy: RetryPolicy | None = None,
                        sleep: Callable[[float], None] = time.sleep,
-                       on_attempt: AttemptObserver | None = None) -> list[DeliveryOutcome]:
+                       on_attempt: AttemptObserver | None = None,
+                       data_dir: Path | None = None) -> list[DeliveryOutcome]:
     """Send retraction ``retraction_id``'s Key Object Selection document to ``destinations`` (those that
     received the result), with the same rows, retries and idempotence as :func:`deliver`."""
     with session_scope(sessions) as s:
@@ -292,7 +294,8 @@ def deliver_retraction(sessions: sessionmaker[Session], retraction_id: int, dest
         if retraction is None:
             raise LookupError(f"retraction {retraction_id} does not exist")
         shipment = _Shipment(RetractionDelivery, "retraction_id", retraction_id, retraction.job_id,
-                             (Path(retraction.kos_path),), f"retraction {retraction_id}", "retraction_delivery")
+                             (from_ledger(retraction.kos_path, data_dir),), f"retraction {retraction_id}",
+                             "retraction_delivery")
     return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep,
                  on_attempt=on_attempt)
 

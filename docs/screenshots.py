@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 from dicom_node.config import SeriesRule  # noqa: E402
 from ledger import audit, jobs, migrations  # noqa: E402
 from ledger.db import open_engine, session_scope, sessionmaker_for  # noqa: E402
+from ledger.paths import to_ledger  # noqa: E402
 from ledger.schema import (  # noqa: E402
     AuditEvent,
     Delivery,
@@ -168,8 +169,9 @@ def open_ledger(root: Path, name: str) -> tuple[Settings, sessionmaker[Session]]
     return settings, sessionmaker_for(open_engine(settings.db_url))
 
 
-def ingest(sessions: sessionmaker[Session], folder: Path, source: Source, rule: str) -> int:
-    """Record a written series as the SCP and the assembler do (study, series, instances, a queued job)."""
+def ingest(sessions: sessionmaker[Session], folder: Path, source: Source, rule: str, data_dir: Path) -> int:
+    """Record a written series as the SCP and the assembler do (study, series, instances, a queued job;
+    the spool paths relative to ``data_dir``)."""
     paths = sorted(folder.glob("*.dcm"))
     first = dcmread(paths[0], stop_before_pixels=True)
     with session_scope(sessions) as s:
@@ -185,14 +187,15 @@ def ingest(sessions: sessionmaker[Session], folder: Path, source: Source, rule: 
         for p in paths:
             ds = dcmread(p, stop_before_pixels=True)
             s.add(Instance(series_id=series.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-                           transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), spool_path=str(p),
+                           transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                           spool_path=to_ledger(p, data_dir),
                            size_bytes=p.stat().st_size, sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
                            calling_ae=source.calling_ae))
         return jobs.create_job(s, study, actor="assembler", series_instance_uid=series.series_instance_uid,
                                rule_name=rule).id
 
 
-def run_held(settings: Settings, sessions: sessionmaker[Session], root: Path) -> dict[str, int]:
+def run_held(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, int]:
     """Each of HELD through the real pipeline with the shipped model; their job ids by name."""
     from worker.model_runtime import Segmenters
     from worker.pipeline import claim, run_job
@@ -205,11 +208,12 @@ def run_held(settings: Settings, sessions: sessionmaker[Session], root: Path) ->
         source = BY_AE[case.source]
         image, spacing, modality = case.make()
         name, pid, born, sex = case.patient
-        folder = root / "incoming" / case.name
+        folder = settings.spool_dir / "screenshots" / case.name
         write_series(image, spacing, modality, folder, patient_name=name, patient_id=pid,
                      series_description=source.description, body_part=source.body_part)
         _patient_details(folder, born, sex)
-        job_id = ingest(sessions, folder, source, "pet" if modality == "PT" else "default-ct-mr")
+        job_id = ingest(sessions, folder, source, "pet" if modality == "PT" else "default-ct-mr",
+                        settings.data_dir)
         c = claim(sessions, job_id, task_id=f"screenshots-{case.name}", worker_id="screenshots", stale_after_s=600)
         assert c is not None
         run_job(sessions, c, config.pipeline, segmenters=segmenters)
@@ -311,7 +315,7 @@ def _seed_study(s: Session, src: Source, received: datetime, now: datetime, rng:
     for i in range(n):
         instances.append({"series_id": series.id, "sop_instance_uid": generate_uid(),
                           "sop_class_uid": sop_class, "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-                          "spool_path": f"/var/lib/specgate/spool/{study.id}/{i + 1}.dcm",
+                          "spool_path": f"spool/{study.id}/{i + 1}.dcm",
                           "size_bytes": src.kb_per_slice * 1024 + int(rng.integers(0, 2048)), "sha256": "0" * 64,
                           "calling_ae": src.calling_ae, "received_at": received + step * i})
     created = last + timedelta(seconds=60)
@@ -332,7 +336,7 @@ def _seed_study(s: Session, src: Source, received: datetime, now: datetime, rng:
     # the last hours' held studies are the real ones (they have images): the seeded ones were all released
     ood = bool(rng.random() < src.ood_rate) and received < now - timedelta(hours=10)
     ratio = float(rng.uniform(1.05, 7.0) if ood else rng.uniform(0.15, 0.95))
-    result = Result(job_id=job.id, seg_path="/var/lib/specgate/results/seg.dcm", seg_sop_instance_uid=generate_uid(),
+    result = Result(job_id=job.id, seg_path="results/seg.dcm", seg_sop_instance_uid=generate_uid(),
                     seg_series_instance_uid=generate_uid(), oodm=template.tau * ratio, tau=template.tau, is_ood=ood,
                     model_id=template.model_id, weights_sha256=template.weights_sha256,
                     bank_percentile=100.0 if ood else float(min(99.0, ratio * 100)), created_at=done)
@@ -461,7 +465,7 @@ def main() -> None:
         # event, and the audit trail is append-only, so the screenshot ledger is then written in time order
         settings, scratch = open_ledger(root, "scratch.db")
         print("held studies, through the real pipeline with the shipped model:", flush=True)
-        held = run_held(settings, scratch, root)
+        held = run_held(settings, scratch)
         settings, sessions = open_ledger(root, "ledger.db")
         with session_scope(scratch) as s:
             template = s.execute(select(Result).where(Result.job_id == held[STUDY_PAGE])).scalar_one()

@@ -324,7 +324,7 @@ class ReviewApp:
         job_id = parse_id(request.path_params["job_id"], "job")
         message = self.flash(request)
         with session_scope(self.sessions) as s:
-            view = queries.study_view(s, job_id)
+            view = queries.study_view(s, job_id, self.config.data_dir)
             if view is None:
                 raise _Denied(404, f"no job {job_id}")
             audit.append(s, actor=f"user:{me.username}", action="review.viewed", object_type="job",
@@ -333,9 +333,9 @@ class ReviewApp:
         images = None
         histogram = None
         start_z = 0
-        if view.result is not None and view.result.prob_path and view.series_paths:
+        if view.result is not None and view.prob_file is not None and view.series_paths:
             try:
-                images = self.images.get(view.job.id, view.series_paths, Path(view.result.prob_path))
+                images = self.images.get(view.job.id, view.series_paths, view.prob_file)
                 start_z = render.slice_with_most_foreground(images)
             except (OSError, ValueError) as exc:
                 log.warning("job %s: images cannot be shown (%s)", job_id, type(exc).__name__)
@@ -359,7 +359,7 @@ class ReviewApp:
         if not 0 <= z <= MAX_SLICE:
             raise _Denied(404, f"no slice {z}")
         with session_scope(self.sessions) as s:
-            files = queries.image_files(s, job_id)
+            files = queries.image_files(s, job_id, self.config.data_dir)
         if files is None:
             return PlainTextResponse("no images for this job", status_code=404)
         window = parse_text(request.query_params.get("window"), "window", 32)

@@ -50,3 +50,5 @@ class ReviewConfig:
     #: password verifications run at once (argon2id: about 60 ms of CPU and 64 MiB each); a burst of
     #: logins waits its turn rather than taking every core from the pages
     hash_concurrency: int = 1
+    #: the data directory the ledger's file paths are relative to (:mod:`ledger.paths`)
+    data_dir: Path | None = None

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from ledger.paths import from_ledger
 from ledger.schema import (
     AuditEvent,
     Delivery,
@@ -143,6 +144,7 @@ class StudyView:
     history: list[AuditEvent]
     newer_job_id: int | None
     patient: dict[str, str] = field(default_factory=dict)
+    prob_file: Path | None = None  # the kept probability map, resolved against the data directory
 
     @property
     def held(self) -> bool:
@@ -153,7 +155,8 @@ class StudyView:
         return self.reviews[-1] if self.reviews else None
 
 
-def study_view(session: Session, job_id: int) -> StudyView | None:
+def study_view(session: Session, job_id: int, data_dir: Path | None = None) -> StudyView | None:
+    """``data_dir``: what the ledger's relative paths are resolved against (:mod:`ledger.paths`)."""
     job = session.get(Job, job_id)
     if job is None:
         return None
@@ -162,11 +165,11 @@ def study_view(session: Session, job_id: int) -> StudyView | None:
     series = session.execute(select(Series).where(Series.series_instance_uid == job.series_instance_uid)
                              ).scalar_one_or_none()
     result = session.execute(select(Result).where(Result.job_id == job.id)).scalar_one_or_none()
-    paths = series_paths(session, job.series_instance_uid)
+    paths = series_paths(session, job.series_instance_uid, data_dir)
     evidence: dict[str, Any] = {}
     if result is not None and result.evidence_path:
         try:
-            evidence = json.loads(Path(result.evidence_path).read_text())
+            evidence = json.loads(from_ledger(result.evidence_path, data_dir).read_text())
         except (OSError, ValueError):
             evidence = {}
     reviews = list(session.execute(select(Review).where(Review.job_id == job.id).order_by(Review.id)).scalars())
@@ -182,25 +185,27 @@ def study_view(session: Session, job_id: int) -> StudyView | None:
                             .order_by(Job.version.desc()).limit(1)).scalar_one_or_none()
     return StudyView(job=job, study=study, series=series, result=result, evidence=evidence, series_paths=paths,
                      reviews=reviews, deliveries=deliveries, retraction=retraction, history=history,
-                     newer_job_id=newer, patient=patient_banner(paths[0]) if paths else {})
+                     newer_job_id=newer, patient=patient_banner(paths[0]) if paths else {},
+                     prob_file=from_ledger(result.prob_path, data_dir) if result is not None and result.prob_path
+                     else None)
 
 
-def series_paths(session: Session, series_instance_uid: str | None) -> list[Path]:
+def series_paths(session: Session, series_instance_uid: str | None, data_dir: Path | None = None) -> list[Path]:
     """The spool files of a job's series, in the order they were stored."""
-    return [Path(p) for p in session.execute(
+    return [from_ledger(p, data_dir) for p in session.execute(
         select(Instance.spool_path).join(Series).where(Series.series_instance_uid == series_instance_uid)
         .order_by(Instance.id)).scalars()]
 
 
-def image_files(session: Session, job_id: int) -> tuple[list[Path], Path] | None:
+def image_files(session: Session, job_id: int, data_dir: Path | None = None) -> tuple[list[Path], Path] | None:
     """What a slice is drawn from: the series' spool files and the kept probability map (None: no images).
     Two small queries: a slice request must not read what the study page shows (history, banner)."""
     row = session.execute(select(Job.series_instance_uid, Result.prob_path).join(Result, Result.job_id == Job.id)
                           .where(Job.id == job_id)).one_or_none()
     if row is None or not row.prob_path:
         return None
-    paths = series_paths(session, row.series_instance_uid)
-    return (paths, Path(row.prob_path)) if paths else None
+    paths = series_paths(session, row.series_instance_uid, data_dir)
+    return (paths, from_ledger(row.prob_path, data_dir)) if paths else None
 
 
 def patient_banner(path: Path) -> dict[str, str]:

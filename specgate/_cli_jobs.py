@@ -23,10 +23,10 @@ def jobs() -> None:
     """List and inspect jobs in the ledger."""
 
 
-def _gate_evidence(path: str | None) -> dict[str, Any] | None:
+def _gate_evidence(path: Path | None) -> dict[str, Any] | None:
     """Why the gate decided as it did, from the result's evidence file (None when it is gone)."""
     try:
-        ev = json.loads(Path(path).read_text()) if path else None
+        ev = json.loads(path.read_text()) if path else None
     except (OSError, ValueError):
         return None
     if not isinstance(ev, dict):
@@ -35,7 +35,7 @@ def _gate_evidence(path: str | None) -> dict[str, Any] | None:
             "spacing": (ev.get("inference") or {}).get("spacing")}
 
 
-def _job_dict(job: Job, *, full: bool = False) -> dict[str, Any]:
+def _job_dict(job: Job, *, full: bool = False, data_dir: Path | None = None) -> dict[str, Any]:
     result = job.results[-1] if job.results else None
     d: dict[str, Any] = {
         "id": job.id,
@@ -52,12 +52,16 @@ def _job_dict(job: Job, *, full: bool = False) -> dict[str, Any]:
         "updated_at": job.updated_at.isoformat(),
     }
     if full:
+        from ledger.paths import from_ledger
+
         d["reason_detail"] = job.reason_detail
         d["finished_at"] = job.finished_at.isoformat() if job.finished_at else None
         d["result"] = None if result is None else {
-            "seg_sop_instance_uid": result.seg_sop_instance_uid, "seg_path": result.seg_path,
+            "seg_sop_instance_uid": result.seg_sop_instance_uid,
+            "seg_path": str(from_ledger(result.seg_path, data_dir)),
             "is_ood": result.is_ood, "model_id": result.model_id, "weights_sha256": result.weights_sha256,
-            "superseded": result.superseded, "gate": _gate_evidence(result.evidence_path),
+            "superseded": result.superseded,
+            "gate": _gate_evidence(from_ledger(result.evidence_path, data_dir) if result.evidence_path else None),
             "sr_sop_instance_uid": result.sr_sop_instance_uid,
         }
         d["retraction"] = _retraction_dict(job)
@@ -136,7 +140,7 @@ def jobs_show(app: AppContext, job_id: int, as_json: bool) -> None:
         job = session.get(Job, job_id)
         if job is None:
             raise click.ClickException(f"job {job_id} does not exist")
-        d = _job_dict(job, full=True)
+        d = _job_dict(job, full=True, data_dir=app.data_dir)
         d["history"] = [
             {"at": e.ts.isoformat(), "actor": e.actor, "action": e.action, "details": e.details}
             for e in session.execute(select(AuditEvent).where(AuditEvent.object_type == "job",
@@ -239,7 +243,8 @@ def retract_command(app: AppContext, job_id: int, user: str, reason: str, note: 
     from worker.retraction import RetractionError, retract_job
 
     try:
-        retraction_id = retract_job(app.sessions(), job_id, user=user, reason=reason, note=note)
+        retraction_id = retract_job(app.sessions(), job_id, user=user, reason=reason, note=note,
+                                    data_dir=app.data_dir)
     except RetractionError as exc:
         raise click.ClickException(str(exc)) from exc
     Enqueuer(celery_app(app), app.sessions()).retract(retraction_id)

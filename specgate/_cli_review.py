@@ -121,7 +121,8 @@ def build_app(app: AppContext) -> Starlette:
     def retract(job_id: int, user: str, reason: str, note: str | None) -> int:
         from worker.retraction import retract_job
 
-        retraction_id = retract_job(sessions, job_id, user=user, reason=reason, note=note)
+        retraction_id = retract_job(sessions, job_id, user=user, reason=reason, note=note,
+                                    data_dir=app.settings.data_dir)
         enqueuer.retract(retraction_id)
         return retraction_id
 

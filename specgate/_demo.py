@@ -246,10 +246,11 @@ def _wait_for_jobs(sessions: sessionmaker[Session], studies: Studies, worker: su
 
 
 def _report(sessions: sessionmaker[Session], studies: Studies, pacs: EmbeddedPACS,
-            echo: Callable[[str], None]) -> None:
+            echo: Callable[[str], None], data_dir: Path) -> None:
     """What became of each study: its job's state, the gate's numbers, where the SEG went or what to do."""
     from sqlalchemy import select
 
+    from ledger.paths import from_ledger
     from ledger.schema import Job, Result, Study
 
     echo("")
@@ -272,7 +273,8 @@ def _report(sessions: sessionmaker[Session], studies: Studies, pacs: EmbeddedPAC
                          f"{pacs.folder / (res.sr_sop_instance_uid + '.dcm')}")
             elif str(job.state) == "held" and res is not None:
                 echo("    held for review: the gate says this study is unlike the training data.")
-                echo(f"    review it:  specgate jobs show {job.id}   (preview: {Path(res.seg_path).parent / 'preview.png'})")
+                preview = from_ledger(res.seg_path, data_dir).parent / "preview.png"
+                echo(f"    review it:  specgate jobs show {job.id}   (preview: {preview})")
                 echo(f"    then:       specgate jobs approve {job.id} --user NAME   or   "
                      f"specgate jobs reject {job.id} --user NAME --reason TEXT")
                 echo("    or in a browser: specgate users add NAME --role radiologist, then specgate review "
@@ -319,7 +321,7 @@ def run_demo(settings: Settings, *, echo: Callable[[str], None] = print, timeout
                                     log_path=worker_process.log_path, echo=echo)
             if status is not None:
                 return status
-            _report(sessions, studies, pacs, echo)
+            _report(sessions, studies, pacs, echo, s.data_dir)
             echo(f"audit trail: `specgate audit verify`; all jobs: `specgate jobs list` (data dir {s.data_dir})")
             return 0
         except KeyboardInterrupt:

@@ -83,6 +83,17 @@ def db_current(app: AppContext) -> None:
     click.echo(f"current: {migrations.current_revision(app.engine) or 'base'}  head: {migrations.head_revision()}")
 
 
+@db.command("relativize-paths")
+@pass_app
+def db_relativize_paths(app: AppContext) -> None:
+    """Rewrite the absolute file paths that earlier versions stored (spool, results, KOS) as paths relative
+    to the data dir, where they lie inside it; those outside it are left and still read as they are."""
+    from ledger.paths import relativize
+
+    counts = relativize(app.sessions(), app.data_dir, actor="cli:db relativize-paths")
+    click.echo("rows rewritten: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+
+
 # ------------------------------------------------------------------------------------------- audit
 @main.group()
 def audit() -> None:

@@ -476,7 +476,7 @@ class Settings(BaseSettings):
                                  association_bytes=self.scp_max_association_bytes,
                                  sequence_depth=self.scp_max_sequence_depth,
                                  inflated_bytes=self.scp_max_inflated_bytes),
-            accept_deflated=self.scp_accept_deflated)
+            accept_deflated=self.scp_accept_deflated, data_dir=self.data_dir)
 
     def assembly_config(self) -> AssemblyConfig:
         """What :class:`dicom_node.assembler.Assembler` needs."""
@@ -494,7 +494,8 @@ class Settings(BaseSettings):
         """What :mod:`worker` (its tasks, pipeline, delivery and reconciler) needs."""
         return WorkerConfig(
             database_url=self.db_url, broker_url=self.broker_url, broker_dir=self.data_dir / "broker",
-            pipeline=PipelineConfig(results_dir=self.results_dir, installation=self.installation,
+            pipeline=PipelineConfig(results_dir=self.results_dir, data_dir=self.data_dir,
+                                    installation=self.installation,
                                     rules=tuple(self.rules), heartbeat_s=self.worker_heartbeat_seconds,
                                     stale_after_s=self.worker_stale_seconds),
             models=(ModelSpec(DEFAULT_MODEL, self.model_weights, self.model_bank,
@@ -503,7 +504,8 @@ class Settings(BaseSettings):
                       for name, m in self.models.items() if name != DEFAULT_MODEL)),
             inference=InferenceOverrides(block=self.inference_block, overlap=self.inference_overlap,
                                          spacing=self.inference_spacing_pairs),
-            delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy()),
+            delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy(),
+                                    data_dir=self.data_dir),
             reconcile_interval_s=self.reconcile_interval_seconds, queued_deadline_s=self.queued_deadline_seconds,
             torch_threads=self.worker_torch_threads,
             limits=TaskLimits(segment_soft_s=self.worker_segment_soft_time_limit_seconds,
@@ -521,7 +523,8 @@ class Settings(BaseSettings):
             tls_cert=self.review_tls_cert, tls_key=self.review_tls_key,
             session_s=self.review_session_minutes * 60, idle_s=self.review_idle_minutes * 60,
             viewer_url=self.review_viewer_url, failed_login_limit=self.review_failed_login_limit,
-            max_body_bytes=self.review_max_body_bytes, hash_concurrency=self.review_hash_concurrency)
+            max_body_bytes=self.review_max_body_bytes, hash_concurrency=self.review_hash_concurrency,
+            data_dir=self.data_dir)
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:

@@ -101,6 +101,7 @@ class PipelineConfig:
 
     results_dir: Path
     installation: str
+    data_dir: Path | None = None  # the ledger's paths are relative to it (ledger.paths)
     rules: tuple[SeriesRule, ...] = ()
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0
@@ -117,6 +118,7 @@ class DeliveryConfig:
 
     destinations: tuple[Destination, ...] = ()
     retry: RetryPolicy = RetryPolicy()
+    data_dir: Path | None = None  # the ledger's paths are relative to it (ledger.paths)
 
 
 @dataclass(frozen=True)

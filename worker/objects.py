@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_series import Volume, load_series
 from ledger.db import session_scope
+from ledger.paths import from_ledger
 from ledger.schema import Instance, Job, Result, Review, ReviewDecision, Series
 
 from .atomic import atomic_write, write_dicom
@@ -116,13 +117,15 @@ def load_mask(path: Path) -> np.ndarray:
     return bits.reshape(shape).astype(bool)
 
 
-def series_files(sessions: sessionmaker[Session], series_uid: str | None) -> list[Path]:
+def series_files(sessions: sessionmaker[Session], series_uid: str | None,
+                 data_dir: Path | None = None) -> list[Path]:
+    """The series' spool files in the order they were stored, resolved against ``data_dir``."""
     with session_scope(sessions) as s:
         q = select(Instance.spool_path).join(Series).where(Series.series_instance_uid == series_uid)
-        return [Path(p) for p in s.execute(q.order_by(Instance.id)).scalars()]
+        return [from_ledger(p, data_dir) for p in s.execute(q.order_by(Instance.id)).scalars()]
 
 
-def rewrite_approved(sessions: sessionmaker[Session], job_id: int) -> bool:
+def rewrite_approved(sessions: sessionmaker[Session], job_id: int, data_dir: Path | None = None) -> bool:
     """Re-encode an approved job's SEG and SR with the approver and the time of approval, with the segments
     they were first written with (from the job's evidence), whatever the configuration says now. False
     when there is nothing to rewrite (no SR: a result made before SRs existed is sent as it was)."""
@@ -133,13 +136,14 @@ def rewrite_approved(sessions: sessionmaker[Session], job_id: int) -> bool:
                            .order_by(Review.id)).scalars().first()
         if job is None or review is None or result.sr_path is None or result.prob_path is None:
             return False
-        paths = (Path(result.seg_path), Path(result.sr_path), Path(result.prob_path), Path(str(result.evidence_path)))
+        paths = tuple(from_ledger(p, data_dir) for p in (result.seg_path, result.sr_path, result.prob_path,
+                                                           str(result.evidence_path)))
         uids = ObjectUIDs(result.seg_sop_instance_uid, result.seg_series_instance_uid, str(result.sr_sop_instance_uid),
                           str(result.sr_series_instance_uid))
         series_uid = job.series_instance_uid
         release = Release("approved", reviewer=review.username, decided_at=review.created_at)
     evidence: dict[str, Any] = json.loads(paths[3].read_text())
-    volume = load_series(series_files(sessions, series_uid))
+    volume = load_series(series_files(sessions, series_uid, data_dir))
     segments: Sequence[SegmentDefinition] | None = None
     mask = None
     if evidence.get("segments"):  # the segments it was written with, whatever the configuration says now

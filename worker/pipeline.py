@@ -38,6 +38,7 @@ from dicom_node.config import SeriesRule
 from dicom_series import SeriesError, Volume, load_series
 from ledger import audit, jobs
 from ledger.db import session_scope
+from ledger.paths import to_ledger
 from ledger.schema import Job, JobState, Result, utcnow
 
 from .atomic import atomic_write
@@ -212,7 +213,7 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             raise _JobFailed("unknown_rule", f"rule {c.rule_name!r} is not configured (rules: {known})")
         with Heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
             segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
-            volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16)
+            volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, data_dir=cfg.data_dir)
             t0 = time.perf_counter()
             out = _segment(segmenter, volume)
             if metrics is not None:
@@ -237,11 +238,11 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
 
 
 def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float], *,
-                 compact: bool = False) -> Volume:
+                 compact: bool = False, data_dir: Path | None = None) -> Volume:
     """The job's series; ``compact``: int16 when that holds its values (a CT: 157 MB instead of 315 MB for
     300x512x512), for a model that takes it (:attr:`worker.model_runtime.Segmenter.takes_int16`)."""
     t0 = time.perf_counter()
-    files = series_files(sessions, c.series_instance_uid)
+    files = series_files(sessions, c.series_instance_uid, data_dir)
     try:
         if not files:
             raise SeriesError("no_instances", f"series {c.series_instance_uid} has no stored instances")
@@ -344,10 +345,11 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
     with session_scope(sessions) as s:
         result = s.execute(select(Result).where(Result.job_id == c.job_id)).scalar_one_or_none()
         if result is None:
-            result = Result(job_id=c.job_id, seg_path=str(paths["seg"]), seg_sop_instance_uid=uids.seg,
-                            seg_series_instance_uid=uids.seg_series, sr_path=str(paths["sr"]),
+            stored = {k: to_ledger(paths[k], cfg.data_dir) for k in ("seg", "sr", "prob", "evidence")}
+            result = Result(job_id=c.job_id, seg_path=stored["seg"], seg_sop_instance_uid=uids.seg,
+                            seg_series_instance_uid=uids.seg_series, sr_path=stored["sr"],
                             sr_sop_instance_uid=uids.sr, sr_series_instance_uid=uids.sr_series,
-                            prob_path=str(paths["prob"]), evidence_path=str(paths["evidence"]), oodm=out.oodm,
+                            prob_path=stored["prob"], evidence_path=stored["evidence"], oodm=out.oodm,
                             tau=out.tau, is_ood=out.is_ood, model_id=model_id,
                             weights_sha256=segmenter.weights_sha256,
                             bank_percentile=segmenter.gate.percentile(out.oodm))

@@ -26,6 +26,7 @@ from dicom_node import scu
 from dicom_node.scu import DeliveryOutcome
 from ledger import audit
 from ledger.db import session_scope
+from ledger.paths import from_ledger, to_ledger
 from ledger.schema import Delivery, DeliveryState, Job, JobState, Result, Retraction, RetractionReason
 
 from .atomic import write_dicom
@@ -46,7 +47,7 @@ class RetractionError(ValueError):
 
 
 def retract_job(sessions: sessionmaker[Session], job_id: int, *, user: str, reason: RetractionReason | str,
-                note: str | None = None) -> int:
+                note: str | None = None, data_dir: Path | None = None) -> int:
     """Record the retraction of job ``job_id``'s sent result and write its KOS; returns the retraction's
     id (send it with :func:`send_retraction`). Raises :class:`RetractionError` with a message for people."""
     user = (user or "").strip()
@@ -66,19 +67,21 @@ def retract_job(sessions: sessionmaker[Session], job_id: int, *, user: str, reas
                                   f"{earlier.created_at:%Y-%m-%d %H:%M} UTC ({earlier.reason}); nothing sent again")
         if not _sent_to(s, result.id):
             raise RetractionError(f"job {job_id} ({job.state}) was never sent to a destination: nothing to retract")
-        files = [Path(result.seg_path)] + ([Path(result.sr_path)] if result.sr_path else [])
+        files = [from_ledger(p, data_dir) for p in (result.seg_path, result.sr_path) if p]
         kos_uid = derive_uid(result.seg_sop_instance_uid, "kos")
         kos_series = derive_uid(result.seg_sop_instance_uid, "kos-series")
         result_id = result.id
+        legacy = Path(result.seg_path).is_absolute()  # a row of an earlier version: its KOS is named alike
     kos_path = files[0].with_name("kos.dcm")
     kos = encode_kos([dcmread(p) for p in files], reason=reason.value, sop_instance_uid=kos_uid,  # type: ignore[arg-type]
                      series_instance_uid=kos_series, retracted_by=user)
     write_dicom(kos, kos_path)
     try:
         with session_scope(sessions) as s:
-            row = Retraction(job_id=job_id, result_id=result_id, kos_path=str(kos_path), kos_sop_instance_uid=kos_uid,
-                             kos_series_instance_uid=kos_series, reason=reason, note=(note or "").strip() or None,
-                             username=user)
+            row = Retraction(job_id=job_id, result_id=result_id,
+                             kos_path=str(kos_path) if legacy else to_ledger(kos_path, data_dir),
+                             kos_sop_instance_uid=kos_uid, kos_series_instance_uid=kos_series, reason=reason,
+                             note=(note or "").strip() or None, username=user)
             s.add(row)
             s.flush()
             audit.append(s, actor=f"user:{user}", action="result.retracted", object_type="job", object_id=job_id,
@@ -110,7 +113,8 @@ def send_retraction(sessions: sessionmaker[Session], retraction_id: int, config:
                   ", ".join(gone))
     targets = [d for d in config.destinations if d.name in received]
     return scu.deliver_retraction(sessions, retraction_id, targets, actor=actor, retry_policy=config.retry,
-                                  on_attempt=None if metrics is None else metrics.delivery_observer("retraction"))
+                                  on_attempt=None if metrics is None else metrics.delivery_observer("retraction"),
+                                  data_dir=config.data_dir)
 
 
 def retract_superseded(sessions: sessionmaker[Session], job_id: int, config: DeliveryConfig, *,
@@ -129,7 +133,8 @@ def retract_superseded(sessions: sessionmaker[Session], job_id: int, config: Del
     for old in earlier:
         try:
             rid = retract_job(sessions, old, user="specgate", reason=RetractionReason.QUALITY,
-                              note=f"superseded by job {job_id} (version {version}) of the same study")
+                              note=f"superseded by job {job_id} (version {version}) of the same study",
+                              data_dir=config.data_dir)
         except RetractionError:
             continue  # never sent, or retracted already
         send_retraction(sessions, rid, config, actor=actor, metrics=metrics)

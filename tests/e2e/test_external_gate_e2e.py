@@ -117,7 +117,7 @@ def test_the_gate_releases_held_out_liver_ct_and_holds_what_the_model_never_saw(
         series, truth = studies[name]
         job = stack.wait_state(series.study_instance_uid, {"sent", "held", "failed"}, timeout=600)
         res = _result(stack, job.id)
-        evidence = json.loads(Path(res.evidence_path).read_text())
+        evidence = json.loads(stack.file(str(res.evidence_path)).read_text())
         assert str(job.state) == "sent" and not res.is_ood, (name, job.state, res.oodm, res.tau, job.reason_code)
         assert evidence["gate_reason"] is None and res.oodm <= res.tau
         raw = orthanc.get(f"/instances/{_orthanc_id(orthanc, res.seg_sop_instance_uid)}/file")
@@ -134,7 +134,7 @@ def test_the_gate_releases_held_out_liver_ct_and_holds_what_the_model_never_saw(
         series, _ = studies[name]
         job = stack.wait_state(series.study_instance_uid, {"sent", "held", "failed"}, timeout=600)
         res = _result(stack, job.id)
-        evidence = json.loads(Path(res.evidence_path).read_text())
+        evidence = json.loads(stack.file(str(res.evidence_path)).read_text())
         assert str(job.state) == "held" and res.is_ood, (name, job.state, res.oodm, res.tau, job.reason_code)
         assert evidence["gate_reason"] in reasons, (name, evidence["gate_reason"])
         assert _seg_uids_at(orthanc, series.study_instance_uid) == []

@@ -326,7 +326,7 @@ def _check_study(stack: Stack, study: SyntheticSeries, model: SiteModel, what: s
     res = _result(stack, job.id)
     # released or held: the bank of three phantoms decides, and the decision is OODM vs tau
     assert res.is_ood == (res.oodm > res.tau)
-    evidence = json.loads(Path(res.evidence_path).read_text())
+    evidence = json.loads(stack.file(str(res.evidence_path)).read_text())
     assert {k: evidence["grid"].get(k) for k in model.inference} == model.inference, evidence["grid"]
     if str(job.state) == "held":
         assert res.is_ood and evidence["gate_reason"] == "oodm_above_tau", evidence["gate_reason"]

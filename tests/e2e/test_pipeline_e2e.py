@@ -34,6 +34,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from sqlalchemy import select
 
 from ledger.db import open_engine, sessionmaker_for
+from ledger.paths import from_ledger
 from ledger.schema import Delivery, Job, JobState, Result, Study
 from model.data.phantoms import phantom_study
 from specgate.synthetic import write_series
@@ -107,6 +108,10 @@ class Stack:
         if proc.poll() is None:
             os.killpg(proc.pid, sig)
             proc.wait(30)
+
+    def file(self, stored: str) -> Path:
+        """The file a ledger path names, for this stack's data dir (:mod:`ledger.paths`)."""
+        return from_ledger(stored, Path(self.env["SPECGATE_DATA_DIR"]))
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
@@ -278,7 +283,7 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
     raw = stack.orthanc.get(f"/instances/{_orthanc_id(stack.orthanc, res.seg_sop_instance_uid)}/file")
     seg = highdicom.seg.Segmentation.from_dataset(dcmread(io.BytesIO(raw)))  # what the PACS holds, read back
     assert seg.StudyInstanceUID == known.study_instance_uid and seg.SegmentationType == "BINARY"
-    ours = highdicom.seg.Segmentation.from_dataset(dcmread(res.seg_path))
+    ours = highdicom.seg.Segmentation.from_dataset(dcmread(stack.file(res.seg_path)))
     assert seg.SOPInstanceUID == ours.SOPInstanceUID and seg.NumberOfFrames == ours.NumberOfFrames
     assert seg.pixel_array.tobytes() == ours.pixel_array.tobytes()
     # its evidence travels with it: the SR, in the same study, naming the gate's decision

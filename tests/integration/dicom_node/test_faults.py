@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from dicom_node.spool import Spool
+from ledger.paths import from_ledger
 from ledger.schema import Instance, Job, JobState, Study
 from tests.conftest import PG_ADMIN_URL
 from tests.integration.dicom_node.helpers import (
@@ -190,7 +191,8 @@ def test_sigkill_mid_study_loses_nothing_acknowledged(ledger: Ledger, tmp_path: 
         rows = {i.sop_instance_uid: i for i in s.execute(select(Instance)).scalars()}
     for sop in acked:  # every instance that got 0x0000 is in the ledger, with its complete file
         assert sop in rows, f"acknowledged instance {sop} lost"
-        assert hashlib.sha256(Path(rows[sop].spool_path).read_bytes()).hexdigest() == rows[sop].sha256
+        stored = from_ledger(rows[sop].spool_path, ledger.data_dir)
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == rows[sop].sha256
     # restart; the sender sends again what it has no success for; the study still becomes one job
     proc = _start_scp_process(ledger, port, tmp_path / "scp.log")
     try:

@@ -19,6 +19,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
+from ledger.paths import from_ledger
 from ledger.schema import Instance
 from tests.integration.dicom_node.helpers import CALLER, Ledger, store
 from tests.peers import free_port, wait_for
@@ -77,7 +78,7 @@ def test_large_multiframe_is_received_in_chunks(sqlite_ledger: Ledger, tmp_path:
     assert grown_mib < 0.25 * size / 2**20, f"peak memory grew by {grown_mib:.0f} MiB for {size / 2**20:.0f} MiB"
     with sqlite_ledger.sessions() as s:
         row = s.execute(select(Instance)).scalar_one()
-    stored = Path(row.spool_path)
+    stored = from_ledger(row.spool_path, sqlite_ledger.data_dir)
     assert row.size_bytes == stored.stat().st_size
     assert _dataset_digest(stored) == _dataset_digest(big)  # the data set as sent (the file meta is ours)
 

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from dicom_node.assembler import Assembler
 from dicom_node.config import AssemblyConfig, SeriesRule
 from ledger import audit
+from ledger.paths import from_ledger
 from ledger.schema import Instance, Job, JobState, Series, Study
 from tests.integration.dicom_node.helpers import CALLER, Ledger, encode_dataset, pdata, store, store_command
 from tests.peers import wait_for, write_ct_series
@@ -46,7 +47,7 @@ def test_same_sop_instance_under_another_series_is_refused_and_the_first_kept(le
     port = start_scp(ledger).address[1]
     assert store(port, series.paths) == [0, 0, 0]
     before = _rows(ledger)
-    first_file = Path(before[series.sop_instance_uids[0]][1]).read_bytes()
+    first_file = from_ledger(before[series.sop_instance_uids[0]][1], ledger.data_dir).read_bytes()
 
     clash = dcmread(series.paths[0])
     clash.SeriesInstanceUID = generate_uid()
@@ -56,7 +57,7 @@ def test_same_sop_instance_under_another_series_is_refused_and_the_first_kept(le
 
     after = _rows(ledger)
     assert {sop: after[sop] for sop in before} == before  # the first copy's row, series, path and digest
-    assert Path(after[series.sop_instance_uids[0]][1]).read_bytes() == first_file
+    assert from_ledger(after[series.sop_instance_uids[0]][1], ledger.data_dir).read_bytes() == first_file
     assert len(after) == 5 and len(ledger.spool_files()) == 5
     assert not any(clash.SeriesInstanceUID in str(p) for p in ledger.spool_files())
     with ledger.sessions() as s:
@@ -108,7 +109,7 @@ def test_peer_aborting_mid_study_keeps_what_was_acknowledged_and_no_job_starts_e
     assert sorted(rows) == sorted(acknowledged)
     for sop in acknowledged:
         _, path, sha = rows[sop]
-        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha
+        assert hashlib.sha256(from_ledger(path, ledger.data_dir).read_bytes()).hexdigest() == sha
     assert len(ledger.spool_files()) == 12
     assert list(scp.spool.tmp_dir.iterdir()) == []
     with ledger.sessions() as s:

@@ -13,6 +13,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from ledger.paths import from_ledger
 from ledger.schema import Instance, Series, Study
 from tests.integration.dicom_node.helpers import CALLER, Ledger, echo, store
 from tests.peers import Orthanc, dcmtk, write_ct_series
@@ -33,7 +34,7 @@ def test_dcmtk_storescu_series_is_durable_and_indexed(ledger: Ledger, start_scp,
     assert set(rows) == set(series.sop_instance_uids)
     for path, sop in zip(series.paths, series.sop_instance_uids, strict=True):
         row = rows[sop]
-        stored = Path(row.spool_path)
+        stored = from_ledger(row.spool_path, ledger.data_dir)
         assert stored == ledger.settings.spool_dir / series.study_instance_uid / series.series_instance_uid / f"{sop}.dcm"
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == row.sha256
         assert row.size_bytes == stored.stat().st_size and row.calling_ae == CALLER
@@ -66,10 +67,11 @@ def test_same_instance_twice_keeps_one_row_and_one_file(ledger: Ledger, start_sc
     # same SOP Instance UID, other content: success, the first copy is kept, and an audit event says so
     changed = dcmread(series.paths[0])
     changed.SeriesDescription = "CHANGED"
-    first = Path(_rows(ledger)[series.sop_instance_uids[0]].spool_path).read_bytes()
+    first = from_ledger(_rows(ledger)[series.sop_instance_uids[0]].spool_path, ledger.data_dir).read_bytes()
     assert store(port, [changed]) == [0]
     assert ledger.count() == 3 and len(ledger.spool_files()) == 3
-    assert Path(_rows(ledger)[series.sop_instance_uids[0]].spool_path).read_bytes() == first
+    kept = from_ledger(_rows(ledger)[series.sop_instance_uids[0]].spool_path, ledger.data_dir)
+    assert kept.read_bytes() == first
     [event] = ledger.audit("instance.duplicate_differs")
     assert event.details["sop_instance_uid"] == series.sop_instance_uids[0]
 
