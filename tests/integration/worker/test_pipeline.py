@@ -70,6 +70,7 @@ def _claim_and_run(sessions, job_id: int, cfg: PipelineConfig, segmenters, task_
 def _run(settings, sessions, job_id: int, seg: Segmenter, task_id: str):
     """Run the job under ``settings``' rules with ``seg`` as the default model."""
     cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", rules=tuple(settings.rules),
+                         data_dir=settings.data_dir,
                          heartbeat_s=0.2)
     return _claim_and_run(sessions, job_id, cfg, {"default": seg}.__getitem__, task_id)
 
