@@ -107,13 +107,16 @@ class LabelMatch:
 def match_labels(model: Mapping[int, str], dataset: Mapping[int, str] | None) -> LabelMatch:
     """The model's labels (value -> name) matched to the dataset's by name, whatever the case and the
     separators (:func:`model.adapters.base.normalise_name`, as a rule names labels); by value when the dataset
-    names none. A model label the dataset lacks gets no DSC; a dataset label the model lacks is listed.
+    names none, or when each has one label and their names differ. A model label the dataset lacks gets no
+DSC; a dataset label the model lacks is listed.
 
     >>> m = match_labels({1: "liver", 2: "spleen", 3: "Kidney_Left"}, {1: "Spleen", 2: "liver", 4: "pancreas"})
     >>> m.truth_of, m.not_in_dataset, m.not_in_model
     ({1: 2, 2: 1}, ('Kidney_Left',), ('pancreas',))
     >>> match_labels({1: "liver"}, None)
     LabelMatch(truth_of={1: 1}, by='value', not_in_dataset=(), not_in_model=())
+    >>> match_labels({1: "organ"}, {1: "liver"})  # one label each, named differently: foreground to foreground
+    LabelMatch(truth_of={1: 1}, by='value-one-label', not_in_dataset=(), not_in_model=())
     """
     from model.adapters.base import normalise_name
 
@@ -126,6 +129,10 @@ def match_labels(model: Mapping[int, str], dataset: Mapping[int, str] | None) ->
     if twice:
         raise ValueError(f"the dataset names several labels alike: {twice} (its labels: {dict(dataset)})")
     truth_of = {v: by_name[normalise_name(n)][0] for v, n in model.items() if normalise_name(n) in by_name}
+    if not truth_of and len(model) == 1 and len(dataset) == 1:
+        # one label each and no name in common (the shipped model's "organ" against a dataset's "liver"):
+        # the foreground against the foreground, and the report says the names differ
+        return LabelMatch({v: next(iter(dataset)) for v in model}, "value-one-label")
     matched = set(truth_of.values())
     return LabelMatch(truth_of, "name", tuple(n for v, n in model.items() if v not in truth_of),
                       tuple(n for v, n in dataset.items() if v not in matched))
@@ -429,7 +436,8 @@ def format_report(m: dict[str, Any]) -> str:
             f"{d['flagged_ood']:>2}/{d['n']:<2} {spread}"
         )
         if d.get("dsc_per_label"):
-            by = {"name": "labels matched by name", "value": "labels matched by value: the dataset names none"}.get(
+            by = {"name": "labels matched by name", "value": "labels matched by value: the dataset names none",
+                  "value-one-label": "one label each, named differently: matched by value"}.get(
                 d.get("labels_matched_by", ""), f"labels matched by {d.get('labels_matched_by')}")
             lines.append(f"{'':<{width}}   DSC per label: "
                          + ", ".join(f"{k}={_f(v)}" for k, v in d["dsc_per_label"].items()) + f" ({by})")
