@@ -314,7 +314,7 @@ def formula_study(migrated, tmp_path, tiny_model):
     probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
     far = -_signature_of(probe, case)
     seg = _segmenter(tiny_model, tmp_path, np.stack([far, far + 1e-4, far - 1e-4, far + 2e-4]))
-    assert _run(settings, sessions, job_id, seg, "task-formula").state == JobState.HELD
+    assert _run(settings, sessions, job_id, seg, "task-formula", data_dir=settings.data_dir).state == JobState.HELD
     return job_id
 
 

@@ -67,11 +67,11 @@ def _claim_and_run(sessions, job_id: int, cfg: PipelineConfig, segmenters, task_
     return run_job(sessions, c, cfg, segmenters=segmenters)
 
 
-def _run(settings, sessions, job_id: int, seg: Segmenter, task_id: str):
-    """Run the job under ``settings``' rules with ``seg`` as the default model."""
+def _run(settings, sessions, job_id: int, seg: Segmenter, task_id: str, *, data_dir: Path | None = None):
+    """Run the job under ``settings``' rules with ``seg`` as the default model; ``data_dir``: what the
+    ledger's paths are relative to (a study received by the real SCP), as the worker's settings give it."""
     cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", rules=tuple(settings.rules),
-                         data_dir=settings.data_dir,
-                         heartbeat_s=0.2)
+                         data_dir=data_dir, heartbeat_s=0.2)
     return _claim_and_run(sessions, job_id, cfg, {"default": seg}.__getitem__, task_id)
 
 
