@@ -29,11 +29,12 @@ from typing import Any
 
 from model._atomic import atomic_write
 from model.data.phantoms import KINDS, TRAINING_KINDS, UNSEEN_KINDS, PhantomCase, phantom_case
+from model.data.splits import SEED, VALIDATION
 from model.train import TrainConfig
 
-SEED = 2026
 TRAIN_SIZES: dict[str, int] = {"ct_liver": 48, "ct_lung": 32, "mr_prostate": 24}
-EVAL_FIRST_INDEX = 1000
+#: the first index the card's figures were computed on: the validation range's start (model.data.splits)
+EVAL_FIRST_INDEX = VALIDATION.first
 EVAL_PER_KIND = 4
 #: clinical geometries each training phantom is re-gridded to for the bank (plus its own grid), per kind.
 #: MR gets more: 24 cases (CT: 80) and a wider spread of clinical protocols (1-4 mm slices against the
