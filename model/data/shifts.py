@@ -50,7 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from model.data.phantoms import PhantomCase, _smooth_field, phantom_case
+from model.data.phantoms import PhantomCase, phantom_case
+from model.data.phantoms import _smooth_field_fast as _smooth_field
 
 __all__ = ["CT_RANGE", "SHIFTS", "Shift", "ShiftedCase", "apply_shift", "body_mask", "shifted_case"]
 
@@ -174,8 +175,8 @@ def _gamma(image, label, spacing, modality, gamma, rng):  # type: ignore[no-unty
     lo, hi = float(image.min()), float(image.max())
     if hi <= lo:
         return image, label, spacing
-    u = (image.astype(np.float64) - lo) / (hi - lo)
-    return lo + (hi - lo) * u**gamma, label, spacing
+    u = (image - np.float32(lo)) * np.float32(1.0 / (hi - lo))  # float32: clinical volumes are large
+    return np.float32(lo) + np.float32(hi - lo) * u ** np.float32(gamma), label, spacing
 
 
 def _bias(image, label, spacing, modality, amplitude, rng):  # type: ignore[no-untyped-def]

@@ -48,3 +48,13 @@ def test_a_subject_at_the_default_spacing_is_a_plausible_brain_mr():
 def test_bad_spacing_is_refused_with_the_value():
     with pytest.raises(ValueError, match=r"three positive mm values .* got \(1.0, 0.0, 1.0\)"):
         mni_case(0, 0, spacing=(1.0, 0.0, 1.0))
+
+
+def test_the_fast_smooth_field_is_the_phantoms_field():
+    from model.data.phantoms import _smooth_field, _smooth_field_fast
+
+    for shape, coarse in (((40, 50, 60), 4), ((17, 9, 33), 3), ((30, 30, 30), 5)):
+        a = _smooth_field(np.random.default_rng(7), shape, coarse)
+        b = _smooth_field_fast(np.random.default_rng(7), shape, coarse)
+        assert a.shape == b.shape == shape
+        np.testing.assert_allclose(b, a, atol=1e-6)
