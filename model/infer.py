@@ -93,6 +93,7 @@ class InferenceResult:
     class_counts: np.ndarray
     features: np.ndarray | None = field(default=None, repr=False)
     mc_masks: int = 0  # > 0: probabilities are the mean of this many MC-dropout passes
+    members: int = 0  # > 0: probabilities are the mean of this many ensemble members' passes
 
     @property
     def foreground(self) -> np.ndarray:
