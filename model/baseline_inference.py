@@ -190,7 +190,10 @@ class DeepestMapNet(_Wrapper):
     The forward returns the logits and the deepest map nearest-upsampled to the input's voxels, so the
     result's ``class_feature_sums`` / ``class_counts`` are, per predicted class, the sum of the deepest
     map over the voxels predicted that class (each coarse cell counted once per voxel it covers): average
-    pooling of the deepest map per predicted class, stitched as production stitches.
+    pooling of the deepest map per predicted class, stitched as production stitches. The cost: the
+    upsampled map of a 96^3 window of the shipped network holds 112 channels (400 MB in float32 per window
+    of a batch); measured on a CPU with the shipped weights, a liver phantom took 1.8 s clean and 3.3 s
+    perturbed, against 1.3 s for the production windows.
 
     With ``eps > 0`` and fitted class means ``means`` (K, C) and tied ``precision`` (C, C) (Lee, Lee, Lee &
     Shin, NeurIPS 2018, Eq. 4): ``x~ = x - eps * sign(grad_x sum_k min_c (f_k - mu_c)^T Sigma^-1 (f_k - mu_c))``,

@@ -40,6 +40,22 @@ second research project, on a machine (2 CPU cores) where no GAN of that size tr
 Lee-2017 is outlier exposure with generated instead of real outliers, and the paper's own tables put it
 at or below outlier exposure in every experiment (Tables V-VIII). Scored at test time it is MSP
 (``max_softmax``) of that network, so adding it later needs only the trained weights.
+
+Which networks: ``mc_dropout`` a model trained with ``TrainConfig(dropout=0.1)``; ``ensemble`` five
+models trained with ``TrainConfig(seed=0)`` ... ``seed=4``; ``outlier_exposure`` a model trained with
+``TrainConfig(outlier_weight=0.5)`` and ``train(..., outliers=TrainData of the other datasets)``; the
+others the model itself.
+
+>>> from model.data.phantoms import phantom_case
+>>> from model.unet import SegNet
+>>> net = SegNet(base_features=4, levels=2).eval()
+>>> settings = InferenceSettings(block=16, overlap=4, spacing=(("CT", (8.0, 8.0, 8.0)),))
+>>> train = [phantom_case("ct_liver", 2026, i) for i in range(3)]
+>>> msp = fit_baseline("max_softmax", net, train, settings, c=2.5)
+>>> study = phantom_case("ct_liver", 2026, 5000)
+>>> score = msp.score(observe_study(msp, net, study.image, study.spacing, study.modality, settings))
+>>> 0.0 <= score <= 1.0
+True
 """
 
 from __future__ import annotations
