@@ -392,6 +392,11 @@ class MahalanobisScorer(_ThresholdScorer):
     fitted scorer (``observes_with_fit``). :func:`fit_baseline` fits the means and covariance on the clean
     training images (as Lee et al.) and tau on the same images observed perturbed (the scores a test
     study gets). ``eps = 0.0014``, as ODIN's; Lee et al. tune it on validation data.
+
+    One layer: Lee et al.'s "feature ensemble" (the score at every layer, combined by a logistic
+    regression fitted on validation OOD samples) is not used: it needs labelled OOD data to fit, which the
+    paper's protocol does not give the competing methods, and the paper describes Mah-Dist by the single
+    average-pooled map.
     """
 
     name: ClassVar[str] = "mahalanobis"

@@ -294,6 +294,8 @@ def test_observe_study_runs_every_scorer_on_the_gates_canvas(studies):
     assert np.isfinite(EnsembleScorer().score(ens))
     with pytest.raises(ValueError, match="5 members"):
         observe_study("ensemble", _nets(2), s.image, s.spacing, s.modality, SETTINGS)
+    with pytest.raises(ValueError, match="unknown scorer"):
+        observe_study("odn", net, s.image, s.spacing, s.modality, SETTINGS)
     with pytest.raises(ValueError, match="one network"):
         observe_study("odin", _nets(2), s.image, s.spacing, s.modality, SETTINGS)
     maha = observe_study("mahalanobis", net, s.image, s.spacing, s.modality, SETTINGS)
