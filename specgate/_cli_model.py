@@ -362,6 +362,9 @@ def _refuse_clash(ids: set[str], oods: set[str]) -> None:
 
 
 def register(main: click.Group) -> None:
+    from ._cli_experiment import experiment_group
+
     model_group.add_command(register_cmd)
+    model_group.add_command(experiment_group)
     model_group.add_command(list_cmd)
     main.add_command(model_group)
