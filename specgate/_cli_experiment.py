@@ -2,7 +2,8 @@
 paper's experiments (:mod:`model.experiments`), each writing ``NAME.json``, ``NAME.md`` and its figures.
 
 Every experiment takes the same options (:func:`experiment_options`); adding one is a module in
-``model/experiments/`` with ``SCALES`` and ``run(scale, out, seeds=, device=, progress=, log=)``, and a
+``model/experiments/`` with ``SCALES``, ``run(scale, out, seeds=, device=, progress=, log=)`` and
+``rerender(out)`` (the Markdown and figures again from the JSON, for ``--report-only``), and a
 three-line command here that calls :func:`run_experiment`. The group is added to ``specgate model`` by
 :func:`specgate._cli_model.register`.
 """
@@ -57,17 +58,26 @@ def experiment_options(f: F) -> F:
                      help="Training seeds [default: the scale's]."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--report-only", is_flag=True,
+                     help="Run nothing: write NAME.md and the figures again from OUT/NAME.json."),
     )):
         f = option(f)
     return f
 
 
-def run_experiment(name: str, scale: str, out: Path, seeds: str | None, device: str, quiet: bool) -> dict[str, Any]:
-    """Run ``model.experiments.<name>`` at ``scale`` and print where its report went and its Markdown."""
+def run_experiment(name: str, scale: str, out: Path, seeds: str | None, device: str, quiet: bool,
+                   report_only: bool = False) -> dict[str, Any]:
+    """Run ``model.experiments.<name>`` at ``scale`` (or, with ``report_only``, only make its Markdown and
+    figures again from ``out/<name>.json``) and print where its report went and its Markdown."""
     mod = importlib.import_module(f"model.experiments.{name}")
-    dev = resolve_device(device)
-    data: dict[str, Any] = mod.run(mod.SCALES[scale], out, seeds=parse_seeds(seeds), device=dev,
-                                   progress=not quiet, log=None if quiet else click.echo)
+    data: dict[str, Any]
+    if report_only:
+        if not (out / f"{name}.json").is_file():
+            raise click.BadParameter(f"{out / f'{name}.json'} does not exist", param_hint="--out")
+        data = mod.rerender(out)
+    else:
+        data = mod.run(mod.SCALES[scale], out, seeds=parse_seeds(seeds), device=resolve_device(device),
+                       progress=not quiet, log=None if quiet else click.echo)
     click.echo((out / f"{name}.md").read_text())
     click.echo(f"wrote {out / f'{name}.json'}, {out / f'{name}.md'} ({data['wall_s']:.0f} s)")
     return data
@@ -80,7 +90,7 @@ def experiment_group() -> None:
 
 @experiment_group.command("calibration")
 @experiment_options
-def calibration_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet: bool) -> None:
+def calibration_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet: bool, report_only: bool) -> None:
     """Table II: multi-task against single-task models (3-fold CV, DSC/HD95/ASSD/ECE/MCE, paired t-tests,
     reliability diagrams)."""
-    run_experiment("calibration", scale, out, seeds, device, quiet)
+    run_experiment("calibration", scale, out, seeds, device, quiet, report_only)

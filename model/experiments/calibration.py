@@ -66,7 +66,7 @@ from model.study_inference import InferenceSettings, segment_volume
 from model.train import TrainConfig, TrainData, kfold_splits, train
 from model.unet import load_weights, save_weights
 
-__all__ = ["ALPHA", "METRICS", "NAME", "SCALES", "Scale", "render", "run"]
+__all__ = ["ALPHA", "METRICS", "NAME", "SCALES", "Scale", "plot_reliability", "render", "rerender", "run"]
 
 NAME = "calibration"
 METRICS = ("dsc", "hd95", "assd", "ece", "mce")
@@ -286,10 +286,17 @@ def run(scale: Scale, out: str | os.PathLike[str], *, seeds: Sequence[int] | Non
     }
     out_dir = Path(out)
     write_report(out_dir, NAME, data, render)
-    written = read_json(out_dir / f"{NAME}.json")
-    for k in kinds:
-        plot_reliability(written["reliability"][k], out_dir / f"reliability_{k}.png", k)
-    return written
+    return rerender(out_dir)
+
+
+def rerender(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """``calibration.md`` and the reliability diagrams again, from ``out/calibration.json`` alone."""
+    out_dir = Path(out)
+    data = read_json(out_dir / f"{NAME}.json")
+    atomic_write(out_dir / f"{NAME}.md", render(data).encode())
+    for k, rel in data["reliability"].items():
+        plot_reliability(rel, out_dir / f"reliability_{k}.png", k)
+    return data
 
 
 def _band_mm(cases: dict[str, list[PhantomCase]], band: int) -> dict[str, dict[str, list[float]]]:
@@ -360,6 +367,9 @@ def render(data: dict[str, Any]) -> str:
                  f"seeds {', '.join(str(s) for s in sc['seeds'])}; every model {sc['iterations']} iterations. "
                  f"Mean ± sd over cases (each case's value is its mean over seeds); **bold**: the better model "
                  f"where the paired t-test gives p < {data['alpha']}.")
+    lines.append("")
+    lines.append(f"Command: `specgate model experiment calibration --scale {sc['name']} --seeds "
+                 f"{','.join(str(s) for s in sc['seeds'])} --device {data['machine']['device']} --out DIR`.")
     lines.append("")
     headers = ["Training", "Data", "n"] + [LABELS[m] for m in METRICS]
     rows = []

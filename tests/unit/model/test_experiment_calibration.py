@@ -188,6 +188,17 @@ def test_tiny_scale_through_the_cli(tmp_path: Path) -> None:
         png = out / f"reliability_{k}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "calibration.md" in res.output
+    assert "--scale tiny --seeds 0,1" in md
+
+    # --report-only makes the same Markdown and the diagrams again from the JSON alone
+    (out / "calibration.md").unlink()
+    for k in kinds:
+        (out / f"reliability_{k}.png").unlink()
+    again = CliRunner().invoke(main, ["model", "experiment", "calibration", "--out", str(out), "--report-only"],
+                               catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert (out / "calibration.md").read_text() == md
+    assert all((out / f"reliability_{k}.png").is_file() for k in kinds)
 
 
 def test_seeds_option_is_validated(tmp_path: Path) -> None:
