@@ -418,7 +418,11 @@ def render(data: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Wall time {data['wall_s']:.0f} s on {mc['device']} ({mc['device_name']}, {mc['cpu_count']} CPUs, "
                  f"{mc['torch_threads']} torch threads; load average {mc['load_average_start'][0]} at the start, "
-                 f"{mc['load_average_end'][0]} at the end), torch {mc['torch']}.")
+                 f"{mc['load_average_end'][0]} at the end), torch {mc['torch']}."
+                 + (" The machine was shared with other work (a load average above its CPU count): the wall time "
+                    "is longer than the same run alone would take." if max(mc["load_average_start"][0],
+                                                                          mc["load_average_end"][0]) > mc["cpu_count"]
+                    else ""))
     return "\n".join(lines) + "\n"
 
 
