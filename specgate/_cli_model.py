@@ -11,6 +11,8 @@
 - ``evaluate NAME --data DIR... --ood DIR...``: any registered model through its adapter and its bank
   (:func:`model.evaluate.evaluate_adapter`): DSC per label (the ground truth's labels matched by name),
   ECE/MCE, the gate's figures.
+- ``experiment calibration|...``: the paper's experiments regenerated on the phantoms (JSON, Markdown made
+  from it, figures): :mod:`specgate._cli_experiment`, :mod:`model.experiments`.
 - ``train``, ``fit-ood --weights [--like DIR...]``, ``evaluate --weights --bank``: the SegNet of the paper
   (Karimi & Gholipour 2023), by its weights file; ``--like`` re-grids as for a registered model.
 
@@ -362,6 +364,9 @@ def _refuse_clash(ids: set[str], oods: set[str]) -> None:
 
 
 def register(main: click.Group) -> None:
+    from ._cli_experiment import experiment_group
+
     model_group.add_command(register_cmd)
+    model_group.add_command(experiment_group)
     model_group.add_command(list_cmd)
     main.add_command(model_group)
