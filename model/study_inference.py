@@ -50,12 +50,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.infer import InferenceResult, sliding_window
+from model.infer import InferenceResult, plan_windows, sliding_window
 from model.preprocess import preprocess
 from model.resample import Grid, SourceSlabs, from_grid, model_grid, to_grid, validate_spacing
 
 __all__ = ["BODY_RULE", "InferenceSettings", "StudyInference", "StudyLabels", "body_mask", "labels_on_source",
-           "parse_spacing", "release_freed_memory", "segment_labels", "segment_volume"]
+           "parse_spacing", "release_freed_memory", "segment_labels", "segment_volume", "study_windows"]
 
 #: name of the body-mask rule of :func:`body_mask` (recorded in banks: change it when the rule changes)
 BODY_RULE = "threshold-v1"
@@ -378,6 +378,24 @@ def _run_on_grid(net: nn.Module, image: np.ndarray, spacing: Sequence[float], mo
     release_freed_memory()
     timings["infer"] = time.perf_counter() - t0
     return _OnGrid(grid, canvas, res, resampled, sp, tuple(int(n) for n in vol.shape), timings)  # type: ignore[arg-type]
+
+
+def study_windows(image: np.ndarray, spacing: Sequence[float], modality: str, settings: InferenceSettings,
+                  divisor: int = 1) -> tuple[tuple[int, int, int], int]:
+    """The canvas the windows run over (steps 1-3 of the module doc: the model's grid, the body crop) and
+    the number of windows :func:`segment_volume` runs on it, without running a model. ``divisor``: the
+    network's (:attr:`model.unet.SegNet.divisor`).
+
+    >>> s = InferenceSettings(block=96, overlap=24, spacing=(("MR", (3.0, 1.7, 1.7)),))
+    >>> body = np.zeros((40, 200, 100), np.float32); body[5:35, 10:190, 10:90] = 300.0
+    >>> study_windows(body, (3.0, 1.7, 1.7), "MR", s, divisor=8)
+    ((38, 196, 96), 3)
+    """
+    grid, small = _to_model_grid(np.asarray(image), validate_spacing(spacing), settings.spacing_for(modality),
+                                 settings.antialias)
+    canvas = _crop_to_body(preprocess(small, modality), modality, grid, settings.crop_margin_mm)
+    shape = tuple(int(n) for n in canvas.image.shape[-3:])
+    return shape, len(plan_windows(shape, settings.block, settings.overlap, divisor))  # type: ignore[arg-type]
 
 
 def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,

@@ -64,3 +64,21 @@ def test_an_in_distribution_case_of_an_unseen_modality_counts_against_the_decisi
     assert m["spectral"]["specificity"] == 1.0 and m["spectral"]["auc"] == 1.0
     assert m["decisions"]["specificity"] == 0.5 and m["decisions"]["held_for_modality"] == 0
     assert m["datasets"]["pet_in"]["flagged_ood"] == 1 and m["datasets"]["pet_in"]["oodm_above_tau"] == 0
+
+
+def test_the_calibration_band_is_stated_in_millimetres(gate: SpectralGate) -> None:
+    """The ECE band is ``band`` voxels on each case's own grid: the report says how many mm that was."""
+    label = np.zeros((8, 8, 8), bool)
+    label[2:6, 2:6, 2:6] = True
+
+    def case(spacing: tuple[float, float, float]) -> SimpleNamespace:
+        return SimpleNamespace(image=np.zeros(label.shape, np.float32), spacing=spacing, modality="CT",
+                               signature=np.array([1.0, 0.0, 0.0]), label=label)
+
+    def predict(c: SimpleNamespace) -> CaseOutput:
+        return CaseOutput(foreground=np.where(c.label, 0.9, 0.1).astype(np.float32), signature=c.signature)
+
+    m = evaluate_cases(predict, gate, {"ct": [case((5.0, 4.0, 4.0)), case((3.0, 1.6, 1.6))]}, band=10)
+    assert m["datasets"]["ct"]["ece_band_mm"] == [16.0, 50.0]
+    header, row = format_report(m).splitlines()[:2]
+    assert "ECEbandmm" in header and "    16-50  0/2 " in row
