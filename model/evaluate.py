@@ -466,7 +466,7 @@ def format_report(m: dict[str, Any]) -> str:
         scores = [v for v in m["oodm"].get(name, []) if v is not None]
         spread = f"{min(scores) / g['tau']:.2f}-{max(scores) / g['tau']:.2f}" if scores and g["tau"] else "-"
         bmm = d.get("ece_band_mm")
-        band_mm = f"{bmm[0]:.0f}-{bmm[1]:.0f}" if bmm else "-"
+        band_mm = f"{bmm[0]:.1f}-{bmm[1]:.1f}" if bmm else "-"
         lines.append(
             f"{name:<{width}} {'in' if d['in_distribution'] else 'OOD':<4} {d['n']:>3} {_f(d.get('dsc')):>6} "
             f"{_f(d.get('hd95'), 2):>7} {_f(d.get('assd'), 2):>7} {_f(d.get('ece')):>6} {_f(d.get('mce')):>6} "

@@ -394,8 +394,8 @@ def study_windows(image: np.ndarray, spacing: Sequence[float], modality: str, se
     grid, small = _to_model_grid(np.asarray(image), validate_spacing(spacing), settings.spacing_for(modality),
                                  settings.antialias)
     canvas = _crop_to_body(preprocess(small, modality), modality, grid, settings.crop_margin_mm)
-    shape = tuple(int(n) for n in canvas.image.shape[-3:])
-    return shape, len(plan_windows(shape, settings.block, settings.overlap, divisor))  # type: ignore[arg-type]
+    z, y, x = (int(n) for n in canvas.image.shape[-3:])
+    return (z, y, x), len(plan_windows((z, y, x), settings.block, settings.overlap, divisor))
 
 
 def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,

@@ -81,4 +81,4 @@ def test_the_calibration_band_is_stated_in_millimetres(gate: SpectralGate) -> No
     m = evaluate_cases(predict, gate, {"ct": [case((5.0, 4.0, 4.0)), case((3.0, 1.6, 1.6))]}, band=10)
     assert m["datasets"]["ct"]["ece_band_mm"] == [16.0, 50.0]
     header, row = format_report(m).splitlines()[:2]
-    assert "ECEbandmm" in header and "    16-50  0/2 " in row
+    assert "ECEbandmm" in header and " 16.0-50.0  0/2 " in row
