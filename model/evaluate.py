@@ -462,7 +462,8 @@ def format_report(m: dict[str, Any]) -> str:
         f"{'dataset':<{width}} {'role':<4} {'n':>3} {'DSC':>6} {'HD95mm':>7} {'ASSDmm':>7} {'ECE':>6} {'MCE':>6} "
         f"{'ECEbandmm':>9} {'OOD':>5}  OODM/tau",
     ]
-    for name, d in m["datasets"].items():
+    # in-distribution datasets first, each role in the order given (a metrics.json read back is sorted by name)
+    for name, d in sorted(m["datasets"].items(), key=lambda item: not item[1]["in_distribution"]):
         scores = [v for v in m["oodm"].get(name, []) if v is not None]
         spread = f"{min(scores) / g['tau']:.2f}-{max(scores) / g['tau']:.2f}" if scores and g["tau"] else "-"
         bmm = d.get("ece_band_mm")

@@ -423,9 +423,14 @@ def stage_card(weights: Path, bank: Path, out: Path, figures: Path | None = None
     return format_report(metrics)
 
 
-def card_clinical_table(card: Path) -> str:
+def card_table(card: Path, marker: str) -> str:
+    """The table after ``<!-- marker -->`` in a card (``clinical-table``, ``invariance-table``)."""
     text = card.read_text()
-    return text.split("<!-- clinical-table -->", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    return text.split(f"<!-- {marker} -->", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+
+
+def card_clinical_table(card: Path) -> str:
+    return card_table(card, "clinical-table")
 
 
 CARD_TEMPLATE = """# Model card: specgate default segmentation model (phantom-trained)
@@ -495,6 +500,7 @@ the same image is made larger or smaller: padded with air, cropped, tiled ({tili
 that axis; tiled along y or x, two bodies side by side) and re-gridded to a clinical geometry (released at
 <= 1.00):
 
+<!-- invariance-table -->
 ```
 {invariance}
 ```

@@ -127,6 +127,16 @@ def test_model_card_shows_what_evaluate_prints(evaluation):
         [v for k in sorted(m["oodm"]) for v in m["oodm"][k]], atol=2e-4)
 
 
+def test_the_card_is_what_its_template_renders():
+    """MODEL_CARD.md is generated (``python -m model.weights.build card``, the command at its top): the
+    template filled with the card's own JSON and invariance table gives the card back, byte for byte, so no
+    sentence or number in it was typed in by hand."""
+    from model.weights.build import card_table, render_card
+
+    invariance = card_table(CARD_PATH, "invariance-table").rstrip("\n")
+    assert render_card(WEIGHTS_PATH, BANK_PATH, card_metrics(), invariance) == CARD_PATH.read_text()
+
+
 @pytest.fixture(scope="module")
 def shipped():
     from model.study_inference import InferenceSettings
