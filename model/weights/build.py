@@ -135,12 +135,24 @@ def training_windows(weights: Path, sizes: dict[str, int] | None = None, seed: i
 
 
 def windows_sentence(counts: dict[str, dict[str, int]], block: int) -> str:
-    """The card's sentence on :func:`training_windows`."""
-    def one(kind: str, r: dict[str, int]) -> str:
+    """The card's sentence on :func:`training_windows`.
+
+    >>> windows_sentence({"ct": {"cases": 4, "several_windows": 0, "z": 0, "y": 0, "x": 0},
+    ...                   "mr": {"cases": 3, "several_windows": 2, "z": 0, "y": 0, "x": 2}}, 96)
+    "0 of the 4 ct and 2 of the 3 mr (2 along x) training phantoms take more than one 96^3 window on the \
+model's grid; at their own grids none of the bank's signatures was made across a seam of ct, nor of mr along z or y"
+    """
+    parts, never = [], []
+    for kind, r in counts.items():
         axes = ", ".join(f"{r[a]} along {a}" for a in "zyx" if r[a])
-        return f"{r['several_windows']} of the {r['cases']} {kind}" + (f" ({axes})" if axes else "")
-    return (", ".join(one(k, r) for k, r in counts.items())
-            + f" training phantoms take more than one {block}^3 window on the model's grid")
+        parts.append(f"{r['several_windows']} of the {r['cases']} {kind}" + (f" ({axes})" if axes else ""))
+        missing = [a for a in "zyx" if not r[a]]
+        if missing:
+            never.append(f"of {kind}" + ("" if len(missing) == 3 else f" along {' or '.join(missing)}"))
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = f"{listed} training phantoms take more than one {block}^3 window on the model's grid"
+    return text + ("; at their own grids none of the bank's signatures was made across a seam " + ", nor ".join(never)
+                   if never else "")
 
 
 def stage_train(out: Path, minutes: float, device: str, config: TrainConfig = TRAIN_CONFIG,
@@ -560,8 +572,7 @@ float32 (`precision` is part of the bank's settings; a bf16 bank would have to b
   field of view or long the scan, is what the gate is built for.
 - Window seams through the body can lift the score. Measured on the training phantoms through the
   worker's path (resampled to `inference_spacing`, cropped to the body; `model.weights.build.training_windows`):
-  {windows}, so the bank holds few or no signatures made across a seam in some directions. The table above
-  shows, for each kind, what tiling along each axis does to the score;
+  {windows}. The table above shows, for each kind, what tiling along each axis does to the score;
   `tests/unit/model/test_shipped.py::test_tiled_studies_get_the_measured_verdict` pins the verdict of a
   validation case per kind and axis. Real series longer than about 380 mm (CT) or 290 mm (MR) of body need
   several windows along z; a bank fitted on full-length training series is what closes this.

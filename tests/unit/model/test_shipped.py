@@ -228,7 +228,8 @@ def test_tiled_studies_get_the_measured_verdict(shipped, kind, axis):
     signature. A known kind is released along z (a longer scan of one body, the case the gate is built for),
     but two CT bodies side by side cut by a window seam are held (ct_liver along y and x, ct_lung along y):
     no training phantom of CT takes more than one window (the model card's limits,
-    ``model.weights.build.training_windows``), so the bank holds no CT signature made across a seam. Should
+    ``model.weights.build.training_windows``), so at their own grids none of the bank's CT signatures was made
+    across a seam. Should
     the bank learn seams (a bank fitted on full-length or tiled training series), the held rows here are the
     ones expected to change, and this table with them.
     """
