@@ -225,13 +225,12 @@ def test_tiled_studies_get_the_measured_verdict(shipped, kind, axis):
     verdict measured when this test was written (:data:`TILED_VERDICTS`).
 
     This documents a limit as much as it checks the gate. An unseen kind is held along every axis, by its
-    signature. A known kind is released along z (a longer scan of one body, the case the gate is built for),
-    but two CT bodies side by side cut by a window seam are held (ct_liver along y and x, ct_lung along y):
-    no training phantom of CT takes more than one window (the model card's limits,
-    ``model.weights.build.training_windows``), so at their own grids none of the bank's CT signatures was made
-    across a seam. Should
-    the bank learn seams (a bank fitted on full-length or tiled training series), the held rows here are the
-    ones expected to change, and this table with them.
+    signature. On this case a known kind is released along z (a longer scan of one body, what the gate is
+    built for; prostate case 1000 is not: 1.28 tau), but two CT bodies side by side, cut by a window seam,
+    are held (ct_liver along y and x, ct_lung along y): no CT training phantom takes more than one window
+    (the model card's limits, ``model.weights.build.training_windows``), so at their own grids none of the
+    bank's CT signatures was made across a seam. Should the bank learn seams (fitted on full-length or tiled
+    training series), the held rows are the ones expected to change, and this table with them.
     """
     from model.data.phantoms import phantom_case
     from model.weights.build import tile
