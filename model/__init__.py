@@ -8,8 +8,11 @@ It imports nothing else of specgate's. Importing ``model`` does no work; import 
   (probabilities and the streaming spectral signature, in one pass)
 - :mod:`model.ood`: ``spectral_signature``, ``SpectralGate`` (fit / score / is_ood / save / load)
 - :mod:`model.resample`: the model's grid (``model_grid``, ``to_grid``, ``from_grid``)
-- :mod:`model.study_inference`: ``segment_volume``, ``InferenceSettings``: one study as production runs it
-- :mod:`model.baselines`: max-softmax, entropy, MC-dropout and Mahalanobis scorers; ``SCORERS``
+- :mod:`model.study_inference`: ``segment_volume``, ``InferenceSettings``: one study as production runs it;
+  ``prepare_study``: its model grid, intensities and body crop (what every baseline reads too)
+- :mod:`model.baselines`: the paper's comparison methods (MSP, entropy, MC dropout, deep ensemble, Mahalanobis
+  after Lee et al. 2018, ODIN, DkNN, Outlier Exposure) as OOD scorers; ``observe_study`` / ``fit_baseline`` run
+  them through the production path; ``SCORERS``. Their network passes: :mod:`model.baseline_inference`
 - :mod:`model.calibration`: ``ece_mce``, ``reliability_diagram``; :mod:`model.scores`: ``dice``, ``hd95``, ``assd``
 - :mod:`model.train`: multi-dataset training; :mod:`model.evaluate`: ``fit_bank``, ``evaluate``
 - :mod:`model.data.phantoms`, :mod:`model.data.volumes`: phantom datasets, NIfTI / MSD / DICOM loaders;

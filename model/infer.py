@@ -79,7 +79,8 @@ class InferenceResult:
     ``gram``: the accumulated ``C x C`` float64 Gram matrix (a sum) of the stitched feature map over the
     ``n_signature_voxels`` voxels of the signature mask.
     ``class_feature_sums`` / ``class_counts``: sum of feature vectors and voxel count per predicted class
-    (for the Mahalanobis baseline). ``features``: the stitched feature map, only with
+    (the Mahalanobis baseline runs the windows with the deepest map as the features,
+    :class:`model.baseline_inference.DeepestMapNet`). ``features``: the stitched feature map, only with
     ``return_features=True`` (small volumes, tests).
     """
 
@@ -93,16 +94,12 @@ class InferenceResult:
     class_counts: np.ndarray
     features: np.ndarray | None = field(default=None, repr=False)
     mc_masks: int = 0  # > 0: probabilities are the mean of this many MC-dropout passes
+    members: int = 0  # > 0: probabilities are the mean of this many ensemble members' passes
 
     @property
     def foreground(self) -> np.ndarray:
         """Probability of the foreground (class 1) for two-class models."""
         return self.probabilities[1]
-
-    def pooled_features(self) -> np.ndarray:
-        """Mean feature vector per predicted class, concatenated (zeros for an absent class)."""
-        counts = np.maximum(self.class_counts, 1)[:, None]
-        return (self.class_feature_sums / counts).ravel()
 
 
 def _round_up(n: int, d: int) -> int:

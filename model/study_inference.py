@@ -54,8 +54,9 @@ from model.infer import InferenceResult, plan_windows, sliding_window
 from model.preprocess import preprocess
 from model.resample import Grid, SourceSlabs, from_grid, model_grid, to_grid, validate_spacing
 
-__all__ = ["BODY_RULE", "InferenceSettings", "StudyInference", "StudyLabels", "body_mask", "labels_on_source",
-           "parse_spacing", "release_freed_memory", "segment_labels", "segment_volume", "study_windows"]
+__all__ = ["BODY_RULE", "InferenceSettings", "PreparedStudy", "StudyInference", "StudyLabels", "body_mask",
+           "labels_on_source", "parse_spacing", "prepare_study", "release_freed_memory", "segment_labels",
+           "segment_volume", "study_windows"]
 
 #: name of the body-mask rule of :func:`body_mask` (recorded in banks: change it when the rule changes)
 BODY_RULE = "threshold-v1"
@@ -335,23 +336,40 @@ def release_freed_memory() -> None:
 
 
 @dataclass
-class _OnGrid:
-    """One study up to the windows' output: probabilities on the body's canvas of the model's grid."""
+class PreparedStudy:
+    """One study up to the windows (steps 1-3 of the module doc): the preprocessed image on the body's
+    canvas of the model's grid, what every pass over it (the production windows, and the baselines of
+    :mod:`model.baselines`) reads."""
 
     grid: Grid
     canvas: _Canvas
-    result: InferenceResult
     resampled: bool
-    spacing: Spacing
-    shape: tuple[int, int, int]
+    spacing: Spacing  # the source's
+    shape: tuple[int, int, int]  # the source's
     timings: dict[str, float]
 
+    @property
+    def image(self) -> np.ndarray:
+        """The preprocessed canvas the windows run on."""
+        return self.canvas.image
 
-def _run_on_grid(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,
-                 settings: InferenceSettings, device: str | torch.device | None,
-                 grid_dtype: type[np.floating] | np.dtype) -> _OnGrid:
-    """Steps 1-4 of the module doc: the model's grid, intensities, body crop, windows and signature.
-    :func:`segment_volume` and :func:`segment_labels` share it, so their signatures are the same."""
+    @property
+    def signature_mask(self) -> np.ndarray | None:
+        """The body on the canvas (``None``: every voxel)."""
+        return self.canvas.signature_mask
+
+
+@dataclass
+class _OnGrid(PreparedStudy):
+    """One study up to the windows' output: probabilities on the body's canvas of the model's grid."""
+
+    result: InferenceResult
+
+
+def prepare_study(image: np.ndarray, spacing: Sequence[float], modality: str,
+                  settings: InferenceSettings) -> PreparedStudy:
+    """Steps 1-3 of the module doc: the model's grid, intensities and the body crop. Raises as
+    :func:`segment_volume` does for a bad image or spacing."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     vol = np.asarray(image)
@@ -370,19 +388,27 @@ def _run_on_grid(net: nn.Module, image: np.ndarray, spacing: Sequence[float], mo
     del x
     release_freed_memory()  # the resampling's full-resolution block means (120 MB on a 300x512x512 CT)
     timings["preprocess"] = time.perf_counter() - t0
+    return PreparedStudy(grid, canvas, resampled, sp, tuple(int(n) for n in vol.shape), timings)  # type: ignore[arg-type]
 
+
+def _run_on_grid(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,
+                 settings: InferenceSettings, device: str | torch.device | None,
+                 grid_dtype: type[np.floating] | np.dtype) -> _OnGrid:
+    """Steps 1-4 of the module doc: :func:`prepare_study`, then the windows and the signature.
+    :func:`segment_volume` and :func:`segment_labels` share it, so their signatures are the same."""
+    prep = prepare_study(image, spacing, modality, settings)
     t0 = time.perf_counter()
-    res = sliding_window(net, canvas.image, block=settings.block, overlap=settings.overlap,
+    res = sliding_window(net, prep.image, block=settings.block, overlap=settings.overlap,
                          batch_size=settings.batch_size, device=device, amp=settings.precision == "bfloat16",
-                         out_dtype=grid_dtype, signature_mask=canvas.signature_mask)
+                         out_dtype=grid_dtype, signature_mask=prep.signature_mask)
     release_freed_memory()
-    timings["infer"] = time.perf_counter() - t0
-    return _OnGrid(grid, canvas, res, resampled, sp, tuple(int(n) for n in vol.shape), timings)  # type: ignore[arg-type]
+    prep.timings["infer"] = time.perf_counter() - t0
+    return _OnGrid(prep.grid, prep.canvas, prep.resampled, prep.spacing, prep.shape, prep.timings, res)
 
 
 def study_windows(image: np.ndarray, spacing: Sequence[float], modality: str, settings: InferenceSettings,
                   divisor: int = 1) -> tuple[tuple[int, int, int], int]:
-    """The canvas the windows run over (steps 1-3 of the module doc: the model's grid, the body crop) and
+    """The canvas the windows run over (:func:`prepare_study`: the model's grid, the body crop) and
     the number of windows :func:`segment_volume` runs on it, without running a model. ``divisor``: the
     network's (:attr:`model.unet.SegNet.divisor`).
 
@@ -391,10 +417,7 @@ def study_windows(image: np.ndarray, spacing: Sequence[float], modality: str, se
     >>> study_windows(body, (3.0, 1.7, 1.7), "MR", s, divisor=8)
     ((38, 196, 96), 3)
     """
-    grid, small = _to_model_grid(np.asarray(image), validate_spacing(spacing), settings.spacing_for(modality),
-                                 settings.antialias)
-    canvas = _crop_to_body(preprocess(small, modality), modality, grid, settings.crop_margin_mm)
-    z, y, x = (int(n) for n in canvas.image.shape[-3:])
+    z, y, x = (int(n) for n in prepare_study(image, spacing, modality, settings).image.shape[-3:])
     return (z, y, x), len(plan_windows((z, y, x), settings.block, settings.overlap, divisor))
 
 

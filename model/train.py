@@ -9,6 +9,10 @@
 - Every ``eval_every`` iterations (2000) the loss is evaluated (on fixed validation blocks when a
   validation fold exists, else the mean training loss of the interval). Without improvement the learning
   rate is multiplied by 0.9; after ``patience`` (2) evaluations in a row without improvement training stops.
+- Outlier Exposure (Hendrycks, Mazeika & Dietterich, ICLR 2019; the paper's baseline (d)), when
+  ``TrainConfig.outlier_weight`` > 0: each step also draws a block of an *outlier* dataset (``train(...,
+  outliers=...)``: the paper uses every dataset other than the in-distribution ones) and adds
+  ``outlier_weight * outlier_exposure_loss`` on it, which pushes its predictions towards uniform.
 - Patient-wise k-fold splits (:func:`kfold_splits`); a seed that makes runs repeatable; a checkpoint at
   every evaluation and ``resume``; a progress bar.
 
@@ -46,6 +50,7 @@ __all__ = [
     "dice_loss",
     "draw_augmentation",
     "kfold_splits",
+    "outlier_exposure_loss",
     "sampling_probabilities",
     "train",
 ]
@@ -156,6 +161,21 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
     return -((2 * inter + smooth) / (p.sum(dims) + t.sum(dims) + smooth)).mean()
 
 
+def outlier_exposure_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Outlier Exposure's term (Hendrycks et al. 2019, Eq. 1 with their classification choice): the
+    cross-entropy from the uniform distribution ``U`` to the softmax of every voxel, less its minimum
+    ``log K``, i.e. ``KL(U || p) = -(1/K) sum_k log p_k - log K``, averaged over the voxels and the batch.
+
+    Zero exactly when every voxel's prediction is uniform, positive otherwise; its gradient is the
+    cross-entropy's (the constant changes nothing in training, only makes the term read as a distance).
+
+    >>> float(outlier_exposure_loss(torch.zeros(1, 2, 2, 2, 2)))
+    0.0
+    """
+    logp = torch.log_softmax(logits.float(), dim=1)
+    return -logp.mean(dim=1).mean() - math.log(logits.shape[1])
+
+
 # ----------------------------------------------------------------------------------------------------
 # data
 
@@ -244,6 +264,9 @@ class TrainConfig:
     base_features: int = 14
     levels: int = 4
     dropout: float = 0.0
+    #: Outlier Exposure: the weight of :func:`outlier_exposure_loss` on outlier blocks (0: off; Hendrycks
+    #: et al. use 0.5 for classification)
+    outlier_weight: float = 0.0
 
 
 @dataclass
@@ -312,9 +335,11 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, dev: torch.device, amp: bool, train_data: TrainData,
                  val_blocks: list[tuple[torch.Tensor, torch.Tensor]], rng: np.random.Generator,
-                 out_dir: Path) -> None:
+                 out_dir: Path, outliers: TrainData | None = None) -> None:
         self.cfg, self.dev, self.amp, self.rng = cfg, dev, amp, rng
         self.train_data, self.val_blocks = train_data, val_blocks
+        self.outliers = outliers
+        self.outlier_sampler = DatasetSampler(outliers.sizes) if outliers is not None else None
         self.net = SegNet(1, 2, cfg.base_features, cfg.levels, cfg.dropout).to(dev)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.sampler = DatasetSampler(train_data.sizes)
@@ -322,6 +347,8 @@ class _Run:
         self.best_path = out_dir / "best.pt"
         self.meta: dict[str, Any] = {"datasets": dict(zip(train_data.names, train_data.sizes, strict=True)),
                                      "config": asdict(cfg)}
+        if outliers is not None:
+            self.meta["outliers"] = dict(zip(outliers.names, outliers.sizes, strict=True))
         self.iteration, self.best, self.bad = 0, math.inf, 0  # bad: evaluations in a row without improvement
         self.history: list[dict[str, float]] = []
 
@@ -333,6 +360,7 @@ class _Run:
             raise FileNotFoundError(f"cannot resume: {ckpt} does not exist")
         st = torch.load(ckpt, map_location=self.dev, weights_only=True)
         saved, now = json.loads(st["config"]), asdict(self.cfg)
+        saved.setdefault("outlier_weight", 0.0)  # checkpoints from before Outlier Exposure trained without it
         for k in ("max_iterations", "max_minutes"):  # the budget may change on resume, nothing else
             saved.pop(k, None)
             now.pop(k, None)
@@ -356,11 +384,20 @@ class _Run:
             x, y = apply_augmentation(x, y, draw_augmentation(rng, cfg.noise_max))
             xs.append(x)
             ys.append(y)
+        n_out = 0
+        if self.outliers is not None and self.outlier_sampler is not None:  # Outlier Exposure
+            n_out = cfg.batch_size
+            for _ in range(n_out):
+                d, i = self.outlier_sampler.draw(rng)
+                x, y = _crop(self.outliers.images[d][i], self.outliers.labels[d][i], cfg.block, rng)
+                xs.append(apply_augmentation(x, y, draw_augmentation(rng, cfg.noise_max))[0])
         xb = torch.stack(xs)[:, None]
         yb = torch.stack(ys)
         with torch.autocast("cuda", torch.bfloat16, enabled=self.amp):
-            logits = self.net(xb)
-        loss = dice_loss(logits, yb)
+            logits = self.net(xb)  # instance normalisation: each block is normalised on its own
+        loss = dice_loss(logits[: len(ys)], yb)
+        if n_out:
+            loss = loss + cfg.outlier_weight * outlier_exposure_loss(logits[len(ys):])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -404,10 +441,21 @@ def train(
     device: str | torch.device = "cpu",
     resume: bool = False,
     progress: bool = True,
+    outliers: TrainData | None = None,
 ) -> TrainResult:
     """Train a :class:`SegNet` on ``data``; write ``checkpoint.pt``, ``best.pt`` (weights) and
-    ``train_log.json`` into ``out``. With ``resume``, continue from ``out/checkpoint.pt``."""
+    ``train_log.json`` into ``out``. With ``resume``, continue from ``out/checkpoint.pt``.
+
+    ``outliers``: the Outlier Exposure datasets (their labels are not used), required exactly when
+    ``config.outlier_weight`` > 0.
+    """
     cfg = config or TrainConfig()
+    if cfg.outlier_weight < 0 or not math.isfinite(cfg.outlier_weight):
+        raise ValueError(f"outlier_weight must be >= 0, got {cfg.outlier_weight}")
+    if cfg.outlier_weight > 0 and outliers is None:
+        raise ValueError(f"outlier_weight {cfg.outlier_weight} needs outlier datasets: train(..., outliers=...)")
+    if outliers is not None and cfg.outlier_weight == 0:
+        raise ValueError("outlier datasets were given but outlier_weight is 0: set TrainConfig.outlier_weight")
     dev = torch.device(device)
     amp = _use_amp(cfg, dev)
     out_dir = Path(out)
@@ -415,7 +463,7 @@ def train(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     train_data, val_data = _split(data, cfg)
-    run = _Run(cfg, dev, amp, train_data, _validation_blocks(val_data, cfg), rng, out_dir)
+    run = _Run(cfg, dev, amp, train_data, _validation_blocks(val_data, cfg), rng, out_dir, outliers)
     if resume:
         run.resume()
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from model._atomic import atomic_write
-from model.data.phantoms import KINDS, PhantomCase, phantom_case, write_dataset_json
+from model.data.phantoms import KINDS, PhantomCase, kind_id, phantom_case, write_dataset_json
 
 __all__ = [
     "AIR",
@@ -229,9 +229,8 @@ def sample_geometry(
 
 
 def _kind_id(kind: str) -> int:
-    if kind not in KINDS:
-        raise ValueError(f"unknown phantom kind {kind!r}; known: {sorted(KINDS)}")
-    return sorted(KINDS).index(kind)
+    """The phantom kind's frozen generator id (:func:`model.data.phantoms.kind_id`)."""
+    return kind_id(kind)
 
 
 def _percentile(img: np.ndarray, q: float, max_voxels: int = 1 << 23) -> float:
@@ -359,7 +358,8 @@ def regrid(
     if len(geom.shape) != 3 or min(geom.shape) < 1 or min(geom.spacing) <= 0:
         raise ValueError(f"invalid geometry {geom!r}")
     if rng is None:
-        rng = np.random.default_rng([case.seed, 104729, _kind_id(case.kind), case.index])
+        # a shifted case (kind ``mr_prostate+blur1.5``, model.data.shifts) gets its base case's noise
+        rng = np.random.default_rng([case.seed, 104729, _kind_id(case.kind.partition("+")[0]), case.index])
     modality = case.modality.upper()
     image, label = _resample_onto(case, geom, AIR.get(modality, 0.0))
     if noise:
