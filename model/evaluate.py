@@ -43,6 +43,8 @@ __all__ = ["CaseOutput", "LabelMatch", "Predict", "adapter_predict", "evaluate",
            "format_report", "match_labels", "oodm_histogram", "run_case", "segnet_predict"]
 
 DECIMALS = 4
+#: the reason :meth:`model.ood.SpectralGate.verdict` gives for a study held for its modality alone
+MODALITY_RULE = "modality_not_in_bank"
 
 
 class Cases(Protocol):
@@ -233,7 +235,8 @@ class _DatasetRun:
     not_in_dataset: dict[str, None] = field(default_factory=dict)  # model labels no case's truth names
     not_in_model: dict[str, None] = field(default_factory=dict)  # truth labels the model lacks
     scores: list[float] = field(default_factory=list)  # OODM
-    decisions: list[float] = field(default_factory=list)  # OODM, inf for a modality the bank never saw
+    reasons: list[str | None] = field(default_factory=list)  # the gate's reason to hold each case (None: released)
+    spacings: list[tuple[float, ...]] = field(default_factory=list)  # (z, y, x) mm of the labelled cases
     probs: list[np.ndarray] = field(default_factory=list)  # foreground maps, for the reliability diagram
     labels: list[np.ndarray] = field(default_factory=list)
 
@@ -250,14 +253,14 @@ def _run_dataset(predict: Predict, gate: SpectralGate, name: str, cases: Cases, 
         except Exception as exc:  # re-raised, with the case it failed on
             exc.add_note(f"dataset {name!r}, case {getattr(cs, 'name', i)!r} ({cs.modality}, shape {cs.image.shape})")
             raise
-        s, _flagged, why = gate.verdict(gate.observe(r), cs.modality)
+        s, _held, why = gate.verdict(gate.observe(r), cs.modality)
         run.scores.append(s)
-        # for detection metrics a modality the bank never saw ranks above every OODM
-        run.decisions.append(float("inf") if why == "modality_not_in_bank" else s)
+        run.reasons.append(why)
         lab = getattr(cs, "label", None)
         if lab is None:
             continue
         p = np.asarray(r.foreground, dtype=np.float32)
+        run.spacings.append(tuple(float(v) for v in cs.spacing))
         pred = None if r.labels is None else np.asarray(r.labels) > 0
         for k, v in _segmentation_metrics(p, lab, cs.spacing, band, bins, pred).items():
             run.rows[k].append(v)
@@ -277,11 +280,18 @@ def _run_dataset(predict: Predict, gate: SpectralGate, name: str, cases: Cases, 
     return run
 
 
-def _dataset_entry(run: _DatasetRun, n: int, is_ood: bool, tau: float) -> dict[str, Any]:
-    """A dataset's line of the report: size, role, mean segmentation metrics, cases flagged."""
+def _dataset_entry(run: _DatasetRun, n: int, is_ood: bool, tau: float, band: int) -> dict[str, Any]:
+    """A dataset's line of the report: size, role, mean segmentation metrics, cases flagged.
+
+    ``ece_band_mm``: the calibration band's half-width in millimetres, smallest and largest over the
+    dataset's axes and cases (``band`` voxels on each case's own grid: 10 voxels are 16 mm across a
+    1.6 mm MR pixel and 50 mm along a 5 mm CT slice, so ECEs of datasets on different grids are not
+    measured over the same tissue)."""
     entry: dict[str, Any] = {"n": n, "in_distribution": not is_ood}
     if run.rows["dsc"]:
         entry.update({k: _r(_nanmean(v)) for k, v in run.rows.items()})
+        entry["ece_band_mm"] = [_r(band * min(min(sp) for sp in run.spacings)),
+                                _r(band * max(max(sp) for sp in run.spacings))]
         if run.per_label:
             entry["dsc_per_label"] = {k: _r(_nanmean(v)) for k, v in run.per_label.items() if v}
         if run.matched_by:
@@ -290,10 +300,19 @@ def _dataset_entry(run: _DatasetRun, n: int, is_ood: bool, tau: float) -> dict[s
             entry["labels_not_in_dataset"] = list(run.not_in_dataset)
         if run.not_in_model:
             entry["dataset_labels_not_in_model"] = list(run.not_in_model)
-    entry["flagged_ood"] = int(sum(d > tau for d in run.decisions))
-    if any(d == float("inf") for d in run.decisions):
-        entry["held_for_modality"] = int(sum(d == float("inf") for d in run.decisions))
+    # what the worker does (OODM above tau, or a modality the bank never saw), and the OODM alone
+    entry["flagged_ood"] = int(sum(why is not None for why in run.reasons))
+    entry["oodm_above_tau"] = int(sum(s > tau for s in run.scores))
+    if MODALITY_RULE in run.reasons:
+        entry["held_for_modality"] = int(sum(why == MODALITY_RULE for why in run.reasons))
     return entry
+
+
+def _decision_metrics(held_in: list[bool], held_out: list[bool]) -> dict[str, Any]:
+    """Accuracy, sensitivity (OOD held), specificity (in-distribution released) of the gate's decisions."""
+    tp, tn = sum(held_out), sum(not h for h in held_in)
+    return {"accuracy": _r((tp + tn) / (len(held_in) + len(held_out))), "sensitivity": _r(tp / len(held_out)),
+            "specificity": _r(tn / len(held_in)), "n_in": len(held_in), "n_out": len(held_out)}
 
 
 def evaluate_cases(
@@ -312,7 +331,16 @@ def evaluate_cases(
     and OOD detection metrics of every case through ``predict`` and ``gate``.
 
     ``datasets`` are in distribution, ``ood_datasets`` are not. ``inference``: how the cases were run,
-    reported as ``result["inference"]`` (with ``band`` and ``bins``). With ``out_dir``, writes
+    reported as ``result["inference"]`` (with ``band`` and ``bins``).
+
+    Two figures of the gate, kept apart: ``result["spectral"]`` is the spectral detector alone (accuracy,
+    sensitivity, specificity at tau and the AUC, all from the OODM); ``result["decisions"]`` is what the
+    worker does with each case (held when the OODM is above tau *or* the bank never saw its modality,
+    :meth:`model.ood.SpectralGate.verdict`), with ``held_for_modality``, the OOD cases the modality rule
+    alone held. A modality rule is no evidence of the signature's ranking, so it never enters the AUC.
+    Per dataset, ``flagged_ood`` counts the gate's holds and ``oodm_above_tau`` the OODM's.
+
+    With ``out_dir``, writes
     ``metrics.json``, ``oodm_histogram.png`` and one ``reliability_<dataset>.png`` per labelled dataset.
     Floats are rounded to 4 decimals; NaN/undefined values are ``None``.
     """
@@ -321,6 +349,9 @@ def evaluate_cases(
     oodm: dict[str, list[float]] = {}
     scores_in: list[float] = []
     scores_out: list[float] = []
+    held_in: list[bool] = []
+    held_out: list[bool] = []
+    modality_only = 0  # OOD cases held by the modality rule with an OODM at or below tau
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -328,8 +359,11 @@ def evaluate_cases(
         for name, cases in group.items():
             run = _run_dataset(predict, gate, name, cases, band, bins, out is not None, progress, label_names)
             oodm[name] = [_r(s) for s in run.scores]  # type: ignore[misc]
-            (scores_out if is_ood else scores_in).extend(run.decisions)
-            seg[name] = _dataset_entry(run, len(cases), is_ood, gate.tau)
+            (scores_out if is_ood else scores_in).extend(run.scores)
+            (held_out if is_ood else held_in).extend(why is not None for why in run.reasons)
+            if is_ood:
+                modality_only += sum(why == MODALITY_RULE for why in run.reasons)
+            seg[name] = _dataset_entry(run, len(cases), is_ood, gate.tau, band)
             if out is not None and run.probs:
                 reliability_diagram(run.probs, run.labels, out / f"reliability_{name}.png", band=band, bins=bins,
                                     title=name)
@@ -340,8 +374,9 @@ def evaluate_cases(
         "oodm": oodm,
     }
     if scores_in and scores_out:
-        result["ood"] = {k: _r(v) for k, v in ood_detection_metrics(scores_in, scores_out, gate.tau).items()}
-        result["ood"].update({"n_in": len(scores_in), "n_out": len(scores_out)})
+        result["spectral"] = {k: _r(v) for k, v in ood_detection_metrics(scores_in, scores_out, gate.tau).items()}
+        result["spectral"].update({"n_in": len(scores_in), "n_out": len(scores_out)})
+        result["decisions"] = {**_decision_metrics(held_in, held_out), "held_for_modality": modality_only}
     if out is not None:
         oodm_histogram({k: v for k, v in oodm.items() if k in datasets},
                        {k: v for k, v in oodm.items() if k in ood_datasets}, gate.tau, out / "oodm_histogram.png")
@@ -425,15 +460,18 @@ def format_report(m: dict[str, Any]) -> str:
     width = max([18] + [len(n) for n in m["datasets"]])
     lines = [
         f"{'dataset':<{width}} {'role':<4} {'n':>3} {'DSC':>6} {'HD95mm':>7} {'ASSDmm':>7} {'ECE':>6} {'MCE':>6} "
-        f"{'OOD':>5}  OODM/tau",
+        f"{'ECEbandmm':>9} {'OOD':>5}  OODM/tau",
     ]
-    for name, d in m["datasets"].items():
+    # in-distribution datasets first, each role in the order given (a metrics.json read back is sorted by name)
+    for name, d in sorted(m["datasets"].items(), key=lambda item: not item[1]["in_distribution"]):
         scores = [v for v in m["oodm"].get(name, []) if v is not None]
         spread = f"{min(scores) / g['tau']:.2f}-{max(scores) / g['tau']:.2f}" if scores and g["tau"] else "-"
+        bmm = d.get("ece_band_mm")
+        band_mm = f"{bmm[0]:.1f}-{bmm[1]:.1f}" if bmm else "-"
         lines.append(
             f"{name:<{width}} {'in' if d['in_distribution'] else 'OOD':<4} {d['n']:>3} {_f(d.get('dsc')):>6} "
             f"{_f(d.get('hd95'), 2):>7} {_f(d.get('assd'), 2):>7} {_f(d.get('ece')):>6} {_f(d.get('mce')):>6} "
-            f"{d['flagged_ood']:>2}/{d['n']:<2} {spread}"
+            f"{band_mm:>9} {d['flagged_ood']:>2}/{d['n']:<2} {spread}"
         )
         if d.get("dsc_per_label"):
             by = {"name": "labels matched by name", "value": "labels matched by value: the dataset names none",
@@ -447,10 +485,17 @@ def format_report(m: dict[str, Any]) -> str:
             lines.append(f"{'':<{width}}   the dataset's labels the model lacks: "
                          f"{', '.join(d['dataset_labels_not_in_model'])}")
     lines.append(f"gate: tau={_f(g['tau'], 4)} (c={g['c']}, bank of {g['bank_size']})")
-    if "ood" in m:
-        o = m["ood"]
+    if "spectral" in m:
+        o = m["spectral"]
         lines.append(
-            f"OOD detection: accuracy={_f(o['accuracy'])} sensitivity={_f(o['sensitivity'])} "
+            f"spectral OOD detection (OODM alone): accuracy={_f(o['accuracy'])} sensitivity={_f(o['sensitivity'])} "
             f"specificity={_f(o['specificity'])} AUC={_f(o['auc'])} (in={o['n_in']}, OOD={o['n_out']})"
+        )
+    if "decisions" in m:
+        o = m["decisions"]
+        lines.append(
+            f"gate decisions (OODM > tau or modality not in the bank): accuracy={_f(o['accuracy'])} "
+            f"sensitivity={_f(o['sensitivity'])} specificity={_f(o['specificity'])} "
+            f"(held for the modality alone: {o['held_for_modality']} of {o['n_out']} OOD)"
         )
     return "\n".join(lines)

@@ -46,9 +46,11 @@ The bank records the inference path it was fitted through (``meta["inference"]``
 :meth:`SpectralGate.check_inference`); a worker that runs another path is refused, as for other weights.
 It also records the modalities of its training images (``meta["modalities"]``): a study of a modality the
 bank never saw is outside the model's intended use and :meth:`SpectralGate.verdict` holds it whatever its
-OODM (measured: held-out PET-like phantoms re-gridded to clinical PET geometries, run at their native
-resolution since the shipped weights declare no PET spacing, scored down to 0.7 tau: a signature can only
-compare with what the bank holds).
+OODM: a signature can only compare with what the bank holds, and nothing guarantees that an image of an
+unseen modality lands far from every one of them (the shipped weights declare no PET spacing, so PET runs at
+its native resolution). How far the PET-like phantoms land, at their own grids and at clinical PET
+geometries, is measured in the model card's tables (``model/weights/MODEL_CARD.md``, column OODM/tau of
+``pt_tumour``), which ``specgate model evaluate`` reports apart from the decisions this rule adds.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)

@@ -50,13 +50,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.infer import InferenceResult, sliding_window
+from model.infer import InferenceResult, plan_windows, sliding_window
 from model.preprocess import preprocess
 from model.resample import Grid, SourceSlabs, from_grid, model_grid, to_grid, validate_spacing
 
 __all__ = ["BODY_RULE", "InferenceSettings", "PreparedStudy", "StudyInference", "StudyLabels", "body_mask",
            "labels_on_source", "parse_spacing", "prepare_study", "release_freed_memory", "segment_labels",
-           "segment_volume"]
+           "segment_volume", "study_windows"]
 
 #: name of the body-mask rule of :func:`body_mask` (recorded in banks: change it when the rule changes)
 BODY_RULE = "threshold-v1"
@@ -404,6 +404,21 @@ def _run_on_grid(net: nn.Module, image: np.ndarray, spacing: Sequence[float], mo
     release_freed_memory()
     prep.timings["infer"] = time.perf_counter() - t0
     return _OnGrid(prep.grid, prep.canvas, prep.resampled, prep.spacing, prep.shape, prep.timings, res)
+
+
+def study_windows(image: np.ndarray, spacing: Sequence[float], modality: str, settings: InferenceSettings,
+                  divisor: int = 1) -> tuple[tuple[int, int, int], int]:
+    """The canvas the windows run over (:func:`prepare_study`: the model's grid, the body crop) and
+    the number of windows :func:`segment_volume` runs on it, without running a model. ``divisor``: the
+    network's (:attr:`model.unet.SegNet.divisor`).
+
+    >>> s = InferenceSettings(block=96, overlap=24, spacing=(("MR", (3.0, 1.7, 1.7)),))
+    >>> body = np.zeros((40, 200, 100), np.float32); body[5:35, 10:190, 10:90] = 300.0
+    >>> study_windows(body, (3.0, 1.7, 1.7), "MR", s, divisor=8)
+    ((38, 196, 96), 3)
+    """
+    z, y, x = (int(n) for n in prepare_study(image, spacing, modality, settings).image.shape[-3:])
+    return (z, y, x), len(plan_windows((z, y, x), settings.block, settings.overlap, divisor))
 
 
 def segment_volume(net: nn.Module, image: np.ndarray, spacing: Sequence[float], modality: str,

@@ -307,7 +307,7 @@ def _load_site(paths: tuple[Path, ...], what: str, modality: str | None) -> dict
 def evaluate_cmd(name: str | None, weights: Path | None, bank: Path | None, data: tuple[Path, ...],
                  ood: tuple[Path, ...], modality: str | None, out: Path | None, block: int | None,
                  overlap: int | None, spacing: str | None, device: str, as_json: bool) -> None:
-    """DSC/HD95/ASSD/ECE/MCE per dataset and OOD accuracy/sensitivity/specificity/AUC.
+    """DSC/HD95/ASSD/ECE/MCE per dataset; the spectral OOD figures (OODM alone) and the gate's decisions.
 
     NAME: a registered model of any format with its fitted bank, run through its adapter (the worker's
     path), with the DSC of each of its labels by name; else a SegNet --weights file and its --bank.

@@ -12,16 +12,25 @@ Three stages, each a function and a command:
    through the worker's path (:func:`model.study_inference.segment_volume` with the weights' own settings), on
    the CPU, float32. ``python -m model.weights.build relabel --weights W`` rewrites the metadata only.
 3. ``python -m model.weights.build card --weights W --bank B --out CARD [--figures DIR]``: evaluates on held-out phantoms
-   (:func:`evaluation_cases`: indices from :data:`EVAL_FIRST_INDEX`) exactly as ``specgate model
-   evaluate`` does, and writes the model card with the printed table and the metrics JSON.
+   of the *test* range (:func:`evaluation_cases`: indices from :data:`CARD_FIRST_INDEX`, never looked at while
+   tuning) exactly as ``specgate model evaluate`` does, measures the invariance table (:func:`invariance_table`)
+   and how many training phantoms take more than one window (:func:`training_windows`), and writes the model
+   card (:data:`CARD_TEMPLATE`: every number in it) with the printed tables and the metrics JSON, which records
+   the indices it was computed on (``eval_first``, ``eval_last``). Every tuned choice and the tests of tuned
+   behaviour use the validation range (:data:`EVAL_FIRST_INDEX`); :mod:`model.data.splits` names both.
+   The shipped card: ``python -m model.weights.build card --weights model/weights/segnet.pt --bank
+   model/weights/ood_bank.npz --out model/weights/MODEL_CARD.md`` (CPU, float32; on two shared cores the
+   invariance table took 6 minutes and the window count 1.5 minutes, the two evaluations come on top).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -29,13 +38,19 @@ from typing import Any
 
 from model._atomic import atomic_write
 from model.data.phantoms import KINDS, TRAINING_KINDS, UNSEEN_KINDS, PhantomCase, phantom_case
-from model.data.splits import SEED, VALIDATION
+from model.data.splits import SEED, TEST, VALIDATION
 from model.train import TrainConfig
 
 TRAIN_SIZES: dict[str, int] = {"ct_liver": 48, "ct_lung": 32, "mr_prostate": 24}
-#: the first index the card's figures were computed on: the validation range's start (model.data.splits)
+#: the first held-out index of everything tuned and of the tests of tuned behaviour (the validation range)
 EVAL_FIRST_INDEX = VALIDATION.first
+#: the first index the model card reports on: the test range, never looked at while tuning
+CARD_FIRST_INDEX = TEST.first
 EVAL_PER_KIND = 4
+#: copies per axis (z, y, x) of a tiled held-out phantom in the invariance table and its test: enough that
+#: the body spans several 96^3 windows on the model's grid along that axis (a CT 3x along z is 114-184
+#: slices at 4 mm; two side by side are 150-190 voxels across)
+TILINGS: dict[str, int] = {"z": 3, "y": 2, "x": 2}
 #: clinical geometries each training phantom is re-gridded to for the bank (plus its own grid), per kind.
 #: MR gets more: 24 cases (CT: 80) and a wider spread of clinical protocols (1-4 mm slices against the
 #: training 3 mm; 0.5-1.2 mm pixels). Measured on held-out indices 1100-1109 x 2 geometries (not the
@@ -78,11 +93,67 @@ def training_cases(sizes: dict[str, int] | None = None, seed: int = SEED) -> dic
     return {k: [c for c in cases if c.kind == k] for k in sizes}
 
 
-def evaluation_cases(per_kind: int = EVAL_PER_KIND, seed: int = SEED) -> tuple[dict[str, list[PhantomCase]], dict[str, list[PhantomCase]]]:
-    """Held-out in-distribution cases and unseen-kind cases, never used in training or the bank."""
-    ids = {k: [phantom_case(k, seed, EVAL_FIRST_INDEX + i) for i in range(per_kind)] for k in TRAINING_KINDS}
-    ood = {k: [phantom_case(k, seed, EVAL_FIRST_INDEX + i) for i in range(per_kind)] for k in UNSEEN_KINDS}
+def evaluation_cases(per_kind: int = EVAL_PER_KIND, seed: int = SEED, first_index: int = CARD_FIRST_INDEX
+                     ) -> tuple[dict[str, list[PhantomCase]], dict[str, list[PhantomCase]]]:
+    """Held-out in-distribution cases and unseen-kind cases, never used in training or the bank (default:
+    the card's, from the test range)."""
+    ids = {k: [phantom_case(k, seed, first_index + i) for i in range(per_kind)] for k in TRAINING_KINDS}
+    ood = {k: [phantom_case(k, seed, first_index + i) for i in range(per_kind)] for k in UNSEEN_KINDS}
     return ids, ood
+
+
+def tile(image: Any, axis: str) -> Any:
+    """``image`` repeated :data:`TILINGS` ``[axis]`` times along ``axis`` (``"z"``, ``"y"`` or ``"x"``)."""
+    import numpy as np
+
+    reps = [1, 1, 1]
+    reps["zyx".index(axis)] = TILINGS[axis]
+    return np.tile(image, reps)
+
+
+def training_windows(weights: Path, sizes: dict[str, int] | None = None, seed: int = SEED) -> dict[str, dict[str, int]]:
+    """Per training kind: how many training phantoms the worker's path runs in more than one window, on the
+    weights' grid (resampled to ``inference_spacing``, cropped to the body; :func:`model.study_inference.
+    study_windows`), and how many take more than one along each axis. No network runs."""
+    from model.infer import axis_windows
+    from model.study_inference import InferenceSettings, study_windows
+    from model.unet import load_weights
+
+    net, meta = load_weights(weights)
+    settings = InferenceSettings.for_weights(meta)
+    out: dict[str, dict[str, int]] = {}
+    for kind, n in (sizes or TRAIN_SIZES).items():
+        row = {"cases": n, "several_windows": 0, "z": 0, "y": 0, "x": 0, "most_windows": 1}
+        for i in range(n):
+            c = phantom_case(kind, seed, i)
+            shape, windows = study_windows(c.image, c.spacing, c.modality, settings, net.divisor)
+            row["several_windows"] += windows > 1
+            row["most_windows"] = max(row["most_windows"], windows)
+            for ax, length in zip("zyx", shape, strict=True):
+                row[ax] += len(axis_windows(length, settings.block, settings.overlap, net.divisor)) > 1
+        out[kind] = row
+    return out
+
+
+def windows_sentence(counts: dict[str, dict[str, int]], block: int) -> str:
+    """The card's sentence on :func:`training_windows`.
+
+    >>> windows_sentence({"ct": {"cases": 4, "several_windows": 0, "z": 0, "y": 0, "x": 0},
+    ...                   "mr": {"cases": 3, "several_windows": 2, "z": 0, "y": 0, "x": 2}}, 96)
+    "0 of the 4 ct and 2 of the 3 mr (2 along x) training phantoms take more than one 96^3 window on the \
+model's grid; at their own grids none of the bank's signatures was made across a seam of ct, nor of mr along z or y"
+    """
+    parts, never = [], []
+    for kind, r in counts.items():
+        axes = ", ".join(f"{r[a]} along {a}" for a in "zyx" if r[a])
+        parts.append(f"{r['several_windows']} of the {r['cases']} {kind}" + (f" ({axes})" if axes else ""))
+        missing = [a for a in "zyx" if not r[a]]
+        if missing:
+            never.append(f"of {kind}" + ("" if len(missing) == 3 else f" along {' or '.join(missing)}"))
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = f"{listed} training phantoms take more than one {block}^3 window on the model's grid"
+    return text + ("; at their own grids none of the bank's signatures was made across a seam " + ", nor ".join(never)
+                   if never else "")
 
 
 def stage_train(out: Path, minutes: float, device: str, config: TrainConfig = TRAIN_CONFIG,
@@ -191,21 +262,23 @@ def stage_check(weights: Path, device: str, per_kind: int = 10) -> str:
     settings = InferenceSettings.for_weights(meta, device=device)
     bank_cases = [c for cs in training_cases({k: per_kind for k in TRAINING_KINDS}).values() for c in cs]
     gate = fit_bank(net, bank_cases, sha256_file(weights), settings, device=device)
-    ids, ood = evaluation_cases()
+    ids, ood = evaluation_cases(first_index=EVAL_FIRST_INDEX)
     report = format_report(evaluate(net, gate, ids, ood, device=device))
     print(report)
     return report
 
 
-def write_evaluation_sets(root: Path, per_kind: int = EVAL_PER_KIND, seed: int = SEED) -> tuple[list[Path], list[Path]]:
+def write_evaluation_sets(root: Path, per_kind: int = EVAL_PER_KIND, seed: int = SEED,
+                          first_index: int = CARD_FIRST_INDEX) -> tuple[list[Path], list[Path]]:
     """Write the held-out evaluation phantoms as MSD folders: ``(in-distribution paths, OOD paths)``.
 
-    These are the folders the model card's figures come from (``specgate model evaluate --data ... --ood ...``).
+    By default these are the folders the model card's figures come from (``specgate model evaluate --data ...
+    --ood ...``), from the test range.
     """
     from model.data.phantoms import write_msd_dataset
 
-    ids = [write_msd_dataset(root, k, per_kind, seed, first_index=EVAL_FIRST_INDEX) for k in TRAINING_KINDS]
-    ood = [write_msd_dataset(root, k, per_kind, seed, first_index=EVAL_FIRST_INDEX) for k in UNSEEN_KINDS]
+    ids = [write_msd_dataset(root, k, per_kind, seed, first_index=first_index) for k in TRAINING_KINDS]
+    ood = [write_msd_dataset(root, k, per_kind, seed, first_index=first_index) for k in UNSEEN_KINDS]
     return ids, ood
 
 
@@ -224,20 +297,26 @@ def evaluate_folders(weights: Path, bank: Path, ids: list[Path], ood: list[Path]
                     out_dir=out_dir)
 
 
-def write_clinical_sets(root: Path, per_kind: int = EVAL_PER_KIND, seed: int = SEED) -> tuple[list[Path], list[Path]]:
+def write_clinical_sets(root: Path, per_kind: int = EVAL_PER_KIND, seed: int = SEED,
+                        first_index: int = CARD_FIRST_INDEX) -> tuple[list[Path], list[Path]]:
     """The held-out phantoms re-gridded to clinical scanner geometries, written as DICOM series
     (:func:`model.data.clinical.write_clinical_set`): ``(in-distribution paths, OOD paths)``."""
     from model.data.clinical import write_clinical_set
 
-    ids = [write_clinical_set(root, k, per_kind, seed, first_index=EVAL_FIRST_INDEX, progress=True)
+    ids = [write_clinical_set(root, k, per_kind, seed, first_index=first_index, progress=True)
            for k in TRAINING_KINDS]
-    ood = [write_clinical_set(root, k, per_kind, seed, first_index=EVAL_FIRST_INDEX, progress=True)
+    ood = [write_clinical_set(root, k, per_kind, seed, first_index=first_index, progress=True)
            for k in UNSEEN_KINDS]
     return ids, ood
 
 
-def invariance_table(weights: Path, bank: Path) -> str:
-    """OODM / tau of held-out case EVAL_FIRST_INDEX of each kind, as is and made larger or smaller."""
+def _tiled(im: Any, air: float, axis: str) -> Any:
+    return tile(im, axis)
+
+
+def invariance_table(weights: Path, bank: Path, index: int = CARD_FIRST_INDEX) -> str:
+    """OODM / tau of held-out case ``index`` of each kind (the card's first), as is, made larger or smaller
+    and tiled along each axis (:data:`TILINGS`)."""
     import numpy as np
 
     from model.data.clinical import AIR, clinical_case
@@ -248,26 +327,25 @@ def invariance_table(weights: Path, bank: Path) -> str:
     net, meta = load_weights(weights)
     settings = InferenceSettings.for_weights(meta)
     gate = SpectralGate.load(bank, weights_sha256=sha256_file(weights))
-    variants = {
+    variants: dict[str, Callable[[Any, float], Any]] = {
         "native": lambda im, air: im,
         "padded 2x": lambda im, air: np.pad(im, ((0, 0), (im.shape[1] // 2,) * 2, (im.shape[2] // 2,) * 2),
                                           constant_values=air),
         "cropped 0.8x": lambda im, air: im[:, im.shape[1] // 10: -(im.shape[1] // 10),
                                            im.shape[2] // 10: -(im.shape[2] // 10)],
-        "tiled 3x z": lambda im, air: np.tile(im, (3, 1, 1)),
-        "tiled 2x x": lambda im, air: np.tile(im, (1, 1, 2)),
+        **{f"tiled {n}x {ax}": functools.partial(_tiled, axis=ax) for ax, n in TILINGS.items()},
         "tiled 2x2": lambda im, air: np.tile(im, (1, 2, 2)),
     }
     head = f"{'kind':<16}" + "".join(f"{v:>13}" for v in variants) + f"{'clinical':>13}"
     rows = [head]
     for kind in (*TRAINING_KINDS, *UNSEEN_KINDS):
-        case = phantom_case(kind, SEED, EVAL_FIRST_INDEX)
+        case = phantom_case(kind, SEED, index)
         air = AIR[case.modality]
         vals = []
         for make in variants.values():
             r = segment_volume(net, make(case.image, air), case.spacing, case.modality, settings)
             vals.append(gate.score(r.signature) / gate.tau)
-        clin, _geom = clinical_case(kind, SEED, EVAL_FIRST_INDEX, 0)
+        clin, _geom = clinical_case(kind, SEED, index, 0)
         r = segment_volume(net, clin.image, clin.spacing, clin.modality, settings)
         vals.append(gate.score(r.signature) / gate.tau)
         rows.append(f"{kind:<16}" + "".join(f"{v:>13.2f}" for v in vals))
@@ -281,30 +359,46 @@ def _bank_summary(bank: Path) -> str:
     return f"{g.meta.get('n')} signatures of {g.meta.get('images')} training phantoms ({g.meta.get('fitted_on')})"
 
 
-def stage_card(weights: Path, bank: Path, out: Path, figures: Path | None = None) -> str:
+def evaluate_card_sets(weights: Path, bank: Path, figures: Path | None = None, first_index: int = CARD_FIRST_INDEX,
+                       per_kind: int = EVAL_PER_KIND) -> dict[str, Any]:
+    """The card's metrics: ``specgate model evaluate`` on the held-out phantoms at their own grids and, under
+    ``"clinical"``, re-gridded to clinical scanner geometries; with the indices they were computed on
+    (``eval_split``, ``eval_first``, ``eval_last``, ``eval_seed``), which the tests re-check against."""
     import tempfile
 
+    from model.data.splits import split_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ids, ood = write_evaluation_sets(Path(tmp), per_kind, first_index=first_index)
+        metrics = evaluate_folders(weights, bank, ids, ood, figures)
+    with tempfile.TemporaryDirectory() as tmp:
+        ids, ood = write_clinical_sets(Path(tmp), per_kind, first_index=first_index)
+        clinical = evaluate_folders(weights, bank, ids, ood, figures / "clinical" if figures else None)
+    metrics["clinical"] = clinical
+    metrics.update({"eval_split": split_of(first_index), "eval_first": first_index,
+                    "eval_last": first_index + per_kind - 1, "eval_seed": SEED})
+    return metrics
+
+
+def render_card(weights: Path, bank: Path, metrics: dict[str, Any], invariance: str) -> str:
+    """:data:`CARD_TEMPLATE` filled from ``metrics`` (:func:`evaluate_card_sets`, with ``training_windows``
+    added: :func:`training_windows`), the invariance table and the files next to the weights."""
     from model.evaluate import format_report
     from model.ood import sha256_file
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ids, ood = write_evaluation_sets(Path(tmp))
-        metrics = evaluate_folders(weights, bank, ids, ood, figures)
-    with tempfile.TemporaryDirectory() as tmp:
-        ids, ood = write_clinical_sets(Path(tmp))
-        clinical = evaluate_folders(weights, bank, ids, ood, figures / "clinical" if figures else None)
-    metrics["clinical"] = clinical
-    table = format_report(metrics)
-    clinical_table = format_report(clinical)
     info = json.loads((weights.parent / "train_info.json").read_text())
     log = json.loads((weights.parent / "train_log.json").read_text())
     gpu = json.loads((weights.parent / "bench_gpu.json").read_text())["d"]
-    text = CARD_TEMPLATE.format(
-        table=table,
-        clinical_table=clinical_table,
+    block = int(WEIGHTS_META["inference_block"])  # type: ignore[call-overload]
+    return CARD_TEMPLATE.format(
+        table=format_report(metrics),
+        clinical_table=format_report(metrics["clinical"]),
         bank_meta=_bank_summary(bank),
         spacing=json.dumps(WEIGHTS_META["inference_spacing"]),
-        invariance=invariance_table(weights, bank),
+        invariance=invariance,
+        windows=windows_sentence(metrics["training_windows"], block),
+        block=block,
+        tilings=", ".join(f"{n}x along {ax}" for ax, n in TILINGS.items()),
         metrics_json=json.dumps(metrics, indent=2, sort_keys=True),
         weights_sha=sha256_file(weights),
         bank_sha=sha256_file(bank),
@@ -316,10 +410,11 @@ def stage_card(weights: Path, bank: Path, out: Path, figures: Path | None = None
         stopped=info["stopped"],
         best_loss=info["best_loss"],
         sizes=", ".join(f"{k} {v}" for k, v in TRAIN_SIZES.items()),
-        seed=SEED,
-        eval_per_kind=EVAL_PER_KIND,
-        eval_first=EVAL_FIRST_INDEX,
-        eval_last=EVAL_FIRST_INDEX + EVAL_PER_KIND - 1,
+        seed=metrics["eval_seed"],
+        eval_per_kind=metrics["eval_last"] - metrics["eval_first"] + 1,
+        eval_first=metrics["eval_first"],
+        eval_last=metrics["eval_last"],
+        eval_split=metrics["eval_split"],
         cfg=json.dumps({k: v for k, v in asdict(TRAIN_CONFIG).items() if k != "max_minutes"}),
         gpu_card=gpu["card"],
         gpu_bs8=gpu["blocks_per_s_bs8_channels_last"],
@@ -328,16 +423,36 @@ def stage_card(weights: Path, bank: Path, out: Path, figures: Path | None = None
         tau=metrics["gate"]["tau"],
         bank_n=metrics["gate"]["bank_size"],
     )
+
+
+def stage_card(weights: Path, bank: Path, out: Path, figures: Path | None = None) -> str:
+    """Every number of the model card, measured, and the card written to ``out`` (see the module doc)."""
+    from model.evaluate import format_report
+
+    metrics = evaluate_card_sets(weights, bank, figures)
+    metrics["training_windows"] = training_windows(weights)
+    text = render_card(weights, bank, metrics, invariance_table(weights, bank, metrics["eval_first"]))
     atomic_write(out, text.encode())
-    return table
+    return format_report(metrics)
+
+
+def card_table(card: Path, marker: str) -> str:
+    """The table after ``<!-- marker -->`` in a card (``clinical-table``, ``invariance-table``)."""
+    text = card.read_text()
+    return text.split(f"<!-- {marker} -->", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
 
 
 def card_clinical_table(card: Path) -> str:
-    text = card.read_text()
-    return text.split("<!-- clinical-table -->", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    return card_table(card, "clinical-table")
 
 
 CARD_TEMPLATE = """# Model card: specgate default segmentation model (phantom-trained)
+
+Generated, every number in it, by one command (CPU, float32; the tests re-check it):
+
+    python -m model.weights.build card --weights model/weights/segnet.pt --bank model/weights/ood_bank.npz --out model/weights/MODEL_CARD.md
+
+Do not edit it by hand: edit `CARD_TEMPLATE` in `model/weights/build.py` and run the command.
 
 **Not for clinical use.** This model was trained on synthetic phantoms only, to make the specgate pipeline
 runnable end to end (demo, tests) without patient data. It says nothing about performance on real studies.
@@ -389,20 +504,31 @@ to the body before the windows (air around the patient and a padded field of vie
 model runs at its training spacing. The bank is fitted through exactly the worker's path, on each training
 phantom at its own grid and re-gridded to clinical scanner geometries (two per CT phantom, six per MR
 phantom: 512x512 CT, 256-320 MR, noise at the fine grid), with tau from leave-one-*image*-out distances. The bank records these settings and a worker
-running others refuses it.
+running others refuses it. The bank also records its modalities (CT, MR): the worker holds a study of any other
+modality (PET here) for that alone, whatever its OODM; the evaluation below reports that rule apart from the
+signature's figures.
 
-OODM / tau of held-out case {eval_first} of each kind, through the worker's path, when the same image is
-made larger or smaller (released at <= 1.00):
+OODM / tau of held-out case {eval_first} ({eval_split} range) of each kind, through the worker's path, when
+the same image is made larger or smaller: padded with air, cropped, tiled ({tilings}: several windows along
+that axis; tiled along y or x, two bodies side by side) and re-gridded to a clinical geometry (released at
+<= 1.00):
 
+<!-- invariance-table -->
 ```
 {invariance}
 ```
 
 ## Evaluation
-Held-out phantoms (seed {seed}, indices {eval_first}-{eval_last}), {eval_per_kind} per kind, never used for training or the bank; `mr_hippocampus` (head MR, an organ never seen) and `pt_tumour` (PET-like, a
-modality never seen) are out of distribution. DSC/HD95/ASSD from the foreground probability >= 0.5 on each
-image's own grid; ECE/MCE with 10 bins inside a band of 10 voxels around the ground-truth surface; OOD
-column: images the gate flags; OODM/tau: the smallest and largest. This is the output of
+Held-out phantoms (seed {seed}, indices {eval_first}-{eval_last}, the {eval_split} range of `model.data.splits`),
+{eval_per_kind} per kind, never used for training or the bank; `mr_hippocampus` (head MR, an organ never seen)
+and `pt_tumour` (PET-like, a modality never seen) are out of distribution. DSC/HD95/ASSD from the foreground
+probability >= 0.5 on each image's own grid; ECE/MCE with 10 bins inside a band reaching 10 voxels either side
+of the ground-truth surface, on each image's own grid: column ECEbandmm gives that band in millimetres
+(smallest-largest over the axes and cases), so two ECEs compare only where their bands do. OOD column: images
+the gate holds (OODM above tau, or a modality the bank never saw); OODM/tau: the smallest and largest. Below
+each table, the spectral detector alone (accuracy, sensitivity, specificity at tau and the AUC, from the OODM)
+and, apart from it, the gate's decisions with the modality rule; the AUC never counts the modality rule.
+This is the output of
 
     specgate model evaluate --weights model/weights/segnet.pt --bank model/weights/ood_bank.npz --data ct_liver --data ct_lung --data mr_prostate --ood mr_hippocampus --ood pt_tumour
 
@@ -423,8 +549,9 @@ cropped; noise added at the fine grid) and written as DICOM series by
 {clinical_table}
 ```
 
-The test `tests/unit/model/test_shipped.py` re-runs the first command and compares it with the JSON below;
-it re-checks one clinical case per kind against the second. `bench/clinical.py` runs a larger
+The test `tests/unit/model/test_shipped.py` re-runs the first command on the indices the JSON below records
+(`eval_first`-`eval_last`) and compares it with the JSON; it re-checks one clinical case per kind against the
+second. `bench/clinical.py` runs a larger
 clinical-geometry set and the whole worker on a 300x512x512 CT.
 
 ## Speed
@@ -444,12 +571,12 @@ float32 (`precision` is part of the bank's settings; a bf16 bank would have to b
 - Several bodies in one image cut by window seams (the same phantom tiled 2x2 in-plane) are not the
   training data's content and score far above tau (see the table above); one body, however large the
   field of view or long the scan, is what the gate is built for.
-- Window seams through the body can lift the score. Every training phantom fits in one 96^3 window on
-  the model's grid, so the bank holds no signature made across a seam: a CT three times as long scores
-  like the original, but prostate case 1000 tiled 3x along z scores 1.28 tau (table above; case 1001:
-  0.82), and liver case 1001 placed twice side by side 1.59 tau (case 1000: 0.39). Real series longer
-  than about 380 mm (CT) or 290 mm (MR) of body need several windows along z; a bank fitted on
-  full-length training series is what closes this.
+- Window seams through the body can lift the score. Measured on the training phantoms through the
+  worker's path (resampled to `inference_spacing`, cropped to the body; `model.weights.build.training_windows`):
+  {windows}. The table above shows, for each kind, what tiling along each axis does to the score;
+  `tests/unit/model/test_shipped.py::test_tiled_studies_get_the_measured_verdict` pins the verdict of a
+  validation case per kind and axis. Real series longer than about 380 mm (CT) or 290 mm (MR) of body need
+  several windows along z; a bank fitted on full-length training series is what closes this.
 - `mr_prostate` is segmented less well than the CT kinds on clinical grids (see the table): small organ,
   short training.
 - Single foreground class per dataset; no multi-label output.
@@ -506,5 +633,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-__all__ = ["EVAL_FIRST_INDEX", "EVAL_PER_KIND", "KINDS", "SEED", "TRAIN_CONFIG", "TRAIN_SIZES",
-           "evaluation_cases", "make_cases", "stage_bank", "stage_train", "training_cases"]
+__all__ = ["CARD_FIRST_INDEX", "EVAL_FIRST_INDEX", "EVAL_PER_KIND", "KINDS", "SEED", "TILINGS", "TRAIN_CONFIG",
+           "TRAIN_SIZES", "evaluate_card_sets", "evaluation_cases", "make_cases", "render_card", "stage_bank",
+           "stage_card", "stage_train", "tile", "training_cases", "training_windows"]

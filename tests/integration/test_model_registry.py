@@ -443,7 +443,7 @@ def test_fit_ood_like_regrids_to_the_sites_scanners_and_evaluate_runs_any_format
     assert held["labels_matched_by"] == "name"  # the folder's dataset.json names its labels
     assert 0.3 < held["dsc_per_label"]["spleen"] < 1.0 and 0.3 < held["dsc_per_label"]["liver"] < 1.0
     assert held["ece"] is not None and held["mce"] is not None and held["n"] == 2
-    assert report["ood"]["n_in"] == 2 and report["ood"]["n_out"] == 2 and report["ood"]["auc"] is not None
+    assert report["spectral"]["n_in"] == 2 and report["spectral"]["n_out"] == 2 and report["spectral"]["auc"] is not None
     assert report["gate"]["bank_size"] == 3 and report["inference"]["model"]["format"] == "torchscript"
     assert set(report["oodm"]) == {"ct_liver", "ct_lung"} and report["datasets"]["ct_lung"]["in_distribution"] is False
     out = settings.data_dir / "evaluation" / "abdomen"
@@ -451,7 +451,7 @@ def test_fit_ood_like_regrids_to_the_sites_scanners_and_evaluate_runs_any_format
     assert (out / "reliability_ct_liver.png").is_file() and (out / "oodm_histogram.png").is_file()
     table = cli("model", "evaluate", "abdomen", "--data", str(multilabel), "--ood", str(lung), "--device", "cpu",
                 "--out", str(tmp_path / "ev")).stdout
-    assert "DSC per label: liver=" in table and "spleen=" in table and "OOD detection:" in table
+    assert "DSC per label: liver=" in table and "spleen=" in table and "spectral OOD detection (OODM alone):" in table
     res = cli("model", "evaluate", "abdomen", "--data", str(multilabel), "--spacing", "CT=1,1,1", expect=2)
     assert "--spacing: not for a registered model" in res.output
     # a case the model cannot run is named (the spec has no MR spacing)

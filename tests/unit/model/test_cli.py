@@ -36,7 +36,7 @@ def test_train_fit_ood_evaluate(tmp_path):
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
     assert set(m["datasets"]) == {"ct_liver", "pt_tumour"}
-    assert m["ood"]["n_in"] == 3 and m["ood"]["n_out"] == 2
+    assert m["spectral"]["n_in"] == 3 and m["spectral"]["n_out"] == 2 and m["decisions"]["held_for_modality"] <= 2
     assert np.isfinite(m["datasets"]["ct_liver"]["ece"])
     # PET is a modality the bank never saw: held whatever its OODM, and counted as such
     assert m["datasets"]["pt_tumour"]["flagged_ood"] == 2 == m["datasets"]["pt_tumour"]["held_for_modality"]

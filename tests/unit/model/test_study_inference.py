@@ -13,6 +13,7 @@ from model.study_inference import (
     parse_spacing,
     segment_labels,
     segment_volume,
+    study_windows,
 )
 from model.unet import SegNet
 
@@ -124,3 +125,15 @@ def test_running_argmax_skips_only_classes_that_cannot_win():
     big = labels_on_source(np.full((300, 2, 2, 2), 1 / 300, np.float32), ((0, 2),) * 3, Grid((2, 2, 2), (2.0,) * 3),
                            (4, 4, 4), (1.0, 1.0, 1.0))[0]
     assert big.dtype == np.uint16 and not big.any()  # all tied: the lowest class
+
+
+@pytest.mark.parametrize("kind", ["ct_lung", "mr_prostate"])
+def test_study_windows_counts_what_segment_volume_runs(net, kind):
+    """The card's count of training phantoms that take several windows runs no network: it must agree with
+    the windows the worker's path runs."""
+    case = phantom_case(kind, 0, 0)
+    s = InferenceSettings(block=32, overlap=8, spacing=(("CT", (6.0, 6.0, 6.0)), ("MR", (3.0, 3.0, 3.0))))
+    shape, windows = study_windows(case.image, case.spacing, case.modality, s, net.divisor)
+    r = segment_volume(net, case.image, case.spacing, case.modality, s)
+    assert windows == r.n_windows > 1
+    assert shape == tuple(hi - lo for lo, hi in r.crop)
