@@ -106,11 +106,13 @@ def _fg_mask(probs: np.ndarray) -> np.ndarray:
     return fg if fg.any() else np.ones(fg.shape, bool)
 
 
-def _window_kwargs(settings: InferenceSettings, device: Device, prep: PreparedStudy) -> dict[str, Any]:
-    """The production windows' arguments of :func:`model.infer.sliding_window` (as ``_run_on_grid``)."""
+def _window_kwargs(settings: InferenceSettings, device: Device, prep: PreparedStudy,
+                   signature: bool = True) -> dict[str, Any]:
+    """The production windows' arguments of :func:`model.infer.sliding_window` (as ``_run_on_grid``);
+    ``signature=False`` for a wrapped network (ODIN, Mahalanobis), whose signature nobody reads."""
+    sig = settings.signature_arguments(prep.signature_mask) if signature else {"signature_mask": prep.signature_mask}
     return {"block": settings.block, "overlap": settings.overlap, "batch_size": settings.batch_size,
-            "device": device, "amp": settings.precision == "bfloat16", "out_dtype": np.float32,
-            "signature_mask": prep.signature_mask}
+            "device": device, "amp": settings.precision == "bfloat16", "out_dtype": np.float32, **sig}
 
 
 def _one_net(nets: Sequence[nn.Module], name: str) -> nn.Module:
@@ -329,7 +331,7 @@ class OdinScorer(_ThresholdScorer):
     def infer(self, nets: Sequence[nn.Module], prep: PreparedStudy, settings: InferenceSettings,
               device: Device = None) -> InferenceResult:
         odin = OdinNet(_one_net(nets, self.name), self.temperature, self.eps)
-        return sliding_window(odin, prep.image, **_window_kwargs(settings, device, prep))
+        return sliding_window(odin, prep.image, **_window_kwargs(settings, device, prep, signature=False))
 
 
 class OutlierExposureScorer(MaxSoftmaxScorer):
@@ -458,7 +460,7 @@ class MahalanobisScorer(_ThresholdScorer):
         if self.fitted and self.eps > 0:
             assert self.means is not None
             wrap = DeepestMapNet(net, self.means[~np.isnan(self.means).any(1)], self.precision, self.eps)
-        return sliding_window(wrap, prep.image, **_window_kwargs(settings, device, prep))
+        return sliding_window(wrap, prep.image, **_window_kwargs(settings, device, prep, signature=False))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from model.adapters.base import ModelAdapter
     from model.bank_fit import Regrids
 
-__all__ = ["CaseOutput", "LabelMatch", "Predict", "adapter_predict", "evaluate", "evaluate_adapter", "evaluate_cases", "fit_bank",
+__all__ = ["CaseOutput", "LabelMatch", "Predict", "adapter_predict", "bank_signatures", "evaluate", "evaluate_adapter",
+           "evaluate_cases", "fit_bank", "gate_from_signatures",
            "format_report", "match_labels", "oodm_histogram", "run_case", "segnet_predict"]
 
 DECIMALS = 4
@@ -181,15 +182,31 @@ def fit_bank(net: nn.Module, cases: Cases, weights_sha256: str | None, settings:
 
         items = tqdm(items, desc="signatures", unit="signature",
                      total=total if total is not None or regrids is not None else len(cases))
+    sigs, groups, modalities = bank_signatures(net, items, settings, device)
+    m = dict(meta or {})
+    if regrids is not None:
+        m["regrids"] = regrids.record(used)
+    return gate_from_signatures(sigs, groups, modalities, settings, weights_sha256, c, m)
+
+
+def bank_signatures(net: nn.Module, cases: Iterable[Any], settings: InferenceSettings,
+                    device: str | torch.device | None = None) -> tuple[list[np.ndarray], list[str], set[str]]:
+    """The signature, the training image (:func:`case_group`) and the modality of each case, one case at a
+    time (cases may be generated lazily)."""
     sigs, groups, modalities = [], [], set()
-    for cs in items:  # one case at a time: cases may be generated lazily
+    for cs in cases:
         sigs.append(run_case(net, cs, settings, device).signature)
         groups.append(case_group(cs))
         modalities.add(str(cs.modality).upper())
+    return sigs, groups, modalities
+
+
+def gate_from_signatures(sigs: list[np.ndarray], groups: list[str], modalities: set[str],
+                         settings: InferenceSettings, weights_sha256: str | None, c: float = 2.5,
+                         meta: dict[str, Any] | None = None) -> SpectralGate:
+    """The gate of :func:`fit_bank` from signatures already made (e.g. by several processes)."""
     m = {"n": len(sigs), "images": len(set(groups)), **(meta or {}), "inference": settings.record(),
          "modalities": sorted(modalities)}
-    if regrids is not None:
-        m["regrids"] = regrids.record(used)
     return SpectralGate.fit(np.stack(sigs), c=c, weights_sha256=weights_sha256, meta=m,
                             groups=groups if len(set(groups)) < len(groups) else None)
 

@@ -40,6 +40,7 @@ import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,6 +204,8 @@ def sliding_window(
     channels_last: bool | None = None,
     progress: bool = False,
     signature_mask: np.ndarray | None = None,
+    signature_layer: str | None = None,
+    spectrum: str = "mean",
 ) -> InferenceResult:
     """Class probabilities for the whole volume and its spectral signature, in one pass.
 
@@ -217,6 +220,11 @@ def sliding_window(
 
     ``signature_mask`` (``(D, H, W)`` bool, at least one voxel): the voxels the signature's mean Gram runs
     over (:mod:`model.study_inference` passes the body); default every voxel.
+
+    ``signature_layer``: the name of the module (``net.get_submodule``) whose output the signature and
+    ``features`` are made of, read by a forward hook; it must have the input's spatial size (SegNet:
+    ``encoders.0``, or a last decoder stage). Default: the features ``forward`` returns (SegNet's last
+    decoder stage). ``spectrum``: ``"mean"`` or ``"centred"`` (:func:`model.ood.signature_from_singular_values`).
     """
     vol = _channels_first(volume)
     dev, amp, channels_last = _run_settings(net, device, amp, batch_size, channels_last)
@@ -227,17 +235,50 @@ def sliding_window(
     if channels_last:
         net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
-    stitched = _Stitched(spatial, dev, out_dtype, return_features, keep_all)
+    stitched = _Stitched(spatial, dev, out_dtype, return_features, keep_all, spectrum)
     batches = _batches(windows, batch_size)
     if progress:
         from tqdm import tqdm
 
         batches = tqdm(batches, total=math.ceil(len(windows) / batch_size), desc="windows", unit="batch")
-    for batch in batches:
-        probs, feats = _forward(net, vol, batch, dev, amp, channels_last)
-        for i, w in enumerate(batch):
-            stitched.add(w, probs[i], feats[i])
+    hooked = _LayerHook(net, signature_layer) if signature_layer else None
+    try:
+        for batch in batches:
+            probs, feats = _forward(net, vol, batch, dev, amp, channels_last)
+            if hooked is not None:
+                feats = hooked.take(probs.shape[2:])
+            for i, w in enumerate(batch):
+                stitched.add(w, probs[i], feats[i])
+    finally:
+        if hooked is not None:
+            hooked.remove()
     return stitched.result(len(windows))
+
+
+class _LayerHook:
+    """The output of one named module of ``net`` at every forward pass (a forward hook)."""
+
+    def __init__(self, net: nn.Module, name: str) -> None:
+        try:
+            module = net.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the network has no module {name!r} for the signature") from None
+        self.name, self.out = name, None
+        self.handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _inp: Any, out: Any) -> None:
+        self.out = out
+
+    def take(self, spatial: Any) -> torch.Tensor:
+        out, self.out = self.out, None
+        if not isinstance(out, torch.Tensor) or out.ndim != 5 or tuple(out.shape[2:]) != tuple(spatial):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"signature layer {self.name!r} gave {shape}; it must give (batch, channels) and "
+                             f"the window's size {tuple(spatial)}")
+        return out
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def _channels_first(volume: np.ndarray) -> np.ndarray:
@@ -314,8 +355,8 @@ class _Stitched:
     first window, when the number of classes and feature channels is known."""
 
     def __init__(self, spatial: tuple[int, ...], dev: torch.device, out_dtype: type[np.floating] | np.dtype,
-                 return_features: bool, keep_all: np.ndarray | None) -> None:
-        self.spatial, self.dev, self.out_dtype = spatial, dev, out_dtype
+                 return_features: bool, keep_all: np.ndarray | None, spectrum: str = "mean") -> None:
+        self.spatial, self.dev, self.out_dtype, self.spectrum = spatial, dev, out_dtype, spectrum
         self.return_features, self.keep_all = return_features, keep_all
         self.probs: np.ndarray | None = None
         self.feats: np.ndarray | None = None
@@ -356,7 +397,7 @@ class _Stitched:
         n_sig = int(self.keep_all.sum()) if self.keep_all is not None else n_voxels
         return InferenceResult(
             probabilities=self.probs,
-            signature=signature_from_gram(g, n_sig),
+            signature=signature_from_gram(g, n_sig, self.spectrum),
             gram=g,
             n_voxels=n_voxels,
             n_windows=n_windows,

@@ -1,6 +1,8 @@
 """Spectral out-of-distribution gate (Karimi & Gholipour 2023, section III-D), as a signature of content.
 
-The *spectral signature* of an image is computed from the last decoder feature map ``F`` (``C`` channels):
+The *spectral signature* of an image is computed from a feature map ``F`` (``C`` channels; the paper: the last
+decoder map; the shipped SegNet, bank version 3: the first encoder stage, chosen on the validation range by
+``specgate model experiment failures``, see :mod:`model.study_inference`):
 reshape to ``(voxels, C)``, take the singular values ``s`` (descending), floor them, take ``log(s)`` and
 scale that vector to unit L2 norm.
 
@@ -74,6 +76,7 @@ from model._atomic import atomic_write
 
 __all__ = [
     "SINGULAR_VALUE_FLOOR",
+    "SPECTRA",
     "TINY",
     "BankMismatchError",
     "OODScorer",
@@ -89,9 +92,14 @@ __all__ = [
 SINGULAR_VALUE_FLOOR = 1e-6
 TINY = 1e-30
 BANK_FORMAT = "specgate-spectral-bank"
-BANK_VERSION = 2
+BANK_VERSION = 3
 #: what changed in each bank version (the message for a bank of an older one)
-_OLD_VERSIONS = {1: "version 1 banks hold sum-Gram signatures that grow with the scan's size"}
+_OLD_VERSIONS = {
+    1: "version 1 banks hold sum-Gram signatures that grow with the scan's size",
+    2: "version 2 banks were fitted before the signature's design was chosen on the validation range; "
+       "the SegNet signature is now the first encoder stage's centred log-spectrum over the body's canvas, "
+       "which holds blurred and ghosted MRs the model fails on (specgate model experiment failures)",
+}
 
 
 class BankMismatchError(ValueError):
@@ -107,20 +115,38 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def signature_from_singular_values(s: np.ndarray) -> np.ndarray:
-    """Floor, log, unit-L2: the last three steps of the spectral signature."""
+#: how the log-spectrum becomes a signature: ``"mean"`` (the paper's: log, unit L2) or ``"centred"`` (log,
+#: minus its mean, unit L2: the same for a feature map multiplied by any gain)
+SPECTRA = ("mean", "centred")
+
+
+def _check_spectrum(spectrum: str) -> None:
+    if spectrum not in SPECTRA:
+        raise ValueError(f"unknown spectrum {spectrum!r} (known: {', '.join(SPECTRA)})")
+
+
+def signature_from_singular_values(s: np.ndarray, spectrum: str = "mean") -> np.ndarray:
+    """Floor, log, (centre,) unit-L2: the last steps of the spectral signature.
+
+    ``spectrum="centred"`` subtracts the mean of the log-spectrum before the scaling: a global gain
+    ``g`` of the feature map adds ``log g`` to every entry, which the centring removes (the paper's
+    scaling to unit length alone does not remove an added constant).
+    """
+    _check_spectrum(spectrum)
     s = np.sort(np.asarray(s, dtype=np.float64).ravel())[::-1]
     if s.size == 0:
         raise ValueError("no singular values")
     floor = max(float(s[0]) * SINGULAR_VALUE_FLOOR, TINY)
     log_s = np.log(np.maximum(s, floor))
+    if spectrum == "centred":
+        log_s = log_s - log_s.mean()
     norm = float(np.linalg.norm(log_s))
     if norm == 0.0:  # every singular value exactly 1: any unit vector is as good; keep it defined
         return np.full_like(log_s, 1.0 / np.sqrt(log_s.size))
     return log_s / norm
 
 
-def spectral_signature(features: Any, mask: np.ndarray | None = None) -> np.ndarray:
+def spectral_signature(features: Any, mask: np.ndarray | None = None, spectrum: str = "mean") -> np.ndarray:
     """Signature of a ``(C, *spatial)`` feature map (NumPy array or torch tensor) by direct SVD.
 
     The singular values are those of ``F / sqrt(N)`` over the voxels where ``mask`` (``spatial``-shaped,
@@ -143,10 +169,10 @@ def spectral_signature(features: Any, mask: np.ndarray | None = None) -> np.ndar
     s = np.linalg.svd(mat / np.sqrt(mat.shape[0]), compute_uv=False)
     if s.size < f.shape[0]:  # fewer voxels than channels: the missing singular values are zero
         s = np.concatenate([s, np.zeros(f.shape[0] - s.size)])
-    return signature_from_singular_values(s)
+    return signature_from_singular_values(s, spectrum)
 
 
-def signature_from_gram(gram: np.ndarray, n_voxels: int) -> np.ndarray:
+def signature_from_gram(gram: np.ndarray, n_voxels: int, spectrum: str = "mean") -> np.ndarray:
     """Signature from the ``C x C`` Gram matrix ``F^T F`` summed over ``n_voxels`` voxels.
 
     The eigenvalues of the mean Gram ``F^T F / n_voxels`` are the squared singular values of
@@ -159,7 +185,7 @@ def signature_from_gram(gram: np.ndarray, n_voxels: int) -> np.ndarray:
         raise ValueError(f"n_voxels must be >= 1, got {n_voxels}")
     g = g / float(n_voxels)
     eig = np.linalg.eigvalsh((g + g.T) / 2.0)
-    return signature_from_singular_values(np.sqrt(np.clip(eig, 0.0, None)))
+    return signature_from_singular_values(np.sqrt(np.clip(eig, 0.0, None)), spectrum)
 
 
 def leave_one_out_oodm(bank: np.ndarray, groups: Any = None) -> np.ndarray:

@@ -10,7 +10,8 @@ grid) and returns class probabilities on that same grid with the spectral signat
 3. **The body.** A mask of the voxels inside the patient (:func:`body_mask`). The windows run on a
    canvas of the mask's bounding box plus ``crop_margin_mm`` on every side: the image cropped to it, and
    where the box reaches past the image (a field of view that cuts the body) filled with air (0 once
-   preprocessed, for CT and MR alike). The signature's mean Gram runs over the mask only. Air around the
+   preprocessed, for CT and MR alike). Version 2 ran the signature's mean Gram over the mask only; version 3
+   runs it over the whole canvas (``signature_voxels``, chosen on the validation range). Air around the
    patient and the padding of a larger field of view therefore change neither the windows' contents
    (instance normalisation inside a window sees what the window holds) nor the signature: see
    :mod:`model.ood` for the measurements. Outside the box the probabilities are background.
@@ -51,6 +52,7 @@ import torch
 from torch import nn
 
 from model.infer import InferenceResult, plan_windows, sliding_window
+from model.ood import SPECTRA
 from model.preprocess import preprocess
 from model.resample import Grid, SourceSlabs, from_grid, model_grid, to_grid, validate_spacing
 
@@ -60,6 +62,14 @@ __all__ = ["BODY_RULE", "InferenceSettings", "PreparedStudy", "StudyInference", 
 
 #: name of the body-mask rule of :func:`body_mask` (recorded in banks: change it when the rule changes)
 BODY_RULE = "threshold-v1"
+#: the module whose output the signature is made of (chosen on the validation range by
+#: ``specgate model experiment failures``: the first encoder stage, at the input's resolution, sees the
+#: texture and sharpness that blur, thick slices and ghosting change; the last decoder stage, the paper's
+#: choice, is shaped by the segmentation task and let blurred MRs the model fails on through)
+SIGNATURE_LAYER = "encoders.0"
+#: the voxels the signature's mean Gram runs over: ``"canvas"`` (the body's box plus the margin, every
+#: voxel the windows own: chosen on the validation range) or ``"body"`` (the body mask only)
+SIGNATURE_VOXELS = ("canvas", "body")
 CT_BODY_HU = -500.0  # CT: tissue is above -500 HU (air -1000, lung parenchyma about -850 is inside: filled)
 OTHER_BODY_FRACTION = 0.2  # MR/PET: above 20 % of the 99th percentile
 KEEP_COMPONENT_FRACTION = 0.1  # components of at least 10 % of the largest one are body (two arms, two legs)
@@ -112,6 +122,9 @@ class InferenceSettings:
     body: str = BODY_RULE
     precision: str = "float32"
     batch_size: int = 1
+    signature_layer: str = SIGNATURE_LAYER
+    spectrum: str = "centred"
+    signature_voxels: str = "canvas"
 
     def __post_init__(self) -> None:
         if self.block < 8 or not 0 <= self.overlap < self.block:
@@ -120,6 +133,10 @@ class InferenceSettings:
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
         if self.body != BODY_RULE:
             raise ValueError(f"unknown body rule {self.body!r} (this version has {BODY_RULE!r})")
+        if self.spectrum not in SPECTRA:
+            raise ValueError(f"spectrum must be one of {', '.join(SPECTRA)}, got {self.spectrum!r}")
+        if self.signature_voxels not in SIGNATURE_VOXELS:
+            raise ValueError(f"signature_voxels must be one of {', '.join(SIGNATURE_VOXELS)}, got {self.signature_voxels!r}")
         if not (math.isfinite(self.crop_margin_mm) and self.crop_margin_mm >= 0):
             raise ValueError(f"crop_margin_mm must be >= 0, got {self.crop_margin_mm}")
         norm = tuple(sorted((str(m).upper(), validate_spacing(s)) for m, s in dict(self.spacing).items()))
@@ -141,13 +158,22 @@ class InferenceSettings:
         resolution) or ``(modality, (z, y, x))`` pairs.
         """
         declared = meta.get("inference_spacing") or {}
+        signature: dict[str, Any] = {k: str(meta[k]) for k in ("signature_layer", "spectrum", "signature_voxels")
+                                     if meta.get(k) is not None}
         return cls(
             block=int(block or meta.get("inference_block", 96)),
             overlap=int(overlap if overlap is not None else meta.get("inference_overlap", 24)),
             spacing=tuple(declared.items()) if spacing is None else tuple(spacing),
             # On a GPU, batches keep it busy (H200: 93 blocks/s at 1, 192 at 4, 256 at 8); on a CPU, 1.
             batch_size=8 if str(device).startswith("cuda") else 1,
+            **signature,
         )
+
+    def signature_arguments(self, body: np.ndarray | None) -> dict[str, Any]:
+        """The signature's arguments of :func:`model.infer.sliding_window` for a study whose body on the
+        canvas is ``body``: the layer, the spectrum, and the voxels the mean Gram runs over."""
+        return {"signature_layer": self.signature_layer or None, "spectrum": self.spectrum,
+                "signature_mask": body if self.signature_voxels == "body" else None}
 
     def spacing_for(self, modality: str) -> Spacing | None:
         return dict(self.spacing).get(modality.upper())
@@ -400,7 +426,7 @@ def _run_on_grid(net: nn.Module, image: np.ndarray, spacing: Sequence[float], mo
     t0 = time.perf_counter()
     res = sliding_window(net, prep.image, block=settings.block, overlap=settings.overlap,
                          batch_size=settings.batch_size, device=device, amp=settings.precision == "bfloat16",
-                         out_dtype=grid_dtype, signature_mask=prep.signature_mask)
+                         out_dtype=grid_dtype, **settings.signature_arguments(prep.signature_mask))
     release_freed_memory()
     prep.timings["infer"] = time.perf_counter() - t0
     return _OnGrid(prep.grid, prep.canvas, prep.resampled, prep.spacing, prep.shape, prep.timings, res)

@@ -2,7 +2,8 @@
 
 A 3D U-Net with residual blocks, where every finer encoder map also feeds every coarser encoder stage
 (dense skips, as in DenseNet), a single segmentation head, and no input saying which organ or modality.
-The last decoder feature map (``base_features`` channels) is exposed for the spectral signature.
+The last decoder feature map (``base_features`` channels) is returned with ``return_features=True``; the spectral
+signature of the shipped bank reads the first encoder stage (``encoders.0``) by a forward hook instead.
 
 >>> import torch
 >>> net = SegNet(base_features=4, levels=2).eval()

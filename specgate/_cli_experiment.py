@@ -94,3 +94,12 @@ def calibration_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet
     """Table II: multi-task against single-task models (3-fold CV, DSC/HD95/ASSD/ECE/MCE, paired t-tests,
     reliability diagrams)."""
     run_experiment("calibration", scale, out, seeds, device, quiet, report_only)
+
+
+@experiment_group.command("failures")
+@experiment_options
+def failures_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet: bool, report_only: bool) -> None:
+    """The gate against the model's failures: signature designs compared on the validation range, the
+    choice reported on the test range (bad studies held, good ones released, bootstrap intervals, the
+    layer study, OODM / tau against DSC). Runs the shipped weights on the CPU; --seeds is not used."""
+    run_experiment("failures", scale, out, seeds, "cpu" if device == "auto" else device, quiet, report_only)

@@ -10,9 +10,10 @@ a bank records those keys and :meth:`model.ood.SpectralGate.check_inference` com
 them (a key the bank lacks counts as a difference, so none is added here; the bank is tied to the
 weights by their SHA-256 instead).
 
-The signature's layer is the network's last decoder stage (``decoders.<n>``, the map the head reads;
-``encoders.0`` for a one-level network), which ``SegNet.forward(return_features=True)`` returns: no hook
-is needed and no other layer can be chosen.
+The signature's layer is the settings' ``signature_layer``: the first encoder stage ``encoders.0`` (bank
+version 3, chosen on the validation range by ``specgate model experiment failures``), read by a forward
+hook, or the last decoder stage (``decoders.<n>``, the map the head reads, the paper's choice); both lie at
+the input's resolution, as the window's ownership of voxels needs. No other layer can be chosen.
 
 >>> from pathlib import Path
 >>> SegNetAdapter.open(Path("/nonexistent/segnet.pt"))
@@ -23,6 +24,7 @@ model.adapters.base.AdapterError: SegNet weights file /nonexistent/segnet.pt doe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,7 +82,7 @@ class SegNetAdapter(ModelAdapter):
 
         ``options``: ``block``, ``overlap``, ``spacing`` override the weights' own inference settings
         (:meth:`model.study_inference.InferenceSettings.for_weights`). Raises :class:`AdapterError` for a missing
-        or unreadable file, a ``layer`` other than the last decoder stage, an unknown option.
+        or unreadable file, a ``layer`` other than the first encoder or last decoder stage, an unknown option.
         """
         from model.ood import sha256_file
         from model.study_inference import InferenceSettings
@@ -102,15 +104,20 @@ class SegNetAdapter(ModelAdapter):
             net, meta = load_weights(path, device=device)
         except (ValueError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as exc:
             raise AdapterError(f"{path} is not a loadable SegNet weights file: {exc}") from exc
-        default_layer = f"decoders.{len(net.decoders) - 1}" if len(net.decoders) else "encoders.0"
-        if layer is not None and layer != default_layer:
-            raise AdapterError(f"SegNet's signature layer is its last decoder stage {default_layer!r}; "
-                               f"layer {layer!r} cannot be chosen for this format")
+        last_decoder = f"decoders.{len(net.decoders) - 1}" if len(net.decoders) else "encoders.0"
+        allowed = ("encoders.0", last_decoder)
+        if layer is not None and layer not in allowed:
+            raise AdapterError(f"SegNet's signature layer is its first encoder stage or its last decoder stage "
+                               f"({' or '.join(repr(x) for x in allowed)}); layer {layer!r} cannot be chosen for "
+                               "this format")
         try:
             settings = InferenceSettings.for_weights(meta, device=device, block=options.get("block"),
                                                      overlap=options.get("overlap"), spacing=options.get("spacing"))
+            if layer is not None:
+                settings = dataclasses.replace(settings, signature_layer=layer)
         except ValueError as exc:
             raise AdapterError(f"{path}: inference settings: {exc}") from exc
+        default_layer = settings.signature_layer
         sha = sha256_file(path)
         return cls(net, settings, name=str(meta.get("name", "specgate-segnet")),
                    version=str(meta.get("version", f"sha256-{sha[:12]}")),

@@ -486,3 +486,41 @@ def test_a_study_that_kills_every_attempt_ends_failed_and_never_loops(stack: Sta
     job = stack.jobs_for(uid)[-1]
     assert (str(job.state), job.attempts) == ("failed", 3)
     assert _seg_uids_at(stack.orthanc, uid) == []
+
+
+def test_the_gate_holds_blurred_prostate_mrs_the_model_fails_on(stack: Stack, tmp_path: Path) -> None:
+    """Test-range prostate MRs through the real SCP and worker (issue 20): the clear ones are released and
+    segmented well; the same pelvises blurred (Gaussian, sigma 2 voxels), which the model segments badly,
+    are held. The SEG's DSC is measured on what the worker wrote, against the phantom's truth."""
+    from dicom_series import load_series
+    from model.data.phantoms import phantom_case
+    from model.data.shifts import apply_shift
+    from model.data.splits import SEED, TEST
+    from model.scores import dice
+
+    stack.start("worker", "worker")
+    studies = []
+    for k in range(2):
+        clear = phantom_case("mr_prostate", SEED, TEST.index(k))
+        for name, case in (("clear", clear), ("blurred", apply_shift(clear, "blur", 2.0))):
+            series = write_series(case.image, case.spacing, case.modality, tmp_path / f"{name}{k}",
+                                  series_description=f"test prostate {name}", patient_id="TEST-E2E")
+            studies.append((name, series, case.label))
+    for _, series, _ in studies:
+        assert set(stack.send(series.paths)) == {0}
+    failures = 0
+    for name, series, truth in studies:
+        job = stack.wait_state(series.study_instance_uid, {"sent", "held", "failed"}, timeout=300)
+        res = _result(stack, job.id)
+        seg = highdicom.seg.Segmentation.from_dataset(dcmread(stack.file(res.seg_path)))
+        volume = load_series(series.paths)
+        mask = seg.get_pixels_by_source_instance([r.sop_instance_uid for r in volume.slices],
+                                                 assert_missing_frames_are_empty=True)[..., 0].astype(bool)
+        score = dice(mask, truth)
+        print(f"{name}: {job.state}, DSC {score:.3f}, OODM/tau {res.oodm / res.tau:.2f}")
+        if name == "clear":
+            assert str(job.state) == "sent" and score >= 0.8, (name, job.state, score, res.oodm / res.tau)
+        else:
+            assert str(job.state) == "held" and res.is_ood, (name, job.state, score, res.oodm / res.tau)
+            failures += score < 0.5
+    assert failures >= 1, "no blurred study was segmented badly: the test shows nothing about failures"

@@ -26,7 +26,7 @@ def test_shipped_model_matches_its_bank(shipped: SegNetAdapter) -> None:
     gate.check_inference(shipped.signature_settings())  # the bank's settings, key for key
     assert shipped.model_sha256() == sha256_file(WEIGHTS_PATH)
     assert shipped.files_sha256 == {"segnet.pt": sha256_file(WEIGHTS_PATH)}
-    assert shipped.labels == (Label(1, "Phantom organ"),) and shipped.layer == "decoders.2"
+    assert shipped.labels == (Label(1, "Phantom organ"),) and shipped.layer == "encoders.0"
     assert shipped.record()["format"] == "segnet" and not shipped.clinical_use
 
 
@@ -37,7 +37,7 @@ def test_prediction_is_the_production_path(shipped: SegNetAdapter) -> None:
     np.testing.assert_array_equal(pred.signature, full.signature)  # bit for bit: what the bank was fitted on
     np.testing.assert_array_equal(pred.labels, full.foreground >= 0.5)
     np.testing.assert_array_equal(pred.foreground, full.foreground)
-    assert pred.labels.shape == case.image.shape and pred.evidence["layer"] == "decoders.2"
+    assert pred.labels.shape == case.image.shape and pred.evidence["layer"] == "encoders.0"
     assert pred.gram.shape == (14, 14) and pred.n_signature_voxels == full.n_signature_voxels
 
 

@@ -87,3 +87,28 @@ def test_float16_output_and_input_checks(small_net, rng):
         sliding_window(small_net, vol.astype(np.int16))
     with pytest.raises(ValueError, match="overlap"):
         sliding_window(small_net, np.zeros((40, 40, 40), np.float32), block=16, overlap=16)
+
+
+def test_signature_layer_is_read_by_a_hook_at_full_resolution():
+    """``signature_layer`` (bank version 3: ``encoders.0``): the features and the signature are that module's
+    output, stitched window by window; a coarser module or an unknown name is refused."""
+    import torch
+
+    from model.ood import spectral_signature
+    from model.unet import SegNet
+
+    torch.manual_seed(0)
+    net = SegNet(base_features=4, levels=2).eval()
+    vol = np.random.default_rng(1).normal(size=(16, 16, 16)).astype(np.float32)
+    res = sliding_window(net, vol, block=16, overlap=0, return_features=True, signature_layer="encoders.0",
+                         spectrum="centred")
+    with torch.inference_mode():
+        direct = net.encoders[0](torch.from_numpy(vol)[None, None])[0].numpy()
+    np.testing.assert_allclose(res.features, direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.signature, spectral_signature(direct, spectrum="centred"), atol=1e-6)
+    default = sliding_window(net, vol, block=16, overlap=0)
+    assert np.linalg.norm(default.signature - res.signature) > 1e-3  # the last decoder's, another map
+    with pytest.raises(ValueError, match="must give"):
+        sliding_window(net, vol, block=16, overlap=0, signature_layer="encoders.1")
+    with pytest.raises(ValueError, match="no module"):
+        sliding_window(net, vol, block=16, overlap=0, signature_layer="encoders.7")

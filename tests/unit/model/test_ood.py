@@ -168,3 +168,20 @@ def test_load_refuses_unknown_version(tmp_path):
     np.savez(p, bank=np.zeros((2, 3)), header=np.array(json.dumps({"format": "specgate-spectral-bank", "version": 1})))
     with pytest.raises(ValueError, match=r"grow with the scan's size\); refit"):
         SpectralGate.load(p)
+    np.savez(p, bank=np.zeros((2, 3)), header=np.array(json.dumps({"format": "specgate-spectral-bank", "version": 2})))
+    with pytest.raises(ValueError, match=r"version 2 banks were fitted before .*blurred .*\); refit"):
+        SpectralGate.load(p)
+
+
+def test_centred_signature_ignores_a_gain_and_the_mean_one_does_not(rng):
+    """Bank version 3's spectrum: a feature map times a gain has the same centred signature (issue 20: x1.1
+    moved the mean signature by about one tau)."""
+    f = rng.normal(size=(14, 6, 6, 6))
+    for gain in (1.1, 1.25, 3.0):
+        np.testing.assert_allclose(spectral_signature(gain * f, spectrum="centred"),
+                                   spectral_signature(f, spectrum="centred"), atol=1e-12)
+        assert np.linalg.norm(spectral_signature(gain * f) - spectral_signature(f)) > 1e-3
+    c = spectral_signature(f, spectrum="centred")
+    assert abs(c.sum()) < 1e-12 and np.linalg.norm(c) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown spectrum"):
+        spectral_signature(f, spectrum="median")

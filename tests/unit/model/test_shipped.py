@@ -135,6 +135,7 @@ def test_the_card_is_what_its_template_renders():
 
     invariance = card_table(CARD_PATH, "invariance-table").rstrip("\n")
     assert render_card(WEIGHTS_PATH, BANK_PATH, card_metrics(), invariance) == CARD_PATH.read_text()
+    assert card_metrics()["eval_split"] == "test"  # the card reports on cases nothing was tuned on
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +209,13 @@ def test_the_gate_judges_content_whatever_the_field_of_view(shipped, kind):
 #: (kind, axis) -> (held, OODM / tau measured with the shipped model and bank on validation case 1001, tiled
 #: TILINGS[axis] times along the axis: z 3x, a longer scan; y or x 2x, two bodies side by side). Case 1000
 #: differs where a seam falls elsewhere: ct_liver y 1.64 / x 0.39, ct_lung y 0.99, mr_prostate z 1.28 (held).
-TILED_VERDICTS: dict[tuple[str, str], tuple[bool, float]] = {
-    ("ct_liver", "z"): (False, 0.35), ("ct_liver", "y"): (True, 3.13), ("ct_liver", "x"): (True, 1.59),
-    ("ct_lung", "z"): (False, 0.50), ("ct_lung", "y"): (True, 3.36), ("ct_lung", "x"): (False, 0.50),
-    ("mr_prostate", "z"): (False, 0.82), ("mr_prostate", "y"): (False, 0.51), ("mr_prostate", "x"): (False, 0.37),
-    ("mr_hippocampus", "z"): (True, 6.62), ("mr_hippocampus", "y"): (True, 2.52),
-    ("mr_hippocampus", "x"): (True, 2.88),
-    ("pt_tumour", "z"): (True, 1.30), ("pt_tumour", "y"): (True, 4.46), ("pt_tumour", "x"): (True, 1.97),
+TILED_VERDICTS: dict[tuple[str, str], tuple[bool, float]] = {  # measured with bank version 3 (OODM / tau)
+    ("ct_liver", "z"): (True, 1.30), ("ct_liver", "y"): (True, 2.57), ("ct_liver", "x"): (True, 1.36),
+    ("ct_lung", "z"): (False, 0.87), ("ct_lung", "y"): (True, 1.92), ("ct_lung", "x"): (True, 1.05),
+    ("mr_prostate", "z"): (True, 1.56), ("mr_prostate", "y"): (False, 0.53), ("mr_prostate", "x"): (False, 0.51),
+    ("mr_hippocampus", "z"): (True, 3.11), ("mr_hippocampus", "y"): (True, 3.02),
+    ("mr_hippocampus", "x"): (True, 3.00),
+    ("pt_tumour", "z"): (True, 4.65), ("pt_tumour", "y"): (True, 3.18), ("pt_tumour", "x"): (True, 3.99),
 }
 
 
@@ -225,12 +226,14 @@ def test_tiled_studies_get_the_measured_verdict(shipped, kind, axis):
     verdict measured when this test was written (:data:`TILED_VERDICTS`).
 
     This documents a limit as much as it checks the gate. An unseen kind is held along every axis, by its
-    signature. On this case a known kind is released along z (a longer scan of one body, what the gate is
-    built for; prostate case 1000 is not: 1.28 tau), but two CT bodies side by side, cut by a window seam,
-    are held (ct_liver along y and x, ct_lung along y): no CT training phantom takes more than one window
-    (the model card's limits, ``model.weights.build.training_windows``), so at their own grids none of the
-    bank's CT signatures was made across a seam. Should the bank learn seams (fitted on full-length or tiled
-    training series), the held rows are the ones expected to change, and this table with them.
+    signature. A tiled phantom is not a longer scan: the body ends and starts again at every tile, a sharp
+    seam in the image that the bank's first-encoder-stage signature (version 3, chosen on the validation
+    range to hold blurred and ghosted studies) reads as content it never saw. On this case only ct_lung
+    along z and mr_prostate along y and x stay released; liver CT along every axis, prostate MR along z and
+    two lungs side by side are held (version 2, the last decoder's signature over the body, released more of
+    them: the model card's limits). A real longer series has no such seam (the clinical re-griddings of
+    the field-of-view test are released). Should the bank learn seams, the held rows of known kinds are the
+    ones expected to change, and this table with them.
     """
     from model.data.phantoms import phantom_case
     from model.weights.build import tile
