@@ -97,11 +97,10 @@ def layer_signatures(net: nn.Module, prep: PreparedStudy, settings: InferenceSet
         for h in handles:
             h.remove()
     out: dict[str, np.ndarray] = {}
-    for name, g, n in zip(names, grams, counts, strict=True):
-        assert g is not None
-        if n == 0:
+    for name, gram, n in zip(names, grams, counts, strict=True):
+        if gram is None or n == 0:
             raise ValueError(f"no body cell at stage {name}: the canvas is smaller than one of its cells")
-        out[name] = signature_from_gram(g.cpu().numpy(), n)
+        out[name] = signature_from_gram(gram.cpu().numpy(), n)
     return out
 
 

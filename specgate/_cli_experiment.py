@@ -94,3 +94,11 @@ def calibration_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet
     """Table II: multi-task against single-task models (3-fold CV, DSC/HD95/ASSD/ECE/MCE, paired t-tests,
     reliability diagrams)."""
     run_experiment("calibration", scale, out, seeds, device, quiet, report_only)
+
+
+@experiment_group.command("ood")
+@experiment_options
+def ood_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet: bool, report_only: bool) -> None:
+    """Tables V-VI: OOD detection by the spectral gate and every baseline (accuracy, sensitivity,
+    specificity, AUC with bootstrap intervals, time per study), OODM histograms, the layer study."""
+    run_experiment("ood", scale, out, seeds, device, quiet, report_only)
