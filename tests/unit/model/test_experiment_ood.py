@@ -55,10 +55,10 @@ def test_last_decoder_stage_is_the_production_signature() -> None:
 _CI = re.compile(r"^(-?\d+\.\d+|-) \[(-?\d+\.\d+|-), (-?\d+\.\d+|-)\]$")
 
 
-def _table(md: str, first_header: str) -> list[list[str]]:
-    """The body rows of the Markdown table whose first header cell is ``first_header``."""
+def _table(md: str, first_header: str, nth: int = 0) -> list[list[str]]:
+    """The body rows of the ``nth`` Markdown table whose first header cell is ``first_header``."""
     lines = md.splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
+    start = [i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |")][nth]
     rows = []
     for ln in lines[start + 2:]:
         if not ln.startswith("|"):
@@ -110,7 +110,8 @@ def test_tiny_scale_through_the_cli(tmp_path: Path) -> None:
         for k in ood.METRICS:
             lo, hi = e[k]["ci95"]
             assert 0.0 <= lo <= hi <= 1.0 and 0.0 <= e[k]["value"] <= 1.0
-        assert all(0.0 <= g["auc"] <= 1.0 for g in e["per_group"].values())
+        assert set(e["per_group"]) == set(ood.GROUPS)
+        assert all(0.0 <= g["auc"]["value"] <= 1.0 for g in e["per_group"].values())
         assert all(np.isfinite(r["scores"][m]) and r["seconds"][m] > 0 for r in data["rows"])
         # accuracy, sensitivity and specificity are the JSON's scores against the JSON's tau
         tau = data["fits"][m]["tau"]
@@ -127,6 +128,15 @@ def test_tiny_scale_through_the_cli(tmp_path: Path) -> None:
             _check_ci_cell(cell, data["summary"][m][k], dec)
         assert row[5] == f"{data['fits'][m]['tau']:.4g}"
         assert row[6] == _shown(data["summary"][m]["seconds_per_study"], 2)
+    # the near-OOD table (Table VI's question) and the per-set AUCs are the JSON's too
+    for row, m in zip(_table(md, "Method (near-OOD)"), ood.METHODS, strict=True):
+        assert row[0] == ood.LABELS[m]
+        for cell, k in zip(row[1:], ood.METRICS, strict=True):
+            _check_ci_cell(cell, data["summary"][m]["per_group"]["near"][k], dec)
+    for row, m in zip(_table(md, "Method", nth=1), ood.METHODS, strict=True):
+        pg = data["summary"][m]["per_group"]
+        assert row[1:] == [f"{_shown(pg[g]['auc']['value'], dec)} ({_shown(pg[g]['flagged'], dec)})"
+                           for g in ood.GROUPS]
     # the layer study: one row per stage, the numbers the JSON's; the production stage scores exactly
     # what the spectral gate (fitted through model.evaluate.fit_bank) scores
     layers = _table(md, "Stage")
