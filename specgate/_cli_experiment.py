@@ -100,5 +100,10 @@ def calibration_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet
 @experiment_options
 def ood_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet: bool, report_only: bool) -> None:
     """Tables V-VI: OOD detection by the spectral gate and every baseline (accuracy, sensitivity,
-    specificity, AUC with bootstrap intervals, time per study), OODM histograms, the layer study."""
+    specificity, AUC with bootstrap intervals, time per study), OODM histograms, the layer study. One
+    seed: the base model's (ensemble member m is trained with seed + m)."""
+    parsed = parse_seeds(seeds)
+    if parsed is not None and len(parsed) != 1:
+        raise click.BadParameter(f"{seeds!r}: the ood experiment trains one set of models, give one seed",
+                                 param_hint="--seeds")
     run_experiment("ood", scale, out, seeds, device, quiet, report_only)

@@ -166,5 +166,10 @@ def test_tiny_scale_through_the_cli(tmp_path: Path) -> None:
 
 
 def test_one_seed_only(tmp_path: Path) -> None:
+    from specgate.cli import main
+
     with pytest.raises(ValueError, match="give one seed"):
         ood.run(ood.SCALES["tiny"], tmp_path, seeds=(0, 1), progress=False)
+    res = CliRunner().invoke(main, ["model", "experiment", "ood", "--scale", "tiny", "--out", str(tmp_path),
+                                    "--seeds", "0,1"])
+    assert res.exit_code == 2 and "give one seed" in res.output
