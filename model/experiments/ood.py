@@ -496,7 +496,7 @@ def render(data: dict[str, Any]) -> str:
         f"Phantom seed {data['phantom_seed']}; training: {sc['train_cases']} TRAIN-range cases of each of "
         f"{', '.join(data['training'])}; base seed {sc['seed']}, every model {sc['iterations']} iterations. "
         f"Test (TEST range): {n_in} in-distribution studies against "
-        + ", ".join(f"{counts[g]} {_group_label(g)}" for g in GROUPS)
+        + ", ".join(f"{counts[g]} studies of {_group_label(g)}" for g in GROUPS)
         + f" ({sum(counts.values())} OOD). Every threshold by Eq. (2) at C = {sc['c']} on the training studies; "
         "nothing tuned. Intervals: 95 % bootstrap.")
     lines.append("")
