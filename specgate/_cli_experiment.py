@@ -103,3 +103,16 @@ def failures_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet: b
     choice reported on the test range (bad studies held, good ones released, bootstrap intervals, the
     layer study, OODM / tau against DSC). Runs the shipped weights on the CPU; --seeds is not used."""
     run_experiment("failures", scale, out, seeds, "cpu" if device == "auto" else device, quiet, report_only)
+
+
+@experiment_group.command("ood")
+@experiment_options
+def ood_cmd(scale: str, out: Path, seeds: str | None, device: str, quiet: bool, report_only: bool) -> None:
+    """Tables V-VI: OOD detection by the spectral gate and every baseline (accuracy, sensitivity,
+    specificity, AUC with bootstrap intervals, time per study), OODM histograms, the layer study. One
+    seed: the base model's (ensemble member m is trained with seed + m)."""
+    parsed = parse_seeds(seeds)
+    if parsed is not None and len(parsed) != 1:
+        raise click.BadParameter(f"{seeds!r}: the ood experiment trains one set of models, give one seed",
+                                 param_hint="--seeds")
+    run_experiment("ood", scale, out, seeds, device, quiet, report_only)
