@@ -1,8 +1,9 @@
 """The spectral signature of every stage of a SegNet, each at its own resolution (the paper's layer study,
 section IV: "applying the method on other feature maps resulted in lower accuracy than on the last layer").
 
-The production signature (:mod:`model.infer`) is taken from the last decoder map, the map closest to the
-output, at the input's resolution. :func:`layer_signatures` runs the same windows over the same prepared
+The production signature (:mod:`model.infer`) is taken from the stage ``settings.signature_layer`` names (bank
+version 3: the first encoder stage; the paper: the last decoder map), at the input's resolution, with
+``settings.spectrum`` over ``settings.signature_voxels``; every stage here is read the same way. :func:`layer_signatures` runs the same windows over the same prepared
 canvas (:func:`model.study_inference.prepare_study`: grid, intensities, body crop) with forward hooks on
 every encoder stage ``encoders.k`` and decoder stage ``decoders.i``
 (:func:`model.baseline_inference.layer_modules`) and accumulates, per stage, the mean Gram matrix of its
@@ -12,8 +13,8 @@ At a stage of stride ``s`` (``s`` input voxels per cell along each axis), a cell
 Gram when the first input voxel it covers lies in the window's owned region (the owned regions partition
 the canvas, :func:`model.infer.plan_windows`; at stride 1 this is exactly the production stitching) and
 when at least half of its input voxels are body (the production signature's mask, averaged over the
-cell). At stride 1 the last decoder stage's signature is therefore the production signature (a test
-checks it); at coarser strides windows that start off the stride's lattice make the cells of neighbouring
+cell; with ``signature_voxels="canvas"``, every owned cell). At stride 1 the production stage's signature is
+therefore the production signature (a test checks it); at coarser strides windows that start off the stride's lattice make the cells of neighbouring
 windows overlap or leave gaps of less than one cell at their shared boundary.
 
 >>> import numpy as np
@@ -69,6 +70,7 @@ def layer_signatures(net: nn.Module, prep: PreparedStudy, settings: InferenceSet
     vol = np.pad(vol, pad)
     body = np.ones(spatial, bool) if prep.signature_mask is None else np.asarray(prep.signature_mask, bool)
     body = np.pad(body, pad)
+    body_only = settings.signature_voxels == "body"
     grams: list[torch.Tensor | None] = [None] * len(mods)
     counts = [0] * len(mods)
     got: dict[int, torch.Tensor] = {}
@@ -83,7 +85,7 @@ def layer_signatures(net: nn.Module, prep: PreparedStudy, settings: InferenceSet
                 f = got[i][0].float()  # (C, d, h, w)
                 stride = tuple(b // n for b, n in zip(w.size, f.shape[1:], strict=True))
                 frac = F.avg_pool3d(m, stride, stride)[0, 0] if any(s > 1 for s in stride) else m[0, 0]
-                keep = frac >= 0.5
+                keep = (frac >= 0.5) if body_only else torch.ones_like(frac, dtype=torch.bool)
                 own = torch.zeros_like(keep)
                 lo = [-(-(a - s) // st) for a, s, st in zip(w.own_lo, w.start, stride, strict=True)]
                 hi = [-(-(b - s) // st) for b, s, st in zip(w.own_hi, w.start, stride, strict=True)]
@@ -100,7 +102,7 @@ def layer_signatures(net: nn.Module, prep: PreparedStudy, settings: InferenceSet
     for name, gram, n in zip(names, grams, counts, strict=True):
         if gram is None or n == 0:
             raise ValueError(f"no body cell at stage {name}: the canvas is smaller than one of its cells")
-        out[name] = signature_from_gram(gram.cpu().numpy(), n)
+        out[name] = signature_from_gram(gram.cpu().numpy(), n, settings.spectrum)
     return out
 
 

@@ -359,7 +359,7 @@ def _layer_rows(models: dict[str, list[_Model]], studies: Sequence[PhantomCase],
 
 
 def _layer_study(net: nn.Module, train_sigs: list[dict[str, list[float]]], test_sigs: list[dict[str, list[float]]],
-                 groups: list[str], c: float, n_boot: int) -> list[dict[str, Any]]:
+                 groups: list[str], c: float, n_boot: int, production: str) -> list[dict[str, Any]]:
     strides = stage_strides(net)
     widths = {name: len(train_sigs[0][name]) for name in layer_names(net)}
     rows = []
@@ -370,7 +370,7 @@ def _layer_study(net: nn.Module, train_sigs: list[dict[str, list[float]]], test_
         is_in = np.array([g == "in" for g in groups])
         det = _detection(sc[is_in].tolist(), sc[~is_in].tolist(), gate.tau, n_boot)
         rows.append({"layer": name, "channels": widths[name], "stride": strides[name], "tau": gate.tau,
-                     "production": name == names[-1], "scores": sc.tolist(), **det})
+                     "production": name == production, "scores": sc.tolist(), **det})
     return rows
 
 
@@ -428,7 +428,8 @@ def run(scale: Scale, out: str | os.PathLike[str], *, seeds: Sequence[int] | Non
         runs += [m.info for m in models["ensemble"][1:]]
         inference = models["base"][0].settings.record()
         groups = [r["group"] for r in rows]
-        layers = _layer_study(base_net, train_sigs, test_sigs, groups, scale.c, scale.n_boot)
+        layers = _layer_study(base_net, train_sigs, test_sigs, groups, scale.c, scale.n_boot,
+                              models["base"][0].settings.signature_layer)
     if bar is not None:
         bar.close()
     summary = {}
@@ -550,7 +551,8 @@ def render(data: dict[str, Any]) -> str:
     lines.append("")
     lines.append("The spectral signature of each stage of the base model, at the stage's resolution "
                  "(`model.layer_signatures`), a bank per stage on the same training studies, the same test "
-                 "studies. The production signature is the last decoder stage's.")
+                 "studies. The production signature's stage is marked (the cpu outputs in docs/evidence/ood were "
+                 "computed before bank version 3, with the last decoder stage's mean spectrum over the body).")
     lines.append("")
     table = []
     for r in data["layers"]:

@@ -3,6 +3,7 @@ bootstrap interval of the AUC, and the per-stage signatures against the producti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -43,7 +44,12 @@ def test_last_decoder_stage_is_the_production_signature() -> None:
     assert list(sig) == layer_names(net) == ["encoders.0", "encoders.1", "encoders.2", "decoders.0", "decoders.1"]
     assert stage_strides(net) == {"encoders.0": 1, "encoders.1": 2, "encoders.2": 4, "decoders.0": 2, "decoders.1": 1}
     prod = segment_volume(net, case.image, case.spacing, case.modality, settings).signature
-    np.testing.assert_allclose(sig["decoders.1"], prod, atol=1e-9)
+    np.testing.assert_allclose(sig[settings.signature_layer], prod, atol=1e-9)
+    # the paper's (and bank version 2's) stage, spectrum and voxels: the same agreement
+    v2 = dataclasses.replace(settings, signature_layer="decoders.1", spectrum="mean", signature_voxels="body")
+    sig2 = layer_signatures(net, prepare_study(case.image, case.spacing, case.modality, v2), v2)
+    np.testing.assert_allclose(sig2["decoders.1"], segment_volume(net, case.image, case.spacing, case.modality,
+                                                                  v2).signature, atol=1e-9)
     assert sig["encoders.2"].shape == (16,)
     for v in sig.values():
         assert np.linalg.norm(v) == pytest.approx(1.0)
@@ -146,7 +152,7 @@ def test_tiny_scale_through_the_cli(tmp_path: Path) -> None:
         for cell, k in zip(row[3:], ood.METRICS, strict=True):
             _check_ci_cell(cell, r[k], dec)
     prod = next(r for r in data["layers"] if r["production"])
-    assert prod["layer"] == "decoders.0"
+    assert prod["layer"] == data["inference"]["signature_layer"] == "encoders.0"  # bank version 3
     np.testing.assert_allclose(prod["scores"], [r["scores"]["spectral"] for r in data["rows"]], atol=1e-9)
     assert prod["tau"] == pytest.approx(data["fits"]["spectral"]["tau"], abs=1e-12)
     # histograms, one per method
