@@ -14,7 +14,7 @@ DOC = ROOT / "docs" / "evidence.md"
 
 def test_the_evidence_embeds_reports():
     found = blocks(DOC.read_text())
-    assert {Path(p).name for p, _ in found} >= {"calibration.md", "ood.md"}, [p for p, _ in found]
+    assert {Path(p).name for p, _ in found} >= {"calibration.md", "ood.md", "failures.md"}, [p for p, _ in found]
 
 
 @pytest.mark.parametrize("path,body", blocks(DOC.read_text()) if DOC.exists() else [])
