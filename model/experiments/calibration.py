@@ -59,6 +59,7 @@ from model.experiments.report import (
     mean_sd,
     paired_t,
     read_json,
+    reduced_and_machine,
     write_report,
 )
 from model.scores import assd, dice, hd95
@@ -412,18 +413,7 @@ def render(data: dict[str, Any]) -> str:
         f"{fmt(data['reliability'][k]['multi']['ece'], 3)} multi" for k in kinds)
         + ". Diagrams: " + ", ".join(f"`reliability_{k}.png`" for k in kinds) + ".")
     lines.append("")
-    lines.append("Reduced against the paper:")
-    lines.append("")
-    lines += [f"- {r}" for r in sc["reduced"]]
-    mc = data["machine"]
-    lines.append("")
-    lines.append(f"Wall time {data['wall_s']:.0f} s on {mc['device']} ({mc['device_name']}, {mc['cpu_count']} CPUs, "
-                 f"{mc['torch_threads']} torch threads; load average {mc['load_average_start'][0]} at the start, "
-                 f"{mc['load_average_end'][0]} at the end), torch {mc['torch']}."
-                 + (" The machine was shared with other work (a load average above its CPU count): the wall time "
-                    "is longer than the same run alone would take." if max(mc["load_average_start"][0],
-                                                                          mc["load_average_end"][0]) > mc["cpu_count"]
-                    else ""))
+    lines += reduced_and_machine(data, "", "the wall time is longer than the same run alone would take.")
     return "\n".join(lines) + "\n"
 
 

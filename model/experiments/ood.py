@@ -57,7 +57,14 @@ from model.data.phantoms import NEAR_OOD_KINDS, TRAINING_KINDS, UNSEEN_KINDS, Ph
 from model.data.shifts import shifted_case
 from model.data.splits import SEED, TEST, TRAIN
 from model.evaluate import fit_bank
-from model.experiments.report import bootstrap_ci, fmt, markdown_table, read_json, write_report
+from model.experiments.report import (
+    bootstrap_ci,
+    fmt,
+    markdown_table,
+    read_json,
+    reduced_and_machine,
+    write_report,
+)
 from model.layer_signatures import layer_names, layer_signatures, stage_strides
 from model.ood import OODScorer, SpectralGate
 from model.scores import ood_detection_metrics, roc_auc
@@ -567,19 +574,9 @@ def render(data: dict[str, Any]) -> str:
     lines.append("Histograms (in-distribution test studies and each OOD set, tau marked): "
                  + ", ".join(f"`oodm_{m}.png`" for m in methods) + ".")
     lines.append("")
-    lines.append("Reduced against the paper:")
-    lines.append("")
-    lines += [f"- {r}" for r in sc["reduced"]]
-    mc = data["machine"]
-    lines.append("")
-    lines.append(f"Wall time {data['wall_s']:.0f} s on {mc['device']} ({mc['device_name']}, {mc['cpu_count']} CPUs, "
-                 f"{mc['torch_threads']} torch threads; load average {mc['load_average_start'][0]} at the start, "
-                 f"{mc['load_average_end'][0]} at the end), torch {mc['torch']}. Time per study: preparation "
-                 "(grid, intensities, body crop), the method's passes and its score, averaged over the test studies."
-                 + (" The machine was shared with other work (a load average above its CPU count): times are longer "
-                    "than the same run alone would take." if max(mc["load_average_start"][0],
-                                                                  mc["load_average_end"][0]) > mc["cpu_count"]
-                    else ""))
+    lines += reduced_and_machine(data, " Time per study: preparation (grid, intensities, body crop), the method's "
+                                 "passes and its score, averaged over the test studies.",
+                                 "times are longer than the same run alone would take.")
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from model._atomic import atomic_write
 
 __all__ = ["PairedT", "bootstrap_ci", "fmt", "fmt_mean_sd", "jsonable", "markdown_table", "mean_sd",
-           "paired_t", "read_json", "write_report"]
+           "paired_t", "read_json", "reduced_and_machine", "write_report"]
 
 
 def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -157,3 +157,17 @@ def write_report(out: str | os.PathLike[str], name: str, data: dict[str, Any],
                       (json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n").encode())
     md = atomic_write(folder / f"{name}.md", render(read_json(js)).encode())
     return js, md
+
+
+def reduced_and_machine(data: dict[str, Any], timing: str, shared: str) -> list[str]:
+    """The closing lines every report shares: what the scale reduced against the paper, then the wall time
+    and the machine (``data["scale"]["reduced"]``, ``data["machine"]``, ``data["wall_s"]``). ``timing``
+    follows the machine's sentence; ``shared`` is said when the load average exceeded the CPU count."""
+    mc = data["machine"]
+    busy = max(mc["load_average_start"][0], mc["load_average_end"][0]) > mc["cpu_count"]
+    return ["Reduced against the paper:", "", *[f"- {r}" for r in data["scale"]["reduced"]], "",
+            f"Wall time {data['wall_s']:.0f} s on {mc['device']} ({mc['device_name']}, {mc['cpu_count']} CPUs, "
+            f"{mc['torch_threads']} torch threads; load average {mc['load_average_start'][0]} at the start, "
+            f"{mc['load_average_end'][0]} at the end), torch {mc['torch']}." + timing
+            + (" The machine was shared with other work (a load average above its CPU count): " + shared
+               if busy else "")]
