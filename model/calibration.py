@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from model._atomic import atomic_write
 
-__all__ = ["CalibrationBins", "boundary_band", "calibration_bins", "ece_mce", "reliability_diagram", "surface"]
+__all__ = ["CalibrationBins", "boundary_band", "calibration_bins", "draw_reliability", "ece_mce", "reliability_diagram",
+           "surface"]
 
 _SIX = ndimage.generate_binary_structure(3, 1)
 
@@ -103,6 +105,22 @@ def ece_mce(prob_fg: np.ndarray, label: np.ndarray, band: int = 10, bins: int = 
     return b.ece, b.mce
 
 
+def draw_reliability(ax: Any, centers: np.ndarray, accuracy: np.ndarray, confidence: np.ndarray,
+                     counts: np.ndarray, gap_label: str = "gap") -> None:
+    """Bars of accuracy per confidence bin with the gap to the bin's confidence, on a matplotlib axis
+    (the occupied bins only), and the diagonal of perfect calibration."""
+    width = 1.0 / len(centers)
+    occ = np.asarray(counts) > 0
+    ax.bar(centers[occ], accuracy[occ], width=width, edgecolor="black", color="#4c72b0", label="accuracy")
+    ax.bar(centers[occ], (confidence - accuracy)[occ], bottom=accuracy[occ], width=width, color="#dd8452",
+           alpha=0.6, edgecolor="#dd8452", label=gap_label)
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+
+
 def reliability_diagram(
     prob_fg: np.ndarray | list[np.ndarray],
     label: np.ndarray | list[np.ndarray],
@@ -132,17 +150,7 @@ def reliability_diagram(
     fig = Figure(figsize=(4.5, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    centers = (pooled.edges[:-1] + pooled.edges[1:]) / 2
-    width = 1.0 / bins
-    occ = counts > 0
-    ax.bar(centers[occ], acc[occ], width=width, edgecolor="black", color="#4c72b0", label="accuracy")
-    ax.bar(centers[occ], (cnf - acc)[occ], bottom=acc[occ], width=width, color="#dd8452", alpha=0.6,
-           edgecolor="#dd8452", label="gap")
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
+    draw_reliability(ax, (pooled.edges[:-1] + pooled.edges[1:]) / 2, acc, cnf, counts, "gap")
     ax.set_title(f"{title}  ECE={pooled.ece:.3f} MCE={pooled.mce:.3f}".strip())
     ax.legend(loc="upper left")
     fig.tight_layout()

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from model._atomic import atomic_write
-from model.calibration import CalibrationBins, calibration_bins
+from model.calibration import CalibrationBins, calibration_bins, draw_reliability
 from model.data.hard import difficulty as resolve_difficulty
 from model.data.hard import hard_case
 from model.data.phantoms import PhantomCase
@@ -429,18 +429,8 @@ def plot_reliability(rel: dict[str, Any], path: Path, title: str) -> Path:
         counts = np.asarray(b["counts"])
         acc = np.asarray([np.nan if v is None else v for v in b["accuracy"]], dtype=float)
         conf = np.asarray([np.nan if v is None else v for v in b["confidence"]], dtype=float)
-        n = counts.size
-        centers = (np.arange(n) + 0.5) / n
-        occ = counts > 0
         ax = fig.add_subplot(1, 2, j + 1)
-        ax.bar(centers[occ], acc[occ], width=1.0 / n, edgecolor="black", color="#4c72b0", label="accuracy")
-        ax.bar(centers[occ], (conf - acc)[occ], bottom=acc[occ], width=1.0 / n, color="#dd8452", alpha=0.6,
-               edgecolor="#dd8452", label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
+        draw_reliability(ax, (np.arange(counts.size) + 0.5) / counts.size, acc, conf, counts, "gap to confidence")
         ece, mce = b["ece"], b["mce"]
         ax.set_title(f"{title}, {mod}-task\nECE {fmt(ece, 3)}  MCE {fmt(mce, 3)}", fontsize=10)
         ax.legend(loc="upper left", fontsize=8)
