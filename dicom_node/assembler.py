@@ -137,12 +137,17 @@ class Assembler:
 
     # ------------------------------------------------------------------------------------- pass
     def pending(self, now: datetime | None = None) -> list[int]:
-        """Ids of studies whose quiet period is over and that have instances no assembly saw yet."""
+        """Ids of studies whose quiet period is over, that have instances no assembly saw yet, and whose
+        every instance is in the store (``store_key`` set: at once with ``fs``, after the upload with
+        ``s3``, :mod:`dicom_node.uploader`)."""
         cutoff = (now or utcnow()) - timedelta(seconds=self.config.quiet_seconds)
+        # with an object store, an instance not uploaded yet has no store key: its study waits for it
+        not_stored = (select(Instance.id).join(Series, Series.id == Instance.series_id)
+                      .where(Series.study_id == Study.id, Instance.store_key.is_(None)).exists())
         with session_scope(self.sessions) as s:
             return list(s.execute(
                 select(Study.id).where(Study.received_count > Study.assembled_count,
-                                       Study.last_received_at <= cutoff)
+                                       Study.last_received_at <= cutoff, ~not_stored)
                 .order_by(Study.last_received_at).limit(500)).scalars())
 
     def run_once(self, now: datetime | None = None) -> list[AssemblyResult]:

@@ -25,6 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from store import Store, StoreConfig, open_store
+
 __all__ = ["MOVED_TO_MODEL", "AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "ReceiveLimits",
            "SeriesRule", "TLSConfig", "validate_ae_title", "validate_host"]
 
@@ -261,6 +263,11 @@ class NodeConfig:
     limits: ReceiveLimits = field(default_factory=ReceiveLimits)
     accept_deflated: bool = False  # negotiate Deflated Explicit VR Little Endian
     data_dir: Path | None = None  # the ledger's spool paths are relative to it (ledger.paths)
+    store: StoreConfig | None = None  # where instances go after the spool (None: fs, they stay there)
+
+    @property
+    def files(self) -> Store:
+        return open_store(self.store, self.data_dir)
 
     @property
     def temp_max_age_s(self) -> float:

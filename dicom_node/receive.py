@@ -326,9 +326,12 @@ class InstanceReceiver:
     def __init__(self, spool: Spool, sessions: sessionmaker[Session], *, actor: str = "dicom_node.scp",
                  image_sop_classes: frozenset[str] | None = None,
                  on_stored: Callable[[int, str], None] | None = None, metrics: NodeMetrics | None = None,
-                 data_dir: Path | None = None) -> None:
+                 data_dir: Path | None = None, remote_store: bool = False) -> None:
+        """``remote_store``: instances go on to an object store (:class:`dicom_node.uploader.Uploader`):
+        their row is written without a store key, which the upload sets."""
         self.spool = spool
         self.data_dir = data_dir
+        self.remote_store = remote_store
         self.sessions = sessions
         self.actor = actor
         self.image_sop_classes = image_sop_classes
@@ -433,6 +436,7 @@ class InstanceReceiver:
             spooled = self.spool.replace(temp, spooled.path)
         try:
             instance_id = self.index.add(replace(new, spool_path=to_ledger(spooled.path, self.data_dir),
+                                                 pending_upload=self.remote_store,
                                                  size_bytes=spooled.size_bytes,
                                                  sha256=spooled.sha256))
         except IntegrityError:

@@ -59,7 +59,8 @@ class StoreSCP:
         self.metrics = metrics
         self.spool = spool or Spool(config.spool_dir, watermark_percent=config.spool_watermark_percent)
         self.receiver = InstanceReceiver(self.spool, sessions, image_sop_classes=IMAGE_STORAGE_SOP_CLASSES,
-                                         on_stored=on_stored, metrics=metrics, data_dir=config.data_dir)
+                                         on_stored=on_stored, metrics=metrics, data_dir=config.data_dir,
+                                         remote_store=(config.store is not None and config.store.kind != "fs"))
         self.contexts = storage_contexts(accept_deflated=config.accept_deflated)
         self.ssl_context: ssl.SSLContext | None = None
         self.handoff = None if handoff is None else HandoffReceiver(handoff, self._serve, self._load)

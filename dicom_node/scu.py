@@ -41,9 +41,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import audit
 from ledger.db import session_scope
-from ledger.paths import from_ledger
 from ledger.schema import Delivery, DeliveryState, Result, Retraction, RetractionDelivery, utcnow
 from ledger.sql import insert_ignore
+from store import Store, as_store
 
 from .config import Destination
 
@@ -263,21 +263,25 @@ class _Shipment:
 def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Sequence[Destination], *,
             actor: str, retry_policy: RetryPolicy | None = None,
             sleep: Callable[[float], None] = time.sleep,
-            on_attempt: AttemptObserver | None = None, data_dir: Path | None = None) -> list[DeliveryOutcome]:
+            on_attempt: AttemptObserver | None = None, files: Store | Path | None = None) -> list[DeliveryOutcome]:
     """Send result ``result_id``'s objects (its SEG, and the SR with the gate's evidence) to every
     destination, on one association each; return one outcome per destination.
 
     Idempotent: a destination whose delivery is already ``sent`` is not sent again. Blocks for the
     retries (the worker runs it in its task). ``sleep`` is injectable so a test can count the waits.
-    ``on_attempt`` is told of every attempt (:data:`AttemptObserver`).
+    ``on_attempt`` is told of every attempt (:data:`AttemptObserver`). ``files``: where the objects are
+    read from (a :class:`store.Store`; a data directory or None: ``fs``); fetched fresh, not from a cache
+    (an approval rewrites them under the same keys).
     """
     with session_scope(sessions) as s:
         result = s.get(Result, result_id)
         if result is None:
             raise LookupError(f"result {result_id} does not exist")
-        files = tuple(from_ledger(p, data_dir) for p in (result.seg_path, result.sr_path) if p)
-        shipment = _Shipment(Delivery, "result_id", result_id, result.job_id, files, f"result {result_id}",
-                             "delivery")
+        keys = [p for p in (result.seg_path, result.sr_path) if p]
+        job_id = result.job_id
+    store = as_store(files)
+    shipment = _Shipment(Delivery, "result_id", result_id, job_id, tuple(store.path(k, fresh=True) for k in keys),
+                         f"result {result_id}", "delivery")
     return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep,
                  on_attempt=on_attempt)
 
@@ -286,16 +290,17 @@ def deliver_retraction(sessions: sessionmaker[Session], retraction_id: int, dest
                        *, actor: str, retry_policy: RetryPolicy | None = None,
                        sleep: Callable[[float], None] = time.sleep,
                        on_attempt: AttemptObserver | None = None,
-                       data_dir: Path | None = None) -> list[DeliveryOutcome]:
+                       files: Store | Path | None = None) -> list[DeliveryOutcome]:
     """Send retraction ``retraction_id``'s Key Object Selection document to ``destinations`` (those that
     received the result), with the same rows, retries and idempotence as :func:`deliver`."""
     with session_scope(sessions) as s:
         retraction = s.get(Retraction, retraction_id)
         if retraction is None:
             raise LookupError(f"retraction {retraction_id} does not exist")
-        shipment = _Shipment(RetractionDelivery, "retraction_id", retraction_id, retraction.job_id,
-                             (from_ledger(retraction.kos_path, data_dir),), f"retraction {retraction_id}",
-                             "retraction_delivery")
+        kos_key, job_id = retraction.kos_path, retraction.job_id
+    shipment = _Shipment(RetractionDelivery, "retraction_id", retraction_id, job_id,
+                         (as_store(files).path(kos_key, fresh=True),), f"retraction {retraction_id}",
+                         "retraction_delivery")
     return _ship(sessions, shipment, destinations, actor=actor, policy=retry_policy or RetryPolicy(), sleep=sleep,
                  on_attempt=on_attempt)
 

@@ -42,7 +42,7 @@ log = logging.getLogger("specgate.ledger.instances")
 _STUDIES: Table = Study.__table__  # type: ignore[assignment]
 _INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 _ROW_COLUMNS = ("series_id", "sop_instance_uid", "sop_class_uid", "transfer_syntax_uid", "spool_path",
-                "size_bytes", "sha256", "calling_ae", "received_at")
+                "store_key", "size_bytes", "sha256", "calling_ae", "received_at")
 # Built once: one statement object each, so SQLAlchemy's compiled cache is hit without rebuilding them.
 _BUMP_STUDY_BY_UID = (update(_STUDIES).where(_STUDIES.c.study_instance_uid == bindparam("uid"))
                       .values(last_received_at=bindparam("now"), received_count=_STUDIES.c.received_count + 1)
@@ -74,11 +74,14 @@ class NewInstance:
     body_part: str | None = None
     series_description: str | None = None
     station_name: str | None = None
+    #: True with an object store: the row has no store key until the uploader has put the file there;
+    #: False (fs): the spool path is the key
+    pending_upload: bool = False
 
     def row(self, series_id: int, now: Any) -> dict[str, Any]:
         return {"series_id": series_id, "sop_instance_uid": self.sop_instance_uid,
                 "sop_class_uid": self.sop_class_uid, "transfer_syntax_uid": self.transfer_syntax_uid,
-                "spool_path": self.spool_path, "size_bytes": self.size_bytes, "sha256": self.sha256,
+                "spool_path": self.spool_path, "store_key": None if self.pending_upload else self.spool_path, "size_bytes": self.size_bytes, "sha256": self.sha256,
                 "calling_ae": self.calling_ae[:16], "received_at": now}
 
 

@@ -142,6 +142,11 @@ class Series(Base):
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
 
+def _spool_path_is_the_key(context: Any) -> str | None:
+    """A row written without a store key (``fs``: the spool is the store) is keyed by its spool path."""
+    return context.get_current_parameters().get("spool_path")  # type: ignore[no-any-return]
+
+
 class Instance(Base):
     __tablename__ = "instances"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -150,6 +155,8 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str | None] = mapped_column(UID)
     spool_path: Mapped[str] = mapped_column(String(512))
+    #: the instance's key in the store (store.layout); NULL while the SCP's uploader has not put it there
+    store_key: Mapped[str | None] = mapped_column(String(512), index=True, default=_spool_path_is_the_key)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae: Mapped[str] = mapped_column(String(16))

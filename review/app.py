@@ -324,7 +324,7 @@ class ReviewApp:
         job_id = parse_id(request.path_params["job_id"], "job")
         message = self.flash(request)
         with session_scope(self.sessions) as s:
-            view = queries.study_view(s, job_id, self.config.data_dir)
+            view = queries.study_view(s, job_id, self.config.files)
             if view is None:
                 raise _Denied(404, f"no job {job_id}")
             audit.append(s, actor=f"user:{me.username}", action="review.viewed", object_type="job",
@@ -359,7 +359,7 @@ class ReviewApp:
         if not 0 <= z <= MAX_SLICE:
             raise _Denied(404, f"no slice {z}")
         with session_scope(self.sessions) as s:
-            files = queries.image_files(s, job_id, self.config.data_dir)
+            files = queries.image_files(s, job_id, self.config.files)
         if files is None:
             return PlainTextResponse("no images for this job", status_code=404)
         window = parse_text(request.query_params.get("window"), "window", 32)

@@ -14,6 +14,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from store import Store, StoreConfig, open_store
+
 __all__ = ["VIEWER_FIELDS", "ReviewConfig", "validate_viewer_url"]
 
 VIEWER_FIELDS = frozenset({"study_instance_uid", "series_instance_uid"})
@@ -52,3 +54,9 @@ class ReviewConfig:
     hash_concurrency: int = 1
     #: the data directory the ledger's file paths are relative to (:mod:`ledger.paths`)
     data_dir: Path | None = None
+    #: where instance files and results are read from (None: fs on data_dir)
+    store: StoreConfig | None = None
+
+    @property
+    def files(self) -> Store:
+        return open_store(self.store, self.data_dir)

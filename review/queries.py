@@ -8,6 +8,7 @@ study page reads them from the first stored instance of the series, and they go 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from ledger.paths import from_ledger
 from ledger.schema import (
     AuditEvent,
     Delivery,
@@ -30,8 +30,11 @@ from ledger.schema import (
     Study,
     utcnow,
 )
+from store import Store, StoreError, as_store
 
 from .auth import aware
+
+log = logging.getLogger("specgate.review")
 
 __all__ = ["REJECT_REASONS", "QueueFilter", "QueueRow", "StudyView", "image_files", "queue", "queue_facets",
            "series_paths", "study_view"]
@@ -155,8 +158,9 @@ class StudyView:
         return self.reviews[-1] if self.reviews else None
 
 
-def study_view(session: Session, job_id: int, data_dir: Path | None = None) -> StudyView | None:
-    """``data_dir``: what the ledger's relative paths are resolved against (:mod:`ledger.paths`)."""
+def study_view(session: Session, job_id: int, files: Store | Path | None = None) -> StudyView | None:
+    """``files``: where the ledger's keys are read from (:mod:`store`; a data directory: ``fs``)."""
+    files = as_store(files)
     job = session.get(Job, job_id)
     if job is None:
         return None
@@ -165,11 +169,11 @@ def study_view(session: Session, job_id: int, data_dir: Path | None = None) -> S
     series = session.execute(select(Series).where(Series.series_instance_uid == job.series_instance_uid)
                              ).scalar_one_or_none()
     result = session.execute(select(Result).where(Result.job_id == job.id)).scalar_one_or_none()
-    paths = series_paths(session, job.series_instance_uid, data_dir)
+    paths = series_paths(session, job.series_instance_uid, files)
     evidence: dict[str, Any] = {}
     if result is not None and result.evidence_path:
         try:
-            evidence = json.loads(from_ledger(result.evidence_path, data_dir).read_text())
+            evidence = json.loads(files.path(result.evidence_path).read_text())
         except (OSError, ValueError):
             evidence = {}
     reviews = list(session.execute(select(Review).where(Review.job_id == job.id).order_by(Review.id)).scalars())
@@ -186,26 +190,43 @@ def study_view(session: Session, job_id: int, data_dir: Path | None = None) -> S
     return StudyView(job=job, study=study, series=series, result=result, evidence=evidence, series_paths=paths,
                      reviews=reviews, deliveries=deliveries, retraction=retraction, history=history,
                      newer_job_id=newer, patient=patient_banner(paths[0]) if paths else {},
-                     prob_file=from_ledger(result.prob_path, data_dir) if result is not None and result.prob_path
+                     prob_file=_local(files, result.prob_path) if result is not None and result.prob_path
                      else None)
 
 
-def series_paths(session: Session, series_instance_uid: str | None, data_dir: Path | None = None) -> list[Path]:
-    """The spool files of a job's series, in the order they were stored."""
-    return [from_ledger(p, data_dir) for p in session.execute(
-        select(Instance.spool_path).join(Series).where(Series.series_instance_uid == series_instance_uid)
-        .order_by(Instance.id)).scalars()]
+def _local(files: Store, key: str) -> Path | None:
+    try:
+        return files.path(key)
+    except StoreError as exc:
+        log.warning("a kept file cannot be read from the store: %s", exc)
+        return None
 
 
-def image_files(session: Session, job_id: int, data_dir: Path | None = None) -> tuple[list[Path], Path] | None:
-    """What a slice is drawn from: the series' spool files and the kept probability map (None: no images).
+def series_paths(session: Session, series_instance_uid: str | None, files: Store | Path | None = None) -> list[Path]:
+    """The files of a job's series, in the order they were stored, on this host (from the store's cache
+    with ``s3``); empty when the store cannot give them (logged: the page says there are no images)."""
+    store = as_store(files)
+    rows = session.execute(
+        select(Instance.store_key, Instance.spool_path, Instance.sha256).join(Series)
+        .where(Series.series_instance_uid == series_instance_uid).order_by(Instance.id)).all()
+    try:
+        return [store.path(key or spool, sha) for key, spool, sha in rows]
+    except StoreError as exc:
+        log.warning("the series' files cannot be read from the store: %s", exc)
+        return []
+
+
+def image_files(session: Session, job_id: int, files: Store | Path | None = None) -> tuple[list[Path], Path] | None:
+    """What a slice is drawn from: the series' files and the kept probability map (None: no images).
     Two small queries: a slice request must not read what the study page shows (history, banner)."""
+    store = as_store(files)
     row = session.execute(select(Job.series_instance_uid, Result.prob_path).join(Result, Result.job_id == Job.id)
                           .where(Job.id == job_id)).one_or_none()
     if row is None or not row.prob_path:
         return None
-    paths = series_paths(session, row.series_instance_uid, data_dir)
-    return (paths, from_ledger(row.prob_path, data_dir)) if paths else None
+    paths = series_paths(session, row.series_instance_uid, store)
+    prob = _local(store, row.prob_path)
+    return (paths, prob) if paths and prob is not None else None
 
 
 def patient_banner(path: Path) -> dict[str, str]:

@@ -129,6 +129,11 @@ def _run_node(app: AppContext, config_file: Path | None, stop: threading.Event, 
         raise click.ClickException(f"cannot listen on {settings.scp_host}:{settings.scp_port}: {exc}") from exc
     assembler = Assembler(settings.assembly_config(), sessions, on_job_queued=_job_queued_hook(app),
                           spool=spool).start()
+    uploader = None
+    if node.files.remote:  # every received instance goes on to the object store; studies wait for it
+        from dicom_node.uploader import Uploader
+
+        uploader = Uploader(sessions, node.files, node.data_dir).start()
     host, port = front.address
     click.echo(f"specgate scp: {settings.scp_ae_title} listening on {host}:{port} "
                f"({processes} receiver process{'es' if processes > 1 else ''})", err=True)
@@ -139,6 +144,8 @@ def _run_node(app: AppContext, config_file: Path | None, stop: threading.Event, 
         t0 = time.monotonic()
         front.stop()
         assembler.stop()
+        if uploader is not None:
+            uploader.stop()
         if endpoint is not None:
             endpoint.stop()
         log.info("stopped in %.1f s", time.monotonic() - t0)

@@ -14,6 +14,7 @@ from ._context import AppContext, pass_app
 
 if TYPE_CHECKING:
     from ledger.schema import Job
+    from store import Store
 
 __all__ = ["jobs", "register"]
 
@@ -35,7 +36,7 @@ def _gate_evidence(path: Path | None) -> dict[str, Any] | None:
             "spacing": (ev.get("inference") or {}).get("spacing")}
 
 
-def _job_dict(job: Job, *, full: bool = False, data_dir: Path | None = None) -> dict[str, Any]:
+def _job_dict(job: Job, *, full: bool = False, files: Store | None = None) -> dict[str, Any]:
     result = job.results[-1] if job.results else None
     d: dict[str, Any] = {
         "id": job.id,
@@ -52,16 +53,21 @@ def _job_dict(job: Job, *, full: bool = False, data_dir: Path | None = None) -> 
         "updated_at": job.updated_at.isoformat(),
     }
     if full:
-        from ledger.paths import from_ledger
+        from store import as_store
+
+        store = as_store(files)
+
+        def where(key: str) -> str:  # a local path with fs; the object's key with s3 (nothing fetched)
+            return key if store.remote else str(store.path(key))
 
         d["reason_detail"] = job.reason_detail
         d["finished_at"] = job.finished_at.isoformat() if job.finished_at else None
         d["result"] = None if result is None else {
             "seg_sop_instance_uid": result.seg_sop_instance_uid,
-            "seg_path": str(from_ledger(result.seg_path, data_dir)),
+            "seg_path": where(result.seg_path),
             "is_ood": result.is_ood, "model_id": result.model_id, "weights_sha256": result.weights_sha256,
             "superseded": result.superseded,
-            "gate": _gate_evidence(from_ledger(result.evidence_path, data_dir) if result.evidence_path else None),
+            "gate": _gate_evidence(store.path(result.evidence_path) if result.evidence_path else None),
             "sr_sop_instance_uid": result.sr_sop_instance_uid,
         }
         d["retraction"] = _retraction_dict(job)
@@ -140,7 +146,7 @@ def jobs_show(app: AppContext, job_id: int, as_json: bool) -> None:
         job = session.get(Job, job_id)
         if job is None:
             raise click.ClickException(f"job {job_id} does not exist")
-        d = _job_dict(job, full=True, data_dir=app.data_dir)
+        d = _job_dict(job, full=True, files=app.files)
         d["history"] = [
             {"at": e.ts.isoformat(), "actor": e.actor, "action": e.action, "details": e.details}
             for e in session.execute(select(AuditEvent).where(AuditEvent.object_type == "job",
@@ -244,7 +250,7 @@ def retract_command(app: AppContext, job_id: int, user: str, reason: str, note: 
 
     try:
         retraction_id = retract_job(app.sessions(), job_id, user=user, reason=reason, note=note,
-                                    data_dir=app.data_dir)
+                                    files=app.files)
     except RetractionError as exc:
         raise click.ClickException(str(exc)) from exc
     Enqueuer(celery_app(app), app.sessions()).retract(retraction_id)

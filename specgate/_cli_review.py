@@ -122,7 +122,7 @@ def build_app(app: AppContext) -> Starlette:
         from worker.retraction import retract_job
 
         retraction_id = retract_job(sessions, job_id, user=user, reason=reason, note=note,
-                                    data_dir=app.settings.data_dir)
+                                    files=app.files)
         enqueuer.retract(retraction_id)
         return retraction_id
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from dicom_node.config import SeriesRule
     from ledger.schema import RegisteredModel
+    from store import Store
     from worker.config import ModelSpec, WorkerConfig
 
 __all__ = ["AppContext", "StartupError", "app_context", "operator", "pass_app"]
@@ -60,6 +61,13 @@ class AppContext:
     @property
     def data_dir(self) -> Path:
         return self.settings.data_dir
+
+    @property
+    def files(self) -> Store:
+        """Where instance files and results live (:mod:`store`, from the settings)."""
+        from store import open_store
+
+        return open_store(self.settings.store_config(), self.settings.data_dir)
 
     @property
     def engine(self) -> Engine:

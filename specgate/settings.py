@@ -46,6 +46,7 @@ from dicom_node.config import (
 )
 from dicom_node.scu import RetryPolicy
 from review.config import ReviewConfig, validate_viewer_url
+from store import StoreConfig
 from worker.anatomy import AnatomyCode
 from worker.config import (
     DEFAULT_MODEL,
@@ -152,6 +153,21 @@ class Settings(BaseSettings):
                                      description="SQLAlchemy URL; default: SQLite file in the data dir")
     broker_url: str | None = Field(default=None,
                                    description="Celery broker; default: one that needs no server")
+    store: Literal["fs", "s3"] = Field(
+        default="fs", description="where instance files and results live: the data dir (fs), or an "
+                                  "S3-compatible object store (s3), so workers need no shared filesystem")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, Ceph RGW, SeaweedFS); "
+                                                                  "empty: AWS for s3_region")
+    s3_bucket: str = Field(default="specgate", min_length=3, max_length=63, description="the bucket (made by the operator)")
+    s3_prefix: str = Field(default="", max_length=200, description="keys live under it: one bucket, several installations")
+    s3_region: str = Field(default="us-east-1", description="the bucket's region")
+    s3_access_key: str | None = Field(default=None, description="empty: boto3's own chain (environment, instance role)")
+    s3_secret_key: str | None = Field(default=None, repr=False, description="the access key's secret")
+    s3_ca_bundle: Path | None = Field(default=None, description="a private CA for an https endpoint")
+    cache_dir: Path | None = Field(default=None, description="this host's copies of stored objects (s3); "
+                                                             "default: <data_dir>/cache")
+    cache_max_bytes: int = Field(default=20 * 2**30, ge=0, description="bound of the cache; least recently used "
+                                                                        "files go first (0: no bound)")
 
     # --- DICOM SCP ---------------------------------------------------------------------------------
     scp_ae_title: str = "SPECGATE"
@@ -457,6 +473,13 @@ class Settings(BaseSettings):
         return self.scp_tls_cert is not None
 
     # --- each package's own configuration -----------------------------------------------------------
+    def store_config(self) -> StoreConfig:
+        """Where :mod:`store` keeps instance files and results."""
+        return StoreConfig(kind=self.store, endpoint_url=self.s3_endpoint_url, bucket=self.s3_bucket,
+                           prefix=self.s3_prefix, region=self.s3_region, access_key=self.s3_access_key,
+                           secret_key=self.s3_secret_key, ca_bundle=self.s3_ca_bundle, cache_dir=self.cache_dir,
+                           cache_max_bytes=self.cache_max_bytes)
+
     def node_config(self) -> NodeConfig:
         """What :mod:`dicom_node`'s SCP, listener and security need, and nothing else."""
         tls = None
@@ -476,7 +499,7 @@ class Settings(BaseSettings):
                                  association_bytes=self.scp_max_association_bytes,
                                  sequence_depth=self.scp_max_sequence_depth,
                                  inflated_bytes=self.scp_max_inflated_bytes),
-            accept_deflated=self.scp_accept_deflated, data_dir=self.data_dir)
+            accept_deflated=self.scp_accept_deflated, data_dir=self.data_dir, store=self.store_config())
 
     def assembly_config(self) -> AssemblyConfig:
         """What :class:`dicom_node.assembler.Assembler` needs."""
@@ -494,7 +517,7 @@ class Settings(BaseSettings):
         """What :mod:`worker` (its tasks, pipeline, delivery and reconciler) needs."""
         return WorkerConfig(
             database_url=self.db_url, broker_url=self.broker_url, broker_dir=self.data_dir / "broker",
-            pipeline=PipelineConfig(results_dir=self.results_dir, data_dir=self.data_dir,
+            pipeline=PipelineConfig(results_dir=self.results_dir, data_dir=self.data_dir, store=self.store_config(),
                                     installation=self.installation,
                                     rules=tuple(self.rules), heartbeat_s=self.worker_heartbeat_seconds,
                                     stale_after_s=self.worker_stale_seconds),
@@ -505,7 +528,7 @@ class Settings(BaseSettings):
             inference=InferenceOverrides(block=self.inference_block, overlap=self.inference_overlap,
                                          spacing=self.inference_spacing_pairs),
             delivery=DeliveryConfig(destinations=tuple(self.destinations), retry=self.retry_policy(),
-                                    data_dir=self.data_dir),
+                                    data_dir=self.data_dir, store=self.store_config()),
             reconcile_interval_s=self.reconcile_interval_seconds, queued_deadline_s=self.queued_deadline_seconds,
             torch_threads=self.worker_torch_threads,
             limits=TaskLimits(segment_soft_s=self.worker_segment_soft_time_limit_seconds,
@@ -524,7 +547,7 @@ class Settings(BaseSettings):
             session_s=self.review_session_minutes * 60, idle_s=self.review_idle_minutes * 60,
             viewer_url=self.review_viewer_url, failed_login_limit=self.review_failed_login_limit,
             max_body_bytes=self.review_max_body_bytes, hash_concurrency=self.review_hash_concurrency,
-            data_dir=self.data_dir)
+            data_dir=self.data_dir, store=self.store_config())
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:

@@ -41,8 +41,10 @@ __all__ = ["FsStore", "HashMismatch", "S3Store", "Store", "StoreConfig", "StoreE
 log = logging.getLogger("specgate.store")
 
 
-class StoreError(Exception):
-    """The store cannot be reached, refused an operation, or has no such object."""
+class StoreError(OSError):
+    """The store cannot be reached, refused an operation, or has no such object. An ``OSError``: to every
+    caller it is what a missing or unreadable file was before there was a store (the review app shows
+    "cannot be read", a delivery attempt fails and is retried)."""
 
 
 class HashMismatch(StoreError):

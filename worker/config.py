@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dicom_node.config import Destination, SeriesRule
 from dicom_node.scu import RetryPolicy
+from store import Store, StoreConfig, open_store
 
 from .segments import PHANTOM_SEGMENT, SegmentDefinition
 
@@ -102,6 +103,7 @@ class PipelineConfig:
     results_dir: Path
     installation: str
     data_dir: Path | None = None  # the ledger's paths are relative to it (ledger.paths)
+    store: StoreConfig | None = None  # None: fs on data_dir
     rules: tuple[SeriesRule, ...] = ()
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0
@@ -111,6 +113,11 @@ class PipelineConfig:
         """The rule called ``name``, or None when no rule has that name (any more)."""
         return next((r for r in self.rules if r.name == name), None)
 
+    @property
+    def files(self) -> Store:
+        """Where the job's series is read from and its results go (:mod:`store`)."""
+        return open_store(self.store, self.data_dir)
+
 
 @dataclass(frozen=True)
 class DeliveryConfig:
@@ -119,6 +126,12 @@ class DeliveryConfig:
     destinations: tuple[Destination, ...] = ()
     retry: RetryPolicy = RetryPolicy()
     data_dir: Path | None = None  # the ledger's paths are relative to it (ledger.paths)
+    store: StoreConfig | None = None  # None: fs on data_dir
+
+    @property
+    def files(self) -> Store:
+        """Where the results to send are read from (:mod:`store`)."""
+        return open_store(self.store, self.data_dir)
 
 
 @dataclass(frozen=True)

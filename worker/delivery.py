@@ -57,13 +57,13 @@ def deliver_job(sessions: sessionmaker[Session], job_id: int, config: DeliveryCo
             return "no destinations"
     if state == JobState.APPROVED and not _any_delivery(sessions, result_id):
         # the approver's name and the time go into the SEG and the SR before they first leave specgate
-        if rewrite_approved(sessions, job_id, config.data_dir):
+        if rewrite_approved(sessions, job_id, config.files):
             with session_scope(sessions) as s:
                 audit.append(s, actor=actor, action="result.approved_objects_written", object_type="result",
                              object_id=result_id, details={"job_id": job_id})
     outcomes = scu.deliver(sessions, result_id, config.destinations, actor=actor, retry_policy=config.retry,
                            sleep=sleep, on_attempt=None if metrics is None else metrics.delivery_observer("result"),
-                           data_dir=config.data_dir)
+                           files=config.files)
     if any(o.busy for o in outcomes):
         return "busy"
     failed = [o for o in outcomes if not o.sent]

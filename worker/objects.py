@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_series import Volume, load_series
 from ledger.db import session_scope
-from ledger.paths import from_ledger
 from ledger.schema import Instance, Job, Result, Review, ReviewDecision, Series
+from store import LocalCache, Store, as_store
 
 from .atomic import atomic_write, write_dicom
 from .dicom_seg import derive_uid, encode_seg
@@ -118,17 +118,30 @@ def load_mask(path: Path) -> np.ndarray:
 
 
 def series_files(sessions: sessionmaker[Session], series_uid: str | None,
-                 data_dir: Path | None = None) -> list[Path]:
-    """The series' spool files in the order they were stored, resolved against ``data_dir``."""
+                 store: Store | Path | None = None, *, verify: bool = False) -> list[Path]:
+    """The series' files in the order they were stored, as local files: the data directory's (``fs``, a
+    ``Path`` or None: the paths as stored) or this host's cached copies (``s3``, fetched on first use).
+    ``verify``: each file's SHA-256 checked against the ledger's (:class:`store.HashMismatch`)."""
+    files = as_store(store)
     with session_scope(sessions) as s:
-        q = select(Instance.spool_path).join(Series).where(Series.series_instance_uid == series_uid)
-        return [from_ledger(p, data_dir) for p in s.execute(q.order_by(Instance.id)).scalars()]
+        q = select(Instance.store_key, Instance.spool_path, Instance.sha256).join(Series).where(
+            Series.series_instance_uid == series_uid)
+        rows = s.execute(q.order_by(Instance.id)).all()
+    pinned = LocalCache.now()  # the series being staged is not evicted while the rest of it arrives
+    out = []
+    for key, spool_path, sha in rows:
+        k = key or spool_path  # a row without a key is never part of a job (the assembler waits for it)
+        out.append(files.verified_path(k, sha, pinned_since=pinned) if verify
+                   else files.path(k, sha, pinned_since=pinned))
+    return out
 
 
-def rewrite_approved(sessions: sessionmaker[Session], job_id: int, data_dir: Path | None = None) -> bool:
+def rewrite_approved(sessions: sessionmaker[Session], job_id: int, store: Store | Path | None = None) -> bool:
     """Re-encode an approved job's SEG and SR with the approver and the time of approval, with the segments
-    they were first written with (from the job's evidence), whatever the configuration says now. False
-    when there is nothing to rewrite (no SR: a result made before SRs existed is sent as it was)."""
+    they were first written with (from the job's evidence), whatever the configuration says now, and put
+    them back in the store under the same keys. False when there is nothing to rewrite (no SR: a result
+    made before SRs existed is sent as it was)."""
+    files = as_store(store)
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
         result = s.execute(select(Result).where(Result.job_id == job_id)).scalar_one()
@@ -136,29 +149,32 @@ def rewrite_approved(sessions: sessionmaker[Session], job_id: int, data_dir: Pat
                            .order_by(Review.id)).scalars().first()
         if job is None or review is None or result.sr_path is None or result.prob_path is None:
             return False
-        paths = tuple(from_ledger(p, data_dir) for p in (result.seg_path, result.sr_path, result.prob_path,
-                                                           str(result.evidence_path)))
+        seg_key, sr_key = result.seg_path, str(result.sr_path)
+        prob, evidence_file = files.path(result.prob_path), files.path(str(result.evidence_path))
         uids = ObjectUIDs(result.seg_sop_instance_uid, result.seg_series_instance_uid, str(result.sr_sop_instance_uid),
                           str(result.sr_series_instance_uid))
         series_uid = job.series_instance_uid
         release = Release("approved", reviewer=review.username, decided_at=review.created_at)
-    evidence: dict[str, Any] = json.loads(paths[3].read_text())
-    volume = load_series(series_files(sessions, series_uid, data_dir))
+    evidence: dict[str, Any] = json.loads(evidence_file.read_text())
+    volume = load_series(series_files(sessions, series_uid, files, verify=True))
     segments: Sequence[SegmentDefinition] | None = None
     mask = None
     if evidence.get("segments"):  # the segments it was written with, whatever the configuration says now
         from .segments import segments_from_evidence
 
         segments = segments_from_evidence(evidence["segments"])
-        with np.load(paths[2]) as npz:
+        with np.load(prob) as npz:
             if "labels" in npz.files:
                 mask = npz["labels"]
     if mask is None:  # a result kept before label maps were: its one mask
-        mask = load_mask(paths[2])
+        mask = load_mask(prob)
     if segments is None:  # ... and before segments were recorded: its rule's one segment
         segments = (_segment_from_rule_config(evidence, job_id),)
-    write_objects(paths[0], paths[1], volume, mask, model=model_identity(evidence),
+    seg_file, sr_file = files.scratch(seg_key), files.scratch(sr_key)
+    write_objects(seg_file, sr_file, volume, mask, model=model_identity(evidence),
                   evidence=gate_evidence(evidence), release=release, uids=uids, segments=segments)
+    files.put(seg_key, seg_file)
+    files.put(sr_key, sr_file)
     return True
 
 

@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import SeriesRule
@@ -39,7 +39,8 @@ from dicom_series import SeriesError, Volume, load_series
 from ledger import audit, jobs
 from ledger.db import session_scope
 from ledger.paths import to_ledger
-from ledger.schema import Job, JobState, Result, utcnow
+from ledger.schema import AuditEvent, Job, JobState, Result, utcnow
+from store import RESULT_FILES, HashMismatch, Store, StoreError, result_folder, result_keys
 
 from .atomic import atomic_write
 from .config import PipelineConfig
@@ -157,9 +158,9 @@ class Heartbeat:
 
 
 def job_paths(results_dir: Path, job_id: int, version: int) -> dict[str, Path]:
-    base = results_dir / f"job-{job_id:08d}-v{version}"
-    return {"dir": base, "seg": base / "seg.dcm", "sr": base / "sr.dcm", "prob": base / "probability.npz",
-            "evidence": base / "evidence.json", "preview": base / "preview.png"}
+    """Where this host writes one job version's files (names: :data:`store.layout.RESULT_FILES`)."""
+    base = results_dir / PurePosixPath(result_folder(job_id, version)).name
+    return {"dir": base, **{role: base / name for role, name in RESULT_FILES.items() if role != "kos"}}
 
 
 def fail(sessions: sessionmaker[Session], c: Claim, reason_code: str, detail: str, *, actor: str) -> None:
@@ -170,22 +171,38 @@ def fail(sessions: sessionmaker[Session], c: Claim, reason_code: str, detail: st
 
 def retry_or_fail(sessions: sessionmaker[Session], c: Claim, exc: BaseException, *, actor: str,
                   metrics: WorkerMetrics | None = None) -> bool:
-    """After an unexpected error: back to ``queued`` if attempts remain (True, audited ``job.queued`` with
-    ``attempt_failed``), else ``failed`` (reason ``error``; its ``job.failed`` audit row carries the attempts
-    made, and ``metrics`` counts it)."""
+    """After an attempt failed: back to ``queued`` if attempts remain (True, audited ``job.queued`` with
+    ``attempt_failed``, or an :class:`AttemptFailed`'s own reason code), else ``failed`` (reason ``error``,
+    or ``input_hash_mismatch`` when the series was fetched again and still differs; its ``job.failed``
+    audit row carries the attempts made, and ``metrics`` counts it). An attempt that is not counted
+    (``store_unavailable``) is given back: the job waits for the store however long it is away."""
     detail = f"{type(exc).__name__}: {exc}"[:2000]
+    reason = exc.reason_code if isinstance(exc, AttemptFailed) else "attempt_failed"
     with session_scope(sessions) as s:
         job = s.get(Job, c.job_id)
         assert job is not None
-        if job.attempts < job.max_attempts:
+        if isinstance(exc, AttemptFailed) and not exc.counted:
             jobs.transition(s, c.job_id, JobState.QUEUED, actor=actor, expect=JobState.RUNNING,
-                            reason_code="attempt_failed", reason_detail=detail, heartbeat_at=utcnow(),
+                            reason_code=reason, reason_detail=detail, heartbeat_at=utcnow(),
+                            attempts=max(job.attempts - 1, 0), guard=[Job.task_id == c.task_id],
+                            details={"attempt_counted": False})
+            return True
+        final = "error"
+        if reason == "input_hash_mismatch":
+            seen = s.execute(select(func.count()).select_from(AuditEvent).where(
+                AuditEvent.action == "job.input_hash_mismatch", AuditEvent.object_type == "job",
+                AuditEvent.object_id == str(c.job_id))).scalar_one()
+            if seen >= 2:  # fetched again, and still not the bytes that were received: a person must look
+                final = reason
+        if final == "error" and job.attempts < job.max_attempts:
+            jobs.transition(s, c.job_id, JobState.QUEUED, actor=actor, expect=JobState.RUNNING,
+                            reason_code=reason, reason_detail=detail, heartbeat_at=utcnow(),
                             guard=[Job.task_id == c.task_id])
             return True
         jobs.transition(s, c.job_id, JobState.FAILED, actor=actor, expect=JobState.RUNNING,
-                        reason_code="error", reason_detail=detail, guard=[Job.task_id == c.task_id])
+                        reason_code=final, reason_detail=detail, guard=[Job.task_id == c.task_id])
         if metrics is not None:
-            metrics.job_failed("error")
+            metrics.job_failed(final)
         return False
 
 
@@ -213,7 +230,7 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             raise _JobFailed("unknown_rule", f"rule {c.rule_name!r} is not configured (rules: {known})")
         with Heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
             segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
-            volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, data_dir=cfg.data_dir)
+            volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, files=cfg.files)
             t0 = time.perf_counter()
             out = _segment(segmenter, volume)
             if metrics is not None:
@@ -237,16 +254,46 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
     return outcome
 
 
-def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float], *,
-                 compact: bool = False, data_dir: Path | None = None) -> Volume:
-    """The job's series; ``compact``: int16 when that holds its values (a CT: 157 MB instead of 315 MB for
-    300x512x512), for a model that takes it (:attr:`worker.model_runtime.Segmenter.takes_int16`)."""
-    t0 = time.perf_counter()
-    files = series_files(sessions, c.series_instance_uid, data_dir)
+class AttemptFailed(Exception):
+    """This attempt cannot go on, for a reason that is not the study's: the job goes back to ``queued``
+    with ``reason_code`` (:func:`retry_or_fail`). ``counted``: whether the attempt counts against the
+    job's attempts (a store that does not answer is not the study's fault: it does not)."""
+
+    def __init__(self, reason_code: str, detail: str, *, counted: bool = True) -> None:
+        super().__init__(detail)
+        self.reason_code, self.detail, self.counted = reason_code, detail, counted
+
+
+def _stage(sessions: sessionmaker[Session], c: Claim, files: Store) -> list[Path]:
+    """The series' files on this host, every one checked against the SHA-256 the ledger recorded when it
+    was received: a file that differs (a bad disk, a corrupted cache, an object changed in the store)
+    fails the attempt with ``input_hash_mismatch`` (audited, naming the instance's key) and its local copy
+    is dropped, so the next attempt fetches it again; never a segmentation of other bytes."""
     try:
-        if not files:
+        return series_files(sessions, c.series_instance_uid, files, verify=True)
+    except HashMismatch as exc:
+        with session_scope(sessions) as s:
+            audit.append(s, actor="worker", action="job.input_hash_mismatch", object_type="job", object_id=c.job_id,
+                         details={"key": exc.key, "expected_sha256": exc.expected, "got_sha256": exc.got,
+                                  "attempt": c.attempt, "store": files.describe()})
+        raise AttemptFailed("input_hash_mismatch", str(exc)) from exc
+    except StoreError as exc:
+        raise AttemptFailed("store_unavailable", str(exc), counted=False) from exc
+
+
+def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float], *,
+                 compact: bool = False, files: Store) -> Volume:
+    """The job's series, staged from the store and checked (:func:`_stage`); ``compact``: int16 when that
+    holds its values (a CT: 157 MB instead of 315 MB for 300x512x512), for a model that takes it
+    (:attr:`worker.model_runtime.Segmenter.takes_int16`)."""
+    t0 = time.perf_counter()
+    staged = _stage(sessions, c, files)
+    timings["stage"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        if not staged:
             raise SeriesError("no_instances", f"series {c.series_instance_uid} has no stored instances")
-        volume = load_series(files, compact=compact)
+        volume = load_series(staged, compact=compact)
     except SeriesError as exc:
         raise _JobFailed(exc.reason_code, str(exc)) from exc
     timings["load"] = time.perf_counter() - t0
@@ -336,16 +383,32 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
     atomic_write(path, json.dumps(evidence, indent=2).encode())
 
 
+def _publish(cfg: PipelineConfig, c: Claim, paths: dict[str, Path]) -> dict[str, str]:
+    """The result's files into the store (nothing to do for ``fs``: written in place); their keys, as the
+    ledger keeps them. A store that refuses fails the attempt (``store_unavailable``, not counted)."""
+    files = cfg.files
+    roles = ("seg", "sr", "prob", "evidence", "preview")
+    if not files.remote:
+        return {k: to_ledger(paths[k], cfg.data_dir) for k in roles}
+    keys = result_keys(c.job_id, c.version)
+    try:
+        for k in roles:
+            files.put(keys[k], paths[k])
+    except StoreError as exc:
+        raise AttemptFailed("store_unavailable", str(exc), counted=False) from exc
+    return {k: keys[k] for k in roles}
+
+
 def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, paths: dict[str, Path],
            uids: ObjectUIDs, out: SegmentOutput, segmenter: Segmenter, configured_model: str,
            timings: dict[str, float]) -> StudyOutcome:
     to = JobState.HELD if out.is_ood else JobState.RELEASED
+    stored = _publish(cfg, c, paths)
     model_id = f"{segmenter.model_name}:{segmenter.model_version}"
     seg_uid = uids.seg
     with session_scope(sessions) as s:
         result = s.execute(select(Result).where(Result.job_id == c.job_id)).scalar_one_or_none()
         if result is None:
-            stored = {k: to_ledger(paths[k], cfg.data_dir) for k in ("seg", "sr", "prob", "evidence")}
             result = Result(job_id=c.job_id, seg_path=stored["seg"], seg_sop_instance_uid=uids.seg,
                             seg_series_instance_uid=uids.seg_series, sr_path=stored["sr"],
                             sr_sop_instance_uid=uids.sr, sr_series_instance_uid=uids.sr_series,

@@ -14,7 +14,7 @@ per result, so retracting twice (or two people at once) sends one KOS and tells 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
@@ -26,8 +26,8 @@ from dicom_node import scu
 from dicom_node.scu import DeliveryOutcome
 from ledger import audit
 from ledger.db import session_scope
-from ledger.paths import from_ledger, to_ledger
 from ledger.schema import Delivery, DeliveryState, Job, JobState, Result, Retraction, RetractionReason
+from store import RESULT_FILES, Store, as_store
 
 from .atomic import write_dicom
 from .config import DeliveryConfig
@@ -47,7 +47,7 @@ class RetractionError(ValueError):
 
 
 def retract_job(sessions: sessionmaker[Session], job_id: int, *, user: str, reason: RetractionReason | str,
-                note: str | None = None, data_dir: Path | None = None) -> int:
+                note: str | None = None, files: Store | Path | None = None) -> int:
     """Record the retraction of job ``job_id``'s sent result and write its KOS; returns the retraction's
     id (send it with :func:`send_retraction`). Raises :class:`RetractionError` with a message for people."""
     user = (user or "").strip()
@@ -67,19 +67,20 @@ def retract_job(sessions: sessionmaker[Session], job_id: int, *, user: str, reas
                                   f"{earlier.created_at:%Y-%m-%d %H:%M} UTC ({earlier.reason}); nothing sent again")
         if not _sent_to(s, result.id):
             raise RetractionError(f"job {job_id} ({job.state}) was never sent to a destination: nothing to retract")
-        files = [from_ledger(p, data_dir) for p in (result.seg_path, result.sr_path) if p]
+        keys = [p for p in (result.seg_path, result.sr_path) if p]
         kos_uid = derive_uid(result.seg_sop_instance_uid, "kos")
         kos_series = derive_uid(result.seg_sop_instance_uid, "kos-series")
         result_id = result.id
-        legacy = Path(result.seg_path).is_absolute()  # a row of an earlier version: its KOS is named alike
-    kos_path = files[0].with_name("kos.dcm")
-    kos = encode_kos([dcmread(p) for p in files], reason=reason.value, sop_instance_uid=kos_uid,  # type: ignore[arg-type]
-                     series_instance_uid=kos_series, retracted_by=user)
-    write_dicom(kos, kos_path)
+    store = as_store(files)
+    # beside the result it withdraws (a row of an earlier version, an absolute path: beside it too)
+    kos_key = str(PurePosixPath(keys[0]).with_name(RESULT_FILES["kos"]))
+    kos = encode_kos([dcmread(store.path(k, fresh=True)) for k in keys], reason=reason.value,  # type: ignore[arg-type]
+                     sop_instance_uid=kos_uid, series_instance_uid=kos_series, retracted_by=user)
+    kos_path = write_dicom(kos, store.scratch(kos_key))
+    store.put(kos_key, kos_path)
     try:
         with session_scope(sessions) as s:
-            row = Retraction(job_id=job_id, result_id=result_id,
-                             kos_path=str(kos_path) if legacy else to_ledger(kos_path, data_dir),
+            row = Retraction(job_id=job_id, result_id=result_id, kos_path=kos_key,
                              kos_sop_instance_uid=kos_uid, kos_series_instance_uid=kos_series, reason=reason,
                              note=(note or "").strip() or None, username=user)
             s.add(row)
@@ -114,7 +115,7 @@ def send_retraction(sessions: sessionmaker[Session], retraction_id: int, config:
     targets = [d for d in config.destinations if d.name in received]
     return scu.deliver_retraction(sessions, retraction_id, targets, actor=actor, retry_policy=config.retry,
                                   on_attempt=None if metrics is None else metrics.delivery_observer("retraction"),
-                                  data_dir=config.data_dir)
+                                  files=config.files)
 
 
 def retract_superseded(sessions: sessionmaker[Session], job_id: int, config: DeliveryConfig, *,
@@ -134,7 +135,7 @@ def retract_superseded(sessions: sessionmaker[Session], job_id: int, config: Del
         try:
             rid = retract_job(sessions, old, user="specgate", reason=RetractionReason.QUALITY,
                               note=f"superseded by job {job_id} (version {version}) of the same study",
-                              data_dir=config.data_dir)
+                              files=config.files)
         except RetractionError:
             continue  # never sent, or retracted already
         send_retraction(sessions, rid, config, actor=actor, metrics=metrics)

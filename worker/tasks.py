@@ -98,7 +98,7 @@ def _worker_id() -> str:
 
 def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
                    metrics: WorkerMetrics | None = None) -> None:
-    from .pipeline import claim, retry_or_fail, run_job
+    from .pipeline import AttemptFailed, claim, retry_or_fail, run_job
 
     runtime = Runtime(config, device, metrics)
     app.specgate_runtime = runtime  # type: ignore[attr-defined]
@@ -122,7 +122,9 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
         except (Exception, SoftTimeLimitExceeded) as exc:
             log.exception("job %s attempt %s failed", job_id, c.attempt)
             if retry_or_fail(runtime.sessions, c, exc, actor="worker", metrics=runtime.metrics):
-                countdown = min(300, 5 * 2 ** (c.attempt - 1))
+                # a store that is away is waited for at a steady pace; the study's own failures back off
+                uncounted = isinstance(exc, AttemptFailed) and not exc.counted
+                countdown = 15 if uncounted else min(300, 5 * 2 ** (c.attempt - 1))
                 app.send_task("specgate.segment", args=[job_id], countdown=countdown)
             return "error"
         log.info("job %s -> %s (oodm=%s tau=%s)", job_id, outcome.state, outcome.oodm, outcome.tau)

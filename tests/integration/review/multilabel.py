@@ -21,6 +21,7 @@ from ledger.db import session_scope
 from ledger.schema import Instance, JobState, Result, Series, Study
 from model.adapters.base import Label
 from specgate.synthetic import write_series
+from store import file_sha256
 from worker.atomic import atomic_write, write_dicom
 from worker.dicom_seg import encode_seg
 from worker.labels import GateEvidence, ModelIdentity, Release
@@ -78,7 +79,7 @@ def multilabel_job(sessions: Any, root: Path, results_dir: Path, *, patient_name
         for p in series.paths:
             ds = dcmread(p, stop_before_pixels=True)
             s.add(Instance(series_id=ser.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-                           spool_path=str(p), size_bytes=p.stat().st_size, sha256="0" * 64, calling_ae=calling_ae))
+                           spool_path=str(p), size_bytes=p.stat().st_size, sha256=file_sha256(p), calling_ae=calling_ae))
         job = jobs.create_job(s, study, actor="test", series_instance_uid=series.series_instance_uid,
                               rule_name=RULE.name)
         job_id, version = job.id, job.version

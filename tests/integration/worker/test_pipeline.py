@@ -25,6 +25,7 @@ from model.study_inference import InferenceSettings
 from model.unet import load_weights, save_weights
 from specgate.settings import SeriesRule, Settings
 from specgate.synthetic import write_series
+from store import file_sha256
 from worker.config import PipelineConfig
 from worker.model_runtime import Segmenter, Segmenters
 from worker.pipeline import claim, job_paths, run_job
@@ -42,7 +43,7 @@ def _ingest(sessions, series, calling_ae: str = "PACS", rule_name: str = "defaul
         for p in series.paths:
             ds = dcmread(p, stop_before_pixels=True)
             s.add(Instance(series_id=ser.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-                           spool_path=str(p), size_bytes=p.stat().st_size, sha256="0" * 64, calling_ae=calling_ae))
+                           spool_path=str(p), size_bytes=p.stat().st_size, sha256=file_sha256(p), calling_ae=calling_ae))
         return jobs.create_job(s, study, actor="test", series_instance_uid=series.series_instance_uid,
                                rule_name=rule_name).id
 
