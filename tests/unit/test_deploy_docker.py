@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 import warnings
 from pathlib import Path
@@ -57,9 +58,30 @@ def test_both_variants_run_specgate_unprivileged() -> None:
         stage = stages[target]
         user = _last(stage, "USER")
         assert user not in ("root", "0") and not user.startswith("0:"), f"{target} runs as {user}"
-        assert _last(stage, "ENTRYPOINT") == '["specgate"]'
-        assert _last(stage, "HEALTHCHECK").endswith('CMD ["specgate", "health"]')
+        assert _last(stage, "ENTRYPOINT") == '["specgate-entrypoint"]'
+        assert _last(stage, "HEALTHCHECK").endswith('CMD ["specgate-entrypoint", "health"]')
+        assert any(ln.startswith("COPY --chmod=0755 deploy/docker/specgate-entrypoint /usr/local/bin/")
+                   for ln in stage)
         assert "SPECGATE_DATA_DIR=/var/lib/specgate" in _last(stage, "ENV")
+
+
+def test_the_entrypoint_reads_secret_files_and_runs_specgate(tmp_path: Path) -> None:
+    """``specgate-entrypoint`` run here as in the image (the real ``specgate`` on PATH): NAME__FILE becomes
+    NAME, and is removed (specgate refuses an unknown SPECGATE_* variable); SPECGATE_REVIEW_SECRET_FILE, a
+    setting whose name happens to end in _FILE, is left alone."""
+    script = ROOT / "deploy" / "docker" / "specgate-entrypoint"
+    assert script.read_text().rstrip().endswith('exec specgate "$@"')
+    secret = tmp_path / "database_url"
+    secret.write_text(f"sqlite:///{tmp_path / 'ledger.db'}\n")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "SPECGATE_DATA_DIR": str(tmp_path),
+           "SPECGATE_DATABASE_URL__FILE": str(secret),
+           "SPECGATE_REVIEW_SECRET_FILE": str(tmp_path / "review-secret")}
+    done = subprocess.run([str(script), "db", "upgrade"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ledger.db").is_file() and "ledger at revision" in done.stdout
+    env["SPECGATE_DATABASE_URL__FILE"] = str(tmp_path / "missing")
+    refused = subprocess.run([str(script), "db", "current"], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "SPECGATE_DATABASE_URL__FILE names" in refused.stderr
 
 
 def test_the_image_holds_every_package_the_project_installs() -> None:
