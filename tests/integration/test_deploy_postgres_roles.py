@@ -9,6 +9,7 @@ under scram as under trust) in a database of its own, dropped afterwards.
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +130,40 @@ def test_the_report_role_reads_the_report_views_only(logins: dict[str, str]) -> 
         _refused(report, "INSERT INTO audit_events (id) VALUES (1)")
     finally:
         report.dispose()
+
+
+def test_the_compose_init_script_makes_login_roles_the_services_use(pg_url: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/postgres/initdb/10-specgate-roles.sh, as the PostgreSQL image runs it on first start (here
+    with the secrets in a temporary folder and login names of the test's own), twice: the login role then
+    works the ledger with its password from PGPASSWORD, as the Compose services do."""
+    script = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "initdb" / "10-specgate-roles.sh"
+    suffix = uuid.uuid4().hex[:10]
+    (tmp_path / "pg_app_password").write_text(f"app-{suffix}\n")
+    (tmp_path / "pg_report_password").write_text(f"report-{suffix}\n")
+    admin = make_url(PG_ADMIN_URL)
+    env = {"PATH": "/usr/bin:/bin", "SECRETS_DIR": str(tmp_path), "APP_LOGIN": f"sg_test_svc_{suffix}",
+           "REPORT_LOGIN": f"sg_test_rep_{suffix}", "POSTGRES_USER": str(admin.username),
+           "POSTGRES_DB": str(make_url(pg_url).database), "PGHOST": str(admin.host), "PGPORT": str(admin.port)}
+    try:
+        for _ in range(2):
+            done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+        migrations.upgrade(pg_url)
+        _cli(pg_url, tmp_path, "db", "roles")
+        svc = make_url(pg_url).set(username=env["APP_LOGIN"]).render_as_string(hide_password=False)
+        monkeypatch.setenv("PGPASSWORD", f"app-{suffix}")  # libpq reads it, as in the containers
+        engine = open_engine(svc)
+        with session_scope(sessionmaker_for(engine)) as s:
+            audit.append(s, actor="test", action="deploy.check", object_type="t", object_id=1)
+        _refused(engine, "DELETE FROM audit_events", match="permission denied for table audit_events")
+        engine.dispose()
+    finally:
+        admin_engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin_engine.connect() as conn:
+            for login in (env["APP_LOGIN"], env["REPORT_LOGIN"]):
+                conn.execute(text(f"DROP ROLE IF EXISTS {login}"))
+        admin_engine.dispose()
 
 
 def test_db_roles_on_sqlite_says_there_is_nothing_to_grant(tmp_path: Path) -> None:
