@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from specgate.settings import Settings
-from tests.unit.test_deploy_compose import PENDING_SETTINGS
+from tests.unit.test_deploy_compose import PENDING_SETTINGS, settings_from_environment
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -130,3 +130,15 @@ def test_redis_and_the_settings() -> None:
                     if e["name"].startswith("SPECGATE_"):
                         assert e["name"].removeprefix("SPECGATE_").lower() in known, e["name"]
                     assert "password" not in str(e.get("value", "")).lower(), e["name"]
+
+
+@pytest.mark.parametrize("workload", ["Job/specgate-migrate", *(f"{'StatefulSet' if n == 'specgate-scp' else 'Deployment'}/{n}"
+                                                               for n in SPECGATE_WORKLOADS)])
+def test_each_workload_starts_with_valid_settings(workload: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kind, name = workload.split("/")
+    resources = _all()
+    env = dict(resources[("ConfigMap", "specgate")]["data"])
+    for c in resources[(kind, name)]["spec"]["template"]["spec"]["containers"]:
+        env.update({e["name"]: e["value"] for e in c["env"] if "value" in e})
+    settings = settings_from_environment(env, monkeypatch)
+    assert settings.db_url.startswith("postgresql+psycopg://specgate_")
