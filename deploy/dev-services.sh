@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (when missing) and start what specgate's tests and demo need on a Debian machine:
-# PostgreSQL, Redis, dcmtk, Orthanc, dicom3tools, Chromium. Idempotent; safe to run on every `make test`.
+# PostgreSQL, Redis, dcmtk, Orthanc, dicom3tools, Chromium, and a Compose validator for deploy/compose.yaml. Idempotent; safe to run on every `make test`.
 # Needs root (or sudo) only for what is missing.
 set -euo pipefail
 
@@ -22,6 +22,20 @@ if [ "${#need[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# deploy/compose.yaml is checked with `docker compose config`; where the Compose plugin is missing, with
+# Debian's docker-compose (1.29: a Python program that validates the file offline). Without its
+# recommended docker.io: the tests need no container daemon.
+if ! { command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; } \
+   && ! command -v docker-compose >/dev/null 2>&1; then
+  echo "installing Debian package: docker-compose (no recommends)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+fi
+# systemd-analyze verifies deploy/systemd (Debian's systemd package; present on any systemd host)
+command -v systemd-analyze >/dev/null 2>&1 || {
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends systemd >/dev/null
+}
 # Debian's orthanc package starts a system Orthanc on 4242/8042; the tests run their own on free ports.
 
 # PostgreSQL: start the cluster when it is not answering on 127.0.0.1:5432.
@@ -59,4 +73,4 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 1 40); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.25; done
   redis-cli -h 127.0.0.1 -p 6379 ping
 fi
-echo "services ready: PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379, dcmtk, Orthanc, dicom3tools, Chromium"
+echo "services ready: PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379, dcmtk, Orthanc, dicom3tools, Chromium, Compose"

@@ -170,25 +170,32 @@ class Settings(BaseSettings):
                                                                         "files go first (0: no bound)")
 
     # --- DICOM SCP ---------------------------------------------------------------------------------
-    scp_ae_title: str = "SPECGATE"
-    scp_host: str = "127.0.0.1"
-    scp_port: int = Field(default=11112, ge=1, le=65535)
-    allowed_callers: Annotated[list[AllowedCaller], NoDecode] = Field(default_factory=list)
-    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
-    study_quiet_seconds: float = Field(default=60.0, gt=0)
-    scp_max_associations: int = Field(default=10, ge=1, le=1000)
+    scp_ae_title: str = Field(default="SPECGATE", description="the SCP's AE title; a caller must call it")
+    scp_host: str = Field(default="127.0.0.1", description="address the SCP listens on")
+    scp_port: int = Field(default=11112, ge=1, le=65535, description="DICOM port the SCP listens on")
+    allowed_callers: Annotated[list[AllowedCaller], NoDecode] = Field(
+        default_factory=list, description="who may send: AE_TITLE@HOST (HOST may be *), comma-separated in the "
+                                          "environment; empty: nobody")
+    destinations: Annotated[list[Destination], NoDecode] = Field(
+        default_factory=list, description="where results go: NAME=AE_TITLE@HOST:PORT, comma-separated in the "
+                                          "environment")
+    study_quiet_seconds: float = Field(default=60.0, gt=0,
+                                      description="a study with no new instance this long is complete")
+    scp_max_associations: int = Field(default=10, ge=1, le=1000, description="associations open at once")
     scp_processes: int = Field(default=0, ge=0, le=64,
                                description="receiver processes behind the one port; 0: two per CPU core")
-    scp_acse_timeout: float = Field(default=30.0, gt=0)
-    scp_dimse_timeout: float = Field(default=60.0, gt=0)
-    scp_network_timeout: float = Field(default=60.0, gt=0)
+    scp_acse_timeout: float = Field(default=30.0, gt=0, description="association negotiation timeout")
+    scp_dimse_timeout: float = Field(default=60.0, gt=0, description="timeout of one DIMSE message")
+    scp_network_timeout: float = Field(default=60.0, gt=0, description="an idle association is closed after this")
     scp_max_pdu: int = Field(default=1048576, ge=4096, le=1 << 26,
                              description="the longest PDU we read, announced to peers; a longer one is aborted")
-    scp_require_called_ae: bool = True
-    scp_tls_cert: Path | None = None
-    scp_tls_key: Path | None = None
-    scp_tls_ca: Path | None = None
-    scp_tls_require_client_cert: bool = False
+    scp_require_called_ae: bool = Field(default=True, description="refuse a caller that calls another AE title")
+    scp_tls_cert: Path | None = Field(default=None, description="DICOM TLS certificate (PEM); TLS is off without it")
+    scp_tls_key: Path | None = Field(default=None, description="the private key of scp_tls_cert")
+    scp_tls_ca: Path | None = Field(default=None, description="CA that signs the callers' client certificates")
+    scp_tls_require_client_cert: bool = Field(default=False,
+                                              description="mutual TLS: refuse a caller without a certificate "
+                                                          "signed by scp_tls_ca")
     spool_disk_watermark_percent: float = Field(default=95.0, gt=0, le=100,
                                                 description="refuse C-STORE above this disk usage")
     # What one peer may make the SCP read, hold or store (dicom_node.config.ReceiveLimits; the answers in
@@ -221,7 +228,9 @@ class Settings(BaseSettings):
                                description="ACSE/DIMSE/network timeout of outbound associations")
 
     # --- routing -----------------------------------------------------------------------------------
-    rules: list[SeriesRule] = Field(default_factory=lambda: [SeriesRule(name="default-ct-mr")])
+    rules: list[SeriesRule] = Field(default_factory=lambda: [SeriesRule(name="default-ct-mr")],
+                                    description="which series are segmented, by which model ([[rules]] "
+                                                "tables); the first match wins")
 
     # --- worker and model ----------------------------------------------------------------------------
     installation_id: str | None = Field(
@@ -250,10 +259,12 @@ class Settings(BaseSettings):
                     "default (one per core)")
     worker_max_attempts: int = Field(default=3, ge=1, le=20,
                                      description="attempts per job before it ends failed")
-    worker_heartbeat_seconds: float = Field(default=10.0, gt=0, le=600)
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0, le=600,
+                                            description="a running job's heartbeat in the ledger, this often")
     worker_stale_seconds: float = Field(default=120.0, gt=0, le=86400,
                                         description="a running job without heartbeat this long is taken back")
-    reconcile_interval_seconds: float = Field(default=30.0, gt=0, le=3600)
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0, le=3600,
+                                              description="the reconciler's pass (re-enqueue what the broker lost)")
     queued_deadline_seconds: float = Field(default=600.0, gt=0, le=86400,
                                            description="re-enqueue a queued job not claimed this long")
     worker_segment_soft_time_limit_seconds: float = Field(
@@ -271,14 +282,14 @@ class Settings(BaseSettings):
 
     # --- review app (specgate review) -----------------------------------------------------------------
     review_host: str = Field(default="127.0.0.1", description="address the review app listens on")
-    review_port: int = Field(default=8080, ge=1, le=65535)
+    review_port: int = Field(default=8080, ge=1, le=65535, description="port the review app listens on")
     review_secret_file: Path | None = Field(
         default=None, description="key that signs session cookies; default: review-secret in the data dir, "
                                   "made on first start (mode 0600). Every review process must share it")
     review_behind_tls_proxy: bool = Field(
         default=False, description="the app sits behind a TLS-terminating proxy: cookies are marked Secure")
     review_tls_cert: Path | None = Field(default=None, description="serve the review app over HTTPS itself")
-    review_tls_key: Path | None = None
+    review_tls_key: Path | None = Field(default=None, description="the private key of review_tls_cert")
     review_session_minutes: float = Field(default=480.0, gt=0, le=7 * 24 * 60,
                                           description="a login lasts this long (a reading-room shift)")
     review_idle_minutes: float = Field(default=30.0, gt=0, le=24 * 60,
@@ -301,7 +312,7 @@ class Settings(BaseSettings):
     metrics_host: str = Field(default="127.0.0.1", description="address the SCP and worker metrics listen on")
 
     # --- logging -----------------------------------------------------------------------------------
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
 
     @field_validator("review_viewer_url")
     @classmethod
