@@ -22,10 +22,6 @@ COMPOSE = DEPLOY / "compose.yaml"
 SPECGATE_SERVICES = ("scp", "review", "worker-gpu", "worker-cpu")
 # Settings other branches of issue 18 add (the object store and the worker cache); once merged, every
 # name here is in Settings.model_fields and this set may go.
-PENDING_SETTINGS = frozenset({"store", "s3_endpoint_url", "s3_bucket", "s3_access_key", "s3_secret_key",
-                              "s3_region", "cache_dir", "cache_max_bytes"})
-
-
 def _compose() -> list[str]:
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
@@ -98,7 +94,7 @@ def settings_from_environment(env: dict[str, str], monkeypatch: pytest.MonkeyPat
     until it exists; a NAME__FILE secret is not a setting)."""
     for key, value in env.items():
         if key.startswith("SPECGATE_") and not key.endswith("__FILE"):
-            if key.removeprefix("SPECGATE_").lower() not in set(Settings.model_fields) - PENDING_SETTINGS:
+            if key.removeprefix("SPECGATE_").lower() not in set(Settings.model_fields):
                 continue
             monkeypatch.setenv(key, str(value))
     return Settings.load()
@@ -113,7 +109,7 @@ def test_each_service_starts_with_valid_settings(rendered: dict[str, Any], servi
 
 
 def test_no_password_is_written_in_the_file_and_every_setting_exists(rendered: dict[str, Any]) -> None:
-    known = set(Settings.model_fields) | PENDING_SETTINGS
+    known = set(Settings.model_fields)
     for name, svc in rendered["services"].items():
         env = svc.get("environment") or {}
         for key, value in env.items():
