@@ -306,7 +306,7 @@ class SeaweedS3:
         self.s3_port = self.s3_port or free_port()
         if not self._ports:
             self._ports = {k: free_port() for k in ("master", "master.grpc", "volume", "volume.grpc", "filer",
-                                                     "filer.grpc", "s3.grpc")}
+                                                     "filer.grpc", "s3.grpc", "debug", "iam")}
         identities = {"identities": [{"name": "specgate", "credentials": [
             {"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
@@ -317,7 +317,8 @@ class SeaweedS3:
                 f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
                 f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}", "-s3",
                 f"-s3.port={self.s3_port}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={self.workdir / 's3.json'}",
-                "-master.volumeSizeLimitMB=64", "-volume.max=16"]
+                f"-debug.port={p['debug']}", f"-iam.port={p['iam']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=16"]
         log = open(self.workdir / "weed.log", "ab")
         self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
