@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from worker.atomic import RESULT_MODE, atomic_write, write_dicom
@@ -57,7 +57,7 @@ def test_write_dicom_publishes_a_part_10_file_at_result_mode(tmp_path: Path) -> 
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
     ds.SOPInstanceUID = generate_uid()
-    ds.file_meta = Dataset()
+    ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
