@@ -162,7 +162,7 @@ class Assembler:
             if result.job_id is not None:
                 self._enqueue(result.job_id)
         cutoff = now - timedelta(seconds=self.config.quiet_seconds)
-        log.debug("assembly pass finished (cutoff %s)", cutoff.isoformat())  # tests wait on this line
+        log.debug("assembly pass finished (cutoff %s)", cutoff.isoformat())
         return results
 
     def _enqueue(self, job_id: int) -> None:

@@ -24,7 +24,6 @@ association and then neither reads nor answers ends the attempt, it does not han
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,12 +34,12 @@ from typing import Any
 from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from sqlalchemy import or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Update, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ledger import audit
 from ledger.db import session_scope
+from ledger.leases import LeaseRefresher
 from ledger.schema import Delivery, DeliveryState, Result, Retraction, RetractionDelivery, utcnow
 from ledger.sql import insert_ignore
 from store import Store, as_store
@@ -312,35 +311,18 @@ def _ship(sessions: sessionmaker[Session], shipment: _Shipment, destinations: Se
             for d in destinations]
 
 
-class _SendingRefresh:
+def _sending_lease(sessions: sessionmaker[Session], table: Any, row_id: int, every_s: float) -> LeaseRefresher:
     """Keep a ``sending`` row's ``updated_at`` fresh while this process works on it (the attempts and the
     waits between them), every :attr:`RetryPolicy.sending_refresh_s`: a row that goes a whole SCU timeout
     without a refresh was abandoned by a process that died, and is taken over (:func:`_claim`, and the
-    worker's reconciler). A missed refresh (the database away for a moment) is logged, not fatal."""
+    worker's reconciler). A missed refresh (the database away for a moment) is logged, not fatal
+    (:mod:`ledger.leases`)."""
 
-    def __init__(self, sessions: sessionmaker[Session], table: Any, row_id: int, every_s: float) -> None:
-        self._sessions, self._table, self._row_id, self._every = sessions, table, row_id, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"sending-{table.__tablename__}-{row_id}",
-                                        daemon=True)
+    def refresh() -> Update:
+        return (update(table).where(table.id == row_id, table.state == DeliveryState.SENDING)
+                .values(updated_at=utcnow()))
 
-    def _run(self) -> None:
-        table = self._table
-        while not self._stop.wait(self._every):
-            try:
-                with session_scope(self._sessions) as s:
-                    s.execute(update(table).where(table.id == self._row_id, table.state == DeliveryState.SENDING)
-                              .values(updated_at=utcnow()).execution_options(synchronize_session=False))
-            except SQLAlchemyError:
-                log.warning("could not refresh %s row %d", table.__tablename__, self._row_id, exc_info=True)
-
-    def __enter__(self) -> _SendingRefresh:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
+    return LeaseRefresher(sessions, f"{table.__tablename__} {row_id}", refresh, every_s=every_s)
 
 
 def _claim(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destination,
@@ -374,7 +356,7 @@ def _deliver_one(sessions: sessionmaker[Session], shipment: _Shipment, dest: Des
     delivery_id, early = _claim(sessions, shipment, dest, policy)
     if early is not None:
         return early
-    with _SendingRefresh(sessions, shipment.table, delivery_id, policy.sending_refresh_s):
+    with _sending_lease(sessions, shipment.table, delivery_id, policy.sending_refresh_s):
         return _attempts(sessions, shipment, dest, delivery_id, actor=actor, policy=policy, sleep=sleep,
                          on_attempt=on_attempt)
 

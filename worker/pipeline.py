@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,13 +30,14 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import Update, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import SeriesRule
 from dicom_series import SeriesError, Volume, load_series
 from ledger import audit, jobs
 from ledger.db import session_scope
+from ledger.leases import LeaseRefresher
 from ledger.paths import to_ledger
 from ledger.schema import AuditEvent, Job, JobState, Result, utcnow
 from store import RESULT_FILES, HashMismatch, Store, StoreError, result_folder, result_keys
@@ -128,33 +128,15 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, task_id: str, worker_
                      series_instance_uid=job.series_instance_uid, rule_name=job.rule_name)
 
 
-class Heartbeat:
-    """Refresh ``jobs.heartbeat_at`` while the attempt works, so the reconciler knows it is alive."""
+def heartbeat(sessions: sessionmaker[Session], job_id: int, task_id: str, every_s: float) -> LeaseRefresher:
+    """Refresh ``jobs.heartbeat_at`` while the attempt works, so the reconciler knows it is alive: the
+    attempt's lease (:mod:`ledger.leases`), held while the job is ``running`` under this task id."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: int, task_id: str, every_s: float) -> None:
-        self._sessions, self._job_id, self._task_id, self._every = sessions, job_id, task_id, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+    def beat() -> Update:
+        return (update(Job).where(Job.id == job_id, Job.task_id == task_id, Job.state == JobState.RUNNING)
+                .values(heartbeat_at=utcnow()))
 
-    def _run(self) -> None:
-        from sqlalchemy import update
-
-        while not self._stop.wait(self._every):
-            try:
-                with session_scope(self._sessions) as s:
-                    s.execute(update(Job).where(Job.id == self._job_id, Job.task_id == self._task_id,
-                                                Job.state == JobState.RUNNING)
-                              .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False))
-            except Exception:  # noqa: BLE001 - a missed beat is not fatal; the next one may land
-                log.warning("heartbeat for job %s failed", self._job_id, exc_info=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    return LeaseRefresher(sessions, f"job {job_id}", beat, every_s=every_s)
 
 
 def job_paths(results_dir: Path, job_id: int, version: int) -> dict[str, Path]:
@@ -228,7 +210,7 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
         if rule is None:  # the configuration changed since the job was made: its label and model are unknown
             known = ", ".join(r.name for r in cfg.rules) or "none"
             raise _JobFailed("unknown_rule", f"rule {c.rule_name!r} is not configured (rules: {known})")
-        with Heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
+        with heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
             segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
             volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, files=cfg.files)
             t0 = time.perf_counter()

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -139,17 +138,19 @@ class Stack:
             return list(s.execute(select(Job).join(Study).where(Study.study_instance_uid == study_uid)
                                   .order_by(Job.version)).scalars())
 
-    def wait_pass(self, name: str, kind: str, after: datetime, timeout: float = 60.0) -> None:
-        """Wait until service ``name`` logged a finished pass of ``kind``: ``"reconcile"`` (one that
-        started at ``after`` or later) or ``"assembly"`` (one that considered every instance received
-        before ``after``: its quiet-period cutoff is at or past it). The services log at DEBUG here."""
-        pattern = re.compile(rf"{kind} pass finished \((?:started|cutoff) (\S+)\)")
+    def reconcile(self, not_before: datetime | None = None) -> str:
+        """Run one reconcile pass now (``specgate reconcile``: the code and settings of the worker's own
+        passes, on the same ledger and broker), once the clock is past ``not_before`` if given (a pass
+        that must see a deadline expire). Returns its report line. Its return is the pass's end: nothing to
+        wait on, and the report says what it did."""
+        if not_before is not None:
+            wait_for(lambda: datetime.now(UTC) >= not_before, timeout=60, what=f"the clock at {not_before}",
+                     interval=0.1)
+        return self.cli("reconcile").stdout
 
-        def done() -> bool:
-            text = (self.root / f"{name}.log").read_text(errors="replace")
-            return any(datetime.fromisoformat(m.group(1)) >= after for m in pattern.finditer(text))
-
-        wait_for(done, timeout=timeout, what=f"a {kind} pass of {name} after {after.isoformat()}", interval=0.1)
+    def study(self, study_uid: str) -> Study:
+        with self.sessions() as s:  # type: ignore[operator]
+            return s.execute(select(Study).where(Study.study_instance_uid == study_uid)).scalar_one()
 
     def wait_state(self, study_uid: str, states: set[str], timeout: float = 180.0) -> Job:
         def check() -> Job | None:
@@ -298,8 +299,8 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
     listed = json.loads(stack.cli("jobs", "list", "--state", "held", "--json").stdout)
     assert [(j["id"], j["study_instance_uid"]) for j in listed] == [(held.id, unseen.study_instance_uid)]
     assert listed[0]["oodm"] == pytest.approx(hres.oodm) and listed[0]["tau"] == pytest.approx(hres.tau)
-    # the held result must not leak out while nobody approved it: the reconciler had a full pass to try
-    stack.wait_pass("worker", "reconcile", after=datetime.now(UTC))
+    # the held result must not leak out while nobody approved it: a reconcile pass re-sends nothing
+    assert "re-sent 0 deliveries" in stack.reconcile()
     assert _seg_uids_at(stack.orthanc, unseen.study_instance_uid) == []
 
     never = stack.cli("jobs", "retract", str(held.id), "--user", "dr.house", "--reason", "quality", check=False)
@@ -325,7 +326,7 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
     assert again.returncode != 0 and "already retracted by dr.house" in again.stderr
     shown = json.loads(stack.cli("jobs", "show", str(held.id), "--json").stdout)
     assert shown["retraction"]["user"] == "dr.house" and shown["retraction"]["reason"] == "patient_safety"
-    stack.wait_pass("worker", "reconcile", after=datetime.now(UTC))
+    stack.reconcile()
     assert _seg_uids_at(stack.orthanc, unseen.study_instance_uid, "KO") == kos_uids  # one KOS, not two
     shown = json.loads(stack.cli("jobs", "show", str(held.id), "--json").stdout)
     assert [r["user"] for r in shown["reviews"]] == ["dr.house"]
@@ -337,7 +338,10 @@ def test_released_study_reaches_orthanc_and_ood_study_waits_for_approval(stack: 
 
     # the same study sent again: success for every instance, no new job, no second (different) SEG
     assert set(stack.send(known.paths)) == {0}
-    stack.wait_pass("scp", "assembly", after=datetime.now(UTC))  # it had its chance to (wrongly) make a job
+    # answered only once in the ledger: duplicates are not counted as received, so the study has nothing
+    # left for an assembly pass to (wrongly) make a job of
+    again = stack.study(known.study_instance_uid)
+    assert again.received_count == again.assembled_count == len(known.paths)
     assert len(stack.jobs_for(known.study_instance_uid)) == 1
     assert _seg_uids_at(stack.orthanc, known.study_instance_uid) == [res.seg_sop_instance_uid]
 
@@ -452,7 +456,8 @@ def test_corrupt_series_fails_with_its_reason_and_no_retry_loop(stack: Stack, tm
     done = stack.wait_state(study.study_instance_uid, {"sent", "failed", "held"}, timeout=120)
     assert str(done.state) == "failed" and done.reason_code == "missing_slices" and done.attempts == 1
     # a reconcile pass past the stale and queued deadlines (8 s and 6 s here): nothing picks it up again
-    stack.wait_pass("worker", "reconcile", after=done.updated_at + timedelta(seconds=8))
+    report = stack.reconcile(not_before=done.updated_at + timedelta(seconds=8))
+    assert "re-enqueued 0 queued, recovered 0 running (worker lost), failed 0" in report
     job = stack.jobs_for(study.study_instance_uid)[-1]
     assert str(job.state) == "failed" and job.attempts == 1
     assert JobState(job.state) == JobState.FAILED
@@ -482,7 +487,8 @@ def test_a_study_that_kills_every_attempt_ends_failed_and_never_loops(stack: Sta
     done = stack.wait_state(uid, {"failed", "sent", "held"}, timeout=120)
     assert (str(done.state), done.reason_code, done.attempts) == ("failed", "attempts_exhausted", 3)
     # a reconcile pass past the stale and queued deadlines: the failed job is not picked up again
-    stack.wait_pass("worker4", "reconcile", after=done.updated_at + timedelta(seconds=8))
+    report = stack.reconcile(not_before=done.updated_at + timedelta(seconds=8))
+    assert "re-enqueued 0 queued, recovered 0 running (worker lost), failed 0" in report
     job = stack.jobs_for(uid)[-1]
     assert (str(job.state), job.attempts) == ("failed", 3)
     assert _seg_uids_at(stack.orthanc, uid) == []

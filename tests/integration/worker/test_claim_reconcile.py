@@ -13,7 +13,15 @@ from ledger.db import session_scope
 from ledger.reviews import ReviewError, decide
 from ledger.schema import AuditEvent, Job, JobState, Review, Study, utcnow
 from worker.pipeline import claim, retry_or_fail
-from worker.reconcile import reconcile
+from worker.reconcile import (
+    Reclaimed,
+    reclaim_stale_sending,
+    reconcile,
+    recover_stale_running,
+    redeliver_lost,
+    requeue_unclaimed,
+    resend_retractions,
+)
 
 
 def _job(sessions, uid: str = "1.2.3", max_attempts: int = 3) -> int:
@@ -124,6 +132,33 @@ def test_reconciler_recovers_lost_jobs(migrated) -> None:
                       queued_deadline_s=300, stale_after_s=60, sending_stale_s=30)
     assert again.requeued == again.recovered == again.failed == again.redelivered == []
 
+
+
+def test_each_sweep_of_a_pass_runs_alone_and_returns_what_it_did(migrated) -> None:
+    """The five named sweeps behind reconcile(), one at a time: each acts on its own rows only, audits
+    what it did and returns the ids; a sweep with nothing to do returns nothing."""
+    _, _, sessions = migrated
+    lost_queued, dead_running = _job(sessions, "3.1"), _job(sessions, "3.2")
+    claim(sessions, dead_running, task_id="t", worker_id="w", stale_after_s=60)
+    _age_heartbeat(sessions, lost_queued, 1000)
+    _age_heartbeat(sessions, dead_running, 1000)
+    now, segs, sent = utcnow(), [], []
+    assert requeue_unclaimed(sessions, enqueue_segment=segs.append, queued_deadline_s=300, now=now,
+                             actor="r") == [lost_queued]
+    assert _state(sessions, dead_running).state == JobState.RUNNING  # not this sweep's business
+    assert recover_stale_running(sessions, enqueue_segment=segs.append, stale_after_s=60, now=now,
+                                 actor="r") == ([dead_running], [])
+    assert segs == [lost_queued, dead_running]
+    assert _state(sessions, dead_running).reason_code == "worker_lost"
+    with session_scope(sessions) as s:
+        actions = s.execute(select(AuditEvent.action).where(
+            AuditEvent.actor == "r", AuditEvent.object_id.in_([str(lost_queued), str(dead_running)]))).scalars().all()
+    assert sorted(actions) == ["job.queued", "job.requeued"]
+    assert reclaim_stale_sending(sessions, enqueue_delivery=sent.append, sending_stale_s=30, now=now,
+                                 actor="r") == Reclaimed()
+    assert redeliver_lost(sessions, enqueue_delivery=sent.append, queued_deadline_s=300, now=now, actor="r") == []
+    assert resend_retractions(sessions, enqueue_retraction=sent.append, queued_deadline_s=300, now=now) == []
+    assert sent == []
 
 def _held_job(sessions, uid: str) -> int:
     job_id = _job(sessions, uid)

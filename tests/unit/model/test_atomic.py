@@ -91,6 +91,21 @@ def test_the_published_file_has_ordinary_permissions(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+def test_a_caller_may_ask_for_a_stricter_mode_and_the_umask_still_applies(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        ordinary = atomic_write(tmp_path / "ordinary", b"x")
+        strict = atomic_write(tmp_path / "strict", b"x", mode=0o640)
+    finally:
+        os.umask(old)
+    assert (ordinary.stat().st_mode & 0o777, strict.stat().st_mode & 0o777) == (0o600, 0o600)
+    old = os.umask(0)
+    try:
+        assert atomic_write(tmp_path / "strict", b"y", mode=0o640).stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
 def test_weights_and_bank_survive_a_failed_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      rng: np.random.Generator) -> None:
     """save_weights and SpectralGate.save publish through atomic_write: a failing serialiser leaves the
