@@ -128,12 +128,19 @@ def series_files(sessions: sessionmaker[Session], series_uid: str | None,
             Series.series_instance_uid == series_uid)
         rows = s.execute(q.order_by(Instance.id)).all()
     pinned = LocalCache.now()  # the series being staged is not evicted while the rest of it arrives
-    out = []
-    for key, spool_path, sha in rows:
+
+    def one(row: Any) -> Path:
+        key, spool_path, sha = row
         k = key or spool_path  # a row without a key is never part of a job (the assembler waits for it)
-        out.append(files.verified_path(k, sha, pinned_since=pinned) if verify
-                   else files.path(k, sha, pinned_since=pinned))
-    return out
+        return (files.verified_path(k, sha, pinned_since=pinned) if verify
+                else files.path(k, sha, pinned_since=pinned))
+
+    if not files.remote:
+        return [one(r) for r in rows]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="specgate-stage") as pool:  # fetches overlap
+        return list(pool.map(one, rows))
 
 
 def rewrite_approved(sessions: sessionmaker[Session], job_id: int, store: Store | Path | None = None) -> bool:
