@@ -40,12 +40,12 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from os import PathLike
-from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 
 from dicom_series import Volume, load_series
+from store.results import MASK_RGB, LabelInfo, ProbabilityMap, ResultFileError, read_probability
 
 __all__ = [
     "CT_PRESETS",
@@ -73,8 +73,6 @@ DEFAULT_CACHE_BYTES = 2 * 1024**3
 
 OVERLAYS = ("mask", "prob", "none")
 
-MASK_RGB = (255, 59, 48)
-"""The mask's colour (the worker's static preview draws its outline in the same red)."""
 MASK_FILL_ALPHA = 0.35
 """Opacity of the fill inside the mask: the anatomy under it stays readable; the outline is opaque."""
 PROB_MIN = 0.05
@@ -82,8 +80,8 @@ PROB_MIN = 0.05
 PNG_COMPRESS_LEVEL = 1
 
 
-class StudyImagesError(ValueError):
-    """The kept files of one job do not agree with each other (shapes), or ``prob.npz`` is not one."""
+#: the kept files of one job do not agree with each other (shapes), or ``prob.npz`` is not one
+StudyImagesError = ResultFileError
 
 
 # --------------------------------------------------------------------------------------- windows
@@ -159,150 +157,6 @@ def windows_for(modality: str, array: np.ndarray | None = None) -> Mapping[str, 
 
 
 # --------------------------------------------------------------------------------------- the files
-@dataclass(frozen=True)
-class LabelInfo:
-    """One label of a multi-label result: its value in the label map, name, RGB colour, and (in
-    :attr:`StudyImages.legend`) its voxels, volume in mL on the series' grid and the slice where it is
-    largest."""
-
-    value: int
-    name: str
-    rgb: tuple[int, int, int]
-    voxels: int = 0
-    volume_ml: float = 0.0
-    largest_slice: int = 0
-
-    @property
-    def hex(self) -> str:
-        return _hex(self.rgb)
-
-
-def fallback_rgb(value: int) -> tuple[int, int, int]:
-    """The colour of label ``value`` when the file names none: hues a golden angle apart. (The worker
-    writes the SEG's own colours as ``label_colors``; this is only for a file without them.)
-
-    >>> fallback_rgb(1)
-    (255, 59, 48)
-    """
-    import colorsys
-
-    if value == 1:
-        return MASK_RGB
-    r, g, b = colorsys.hsv_to_rgb((0.011 + (value - 1) * 0.381966) % 1.0, 0.81, 1.0)
-    return (round(r * 255), round(g * 255), round(b * 255))
-
-
-@dataclass(frozen=True, eq=False)
-class ProbabilityMap:
-    """A job's kept foreground probability (``prob_u8 * scale``) and the mask drawn from it, (z, y, x);
-    for a multi-label result also its label map (``labels``, 0 background) and the labels shown
-    (``legend``: value, name, colour; voxel counts are :class:`StudyImages`')."""
-
-    prob_u8: np.ndarray
-    scale: float
-    mask: np.ndarray
-    labels: np.ndarray | None = None
-    legend: tuple[LabelInfo, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.prob_u8.dtype != np.uint8 or self.prob_u8.ndim != 3:
-            raise StudyImagesError(f"the probability map must be 3D uint8, got {self.prob_u8.ndim}D "
-                                   f"{self.prob_u8.dtype}")
-        if self.mask.dtype != np.bool_ or self.mask.shape != self.prob_u8.shape:
-            raise StudyImagesError(f"the mask ({self.mask.dtype} {tuple(self.mask.shape)}) does not match the "
-                                   f"probability map {tuple(self.prob_u8.shape)}")
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise StudyImagesError(f"the probability scale must be finite and > 0, got {self.scale!r}")
-        if self.labels is not None:
-            if self.labels.dtype not in (np.uint8, np.uint16) or self.labels.shape != self.prob_u8.shape:
-                raise StudyImagesError(f"the label map ({self.labels.dtype} {tuple(self.labels.shape)}) must be "
-                                       f"uint8 or uint16 of the probability map's shape {tuple(self.prob_u8.shape)}")
-            if not self.legend:
-                raise StudyImagesError("a label map needs its legend (the labels' values, names and colours)")
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.prob_u8.shape)  # type: ignore[return-value]
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.prob_u8.nbytes + self.mask.nbytes + (0 if self.labels is None else self.labels.nbytes))
-
-
-_LABEL_KEYS = ("labels", "label_values", "label_names", "label_colors")
-
-
-def _legend(name: str, labels: np.ndarray, values: np.ndarray | None, names: np.ndarray | None,
-            colors: np.ndarray | None) -> tuple[LabelInfo, ...]:
-    """The labels a file lists (or, listing none, the values its label map holds), with names and colours."""
-    if values is None:
-        values = np.unique(labels)
-        values = values[values > 0]
-    values = np.asarray(values).ravel()
-    n = values.size
-    if values.dtype.kind not in "iu" or (n and (values.min() < 1 or len(set(values.tolist())) != n)):
-        raise StudyImagesError(f"{name}: label_values must be distinct integers >= 1, got {values.tolist()}")
-    if names is not None and (names.dtype.kind != "U" or names.shape != (n,)):
-        raise StudyImagesError(f"{name}: label_names must be {n} strings, got {names.dtype} {names.shape}")
-    if colors is not None and (colors.dtype != np.uint8 or colors.shape != (n, 3)):
-        raise StudyImagesError(f"{name}: label_colors must be ({n}, 3) uint8 RGB, got {colors.dtype} {colors.shape}")
-    return tuple(LabelInfo(value=int(v), name=str(names[i]) if names is not None else f"label {int(v)}",
-                           rgb=(tuple(int(c) for c in colors[i]) if colors is not None  # type: ignore[arg-type]
-                                else fallback_rgb(int(v))))
-                 for i, v in enumerate(values))
-
-
-def read_probability(path: str | PathLike[str]) -> ProbabilityMap:
-    """Read ``prob.npz`` as the worker writes it: ``prob_fg_u8`` (uint8, z y x), ``scale`` (float32,
-    1/255), ``mask_bits`` (the mask bit-packed over the flattened array) and ``shape`` (int64, 3).
-
-    A multi-label result adds (``worker.segments.review_arrays``):
-
-    - ``labels``: (z, y, x) ``uint8`` or ``uint16``, 0 background, only the labels sent;
-    - ``label_values``: (n,) integers, the labels to list, in the SEG's segment order;
-    - ``label_names``: (n,) unicode, their names; ``label_colors``: (n, 3) ``uint8``, their RGB colours.
-
-    With ``labels``, ``mask_bits`` may be left out (the mask is then ``labels > 0``), and each of the other
-    three may be: the values are then those the map holds, the names "label V", the colours
-    :func:`fallback_rgb`'s.
-
-    Raises :class:`StudyImagesError` naming the file and the disagreeing values when the arrays do not
-    fit together; a missing file raises FileNotFoundError as usual. Pickles are refused.
-    """
-    p = Path(path)
-    with np.load(p, allow_pickle=False) as npz:
-        has_labels = "labels" in npz.files
-        needed = {"prob_fg_u8", "scale", "shape"} | (set() if has_labels else {"mask_bits"})
-        missing = sorted(needed - set(npz.files))
-        if missing:
-            raise StudyImagesError(f"{p.name}: not a probability map, missing {', '.join(missing)}")
-        shape = tuple(int(n) for n in np.asarray(npz["shape"]).ravel())
-        prob = np.asarray(npz["prob_fg_u8"])
-        scale = float(np.asarray(npz["scale"]))
-        bits = np.asarray(npz["mask_bits"]) if "mask_bits" in npz.files else None
-        extra = {k: np.asarray(npz[k]) for k in _LABEL_KEYS if k in npz.files}
-    if len(shape) != 3 or min(shape) < 1:
-        raise StudyImagesError(f"{p.name}: shape {shape} is not a 3D (z, y, x) shape")
-    if tuple(prob.shape) != shape:
-        raise StudyImagesError(f"{p.name}: prob_fg_u8 has shape {tuple(prob.shape)}, the file says {shape}")
-    labels = extra.get("labels")
-    if labels is not None and tuple(labels.shape) != shape:
-        raise StudyImagesError(f"{p.name}: labels has shape {tuple(labels.shape)}, the file says {shape}")
-    n = int(np.prod(shape))
-    if bits is None:
-        assert labels is not None
-        mask = labels > 0
-    else:
-        if bits.dtype != np.uint8 or bits.size != (n + 7) // 8:
-            raise StudyImagesError(f"{p.name}: mask_bits holds {bits.size} {bits.dtype} bytes, a mask of {shape} "
-                                   f"needs {(n + 7) // 8}")
-        mask = np.unpackbits(bits, count=n).view(np.bool_).reshape(shape)  # 0/1 bytes: a valid bool view
-    if labels is None:
-        return ProbabilityMap(prob_u8=prob, scale=scale, mask=mask)
-    legend = _legend(p.name, labels, extra.get("label_values"), extra.get("label_names"), extra.get("label_colors"))
-    return ProbabilityMap(prob_u8=prob, scale=scale, mask=mask, labels=labels, legend=legend)
-
-
 @dataclass(frozen=True, eq=False)
 class StudyImages:
     """Everything needed to draw one job's slices. Build it with :meth:`open`; the constructor checks

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
@@ -26,6 +26,7 @@ from dicom_series import Volume, load_series
 from ledger.db import session_scope
 from ledger.schema import Instance, Job, Result, Review, ReviewDecision, Series
 from store import LocalCache, Store, as_store
+from store.results import load_mask, write_probability
 
 from .atomic import atomic_write, write_dicom
 from .dicom_seg import derive_uid, encode_seg
@@ -71,50 +72,9 @@ def write_objects(seg_path: Path, sr_path: Path, volume: Volume, mask: np.ndarra
 
 def save_probability(path: Path, prob_fg: np.ndarray, mask: np.ndarray,
                      extra: Mapping[str, np.ndarray] | None = None) -> None:
-    """The foreground probability (uint8 quantisation: 1/255 steps keep a 512x512x300 map near 80 MB
-    uncompressed), the mask drawn from it (bit-packed), and ``extra`` arrays (a multi-label result's label
-    map and legend, read by ``review.render.read_probability``), as an ``.npz`` that ``numpy.load`` reads.
-
-    Quantised slab by slab in float32, in place, and streamed into the file (``np.round`` on the float16 map
-    took 1.5-2 s on a 300x512x512 CT, and the whole uint8 map is 78 MB more at the worker's peak); zipped at
-    deflate level 1, not ``savez_compressed``'s 6: on that CT's map (mostly zeros outside the body) 1.0 s
-    instead of 2.7-3.1 s, for 0.54 MB instead of 0.32 MB. ``numpy.load`` reads it as any ``.npz``.
-    """
-    import zipfile
-
-    fg = np.asarray(prob_fg)
-    bits = np.asarray(mask, dtype=bool).reshape(-1)
-    arrays = {"scale": np.float32(1 / 255), "mask_bits": bits, "shape": np.asarray(mask.shape, dtype=np.int64),
-              **(extra or {})}
-
-    def write(fh: BinaryIO) -> None:
-        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-            with z.open("prob_fg_u8.npy", "w", force_zip64=True) as f:  # slab by slab: no full uint8 copy
-                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                         "fortran_order": False, "shape": fg.shape})
-                for z0 in range(0, fg.shape[0], 4):  # in place: one float32 slab of 4 slices (4 MB)
-                    slab = fg[z0:z0 + 4].astype(np.float32)
-                    np.clip(slab, 0, 1, out=slab)
-                    slab *= 255
-                    f.write(np.rint(slab, out=slab).astype(np.uint8).tobytes())
-            for name, a in arrays.items():
-                with z.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    if name == "mask_bits":  # packed a slab at a time: not a 10 MB array and its 10 MB of bytes
-                        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
-                                                                 "shape": (-(-bits.size // 8),)})
-                        for i in range(0, bits.size, 8 * 2**20):  # whole bytes: np.packbits of the whole mask
-                            f.write(np.packbits(bits[i:i + 8 * 2**20]).tobytes())
-                        continue
-                    np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
-
-    atomic_write(path, write)
-
-
-def load_mask(path: Path) -> np.ndarray:
-    with np.load(path) as npz:
-        shape = tuple(int(n) for n in npz["shape"])
-        bits = np.unpackbits(npz["mask_bits"], count=int(np.prod(shape)))
-    return bits.reshape(shape).astype(bool)
+    """The review app's probability file (format: :func:`store.results.write_probability`), published
+    atomically."""
+    atomic_write(path, lambda fh: write_probability(fh, prob_fg, mask, extra))
 
 
 def series_files(sessions: sessionmaker[Session], series_uid: str | None,

@@ -247,7 +247,7 @@ def _label_dtype(segments: Sequence[SegmentDefinition]) -> type[np.unsignedinteg
 
 def review_arrays(label_map: np.ndarray, segments: Sequence[SegmentDefinition]) -> dict[str, np.ndarray]:
     """What the review app draws a multi-label result from, as arrays for the probability ``.npz`` (read
-    by ``review.render.read_probability``):
+    by ``store.results.read_probability``):
 
     - ``labels``: (z, y, x) ``uint8`` (``uint16`` past 255), the label map with only the segments' values
       kept (a label the rule did not send is not shown either);

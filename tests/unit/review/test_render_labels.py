@@ -22,11 +22,11 @@ from review.render import (  # noqa: E402
     StudyImages,
     StudyImagesError,
     Window,
-    fallback_rgb,
     read_probability,
     slice_png,
     slice_with_most_foreground,
 )
+from store.results import fallback_rgb  # noqa: E402
 from worker.segments import PALETTE, review_arrays, segments_for  # noqa: E402
 
 SLICES, ROWS, COLS = 5, 40, 48
