@@ -30,6 +30,10 @@ check naming what did not answer, never a command that hangs. The checks:
     filesystem broker has no broadcast, so there the check says it cannot ask (it passes, saying so);
     production runs Redis.
 
+A check that cannot be made because another failed is left out rather than failed too: with the
+database down the registered models cannot be read, with the broker down no worker can be asked; the
+one line names the cause.
+
 A probe of one component (a container's readiness) selects its checks with ``only``/``skip`` (a name or
 its kind: ``destination`` selects every ``destination:NAME``).
 
@@ -350,5 +354,6 @@ def run_checks(settings: Settings, *, store_config: StoreConfig | None = None, t
         for row in rows:
             if row.name not in configured:
                 add(f"model:{row.name}", registered_model_check(row), model_timeout_s)
-    add("workers", lambda: check_workers(settings, timeout_s), timeout_s + 3)
+    if not any(c.name == "broker" and not c.ok for c in out):  # (a broker that is down is said once)
+        add("workers", lambda: check_workers(settings, timeout_s), timeout_s + 3)
     return out
