@@ -137,7 +137,11 @@ def _run_node(app: AppContext, config_file: Path | None, stop: threading.Event, 
             pass
     finally:
         t0 = time.monotonic()
-        front.stop()
+        if isinstance(front, StoreSCP):  # one process: stop accepting, let open associations finish
+            left = front.drain(node.network_timeout + node.dimse_timeout)
+            if left:
+                log.warning("%d association(s) still open after the drain: aborting them", left)
+        front.stop()  # (the listener: its receivers finish their associations, then exit)
         assembler.stop()
         if endpoint is not None:
             endpoint.stop()
