@@ -1,6 +1,7 @@
 """SIGTERM to ``specgate scp`` in the middle of an association: the node stops accepting, the open
 association finishes (every instance stored), and the process exits 0. One receiving process (the SCP
-drains itself) and the listener with two receiver processes (the receivers drain when it lets them go)."""
+drains itself) and the listener with two receiver processes (the receivers drain when it lets them go),
+the signal sent to the main process or to the whole process group."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ def _refused(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-@pytest.mark.parametrize("processes", ["1", "2"])
+@pytest.mark.parametrize(("processes", "to"), [("1", "main"), ("2", "main"), ("2", "group")])
 def test_sigterm_mid_association_finishes_it_then_exits_0(sqlite_ledger: Ledger, tmp_path: Path,
-                                                         processes: str) -> None:
+                                                         processes: str, to: str) -> None:
+    """``to``: the main process (``docker stop``, systemd ``KillMode=mixed``) or every process of the
+    group (systemd's default ``KillMode=control-group``: the receiver processes get SIGTERM too)."""
     series = write_ct_series(tmp_path / "in", slices=400, size=64)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECGATE_")}
@@ -44,7 +47,10 @@ def test_sigterm_mid_association_finishes_it_then_exits_0(sqlite_ledger: Ledger,
                                    str(port), *map(str, series.paths)], env=peer_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for(lambda: sqlite_ledger.count() >= 5, timeout=60, what="the first instances to be stored")
-        proc.send_signal(signal.SIGTERM)
+        if to == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         stored_at_signal = sqlite_ledger.count()
         assert stored_at_signal < len(series.paths), "the association ended before the signal: nothing tested"
         wait_for(lambda: _refused(port), timeout=30, what="the port to refuse new connections")
