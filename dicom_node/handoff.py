@@ -237,8 +237,8 @@ class Listener:
             try:
                 r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("receiver %d did not finish in %.0f s; terminating it", r.index, timeout)
-                r.proc.terminate()
+                log.error("receiver %d did not finish in %.0f s; killing it", r.index, timeout)
+                r.proc.kill()  # (receivers ignore SIGTERM: a supervisor's stop reaches them too)
                 r.proc.wait(timeout=10)
         for t in self._threads:
             t.join(timeout=5)

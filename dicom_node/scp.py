@@ -19,6 +19,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -192,6 +193,18 @@ class StoreSCP:
         """In a receiver process: block until the listener closed its end (it stopped or died)."""
         assert self.handoff is not None
         return self.handoff.parent_gone.wait(timeout)
+
+    def drain(self, timeout: float) -> int:
+        """Stop accepting (the port closes: a new connection is refused) and wait up to ``timeout`` seconds
+        for the open associations to end as their peers release them; returns how many are still open.
+        ``specgate scp`` does this on SIGTERM before :meth:`stop`, which aborts what is left. A receiver
+        process drains through the listener instead (:class:`dicom_node.handoff.Listener`)."""
+        self._stopping.set()
+        close_listening(self._sock)
+        deadline = time.monotonic() + timeout
+        while (left := self.active_associations()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
 
     def stop(self) -> None:
         self._stopping.set()

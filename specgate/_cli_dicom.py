@@ -142,7 +142,11 @@ def _run_node(app: AppContext, config_file: Path | None, stop: threading.Event, 
             pass
     finally:
         t0 = time.monotonic()
-        front.stop()
+        if isinstance(front, StoreSCP):  # one process: stop accepting, let open associations finish
+            left = front.drain(node.network_timeout + node.dimse_timeout)
+            if left:
+                log.warning("%d association(s) still open after the drain: aborting them", left)
+        front.stop()  # (the listener: its receivers finish their associations, then exit)
         assembler.stop()
         if uploader is not None:
             uploader.stop()
@@ -170,9 +174,11 @@ def _run_receiver(app: AppContext, fd: int) -> None:
     from dicom_node.scp import StoreSCP
 
     handoff = socket.socket(fileno=fd)
-    # The listener decides when receivers stop (it closes the socket pair); a terminal's Ctrl-C reaches
-    # the whole process group, so receivers ignore SIGINT and finish their associations.
+    # The listener decides when receivers stop (it closes the socket pair); a terminal's Ctrl-C and a
+    # supervisor's SIGTERM (systemd's default KillMode, a container runtime's stop of the whole group) reach
+    # every process of the group, so receivers ignore both and finish their associations.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     node = app.settings.node_config()
     # the listener set PROMETHEUS_MULTIPROC_DIR in the environment this process inherited
     metrics_dir = (app.settings.data_dir / "metrics" / "scp").resolve() if app.settings.scp_metrics_port else None
