@@ -59,7 +59,8 @@ class World:
                 path.write_bytes(body)
                 sha = hashlib.sha256(body).hexdigest()
                 s.add(Instance(series=series, sop_instance_uid=f"1.2.826.0.3.{n}.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                               spool_path=rel, size_bytes=len(body), sha256=sha, calling_ae="MODALITY"))
+                               spool_path=rel, store_key=instance_key(sha) if self.store.remote else rel,
+                               size_bytes=len(body), sha256=sha, calling_ae="MODALITY"))
                 if self.store.remote:
                     self.store.put(instance_key(sha), path)
                     made.instance_keys.append(instance_key(sha))
