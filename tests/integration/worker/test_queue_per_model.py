@@ -121,9 +121,7 @@ class Site:
             return s.execute(select(Job).join(Study).where(Study.study_instance_uid == study_uid)).scalar_one()
 
     def attempts(self, job_id: int) -> list[JobAttempt]:
-        with self.sessions() as s:
-            return list(s.execute(select(JobAttempt).where(JobAttempt.job_id == job_id)
-                                  .order_by(JobAttempt.id)).scalars())
+        return _attempts(self.sessions, job_id)
 
 
 @pytest.fixture
@@ -341,3 +339,30 @@ def test_each_attempt_is_closed_however_the_job_leaves_running(migrated) -> None
     me = (os.getpid(), socket.gethostname())
     assert rows == [(1, "cpu", "queued", "attempt_failed", True, *me), (2, "cuda:0 X", "queued", "worker_lost", True, *me),
                     (3, "cpu", "failed", "bad_spacing", True, *me)]
+
+
+def test_a_failed_attempt_is_retried_on_its_models_queue(migrated) -> None:
+    """The segment task's own retry (an unexpected error, attempts left) goes to the job's model's queue,
+    through the same enqueue as every other send: here the filesystem broker, whose files name the queue."""
+    settings, _, sessions = migrated
+    settings = Settings.load(data_dir=settings.data_dir, database_url=settings.db_url,
+                             rules=[{"name": "ct", "model": "ghost"}])  # a model no worker has configured
+    with session_scope(sessions) as s:
+        study = Study(study_instance_uid="1.2.826.0.1.3680043.8.498.99", calling_ae="PACS")
+        s.add(study)
+        s.flush()
+        job_id = jobs.create_job(s, study, actor="test", rule_name="ct", model_name="ghost").id
+    app = make_celery(settings.worker_config())
+    assert app.tasks["specgate.segment"].apply(args=[job_id]).get() == "error"  # LookupError: not configured
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and (job.state, job.attempts, job.reason_code) == (JobState.QUEUED, 1, "attempt_failed")
+    queued = sorted(p.name for p in (settings.data_dir / "broker" / "queue").iterdir())
+    assert len(queued) == 1 and queued[0].endswith(".gpu.ghost.msg"), queued
+    [attempt] = [(a.outcome, a.reason_code) for a in _attempts(sessions, job_id)]
+    assert attempt == ("queued", "attempt_failed")
+
+
+def _attempts(sessions: sessionmaker[Session], job_id: int) -> list[JobAttempt]:
+    with sessions() as s:
+        return list(s.execute(select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.id)).scalars())
