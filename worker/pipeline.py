@@ -4,11 +4,12 @@ Every step that must not be forgotten is in the ledger:
 
 1. **Claim** (:func:`claim`): ``queued -> running`` in one conditional UPDATE that also counts the attempt
    and records which task owns the job, and a ``job_attempts`` row: this host, process and device
-   (closed by :func:`ledger.jobs.transition` when the job leaves ``running``, however it leaves). A job found ``running`` whose heartbeat is stale (its worker died)
-   is taken back (``running -> queued -> running``) and counted as a new attempt; one whose heartbeat is
-   fresh is never taken over, even by its own message delivered a second time (a worker killed with its
-   task leaves the job to the reconciler, once the heartbeat is ``stale_after_s`` old). A job that has used its
-   attempts ends ``failed`` (``attempts_exhausted``): a study that kills the worker every time never loops.
+   (closed by :func:`ledger.jobs.transition` when the job leaves ``running``, however it leaves). A job
+   found ``running`` whose heartbeat is stale (its worker died) is taken back (``running -> queued ->
+   running``) and counted as a new attempt; one whose heartbeat is fresh is never taken over, even by its
+   own message delivered a second time (a worker killed with its task leaves the job to the reconciler,
+   once the heartbeat is ``stale_after_s`` old). A job that has used its attempts ends ``failed``
+   (``attempts_exhausted``): a study that kills the worker every time never loops.
 2. **Work**, with a heartbeat thread: the series is loaded (``dicom_series``; a bad series fails at once
    with its reason code, no retry), segmented and gated (``worker.model_runtime``), encoded as DICOM-SEG
    (``worker.dicom_seg``) whose UIDs derive from (installation, study, job, version): a re-run writes the same
