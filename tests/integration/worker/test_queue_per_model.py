@@ -242,6 +242,13 @@ def test_a_worker_for_a_model_it_cannot_run_as_registered_refuses_to_start(site:
     out = refused("--models", site.a)
     assert (f"rule 'ct' names model '{site.a}', whose OOD bank {bank} is not the one the ledger recorded (SHA-256 "
             f"{sha256_file(bank)}, recorded {recorded_bank}); fit it again") in out
+    spare = site.root / "models" / "spare.npz"  # a model no rule names: the models' check reads its bank
+    shutil.copyfile(shipped.BANK_PATH, spare)
+    _register(site.sessions, "spare", shipped.WEIGHTS_PATH, spare)
+    spare.write_bytes(bank.read_bytes())  # the tampered bank of above
+    assert (f"model 'spare': its OOD bank {spare} is not the one the ledger recorded (SHA-256 {sha256_file(spare)}, "
+            f"recorded {sha256_file(shipped.BANK_PATH)}); fit it again with 'specgate model fit-ood spare --data DIR'"
+            ) in refused("--models", "spare")
     res = site.cli("worker", "--queues", "gpu,pacs", expect=2)
     assert "'pacs' is not a queue: deliver, gpu, or gpu.MODEL" in res.output
 
