@@ -8,7 +8,8 @@ study row is locked ``FOR UPDATE SKIP LOCKED`` while it is assembled).
 
 Assembling a study applies the series rules (:func:`choose_series`); the first rule, in the order the
 settings list them, that matches a series wins, and among that rule's series the one with most instances.
-A match creates a job (state ``queued``, next version) and calls the enqueue hook after the commit; a study
+A match creates a job (state ``queued``, next version, the rule's ``model`` recorded as the job's: it decides
+the job's queue, ``gpu.<model>``) and calls the enqueue hook after the commit; a study
 whose instances arrive after it was queued gets a new version and every earlier version that can still
 move is ``superseded`` (its result marked superseded). No match is recorded with an audit event and left
 alone.
@@ -202,7 +203,7 @@ class Assembler:
             earlier = list(s.execute(select(Job).where(Job.study_id == study.id)).scalars())
             job = jobs.create_job(s, study, actor=ACTOR, state=JobState.QUEUED,
                                   series_instance_uid=series.series_instance_uid, rule_name=rule.name,
-                                  max_attempts=self.config.job_max_attempts,
+                                  model_name=rule.model, max_attempts=self.config.job_max_attempts,
                                   details={"instances": seen, "series_instances": series.instances,
                                            "model": rule.model})
             superseded = []

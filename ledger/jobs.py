@@ -9,6 +9,11 @@ A ``job.failed`` audit event is always final: nothing moves a job out of ``faile
 retry, and an attempt that will be retried is ``job.queued`` (reason ``attempt_failed`` or
 ``worker_lost``) instead. It carries ``reason_code``, ``attempts`` and ``max_attempts`` (``attempts_exhausted``,
 or ``error`` on the last attempt, when the attempts ran out): the event an operator's tools alert on.
+
+Each attempt has a ``job_attempts`` row (where it ran, on which device): the claim opens it
+(:func:`start_attempt`) and :func:`transition` closes it when the job leaves ``running``, whoever moves it
+(the attempt finishing or failing, the reconciler or the next claim finding its worker dead), so no path
+out of ``running`` can forget it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from sqlalchemy import ColumnElement, CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from . import audit
-from .schema import Job, JobState, Study, utcnow
+from .schema import Job, JobAttempt, JobState, Study, utcnow
 
 __all__ = [
     "ALLOWED",
@@ -30,6 +35,7 @@ __all__ = [
     "TransitionError",
     "create_job",
     "is_allowed",
+    "start_attempt",
     "transition",
 ]
 
@@ -74,13 +80,15 @@ def is_allowed(current: JobState | str, to: JobState | str) -> bool:
 
 def create_job(session: Session, study: Study, *, actor: str, state: JobState = JobState.QUEUED,
                series_instance_uid: str | None = None, rule_name: str | None = None,
-               max_attempts: int = 3, details: Mapping[str, Any] | None = None) -> Job:
-    """Create the next version of ``study``'s job, audited. Earlier unfinished versions are superseded."""
+               model_name: str | None = None, max_attempts: int = 3,
+               details: Mapping[str, Any] | None = None) -> Job:
+    """Create the next version of ``study``'s job, audited. ``model_name``: the model it is for (its rule's
+    ``model``), which decides its queue (:func:`worker.celery_app.segment_queue_of`)."""
     if state not in (JobState.RECEIVING, JobState.QUEUED):
         raise ValueError(f"a new job starts as receiving or queued, not {state}")
     last = session.execute(select(func.max(Job.version)).where(Job.study_id == study.id)).scalar()
     job = Job(study_id=study.id, version=(last or 0) + 1, state=state, series_instance_uid=series_instance_uid,
-              rule_name=rule_name, max_attempts=max_attempts)
+              rule_name=rule_name, model_name=model_name, max_attempts=max_attempts)
     session.add(job)
     session.flush()
     audit.append(session, actor=actor, action="job.created", object_type="job", object_id=job.id,
@@ -122,6 +130,10 @@ def transition(session: Session, job_id: int, to: JobState | str, *, actor: str,
     )
     if res.rowcount != 1:
         raise StaleTransition(job_id, current, to)
+    if current == JobState.RUNNING:  # the attempt that ran it has ended, however it ended
+        session.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.ended_at.is_(None))
+                        .values(ended_at=now, outcome=str(to), reason_code=values.get("reason_code"))
+                        .execution_options(synchronize_session=False))
     body: dict[str, Any] = {"from": str(current), "to": str(to)}
     if reason_code is not None or to == JobState.FAILED:
         body["reason_code"] = values["reason_code"]
@@ -133,3 +145,14 @@ def transition(session: Session, job_id: int, to: JobState | str, *, actor: str,
         body.update(details)
     audit.append(session, actor=actor, action=f"job.{to}", object_type="job", object_id=job_id, details=body)
     return job
+
+
+def start_attempt(session: Session, job: Job, *, task_id: str | None, host: str, pid: int,
+                  device: str) -> JobAttempt:
+    """Record that attempt ``job.attempts`` of ``job`` (just moved to ``running`` by its claim, in this
+    transaction) runs on ``host`` in process ``pid`` on ``device``. :func:`transition` closes it."""
+    row = JobAttempt(job_id=job.id, attempt=job.attempts, task_id=None if task_id is None else task_id[:64],
+                     host=host[:255], pid=pid, device=device[:128], started_at=utcnow())
+    session.add(row)
+    session.flush()
+    return row

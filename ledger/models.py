@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -32,7 +33,8 @@ from sqlalchemy.orm import Session
 from . import audit
 from .schema import ModelState, RegisteredModel, utcnow
 
-__all__ = ["ModelRegistryError", "get", "list_models", "register", "require", "set_bank", "validate_name"]
+__all__ = ["ModelRegistryError", "get", "list_models", "recorded_files", "register", "require", "set_bank",
+           "validate_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -71,6 +73,27 @@ def require(session: Session, name: str) -> RegisteredModel:
         known = ", ".join(m.name for m in list_models(session)) or "none"
         raise ModelRegistryError(f"no model is registered as {name!r} (registered: {known})")
     return row
+
+
+def recorded_files(row: RegisteredModel) -> dict[str, Path]:
+    """Where each file the registration hashed (``files_sha256``'s keys) lies on this machine, without
+    opening the model: a key that names the registered path's own file is that file (a SegNet or TorchScript
+    file); one that names a file an open option points at is that file (a TorchScript model's ``spec``);
+    any other key is relative to the registered folder (a MONAI bundle's ``configs/...``, an nnU-Net
+    folder's ``fold_0/...``), or to the registered file's folder. What a worker hashes at start-up to see
+    that it would run the model that was registered (``specgate worker``).
+
+        >>> from ledger.schema import RegisteredModel
+        >>> row = RegisteredModel(path="/m/net.ts", files_sha256={"net.ts": "0", "spec.json": "0"},
+        ...                       settings={"open_options": {"spec": "/specs/spec.json"}})
+        >>> {k: str(v) for k, v in recorded_files(row).items()}
+        {'net.ts': '/m/net.ts', 'spec.json': '/specs/spec.json'}
+    """
+    path = Path(row.path)
+    named = {Path(str(v)).name: Path(str(v)) for v in ((row.settings or {}).get("open_options") or {}).values()}
+    named[path.name] = path
+    folder = path if path.is_dir() else path.parent
+    return {rel: named.get(rel, folder / rel) for rel in row.files_sha256}
 
 
 def list_models(session: Session) -> list[RegisteredModel]:

@@ -36,6 +36,7 @@ __all__ = [
     "DeliveryState",
     "Instance",
     "Job",
+    "JobAttempt",
     "JobState",
     "ModelState",
     "RegisteredModel",
@@ -176,6 +177,11 @@ class Job(Base):
     state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.QUEUED)
     series_instance_uid: Mapped[str | None] = mapped_column(UID, default=None)
     rule_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The model the job was made for (its rule's ``model`` when the assembler made it; migration 0009): its
+    # segmentation message goes to that model's queue (``gpu.<model>``, worker.celery_app.segment_queue) and
+    # the worker runs that model. NULL: a job made before 0009; it goes to the queue of the model its rule
+    # names now, or to the bare ``gpu`` queue when its rule is gone.
+    model_name: Mapped[str | None] = mapped_column(String(64), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     reason_code: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -191,6 +197,31 @@ class Job(Base):
     results: Mapped[list[Result]] = relationship(back_populates="job")
     reviews: Mapped[list[Review]] = relationship(back_populates="job", order_by="Review.id")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
+    attempt_rows: Mapped[list[JobAttempt]] = relationship(back_populates="job", order_by="JobAttempt.id")
+
+
+class JobAttempt(Base):
+    """One attempt at running a job (migration 0009): where it ran (host, process, device: ``cpu``, or
+    ``cuda:0 NVIDIA H100 80GB HBM3 (GPU 3)``), when, and how it ended. Opened by the claim
+    (:func:`ledger.jobs.start_attempt`); closed by :func:`ledger.jobs.transition` when the job leaves
+    ``running``, whoever moves it (the attempt itself, the reconciler, the next claim finding it dead), with
+    the state it went to and the reason code. Numbers repeat after an operator's retry (a fresh count):
+    the row id orders them."""
+
+    __tablename__ = "job_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    task_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(default=None)
+    # the state the job left 'running' for (released, held, failed, queued, superseded); NULL while it runs
+    outcome: Mapped[str | None] = mapped_column(String(16), default=None)
+    reason_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    job: Mapped[Job] = relationship(back_populates="attempt_rows")
 
 
 class Result(Base):

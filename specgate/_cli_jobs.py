@@ -47,6 +47,7 @@ def _job_dict(job: Job, *, full: bool = False, files: Store | None = None) -> di
         "reason_code": job.reason_code,
         "series_instance_uid": job.series_instance_uid,
         "rule": job.rule_name,
+        "model": job.model_name,
         "oodm": result.oodm if result else None,
         "tau": result.tau if result else None,
         "created_at": job.created_at.isoformat(),
@@ -75,6 +76,10 @@ def _job_dict(job: Job, *, full: bool = False, files: Store | None = None) -> di
                          "at": r.created_at.isoformat()} for r in job.reviews]
         d["deliveries"] = [{"destination": dv.destination, "state": str(dv.state), "attempts": dv.attempts,
                             "last_status": dv.last_status} for dv in job.deliveries]
+        d["attempt_history"] = [
+            {"attempt": a.attempt, "host": a.host, "pid": a.pid, "device": a.device, "task_id": a.task_id,
+             "started_at": a.started_at.isoformat(), "ended_at": a.ended_at.isoformat() if a.ended_at else None,
+             "outcome": a.outcome, "reason_code": a.reason_code} for a in job.attempt_rows]
     return d
 
 
@@ -137,7 +142,8 @@ def jobs_list(app: AppContext, states: tuple[str, ...], limit: int, as_json: boo
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def jobs_show(app: AppContext, job_id: int, as_json: bool) -> None:
-    """Show one job: its state, result, reviews, deliveries and audit history."""
+    """Show one job: its state, model, each attempt (host, process, device, how it ended), result, reviews,
+    deliveries and audit history."""
     from sqlalchemy import select
 
     from ledger.schema import AuditEvent, Job
@@ -157,8 +163,13 @@ def jobs_show(app: AppContext, job_id: int, as_json: bool) -> None:
         click.echo(json.dumps(d, indent=2))
         return
     for key in ("id", "study_instance_uid", "version", "state", "attempts", "reason_code", "reason_detail",
-                "series_instance_uid", "rule", "oodm", "tau", "created_at", "updated_at", "finished_at"):
+                "series_instance_uid", "rule", "model", "oodm", "tau", "created_at", "updated_at", "finished_at"):
         click.echo(f"{key:>20}: {d[key] if d[key] is not None else '-'}")
+    for a in d["attempt_history"]:
+        ended = (f"ended {a['ended_at']} -> {a['outcome']}" + (f" ({a['reason_code']})" if a["reason_code"] else "")
+                 if a["ended_at"] else "running")
+        click.echo(f"{'attempt ' + str(a['attempt']):>20}: host {a['host']} pid {a['pid']} device {a['device']}; "
+                   f"started {a['started_at']}, {ended}")
     if d["result"]:
         click.echo(f"{'result':>20}: {json.dumps(d['result'])}")
     for r in d["reviews"]:
@@ -231,7 +242,7 @@ def retry_command(app: AppContext, job_id: int, user: str) -> None:
                             attempts=0, details={"why": "operator retry"})
     except (jobs.TransitionError, LookupError) as exc:
         raise click.ClickException(str(exc)) from exc
-    Enqueuer(celery_app(app), app.sessions()).segment(job_id)
+    Enqueuer(celery_app(app), app.sessions(), app.settings.rules).segment(job_id)  # to its model's queue
     click.echo(f"job {job_id} queued again")
 
 

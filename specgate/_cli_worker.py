@@ -1,4 +1,11 @@
-"""``specgate worker`` and ``specgate reconcile`` (registered in :mod:`specgate.cli` by :func:`register`)."""
+"""``specgate worker`` and ``specgate reconcile`` (registered in :mod:`specgate.cli` by :func:`register`).
+
+Which queues a worker consumes (:func:`plan_queues`) and the start-up check of the models it serves
+(:func:`check_served_models`) live here: a worker takes a model's jobs (``gpu.<model>``) only once it has
+seen that the model's files and OOD bank on this machine are the ones the ledger registered; a worker that
+only delivers (``--queues deliver``) serves no model and checks none, so a CPU machine without the models
+may run it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,13 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from ._context import AppContext, pass_app
+from ._context import AppContext, StartupError, pass_app
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -22,7 +30,7 @@ if TYPE_CHECKING:
     from ._metrics import MetricsEndpoint
     from .settings import Settings
 
-__all__ = ["celery_app", "register", "start_reconciler_thread"]
+__all__ = ["celery_app", "check_served_models", "plan_queues", "register", "start_reconciler_thread"]
 
 log = logging.getLogger("specgate")
 
@@ -41,7 +49,7 @@ def _reconcile_once(app: AppContext, celery: Celery) -> ReconcileReport:
     from worker.celery_app import Enqueuer
     from worker.reconcile import reconcile
 
-    enq = Enqueuer(celery, app.sessions())
+    enq = Enqueuer(celery, app.sessions(), app.settings.rules)  # the rules: for jobs made before 0009
     cfg = app.settings.worker_config()
     return reconcile(app.sessions(), enqueue_segment=enq.segment, enqueue_delivery=enq.deliver,
                      enqueue_retraction=enq.retract,
@@ -91,24 +99,141 @@ def _start_metrics(settings: Settings) -> tuple[Path, MetricsEndpoint, WorkerMet
     return metrics_dir, endpoint, metrics
 
 
+def _names(value: str, option: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise click.BadParameter("names nothing", param_hint=option)
+    return names
+
+
+def plan_queues(models: str | None, queues: str | None, rule_models: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the models this worker segments with, the queues it consumes), from ``--models`` and ``--queues``.
+
+    ``--models a,b``: the queues ``gpu.a,gpu.b`` and nothing else, unless ``--queues`` names more (then both
+    are consumed). ``--queues``: ``deliver`` (results and retractions; no model), ``gpu.NAME`` (model NAME's
+    jobs), ``gpu`` (the queues of every model ``--models`` names, or without it every model the rules name,
+    and the old single ``gpu`` queue). Neither: ``gpu,deliver``, as before queues per model.
+
+        >>> plan_queues(None, None, ["default", "liver", "default"])
+        (['default', 'liver'], ['gpu.default', 'gpu.liver', 'gpu', 'deliver'])
+        >>> plan_queues("liver", None, ["default"])
+        (['liver'], ['gpu.liver'])
+        >>> plan_queues("liver", "deliver", ["default"])
+        (['liver'], ['gpu.liver', 'deliver'])
+        >>> plan_queues(None, "deliver", ["default"])
+        ([], ['deliver'])
+        >>> plan_queues(None, "gpu.lung,pacs", ["default"])
+        Traceback (most recent call last):
+        ...
+        click.exceptions.BadParameter: 'pacs' is not a queue: deliver, gpu, or gpu.MODEL
+    """
+    from worker.celery_app import DELIVER_QUEUE, GPU_QUEUE, segment_queue
+
+    chosen = _names(models, "--models") if models is not None else None
+    asked = _names(queues, "--queues") if queues is not None else (["gpu", "deliver"] if chosen is None else [])
+    served: list[str] = []
+    consumed: list[str] = []
+
+    def serve(name: str, option: str) -> None:
+        try:
+            queue = segment_queue(name)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
+        if name not in served:
+            served.append(name)
+        if queue not in consumed:
+            consumed.append(queue)
+
+    for name in chosen or ():
+        serve(name, "--models")
+    for queue in asked:
+        if queue == GPU_QUEUE:
+            for name in chosen if chosen is not None else rule_models:
+                serve(name, "--models" if chosen is not None else "rules")
+            consumed.append(GPU_QUEUE)
+        elif queue == DELIVER_QUEUE:
+            consumed.append(DELIVER_QUEUE)
+        elif queue.startswith(GPU_QUEUE + "."):
+            serve(queue[len(GPU_QUEUE) + 1:], "--queues")
+        else:
+            raise click.BadParameter(f"{queue!r} is not a queue: {DELIVER_QUEUE}, {GPU_QUEUE}, or {GPU_QUEUE}.MODEL",
+                                     param_hint="--queues")
+    return served, list(dict.fromkeys(consumed))
+
+
+def check_served_models(app: AppContext, names: Sequence[str]) -> None:
+    """Refuse to start a worker for a model it could not run as registered.
+
+    A model of the settings (``default``, ``[models.NAME]``) is checked where it is opened, as before (its
+    bank against its weights and inference path, :meth:`worker.model_runtime.Segmenter.from_adapter`).
+    Every other name must be registered in the ledger with a fitted OOD bank, and each file the
+    registration hashed (``ledger.models.recorded_files``) and the bank must be on this machine with the
+    SHA-256 the ledger recorded; nothing is loaded (no CUDA in this, the parent, process). Raises
+    :class:`StartupError` naming each model and what differs.
+    """
+    from ledger.models import recorded_files
+    from worker.config import DEFAULT_MODEL
+
+    from ._context import _bank_problem
+
+    configured = {DEFAULT_MODEL, *app.settings.models}
+    others = [n for n in names if n not in configured]
+    if not others:
+        return
+    registered = {row.name: row for row in app.registered_models()}
+    problems = []
+    for name in others:
+        row = registered.get(name)
+        if row is None:
+            problems.append(f"model {name!r} is neither configured (models: {', '.join(sorted(configured))}) nor "
+                            f"registered in the ledger (registered: {', '.join(sorted(registered)) or 'none'})")
+            continue
+        if row.bank_path is None or row.bank_sha256 is None:
+            problems.append(f"model {name!r} is registered without an OOD bank: fit one with "
+                            f"'specgate model fit-ood {name} --data DIR'")
+            continue
+        for rel, path in recorded_files(row).items():
+            wrong = _bank_problem(path, row.files_sha256[rel])
+            if wrong is not None:
+                problems.append(f"model {name!r}: its file {wrong}; register the model again under a new name")
+        bank = _bank_problem(Path(row.bank_path), row.bank_sha256)
+        if bank is not None:
+            problems.append(f"model {name!r}: its OOD bank {bank}; fit it again with "
+                            f"'specgate model fit-ood {name} --data DIR'")
+    if problems:
+        raise StartupError("refusing to start: " + "; ".join(problems))
+
+
 @click.command("worker")
 @click.option("--gpu", type=int, default=None, help="Run on this GPU (CUDA index). Without it: the CPU.")
-@click.option("--queues", default="gpu,deliver", show_default=True,
-              help="Queues to consume: 'gpu' (segmentation), 'deliver' (sending results).")
+@click.option("--models", default=None, metavar="A,B",
+              help="Segment with these models only: consume their queues gpu.A,gpu.B and no other (unless "
+                   "--queues names more). Each is checked at start-up: a registered model's files and OOD bank "
+                   "must be the ones the ledger recorded. Default: every model the rules name.")
+@click.option("--queues", default=None, metavar="Q,R",
+              help="Queues to consume: 'deliver' (sending results and retractions; needs no model, so a CPU "
+                   "machine may take it), 'gpu.MODEL' (MODEL's studies), 'gpu' (the studies of every model "
+                   "--models names, or the rules name, and the old single queue). Added to --models' queues. "
+                   "Default without --models: gpu,deliver.")
 @click.option("--no-reconcile", is_flag=True, help="Do not run the periodic reconciler in this process.")
 @pass_app
-def worker_command(app: AppContext, gpu: int | None, queues: str, no_reconcile: bool) -> None:
+def worker_command(app: AppContext, gpu: int | None, models: str | None, queues: str | None,
+                   no_reconcile: bool) -> None:
     """Run a Celery worker: one process that segments studies (and sends results).
 
     Start one per GPU (``--gpu 0``, ``--gpu 1``...) on any number of machines sharing the ledger database
-    and the broker. CUDA is initialised only in the process that runs the tasks. With
-    SPECGATE_WORKER_METRICS_PORT (a different one per worker process on a machine), Prometheus metrics on
-    SPECGATE_METRICS_HOST:port/metrics.
+    and the broker; ``--models`` gives a machine the models it has (a queue per model). CUDA is initialised
+    only in the process that runs the tasks. With SPECGATE_WORKER_METRICS_PORT (a different one per worker
+    process on a machine), Prometheus metrics on SPECGATE_METRICS_HOST:port/metrics.
     """
     from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
-    app.check_routing()  # every rule's model configured, or registered with a fitted bank
     settings = app.settings
+    served, consumed = plan_queues(models, queues, [r.model for r in settings.rules])
+    if served:  # a worker that only delivers runs no model: it checks none (a CPU machine without them)
+        app.check_routing(served)  # the rules it serves: their model configured, or registered with a bank
+        check_served_models(app, served)  # and each model's files here the ones the ledger registered
+    log.info("worker: models %s; queues %s", ", ".join(served) or "none", ",".join(consumed))
     metrics_dir, endpoint, metrics = _start_metrics(settings) if settings.worker_metrics_port else (None, None, None)
     if endpoint is not None:
         worker_process_init.connect(lambda **_: endpoint.close_inherited(), weak=False)
@@ -130,7 +255,7 @@ def worker_command(app: AppContext, gpu: int | None, queues: str, no_reconcile: 
     name = f"specgate-{'gpu' + str(gpu) if gpu is not None else 'cpu'}-{os.getpid()}@%h"
     try:
         celery.worker_main([
-            "worker", f"--loglevel={settings.log_level}", f"--queues={queues}", "--concurrency=1",
+            "worker", f"--loglevel={settings.log_level}", f"--queues={','.join(consumed)}", "--concurrency=1",
             "--pool=prefork", f"--hostname={name}", "--without-gossip", "--without-mingle",
         ])
     finally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import getpass
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
@@ -116,18 +116,20 @@ class AppContext:
                       if row.name not in configured and row.bank_path is not None)
         return replace(cfg, models=cfg.models + added) if added else cfg
 
-    def check_routing(self) -> None:
+    def check_routing(self, models: Collection[str] | None = None) -> None:
         """Refuse to start while a rule selects a model that cannot judge its results.
 
         Each ``[[rules]]`` entry's ``model`` must be configured in the settings (``default``,
         ``SPECGATE_MODELS``) or registered in the ledger with a fitted OOD bank, whose file is there with
-        the SHA-256 the ledger recorded (hashing a bank takes milliseconds). Raises
-        :class:`StartupError` naming every such rule and its model.
+        the SHA-256 the ledger recorded (hashing a bank takes milliseconds). ``models``: only the rules that
+        select one of these (a worker that serves them; None: every rule). Raises :class:`StartupError`
+        naming every such rule and its model.
         """
         from worker.config import DEFAULT_MODEL
 
         configured = {DEFAULT_MODEL, *self.settings.models}
-        wanted = [r for r in self.settings.rules if r.model not in configured]
+        wanted = [r for r in self.settings.rules
+                  if r.model not in configured and (models is None or r.model in models)]
         if not wanted:
             return
         registered = {row.name: row for row in self.registered_models()}

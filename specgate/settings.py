@@ -404,6 +404,20 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _models_name_queues(self) -> Settings:
+        """Each model's jobs have a queue of their own (``gpu.<model>``): a name a queue cannot carry (a comma,
+        a space) is refused here, naming it, rather than when the first study is enqueued."""
+        from worker.celery_app import segment_queue
+
+        for where, name in [*((f"models.{n}", n) for n in self.models),
+                            *((f"rule {r.name!r} model", r.model) for r in self.rules)]:
+            try:
+                segment_queue(name)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
     def _tls_consistent(self) -> Settings:
         if (self.scp_tls_cert is None) != (self.scp_tls_key is None):
             raise ValueError("scp_tls_cert and scp_tls_key must be set together")

@@ -3,11 +3,13 @@
 Every step that must not be forgotten is in the ledger:
 
 1. **Claim** (:func:`claim`): ``queued -> running`` in one conditional UPDATE that also counts the attempt
-   and records which task owns the job. A job found ``running`` whose heartbeat is stale (its worker died)
-   is taken back (``running -> queued -> running``) and counted as a new attempt; one whose heartbeat is
-   fresh is never taken over, even by its own message delivered a second time (a worker killed with its
-   task leaves the job to the reconciler, once the heartbeat is ``stale_after_s`` old). A job that has used its
-   attempts ends ``failed`` (``attempts_exhausted``): a study that kills the worker every time never loops.
+   and records which task owns the job, and a ``job_attempts`` row: this host, process and device
+   (closed by :func:`ledger.jobs.transition` when the job leaves ``running``, however it leaves). A job
+   found ``running`` whose heartbeat is stale (its worker died) is taken back (``running -> queued ->
+   running``) and counted as a new attempt; one whose heartbeat is fresh is never taken over, even by its
+   own message delivered a second time (a worker killed with its task leaves the job to the reconciler,
+   once the heartbeat is ``stale_after_s`` old). A job that has used its attempts ends ``failed``
+   (``attempts_exhausted``): a study that kills the worker every time never loops.
 2. **Work**, with a heartbeat thread: the series is loaded (``dicom_series``; a bad series fails at once
    with its reason code, no retry), segmented and gated (``worker.model_runtime``), encoded as DICOM-SEG
    (``worker.dicom_seg``) whose UIDs derive from (installation, study, job, version): a re-run writes the same
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +70,7 @@ class Claim:
     study_instance_uid: str
     series_instance_uid: str | None
     rule_name: str | None
+    model_name: str | None = None  # the job's model (None: a job made before revision 0009; its rule's)
 
 
 @dataclass
@@ -85,10 +90,12 @@ def _as_aware(ts: Any) -> Any:
 
 
 def claim(sessions: sessionmaker[Session], job_id: int, *, task_id: str, worker_id: str,
-          stale_after_s: float, actor: str = "worker", metrics: WorkerMetrics | None = None) -> Claim | None:
+          stale_after_s: float, actor: str = "worker", metrics: WorkerMetrics | None = None,
+          device: str = "cpu") -> Claim | None:
     """Take job ``job_id`` for this attempt, or return None if it is not ours to run (already taken,
     finished, superseded) or has used up its attempts (then it is moved to ``failed``, counted in
-    ``metrics``)."""
+    ``metrics``). The attempt is recorded as running in this process, on this host, on ``device``
+    (:func:`worker.tasks.device_label`)."""
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
         if job is None:
@@ -122,10 +129,12 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, task_id: str, worker_
         job = jobs.transition(s, job_id, JobState.RUNNING, actor=actor, expect=JobState.QUEUED,
                               attempts=job.attempts + 1, task_id=task_id[:64], worker_id=worker_id[:128],
                               heartbeat_at=now, reason_code=None, reason_detail=None,
-                              details={"attempt": job.attempts + 1, "worker": worker_id[:128]})
+                              details={"attempt": job.attempts + 1, "worker": worker_id[:128], "device": device})
+        jobs.start_attempt(s, job, task_id=task_id, host=socket.gethostname(), pid=os.getpid(), device=device)
         return Claim(job_id=job.id, task_id=task_id, attempt=job.attempts, version=job.version,
                      study_instance_uid=job.study.study_instance_uid,
-                     series_instance_uid=job.series_instance_uid, rule_name=job.rule_name)
+                     series_instance_uid=job.series_instance_uid, rule_name=job.rule_name,
+                     model_name=job.model_name)
 
 
 def heartbeat(sessions: sessionmaker[Session], job_id: int, task_id: str, every_s: float) -> LeaseRefresher:
@@ -199,8 +208,9 @@ class _JobFailed(Exception):
 
 def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             segmenters: Callable[[str], Segmenter], metrics: WorkerMetrics | None = None) -> StudyOutcome:
-    """Run one claimed job to ``released``/``held`` (or raise) with the model its rule names
-    (``segmenters(rule.model)``). A series the pipeline cannot use (``SeriesError``, a spacing the model's
+    """Run one claimed job to ``released``/``held`` (or raise) with the job's model (``segmenters(name)``:
+    the model it was made for and queued to, ``jobs.model_name``; a job made before revision 0009: the
+    model its rule names). A series the pipeline cannot use (``SeriesError``, a spacing the model's
     grid refuses) or a rule that no longer exists (``unknown_rule``) ends it ``failed``, with no retry.
     ``metrics``: the segmentation's time, the gate's decision once recorded, a failure's reason code."""
     timings: dict[str, float] = {}
@@ -211,28 +221,29 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             known = ", ".join(r.name for r in cfg.rules) or "none"
             raise _JobFailed("unknown_rule", f"rule {c.rule_name!r} is not configured (rules: {known})")
         with heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
-            segmenter = segmenters(rule.model)  # loaded on its first job, under the heartbeat
+            model = c.model_name or rule.model
+            segmenter = segmenters(model)  # loaded on its first job, under the heartbeat
             volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, files=cfg.files)
             t0 = time.perf_counter()
             out = _segment(segmenter, volume)
             if metrics is not None:
-                metrics.inference(time.perf_counter() - t0, model=rule.model, modality=volume.modality)
+                metrics.inference(time.perf_counter() - t0, model=model, modality=volume.modality)
             timings.update(out.timings)
             segments = _segments(rule, segmenter)
             paths["dir"].mkdir(parents=True, exist_ok=True)
             _write_views(paths, c, volume, out, segments, timings)  # the preview is the last use of the pixels
             volume = volume.without_pixels()  # the SEG and the SR need its geometry and headers: 157 MB less
             uids = _write_objects(paths, c, cfg, volume, out, segmenter, segments, timings)
-            _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings)
+            _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings, model=model)
     except _JobFailed as exc:
         fail(sessions, c, exc.reason_code, exc.detail, actor=cfg.actor)
         if metrics is not None:
             metrics.job_failed(exc.reason_code)
         return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
     outcome = finish(sessions, c, cfg, paths=paths, uids=uids, out=out, segmenter=segmenter,
-                     configured_model=rule.model, timings=timings)
+                     configured_model=model, timings=timings)
     if metrics is not None:
-        metrics.ood_decision(is_ood=out.is_ood, reason=out.gate_reason, model=rule.model, modality=volume.modality)
+        metrics.ood_decision(is_ood=out.is_ood, reason=out.gate_reason, model=model, modality=volume.modality)
     return outcome
 
 
@@ -345,7 +356,7 @@ def _write_views(paths: dict[str, Path], c: Claim, volume: Volume, out: SegmentO
 
 
 def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOutput, segmenter: Segmenter,
-                    segments: tuple[SegmentDefinition, ...], timings: dict[str, float]) -> None:
+                    segments: tuple[SegmentDefinition, ...], timings: dict[str, float], *, model: str) -> None:
     """The gate's evidence and what produced it, as JSON beside the result; ``segments``: what the SEG
     holds (names, colours, codes, volumes), which an approval re-encodes."""
     from .segments import segments_evidence
@@ -355,7 +366,7 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
                 "c": segmenter.gate.c, "clinical_use": segmenter.clinical_use,
                 "bank_percentile": segmenter.gate.percentile(out.oodm),
                 "bank_loo_oodm": [round(float(v), 6) for v in segmenter.gate.loo_oodm],
-                "rule": rule.name, "rule_config": rule.model_dump(mode="json"), "configured_model": rule.model,
+                "rule": rule.name, "rule_config": rule.model_dump(mode="json"), "configured_model": model,
                 "model": segmenter.model_name, "model_version": segmenter.model_version,
                 "weights_sha256": segmenter.weights_sha256, "spacing_mm": list(map(float, volume.spacing)),
                 "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),

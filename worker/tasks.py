@@ -1,4 +1,5 @@
-"""Celery tasks: ``specgate.segment(job_id)`` on the gpu queue, ``specgate.deliver(job_id)`` on deliver.
+"""Celery tasks: ``specgate.segment(job_id)`` on its model's queue (``gpu.<model>``), ``specgate.deliver(job_id)``
+and ``specgate.retract(retraction_id)`` on ``deliver`` (:mod:`worker.celery_app`).
 
 Tasks carry only a job id; everything else is read from the ledger, so a duplicated or re-delivered
 message is harmless (the claim in :func:`worker.pipeline.claim` lets one attempt run a job at a time).
@@ -25,7 +26,7 @@ from .model_runtime import Segmenters
 if TYPE_CHECKING:
     from .prometheus import WorkerMetrics
 
-__all__ = ["Runtime", "register_tasks", "set_torch_threads"]
+__all__ = ["Runtime", "device_label", "register_tasks", "set_torch_threads"]
 
 log = logging.getLogger("specgate.worker")
 
@@ -54,6 +55,23 @@ def set_torch_threads(threads: int) -> tuple[int, int]:
     return torch.get_num_threads(), torch.get_num_interop_threads()
 
 
+def device_label(device: str) -> str:
+    """What the ledger records as an attempt's device (``job_attempts.device``): ``cpu``, or a CUDA device
+    with the name of its GPU and, when the worker was given one (``--gpu N``), the machine's index of it:
+    ``cuda:0 NVIDIA H100 80GB HBM3 (GPU 3)``. Call it in the process that runs the tasks: it initialises
+    CUDA, which the worker's parent must never do."""
+    if not device.startswith("cuda"):
+        return device
+    import torch
+
+    try:
+        name = torch.cuda.get_device_name(device)
+    except (RuntimeError, AssertionError) as exc:  # no CUDA here: the model's load will say so too
+        return f"{device} (unavailable: {exc})"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{device} {name}" + (f" (GPU {visible})" if visible else "")
+
+
 class Runtime:
     """What a worker process opens once: the ledger engine and, each on first use, the models; and the
     metrics it counts in (None: not counted), built by the parent before the fork."""
@@ -64,7 +82,15 @@ class Runtime:
         self._sessions: sessionmaker[Session] | None = None
         self._pid = -1
         self._started_pid = -1
+        self._device_label: tuple[int, str] | None = None
         self.segmenters = Segmenters(config.models, config.inference, device=device)
+
+    @property
+    def device_label(self) -> str:
+        """:func:`device_label` of this worker's device, found once per process."""
+        if self._device_label is None or self._device_label[0] != os.getpid():
+            self._device_label = (os.getpid(), device_label(self.device))
+        return self._device_label[1]
 
     def start_process(self) -> None:
         """Once in each process that runs tasks, before it opens a model: torch's threads
@@ -98,6 +124,7 @@ def _worker_id() -> str:
 
 def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
                    metrics: WorkerMetrics | None = None) -> None:
+    from .celery_app import Enqueuer
     from .pipeline import AttemptFailed, claim, retry_or_fail, run_job
 
     runtime = Runtime(config, device, metrics)
@@ -111,7 +138,7 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
         runtime.start_process()
         task_id = self.request.id or f"local-{os.getpid()}"
         c = claim(runtime.sessions, job_id, task_id=task_id, worker_id=_worker_id(),
-                  stale_after_s=cfg.stale_after_s, metrics=runtime.metrics)
+                  stale_after_s=cfg.stale_after_s, metrics=runtime.metrics, device=runtime.device_label)
         if c is None:
             return "skipped"
         try:
@@ -125,7 +152,8 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
                 # a store that is away is waited for at a steady pace; the study's own failures back off
                 uncounted = isinstance(exc, AttemptFailed) and not exc.counted
                 countdown = 15 if uncounted else min(300, 5 * 2 ** (c.attempt - 1))
-                app.send_task("specgate.segment", args=[job_id], countdown=countdown)
+                # to its model's queue, as every enqueue
+                Enqueuer(app, runtime.sessions, cfg.rules).segment(job_id, countdown=countdown)
             return "error"
         log.info("job %s -> %s (oodm=%s tau=%s)", job_id, outcome.state, outcome.oodm, outcome.tau)
         if outcome.state == "released":

@@ -404,9 +404,9 @@ def test_redis_flushed_with_a_job_queued_the_reconciler_brings_it_back(stack: St
     assert set(stack.send(study.paths)) == {0}
     stack.wait_state(study.study_instance_uid, {"queued"}, timeout=60)
     r = redis.Redis.from_url(_redis_db_url())
-    wait_for(lambda: r.llen("gpu") > 0, timeout=10, what="the job's message in Redis")
+    wait_for(lambda: r.llen("gpu.default") > 0, timeout=10, what="the job's message in Redis (its model's queue)")
     r.flushdb()  # the broker forgets everything
-    assert r.llen("gpu") == 0
+    assert r.llen("gpu.default") == 0
     stack.start("worker", "worker")
     done = stack.wait_state(study.study_instance_uid, {"sent", "failed"}, timeout=180)
     assert str(done.state) == "sent"

@@ -27,7 +27,7 @@ from dicom_node.assembler import Assembler
 from dicom_node.config import AssemblyConfig, SeriesRule
 from ledger import audit, jobs, migrations
 from ledger.db import open_engine, session_scope, sessionmaker_for
-from ledger.schema import Job, JobState, Result, Study, utcnow
+from ledger.schema import Job, JobAttempt, JobState, Result, Study, utcnow
 
 QUIET_S = 60
 RULES = (SeriesRule(name="ct", modalities=("CT",), min_slices=16),)
@@ -73,9 +73,26 @@ def engine(db_url: str) -> Iterator[Engine]:
         eng.dispose()
 
 
+def _move(s: Session, jobs_table: Table, job_id: int, to: JobState, **fields: Any) -> None:
+    """A job move as :func:`ledger.jobs.transition` makes it (the state's UPDATE and its ``job.<state>``
+    audit event), on the 0002 table: today's ``transition`` reads and writes columns and tables later
+    revisions added (``jobs.model_name``, ``job_attempts``: 0009)."""
+    current = s.execute(select(jobs_table.c.state).where(jobs_table.c.id == job_id)).scalar_one()
+    assert jobs.is_allowed(current, to)
+    now = utcnow()
+    values: dict[str, Any] = {"state": str(to), "updated_at": now, **fields}
+    if to in jobs.TERMINAL:
+        values["finished_at"] = now
+    s.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
+    body: dict[str, Any] = {"from": str(current), "to": str(to)}
+    if "reason_code" in fields:
+        body["reason_code"] = fields["reason_code"]
+    audit.append(s, actor="test", action=f"job.{to}", object_type="job", object_id=job_id, details=body)
+
+
 def _seed_at_0002(engine: Engine, sessions: sessionmaker[Session]) -> Seeded:
     """Rows as a ledger at revision 0002 holds them, written through its own (reflected) tables; job
-    moves through :func:`ledger.jobs.transition`, so the audit trail is the one the code writes."""
+    moves as :func:`ledger.jobs.transition` makes them (:func:`_move`), so the audit trail is the code's."""
     meta = MetaData()
     meta.reflect(engine)
     t: dict[str, Table] = dict(meta.tables)
@@ -138,7 +155,7 @@ def _seed_at_0002(engine: Engine, sessions: sessionmaker[Session]) -> Seeded:
                         fields["reason_code"] = "bad_spacing"
                     if state == S.SUPERSEDED:
                         fields["superseded_by_id"] = job_ids[version]
-                    jobs.transition(s, job_id, state, actor="test", **fields)
+                    _move(s, t["jobs"], job_id, state, **fields)
                     if state in (S.RELEASED, S.HELD):
                         result_id = new_id(s, "results", job_id=job_id, seg_path=f"/results/{job_id}/seg.dcm",
                                            seg_sop_instance_uid=generate_uid(), seg_series_instance_uid=generate_uid(),
@@ -205,6 +222,7 @@ def test_upgrade_from_0002_with_every_state_assembles_only_what_was_waiting(db_u
         for name in WAITING:
             job = s.get(Job, done[ids[name]].job_id)
             assert job is not None and job.state == JobState.QUEUED and job.rule_name == "ct"
+            assert job.model_name == "default"  # the rule's model, recorded by the assembler (0009)
             assert job.series_instance_uid == seeded.axial[name]
         [waiting_job] = _jobs_of(s, ids["waiting"])
         assert waiting_job[1:] == (1, "queued")
@@ -225,5 +243,11 @@ def test_upgrade_from_0002_with_every_state_assembles_only_what_was_waiting(db_u
         for study in s.execute(select(Study)).scalars():
             assert study.received_count == study.assembled_count == EXPECTED_COUNTERS[
                 next(n for n, i in ids.items() if i == study.id)][0]
+        # jobs made before 0009 have no model (their rule's model decides their queue) and no attempt rows;
+        # one left running moves on as any other, with no attempt to close
+        assert all(j.model_name is None for j in s.execute(select(Job).where(Job.id.notin_(queued))).scalars())
+        [(running_id, _, _)] = seeded.jobs_before["running"]
+        jobs.transition(s, running_id, JobState.QUEUED, actor="test", reason_code="worker_lost")
+        assert s.execute(select(JobAttempt)).first() is None
         verified = audit.verify(s)
         assert verified.ok, verified.describe()
