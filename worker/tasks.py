@@ -130,8 +130,11 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
     runtime = Runtime(config, device, metrics)
     app.specgate_runtime = runtime  # type: ignore[attr-defined]
     cfg = config.pipeline
+    # shared=False: these tasks close over this app's configuration. Celery shares a task with every app
+    # made after it by default, and the first app's callable then answers for the name in all of them:
+    # a second app in the same process (a test, an embedded use) ran the first one's ledger and models.
 
-    @app.task(name="specgate.segment", bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name="specgate.segment", bind=True, acks_late=True, reject_on_worker_lost=True, shared=False)
     def segment(self: Any, job_id: int) -> str:
         from ledger.jobs import TransitionError
 
@@ -160,13 +163,13 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
             app.send_task("specgate.deliver", args=[job_id])
         return outcome.state
 
-    @app.task(name="specgate.deliver", bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name="specgate.deliver", bind=True, acks_late=True, reject_on_worker_lost=True, shared=False)
     def deliver(self: Any, job_id: int) -> str:
         from .delivery import deliver_job
 
         return deliver_job(runtime.sessions, job_id, config.delivery, actor="worker", metrics=runtime.metrics)
 
-    @app.task(name="specgate.retract", bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name="specgate.retract", bind=True, acks_late=True, reject_on_worker_lost=True, shared=False)
     def retract(self: Any, retraction_id: int) -> str:
         from .retraction import send_retraction
 
