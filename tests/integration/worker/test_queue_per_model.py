@@ -45,6 +45,7 @@ from model.ood import sha256_file
 from specgate.cli import main
 from specgate.settings import Settings
 from specgate.synthetic import write_series
+from store import file_sha256
 from tests.conftest import REDIS_URL
 from tests.peers import wait_for
 from worker.celery_app import Enqueuer, make_celery
@@ -77,7 +78,7 @@ def _receive(sessions: sessionmaker[Session], paths: list[Path]) -> str:
         for p in paths:
             ds = dcmread(p, stop_before_pixels=True)
             s.add(Instance(series_id=series.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-                           spool_path=str(p), size_bytes=p.stat().st_size, sha256="0" * 64, calling_ae="PACS"))
+                           spool_path=str(p), size_bytes=p.stat().st_size, sha256=file_sha256(p), calling_ae="PACS"))
     return str(first.StudyInstanceUID)
 
 
