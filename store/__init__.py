@@ -8,6 +8,7 @@ This package imports nothing of ours: the DICOM node, the worker and the review 
 from .backends import (
     FsStore,
     HashMismatch,
+    ObjectMissing,
     S3Store,
     Store,
     StoreConfig,
@@ -19,5 +20,5 @@ from .backends import (
 from .cache import LocalCache
 from .layout import RESULT_FILES, instance_key, result_folder, result_keys
 
-__all__ = ["RESULT_FILES", "FsStore", "HashMismatch", "LocalCache", "S3Store", "Store", "StoreConfig", "StoreError",
+__all__ = ["RESULT_FILES", "FsStore", "HashMismatch", "LocalCache", "ObjectMissing", "S3Store", "Store", "StoreConfig", "StoreError",
            "as_store", "file_sha256", "instance_key", "open_store", "result_folder", "result_keys"]

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from .cache import LocalCache
 
-__all__ = ["FsStore", "HashMismatch", "S3Store", "Store", "StoreConfig", "StoreError", "as_store", "file_sha256",
+__all__ = ["FsStore", "HashMismatch", "ObjectMissing", "S3Store", "Store", "StoreConfig", "StoreError", "as_store", "file_sha256",
            "open_store"]
 
 log = logging.getLogger("specgate.store")
@@ -45,6 +45,11 @@ class StoreError(OSError):
     """The store cannot be reached, refused an operation, or has no such object. An ``OSError``: to every
     caller it is what a missing or unreadable file was before there was a store (the review app shows
     "cannot be read", a delivery attempt fails and is retried)."""
+
+
+class ObjectMissing(StoreError):
+    """The store answers, and holds no object under this key (lost, pruned, or never uploaded): not an
+    outage to wait out."""
 
 
 class HashMismatch(StoreError):
@@ -260,6 +265,8 @@ class S3Store(Store):
         try:
             self.client().download_file(self.config.bucket, self._key(key), str(dest))
         except Exception as exc:  # noqa: BLE001 - botocore's errors, named in ours
+            if self._not_found(exc):
+                raise ObjectMissing(f"{self.describe()}: no object {key}") from exc
             raise self._error("cannot fetch", key, exc) from exc
 
     @staticmethod

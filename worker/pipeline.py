@@ -44,7 +44,7 @@ from ledger.db import session_scope
 from ledger.leases import LeaseRefresher
 from ledger.paths import to_ledger
 from ledger.schema import AuditEvent, Job, JobState, Result, utcnow
-from store import RESULT_FILES, HashMismatch, Store, StoreError, result_folder, result_keys
+from store import RESULT_FILES, HashMismatch, ObjectMissing, Store, StoreError, result_folder, result_keys
 
 from .atomic import atomic_write
 from .config import PipelineConfig
@@ -164,7 +164,8 @@ def retry_or_fail(sessions: sessionmaker[Session], c: Claim, exc: BaseException,
                   metrics: WorkerMetrics | None = None) -> bool:
     """After an attempt failed: back to ``queued`` if attempts remain (True, audited ``job.queued`` with
     ``attempt_failed``, or an :class:`AttemptFailed`'s own reason code), else ``failed`` (reason ``error``,
-    or ``input_hash_mismatch`` when the series was fetched again and still differs; its ``job.failed``
+    or the :class:`AttemptFailed`'s own: ``input_missing``, and ``input_hash_mismatch`` as soon as the
+    series was fetched again and still differs; its ``job.failed``
     audit row carries the attempts made, and ``metrics`` counts it). An attempt that is not counted
     (``store_unavailable``) is given back: the job waits for the store however long it is away."""
     detail = f"{type(exc).__name__}: {exc}"[:2000]
@@ -178,14 +179,15 @@ def retry_or_fail(sessions: sessionmaker[Session], c: Claim, exc: BaseException,
                             attempts=max(job.attempts - 1, 0), guard=[Job.task_id == c.task_id],
                             details={"attempt_counted": False})
             return True
-        final = "error"
+        # when it ends failed: the last attempt's own reason (input_missing...), else "error"
+        final = reason if isinstance(exc, AttemptFailed) else "error"
+        give_up = job.attempts >= job.max_attempts
         if reason == "input_hash_mismatch":
             seen = s.execute(select(func.count()).select_from(AuditEvent).where(
                 AuditEvent.action == "job.input_hash_mismatch", AuditEvent.object_type == "job",
                 AuditEvent.object_id == str(c.job_id))).scalar_one()
-            if seen >= 2:  # fetched again, and still not the bytes that were received: a person must look
-                final = reason
-        if final == "error" and job.attempts < job.max_attempts:
+            give_up = give_up or seen >= 2  # fetched again and still not the bytes received: a person must look
+        if not give_up:
             jobs.transition(s, c.job_id, JobState.QUEUED, actor=actor, expect=JobState.RUNNING,
                             reason_code=reason, reason_detail=detail, heartbeat_at=utcnow(),
                             guard=[Job.task_id == c.task_id])
@@ -270,7 +272,9 @@ def _stage(sessions: sessionmaker[Session], c: Claim, files: Store) -> list[Path
                          details={"key": exc.key, "expected_sha256": exc.expected, "got_sha256": exc.got,
                                   "attempt": c.attempt, "store": files.describe()})
         raise AttemptFailed("input_hash_mismatch", str(exc)) from exc
-    except StoreError as exc:
+    except (ObjectMissing, FileNotFoundError) as exc:  # lost or pruned: counted, so the job ends failed
+        raise AttemptFailed("input_missing", str(exc)) from exc
+    except StoreError as exc:  # the store does not answer: wait for it, however long
         raise AttemptFailed("store_unavailable", str(exc), counted=False) from exc
 
 

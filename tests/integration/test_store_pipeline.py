@@ -185,3 +185,36 @@ def test_a_store_outage_loses_nothing_and_costs_no_attempt(migrated, tmp_path: P
         assert _run(sessions, job_id, cfg, seg, "task-2").state == JobState.RELEASED
     finally:
         server.stop()
+
+
+def test_an_object_lost_from_the_store_ends_the_job_failed_not_waiting_forever(migrated, tmp_path: Path, tiny_model,
+                                                                              s3_server: SeaweedS3) -> None:
+    """The store answers but no longer holds one of the series' objects (deleted, a bad restore): that is
+    not an outage to wait out. Each attempt is counted (``input_missing``) and the job ends failed with
+    that reason once its attempts are used, instead of being given back every 15 s for ever."""
+    base, _, sessions = migrated
+    prefix = f"lost-{tmp_path.name[-12:]}"
+    scp_settings = _s3_settings(base, tmp_path / "scp-host", s3_server, prefix, study_quiet_seconds=0.001)
+    case, series = _receive(scp_settings, sessions, tmp_path, seed=14)
+    files = open_store(scp_settings.store_config(), scp_settings.data_dir)
+    assert Uploader(sessions, files, scp_settings.data_dir).run_once() == len(series.paths)
+    files.delete(_keys(sessions)[2])  # the store answers, and no longer has it
+    with session_scope(sessions) as s:
+        study = s.execute(select(Study)).scalar_one()
+        job_id = jobs.create_job(s, study, actor="test", series_instance_uid=series.series_instance_uid,
+                                 rule_name="default-ct-mr", max_attempts=2).id
+    worker = _s3_settings(base, tmp_path / "worker-host", s3_server, prefix)
+    cfg = PipelineConfig(results_dir=worker.results_dir, data_dir=worker.data_dir, store=worker.store_config(),
+                         installation="TEST", rules=tuple(worker.rules), heartbeat_s=0.2)
+    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    first = _run(sessions, job_id, cfg, probe, "task-1")
+    assert isinstance(first, AttemptFailed) and first.reason_code == "input_missing" and first.counted
+    with session_scope(sessions) as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.attempts, job.reason_code) == (JobState.QUEUED, 1, "input_missing")
+    assert isinstance(_run(sessions, job_id, cfg, probe, "task-2"), AttemptFailed)
+    lost = _keys(sessions)[2]
+    with session_scope(sessions) as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.attempts, job.reason_code) == (JobState.FAILED, 2, "input_missing")
+        assert lost in job.reason_detail
