@@ -39,7 +39,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import DatabaseUnavailable, session_scope
-from .schema import Job, JobState, utcnow
+from .schema import Instance, Job, JobState, utcnow
 
 __all__ = ["LedgerCollector", "LedgerSnapshot", "ledger_registry", "render", "snapshot"]
 
@@ -53,6 +53,7 @@ class LedgerSnapshot:
     jobs_by_state: dict[str, int]
     queue_depth: int
     oldest_held_seconds: float  # 0 when nothing is held
+    instances_not_stored: int = 0  # received, not in the object store yet (the SCP's upload backlog)
 
 
 def _aware(ts: datetime) -> datetime:
@@ -70,7 +71,10 @@ def snapshot(session: Session, *, now: datetime | None = None) -> LedgerSnapshot
             oldest_held = _aware(first)
     now = now or utcnow()
     age = max(0.0, (now - oldest_held).total_seconds()) if oldest_held is not None else 0.0
-    return LedgerSnapshot(jobs_by_state=counts, queue_depth=counts[str(JobState.HELD)], oldest_held_seconds=age)
+    backlog = int(session.execute(select(func.count()).select_from(Instance)
+                                  .where(Instance.store_key.is_(None))).scalar_one())
+    return LedgerSnapshot(jobs_by_state=counts, queue_depth=counts[str(JobState.HELD)], oldest_held_seconds=age,
+                          instances_not_stored=backlog)
 
 
 class LedgerCollector(Collector):
@@ -108,14 +112,19 @@ class LedgerCollector(Collector):
         depth = GaugeMetricFamily("specgate_review_queue_depth", "Results held for a radiologist's review")
         oldest = GaugeMetricFamily("specgate_review_queue_oldest_seconds",
                                    "Seconds the oldest held result has waited for review (0: none waits)")
+        backlog = GaugeMetricFamily("specgate_instances_not_stored",
+                                    "Received instances not in the object store yet (store = s3: the SCP's upload "
+                                    "backlog; their studies wait for it). Always 0 with fs")
         if snap is not None:
             for state, n in snap.jobs_by_state.items():
                 jobs.add_metric([state], float(n))
             depth.add_metric([], float(snap.queue_depth))
             oldest.add_metric([], snap.oldest_held_seconds)
+            backlog.add_metric([], float(snap.instances_not_stored))
         yield jobs
         yield depth
         yield oldest
+        yield backlog
 
 
 def ledger_registry(sessions: sessionmaker[Session], *, clock: Callable[[], datetime] = utcnow) -> CollectorRegistry:

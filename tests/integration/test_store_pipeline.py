@@ -60,6 +60,14 @@ def _keys(sessions) -> list[str | None]:
         return list(s.execute(select(Instance.store_key).order_by(Instance.id)).scalars())
 
 
+def _backlog(sessions) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = render_metrics(sessions)[0].decode()
+    [family] = [f for f in text_string_to_metric_families(body) if f.name == "specgate_instances_not_stored"]
+    return family.samples[0].value
+
+
 def _run(sessions, job_id: int, cfg: PipelineConfig, seg, task_id: str):
     c = claim(sessions, job_id, task_id=task_id, worker_id="test", stale_after_s=60)
     assert c is not None
@@ -80,11 +88,13 @@ def test_s3_from_the_scp_to_the_review_app_without_a_shared_folder(migrated, tmp
 
     # acknowledged from the spool; not in the store yet, so not a job yet however quiet the study
     assert _keys(sessions) == [None] * len(series.paths)
+    assert _backlog(sessions) == len(series.paths)  # the operator sees the upload backlog in /metrics
     assembler = Assembler(scp_settings.assembly_config(), sessions)
     assert assembler.pending() == []
     files = open_store(scp_settings.store_config(), scp_settings.data_dir)
     uploader = Uploader(sessions, files, scp_settings.data_dir)
     assert uploader.run_once() == len(series.paths)
+    assert _backlog(sessions) == 0
     keys = _keys(sessions)
     with session_scope(sessions) as s:
         shas = list(s.execute(select(Instance.sha256).order_by(Instance.id)).scalars())
