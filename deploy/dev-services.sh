@@ -85,7 +85,9 @@ if [ -x "$WEED" ]; then
     dir=/var/tmp/specgate-seaweedfs
     mkdir -p "$dir/data"
     printf '%s' '{"identities":[{"name":"specgate","credentials":[{"accessKey":"specgate","secretKey":"specgate-dev-secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' > "$dir/s3.json"
+    # every port set away from weed's defaults (its volume server's 8080 is the review app's default)
     nohup "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" -s3 -s3.port=8333 \
+      -master.port=19333 -volume.port=18080 -filer.port=18888 -debug.port=16060 -iam.port=18111 \
       -s3.config="$dir/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
       -master.volumeSizeLimitMB=256 >"$dir/weed.log" 2>&1 &
     for _ in $(seq 1 120); do (exec 3<>/dev/tcp/127.0.0.1/8333) 2>/dev/null && break; sleep 0.5; done

@@ -147,6 +147,7 @@ def topology(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Ite
         "SPECGATE_DATABASE_URL": pg_url,
         "SPECGATE_BROKER_URL": broker_url,
         "SPECGATE_SCP_PORT": str(scp_port),
+        "SPECGATE_REVIEW_PORT": str(free_port()),  # never the default 8080: something else may hold it
         "SPECGATE_SCP_PROCESSES": "1",
         "SPECGATE_ALLOWED_CALLERS": ",".join(f"{CALLER}{i}@127.0.0.1" for i in range(4)),
         "SPECGATE_DESTINATIONS": f"pacs=ORTHANC@127.0.0.1:{orthanc.dicom_port}",
