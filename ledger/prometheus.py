@@ -18,7 +18,7 @@ A ledger that does not answer does not fail the scrape: ``specgate_ledger_up`` i
 gauges are left out (an absent series, which an alert can test for), and the error is logged.
 
     >>> sorted(m.name for m in LedgerCollector(sessions=None).describe())  # doctest: +NORMALIZE_WHITESPACE
-    ['specgate_jobs', 'specgate_ledger_up', 'specgate_review_queue_depth',
+    ['specgate_instances_not_stored', 'specgate_jobs', 'specgate_ledger_up', 'specgate_review_queue_depth',
      'specgate_review_queue_oldest_seconds']
 
 prometheus_client keeps no state of ours at module level here: the collector is an object that the
