@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -86,18 +87,19 @@ class StoreConfig:
     read_timeout_s: float = 60.0
 
 
-class Store:
-    """The interface every component uses (see the module docstring)."""
+class Store(ABC):
+    """The interface every component uses (see the module docstring); two implementations, below."""
 
     kind: str = ""
     #: True when received instances must be uploaded before a job may be made of them
     remote: bool = False
 
+    @abstractmethod
     def path(self, key: str, sha256: str | None = None, *, fresh: bool = False,
              pinned_since: float | None = None) -> Path:
         """A local, readable file holding ``key``'s object. ``sha256``: the object is content-addressed by
         it (cached under it); ``fresh``: not from the cache (an object that may have been rewritten)."""
-        raise NotImplementedError
+        ...
 
     def verified_path(self, key: str, sha256: str, *, pinned_since: float | None = None) -> Path:
         """:meth:`path`, with its bytes checked against ``sha256``; :class:`HashMismatch` (after evicting
@@ -109,30 +111,37 @@ class Store:
             raise HashMismatch(key, sha256, got)
         return p
 
+    @abstractmethod
     def scratch(self, key: str) -> Path:
         """Where this process writes a file it will :meth:`put` under ``key`` (its folder exists)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def put(self, key: str, src: Path) -> None:
         """Store the local file ``src`` under ``key`` (durable when this returns)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def exists(self, key: str) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key``'s object (and any local copy); no error when it is not there."""
-        raise NotImplementedError
+        ...
 
     def evict(self, key: str, sha256: str | None = None) -> None:
         """Forget this host's copy of ``key`` (nothing to do for ``fs``)."""
+        return None  # a store without local copies has nothing to forget
 
+    @abstractmethod
     def check(self) -> None:
         """Reachable and writable: a probe object written, read back and removed; :class:`StoreError`."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        ...
 
 
 def _clean_key(key: str) -> str:

@@ -22,6 +22,7 @@ deleting what the job is about to read, and says so in the log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -97,10 +98,8 @@ class LocalCache:
 
     @staticmethod
     def touch(path: Path) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # evicted by another process meanwhile
             os.utime(path)
-        except FileNotFoundError:
-            pass
 
     def _files(self) -> list[tuple[float, int, Path]]:
         out = []

@@ -172,6 +172,17 @@ def write_ct_series(folder: Path, *, slices: int = 20, size: int = 64, study_uid
     return CTSeries(str(study_uid), str(series_uid), [str(u) for u in sops], paths, folder)
 
 
+def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a peer's process, then SIGKILL if it has not gone after 20 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 # ------------------------------------------------------------------------------------------ Orthanc
 @dataclass
 class Orthanc:
@@ -226,13 +237,7 @@ class Orthanc:
             return False
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
+        _terminate(self._proc)
         self._proc = None
 
     def __enter__(self) -> Orthanc:
@@ -353,13 +358,7 @@ class SeaweedS3:
             return False
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
+        _terminate(self._proc)
         self._proc = None
 
     def store_config(self, **kw: Any) -> Any:

@@ -258,10 +258,9 @@ def test_production_topology_twenty_studies_with_faults(topology: Topology, tmp_
         data[-100:] = b"\x55" * 100
         corrupted.write_bytes(bytes(data))
         s3.stop()  # the store away for 30 s while the MR worker and the SCP go on
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 30:
-            top.alive()
-            time.sleep(1)
+        back_at = time.monotonic() + 30  # 30 s away, every process checked alive meanwhile
+        wait_for(lambda: top.alive() or time.monotonic() >= back_at, timeout=60, what="30 s without the store",
+                 interval=1.0)
         s3.start()
     top.start("worker-ct", "worker", "--models", "default", "--queues", "deliver")
 
