@@ -35,7 +35,7 @@ demo: setup
 test: setup services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=40
 
 lint: setup
 	$(VENV)/bin/ruff check .

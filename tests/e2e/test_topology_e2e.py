@@ -211,6 +211,9 @@ def _at_orthanc(orthanc: Orthanc, study_uid: str, modality: str) -> int:
                                             "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}))
 
 
+# twenty studies through five processes with a killed worker and a 30 s store outage: 3-5 min on a quiet
+# 2-core machine, longer beside other work; its own waits are bounded (600 s, 900 s) inside this limit
+@pytest.mark.timeout(1800)
 def test_production_topology_twenty_studies_with_faults(topology: Topology, tmp_path: Path) -> None:
     top = topology
     s3 = top.s3
