@@ -543,10 +543,7 @@ class Association:
                                                 request_sop_class=rq_class, request_sop_instance=rq_instance,
                                                 calling_ae=self.calling, address=self.host)
         else:
-            received = sink.finish()
-            if stream.deflated:  # what fast_header reads is the inflated data set
-                received = replace(received, head=bytes(stream.head), dataset_length=stream.length,
-                                   head_syntax=stream.head_syntax)
+            received = replace(sink.finish(), dataset_length=stream.length, header=stream.header())
             outcome = self.node.receiver.receive(
                 sink.path, request_sop_class=rq_class, request_sop_instance=rq_instance,
                 transfer_syntax=str(message.context.transfer_syntax[0]), calling_ae=self.calling,

@@ -18,8 +18,13 @@ is refused (:class:`dicom_node.receive.Refused`, 0xC000) as soon as it
   item or sequence that holds it, file meta information inside it, a deflate stream that does not
   inflate): ``undecodable``; or ends inside an element or an open sequence: ``truncated``.
 
-Values are skipped, never held (for a deflated data set, its first 64 KiB inflated are kept for
-:func:`dicom_node.receive.fast_header`). Where the encoding leaves room the rules are pydicom's, so that
+Values are skipped, never held, except those of the few top-level elements the ledger indexes an instance
+by (:data:`dicom_node.elements.HEADER_TAGS`: the UIDs, modality, body part, series description, station
+name; a few dozen bytes each), which are collected as they pass: :meth:`DataSetStream.header` gives them
+to :class:`dicom_node.receive.InstanceReceiver` once the data set has ended, so the file is not read again
+and pydicom is asked only when the walk cannot be sure (a value not in ASCII or with several values, an
+element out of order or twice, a value longer than any of these can be). For a deflated data set they
+are collected from the inflated bytes. Where the encoding leaves room the rules are pydicom's, so that
 what it reads is what is checked: an explicit VR that is not two capital letters is read as implicit,
 Explicit VR "UN" of undefined length holds Implicit VR Little Endian items (PS3.5 6.2.2), and an Implicit VR
 element is a sequence when its length is undefined (pixel data excepted) or the dictionary says SQ.
@@ -42,25 +47,27 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from pydicom.datadict import DicomDictionary
-
 from .config import ReceiveLimits
-from .receive import CANNOT_UNDERSTAND, Refused
+from .elements import (
+    DEFLATED,
+    EXPLICIT_BE,
+    HEADER_TAGS,
+    IMPLICIT_LE,
+    ITEM,
+    ITEM_END,
+    LONG_VRS,
+    PIXEL_TAGS,
+    SEQUENCE_END,
+    UNDEFINED,
+    dictionary_vr,
+    tag_str,
+)
+from .receive import CANNOT_UNDERSTAND, HeaderValues, Refused
 
 __all__ = ["DEFLATED", "DataSetStream"]
 
-DEFLATED = "1.2.840.10008.1.2.1.99"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-                       b"UV"})
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
-_HEAD = 1 << 16  # inflated bytes kept for fast_header
 _INFLATE_CHUNK = 1 << 18
+_VALUE_CAP = 256  # longer than any header value can be (a UID: 64): pydicom reads such a header
 
 # what a level of the data set holds
 _ELEMENTS, _ITEMS, _FRAGMENTS = 0, 1, 2
@@ -73,10 +80,6 @@ class _Level:
     implicit: bool
     little: bool
     pixel: bool = False  # _FRAGMENTS of pixel data (bounded by the instance, not by element_bytes)
-
-
-def _tag(tag: int) -> str:
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def _undecodable(detail: str) -> Refused:
@@ -93,23 +96,34 @@ class DataSetStream:
         self.deflated = transfer_syntax == DEFLATED
         self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if self.deflated else None
         self._cap = limits.inflated_bytes if self.deflated else limits.instance_bytes
-        implicit, little = transfer_syntax == _IMPLICIT_LE, transfer_syntax != _EXPLICIT_BE
+        implicit, little = transfer_syntax == IMPLICIT_LE, transfer_syntax != EXPLICIT_BE
         self._levels = [_Level(_ELEMENTS, None, implicit, little)]
         self._depth = 0  # sequences open
         self._pos = 0  # bytes of the (inflated) data set walked so far
         self._skip = 0  # bytes of the current value still to pass
         self._header = b""  # an element or item header split between two pieces
-        self.head = bytearray()  # deflated only: the first inflated bytes
+        self._values: dict[str, bytes] = {}  # HEADER_TAGS values collected so far
+        self._capture: tuple[str, bytearray] | None = None  # the header value now passing
+        self._previous = -1  # the last top-level tag
+        self._sure = True  # False: the collected values may not be what pydicom would read
+        self.has_pixel_data = False
 
     @property
     def length(self) -> int:
         """The data set's length so far (inflated, for a deflated one)."""
         return self._pos
 
-    @property
-    def head_syntax(self) -> str:
-        """The transfer syntax :attr:`head` is in (a deflated data set's head is inflated)."""
-        return _EXPLICIT_LE
+    def header(self) -> HeaderValues | None:
+        """The indexed header values as sent (after :meth:`finish`), or None when pydicom must read them
+        (see the module's docstring)."""
+        if not self._sure:
+            return None
+        values = {}
+        for keyword, raw in self._values.items():
+            if not raw.isascii() or b"\\" in raw:
+                return None
+            values[keyword] = raw.decode("ascii")
+        return HeaderValues(values, self.has_pixel_data)
 
     # ------------------------------------------------------------------------------------ public
     def feed(self, piece: bytes | memoryview) -> None:
@@ -124,8 +138,6 @@ class DataSetStream:
                     if self._pos + len(out) > self._cap:
                         raise Refused(CANNOT_UNDERSTAND, "inflated_too_large",
                                       f"the deflated data set inflates to more than {self._cap} bytes")
-                    if len(self.head) < _HEAD:
-                        self.head += out[:_HEAD - len(self.head)]
                     self._walk(out)
                 data = self._inflater.unconsumed_tail
                 if self._inflater.eof or (not data and len(out) < _INFLATE_CHUNK):
@@ -152,10 +164,15 @@ class DataSetStream:
         while i < n:
             if self._skip:
                 k = min(self._skip, n - i)
+                if self._capture is not None:
+                    self._capture[1].extend(data[i:i + k])
                 self._skip -= k
                 self._pos += k
                 i += k
                 if not self._skip:
+                    if self._capture is not None:
+                        self._values[self._capture[0]] = bytes(self._capture[1])
+                        self._capture = None
                     self._close()
                 continue
             need = 12 if len(self._header) >= 8 else 8
@@ -181,24 +198,24 @@ class DataSetStream:
         group, elem = struct.unpack_from(e + "HH", h)
         tag = group << 16 | elem
         if level.end is not None and self._pos > level.end:
-            raise _undecodable(f"{_tag(tag)} at byte {self._pos - len(h)} runs past the item or sequence holding it")
+            raise _undecodable(f"{tag_str(tag)} at byte {self._pos - len(h)} runs past the item or sequence holding it")
         if level.kind != _ELEMENTS:
             self._item(level, tag, struct.unpack_from(e + "I", h, 4)[0])
             return False
-        if tag == _ITEM_END and level.end is None and len(self._levels) > 1:
+        if tag == ITEM_END and level.end is None and len(self._levels) > 1:
             self._levels.pop()
             return False
         if group == 0xFFFE:
-            raise _undecodable(f"{_tag(tag)} at byte {self._pos - 8} where a data element belongs")
+            raise _undecodable(f"{tag_str(tag)} at byte {self._pos - 8} where a data element belongs")
         if group == 0x0002 and len(self._levels) == 1:
             raise Refused(CANNOT_UNDERSTAND, "file_meta_in_dataset",
-                          f"file meta information {_tag(tag)} inside the data set")
+                          f"file meta information {tag_str(tag)} inside the data set")
         vr: bytes | None = None
         if level.implicit:
             length = struct.unpack_from(e + "I", h, 4)[0]
         else:
             vr = h[4:6]
-            if vr in _LONG_VRS:
+            if vr in LONG_VRS:
                 if len(h) < 12:
                     return True
                 length = struct.unpack_from(e + "I", h, 8)[0]
@@ -207,43 +224,68 @@ class DataSetStream:
             else:  # not a VR: pydicom reads this element as Implicit VR
                 vr = None
                 length = struct.unpack_from(e + "I", h, 4)[0]
-        if length == _UNDEFINED:
+        top = len(self._levels) == 1
+        if length == UNDEFINED:
+            if top:
+                self._seen(tag, None)
             self._undefined(level, tag, vr)
             return False
-        self._check_length(tag, length, pixel=tag in _PIXEL_TAGS)
-        if vr == b"SQ" or (vr is None and _dictionary_vr(tag) == "SQ"):
+        self._check_length(tag, length, pixel=tag in PIXEL_TAGS)
+        if vr == b"SQ" or (vr is None and dictionary_vr(tag) == "SQ"):
+            if top:
+                self._seen(tag, None)
             self._open(_Level(_ITEMS, self._pos + length, level.implicit, level.little), tag)
         else:
             self._skip = length
+            if top:
+                self._seen(tag, length)
         return False
+
+    def _seen(self, tag: int, length: int | None) -> None:
+        """A top-level element: note pixel data, collect a header value (``length``: of a plain value whose
+        bytes come next; None: a sequence or encapsulated data)."""
+        if tag <= self._previous:
+            self._sure = False  # out of order or twice: which one pydicom keeps is its business
+        self._previous = tag
+        if tag in PIXEL_TAGS:
+            self.has_pixel_data = True
+        keyword = HEADER_TAGS.get(tag)
+        if keyword is None:
+            return
+        if length is None or length > _VALUE_CAP:
+            self._sure = False
+        elif length == 0:
+            self._values[keyword] = b""
+        else:
+            self._capture = (keyword, bytearray())
 
     def _undefined(self, level: _Level, tag: int, vr: bytes | None) -> None:
         """An element of undefined length: a sequence, or encapsulated fragments."""
-        pixel = tag in _PIXEL_TAGS
+        pixel = tag in PIXEL_TAGS
         if vr == b"UN":  # PS3.5 6.2.2: a sequence in Implicit VR Little Endian
             self._open(_Level(_ITEMS, None, True, True), tag)
-        elif vr == b"SQ" or (vr is None and not pixel and _dictionary_vr(tag) in ("SQ", None)):
+        elif vr == b"SQ" or (vr is None and not pixel and dictionary_vr(tag) in ("SQ", None)):
             self._open(_Level(_ITEMS, None, level.implicit, level.little), tag)
         elif pixel or vr in (b"OB", b"OW") or vr is None:
             self._levels.append(_Level(_FRAGMENTS, None, level.implicit, level.little, pixel=pixel))
         else:
-            raise _undecodable(f"{_tag(tag)} {vr.decode('ascii', 'replace')} of undefined length")
+            raise _undecodable(f"{tag_str(tag)} {vr.decode('ascii', 'replace')} of undefined length")
 
     def _item(self, level: _Level, tag: int, length: int) -> None:
         """A header inside a sequence (an item or its end) or inside encapsulated data (a fragment)."""
-        if tag == _SEQUENCE_END and level.end is None:
+        if tag == SEQUENCE_END and level.end is None:
             if self._levels.pop().kind == _ITEMS:
                 self._depth -= 1
             return
-        if tag != _ITEM:
-            raise _undecodable(f"{_tag(tag)} at byte {self._pos - 8} where an item belongs")
+        if tag != ITEM:
+            raise _undecodable(f"{tag_str(tag)} at byte {self._pos - 8} where an item belongs")
         if level.kind == _FRAGMENTS:
-            if length == _UNDEFINED:
+            if length == UNDEFINED:
                 raise _undecodable(f"a fragment of undefined length at byte {self._pos - 8}")
             self._check_length(tag, length, pixel=level.pixel, what="a fragment")
             self._skip = length
             return
-        if length == _UNDEFINED:
+        if length == UNDEFINED:
             self._levels.append(_Level(_ELEMENTS, None, level.implicit, level.little))
             return
         self._check_length(tag, length, pixel=True, what="an item")  # an item's bound is its sequence's
@@ -254,13 +296,13 @@ class DataSetStream:
         self._depth += 1
         if self._depth > self.limits.sequence_depth:
             raise Refused(CANNOT_UNDERSTAND, "sequence_too_deep",
-                          f"sequences nested deeper than {self.limits.sequence_depth} levels (element {_tag(tag)} "
+                          f"sequences nested deeper than {self.limits.sequence_depth} levels (element {tag_str(tag)} "
                           f"opens level {self._depth})")
         self._levels.append(level)
         self._close()
 
     def _check_length(self, tag: int, length: int, *, pixel: bool, what: str = "") -> None:
-        name = what or f"element {_tag(tag)}"
+        name = what or f"element {tag_str(tag)}"
         if not pixel and length > self.limits.element_bytes:
             raise Refused(CANNOT_UNDERSTAND, "element_too_long",
                           f"{name} declares {length} bytes, over the {self.limits.element_bytes} bytes an element "
@@ -277,9 +319,3 @@ class DataSetStream:
         end = self._levels[-1].end
         if end is not None and self._pos + length > end:
             raise _undecodable(f"{name} of {length} bytes runs past the item or sequence holding it")
-
-
-def _dictionary_vr(tag: int) -> str | None:
-    """The VR the DICOM dictionary gives ``tag``; None for a tag it does not know (a private one)."""
-    entry = DicomDictionary.get(tag)
-    return None if entry is None else str(entry[0])

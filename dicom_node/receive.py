@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +47,7 @@ from ledger.db import DatabaseUnavailable, session_scope
 from ledger.instances import ExistingInstance, InstanceIndex, NewInstance
 from ledger.paths import from_ledger, to_ledger
 
+from .elements import DEFLATED, HEADER_TAGS, PIXEL_TAGS
 from .spool import InvalidUID, Spool, validate_uid
 
 if TYPE_CHECKING:  # prometheus_client is imported only by a process that counts (multiprocess mode)
@@ -64,7 +64,7 @@ __all__ = [
     "InstanceReceiver",
     "Received",
     "Refused",
-    "fast_header",
+    "HeaderValues",
     "read_header",
 ]
 
@@ -76,11 +76,8 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 UID_CONFLICT = 0xC409  # "cannot understand" class (0xCxxx): the same SOP Instance UID under another series
 
-_HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-    "BodyPartExamined", "SeriesDescription", "StationName", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
-]
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_KEYWORDS = tuple(PIXEL_TAGS.values())
+_HEADER_TAGS = [*HEADER_TAGS.values(), *_PIXEL_KEYWORDS]  # the four UIDs first, then the texts
 
 
 class Refused(Exception):
@@ -89,6 +86,15 @@ class Refused(Exception):
     def __init__(self, status: int, reason: str, detail: str) -> None:
         super().__init__(f"0x{status:04X} {reason}: {detail}")
         self.status, self.reason, self.detail = status, reason, detail
+
+
+@dataclass(frozen=True)
+class HeaderValues:
+    """The header elements (:data:`dicom_node.elements.HEADER_TAGS`) by keyword, UIDs as text exactly as
+    sent, as the data set's walk or pydicom found them; and whether the data set has pixel data."""
+
+    values: Mapping[str, Any]
+    has_pixel_data: bool
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,23 @@ class InstanceHeader:
     series_description: str | None
     has_pixel_data: bool
     station_name: str | None = None
+
+    @classmethod
+    def of(cls, found: HeaderValues) -> InstanceHeader:
+        """The header from the values found; raises :class:`Refused` (``missing_uid``) as
+        :func:`read_header` does. UIDs stay as sent: :func:`dicom_node.spool.validate_uid` decides what
+        padding is."""
+        values = found.values
+        uids = {kw: values.get(kw, "") for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                                  "SeriesInstanceUID")}
+        missing = [kw for kw, v in uids.items() if v in ("", "\x00")]
+        if missing:
+            raise Refused(CANNOT_UNDERSTAND, "missing_uid", f"dataset lacks {', '.join(missing)}")
+        return cls(sop_class_uid=uids["SOPClassUID"], sop_instance_uid=uids["SOPInstanceUID"],
+                   study_instance_uid=uids["StudyInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
+                   modality=_text(values.get("Modality"), 16), body_part=_text(values.get("BodyPartExamined"), 64),
+                   series_description=_text(values.get("SeriesDescription"), 64), has_pixel_data=found.has_pixel_data,
+                   station_name=_text(values.get("StationName"), 64))
 
 
 @dataclass(frozen=True)
@@ -140,27 +163,17 @@ def read_header(path: Path) -> InstanceHeader:
                 continue
             has_pixels = True
             elem = ds.get_item(kw, keep_deferred=True)
-            # pydicom does not notice a value cut short by the end of the file: check the deferred one.
+            # pydicom does not notice a value cut short by the end of the file: check the deferred one
+            # (in a deflated file its offset is the inflated data set's: the stream checked that one).
             tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
-            if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > size:
+            if (tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > size
+                    and ds.file_meta.get("TransferSyntaxUID") != DEFLATED):
                 raise Refused(CANNOT_UNDERSTAND, "truncated",
                               f"{kw} needs {length} bytes at offset {tell}, the dataset ends at {size}")
     except (InvalidDicomError, ValueError, KeyError, TypeError, OSError, EOFError, RecursionError,
             OverflowError, MemoryError, NotImplementedError, AttributeError, IndexError) as exc:
         raise Refused(CANNOT_UNDERSTAND, "undecodable", f"dataset cannot be decoded: {type(exc).__name__}") from exc
-    missing = [kw for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-               if values[kw] in ("", "\x00")]
-    if missing:
-        raise Refused(CANNOT_UNDERSTAND, "missing_uid", f"dataset lacks {', '.join(missing)}")
-    return InstanceHeader(  # the UIDs as sent: validate_uid decides what padding is
-        sop_class_uid=values["SOPClassUID"], sop_instance_uid=values["SOPInstanceUID"],
-        study_instance_uid=values["StudyInstanceUID"], series_instance_uid=values["SeriesInstanceUID"],
-        modality=_text(values["Modality"], 16),
-        body_part=_text(values["BodyPartExamined"], 64),
-        series_description=_text(values["SeriesDescription"], 64),
-        station_name=_text(values["StationName"], 64),
-        has_pixel_data=has_pixels,
-    )
+    return InstanceHeader.of(HeaderValues(values, has_pixels))
 
 
 def _raw_uid(ds: Any, keyword: str) -> str:
@@ -178,139 +191,13 @@ def _raw_uid(ds: Any, keyword: str) -> str:
 @dataclass(frozen=True)
 class Received:
     """What the network layer learnt while it wrote an instance to its temporary file: the file's size
-    and SHA-256 (hashed as the bytes arrived, so the file is not read again), and the data set's length
-    and first bytes (for :func:`fast_header`; for a deflated data set, both inflated)."""
+    and SHA-256 (hashed as the bytes arrived, so the file is not read again), the data set's length (for a
+    deflated data set, inflated) and its header values (:meth:`dicom_node.dataset_stream.DataSetStream.header`)."""
 
     size: int
     sha256: str
     dataset_length: int
-    head: bytes
-    head_syntax: str | None = None  # the transfer syntax of ``head`` when not the negotiated one (inflated)
-
-
-# --- the header without pydicom -------------------------------------------------------------------
-# pydicom's dcmread builds a Dataset and a DataElement per element it reads: 0.7 ms of every C-STORE.
-# fast_header walks the data set's first bytes instead, for the two little-endian encodings that nearly
-# every modality sends; it gives up (None) on anything unusual, and read_header, pydicom, decides then.
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV",
-                       b"UV"})
-_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
-                        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
-_WANTED = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x0020000D: "StudyInstanceUID",
-           0x0020000E: "SeriesInstanceUID", 0x00080060: "Modality", 0x00180015: "BodyPartExamined",
-           0x0008103E: "SeriesDescription", 0x00081010: "StationName"}
-_PIXEL_TAGS = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData", 0x7FE00010: "PixelData"}
-_UNDEFINED = 0xFFFFFFFF
-_EXPLICIT_LE = frozenset({"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"})  # + encapsulated: RLE
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_TAG = struct.Struct("<HH")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-
-
-class _GiveUp(Exception):
-    pass
-
-
-def _element(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes | None, int, int]:
-    """(tag, VR or None, value length, header length) of the element at ``pos``."""
-    if pos + 8 > len(buf):
-        raise _GiveUp
-    group, elem = _TAG.unpack_from(buf, pos)
-    tag = group << 16 | elem
-    if not explicit or group == 0xFFFE:
-        return tag, None, _U32.unpack_from(buf, pos + 4)[0], 8
-    vr = buf[pos + 4:pos + 6]
-    if vr in _SHORT_VRS:
-        return tag, vr, _U16.unpack_from(buf, pos + 6)[0], 8
-    if vr in _LONG_VRS and pos + 12 <= len(buf):
-        return tag, vr, _U32.unpack_from(buf, pos + 8)[0], 12
-    raise _GiveUp
-
-
-def _after_sequence(buf: bytes, pos: int, explicit: bool, depth: int) -> int:
-    """The position after an undefined-length sequence whose first item starts at ``pos``."""
-    if depth > 8:
-        raise _GiveUp
-    while True:
-        tag, _, length, _ = _element(buf, pos, False)
-        pos += 8
-        if tag == 0xFFFEE0DD:
-            return pos
-        if tag != 0xFFFEE000:
-            raise _GiveUp
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:
-            tag, vr, length, hl = _element(buf, pos, explicit)
-            pos += hl
-            if tag == 0xFFFEE00D:
-                break
-            if length == _UNDEFINED:
-                if explicit and vr != b"SQ":
-                    raise _GiveUp
-                pos = _after_sequence(buf, pos, explicit, depth + 1)
-            else:
-                pos += length
-
-
-def fast_header(head: bytes, *, transfer_syntax: str, dataset_length: int) -> InstanceHeader | None:
-    """The header from the data set's first bytes ``head`` (of ``dataset_length`` in all), or None when
-    this walk cannot be sure (another encoding, a value not in ``head``, anything unusual): the caller
-    then uses :func:`read_header`. Raises :class:`Refused` as read_header does, for the same reasons."""
-    if transfer_syntax in _EXPLICIT_LE:
-        explicit = True
-    elif transfer_syntax == _IMPLICIT_LE:
-        explicit = False
-    else:
-        return None
-    values: dict[str, str] = {}
-    has_pixels = False
-    pos, previous = 0, -1
-    try:
-        while pos < dataset_length:
-            tag, vr, length, hl = _element(head, pos, explicit)
-            if tag <= previous or tag >> 16 == 0xFFFE:
-                raise _GiveUp
-            previous = tag
-            start = pos + hl
-            if tag in _PIXEL_TAGS:
-                has_pixels = True
-                if length != _UNDEFINED and start + length > dataset_length:
-                    raise Refused(CANNOT_UNDERSTAND, "truncated",
-                                  f"{_PIXEL_TAGS[tag]} needs {length} bytes at offset {start}, "
-                                  f"the data set ends at {dataset_length}")
-                break
-            if tag > 0x7FE00010:
-                raise _GiveUp
-            if length == _UNDEFINED:
-                if explicit and vr != b"SQ":
-                    raise _GiveUp
-                pos = _after_sequence(head, start, explicit, 0)
-                continue
-            if tag in _WANTED:
-                raw = head[start:start + length]
-                if len(raw) != length or not raw.isascii() or b"\\" in raw:
-                    raise _GiveUp
-                values[_WANTED[tag]] = raw.decode("ascii")
-            pos = start + length
-        if pos > dataset_length:
-            raise _GiveUp
-    except _GiveUp:
-        return None
-    uids = {}
-    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        uids[kw] = values.get(kw, "")  # as sent: validate_uid decides what padding is
-    missing = [kw for kw, v in uids.items() if v in ("", "\x00")]
-    if missing:
-        raise Refused(CANNOT_UNDERSTAND, "missing_uid", f"dataset lacks {', '.join(missing)}")
-    return InstanceHeader(
-        sop_class_uid=uids["SOPClassUID"], sop_instance_uid=uids["SOPInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
-        modality=_text(values.get("Modality"), 16), body_part=_text(values.get("BodyPartExamined"), 64),
-        series_description=_text(values.get("SeriesDescription"), 64), has_pixel_data=has_pixels,
-        station_name=_text(values.get("StationName"), 64))
+    header: HeaderValues | None = None  # as the data set's walk collected them; None: read_header decides
 
 
 class InstanceReceiver:
@@ -378,7 +265,7 @@ class InstanceReceiver:
             if not self.spool.has_room():
                 raise Refused(OUT_OF_RESOURCES, "disk_watermark",
                               f"spool disk above {self.spool.watermark_percent:g}% used")
-            header = self._header(temp, transfer_syntax, received)
+            header = self._header(temp, received)
             new = self._checked(header, rq_class, rq_instance, transfer_syntax, calling_ae, received)
             outcome = self._store(temp, new)
         except OSError as exc:  # the spool's disk refused: full, read-only, no permission, I/O error
@@ -389,10 +276,10 @@ class InstanceReceiver:
             self.metrics.instance_received(new.modality)
         return outcome
 
-    def _header(self, temp: Path, transfer_syntax: str, received: Received) -> InstanceHeader:
-        header = fast_header(received.head, transfer_syntax=received.head_syntax or transfer_syntax,
-                             dataset_length=received.dataset_length)
-        return header if header is not None else read_header(temp)
+    def _header(self, temp: Path, received: Received) -> InstanceHeader:
+        if received.header is not None:
+            return InstanceHeader.of(received.header)
+        return read_header(temp)
 
     def _checked(self, header: InstanceHeader, rq_class: str, rq_instance: str, transfer_syntax: str,
                  calling_ae: str, received: Received) -> NewInstance:

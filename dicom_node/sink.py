@@ -5,7 +5,7 @@ The file is a DICOM Part 10 file: a preamble and file meta information written b
 (SOP Class/Instance UID, the negotiated transfer syntax, the calling AE), then the data set's bytes
 exactly as the peer sent them (never decoded and re-encoded), written fragment by fragment as they arrive
 to ``<spool>/tmp`` (the spool's own file system: making it durable is an fsync and a link, never a
-copy), hashed on the way; the data set's first bytes are kept for :func:`dicom_node.receive.fast_header`.
+copy), hashed on the way.
 Memory stays bounded for a 500 MB multi-frame.
 
     >>> meta = file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1", "CT01")
@@ -33,7 +33,6 @@ __all__ = ["IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION", "TempSink", "fi
 #: and in the file meta of every received file.
 IMPLEMENTATION_CLASS_UID = "2.25.251427363747103947605429287917103215998"
 IMPLEMENTATION_VERSION = "SPECGATE_01"
-_HEAD = 1 << 16  # data set bytes kept in memory for receive.fast_header
 _temp_names = itertools.count()
 
 
@@ -86,7 +85,6 @@ class TempSink:
         self.hash = hashlib.sha256(prefix)  # the digest is the whole file's
         self.offset = len(prefix)
         self.length = 0
-        self.head = bytearray()
         while True:
             self.path = tmp_dir / f"{os.getpid()}.{next(_temp_names)}.part"
             try:
@@ -110,8 +108,6 @@ class TempSink:
             self.discard()
 
     def write(self, piece: memoryview) -> None:
-        if len(self.head) < _HEAD:
-            self.head += piece[:_HEAD - len(self.head)]
         self.length += len(piece)
         self.hash.update(piece)
         self._write(piece)
@@ -120,8 +116,7 @@ class TempSink:
         assert self.fd is not None
         os.close(self.fd)
         self.fd = None
-        return Received(size=self.offset + self.length, sha256=self.hash.hexdigest(),
-                        dataset_length=self.length, head=bytes(self.head))
+        return Received(size=self.offset + self.length, sha256=self.hash.hexdigest(), dataset_length=self.length)
 
     def discard(self) -> None:
         if self.fd is not None:
