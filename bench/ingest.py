@@ -15,6 +15,13 @@ benefits from having seen an instance before:
 * ``orthanc``: Debian's Orthanc with its default SQLite index;
 * ``storescp``: dcmtk's ``storescp --fork`` writing files, the physical reference (no fsync, no index).
 
+And the **durable floor**: what no receiver that keeps specgate's promise (each instance fsynced, with its
+folder, and its row committed in the ledger before its 0x0000) can go below on this machine: storescp's
+time plus, measured in the same run on the files storescp just wrote, one fsync of each file and of its
+folder and one committed single-row transaction per file in specgate's ledger database (the same engine
+settings: SQLite in WAL with ``synchronous=FULL``, or the PostgreSQL of ``--database-url``). Measured one
+after another, so for several senders at once it is an upper estimate (their fsyncs and commits overlap).
+
 Then 4 senders at once, each with its own study, against each target, and the same 4 studies one after
 another. Every dcmtk program and Orthanc runs with ``TCP_NODELAY=1`` (dcmtk 3.6.7 otherwise waits on
 Nagle's algorithm and takes 20 times longer).
@@ -37,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.peers import Orthanc, free_port, peer_env, wait_for, write_ct_series  # noqa: E402
+from tests.peers import Orthanc, dcmtk_path, free_port, peer_env, wait_for, write_ct_series  # noqa: E402
 
 SENDER_AE = "BENCH"
 PROCESSES: int | None = None  # --processes
@@ -100,7 +107,7 @@ def storescp_target(work: Path, database_url: str | None) -> Iterator[tuple[str,
     port = free_port()
     out = work / "storescp"
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([shutil.which("storescp") or "storescp", "--fork", "-od", str(out), "-aet", "STORESCP",
+    proc = subprocess.Popen([dcmtk_path("storescp"), "--fork", "-od", str(out), "-aet", "STORESCP",
                              str(port)], env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _port_open(port), timeout=30, what="storescp")
@@ -116,7 +123,7 @@ TARGETS: dict[str, Callable[[Path, str | None], object]] = {
 
 
 def storescu(ae: str, port: int, folder: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([shutil.which("storescu") or "storescu", "-aet", SENDER_AE, "-aec", ae, "+sd", "+r",
+    return subprocess.Popen([dcmtk_path("storescu"), "-aet", SENDER_AE, "-aec", ae, "+sd", "+r",
                              "127.0.0.1", str(port), str(folder)], env=peer_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -138,6 +145,42 @@ def timed_send(ae: str, port: int, folders: Sequence[Path], *, concurrent: bool)
     return time.perf_counter() - t0
 
 
+def durability_cost(folder: Path, database_url: str | None, work: Path) -> tuple[float, float]:
+    """(s to fsync every file under ``folder`` and its folder, s to commit one row per file in a ledger
+    database): measured on files just written and not yet flushed, as a durable receiver would find them."""
+    from sqlalchemy import text
+
+    from ledger.db import open_engine
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    t0 = time.perf_counter()
+    for p in files:
+        for path, flags in ((p, os.O_RDONLY), (p.parent, os.O_RDONLY | os.O_DIRECTORY)):
+            fd = os.open(path, flags)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_s = time.perf_counter() - t0
+    engine = open_engine(database_url or f"sqlite:///{work / 'floor.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS bench_floor"))
+            conn.execute(text("CREATE TABLE bench_floor (id INTEGER PRIMARY KEY, sop VARCHAR(64) UNIQUE, "
+                              "path VARCHAR(300), sha256 VARCHAR(64), size BIGINT)"))
+        t0 = time.perf_counter()
+        for i, p in enumerate(files):
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO bench_floor (id, sop, path, sha256, size) VALUES (:i, :s, :p, :h, :n)"),
+                             {"i": i, "s": f"1.2.3.{i}", "p": str(p), "h": "0" * 64, "n": 1})
+        commit_s = time.perf_counter() - t0
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE bench_floor"))
+    finally:
+        engine.dispose()
+    return fsync_s, commit_s
+
+
 def fresh(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -157,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--processes", type=int, default=None,
                     help="specgate receiver processes (SPECGATE_SCP_PROCESSES; default: two per core)")
     args = ap.parse_args(argv)
+    if args.runs < 1 or args.concurrent_runs < 1:
+        ap.error("--runs and --concurrent-runs must be at least 1")
     global PROCESSES
     PROCESSES = args.processes
     load_before = os.getloadavg()
@@ -172,25 +217,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     mb = sum(p.stat().st_size for p in series[0].iterdir()) / 1e6
     print(f"one series: {mb:.0f} MB in {args.slices} files", flush=True)
 
-    def run(target: str, folders: Sequence[Path], concurrent: bool) -> float:
+    floor_extra: dict[str, list[float]] = {"single": [], "concurrent": [], "sequential": []}
+
+    def run(target: str, folders: Sequence[Path], concurrent: bool, kind: str) -> float:
         scratch = fresh(work / "run")
         with TARGETS[target](scratch, args.database_url) as (ae, port):  # type: ignore[attr-defined]
-            return timed_send(ae, port, folders, concurrent=concurrent)
+            dt = timed_send(ae, port, folders, concurrent=concurrent)
+        if target == "storescp":
+            fsync_s, commit_s = durability_cost(scratch / "storescp", args.database_url, work)
+            floor_extra[kind].append(fsync_s + commit_s)
+            print(f"  {'':18s} durability on storescp's files: fsync {fsync_s:5.2f} s, ledger commits "
+                  f"{commit_s:5.2f} s", flush=True)
+        return dt
 
     single: dict[str, list[float]] = {t: [] for t in targets}
     for r in range(args.runs):
         for t in targets:
-            dt = run(t, series[:1], False)
+            dt = run(t, series[:1], False, "single")
             single[t].append(dt)
             print(f"  run {r + 1}/{args.runs} {t:9s} 1 association: {dt:6.2f} s", flush=True)
     conc: dict[str, list[float]] = {t: [] for t in targets}
     seq: dict[str, list[float]] = {t: [] for t in targets}
     for r in range(args.concurrent_runs):
         for t in targets:
-            dt = run(t, series, True)
+            dt = run(t, series, True, "concurrent")
             conc[t].append(dt)
             print(f"  run {r + 1}/{args.concurrent_runs} {t:9s} {args.senders} at once: {dt:6.2f} s", flush=True)
-            dt = run(t, series, False)
+            dt = run(t, series, False, "sequential")
             seq[t].append(dt)
             print(f"  run {r + 1}/{args.concurrent_runs} {t:9s} {args.senders} one after another: {dt:6.2f} s",
                   flush=True)
@@ -198,6 +251,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     med = {k: {t: statistics.median(v[t]) for t in targets} for k, v in
            (("single", single), ("concurrent", conc), ("sequential", seq))}
+    rows = list(targets)
+    if "storescp" in targets:  # the durable floor: storescp's time and the durability measured beside it
+        for kind in med:
+            med[kind]["floor"] = med[kind]["storescp"] + statistics.median(floor_extra[kind])
+        rows.append("floor")
     print()
     print(f"series: {args.slices} x {args.size}x{args.size} uint16, {mb:.0f} MB; cores: {os.cpu_count()}; "
           f"specgate ledger: {args.database_url or 'SQLite'}; receiver processes: {args.processes or 'auto'}")
@@ -205,11 +263,11 @@ def main(argv: Sequence[str] | None = None) -> None:
           "(other work on the machine makes every figure slower and noisier)")
     print(f"{'target':10s} {'1 assoc (s)':>12s} {f'{args.senders} at once':>12s} {f'{args.senders} in turn':>12s}"
           f" {'in turn/at once':>16s}")
-    for t in targets:
+    for t in rows:
         print(f"{t:10s} {med['single'][t]:12.2f} {med['concurrent'][t]:12.2f} {med['sequential'][t]:12.2f}"
               f" {med['sequential'][t] / med['concurrent'][t]:16.2f}")
     if "specgate" in targets:
-        for other in (t for t in targets if t != "specgate"):
+        for other in (t for t in rows if t != "specgate"):
             print(f"specgate / {other}: 1 association {med['single']['specgate'] / med['single'][other]:.2f}x, "
                   f"{args.senders} at once {med['concurrent']['specgate'] / med['concurrent'][other]:.2f}x")
 

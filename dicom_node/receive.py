@@ -218,6 +218,9 @@ class InstanceReceiver:
         their row is written without a store key, which the upload sets."""
         self.spool = spool
         self.data_dir = data_dir
+        # the spool folder as the ledger names it, worked out once: a spool file's ledger path is this and
+        # the file's own three names (no path resolved per instance)
+        self._spool_key = to_ledger(spool.root, data_dir)
         self.remote_store = remote_store
         self.sessions = sessions
         self.actor = actor
@@ -322,7 +325,7 @@ class InstanceReceiver:
             # A file without a row was never acknowledged (a crash between link and commit): ours wins.
             spooled = self.spool.replace(temp, spooled.path)
         try:
-            instance_id = self.index.add(replace(new, spool_path=to_ledger(spooled.path, self.data_dir),
+            instance_id = self.index.add(replace(new, spool_path=self._ledger_path(spooled.path),
                                                  pending_upload=self.remote_store,
                                                  size_bytes=spooled.size_bytes,
                                                  sha256=spooled.sha256))
@@ -346,6 +349,10 @@ class InstanceReceiver:
         if self.on_stored is not None:
             self.on_stored(instance_id, new.study_instance_uid)
         return Outcome(SUCCESS, instance_id=instance_id)
+
+    def _ledger_path(self, path: Path) -> str:
+        """A spool file's path as the ledger stores it (:func:`ledger.paths.to_ledger`)."""
+        return f"{self._spool_key}/{path.relative_to(self.spool.root).as_posix()}"
 
     def _find(self, sop_uid: str) -> ExistingInstance | None:
         try:
