@@ -1,0 +1,189 @@
+"""Completeness by asking the archive, against a real Orthanc as the source archive (C-FIND and QIDO-RS):
+a study that arrived short is made a job at the bound with ``incomplete_at_source``; the missing series
+arriving within the wait makes one complete job; an archive that does not answer is recorded and the job
+goes on at the bound. The assembler runs on a clock the test sets (``run_once(now)``); the archive's
+answer is real and waited for with ``wait_for``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicom_node.assembler import Assembler, AssemblyResult
+from dicom_node.config import Archive, AssemblyConfig, CompletenessConfig, SeriesRule
+from ledger.schema import Job, Study, utcnow
+from tests.integration.dicom_node.helpers import CALLER, Ledger, store
+from tests.peers import ORTHANC_DICOMWEB, CTSeries, Orthanc, free_port, wait_for, write_ct_series
+
+QUIET = 30.0
+WAIT = 120.0
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    # Orthanc answers C-FIND only from peers it knows, unless told to answer anyone
+    with Orthanc(tmp_path_factory.mktemp("orthanc"), extra_config={**ORTHANC_DICOMWEB, "DicomAlwaysAllowFind": True}) as o:
+        yield o
+
+
+def two_series_study(folder: Path, accession: str = "") -> tuple[CTSeries, CTSeries]:
+    """A study of two CT series (16 and 4 slices of 16x16), with an accession number if given."""
+    study_uid = generate_uid()
+    a = write_ct_series(folder / "a", slices=16, size=16, study_uid=study_uid, seed=1)
+    b = write_ct_series(folder / "b", slices=4, size=16, study_uid=study_uid, seed=2, series_description="SCOUT")
+    if accession:
+        for p in (*a.paths, *b.paths):
+            ds = dcmread(p)
+            ds.AccessionNumber = accession
+            ds.save_as(p, enforce_file_format=True)
+    return a, b
+
+
+def _assembler(ledger: Ledger, archive: Archive, rules: tuple[SeriesRule, ...] = (SeriesRule(name="ct"),)) -> Assembler:
+    completeness = CompletenessConfig(archives=(archive,), by_source=((CALLER, archive.name),), wait_s=WAIT,
+                                      timeout_s=5, ae_title="SPECGATE")
+    config = AssemblyConfig(quiet_seconds=QUIET, rules=rules, completeness=completeness)
+    return Assembler(config, ledger.sessions, on_job_queued=lambda _job: None)
+
+
+def _dimse(orthanc: Orthanc) -> Archive:
+    return Archive.parse(f"pacs=ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+
+
+def _after_answer(asm: Assembler, ledger: Ledger, at: datetime) -> list[AssemblyResult]:
+    """Passes at ``at`` until the archive's answer (or its failure) is recorded on the study; the last
+    pass's results."""
+    results: list[AssemblyResult] = []
+
+    def answered() -> bool:
+        results[:] = asm.run_once(at)
+        with ledger.sessions() as s:
+            study = s.execute(select(Study)).scalar_one()
+            return study.completeness is not None or study.assembled_count == study.received_count
+
+    wait_for(answered, timeout=20, what="the archive's answer recorded on the study")
+    return results
+
+
+def _job(ledger: Ledger, job_id: int) -> Job:
+    with ledger.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def test_short_study_is_made_a_job_at_the_bound_incomplete_at_source(sqlite_ledger: Ledger, start_scp, orthanc,
+                                                                     tmp_path: Path) -> None:
+    a, b = two_series_study(tmp_path / "in")
+    orthanc.upload([*a.paths, *b.paths])
+    port = start_scp(sqlite_ledger).address[1]
+    asm = _assembler(sqlite_ledger, _dimse(orthanc))
+    try:
+        assert store(port, a.paths) == [0] * 16  # the first series only
+        t0 = utcnow()
+        assert _after_answer(asm, sqlite_ledger, t0 + timedelta(seconds=QUIET + 1)) == []  # asked, now waiting
+        with sqlite_ledger.sessions() as s:
+            study = s.execute(select(Study)).scalar_one()
+            assert study.completeness["series"] == {a.series_instance_uid: 16, b.series_instance_uid: 4}
+            assert study.completeness_due_at is not None
+        assert asm.run_once(t0 + timedelta(seconds=QUIET + WAIT - 5)) == []  # still within the bound
+        [result] = asm.run_once(t0 + timedelta(seconds=QUIET + WAIT + 2))  # the bound has passed
+    finally:
+        asm.stop()
+    job = _job(sqlite_ledger, result.job_id)
+    assert job.completeness is not None and job.completeness["state"] == "incomplete_at_source"
+    assert job.completeness["series"] == [{"series_instance_uid": b.series_instance_uid, "at_source": 4, "held": 0}]
+    assert [e.details["completeness"] for e in sqlite_ledger.audit("job.created")] == ["incomplete_at_source"]
+    with sqlite_ledger.sessions() as s:  # the study's waiting state is cleared with the assembly
+        study = s.execute(select(Study)).scalar_one()
+        assert study.completeness_due_at is None and study.completeness is None
+
+
+def test_missing_series_within_the_wait_makes_one_complete_job(sqlite_ledger: Ledger, start_scp, orthanc,
+                                                               tmp_path: Path) -> None:
+    a, b = two_series_study(tmp_path / "in")
+    orthanc.upload([*a.paths, *b.paths])
+    port = start_scp(sqlite_ledger).address[1]
+    asm = _assembler(sqlite_ledger, _dimse(orthanc))
+    try:
+        assert store(port, a.paths) == [0] * 16
+        t0 = utcnow()
+        assert _after_answer(asm, sqlite_ledger, t0 + timedelta(seconds=QUIET + 1)) == []
+        assert store(port, b.paths) == [0] * 4  # the second series arrives within the wait
+        # complete at once: no second quiet period, no waiting for the bound
+        [result] = asm.run_once(utcnow() + timedelta(seconds=2))
+        assert asm.run_once(t0 + timedelta(seconds=QUIET + WAIT + 60)) == []  # one job, not two
+    finally:
+        asm.stop()
+    job = _job(sqlite_ledger, result.job_id)
+    assert job.completeness is not None and job.completeness["state"] == "complete"
+    assert job.completeness["held"] == {a.series_instance_uid: 16, b.series_instance_uid: 4}
+    assert job.series_instance_uid == a.series_instance_uid and job.version == 1
+
+
+def test_archive_that_does_not_answer_is_recorded_and_the_job_goes_on_at_the_bound(sqlite_ledger: Ledger, start_scp,
+                                                                                   tmp_path: Path) -> None:
+    a, _b = two_series_study(tmp_path / "in")
+    with Orthanc(tmp_path / "orthanc") as stopped:
+        archive = _dimse(stopped)
+    # Orthanc has stopped: nothing listens on its DICOM port any more
+    port = start_scp(sqlite_ledger).address[1]
+    asm = _assembler(sqlite_ledger, archive)
+    try:
+        assert store(port, a.paths) == [0] * 16
+        t0 = utcnow()
+        assert _after_answer(asm, sqlite_ledger, t0 + timedelta(seconds=QUIET + 1)) == []  # within the bound: waits
+        [event] = sqlite_ledger.audit("archive.unreachable")
+        assert event.details["archive"] == "pacs" and "could not connect" in event.details["error"]
+        [result] = asm.run_once(t0 + timedelta(seconds=QUIET + WAIT + 1))
+    finally:
+        asm.stop()
+    job = _job(sqlite_ledger, result.job_id)
+    assert job.completeness is not None and job.completeness["state"] == "archive_unreachable"
+    assert "could not connect" in job.completeness["error"]
+
+
+def test_qido_rs_counts_and_a_restart_goes_on_waiting(sqlite_ledger: Ledger, start_scp, orthanc,
+                                                      tmp_path: Path) -> None:
+    """QIDO-RS as the question; the wait is in the ledger: a new assembler (a restarted SCP) asks again
+    and makes the job at the same bound."""
+    a, b = two_series_study(tmp_path / "in")
+    orthanc.upload([*a.paths, *b.paths])
+    port = start_scp(sqlite_ledger).address[1]
+    archive = Archive.parse(f"web=http://127.0.0.1:{orthanc.http_port}/dicom-web")
+    first = _assembler(sqlite_ledger, archive)
+    assert store(port, a.paths) == [0] * 16
+    t0 = utcnow()
+    try:
+        assert _after_answer(first, sqlite_ledger, t0 + timedelta(seconds=QUIET + 1)) == []
+    finally:
+        first.stop()
+    with sqlite_ledger.sessions() as s:
+        study = s.execute(select(Study)).scalar_one()
+        assert study.completeness["series"] == {a.series_instance_uid: 16, b.series_instance_uid: 4}
+        due = study.completeness_due_at
+    again = _assembler(sqlite_ledger, archive)  # the restart
+    try:
+        assert again.run_once(t0 + timedelta(seconds=QUIET + WAIT - 5)) == []
+        [result] = again.run_once(t0 + timedelta(seconds=QUIET + WAIT + 2))
+    finally:
+        again.stop()
+    assert due is not None
+    job = _job(sqlite_ledger, result.job_id)
+    assert job.completeness is not None and job.completeness["state"] == "incomplete_at_source"
+    assert job.completeness["archive"] == "web"
+
+
+def test_archive_not_listening_is_unreachable_naming_why() -> None:
+    from dicom_node.archive import ArchiveUnreachable, DimseArchive
+
+    client = DimseArchive(Archive.parse(f"none=NOBODY@127.0.0.1:{free_port()}"), timeout_s=2, ae_title="SPECGATE")
+    with pytest.raises(ArchiveUnreachable, match="could not connect"):
+        client.study_counts(generate_uid())
