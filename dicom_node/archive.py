@@ -33,6 +33,7 @@ from typing import Any
 
 import requests
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
@@ -144,7 +145,7 @@ class DimseArchive(ArchiveClient):
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s
-        ae.add_requested_context(sop_class)
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         a = self.archive
         assert a.host is not None and a.port is not None and a.ae_title is not None
         assoc = ae.associate(a.host, a.port, ae_title=a.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _bound_socket)])

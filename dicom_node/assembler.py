@@ -14,6 +14,12 @@ whose instances arrive after it was queued gets a new version and every earlier 
 move is ``superseded`` (its result marked superseded). No match is recorded with an audit event and left
 alone.
 
+A study whose sender has an archive to ask (``completeness_archive``) is not assembled when its quiet period
+ends: :mod:`dicom_node.completeness` asks the archive and holds it back, at most ``completeness_wait_seconds``,
+until every instance the archive holds has arrived; the job records what the archive said
+(``jobs.completeness``). Instances pulled from an archive (``specgate studies pull``) are assembled like any
+other: new ones make a new version, a pull that brings nothing new makes no job.
+
     >>> from dicom_node.config import SeriesRule
     >>> rules = [SeriesRule(name="ct", modalities=("CT",), min_slices=16)]
     >>> s = [SeriesFacts("1.2.3", "CT", None, "AXIAL", 20, frozenset({"PACS"})),
