@@ -238,6 +238,8 @@ class Orthanc:
         try:
             self.get("/system")
             return True
+        except urllib.error.HTTPError as exc:  # answering 401: up, with authentication on (extra_config)
+            return exc.code == 401
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 

@@ -6,6 +6,8 @@ answer is real and waited for with ``wait_for``."""
 
 from __future__ import annotations
 
+import base64
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -187,3 +189,29 @@ def test_archive_not_listening_is_unreachable_naming_why() -> None:
     client = DimseArchive(Archive.parse(f"none=NOBODY@127.0.0.1:{free_port()}"), timeout_s=2, ae_title="SPECGATE")
     with pytest.raises(ArchiveUnreachable, match="could not connect"):
         client.study_counts(generate_uid())
+
+
+def test_dicomweb_archive_with_credentials_from_a_file(tmp_path: Path) -> None:
+    """QIDO-RS with HTTP basic credentials read from a file; wrong ones are a 401 named as such, the
+    password in no message."""
+    from dicom_node.archive import ArchiveUnreachable, DicomwebArchive
+
+    a, b = two_series_study(tmp_path / "in")
+    users = {"AuthenticationEnabled": True, "RegisteredUsers": {"specgate": "pa55-qr-9"}}
+    with Orthanc(tmp_path / "orthanc", extra_config={**ORTHANC_DICOMWEB, **users}) as o:
+        for p in (*a.paths, *b.paths):  # its REST API wants the same credentials now
+            req = urllib.request.Request(f"http://127.0.0.1:{o.http_port}/instances", data=p.read_bytes(),
+                                         method="POST", headers={"Authorization": "Basic " + base64.b64encode(
+                                             b"specgate:pa55-qr-9").decode()})
+            urllib.request.urlopen(req, timeout=30).close()
+        archive = Archive.parse(f"web=http://127.0.0.1:{o.http_port}/dicom-web")
+        good, bad = tmp_path / "good.cred", tmp_path / "bad.cred"
+        good.write_text("specgate:pa55-qr-9\n")
+        bad.write_text("specgate:wrong-pa55\n")
+        counts = DicomwebArchive(archive, timeout_s=5, credentials=good).study_counts(a.study_instance_uid)
+        assert counts is not None and counts.as_json()["series"] == {a.series_instance_uid: 16, b.series_instance_uid: 4}
+        with pytest.raises(ArchiveUnreachable, match="HTTP 401") as refused:
+            DicomwebArchive(archive, timeout_s=5, credentials=bad).study_counts(a.study_instance_uid)
+        with pytest.raises(ArchiveUnreachable, match="HTTP 401"):
+            DicomwebArchive(archive, timeout_s=5).study_counts(a.study_instance_uid)
+    assert "pa55" not in str(refused.value)
