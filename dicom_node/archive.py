@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,9 @@ from typing import Any
 import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 
 from .config import Archive
 
@@ -48,6 +49,12 @@ _PENDING = (0xFF00, 0xFF01)
 # Study Root Query/Retrieve Information Model (PS3.4 C.6.2): FIND and MOVE
 StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
 StudyRootQueryRetrieveInformationModelMove = "1.2.840.10008.5.1.4.1.2.2.2"
+StudyRootQueryRetrieveInformationModelGet = "1.2.840.10008.5.1.4.1.2.2.3"
+
+#: What a C-GET's C-STORE sub-operation hands on: (the instance as a DICOM file's bytes: preamble, file meta
+#: and the data set as the archive sent it; SOP Class UID; SOP Instance UID; transfer syntax) -> the status
+#: to answer the archive with.
+StoreHook = Callable[[bytes, str, str, str], int]
 
 
 class ArchiveUnreachable(Exception):
@@ -139,16 +146,33 @@ class DimseArchive(ArchiveClient):
         super().__init__(archive, timeout_s=timeout_s)
         self.ae_title = ae_title
 
-    def _associate(self, sop_class: str) -> Association:
+    def _associate(self, sop_class: str, *, storage: Sequence[str] = (), on_store: StoreHook | None = None) -> Association:
+        """An association for ``sop_class``; with ``storage``, also those storage SOP classes in the SCP role
+        (a C-GET's sub-operations come back on it, each handed to ``on_store``)."""
         from .scu import _bound_socket  # the same guard as outbound C-STORE: no send or recv blocks for ever
 
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        ae.add_requested_context(sop_class, syntaxes)
+        for uid in storage:
+            ae.add_requested_context(uid, syntaxes)
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, _bound_socket)]
+        if on_store is not None:
+            hook = on_store
+
+            def store(event: evt.Event) -> int:
+                rq = event.request
+                assert isinstance(rq, C_STORE)
+                return hook(event.encoded_dataset(include_meta=True), str(rq.AffectedSOPClassUID),
+                            str(rq.AffectedSOPInstanceUID), str(event.context.transfer_syntax))
+
+            handlers.append((evt.EVT_C_STORE, store))
         a = self.archive
         assert a.host is not None and a.port is not None and a.ae_title is not None
-        assoc = ae.associate(a.host, a.port, ae_title=a.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _bound_socket)])
+        assoc = ae.associate(a.host, a.port, ae_title=a.ae_title, evt_handlers=handlers,
+                             ext_neg=[build_role(uid, scp_role=True) for uid in storage] or None)
         if assoc.is_established:
             if not assoc.accepted_contexts:
                 assoc.release()
@@ -214,15 +238,28 @@ class DimseArchive(ArchiveClient):
         other than success or 0xB000 (some sub-operations failed) raises, naming it (0xA801: the archive
         does not know ``destination_ae``)."""
         sop = StudyRootQueryRetrieveInformationModelMove
+        assoc = self._associate(sop)
+        return self._retrieve(assoc, "C-MOVE", lambda q: assoc.send_c_move(q, destination_ae, sop),
+                              study_instance_uid, destination_ae, progress)
+
+    def get_study(self, study_instance_uid: str, storage: Sequence[str], on_store: StoreHook, *,
+                  progress: ProgressHook | None = None) -> MoveProgress:
+        """C-GET the whole study on one association, proposing ``storage`` SOP classes in the SCP role; each
+        instance goes to ``on_store``, whose status is the archive's answer. No route back to us needed."""
+        sop = StudyRootQueryRetrieveInformationModelGet
+        assoc = self._associate(sop, storage=storage, on_store=on_store)
+        return self._retrieve(assoc, "C-GET", lambda q: assoc.send_c_get(q, sop), study_instance_uid, None, progress)
+
+    def _retrieve(self, assoc: Association, what: str, send: Callable[[Dataset], Iterator[tuple[Dataset, Any]]],
+                  study_instance_uid: str, destination_ae: str | None, progress: ProgressHook | None) -> MoveProgress:
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
         q.StudyInstanceUID = study_instance_uid
-        assoc = self._associate(sop)
         last = MoveProgress(0, 0, 0, None)
         try:
-            for status, _identifier in assoc.send_c_move(q, destination_ae, sop):
+            for status, _identifier in send(q):
                 if not status or "Status" not in status:
-                    raise ArchiveUnreachable(f"archive {self.archive.name}: no C-MOVE response (timeout or abort)")
+                    raise ArchiveUnreachable(f"archive {self.archive.name}: no {what} response (timeout or abort)")
                 code = int(status.Status)
                 last = MoveProgress(int(status.get("NumberOfCompletedSuboperations") or 0),
                                     int(status.get("NumberOfFailedSuboperations") or 0),
@@ -237,7 +274,7 @@ class DimseArchive(ArchiveClient):
                     raise ArchiveUnreachable(f"archive {self.archive.name} does not know the move destination "
                                              f"{destination_ae!r} (0xA801): add it to the archive's DICOM peers")
                 if code not in (0x0000, 0xB000):
-                    raise ArchiveUnreachable(f"archive {self.archive.name}: C-MOVE failed with status 0x{code:04X}")
+                    raise ArchiveUnreachable(f"archive {self.archive.name}: {what} failed with status 0x{code:04X}")
         finally:
             if assoc.is_established:
                 assoc.release()

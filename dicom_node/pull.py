@@ -6,6 +6,10 @@ or QIDO-RS), asks the archive what it holds (:meth:`ArchiveClient.study_counts`)
 - from a DIMSE archive by **C-MOVE** to our own SCP's AE title: the archive opens an association to the
   SCP and C-STOREs every instance, so bounds, UID checks, duplicates and audit rows are the SCP's own;
   the archive must know our AE title, host and port;
+- from a DIMSE archive by **C-GET** (``--method get``): the instances come back on our own association,
+  so the archive needs no route to us; each is written as the archive sent it into the spool's temporary
+  folder and handed to :class:`dicom_node.receive.InstanceReceiver` (the calling AE title recorded is the
+  archive's);
 - from a DICOMweb archive by **WADO-RS**: each instance is written as a DICOM file into the spool's
   temporary folder and handed to :class:`dicom_node.receive.InstanceReceiver`, the same class that decides
   every C-STORE (the same checks, refusals and audit rows; the calling AE recorded is the archive's name).
@@ -18,9 +22,10 @@ pull that brings nothing new leaves the jobs as they are (:attr:`PullResult.new`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +36,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from .archive import ArchiveUnreachable, DicomwebArchive, DimseArchive, MoveProgress, StudyCounts
 from .receive import InstanceReceiver, Received
 
-__all__ = ["NotFound", "PullResult", "pull_by_move", "pull_by_wado", "resolve_study"]
+__all__ = ["NotFound", "PullResult", "pull_by_get", "pull_by_move", "pull_by_wado", "resolve_study"]
 
 _HEAD = 1 << 16
 
@@ -77,6 +82,40 @@ def pull_by_move(client: DimseArchive, study_uid: str, counts: StudyCounts, *, o
     """C-MOVE the study to ``our_ae``; the archive's final counts."""
     last = client.move_study(study_uid, our_ae, progress=progress)
     return PullResult(study_uid, counts, completed=last.completed, failed=last.failed, warning=last.warning)
+
+
+def pull_by_get(client: DimseArchive, study_uid: str, counts: StudyCounts, receiver: InstanceReceiver, *,
+                storage: Sequence[str], progress: Callable[[MoveProgress], None] | None = None) -> PullResult:
+    """C-GET the study, proposing the ``storage`` SOP classes; each instance through ``receiver``, its
+    outcome's status the archive's answer."""
+    result = PullResult(study_uid, counts, new=0)
+    calling = client.archive.ae_title or client.archive.name[:16]
+    address = f"{client.archive.host}:{client.archive.port}"
+    names = itertools.count()
+
+    def on_store(data: bytes, sop_class: str, sop_instance: str, syntax: str) -> int:
+        temp = receiver.spool.tmp_dir / f"{os.getpid()}.cget.{next(names)}.part"
+        try:
+            with open(temp, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            receiver.spool.discard_temp(temp)
+            outcome = receiver.refuse(0xA700, "storage_refused", f"the spool cannot store the instance: "
+                                      f"{exc.strerror or type(exc).__name__}", request_sop_class=sop_class,
+                                      request_sop_instance=sop_instance, calling_ae=calling, address=address)
+        else:
+            outcome = receiver.receive(temp, request_sop_class=sop_class, request_sop_instance=sop_instance,
+                                       transfer_syntax=syntax, calling_ae=calling, address=address,
+                                       received=_received(temp))
+        if outcome.ok and not outcome.duplicate:
+            result.new = (result.new or 0) + 1
+        elif not outcome.ok:
+            result.refused.append(f"0x{outcome.status:04X} {outcome.reason}")
+        return outcome.status
+
+    last = client.get_study(study_uid, storage, on_store, progress=progress)
+    result.completed, result.failed, result.warning = last.completed, last.failed, last.warning
+    return result
 
 
 def _received(path: Path) -> Received:

@@ -50,18 +50,20 @@ def _audit(app: AppContext, actor: str, action: str, object_id: str, details: di
 @click.option("--study", "study_uid", default=None, help="the study's Study Instance UID")
 @click.option("--from", "archive_name", default=None, help="the archive (SPECGATE_ARCHIVES); default: the only one")
 @click.option("--as", "user", default=None, help="who asked, for the audit trail; default: operator:<login>")
+@click.option("--method", type=click.Choice(["move", "get"]), default="move", show_default=True,
+              help="a DIMSE archive: C-MOVE to our SCP, or C-GET on our own association")
 @pass_app
 def pull_command(app: AppContext, accession: str | None, study_uid: str | None, archive_name: str | None,
-                 user: str | None) -> None:
-    """Retrieve a study from an archive (C-MOVE to our SCP, or WADO-RS into the spool) and let it run
-    through the normal rules: the SCP's assembler makes its job after the quiet period.
+                 user: str | None, method: str) -> None:
+    """Retrieve a study from an archive (C-MOVE to our SCP; C-GET or WADO-RS into the spool) and let it
+    run through the normal rules: the SCP's assembler makes its job after the quiet period.
 
-    A DIMSE archive must know this node (its AE title SPECGATE_SCP_AE_TITLE, host and port) as a move
-    destination, and `specgate scp` must be running. A study already held gets a new job version only if
-    the pull brings instances that were not held.
+    For C-MOVE a DIMSE archive must know this node (its AE title SPECGATE_SCP_AE_TITLE, host and port) as a
+    move destination, and `specgate scp` must be running. A study already held gets a new job version only
+    if the pull brings instances that were not held.
     """
     from dicom_node.archive import ArchiveUnreachable, DimseArchive, MoveProgress, open_archive
-    from dicom_node.pull import NotFound, pull_by_move, pull_by_wado, resolve_study
+    from dicom_node.pull import NotFound, pull_by_get, pull_by_move, pull_by_wado, resolve_study
     from dicom_node.spool import InvalidUID, validate_uid
 
     if (accession is None) == (study_uid is None):
@@ -78,9 +80,12 @@ def pull_command(app: AppContext, accession: str | None, study_uid: str | None, 
         archive = settings.archive(archive_name)
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from exc
+    if archive.kind == "dicomweb" and method != "move":
+        raise click.UsageError(f"--method {method} is for a DIMSE archive; {archive.name} is DICOMweb (WADO-RS)")
     actor = user.strip() if user and user.strip() else operator()
+    how = "wado-rs" if archive.kind == "dicomweb" else f"c-{method}"
     asked = {"archive": archive.name, "accession": accession, "study_instance_uid": study_uid,
-             "requested_by": actor, "method": "c-move" if archive.kind == "dimse" else "wado-rs"}
+             "requested_by": actor, "method": how}
     _audit(app, actor, "studies.pull_requested", study_uid or f"accession:{accession}", asked)
     cfg = settings.completeness_config()
     client = open_archive(archive, timeout_s=cfg.timeout_s, ae_title=cfg.ae_title, credentials=cfg.credentials_of(archive))
@@ -98,7 +103,7 @@ def pull_command(app: AppContext, accession: str | None, study_uid: str | None, 
         uid, counts = resolve_study(client, accession=accession, study_uid=study_uid)
         click.echo(f"study {uid}: {counts.instances} instance(s) in {len(counts.series)} series at {archive.name}")
         before = _held(app, uid)
-        if isinstance(client, DimseArchive):
+        if isinstance(client, DimseArchive) and how == "c-move":
             result = pull_by_move(client, uid, counts, our_ae=settings.scp_ae_title, progress=progress)
         else:
             from dicom_node.receive import InstanceReceiver
@@ -110,7 +115,11 @@ def pull_command(app: AppContext, accession: str | None, study_uid: str | None, 
                                         app.sessions(), actor=actor, image_sop_classes=IMAGE_STORAGE_SOP_CLASSES,
                                         data_dir=node.data_dir, remote_store=node.files.remote)
             try:
-                result = pull_by_wado(client, uid, counts, receiver, progress=progress)
+                if isinstance(client, DimseArchive):
+                    result = pull_by_get(client, uid, counts, receiver, storage=sorted(IMAGE_STORAGE_SOP_CLASSES),
+                                         progress=progress)
+                else:
+                    result = pull_by_wado(client, uid, counts, receiver, progress=progress)
             finally:
                 receiver.close()
     except NotFound as exc:

@@ -116,3 +116,20 @@ def test_pull_from_an_archive_that_does_not_answer_exits_1(sqlite_ledger: Ledger
     assert res.exit_code == 1 and "could not connect" in res.output
     [event] = sqlite_ledger.audit("studies.pull_failed")
     assert event.details["reason"] == "archive_unreachable" and event.actor.startswith("operator:")
+
+
+def test_pull_by_c_get_comes_back_on_our_own_association_through_the_receive_path(node, tmp_path: Path) -> None:
+    ledger, _port, orthanc = node
+    a, b = two_series_study(tmp_path / "in")
+    orthanc.upload([*a.paths, *b.paths])
+    res = pull(ledger, orthanc, "--study", a.study_instance_uid, "--from", "pacs", "--method", "get", "--as", "dr.get")
+    assert res.exit_code == 0, res.output
+    assert "pulled 20 of 20 instance(s) from pacs; 20 new, 20 held" in res.output
+    callers = held(ledger)
+    assert set(callers) == {*a.sop_instance_uids, *b.sop_instance_uids} and set(callers.values()) == {"ORTHANC"}
+    assert len(ledger.spool_files()) == 20
+    [done] = ledger.audit("studies.pull_done")
+    assert (done.actor, done.details["method"], done.details["retrieved"]) == ("dr.get", "c-get", 20)
+    assert len(assemble(ledger)) == 1
+    wrong = pull(ledger, orthanc, "--study", a.study_instance_uid, "--from", "web", "--method", "get")
+    assert wrong.exit_code == 2 and "is DICOMweb (WADO-RS)" in wrong.output
