@@ -81,8 +81,10 @@ def _job(ledger: Ledger, job_id: int) -> Job:
         return job
 
 
-def test_short_study_is_made_a_job_at_the_bound_incomplete_at_source(sqlite_ledger: Ledger, start_scp, orthanc,
+def test_short_study_is_made_a_job_at_the_bound_incomplete_at_source(ledger: Ledger, start_scp, orthanc,
                                                                      tmp_path: Path) -> None:
+    """On SQLite and PostgreSQL (the completeness columns are JSON there, JSONB here)."""
+    sqlite_ledger = ledger
     a, b = two_series_study(tmp_path / "in")
     orthanc.upload([*a.paths, *b.paths])
     port = start_scp(sqlite_ledger).address[1]
@@ -215,3 +217,51 @@ def test_dicomweb_archive_with_credentials_from_a_file(tmp_path: Path) -> None:
         with pytest.raises(ArchiveUnreachable, match="HTTP 401"):
             DicomwebArchive(archive, timeout_s=5).study_counts(a.study_instance_uid)
     assert "pa55" not in str(refused.value)
+
+
+def _jobs(ledger: Ledger) -> list[Job]:
+    with ledger.sessions() as s:
+        rows = list(s.execute(select(Job).order_by(Job.id)).scalars())
+        s.expunge_all()
+        return rows
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_second_half_after_the_quiet_period_one_job_with_the_check_two_without(sqlite_ledger: Ledger, start_scp,
+                                                                                orthanc, tmp_path: Path,
+                                                                                check: bool) -> None:
+    """The running assembler loop on the real clock (quiet period 1 s): the study's second series arrives
+    after the first's quiet period has ended. Asking the archive makes one complete job; without it the
+    first half is a job of its own and the second half a second version."""
+    a, b = two_series_study(tmp_path / "in")
+    orthanc.upload([*a.paths, *b.paths])
+    port = start_scp(sqlite_ledger).address[1]
+    archive = _dimse(orthanc)
+    completeness = CompletenessConfig(archives=(archive,), by_source=((CALLER, "pacs"),) if check else (),
+                                      wait_s=60, timeout_s=5)
+    asm = Assembler(AssemblyConfig(quiet_seconds=1, rules=(SeriesRule(name="ct"),), completeness=completeness),
+                    sqlite_ledger.sessions, on_job_queued=lambda _job: None, interval_s=0.1).start()
+    try:
+        assert store(port, a.paths) == [0] * 16
+
+        def first_half_done() -> bool:  # its quiet period is over: made a job, or waiting for the archive
+            with sqlite_ledger.sessions() as s:
+                study = s.execute(select(Study)).scalar_one()
+                return bool(study.completeness) if check else study.assembled_count == 16
+
+        wait_for(first_half_done, timeout=30, what="the first half's quiet period to end")
+        assert store(port, b.paths) == [0] * 4
+        wait_for(lambda: _jobs(sqlite_ledger) and _jobs(sqlite_ledger)[-1].completeness is not None if check
+                 else len(_jobs(sqlite_ledger)) == 2, timeout=30, what="the job(s) of the whole study")
+    finally:
+        asm.stop()
+    jobs = _jobs(sqlite_ledger)
+    with sqlite_ledger.sessions() as s:
+        study = s.execute(select(Study)).scalar_one()
+        assert (study.received_count, study.assembled_count) == (20, 20)  # nothing left to assemble
+    if check:
+        [job] = jobs
+        assert job.completeness is not None and job.completeness["state"] == "complete"
+    else:
+        assert [(j.version, str(j.state), j.completeness) for j in jobs] == [(1, "superseded", None),
+                                                                             (2, "queued", None)]
