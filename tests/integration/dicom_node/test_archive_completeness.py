@@ -7,6 +7,7 @@ answer is real and waited for with ``wait_for``."""
 from __future__ import annotations
 
 import base64
+import json
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -108,6 +109,13 @@ def test_short_study_is_made_a_job_at_the_bound_incomplete_at_source(ledger: Led
     with sqlite_ledger.sessions() as s:  # the study's waiting state is cleared with the assembly
         study = s.execute(select(Study)).scalar_one()
         assert study.completeness_due_at is None and study.completeness is None
+    from click.testing import CliRunner
+
+    from specgate.cli import main
+
+    shown = CliRunner().invoke(main, ["jobs", "show", str(result.job_id), "--json"], catch_exceptions=False,
+                               env={"SPECGATE_DATA_DIR": str(ledger.data_dir), "SPECGATE_DATABASE_URL": ledger.url})
+    assert json.loads(shown.output)["completeness"]["state"] == "incomplete_at_source"
 
 
 def test_missing_series_within_the_wait_makes_one_complete_job(sqlite_ledger: Ledger, start_scp, orthanc,
