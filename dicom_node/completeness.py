@@ -82,6 +82,14 @@ class CompletenessCheck:
                now: datetime) -> dict[str, Any] | None:
         """What the job records (see the module), or None: keep waiting. Called under the study's lock,
         in the assembler's transaction; it writes the study's completeness columns and audit rows there."""
+        decided = self._decide(s, study, archive, held, now)
+        if decided is not None:  # a question still in flight belongs to this wait, not to a later version's
+            with self._lock:
+                self._asked.pop(study.id, None)
+        return decided
+
+    def _decide(self, s: Session, study: Study, archive: Archive, held: dict[str, int],
+                now: datetime) -> dict[str, Any] | None:
         if study.completeness_due_at is None:
             study.completeness_due_at = now + timedelta(seconds=self.config.wait_s)
             audit.append(s, actor=ACTOR, action="study.completeness_wait", object_type="study", object_id=study.id,

@@ -33,6 +33,13 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # pynetdicom logs identifiers (patient names/IDs) at DEBUG; never let it.
     logging.getLogger("pynetdicom").setLevel(max(logging.INFO, logging.getLevelName(level)))
+    # ... and a C-FIND/C-MOVE/C-GET's request and response identifiers at INFO (an archive's answer may
+    # carry the patient's name; dicom_node.archive asks by accession number): its own switches, off here,
+    # at the composition root, once per process.
+    from pynetdicom import _config as pynetdicom_config
+
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

@@ -5,6 +5,7 @@ error with its own exit code. Every pull is audited with who asked."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -98,14 +99,22 @@ def test_pull_by_accession_over_wado_rs_then_again_brings_nothing_new(node, tmp_
                                                                                 ("dr.web", "wado-rs", 0)]
 
 
-def test_unknown_accession_is_a_clear_error_with_its_exit_code(node) -> None:
+def test_unknown_accession_is_a_clear_error_with_its_exit_code(node, caplog: pytest.LogCaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     ledger, _port, orthanc = node
+    from pynetdicom import _config
+
+    for switch in ("LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS"):  # pynetdicom's defaults
+        monkeypatch.setattr(_config, switch, True)
+    caplog.set_level(logging.INFO)
     for archive in ("pacs", "web"):
         res = pull(ledger, orthanc, "--accession", "NO-SUCH-ACC", "--from", archive, "--as", "dr.none")
         assert res.exit_code == 3
         assert f"archive {archive} holds no study with accession number 'NO-SUCH-ACC'" in res.output
     failed = ledger.audit("studies.pull_failed")
     assert [(e.actor, e.details["reason"]) for e in failed] == [("dr.none", "not_found")] * 2
+    # the C-FIND went out (pynetdicom logged it) without its identifier: the accession number in no log
+    assert "Sending Find Request" in caplog.text and "NO-SUCH-ACC" not in caplog.text
     assert ledger.count() == 0
 
 
