@@ -127,11 +127,12 @@ def test_pull_from_an_archive_that_does_not_answer_exits_1(sqlite_ledger: Ledger
     assert event.details["reason"] == "archive_unreachable" and event.actor.startswith("operator:")
 
 
-def test_pull_by_c_get_comes_back_on_our_own_association_through_the_receive_path(node, tmp_path: Path) -> None:
+def test_pull_by_accession_and_c_get_comes_back_on_our_own_association_through_the_receive_path(node, tmp_path: Path) -> None:
     ledger, _port, orthanc = node
-    a, b = two_series_study(tmp_path / "in")
+    a, b = two_series_study(tmp_path / "in", accession="ACC-GET-3")
     orthanc.upload([*a.paths, *b.paths])
-    res = pull(ledger, orthanc, "--study", a.study_instance_uid, "--from", "pacs", "--method", "get", "--as", "dr.get")
+    # found by its accession number with a C-FIND at STUDY level
+    res = pull(ledger, orthanc, "--accession", "ACC-GET-3", "--from", "pacs", "--method", "get", "--as", "dr.get")
     assert res.exit_code == 0, res.output
     assert "pulled 20 of 20 instance(s) from pacs; 20 new, 20 held" in res.output
     callers = held(ledger)
