@@ -14,6 +14,12 @@ whose instances arrive after it was queued gets a new version and every earlier 
 move is ``superseded`` (its result marked superseded). No match is recorded with an audit event and left
 alone.
 
+A study whose sender has an archive to ask (``completeness_archive``) is not assembled when its quiet period
+ends: :mod:`dicom_node.completeness` asks the archive and holds it back, at most ``completeness_wait_seconds``,
+until every instance the archive holds has arrived; the job records what the archive said
+(``jobs.completeness``). Instances pulled from an archive (``specgate studies pull``) are assembled like any
+other: new ones make a new version, a pull that brings nothing new makes no job.
+
     >>> from dicom_node.config import SeriesRule
     >>> rules = [SeriesRule(name="ct", modalities=("CT",), min_slices=16)]
     >>> s = [SeriesFacts("1.2.3", "CT", None, "AXIAL", 20, frozenset({"PACS"})),
@@ -39,6 +45,7 @@ from ledger import audit, jobs
 from ledger.db import DatabaseUnavailable, session_scope
 from ledger.schema import Instance, Job, JobState, Result, Series, Study, utcnow
 
+from .completeness import CompletenessCheck
 from .config import AssemblyConfig, SeriesRule
 from .spool import Spool
 
@@ -111,6 +118,7 @@ class Assembler:
         self.interval_s = interval_s if interval_s is not None else min(1.0, config.quiet_seconds / 4)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.completeness = CompletenessCheck(config.completeness) if config.completeness.by_source else None
 
     # ------------------------------------------------------------------------------------- loop
     def start(self) -> Assembler:
@@ -124,6 +132,8 @@ class Assembler:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self.completeness is not None:
+            self.completeness.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -140,7 +150,8 @@ class Assembler:
     def pending(self, now: datetime | None = None) -> list[int]:
         """Ids of studies whose quiet period is over, that have instances no assembly saw yet, and whose
         every instance is in the store (``store_key`` set: at once with ``fs``, after the upload with
-        ``s3``, :mod:`dicom_node.uploader`)."""
+        ``s3``, :mod:`dicom_node.uploader`); and studies waiting for their archive's count
+        (:mod:`dicom_node.completeness`), quiet or not: the instances they wait for may be arriving."""
         cutoff = (now or utcnow()) - timedelta(seconds=self.config.quiet_seconds)
         # with an object store, an instance not uploaded yet has no store key: its study waits for it
         not_stored = (select(Instance.id).join(Series, Series.id == Instance.series_id)
@@ -148,7 +159,8 @@ class Assembler:
         with session_scope(self.sessions) as s:
             return list(s.execute(
                 select(Study.id).where(Study.received_count > Study.assembled_count,
-                                       Study.last_received_at <= cutoff, ~not_stored)
+                                       (Study.last_received_at <= cutoff) | Study.completeness_due_at.is_not(None),
+                                       ~not_stored)
                 .order_by(Study.last_received_at).limit(500)).scalars())
 
     def run_once(self, now: datetime | None = None) -> list[AssemblyResult]:
@@ -184,19 +196,28 @@ class Assembler:
                 return None  # another assembler has it, or did it
             last = study.last_received_at if study.last_received_at.tzinfo else \
                 study.last_received_at.replace(tzinfo=cutoff.tzinfo)
-            if last > cutoff:
+            if last > cutoff and study.completeness_due_at is None:
                 return None  # an instance arrived since pending() looked
             facts = self._series_facts(s, study.id)
+            completeness = None
+            archive = self.completeness.archive_for(study) if self.completeness is not None else None
+            if archive is not None and self.completeness is not None:
+                completeness = self.completeness.decide(s, study, archive,
+                                                        {f.series_instance_uid: f.instances for f in facts}, now)
+                if completeness is None:
+                    return None  # waiting for the archive's answer, or for what it holds
             choice = choose_series(self.config.rules, facts)
             seen = study.received_count
             s.execute(update(Study).where(Study.id == study.id)
-                      .values(assembled_count=seen, assembled_at=now))
+                      .values(assembled_count=seen, assembled_at=now, completeness_due_at=None,
+                              completeness=None))
             summary = [{"series_instance_uid": f.series_instance_uid, "modality": f.modality,
                         "instances": f.instances} for f in facts]
             if choice is None:
                 audit.append(s, actor=ACTOR, action="study.no_matching_series", object_type="study",
                              object_id=study.id, details={"study_instance_uid": study.study_instance_uid,
-                                                          "instances": seen, "series": summary})
+                                                          "instances": seen, "series": summary,
+                                                          "completeness": completeness})
                 log.info("study %d: no series matches a rule; left alone", study.id)
                 return AssemblyResult(study.id, None, None)
             rule, series = choice
@@ -205,7 +226,9 @@ class Assembler:
                                   series_instance_uid=series.series_instance_uid, rule_name=rule.name,
                                   model_name=rule.model, max_attempts=self.config.job_max_attempts,
                                   details={"instances": seen, "series_instances": series.instances,
-                                           "model": rule.model})
+                                           "model": rule.model, **({"completeness": completeness["state"]}
+                                                                   if completeness else {})})
+            job.completeness = completeness
             superseded = []
             for old in earlier:
                 s.execute(update(Result).where(Result.job_id == old.id).values(superseded=True))

@@ -21,14 +21,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from store import Store, StoreConfig, open_store
 
-__all__ = ["MOVED_TO_MODEL", "AllowedCaller", "AssemblyConfig", "Destination", "NodeConfig", "ReceiveLimits",
-           "SeriesRule", "TLSConfig", "validate_ae_title", "validate_host"]
+__all__ = ["MOVED_TO_MODEL", "AllowedCaller", "Archive", "AssemblyConfig", "CompletenessConfig", "Destination",
+           "NodeConfig", "ReceiveLimits", "SeriesRule", "TLSConfig", "validate_ae_title", "validate_host"]
 
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.\-]*|\[?[0-9A-Fa-f:]+\]?)$")
@@ -104,6 +104,48 @@ class Destination(BaseModel):
         return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
 
 
+class Archive(BaseModel):
+    """One entry of ``SPECGATE_ARCHIVES``: a query/retrieve peer, asked how much of a study it holds and
+    pulled from on demand. DIMSE ``NAME=AE_TITLE@HOST:PORT`` (C-FIND, C-MOVE) or DICOMweb
+    ``NAME=http(s)://HOST[:PORT]/PATH`` (QIDO-RS, WADO-RS)::
+
+        >>> Archive.parse("pacs=ORTHANC@pacs.local:4242").kind
+        'dimse'
+        >>> Archive.parse("web=https://pacs.local/dicom-web").url
+        'https://pacs.local/dicom-web'
+        >>> Archive.parse("pacs=pacs.local:4242")
+        Traceback (most recent call last):
+        ...
+        ValueError: archive 'pacs=pacs.local:4242' is not of the form NAME=AE_TITLE@HOST:PORT or NAME=https://HOST/PATH
+    """
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    url: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "dicomweb" if self.url is not None else "dimse"
+
+    @classmethod
+    def parse(cls, text: str) -> Archive:
+        web = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*=\s*(https?://[^\s,]+?)/?\s*", text)
+        if web:
+            return cls(name=web.group(1), url=web.group(2))
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*=\s*([^@]+)@(.+):(\d+)\s*", text)
+        if not m:
+            raise ValueError(f"archive {text!r} is not of the form NAME=AE_TITLE@HOST:PORT or NAME=https://HOST/PATH")
+        name, ae, host, port = m.groups()
+        return cls(name=name, ae_title=validate_ae_title(ae, what="archive AE title"),
+                   host=validate_host(host, allow_wildcard=False), port=int(port))
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.url}" if self.url is not None else f"{self.name}={self.ae_title}@{self.host}:{self.port}"
+
+
 # What a rule once said about the SEG's segment, and where each now is: what a model's output is belongs to
 # the model, a rule only chooses which series go to which model (and which of its labels are sent).
 MOVED_TO_MODEL = ("segment_label", "segment_description", "category_code", "type_code", "display_color")
@@ -132,6 +174,10 @@ class SeriesRule(BaseModel):
     series_description: str | None = Field(default=None, description="regex, matched case-insensitively")
     min_slices: int = Field(default=16, ge=1)
     model: str = "default"
+    # A job whose source archive still held more of the study than arrived when the wait ran out
+    # (``incomplete_at_source``, dicom_node.completeness): "run" releases it as the gate decides, "hold"
+    # holds it for a radiologist whatever the gate says.
+    when_incomplete: Literal["run", "hold"] = "run"
     # Which of the model's labels the SEG carries: names (any case; "_", "-" or spaces alike) or label
     # values; None sends every label. Checked against the model's labels at start-up
     # (worker.segments.validate_rule_labels).
@@ -277,10 +323,34 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class CompletenessConfig:
+    """Asking a study's source archive how much of it there is (:mod:`dicom_node.completeness`):
+    ``by_source`` maps a sender's calling AE title to the archive asked; ``wait_s`` bounds the extra wait
+    after the quiet period; ``timeout_s`` bounds one query; ``credentials``: a DICOMweb archive's
+    credential file, by archive name (read when the query is made, never logged)."""
+
+    archives: tuple[Archive, ...] = ()
+    by_source: tuple[tuple[str, str], ...] = ()
+    wait_s: float = 300.0
+    timeout_s: float = 10.0
+    ae_title: str = "SPECGATE"
+    credentials: tuple[tuple[str, Path], ...] = ()
+
+    def archive_for(self, calling_ae: str) -> Archive | None:
+        name = dict(self.by_source).get(calling_ae.strip())
+        return None if name is None else next(a for a in self.archives if a.name == name)
+
+    def credentials_of(self, archive: Archive) -> Path | None:
+        return dict(self.credentials).get(archive.name)
+
+
+@dataclass(frozen=True)
 class AssemblyConfig:
-    """Turning quiet studies into jobs: the quiet period, the series rules, attempts a job gets."""
+    """Turning quiet studies into jobs: the quiet period, the series rules, attempts a job gets, and
+    whether to ask the source's archive first (``completeness``)."""
 
     quiet_seconds: float = 60.0
     rules: tuple[SeriesRule, ...] = ()
     job_max_attempts: int = 3
     temp_max_age_s: float = 240.0  # a partial spool file older than this belongs to no live association
+    completeness: CompletenessConfig = field(default_factory=CompletenessConfig)

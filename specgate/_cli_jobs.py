@@ -62,6 +62,7 @@ def _job_dict(job: Job, *, full: bool = False, files: Store | None = None) -> di
             return key if store.remote else str(store.path(key))
 
         d["reason_detail"] = job.reason_detail
+        d["completeness"] = job.completeness  # what the source archive said (dicom_node.completeness)
         d["finished_at"] = job.finished_at.isoformat() if job.finished_at else None
         d["result"] = None if result is None else {
             "seg_sop_instance_uid": result.seg_sop_instance_uid,
@@ -170,6 +171,8 @@ def jobs_show(app: AppContext, job_id: int, as_json: bool) -> None:
                  if a["ended_at"] else "running")
         click.echo(f"{'attempt ' + str(a['attempt']):>20}: host {a['host']} pid {a['pid']} device {a['device']}; "
                    f"started {a['started_at']}, {ended}")
+    if d["completeness"]:
+        click.echo(f"{'completeness':>20}: {json.dumps(d['completeness'])}")
     if d["result"]:
         click.echo(f"{'result':>20}: {json.dumps(d['result'])}")
     for r in d["reviews"]:

@@ -18,6 +18,7 @@ from . import (
     _cli_report,
     _cli_review,
     _cli_spool,
+    _cli_studies,
     _cli_worker,
 )
 from ._context import AppContext, pass_app
@@ -32,6 +33,13 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # pynetdicom logs identifiers (patient names/IDs) at DEBUG; never let it.
     logging.getLogger("pynetdicom").setLevel(max(logging.INFO, logging.getLevelName(level)))
+    # ... and a C-FIND/C-MOVE/C-GET's request and response identifiers at INFO (an archive's answer may
+    # carry the patient's name; dicom_node.archive asks by accession number): its own switches, off here,
+    # at the composition root, once per process.
+    from pynetdicom import _config as pynetdicom_config
+
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -141,7 +149,7 @@ def demo(app: AppContext, timeout: float) -> None:
 
 # One way of registering commands: each module adds its own to ``main``.
 for _commands in (_cli_config, _cli_db, _cli_jobs, _cli_worker, _cli_model, _cli_report, _cli_dicom, _cli_review,
-                  _cli_health, _cli_spool):
+                  _cli_health, _cli_spool, _cli_studies):
     _commands.register(main)
 
 if __name__ == "__main__":  # pragma: no cover

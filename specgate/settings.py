@@ -35,7 +35,9 @@ from pydantic_settings import (
 
 from dicom_node.config import (
     AllowedCaller,
+    Archive,
     AssemblyConfig,
+    CompletenessConfig,
     Destination,
     NodeConfig,
     ReceiveLimits,
@@ -227,6 +229,24 @@ class Settings(BaseSettings):
     scu_timeout: float = Field(default=30.0, gt=0, le=3600,
                                description="ACSE/DIMSE/network timeout of outbound associations")
 
+    # --- archives: completeness and pull (dicom_node.archive) ------------------------------------------
+    archives: Annotated[list[Archive], NoDecode] = Field(
+        default_factory=list, description="query/retrieve peers: NAME=AE_TITLE@HOST:PORT (C-FIND, C-MOVE) or "
+                                          "NAME=https://HOST/PATH (QIDO-RS, WADO-RS), comma-separated in the "
+                                          "environment")
+    archive_credentials: dict[str, Path] = Field(
+        default_factory=dict, description="a DICOMweb archive's credential file, by archive name: one line, "
+                                          "user:password (HTTP basic) or a bearer token; never logged")
+    archive_timeout_seconds: float = Field(default=10.0, gt=0, le=600,
+                                           description="one query or association to an archive")
+    completeness_archive: dict[str, str] = Field(
+        default_factory=dict, description="which archive to ask how much of a study there is, by the calling "
+                                          "AE title of its sender ({\"CT01\" = \"pacs\"}); a sender not listed "
+                                          "is not asked")
+    completeness_wait_seconds: float = Field(default=300.0, gt=0, le=86400,
+                                             description="after the quiet period, wait at most this long for "
+                                                         "what the archive holds")
+
     # --- routing -----------------------------------------------------------------------------------
     rules: list[SeriesRule] = Field(default_factory=lambda: [SeriesRule(name="default-ct-mr")],
                                     description="which series are segmented, by which model ([[rules]] "
@@ -332,6 +352,58 @@ class Settings(BaseSettings):
     def _parse_destinations(cls, v: Any) -> Any:
         v = _split_csv(v)
         return [Destination.parse(x) if isinstance(x, str) else x for x in v]
+
+    @field_validator("archives", mode="before")
+    @classmethod
+    def _parse_archives(cls, v: Any) -> Any:
+        v = _split_csv(v)
+        return [Archive.parse(x) if isinstance(x, str) else x for x in v]
+
+    @model_validator(mode="after")
+    def _archives_consistent(self) -> Settings:
+        """Archive names unique; ``completeness_archive`` maps allowed callers to configured archives;
+        ``archive_credentials`` names DICOMweb archives, with files that exist."""
+        names = [a.name for a in self.archives]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"archive names must be unique, repeated: {', '.join(dupes)}")
+        known = ", ".join(names) or "none configured"
+        callers = {c.ae_title for c in self.allowed_callers}
+        for ae, name in self.completeness_archive.items():
+            validate_ae_title(ae, what="completeness_archive calling AE title")
+            if name not in names:
+                raise ValueError(f"completeness_archive[{ae!r}] names archive {name!r}, which is not configured "
+                                 f"(SPECGATE_ARCHIVES: {known})")
+            if ae.strip() not in callers:
+                raise ValueError(f"completeness_archive names calling AE title {ae!r}, which is not an allowed "
+                                 f"caller (SPECGATE_ALLOWED_CALLERS): no study would ever come from it")
+        for name, path in self.archive_credentials.items():
+            archive = next((a for a in self.archives if a.name == name), None)
+            if archive is None or archive.kind != "dicomweb":
+                raise ValueError(f"archive_credentials names {name!r}, which is not a DICOMweb archive "
+                                 f"(SPECGATE_ARCHIVES: {known})")
+            if not Path(path).is_file():
+                raise ValueError(f"archive_credentials[{name!r}]: file {str(path)!r} does not exist")
+        return self
+
+    def archive(self, name: str | None) -> Archive:
+        """The archive called ``name``; None: the only one configured."""
+        if name is None and len(self.archives) == 1:
+            return self.archives[0]
+        for a in self.archives:
+            if a.name == name:
+                return a
+        known = ", ".join(a.name for a in self.archives) or "none configured"
+        if name is None:
+            raise SettingsError(f"name the archive (--from): SPECGATE_ARCHIVES has {known}")
+        raise SettingsError(f"unknown archive {name!r} (SPECGATE_ARCHIVES: {known})")
+
+    def completeness_config(self) -> CompletenessConfig:
+        """What :mod:`dicom_node.completeness` (and the pull) needs to reach the archives."""
+        return CompletenessConfig(archives=tuple(self.archives),
+                                  by_source=tuple((ae.strip(), n) for ae, n in self.completeness_archive.items()),
+                                  wait_s=self.completeness_wait_seconds, timeout_s=self.archive_timeout_seconds,
+                                  ae_title=self.scu_ae_title, credentials=tuple(self.archive_credentials.items()))
 
     @field_validator("scp_ae_title")
     @classmethod
@@ -530,7 +602,8 @@ class Settings(BaseSettings):
         """What :class:`dicom_node.assembler.Assembler` needs."""
         return AssemblyConfig(quiet_seconds=self.study_quiet_seconds, rules=tuple(self.rules),
                               job_max_attempts=self.worker_max_attempts,
-                              temp_max_age_s=self.node_config().temp_max_age_s)
+                              temp_max_age_s=self.node_config().temp_max_age_s,
+                              completeness=self.completeness_config())
 
     def retry_policy(self) -> RetryPolicy:
         """How :mod:`dicom_node.scu` sends results: AE title, timeout, attempts and back-off."""

@@ -29,6 +29,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 __all__ = [
     "CTSeries",
+    "ORTHANC_DICOMWEB",
     "Orthanc",
     "SeaweedS3",
     "dcmtk",
@@ -188,7 +189,9 @@ def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
 class Orthanc:
     """An Orthanc PACS (Debian ``Orthanc``) with its own temporary config, storage and free ports.
 
-    ``modalities`` maps a name to (AE title, host, port) of the peers it may send to / accept from.
+    ``modalities`` maps a name to (AE title, host, port) of the peers it may send to / accept from;
+    ``extra_config`` is merged over the generated configuration (e.g. ``{"Plugins": [...], "DicomWeb":
+    {...}}``, see :data:`ORTHANC_DICOMWEB`).
     """
 
     workdir: Path
@@ -196,6 +199,7 @@ class Orthanc:
     modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     http_port: int = 0
     dicom_port: int = 0
+    extra_config: dict[str, Any] = field(default_factory=dict)
     _proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Orthanc:
@@ -215,6 +219,7 @@ class Orthanc:
             "Plugins": [], "StableAge": 1, "ConcurrentJobs": 2, "SaveJobs": False,
             "LogExportedResources": False, "KeepAlive": True, "StorageCompression": False,
         }
+        config.update(self.extra_config)
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))
         log = open(self.workdir / "orthanc.log", "wb")
@@ -233,6 +238,8 @@ class Orthanc:
         try:
             self.get("/system")
             return True
+        except urllib.error.HTTPError as exc:  # answering 401: up, with authentication on (extra_config)
+            return exc.code == 401
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
@@ -274,6 +281,11 @@ class Orthanc:
         for oid in self.get("/instances"):
             uids.add(self.get(f"/instances/{oid}/simplified-tags")["SOPInstanceUID"])
         return uids
+
+
+#: Orthanc's DICOMweb plugin (Debian ``orthanc-dicomweb``) at ``/dicom-web``: pass as ``extra_config``.
+ORTHANC_DICOMWEB: dict[str, Any] = {"Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+                                    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
 
 
 # ------------------------------------------------------------------------------------------ SeaweedFS (S3)

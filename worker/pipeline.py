@@ -71,6 +71,8 @@ class Claim:
     series_instance_uid: str | None
     rule_name: str | None
     model_name: str | None = None  # the job's model (None: a job made before revision 0009; its rule's)
+    # what the source archive said when the job was made (dicom_node.completeness; None: no archive asked)
+    completeness: dict[str, Any] | None = None
 
 
 @dataclass
@@ -134,7 +136,7 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, task_id: str, worker_
         return Claim(job_id=job.id, task_id=task_id, attempt=job.attempts, version=job.version,
                      study_instance_uid=job.study.study_instance_uid,
                      series_instance_uid=job.series_instance_uid, rule_name=job.rule_name,
-                     model_name=job.model_name)
+                     model_name=job.model_name, completeness=job.completeness)
 
 
 def heartbeat(sessions: sessionmaker[Session], job_id: int, task_id: str, every_s: float) -> LeaseRefresher:
@@ -236,14 +238,15 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             _write_views(paths, c, volume, out, segments, timings)  # the preview is the last use of the pixels
             volume = volume.without_pixels()  # the SEG and the SR need its geometry and headers: 157 MB less
             uids = _write_objects(paths, c, cfg, volume, out, segmenter, segments, timings)
-            _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings, model=model)
+            _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings, model=model,
+                            completeness=c.completeness)
     except _JobFailed as exc:
         fail(sessions, c, exc.reason_code, exc.detail, actor=cfg.actor)
         if metrics is not None:
             metrics.job_failed(exc.reason_code)
         return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
     outcome = finish(sessions, c, cfg, paths=paths, uids=uids, out=out, segmenter=segmenter,
-                     configured_model=model, timings=timings)
+                     configured_model=model, timings=timings, hold_incomplete=rule.when_incomplete == "hold")
     if metrics is not None:
         metrics.ood_decision(is_ood=out.is_ood, reason=out.gate_reason, model=model, modality=volume.modality)
     return outcome
@@ -360,9 +363,13 @@ def _write_views(paths: dict[str, Path], c: Claim, volume: Volume, out: SegmentO
 
 
 def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOutput, segmenter: Segmenter,
-                    segments: tuple[SegmentDefinition, ...], timings: dict[str, float], *, model: str) -> None:
+                    segments: tuple[SegmentDefinition, ...], timings: dict[str, float], *, model: str,
+                    completeness: dict[str, Any] | None = None) -> None:
     """The gate's evidence and what produced it, as JSON beside the result; ``segments``: what the SEG
-    holds (names, colours, codes, volumes), which an approval re-encodes."""
+    holds (names, colours, codes, volumes), which an approval re-encodes. ``completeness``: what the
+    source archive said (:mod:`dicom_node.completeness`), recorded as ``completeness`` and, when the study
+    was short or the archive silent, as ``incomplete_at_source`` (per series: at source, held) or
+    ``archive_unreachable``."""
     from .segments import segments_evidence
 
     evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
@@ -377,6 +384,16 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
                 "inference": segmenter.inference_record(), "grid": out.grid,
                 "segments": segments_evidence(segments, _label_map(out), volume.spacing),
                 "timings_s": timings}
+    if completeness is not None:
+        evidence["completeness"] = completeness
+        flag = completeness.get("state")
+        if flag == "incomplete_at_source":
+            evidence["incomplete_at_source"] = {"archive": completeness.get("archive"),
+                                                "series": completeness.get("series", []),
+                                                "when_incomplete": rule.when_incomplete}
+        elif flag == "archive_unreachable":
+            evidence["archive_unreachable"] = {"archive": completeness.get("archive"),
+                                               "error": completeness.get("error")}
     atomic_write(path, json.dumps(evidence, indent=2).encode())
 
 
@@ -398,8 +415,12 @@ def _publish(cfg: PipelineConfig, c: Claim, paths: dict[str, Path]) -> dict[str,
 
 def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, paths: dict[str, Path],
            uids: ObjectUIDs, out: SegmentOutput, segmenter: Segmenter, configured_model: str,
-           timings: dict[str, float]) -> StudyOutcome:
-    to = JobState.HELD if out.is_ood else JobState.RELEASED
+           timings: dict[str, float], hold_incomplete: bool = False) -> StudyOutcome:
+    """The result recorded and the job ``held`` (out of distribution; or ``incomplete_at_source`` under a
+    rule whose ``when_incomplete`` is ``hold``) or ``released``."""
+    incomplete = (c.completeness or {}).get("state") == "incomplete_at_source"
+    held_incomplete = incomplete and hold_incomplete
+    to = JobState.HELD if out.is_ood or held_incomplete else JobState.RELEASED
     stored = _publish(cfg, c, paths)
     model_id = f"{segmenter.model_name}:{segmenter.model_version}"
     seg_uid = uids.seg
@@ -421,7 +442,8 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
         jobs.transition(s, c.job_id, to, actor=cfg.actor, expect=JobState.RUNNING,
                         guard=[Job.task_id == c.task_id], heartbeat_at=utcnow(),
                         details={"oodm": round(out.oodm, 6), "tau": round(out.tau, 6), "result_id": result.id,
-                                 "seg_sop_instance_uid": seg_uid})
+                                 "seg_sop_instance_uid": seg_uid,
+                                 **({"held_for": "incomplete_at_source"} if held_incomplete else {})})
         audit.append(s, actor=cfg.actor, action="result.created", object_type="result", object_id=result.id,
                      details={"job_id": c.job_id, "gate": "ood" if out.is_ood else "in_distribution",
                               "gate_reason": out.gate_reason, "model": configured_model,

@@ -245,3 +245,36 @@ def test_the_visibility_timeout_must_outlast_every_hard_time_limit_with_margin(t
                                                         "SPECGATE_BROKER_VISIBILITY_TIMEOUT_SECONDS": "1800"})
     assert refused.exit_code == 2
     assert "(1800)" in refused.output and "(2100)" in refused.output, refused.output
+
+
+def test_archives_and_completeness_are_parsed_and_checked_at_start(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPECGATE_ARCHIVES", "pacs=ORTHANC@pacs.local:4242, web=https://vna.local/dicom-web/")
+    monkeypatch.setenv("SPECGATE_ALLOWED_CALLERS", "CT01@*")
+    monkeypatch.setenv("SPECGATE_COMPLETENESS_ARCHIVE", json.dumps({"CT01": "pacs"}))
+    cred = tmp_path / "web.cred"
+    cred.write_text("specgate:pa55-w0rd-xyz\n")
+    monkeypatch.setenv("SPECGATE_ARCHIVE_CREDENTIALS", json.dumps({"web": str(cred)}))
+    s = Settings.load()
+    assert [(a.name, a.kind) for a in s.archives] == [("pacs", "dimse"), ("web", "dicomweb")]
+    assert s.archives[1].url == "https://vna.local/dicom-web"
+    c = s.assembly_config().completeness
+    assert (c.wait_s, c.timeout_s) == (300.0, 10.0) and c.archive_for("CT01") == s.archives[0]
+    assert c.archive_for("MR02") is None and c.credentials_of(s.archives[1]) == cred
+    assert "pa55-w0rd-xyz" not in repr(s) + repr(c)  # the file is read when a query is made, never held
+    with pytest.raises(SettingsError, match="unknown archive 'nope'"):
+        s.archive("nope")
+    monkeypatch.delenv("SPECGATE_ARCHIVE_CREDENTIALS")
+    for env, value, message in [
+        ("SPECGATE_ARCHIVES", "pacs=pacs.local:4242", "is not of the form NAME=AE_TITLE@HOST:PORT"),
+        ("SPECGATE_ARCHIVES", "pacs=A@h:1,pacs=B@h:2", "archive names must be unique, repeated: pacs"),
+        ("SPECGATE_COMPLETENESS_ARCHIVE", json.dumps({"CT01": "vna"}), "names archive 'vna', which is not configured"),
+        ("SPECGATE_COMPLETENESS_ARCHIVE", json.dumps({"MR02": "pacs"}), "'MR02', which is not an allowed caller"),
+        ("SPECGATE_ARCHIVE_CREDENTIALS", json.dumps({"pacs": str(cred)}), "'pacs', which is not a DICOMweb archive"),
+        ("SPECGATE_ARCHIVE_CREDENTIALS", json.dumps({"web": str(tmp_path / "gone")}), "does not exist"),
+        ("SPECGATE_COMPLETENESS_WAIT_SECONDS", "0", "COMPLETENESS_WAIT_SECONDS"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setenv(env, value)
+            with pytest.raises(SettingsError, match=message):
+                Settings.load()

@@ -372,3 +372,31 @@ def test_empty_mask_goes_through_to_a_valid_seg_and_sr(migrated, tmp_path: Path,
         res = s.execute(select(Result).where(Result.job_id == job_id)).scalar_one()
         assert (res.seg_sop_instance_uid, res.sr_sop_instance_uid) == (seg_ds.SOPInstanceUID, sr.SOPInstanceUID)
         assert s.get(Job, job_id).state == JobState.RELEASED
+
+
+@pytest.mark.parametrize("when_incomplete", ["hold", "run"])
+def test_incomplete_at_source_is_in_the_evidence_and_the_rule_decides(migrated, tmp_path: Path, tiny_model,
+                                                                      when_incomplete: str) -> None:
+    """A job the assembler made at the bound with series still missing (dicom_node.completeness): the
+    evidence says so, per series; a rule with when_incomplete = "hold" holds it though the gate releases."""
+    settings, _, sessions = migrated
+    case = phantom_study("ct_liver", seed=11)
+    series = write_series(case.image, case.spacing, "CT", tmp_path / "series")
+    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    own = _signature_of(probe, case)
+    seg = _segmenter(tiny_model, tmp_path, np.stack([own, own + 1e-3, own - 1e-3]))  # in distribution
+    rule = SeriesRule(name="ct-complete-only", when_incomplete=when_incomplete)
+    job_id = _ingest(sessions, series, rule_name=rule.name)
+    short = [{"series_instance_uid": "1.2.826.0.1.3680043.8.498.1", "at_source": 4, "held": 0}]
+    with session_scope(sessions) as s:
+        s.get(Job, job_id).completeness = {"state": "incomplete_at_source", "archive": "pacs", "series": short}
+    cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", rules=(rule,), heartbeat_s=0.2)
+    outcome = _claim_and_run(sessions, job_id, cfg, {"default": seg}.__getitem__, "task-incomplete")
+    assert outcome.state == ("held" if when_incomplete == "hold" else "released")
+    evidence = json.loads(job_paths(settings.results_dir, job_id, 1)["evidence"].read_text())
+    assert evidence["is_ood"] is False
+    assert evidence["incomplete_at_source"] == {"archive": "pacs", "series": short, "when_incomplete": when_incomplete}
+    assert evidence["completeness"]["state"] == "incomplete_at_source" and "archive_unreachable" not in evidence
+    with session_scope(sessions) as s:
+        [moved] = s.execute(select(AuditEvent).where(AuditEvent.action == f"job.{outcome.state}")).scalars()
+        assert moved.details.get("held_for") == ("incomplete_at_source" if when_incomplete == "hold" else None)
