@@ -43,9 +43,11 @@ skipped by their length.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import ReceiveLimits
 from .elements import (
@@ -62,9 +64,9 @@ from .elements import (
     dictionary_vr,
     tag_str,
 )
-from .receive import CANNOT_UNDERSTAND, HeaderValues, Refused
+from .receive import CANNOT_UNDERSTAND, HeaderValues, Received, Refused
 
-__all__ = ["DEFLATED", "DataSetStream"]
+__all__ = ["DEFLATED", "DataSetStream", "received_from_file"]
 
 _INFLATE_CHUNK = 1 << 18
 _VALUE_CAP = 256  # longer than any header value can be (a UID: 64): pydicom reads such a header
@@ -319,3 +321,29 @@ class DataSetStream:
         end = self._levels[-1].end
         if end is not None and self._pos + length > end:
             raise _undecodable(f"{name} of {length} bytes runs past the item or sequence holding it")
+
+
+_READ_CHUNK = 1 << 20
+
+
+def received_from_file(path: Path, transfer_syntax: str, limits: ReceiveLimits) -> Received:
+    """What the network layer learns of a data set as it arrives, for a Part 10 file written whole by
+    someone else (a C-GET sub-operation, a WADO-RS part): its size and SHA-256, and its data set walked by
+    :class:`DataSetStream` under the same ``limits``, read in chunks. Raises :class:`Refused` as the
+    stream does, and ``undecodable`` when the file does not start with a preamble and (0002,0000)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+            raise _undecodable("not a DICOM file with a preamble and a file meta group length")
+        digest.update(head)
+        meta_rest = f.read(struct.unpack_from("<I", head, 140)[0])
+        digest.update(meta_rest)
+        size = len(head) + len(meta_rest)
+        stream = DataSetStream(transfer_syntax, limits)
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            stream.feed(chunk)
+    stream.finish()
+    return Received(size=size, sha256=digest.hexdigest(), dataset_length=stream.length, header=stream.header())

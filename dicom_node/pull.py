@@ -21,10 +21,8 @@ pull that brings nothing new leaves the jobs as they are (:attr:`PullResult.new`
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +32,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .archive import ArchiveUnreachable, DicomwebArchive, DimseArchive, MoveProgress, StudyCounts
-from .receive import InstanceReceiver, Received
+from .config import ReceiveLimits
+from .dataset_stream import received_from_file
+from .receive import InstanceReceiver, Outcome, Refused
 
 __all__ = ["NotFound", "PullResult", "pull_by_get", "pull_by_move", "pull_by_wado", "resolve_study"]
 
-_HEAD = 1 << 16
 
 
 class NotFound(Exception):
@@ -85,7 +84,8 @@ def pull_by_move(client: DimseArchive, study_uid: str, counts: StudyCounts, *, o
 
 
 def pull_by_get(client: DimseArchive, study_uid: str, counts: StudyCounts, receiver: InstanceReceiver, *,
-                storage: Sequence[str], progress: Callable[[MoveProgress], None] | None = None) -> PullResult:
+                storage: Sequence[str], limits: ReceiveLimits,
+                progress: Callable[[MoveProgress], None] | None = None) -> PullResult:
     """C-GET the study, proposing the ``storage`` SOP classes; each instance through ``receiver``, its
     outcome's status the archive's answer."""
     result = PullResult(study_uid, counts, new=0)
@@ -104,9 +104,9 @@ def pull_by_get(client: DimseArchive, study_uid: str, counts: StudyCounts, recei
                                       f"{exc.strerror or type(exc).__name__}", request_sop_class=sop_class,
                                       request_sop_instance=sop_instance, calling_ae=calling, address=address)
         else:
-            outcome = receiver.receive(temp, request_sop_class=sop_class, request_sop_instance=sop_instance,
-                                       transfer_syntax=syntax, calling_ae=calling, address=address,
-                                       received=_received(temp))
+            outcome = _receive_file(receiver, temp, limits, request_sop_class=sop_class,
+                                    request_sop_instance=sop_instance, transfer_syntax=syntax, calling_ae=calling,
+                                    address=address)
         if outcome.ok and not outcome.duplicate:
             result.new = (result.new or 0) + 1
         elif not outcome.ok:
@@ -118,17 +118,25 @@ def pull_by_get(client: DimseArchive, study_uid: str, counts: StudyCounts, recei
     return result
 
 
-def _received(path: Path) -> Received:
-    """What the network layer would have learnt of ``path`` (size, SHA-256, the data set's first bytes)."""
-    data = path.read_bytes()
-    group_length = struct.unpack_from("<I", data, 140)[0]  # (0002,0000) UL after the preamble and b"DICM"
-    start = 144 + group_length
-    return Received(size=len(data), sha256=hashlib.sha256(data).hexdigest(), dataset_length=len(data) - start,
-                    head=data[start:start + _HEAD])
+def _receive_file(receiver: InstanceReceiver, temp: Path, limits: ReceiveLimits, *, request_sop_class: str,
+                  request_sop_instance: str, transfer_syntax: str, calling_ae: str, address: str) -> Outcome:
+    """A whole Part 10 file through the same checks as a C-STORE's data set (its element walk under
+    ``limits``, then the receiver): ``temp`` becomes the spool file or is removed."""
+    try:
+        received = received_from_file(temp, transfer_syntax, limits)
+    except Refused as refusal:
+        receiver.spool.discard_temp(temp)
+        return receiver.refuse(refusal.status, refusal.reason, refusal.detail, request_sop_class=request_sop_class,
+                               request_sop_instance=request_sop_instance, calling_ae=calling_ae, address=address)
+    except BaseException:
+        receiver.spool.discard_temp(temp)
+        raise
+    return receiver.receive(temp, request_sop_class=request_sop_class, request_sop_instance=request_sop_instance,
+                            transfer_syntax=transfer_syntax, calling_ae=calling_ae, address=address, received=received)
 
 
 def pull_by_wado(client: DicomwebArchive, study_uid: str, counts: StudyCounts, receiver: InstanceReceiver, *,
-                 progress: Callable[[MoveProgress], None] | None = None) -> PullResult:
+                 limits: ReceiveLimits, progress: Callable[[MoveProgress], None] | None = None) -> PullResult:
     """WADO-RS the study, each instance through ``receiver`` as if it had come by C-STORE."""
     result = PullResult(study_uid, counts, new=0)
     total = counts.instances
@@ -151,9 +159,9 @@ def pull_by_wado(client: DicomwebArchive, study_uid: str, counts: StudyCounts, r
                             address=client.archive.url or "")
             result.failed += 1
             continue
-        outcome = receiver.receive(temp, request_sop_class=str(meta.MediaStorageSOPClassUID),
-                                   request_sop_instance=str(meta.MediaStorageSOPInstanceUID), transfer_syntax=syntax,
-                                   calling_ae=calling, address=client.archive.url or "", received=_received(temp))
+        outcome = _receive_file(receiver, temp, limits, request_sop_class=str(meta.MediaStorageSOPClassUID),
+                                request_sop_instance=str(meta.MediaStorageSOPInstanceUID), transfer_syntax=syntax,
+                                calling_ae=calling, address=client.archive.url or "")
         if outcome.ok:
             result.completed += 1
             if not outcome.duplicate:

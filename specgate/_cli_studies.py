@@ -117,9 +117,10 @@ def pull_command(app: AppContext, accession: str | None, study_uid: str | None, 
             try:
                 if isinstance(client, DimseArchive):
                     result = pull_by_get(client, uid, counts, receiver, storage=sorted(IMAGE_STORAGE_SOP_CLASSES),
+                                         limits=node.limits,
                                          progress=progress)
                 else:
-                    result = pull_by_wado(client, uid, counts, receiver, progress=progress)
+                    result = pull_by_wado(client, uid, counts, receiver, limits=node.limits, progress=progress)
             finally:
                 receiver.close()
     except NotFound as exc:

@@ -126,3 +126,25 @@ def test_missing_uid_is_refused() -> None:
     with pytest.raises(Refused) as exc:
         InstanceHeader.of(found)
     assert exc.value.reason == "missing_uid"
+
+
+def test_a_whole_file_is_walked_under_the_same_limits(tmp_path: Path) -> None:
+    """A C-GET sub-operation's or a WADO-RS part's file: the same header and the same bounds as a
+    C-STORE's data set, and its digest the whole file's."""
+    import hashlib
+
+    from dicom_node.dataset_stream import received_from_file
+
+    path = write_ct_series(tmp_path / "in", slices=1, size=16).paths[0]
+    received = received_from_file(path, EXPLICIT_LE, ReceiveLimits())
+    assert received.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert received.size == path.stat().st_size
+    assert received.header is not None and InstanceHeader.of(received.header) == read_header(path)
+    with pytest.raises(Refused) as exc:
+        received_from_file(path, EXPLICIT_LE, ReceiveLimits(instance_bytes=100))
+    assert exc.value.reason == "element_too_long"
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\0" * 200)
+    with pytest.raises(Refused) as exc:
+        received_from_file(junk, EXPLICIT_LE, ReceiveLimits())
+    assert exc.value.reason == "undecodable"
