@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.datadict import DicomDictionary
 
+from .codestream import CODESTREAMS, CodestreamError, read_header
 from .config import ReceiveLimits
 from .receive import CANNOT_UNDERSTAND, Refused
 
@@ -60,6 +61,10 @@ _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _HEAD = 1 << 16  # inflated bytes kept for fast_header
+_CODESTREAM_HEAD = 1 << 16  # bytes of the first frame read for its codestream's header
+# the Image Pixel attributes that bound a compressed frame's decoded size (read from the top level)
+_ROWS, _COLUMNS, _SAMPLES, _BITS_ALLOCATED, _FRAMES = 0x00280010, 0x00280011, 0x00280002, 0x00280100, 0x00280008
+_IMAGE_TAGS = frozenset({_ROWS, _COLUMNS, _SAMPLES, _BITS_ALLOCATED, _FRAMES})
 _INFLATE_CHUNK = 1 << 18
 
 # what a level of the data set holds
@@ -73,6 +78,19 @@ class _Level:
     implicit: bool
     little: bool
     pixel: bool = False  # _FRAGMENTS of pixel data (bounded by the instance, not by element_bytes)
+
+
+@dataclass
+class _Encapsulated:
+    """The top-level encapsulated pixel data of a compressed transfer syntax, while its fragments pass:
+    the first bytes of its first frame are kept (after the Basic Offset Table) until their codestream
+    header is read and checked."""
+
+    kind: str  # a value of dicom_node.codestream.CODESTREAMS
+    fragments: int = 0
+    head: bytearray = field(default_factory=bytearray)
+    capturing: bool = False
+    checked: bool = False
 
 
 def _tag(tag: int) -> str:
@@ -100,6 +118,11 @@ class DataSetStream:
         self._skip = 0  # bytes of the current value still to pass
         self._header = b""  # an element or item header split between two pieces
         self.head = bytearray()  # deflated only: the first inflated bytes
+        self._codestream = CODESTREAMS.get(transfer_syntax)  # the kind of codestream its fragments hold
+        self._encapsulated: _Encapsulated | None = None
+        self.image: dict[int, bytes] = {}  # the top level's Image Pixel values that bound a decode (_IMAGE_TAGS)
+        self._value: bytearray | None = None  # an _IMAGE_TAGS value being read
+        self._value_tag = 0
 
     @property
     def length(self) -> int:
@@ -152,10 +175,21 @@ class DataSetStream:
         while i < n:
             if self._skip:
                 k = min(self._skip, n - i)
+                encapsulated = self._encapsulated
+                if self._value is not None:
+                    self._value += data[i:i + k]
+                elif encapsulated is not None and encapsulated.capturing:
+                    room = _CODESTREAM_HEAD - len(encapsulated.head)
+                    encapsulated.head += data[i:i + min(k, room)]
+                    if k >= room or k == self._skip:  # its header's bytes are here, or all there will be
+                        self._check_codestream(encapsulated, final=False)
                 self._skip -= k
                 self._pos += k
                 i += k
                 if not self._skip:
+                    if self._value is not None:
+                        self.image[self._value_tag] = bytes(self._value)
+                        self._value = None
                     self._close()
                 continue
             need = 12 if len(self._header) >= 8 else 8
@@ -215,6 +249,11 @@ class DataSetStream:
             self._open(_Level(_ITEMS, self._pos + length, level.implicit, level.little), tag)
         else:
             self._skip = length
+            if tag in _IMAGE_TAGS and len(self._levels) == 1 and level.little and length <= 16:
+                if length:
+                    self._value, self._value_tag = bytearray(), tag
+                else:
+                    self.image[tag] = b""
         return False
 
     def _undefined(self, level: _Level, tag: int, vr: bytes | None) -> None:
@@ -225,6 +264,9 @@ class DataSetStream:
         elif vr == b"SQ" or (vr is None and not pixel and _dictionary_vr(tag) in ("SQ", None)):
             self._open(_Level(_ITEMS, None, level.implicit, level.little), tag)
         elif pixel or vr in (b"OB", b"OW") or vr is None:
+            if pixel and len(self._levels) == 1 and self._codestream is not None:
+                self._encapsulated = _Encapsulated(self._codestream)
+                self._check_decoded_size()
             self._levels.append(_Level(_FRAGMENTS, None, level.implicit, level.little, pixel=pixel))
         else:
             raise _undecodable(f"{_tag(tag)} {vr.decode('ascii', 'replace')} of undefined length")
@@ -232,6 +274,9 @@ class DataSetStream:
     def _item(self, level: _Level, tag: int, length: int) -> None:
         """A header inside a sequence (an item or its end) or inside encapsulated data (a fragment)."""
         if tag == _SEQUENCE_END and level.end is None:
+            encapsulated = self._encapsulated
+            if level.pixel and len(self._levels) == 2 and encapsulated is not None and not encapsulated.checked:
+                self._check_codestream(encapsulated, final=True)
             if self._levels.pop().kind == _ITEMS:
                 self._depth -= 1
             return
@@ -242,6 +287,10 @@ class DataSetStream:
                 raise _undecodable(f"a fragment of undefined length at byte {self._pos - 8}")
             self._check_length(tag, length, pixel=level.pixel, what="a fragment")
             self._skip = length
+            encapsulated = self._encapsulated
+            if level.pixel and len(self._levels) == 2 and encapsulated is not None:
+                encapsulated.fragments += 1  # the first is the Basic Offset Table
+                encapsulated.capturing = encapsulated.fragments > 1 and not encapsulated.checked and length > 0
             return
         if length == _UNDEFINED:
             self._levels.append(_Level(_ELEMENTS, None, level.implicit, level.little))
@@ -277,6 +326,75 @@ class DataSetStream:
         end = self._levels[-1].end
         if end is not None and self._pos + length > end:
             raise _undecodable(f"{name} of {length} bytes runs past the item or sequence holding it")
+
+
+    # ---------------------------------------------------------------------------- compressed frames
+    def _image_value(self, tag: int, name: str) -> int:
+        """A top-level Image Pixel value (US, or IS for Number of Frames); ``codestream_mismatch`` when it
+        is missing or not a number, since the codestream cannot be checked without it."""
+        raw = self.image.get(tag)
+        try:
+            if raw is None or not raw:
+                raise ValueError("missing")
+            if tag == _FRAMES:
+                return int(raw.strip(b" \0").decode("ascii"))
+            if len(raw) != 2:
+                raise ValueError(f"{len(raw)} bytes")
+            return int.from_bytes(raw, "little")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_mismatch",
+                          f"{name} is {'missing' if not raw else 'not a number'}: compressed pixel data cannot be "
+                          "checked without it") from exc
+
+    def _check_decoded_size(self) -> None:
+        """Before any fragment: what the frames decode to, Rows x Columns x Frames x Samples per Pixel x
+        Bits Allocated / 8, must be within the instance's bound (``codestream_too_large``)."""
+        rows, columns = self._image_value(_ROWS, "Rows"), self._image_value(_COLUMNS, "Columns")
+        samples = self._image_value(_SAMPLES, "Samples per Pixel")
+        bits = self._image_value(_BITS_ALLOCATED, "Bits Allocated")
+        frames = self._image_value(_FRAMES, "Number of Frames") if _FRAMES in self.image else 1
+        if min(rows, columns, samples, bits, frames) < 1:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_mismatch",
+                          f"the data set declares an empty image ({rows} x {columns} x {frames} frames, "
+                          f"{samples} samples of {bits} bits)")
+        decoded = rows * columns * frames * samples * ((bits + 7) // 8)
+        if decoded > self.limits.instance_bytes:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_too_large",
+                          f"the pixel data decodes to {decoded} bytes ({rows} x {columns} x {frames} frames x "
+                          f"{samples} samples x {bits} bits), over the {self.limits.instance_bytes} an instance "
+                          "may have")
+
+    def _check_codestream(self, encapsulated: _Encapsulated, *, final: bool) -> None:
+        """The first frame's codestream header, read from ``encapsulated.head``, against the data set:
+        ``codestream_invalid`` when it is not the syntax's codestream (or not complete within its first
+        64 KiB), ``codestream_mismatch`` when it declares another size, component count or a precision
+        over Bits Allocated. ``final``: no more bytes will come."""
+        kind, head = encapsulated.kind, encapsulated.head
+        try:
+            header = read_header(kind, bytes(head))
+        except CodestreamError as exc:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_invalid", str(exc)) from exc
+        if header is None:
+            if final or len(head) >= _CODESTREAM_HEAD:
+                raise Refused(CANNOT_UNDERSTAND, "codestream_invalid",
+                              f"the first frame's {len(head)} bytes end before its {kind} header does")
+            return
+        encapsulated.checked, encapsulated.capturing = True, False
+        rows, columns = self._image_value(_ROWS, "Rows"), self._image_value(_COLUMNS, "Columns")
+        samples = self._image_value(_SAMPLES, "Samples per Pixel")
+        bits = self._image_value(_BITS_ALLOCATED, "Bits Allocated")
+        if header.segments is not None:  # RLE: one segment per byte of each sample
+            if header.segments != samples * ((bits + 7) // 8):
+                raise Refused(CANNOT_UNDERSTAND, "codestream_mismatch",
+                              f"the RLE header declares {header.segments} segments, the data set "
+                              f"{samples} samples of {bits} bits ({samples * ((bits + 7) // 8)} segments)")
+            return
+        declared = (header.rows, header.columns, header.components)
+        if declared != (rows, columns, samples) or header.precision is None or not 1 <= header.precision <= bits:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_mismatch",
+                          f"the {kind} codestream declares {header.rows} x {header.columns} pixels, "
+                          f"{header.components} components of {header.precision} bits; the data set {rows} x "
+                          f"{columns}, {samples} samples, {bits} bits allocated")
 
 
 def _dictionary_vr(tag: int) -> str | None:

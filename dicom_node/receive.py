@@ -48,6 +48,7 @@ from ledger.db import DatabaseUnavailable, session_scope
 from ledger.instances import ExistingInstance, InstanceIndex, NewInstance
 from ledger.paths import from_ledger, to_ledger
 
+from .codestream import CODESTREAMS
 from .spool import InvalidUID, Spool, validate_uid
 
 if TYPE_CHECKING:  # prometheus_client is imported only by a process that counts (multiprocess mode)
@@ -201,7 +202,7 @@ _WANTED = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x0020000D: 
            0x0008103E: "SeriesDescription", 0x00081010: "StationName"}
 _PIXEL_TAGS = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData", 0x7FE00010: "PixelData"}
 _UNDEFINED = 0xFFFFFFFF
-_EXPLICIT_LE = frozenset({"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"})  # + encapsulated: RLE
+_EXPLICIT_LE = frozenset({"1.2.840.10008.1.2.1", *CODESTREAMS})  # + the encapsulated ones (compressed)
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _TAG = struct.Struct("<HH")
 _U16 = struct.Struct("<H")

@@ -239,15 +239,20 @@ def _multiframe_planes(index: int, ds: Dataset, where: str) -> list[Plane]:
 
 
 def iter_decoded(inst: Instance) -> Iterator[np.ndarray]:
-    """Decoded frames of one file, one at a time; failures become ``unreadable``."""
+    """Decoded frames of one file, one at a time, through pydicom's pixel handlers (the decoder plugin of
+    the file's transfer syntax). A failure is ``undecodable_pixels`` for a compressed (encapsulated)
+    syntax, a codestream its decoder refuses (the plugins raise ``RuntimeError`` or ``ValueError``), and
+    ``unreadable`` for native pixel data (a file cut short)."""
     where, count = inst.path.name, 0
+    tsyntax = getattr(getattr(inst.header, "file_meta", None), "TransferSyntaxUID", None)
+    reason = "undecodable_pixels" if tsyntax is not None and tsyntax.is_encapsulated else "unreadable"
     try:
         for frame in iter_pixels(inst.path):
             count += 1
             yield frame
     except SeriesError:
         raise
-    except (AttributeError, *READ_ERRORS) as exc:
-        raise SeriesError("unreadable", f"{where}: cannot decode the pixel data ({type(exc).__name__}: {exc})") from exc
+    except (AttributeError, RuntimeError, *READ_ERRORS) as exc:
+        raise SeriesError(reason, f"{where}: cannot decode the pixel data ({type(exc).__name__}: {exc})") from exc
     if count != inst.frames:
-        raise SeriesError("unreadable", f"{where}: {count} frame(s) decoded, {inst.frames} expected")
+        raise SeriesError(reason, f"{where}: {count} frame(s) decoded, {inst.frames} expected")

@@ -38,7 +38,7 @@ from sqlalchemy import Update, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import SeriesRule
-from dicom_series import SeriesError, Volume, load_series
+from dicom_series import LossySource, SeriesError, Volume, load_series, lossy_source
 from ledger import audit, jobs
 from ledger.db import session_scope
 from ledger.leases import LeaseRefresher
@@ -226,6 +226,11 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             model = c.model_name or rule.model
             segmenter = segmenters(model)  # loaded on its first job, under the heartbeat
             volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, files=cfg.files)
+            lossy = lossy_source(volume.headers)
+            if lossy is not None and rule.refuse_lossy:
+                raise _JobFailed("lossy_source_refused",
+                                 f"rule {rule.name!r} refuses lossy sources; {lossy.instances} instance(s) of the "
+                                 f"series are lossy compressed ({', '.join(lossy.methods) or 'method not given'})")
             t0 = time.perf_counter()
             out = _segment(segmenter, volume)
             if metrics is not None:
@@ -236,7 +241,8 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             _write_views(paths, c, volume, out, segments, timings)  # the preview is the last use of the pixels
             volume = volume.without_pixels()  # the SEG and the SR need its geometry and headers: 157 MB less
             uids = _write_objects(paths, c, cfg, volume, out, segmenter, segments, timings)
-            _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings, model=model)
+            _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings, model=model,
+                            lossy=lossy)
     except _JobFailed as exc:
         fail(sessions, c, exc.reason_code, exc.detail, actor=cfg.actor)
         if metrics is not None:
@@ -360,9 +366,11 @@ def _write_views(paths: dict[str, Path], c: Claim, volume: Volume, out: SegmentO
 
 
 def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOutput, segmenter: Segmenter,
-                    segments: tuple[SegmentDefinition, ...], timings: dict[str, float], *, model: str) -> None:
+                    segments: tuple[SegmentDefinition, ...], timings: dict[str, float], *, model: str,
+                    lossy: LossySource | None = None) -> None:
     """The gate's evidence and what produced it, as JSON beside the result; ``segments``: what the SEG
-    holds (names, colours, codes, volumes), which an approval re-encodes."""
+    holds (names, colours, codes, volumes), which an approval re-encodes; ``lossy``: the series' lossy
+    compressed sources (``lossy_source``: null when none was)."""
     from .segments import segments_evidence
 
     evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
@@ -376,6 +384,7 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
                 "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
                 "inference": segmenter.inference_record(), "grid": out.grid,
                 "segments": segments_evidence(segments, _label_map(out), volume.spacing),
+                "lossy_source": lossy.evidence() if lossy is not None else None,
                 "timings_s": timings}
     atomic_write(path, json.dumps(evidence, indent=2).encode())
 
