@@ -14,12 +14,19 @@ is refused (:class:`dicom_node.receive.Refused`, 0xC000) as soon as it
 * inflates (deflated transfer syntax) past ``inflated_bytes``, or has an element that declares more than
   is left of it: ``inflated_too_large``; inflation runs with a hard output cap per call (``zlib``
   ``max_length``), so no more than 256 KiB is ever inflated at once;
+* holds compressed pixel data (an encapsulated transfer syntax of :data:`dicom_node.codestream.CODESTREAMS`)
+  whose frames would decode past ``instance_bytes`` (Rows x Columns x Number of Frames x Samples per Pixel
+  x Bits Allocated / 8, the values collected as they pass at the top level): ``codestream_too_large``, when
+  the pixel data element opens; or whose first frame's codestream header (read from its first 64 KiB,
+  after the Basic Offset Table) declares another size, component count or a precision over Bits Allocated:
+  ``codestream_mismatch``; or is not the syntax's codestream at all: ``codestream_invalid``;
 * is broken where its structure matters (an item where an element belongs, an element running past the
   item or sequence that holds it, file meta information inside it, a deflate stream that does not
   inflate): ``undecodable``; or ends inside an element or an open sequence: ``truncated``.
 
 Values are skipped, never held (for a deflated data set, its first 64 KiB inflated are kept for
-:func:`dicom_node.receive.fast_header`). Where the encoding leaves room the rules are pydicom's, so that
+:func:`dicom_node.receive.fast_header`; of a compressed image, the five Image Pixel values above and its
+first frame's first 64 KiB at most). Where the encoding leaves room the rules are pydicom's, so that
 what it reads is what is checked: an explicit VR that is not two capital letters is read as implicit,
 Explicit VR "UN" of undefined length holds Implicit VR Little Endian items (PS3.5 6.2.2), and an Implicit VR
 element is a sequence when its length is undefined (pixel data excepted) or the dictionary says SQ.
