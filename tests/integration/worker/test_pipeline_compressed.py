@@ -13,7 +13,7 @@ from pydicom.encaps import encapsulate, get_frame
 from sqlalchemy import select
 
 from ledger.db import session_scope
-from ledger.schema import AuditEvent, Job, JobState, Result
+from ledger.schema import AuditEvent, Instance, Job, JobState, Result
 from model.data.phantoms import phantom_study
 from specgate.settings import SeriesRule
 from specgate.synthetic import write_series
@@ -112,3 +112,58 @@ def test_a_corrupt_codestream_fails_undecodable_pixels_and_the_next_job_runs(mig
     good = _compressed_series(tmp_path, "good", 34, "1.2.840.10008.1.2.4.70")
     next_job = _ingest(sessions, good)
     assert _run(settings, sessions, next_job, seg, "t-next").state in ("released", "held")
+
+
+def test_compressed_series_received_by_the_scp_segment_like_the_uncompressed_one(migrated, tmp_path: Path,
+                                                                                  tiny_model) -> None:
+    """One phantom CT written three times (three studies): uncompressed, as JPEG-LS lossless (pyjpegls) and
+    as JPEG Lossless SV1 (dcmcjpeg), each sent by dcmtk storescu to the real SCP proposing only its own
+    syntax, stored as sent, then segmented from the spool: the three SEGs' frames and probability maps are
+    identical."""
+    from dicom_node.scp import StoreSCP
+    from ledger import jobs
+    from ledger.schema import Study
+    from specgate.settings import Settings
+    from tests.integration.dicom_node.test_scp_compressed import _profile
+    from tests.peers import dcmtk, free_port
+
+    settings, _, sessions = migrated
+    case = phantom_study("ct_liver", seed=35)
+    syntaxes = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.70")
+    sent = {}
+    for ts in syntaxes:
+        series = write_series(case.image, case.spacing, "CT", tmp_path / f"plain-{ts}")
+        if ts != syntaxes[0]:
+            series.paths[:] = [compress_file(p, ts, tmp_path / f"sent-{ts}" / p.name) for p in series.paths]
+        sent[ts] = series
+    node = Settings.load(data_dir=settings.data_dir, database_url=settings.db_url, scp_port=free_port(),
+                         allowed_callers="TESTSCU@127.0.0.1")
+    scp = StoreSCP(node.node_config(), sessions).start()
+    try:
+        for ts, series in sent.items():
+            r = dcmtk("storescu", "-xf", _profile(tmp_path / f"{ts}.cfg", (ts,)), "OnlyCompressed", "-aet", "TESTSCU",
+                      "-aec", "SPECGATE", "127.0.0.1", str(scp.address[1]), *series.paths)
+            assert r.returncode == 0, r.stderr
+    finally:
+        scp.stop()
+    seg = _segmenter(tiny_model, tmp_path, BANK)
+    seg_frames, probs = [], []
+    for ts, series in sent.items():
+        with session_scope(sessions) as s:
+            study = s.execute(select(Study).where(Study.study_instance_uid == series.study_instance_uid)).scalar_one()
+            job_id = jobs.create_job(s, study, actor="test", series_instance_uid=series.series_instance_uid,
+                                     rule_name="default-ct-mr").id
+        assert _run(settings, sessions, job_id, seg, f"t-{ts}", data_dir=settings.data_dir).state in ("released",
+                                                                                                     "held")
+        paths = job_paths(settings.results_dir, job_id, 1)
+        seg_frames.append(dcmread(paths["seg"]).pixel_array)
+        with np.load(paths["prob"]) as z:
+            probs.append(z["prob_fg_u8"])
+        with session_scope(sessions) as s:
+            stored = {i.transfer_syntax_uid for i in s.execute(select(Instance)).scalars()
+                      if i.sop_instance_uid in {dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                                                for p in series.paths}}
+        assert stored == {ts}
+    for other in range(1, len(syntaxes)):
+        np.testing.assert_array_equal(seg_frames[other], seg_frames[0])
+        np.testing.assert_array_equal(probs[other], probs[0])
