@@ -37,7 +37,8 @@ LOSSY = ("1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.
 
 
 def compress_file(src: Path, syntax: str, dst: Path) -> Path:
-    """``src`` (an uncompressed image) encoded in ``syntax``, written to ``dst``."""
+    """``src`` (an uncompressed image) encoded in ``syntax``, written to ``dst`` (pydicom's encoders give it
+    a new SOP Instance UID, as ``Dataset.compress`` does by default; dcmcjpeg keeps it for lossless)."""
     tool, option = _ENCODERS[syntax]
     dst.parent.mkdir(parents=True, exist_ok=True)
     if tool == "dcmcjpeg":

@@ -146,3 +146,33 @@ def test_a_good_and_a_hostile_frame_on_one_association(scp_process, tmp_path: Pa
     assert statuses == [SUCCESS, C000, SUCCESS]
     assert [e.details["reason"] for e in scp.ledger.audit("instance.refused")] == ["codestream_mismatch"]
     nothing_left(scp, stored=2)
+
+
+def test_orthanc_forwards_compressed_instances_as_stored(sqlite_ledger, start_scp, tmp_path: Path) -> None:
+    """An Orthanc PACS holding JPEG 2000, JPEG-LS and JPEG Lossless instances sends them on (REST
+    ``/modalities/.../store``): they arrive in their own syntaxes, pixel data byte for byte (Orthanc's DCMTK
+    writes the data set again, so only the compressed frames are compared), nothing transcoded."""
+    from tests.peers import Orthanc
+
+    syntaxes = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.70")
+    series = write_ct_series(tmp_path / "plain", slices=len(syntaxes), size=32)
+    packed = [compress_file(p, ts, tmp_path / "sent" / f"{ts}.dcm") for ts, p in zip(syntaxes, series.paths, strict=True)]
+    sent = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in packed}
+    scp = start_scp(sqlite_ledger, allowed_callers="ORTHANC@127.0.0.1")
+    host, port = scp.address
+    with Orthanc(tmp_path / "orthanc", modalities={"specgate": ("SPECGATE", host, port)}) as orthanc:
+        orthanc.upload(list(sent.values()))
+        [study_id] = orthanc.get("/studies")
+        job = orthanc.post("/modalities/specgate/store", {"Resources": [study_id], "Synchronous": True})
+        assert job.get("FailedInstancesCount", 0) == 0, job
+    with sqlite_ledger.sessions() as s:
+        rows = {i.sop_instance_uid: i for i in s.execute(select(Instance)).scalars()}
+    assert set(rows) == set(sent)
+    from ledger.paths import from_ledger
+
+    for sop, path in sent.items():
+        stored = dcmread(from_ledger(rows[sop].spool_path, sqlite_ledger.data_dir))
+        original = dcmread(path)
+        assert rows[sop].transfer_syntax_uid == str(original.file_meta.TransferSyntaxUID)
+        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert stored.PixelData == original.PixelData
