@@ -190,3 +190,43 @@ def test_pydicoms_hostile_j2k_file_is_refused() -> None:
     data, syntax = _dataset_bytes(Path(get_testdata_file("JPEG2000-embedded-sequence-delimiter.dcm")))
     refusal = _refusal(data, syntax)
     assert refusal.reason == "codestream_mismatch" and "3722445056" in refusal.detail
+
+
+def _shipped_compressed() -> list[Path]:
+    """The compressed files pydicom ships (written by GDCM, dcmtk, CharLS, OpenJPEG, Kakadu, ...) that the
+    installed decoders read."""
+    import warnings
+
+    import pydicom.data
+
+    out = []
+    for path in sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm")):
+        try:
+            if str(read_file_meta_info(path).get("TransferSyntaxUID", "")) not in CODESTREAMS:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _ = dcmread(path).pixel_array
+        except Exception:  # noqa: BLE001 - files no decoder reads (pydicom ships broken ones on purpose)
+            continue
+        out.append(path)
+    return out
+
+
+SHIPPED_COMPRESSED = _shipped_compressed()
+
+
+def test_the_shipped_compressed_files_are_found() -> None:
+    assert len(SHIPPED_COMPRESSED) >= 30 and {str(read_file_meta_info(p).TransferSyntaxUID)
+                                              for p in SHIPPED_COMPRESSED} >= set(LOSSLESS + LOSSY) - {
+        "1.2.840.10008.1.2.4.57"}
+
+
+@pytest.mark.parametrize("path", SHIPPED_COMPRESSED, ids=lambda p: p.name)
+def test_no_compressed_file_a_decoder_reads_is_refused(path: Path) -> None:
+    """Every compressed file pydicom ships that its decoders read (colour, 8 to 32 bits, multi-frame, JPEG
+    Baseline to JPEG 2000, from half a dozen encoders) passes the stream whole and in pieces: the header
+    check refuses no real image."""
+    data, syntax = _dataset_bytes(path)
+    for split in (0, 4):
+        assert _feed(data, syntax, split=split).length == len(data)
