@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import SeriesRule
 from dicom_series import LossySource, SeriesError, Volume, load_series, lossy_source
+from dicom_series.headers import read_instance
 from ledger import audit, jobs
 from ledger.db import session_scope
 from ledger.leases import LeaseRefresher
@@ -225,12 +226,9 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
         with heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
             model = c.model_name or rule.model
             segmenter = segmenters(model)  # loaded on its first job, under the heartbeat
-            volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, files=cfg.files)
+            volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, files=cfg.files,
+                                  refuse_lossy=rule.name if rule.refuse_lossy else None)
             lossy = lossy_source(volume.headers)
-            if lossy is not None and rule.refuse_lossy:
-                raise _JobFailed("lossy_source_refused",
-                                 f"rule {rule.name!r} refuses lossy sources; {lossy.instances} instance(s) of the "
-                                 f"series are lossy compressed ({', '.join(lossy.methods) or 'method not given'})")
             t0 = time.perf_counter()
             out = _segment(segmenter, volume)
             if metrics is not None:
@@ -285,10 +283,12 @@ def _stage(sessions: sessionmaker[Session], c: Claim, files: Store) -> list[Path
 
 
 def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float], *,
-                 compact: bool = False, files: Store) -> Volume:
+                 compact: bool = False, files: Store, refuse_lossy: str | None = None) -> Volume:
     """The job's series, staged from the store and checked (:func:`_stage`); ``compact``: int16 when that
     holds its values (a CT: 157 MB instead of 315 MB for 300x512x512), for a model that takes it
-    (:attr:`worker.model_runtime.Segmenter.takes_int16`)."""
+    (:attr:`worker.model_runtime.Segmenter.takes_int16`). ``refuse_lossy``: the name of a rule that refuses
+    lossy sources: a series with a lossy compressed instance fails ``lossy_source_refused`` from its headers,
+    before any pixel is decoded."""
     t0 = time.perf_counter()
     staged = _stage(sessions, c, files)
     timings["stage"] = time.perf_counter() - t0
@@ -296,6 +296,12 @@ def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, f
     try:
         if not staged:
             raise SeriesError("no_instances", f"series {c.series_instance_uid} has no stored instances")
+        if refuse_lossy is not None:
+            lossy = lossy_source(read_instance(path).header for path in staged)
+            if lossy is not None:
+                raise _JobFailed("lossy_source_refused",
+                                 f"rule {refuse_lossy!r} refuses lossy sources; {lossy.instances} instance(s) of the "
+                                 f"series are lossy compressed ({', '.join(lossy.methods) or 'method not given'})")
         volume = load_series(staged, compact=compact)
     except SeriesError as exc:
         raise _JobFailed(exc.reason_code, str(exc)) from exc

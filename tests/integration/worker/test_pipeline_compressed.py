@@ -67,9 +67,15 @@ def test_a_lossy_source_is_in_the_evidence_and_the_seg(migrated, tmp_path: Path,
 
 def test_a_rule_that_refuses_lossy_sources(migrated, tmp_path: Path, tiny_model) -> None:
     """``refuse_lossy``: a JPEG Baseline series (dcmcjpeg, which sets Lossy Image Compression "01" with its
-    ratio) ends failed ``lossy_source_refused``, audited, no result, not retried."""
+    ratio) ends failed ``lossy_source_refused``, audited, no result, not retried; decided from the headers
+    before any decode (one slice's codestream is cut short, which a decode would fail on)."""
     settings, _, sessions = migrated
     series = _compressed_series(tmp_path, "baseline", 32, "1.2.840.10008.1.2.4.50")
+    cut = dcmread(series.paths[0])
+    frame = get_frame(cut.PixelData, 0, number_of_frames=1)
+    cut.PixelData = encapsulate([frame[:len(frame) // 2]])
+    cut["PixelData"].is_undefined_length = True
+    cut.save_as(series.paths[0], enforce_file_format=True)
     job_id = _ingest(sessions, series, rule_name="no-lossy")
     cfg = PipelineConfig(results_dir=settings.results_dir, installation="TEST", heartbeat_s=0.2,
                          rules=(SeriesRule(name="no-lossy", refuse_lossy=True),))
