@@ -80,14 +80,30 @@ log = logging.getLogger("specgate.dicom_node.association")
 IMAGE_STORAGE_SOP_CLASSES: frozenset[str] = frozenset(
     str(getattr(_sop_class, name)) for name in dir(_sop_class) if "ImageStorage" in name
 )
-#: Transfer syntaxes accepted: uncompressed, deflated (only with ``NodeConfig.accept_deflated``), and RLE
-#: lossless that pydicom decodes.
+#: Transfer syntaxes accepted, in our order of preference: uncompressed, deflated (only with
+#: ``NodeConfig.accept_deflated``), then the compressed ones the worker decodes through pydicom's handlers
+#: (pylibjpeg with its libjpeg and openjpeg plugins, pyjpegls; RLE by pydicom itself), lossless before
+#: lossy. Every compressed frame is stored as sent; its codestream header is checked as it arrives
+#: (:mod:`dicom_node.codestream`). pynetdicom's ``negotiate_as_acceptor`` picks, for each proposed
+#: context, the first of *these* that the context offers, so a sender that offers Explicit VR Little
+#: Endian beside JPEG-LS gets Explicit VR Little Endian.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     DEFLATED,  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
     "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14, SV1)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Lossy (Near-Lossless)
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossy or lossless)
+    "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy or lossless)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1), lossy
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4), lossy
 )
 _VERIFICATION = "1.2.840.10008.1.1"
 _APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"

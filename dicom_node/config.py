@@ -182,6 +182,9 @@ class SeriesRule(BaseModel):
     # values; None sends every label. Checked against the model's labels at start-up
     # (worker.segments.validate_rule_labels).
     labels: tuple[str | int, ...] | None = None
+    # A series with any lossy compressed instance (Lossy Image Compression "01", or received in a lossy
+    # transfer syntax) is not segmented: its job ends failed with reason lossy_source_refused.
+    refuse_lossy: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -14,13 +14,20 @@ is refused (:class:`dicom_node.receive.Refused`, 0xC000) as soon as it
 * inflates (deflated transfer syntax) past ``inflated_bytes``, or has an element that declares more than
   is left of it: ``inflated_too_large``; inflation runs with a hard output cap per call (``zlib``
   ``max_length``), so no more than 256 KiB is ever inflated at once;
+* holds compressed pixel data (an encapsulated transfer syntax of :data:`dicom_node.codestream.CODESTREAMS`)
+  whose frames would decode past ``instance_bytes`` (Rows x Columns x Number of Frames x Samples per Pixel
+  x Bits Allocated / 8, the values collected as they pass at the top level): ``codestream_too_large``, when
+  the pixel data element opens; or whose first frame's codestream header (read from its first 64 KiB,
+  after the Basic Offset Table) declares another size, component count or a precision over Bits Allocated:
+  ``codestream_mismatch``; or is not the syntax's codestream at all: ``codestream_invalid``;
 * is broken where its structure matters (an item where an element belongs, an element running past the
   item or sequence that holds it, file meta information inside it, a deflate stream that does not
   inflate): ``undecodable``; or ends inside an element or an open sequence: ``truncated``.
 
 Values are skipped, never held, except those of the few top-level elements the ledger indexes an instance
 by (:data:`dicom_node.elements.HEADER_TAGS`: the UIDs, modality, body part, series description, station
-name; a few dozen bytes each), which are collected as they pass: :meth:`DataSetStream.header` gives them
+name; a few dozen bytes each) and, for a compressed image, the five Image Pixel values above and its first
+frame's first 64 KiB at most, which are collected as they pass: :meth:`DataSetStream.header` gives them
 to :class:`dicom_node.receive.InstanceReceiver` once the data set has ended, so the file is not read again
 and pydicom is asked only when the walk cannot be sure (a value not in ASCII or with several values, an
 element out of order or twice, a value longer than any of these can be). For a deflated data set they
@@ -46,9 +53,10 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .codestream import CODESTREAMS, CodestreamError, read_header
 from .config import ReceiveLimits
 from .elements import (
     DEFLATED,
@@ -70,6 +78,10 @@ __all__ = ["DEFLATED", "DataSetStream", "received_from_file"]
 
 _INFLATE_CHUNK = 1 << 18
 _VALUE_CAP = 256  # longer than any header value can be (a UID: 64): pydicom reads such a header
+_CODESTREAM_HEAD = 1 << 16  # bytes of the first frame read for its codestream's header
+# the Image Pixel attributes that bound a compressed frame's decoded size (read from the top level)
+_ROWS, _COLUMNS, _SAMPLES, _BITS_ALLOCATED, _FRAMES = 0x00280010, 0x00280011, 0x00280002, 0x00280100, 0x00280008
+_IMAGE_TAGS = frozenset({_ROWS, _COLUMNS, _SAMPLES, _BITS_ALLOCATED, _FRAMES})
 
 # what a level of the data set holds
 _ELEMENTS, _ITEMS, _FRAGMENTS = 0, 1, 2
@@ -82,6 +94,19 @@ class _Level:
     implicit: bool
     little: bool
     pixel: bool = False  # _FRAGMENTS of pixel data (bounded by the instance, not by element_bytes)
+
+
+@dataclass
+class _Encapsulated:
+    """The top-level encapsulated pixel data of a compressed transfer syntax, while its fragments pass:
+    the first bytes of its first frame are kept (after the Basic Offset Table) until their codestream
+    header is read and checked."""
+
+    kind: str  # a value of dicom_node.codestream.CODESTREAMS
+    fragments: int = 0
+    head: bytearray = field(default_factory=bytearray)
+    capturing: bool = False
+    checked: bool = False
 
 
 def _undecodable(detail: str) -> Refused:
@@ -104,8 +129,11 @@ class DataSetStream:
         self._pos = 0  # bytes of the (inflated) data set walked so far
         self._skip = 0  # bytes of the current value still to pass
         self._header = b""  # an element or item header split between two pieces
-        self._values: dict[str, bytes] = {}  # HEADER_TAGS values collected so far
-        self._capture: tuple[str, bytearray] | None = None  # the header value now passing
+        self._values: dict[int, bytes] = {}  # top-level HEADER_TAGS and _IMAGE_TAGS values, as sent
+        self._little = little  # the top level's byte order (for the Image Pixel values)
+        self._codestream = CODESTREAMS.get(transfer_syntax)  # the kind of codestream its fragments hold
+        self._encapsulated: _Encapsulated | None = None
+        self._capture: tuple[int, bytearray] | None = None  # the collected value now passing
         self._previous = -1  # the last top-level tag
         self._sure = True  # False: the collected values may not be what pydicom would read
         self.has_pixel_data = False
@@ -121,7 +149,10 @@ class DataSetStream:
         if not self._sure:
             return None
         values = {}
-        for keyword, raw in self._values.items():
+        for tag, keyword in HEADER_TAGS.items():
+            raw = self._values.get(tag)
+            if raw is None:
+                continue
             if not raw.isascii() or b"\\" in raw:
                 return None
             values[keyword] = raw.decode("ascii")
@@ -166,8 +197,14 @@ class DataSetStream:
         while i < n:
             if self._skip:
                 k = min(self._skip, n - i)
+                encapsulated = self._encapsulated
                 if self._capture is not None:
                     self._capture[1].extend(data[i:i + k])
+                elif encapsulated is not None and encapsulated.capturing:
+                    room = _CODESTREAM_HEAD - len(encapsulated.head)
+                    encapsulated.head += data[i:i + min(k, room)]
+                    if k >= room or k == self._skip:  # its header's bytes are here, or all there will be
+                        self._check_codestream(encapsulated, final=False)
                 self._skip -= k
                 self._pos += k
                 i += k
@@ -251,15 +288,15 @@ class DataSetStream:
         self._previous = tag
         if tag in PIXEL_TAGS:
             self.has_pixel_data = True
-        keyword = HEADER_TAGS.get(tag)
-        if keyword is None:
+        if tag not in HEADER_TAGS and tag not in _IMAGE_TAGS:
             return
         if length is None or length > _VALUE_CAP:
-            self._sure = False
+            if tag in HEADER_TAGS:
+                self._sure = False
         elif length == 0:
-            self._values[keyword] = b""
+            self._values[tag] = b""
         else:
-            self._capture = (keyword, bytearray())
+            self._capture = (tag, bytearray())
 
     def _undefined(self, level: _Level, tag: int, vr: bytes | None) -> None:
         """An element of undefined length: a sequence, or encapsulated fragments."""
@@ -269,6 +306,9 @@ class DataSetStream:
         elif vr == b"SQ" or (vr is None and not pixel and dictionary_vr(tag) in ("SQ", None)):
             self._open(_Level(_ITEMS, None, level.implicit, level.little), tag)
         elif pixel or vr in (b"OB", b"OW") or vr is None:
+            if pixel and len(self._levels) == 1 and self._codestream is not None:
+                self._encapsulated = _Encapsulated(self._codestream)
+                self._check_decoded_size()
             self._levels.append(_Level(_FRAGMENTS, None, level.implicit, level.little, pixel=pixel))
         else:
             raise _undecodable(f"{tag_str(tag)} {vr.decode('ascii', 'replace')} of undefined length")
@@ -276,6 +316,9 @@ class DataSetStream:
     def _item(self, level: _Level, tag: int, length: int) -> None:
         """A header inside a sequence (an item or its end) or inside encapsulated data (a fragment)."""
         if tag == SEQUENCE_END and level.end is None:
+            encapsulated = self._encapsulated
+            if level.pixel and len(self._levels) == 2 and encapsulated is not None and not encapsulated.checked:
+                self._check_codestream(encapsulated, final=True)
             if self._levels.pop().kind == _ITEMS:
                 self._depth -= 1
             return
@@ -286,6 +329,10 @@ class DataSetStream:
                 raise _undecodable(f"a fragment of undefined length at byte {self._pos - 8}")
             self._check_length(tag, length, pixel=level.pixel, what="a fragment")
             self._skip = length
+            encapsulated = self._encapsulated
+            if level.pixel and len(self._levels) == 2 and encapsulated is not None:
+                encapsulated.fragments += 1  # the first is the Basic Offset Table
+                encapsulated.capturing = encapsulated.fragments > 1 and not encapsulated.checked and length > 0
             return
         if length == UNDEFINED:
             self._levels.append(_Level(_ELEMENTS, None, level.implicit, level.little))
@@ -321,6 +368,74 @@ class DataSetStream:
         end = self._levels[-1].end
         if end is not None and self._pos + length > end:
             raise _undecodable(f"{name} of {length} bytes runs past the item or sequence holding it")
+
+    # ---------------------------------------------------------------------------- compressed frames
+    def _image_value(self, tag: int, name: str) -> int:
+        """A top-level Image Pixel value (US, or IS for Number of Frames); ``codestream_mismatch`` when it
+        is missing or not a number, since the codestream cannot be checked without it."""
+        raw = self._values.get(tag)
+        try:
+            if raw is None or not raw:
+                raise ValueError("missing")
+            if tag == _FRAMES:
+                return int(raw.strip(b" \0").decode("ascii"))
+            if len(raw) != 2:
+                raise ValueError(f"{len(raw)} bytes")
+            return int.from_bytes(raw, "little" if self._little else "big")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_mismatch",
+                          f"{name} is {'missing' if not raw else 'not a number'}: compressed pixel data cannot be "
+                          "checked without it") from exc
+
+    def _check_decoded_size(self) -> None:
+        """Before any fragment: what the frames decode to, Rows x Columns x Frames x Samples per Pixel x
+        Bits Allocated / 8, must be within the instance's bound (``codestream_too_large``)."""
+        rows, columns = self._image_value(_ROWS, "Rows"), self._image_value(_COLUMNS, "Columns")
+        samples = self._image_value(_SAMPLES, "Samples per Pixel")
+        bits = self._image_value(_BITS_ALLOCATED, "Bits Allocated")
+        frames = self._image_value(_FRAMES, "Number of Frames") if _FRAMES in self._values else 1
+        if min(rows, columns, samples, bits, frames) < 1:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_mismatch",
+                          f"the data set declares an empty image ({rows} x {columns} x {frames} frames, "
+                          f"{samples} samples of {bits} bits)")
+        decoded = rows * columns * frames * samples * ((bits + 7) // 8)
+        if decoded > self.limits.instance_bytes:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_too_large",
+                          f"the pixel data decodes to {decoded} bytes ({rows} x {columns} x {frames} frames x "
+                          f"{samples} samples x {bits} bits), over the {self.limits.instance_bytes} an instance "
+                          "may have")
+
+    def _check_codestream(self, encapsulated: _Encapsulated, *, final: bool) -> None:
+        """The first frame's codestream header, read from ``encapsulated.head``, against the data set:
+        ``codestream_invalid`` when it is not the syntax's codestream (or not complete within its first
+        64 KiB), ``codestream_mismatch`` when it declares another size, component count or a precision
+        over Bits Allocated. ``final``: no more bytes will come."""
+        kind, head = encapsulated.kind, encapsulated.head
+        try:
+            header = read_header(kind, bytes(head))
+        except CodestreamError as exc:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_invalid", str(exc)) from exc
+        if header is None:
+            if final or len(head) >= _CODESTREAM_HEAD:
+                raise Refused(CANNOT_UNDERSTAND, "codestream_invalid",
+                              f"the first frame's {len(head)} bytes end before its {kind} header does")
+            return
+        encapsulated.checked, encapsulated.capturing = True, False
+        rows, columns = self._image_value(_ROWS, "Rows"), self._image_value(_COLUMNS, "Columns")
+        samples = self._image_value(_SAMPLES, "Samples per Pixel")
+        bits = self._image_value(_BITS_ALLOCATED, "Bits Allocated")
+        if header.segments is not None:  # RLE: one segment per byte of each sample
+            if header.segments != samples * ((bits + 7) // 8):
+                raise Refused(CANNOT_UNDERSTAND, "codestream_mismatch",
+                              f"the RLE header declares {header.segments} segments, the data set "
+                              f"{samples} samples of {bits} bits ({samples * ((bits + 7) // 8)} segments)")
+            return
+        declared = (header.rows, header.columns, header.components)
+        if declared != (rows, columns, samples) or header.precision is None or not 1 <= header.precision <= bits:
+            raise Refused(CANNOT_UNDERSTAND, "codestream_mismatch",
+                          f"the {kind} codestream declares {header.rows} x {header.columns} pixels, "
+                          f"{header.components} components of {header.precision} bits; the data set {rows} x "
+                          f"{columns}, {samples} samples, {bits} bits allocated")
 
 
 _READ_CHUNK = 1 << 20

@@ -15,8 +15,11 @@ A leaf package: it imports numpy and pydicom, nothing of specgate's.
 from .errors import REASON_CODES, SeriesError
 from .headers import MULTI_FRAME_SOP_CLASSES, SINGLE_FRAME_SOP_CLASSES
 from .loader import SliceRef, Volume, find_series, load_series
+from .lossy import LOSSY_SYNTAXES, LossySource, lossy_source
 
 __all__ = [
+    "LOSSY_SYNTAXES",
+    "LossySource",
     "MULTI_FRAME_SOP_CLASSES",
     "REASON_CODES",
     "SINGLE_FRAME_SOP_CLASSES",
@@ -25,4 +28,5 @@ __all__ = [
     "Volume",
     "find_series",
     "load_series",
+    "lossy_source",
 ]

@@ -23,6 +23,7 @@ REASON_CODES = frozenset(
         "unsupported",
         "bad_spacing",
         "no_frame_of_reference",
+        "undecodable_pixels",
     }
 )
 

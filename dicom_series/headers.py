@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder, iter_pixels
 
 from .errors import READ_ERRORS, SeriesError
@@ -238,16 +239,58 @@ def _multiframe_planes(index: int, ds: Dataset, where: str) -> list[Plane]:
     return planes
 
 
+#: the one decoder plugin used per compressed transfer syntax. pydicom otherwise tries every installed
+#: plugin until one returns pixels, and a lenient one hides a strict one's refusal: pylibjpeg's libjpeg
+#: returns an image for a JPEG-LS codestream whose scan data is garbage, which pyjpegls (CharLS) refuses.
+DECODING_PLUGINS: dict[str, str] = {
+    **dict.fromkeys(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                     "1.2.840.10008.1.2.4.70"), "pylibjpeg"),  # libjpeg
+    **dict.fromkeys(("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"), "pyjpegls"),  # CharLS
+    **dict.fromkeys(("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                     "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"), "pylibjpeg"),  # OpenJPEG
+    "1.2.840.10008.1.2.5": "pydicom",  # RLE
+}
+_EOI = b"\xff\xd9"  # JPEG, JPEG-LS: End of Image; JPEG 2000: End of Codestream (the same two bytes)
+
+
+def _check_ends(ds: Dataset, tsyntax: str, where: str) -> None:
+    """Every frame of a JPEG-family or JPEG 2000 codestream ends with its end marker (FFD9, then at most
+    the one byte of padding an odd length needs): a codestream cut short is refused here, since libjpeg
+    decodes the lines it has and returns the rest as zeros, without an error."""
+    if tsyntax not in DECODING_PLUGINS or tsyntax == "1.2.840.10008.1.2.5":
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        end = frame[-2:]
+        if end != _EOI and frame[-1:] == b"\x00":  # the pad byte of an odd-length codestream
+            end = frame[-3:-1]
+        if end != _EOI:
+            raise SeriesError("undecodable_pixels",
+                              f"{where}: frame {index + 1}'s codestream ends with {end.hex() or 'nothing'}, not its end "
+                              "marker FFD9 (cut short)")
+
+
 def iter_decoded(inst: Instance) -> Iterator[np.ndarray]:
-    """Decoded frames of one file, one at a time; failures become ``unreadable``."""
+    """Decoded frames of one file, one at a time, through pydicom's pixel handlers with the one decoder
+    plugin of the file's transfer syntax (:data:`DECODING_PLUGINS`). A failure is ``undecodable_pixels``
+    for a compressed (encapsulated) syntax: a codestream cut short (no end marker) or one its decoder
+    refuses (the plugins raise ``RuntimeError`` or ``ValueError``); ``unreadable`` for native pixel data
+    (a file cut short)."""
     where, count = inst.path.name, 0
+    tsyntax = getattr(getattr(inst.header, "file_meta", None), "TransferSyntaxUID", None)
+    encapsulated = tsyntax is not None and tsyntax.is_encapsulated
+    reason = "undecodable_pixels" if encapsulated else "unreadable"
     try:
-        for frame in iter_pixels(inst.path):
+        source: Path | Dataset = inst.path
+        if encapsulated:  # read once (compressed: small), checked, then decoded from memory
+            source = pydicom.dcmread(inst.path)
+            _check_ends(source, str(tsyntax), where)
+        for frame in iter_pixels(source, decoding_plugin=DECODING_PLUGINS.get(str(tsyntax), "")):
             count += 1
             yield frame
     except SeriesError:
         raise
-    except (AttributeError, *READ_ERRORS) as exc:
-        raise SeriesError("unreadable", f"{where}: cannot decode the pixel data ({type(exc).__name__}: {exc})") from exc
+    except (AttributeError, RuntimeError, *READ_ERRORS) as exc:
+        raise SeriesError(reason, f"{where}: cannot decode the pixel data ({type(exc).__name__}: {exc})") from exc
     if count != inst.frames:
-        raise SeriesError("unreadable", f"{where}: {count} frame(s) decoded, {inst.frames} expected")
+        raise SeriesError(reason, f"{where}: {count} frame(s) decoded, {inst.frames} expected")

@@ -101,6 +101,10 @@ model = "liver-v3"
 # it out to send all. Each label is then its own segment, named by the model. A name the model lacks stops
 # start-up.
 # labels = ["liver", "kidney_left", "kidney_right", 7]
+# A series with any lossy compressed image (Lossy Image Compression "01", or received as JPEG Baseline or
+# Extended, JPEG-LS near-lossless, JPEG 2000 or HTJ2K that allow loss) is not segmented: its job ends
+# failed with reason lossy_source_refused. Off, such a series runs and its SEG says it was lossy.
+# refuse_lossy = false
 
 [[rules]]
 name = "any-ct-mr"

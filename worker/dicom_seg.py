@@ -40,7 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import PersonName
 
-from dicom_series import Volume
+from dicom_series import LossySource, Volume, lossy_source
 from worker.labels import (
     NOT_FOR_CLINICAL_USE,
     GateEvidence,
@@ -175,9 +175,26 @@ def encode_seg(
         omit_empty_frames=True,
     )
     seg.SeriesDescription = series_description(_what(segments), model, release)
+    _mark_lossy(seg, lossy_source(volume.headers))
     if not model.clinical_use:
         seg.ImageComments = NOT_FOR_CLINICAL_USE
     return seg
+
+
+def _mark_lossy(seg: Dataset, lossy: LossySource | None) -> None:
+    """A SEG drawn on lossy compressed images says so (PS3.3 C.7.6.1.1.5): Lossy Image Compression "01"
+    with the sources' Method(s) and Ratio(s), from every source instance (highdicom copies the first
+    one's attributes only, and not a lossy transfer syntax). Ratio is written only when every method
+    has its ratio (the two are paired value by value)."""
+    if lossy is None:
+        return
+    seg.LossyImageCompression = "01"
+    if lossy.methods:
+        seg.LossyImageCompressionMethod = list(lossy.methods)
+    if "LossyImageCompressionRatio" in seg:
+        del seg.LossyImageCompressionRatio
+    if lossy.ratios and len(lossy.ratios) == len(lossy.methods):
+        seg.LossyImageCompressionRatio = list(lossy.ratios)
 
 
 def _what(segments: Sequence[SegmentDefinition]) -> str:

@@ -38,7 +38,8 @@ from sqlalchemy import Update, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import SeriesRule
-from dicom_series import SeriesError, Volume, load_series
+from dicom_series import LossySource, SeriesError, Volume, load_series, lossy_source
+from dicom_series.headers import read_instance
 from ledger import audit, jobs
 from ledger.db import session_scope
 from ledger.leases import LeaseRefresher
@@ -227,7 +228,9 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
         with heartbeat(sessions, c.job_id, c.task_id, cfg.heartbeat_s):
             model = c.model_name or rule.model
             segmenter = segmenters(model)  # loaded on its first job, under the heartbeat
-            volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, files=cfg.files)
+            volume = _load_volume(sessions, c, timings, compact=segmenter.takes_int16, files=cfg.files,
+                                  refuse_lossy=rule.name if rule.refuse_lossy else None)
+            lossy = lossy_source(volume.headers)
             t0 = time.perf_counter()
             out = _segment(segmenter, volume)
             if metrics is not None:
@@ -239,7 +242,7 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             volume = volume.without_pixels()  # the SEG and the SR need its geometry and headers: 157 MB less
             uids = _write_objects(paths, c, cfg, volume, out, segmenter, segments, timings)
             _write_evidence(paths["evidence"], rule, volume, out, segmenter, segments, timings, model=model,
-                            completeness=c.completeness)
+                            completeness=c.completeness, lossy=lossy)
     except _JobFailed as exc:
         fail(sessions, c, exc.reason_code, exc.detail, actor=cfg.actor)
         if metrics is not None:
@@ -282,10 +285,12 @@ def _stage(sessions: sessionmaker[Session], c: Claim, files: Store) -> list[Path
 
 
 def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, float], *,
-                 compact: bool = False, files: Store) -> Volume:
+                 compact: bool = False, files: Store, refuse_lossy: str | None = None) -> Volume:
     """The job's series, staged from the store and checked (:func:`_stage`); ``compact``: int16 when that
     holds its values (a CT: 157 MB instead of 315 MB for 300x512x512), for a model that takes it
-    (:attr:`worker.model_runtime.Segmenter.takes_int16`)."""
+    (:attr:`worker.model_runtime.Segmenter.takes_int16`). ``refuse_lossy``: the name of a rule that refuses
+    lossy sources: a series with a lossy compressed instance fails ``lossy_source_refused`` from its headers,
+    before any pixel is decoded."""
     t0 = time.perf_counter()
     staged = _stage(sessions, c, files)
     timings["stage"] = time.perf_counter() - t0
@@ -293,6 +298,12 @@ def _load_volume(sessions: sessionmaker[Session], c: Claim, timings: dict[str, f
     try:
         if not staged:
             raise SeriesError("no_instances", f"series {c.series_instance_uid} has no stored instances")
+        if refuse_lossy is not None:
+            lossy = lossy_source(read_instance(path).header for path in staged)
+            if lossy is not None:
+                raise _JobFailed("lossy_source_refused",
+                                 f"rule {refuse_lossy!r} refuses lossy sources; {lossy.instances} instance(s) of the "
+                                 f"series are lossy compressed ({', '.join(lossy.methods) or 'method not given'})")
         volume = load_series(staged, compact=compact)
     except SeriesError as exc:
         raise _JobFailed(exc.reason_code, str(exc)) from exc
@@ -364,12 +375,13 @@ def _write_views(paths: dict[str, Path], c: Claim, volume: Volume, out: SegmentO
 
 def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOutput, segmenter: Segmenter,
                     segments: tuple[SegmentDefinition, ...], timings: dict[str, float], *, model: str,
-                    completeness: dict[str, Any] | None = None) -> None:
+                    completeness: dict[str, Any] | None = None, lossy: LossySource | None = None) -> None:
     """The gate's evidence and what produced it, as JSON beside the result; ``segments``: what the SEG
     holds (names, colours, codes, volumes), which an approval re-encodes. ``completeness``: what the
     source archive said (:mod:`dicom_node.completeness`), recorded as ``completeness`` and, when the study
     was short or the archive silent, as ``incomplete_at_source`` (per series: at source, held) or
-    ``archive_unreachable``."""
+    ``archive_unreachable``; ``lossy``: the series' lossy compressed sources (``lossy_source``: null when
+    none was)."""
     from .segments import segments_evidence
 
     evidence = {"oodm": out.oodm, "tau": out.tau, "is_ood": out.is_ood, "gate_reason": out.gate_reason,
@@ -383,6 +395,7 @@ def _write_evidence(path: Path, rule: SeriesRule, volume: Volume, out: SegmentOu
                 "shape": list(volume.array.shape), "foreground_voxels": int(out.mask.sum()),
                 "inference": segmenter.inference_record(), "grid": out.grid,
                 "segments": segments_evidence(segments, _label_map(out), volume.spacing),
+                "lossy_source": lossy.evidence() if lossy is not None else None,
                 "timings_s": timings}
     if completeness is not None:
         evidence["completeness"] = completeness

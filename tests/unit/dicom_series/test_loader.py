@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import MPEG2MPML, generate_uid
+from pydicom.encaps import encapsulate, get_frame
+from pydicom.uid import MPEG2MPML, JPEGLSLossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dicom_factory import (  # noqa: E402
@@ -248,6 +248,27 @@ def _colour(ds: list[Dataset]) -> None:
     d.PixelData = np.zeros((d.Rows, d.Columns, 3), np.uint8).tobytes()
 
 
+def _corrupt_codestream(ds: list[Dataset]) -> None:
+    """Slice 3 as JPEG-LS (pyjpegls), its scan data overwritten between a sound header (what the SCP
+    checks) and a sound end marker: CharLS refuses it (libjpeg, tried next by pydicom, would not)."""
+    d = ds[3]
+    d.compress(JPEGLSLossless)
+    frame = bytearray(get_frame(d.PixelData, 0, number_of_frames=1))
+    frame[40:-2] = bytes([0x13]) * (len(frame) - 42)
+    d.PixelData = encapsulate([bytes(frame)])
+    d["PixelData"].is_undefined_length = True
+
+
+def _cut_codestream(ds: list[Dataset]) -> None:
+    """Slice 2 as JPEG-LS, its codestream cut in half: no end marker (libjpeg, which decodes JPEG
+    Lossless and would be tried for JPEG-LS too, returns what it has of a cut codestream without an error)."""
+    d = ds[2]
+    d.compress(JPEGLSLossless)
+    frame = get_frame(d.PixelData, 0, number_of_frames=1)
+    d.PixelData = encapsulate([frame[:len(frame) // 2]])
+    d["PixelData"].is_undefined_length = True
+
+
 def _mpeg2(ds: list[Dataset]) -> None:
     d = ds[0]
     d.file_meta.TransferSyntaxUID = MPEG2MPML
@@ -298,6 +319,8 @@ REFUSALS: list[tuple[str, str, Callable[[list[Dataset]], None] | None, Callable[
     ("two-slices", "too_few_slices", _two_slices, None, "2 slice(s)"),
     ("colour", "unsupported", _colour, None, "PhotometricInterpretation=RGB"),
     ("mpeg2", "unsupported", _mpeg2, None, str(MPEG2MPML)),
+    ("corrupt-codestream", "undecodable_pixels", _corrupt_codestream, None, "cannot decode the pixel data"),
+    ("cut-codestream", "undecodable_pixels", _cut_codestream, None, "not its end marker FFD9 (cut short)"),
     ("secondary-capture", "unsupported", _secondary_capture, None, "1.2.840.10008.5.1.4.1.1.7"),
     ("single-and-multi-frame", "unsupported", _mixed_with_multiframe, None, "multi-frame"),
 ]
@@ -346,3 +369,37 @@ def test_multiframe_duplicate_positions_refused(tmp_path: Path) -> None:
 def test_unknown_reason_code_is_a_bug() -> None:
     with pytest.raises(ValueError, match="unknown series reason code 'nope'"):
         SeriesError("nope", "x")
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
+                                    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57"])
+def test_a_lossless_compressed_series_loads_the_same_voxels(tmp_path: Path, syntax: str) -> None:
+    """Each slice encoded by a real encoder (pydicom's RLE, pyjpegls, openjpeg; dcmtk's dcmcjpeg) and decoded
+    through pydicom's handlers: the same voxels as the uncompressed series, and no lossy source."""
+    from dicom_series import lossy_source
+    from tests.compressed import compress_file
+
+    spec = SeriesSpec(slices=6, rows=32, cols=48)
+    plain = write_datasets(classic_datasets(spec), tmp_path / "plain")
+    packed = [compress_file(p, syntax, tmp_path / "packed" / p.name) for p in plain]
+    volume = load_series(packed, compact=True)
+    assert np.array_equal(volume.array, load_series(plain, compact=True).array)
+    assert np.array_equal(volume.array, expected_volume(spec).astype(np.int16))
+    assert lossy_source(volume.headers) is None
+
+
+def test_a_lossy_series_is_named_by_its_syntax_and_attributes(tmp_path: Path) -> None:
+    """JPEG 2000 at 20:1 (openjpeg, which leaves Lossy Image Compression unset) and JPEG Extended (dcmcjpeg,
+    which sets it with Method and Ratio): lossy_source names the methods, ratios and syntaxes."""
+    from dicom_series import lossy_source
+    from tests.compressed import compress_file
+
+    plain = write_datasets(classic_datasets(SeriesSpec(slices=4)), tmp_path / "plain")
+    files = [compress_file(plain[0], "1.2.840.10008.1.2.4.91", tmp_path / "a.dcm"),
+             compress_file(plain[1], "1.2.840.10008.1.2.4.51", tmp_path / "b.dcm"), *plain[2:]]
+    volume = load_series(files, min_slices=3)
+    lossy = lossy_source(volume.headers)
+    assert lossy is not None and lossy.instances == 2
+    assert lossy.methods == ("ISO_15444_1", "ISO_10918_1")
+    assert len(lossy.ratios) == 1 and float(lossy.ratios[0]) > 1
+    assert lossy.transfer_syntaxes == ("1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.51")

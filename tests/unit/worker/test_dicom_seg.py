@@ -433,3 +433,34 @@ def test_the_seg_modules_do_not_need_the_dicom_node() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[3])
     assert out.stdout.strip() == "[]"
+
+
+def test_a_seg_on_lossy_sources_says_so(tmp_path: Path, strict_reading: None) -> None:
+    """Slices 4 and 9 lossy (one JPEG Extended by dcmcjpeg: "01", ISO_10918_1 and its ratio; one JPEG 2000
+    20:1 by openjpeg, which sets nothing): the SEG carries Lossy Image Compression "01" with both methods
+    and no ratio (not one per method), read back strictly and passing dciodvfy; where only the first kind is
+    present, its ratio too; with none, "00"."""
+    from tests.compressed import compress_file
+
+    spec = SeriesSpec(slices=12, rows=32, cols=32)
+    paths = write_datasets(classic_datasets(spec), tmp_path / "plain")
+    by_z = sorted(paths, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    extended = compress_file(by_z[4], "1.2.840.10008.1.2.4.51", tmp_path / "lossy" / "e.dcm")
+    j2k = compress_file(by_z[9], "1.2.840.10008.1.2.4.91", tmp_path / "lossy" / "j.dcm")
+    rest = [p for p in paths if p not in (by_z[4], by_z[9])]
+    ratio = pydicom.dcmread(extended, stop_before_pixels=True).LossyImageCompressionRatio
+
+    both = load_series([*rest, extended, j2k])
+    path = write_dicom(_encode(both, _mask(both.shape)), tmp_path / "both.dcm")
+    seg = pydicom.dcmread(path)
+    assert seg.LossyImageCompression == "01"
+    assert list(seg.LossyImageCompressionMethod) == ["ISO_10918_1", "ISO_15444_1"]
+    assert "LossyImageCompressionRatio" not in seg
+    assert dciodvfy(path)[0] == []
+
+    one = load_series([*rest, extended, by_z[9]])
+    seg = _encode(one, _mask(one.shape))
+    assert (seg.LossyImageCompression, seg.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
+    assert seg.LossyImageCompressionRatio == ratio
+
+    assert _encode(load_series(paths), _mask(both.shape)).LossyImageCompression == "00"
