@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (when missing) and start what specgate's tests and demo need on a Debian machine:
-# PostgreSQL, Redis, dcmtk, Orthanc, dicom3tools, Chromium, and a Compose validator for deploy/compose.yaml. Idempotent; safe to run on every `make test`.
+# PostgreSQL, Redis, dcmtk, Orthanc (with its DICOMweb plugin), dicom3tools, Chromium, and a Compose validator for deploy/compose.yaml. Idempotent; safe to run on every `make test`.
 # Needs root (or sudo) only for what is missing.
 set -euo pipefail
 
@@ -13,6 +13,8 @@ command -v redis-server  >/dev/null 2>&1 || need+=(redis-server)
 # dcmtk by its path: pynetdicom installs a storescu of its own into a virtualenv on PATH
 [ -x /usr/bin/storescu ] && [ -x /usr/bin/storescp ] || need+=(dcmtk)
 command -v Orthanc       >/dev/null 2>&1 || need+=(orthanc)
+# Orthanc's DICOMweb plugin: the STOW-RS destination tests (tests.peers.Orthanc(dicomweb=True))
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v dciodvfy      >/dev/null 2>&1 || need+=(dicom3tools)
 # the review app's browser tests: Debian's Chromium and its ChromeDriver (Selenium downloads nothing)
 [ -x /usr/bin/chromium ]     || need+=(chromium)
