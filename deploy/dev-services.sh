@@ -15,6 +15,8 @@ command -v redis-server  >/dev/null 2>&1 || need+=(redis-server)
 command -v Orthanc       >/dev/null 2>&1 || need+=(orthanc)
 # Orthanc's DICOMweb plugin: the STOW-RS destination tests (tests.peers.Orthanc(dicomweb=True))
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+# socat: the TLS front (tests.peers.TlsTerminator) of the https DICOMweb destination tests
+command -v socat         >/dev/null 2>&1 || need+=(socat)
 command -v dciodvfy      >/dev/null 2>&1 || need+=(dicom3tools)
 # the review app's browser tests: Debian's Chromium and its ChromeDriver (Selenium downloads nothing)
 [ -x /usr/bin/chromium ]     || need+=(chromium)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ from requests.adapters import HTTPAdapter
 
 from .attempt import EchoResult, SendResult
 from .config import Destination
+from .security import tls_reason
 
 __all__ = ["client", "echo", "failure_reasons", "session", "session_for", "store"]
 
@@ -61,13 +63,26 @@ _AUTH = (401, 403, 407)
 _TRANSIENT = (408, 425, 429)
 
 
-class _HostnameUnchecked(HTTPAdapter):
-    """urllib3 matches the certificate against the host itself (its context's ``check_hostname`` is off):
-    ``assert_hostname=False`` is how it is told not to, for a destination with ``tls_verify_hostname=false``."""
+class _Pinned(HTTPAdapter):
+    """The destination's own TLS settings on every request, whatever the environment says: requests lets
+    ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` replace a session's ``verify`` (its
+    ``merge_environment_settings``), so a CA bundle set for the host's other programs would silently
+    replace the destination's ``tls_ca``. Without a host name check (``tls_verify_hostname=false``) urllib3
+    is told ``assert_hostname=False`` (its context's ``check_hostname`` is off; urllib3 matches the name
+    itself)."""
+
+    def __init__(self, verify: str | bool, cert: str | tuple[str, str] | None, check_hostname: bool) -> None:
+        self._verify, self._cert, self._check_hostname = verify, cert, check_hostname
+        super().__init__()
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["assert_hostname"] = False
+        if not self._check_hostname:
+            kwargs["assert_hostname"] = False
         super().init_poolmanager(*args, **kwargs)
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs["verify"], kwargs["cert"] = self._verify, self._cert
+        return super().send(request, *args, **kwargs)
 
 
 def session(*, ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
@@ -80,8 +95,8 @@ def session(*, ca: Path | None = None, cert: Path | None = None, key: Path | Non
     s.verify = str(ca) if ca is not None else True
     if cert is not None:
         s.cert = (str(cert), str(key)) if key is not None else str(cert)
-    if not verify_hostname:
-        s.mount("https://", _HostnameUnchecked())
+    if ca is not None or cert is not None or not verify_hostname:
+        s.mount("https://", _Pinned(s.verify, s.cert, verify_hostname))
     if token is not None:
         s.headers["Authorization"] = f"Bearer {token}"
     elif username is not None:
@@ -141,27 +156,17 @@ def _body(rsp: requests.Response) -> Dataset:
         return Dataset()
 
 
-def _tls_reason(exc: BaseException) -> str:
-    """Why a TLS connection failed, from the ``ssl`` error requests wraps (``tls_verify_failed: ...``)."""
-    import ssl
-
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ssl.SSLCertVerificationError):
-            return f"tls_verify_failed: certificate verify failed: {cur.verify_message}"
+def _tls_reason(exc: requests.exceptions.SSLError) -> str:
+    """The reason of the ``ssl`` error that requests wraps (urllib3's ``SSLError`` and ``MaxRetryError``
+    carry it as an argument or a cause)."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        cur = seen.pop()
         if isinstance(cur, ssl.SSLError):
-            return f"tls_failed: {cur.reason or cur}"
-        nxt = cur.__cause__ or cur.__context__
-        if nxt is None and cur.args and isinstance(cur.args[0], BaseException):
-            nxt = cur.args[0]
-        cur = nxt
-    text = str(exc)
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return "tls_verify_failed: " + text[text.index("certificate verify failed"):].split(" (_ssl")[0] \
-            if "certificate verify failed" in text else "tls_verify_failed"
-    return f"tls_failed: {type(exc).__name__}"
+            return tls_reason(cur)
+        seen.extend(x for x in (cur.__cause__, cur.__context__, getattr(cur, "reason", None), *cur.args)
+                     if isinstance(x, BaseException) and x is not cur)
+    return f"tls_failed: {exc}"
 
 
 def classify(status: int, body: Dataset, uids: Sequence[str]) -> SendResult:
@@ -170,6 +175,9 @@ def classify(status: int, body: Dataset, uids: Sequence[str]) -> SendResult:
     if status in _AUTH:
         return SendResult(status, f"STOW-RS authentication refused (HTTP {status}): check the destination's "
                                   "credentials", True, http=True)
+    if status >= 500 or status in _TRANSIENT:
+        named = f": {'; '.join(words)}" if words else ""
+        return SendResult(status, f"DICOMweb server unavailable (HTTP {status}){named}", False, http=True)
     if status in (200, 202, 409) and words:
         transient = all(0xA700 <= c <= 0xA7FF for c in codes)
         return SendResult(status, f"STOW-RS failed (HTTP {status}): {'; '.join(words)}", not transient, http=True)
@@ -186,8 +194,6 @@ def classify(status: int, body: Dataset, uids: Sequence[str]) -> SendResult:
             return SendResult(status, f"STOW-RS answered HTTP 200 without referencing {', '.join(missing)}", True,
                               http=True)
         return SendResult(status, None, False, http=True)
-    if status >= 500 or status in _TRANSIENT:
-        return SendResult(status, f"DICOMweb server unavailable (HTTP {status})", False, http=True)
     return SendResult(status, f"STOW-RS refused (HTTP {status})", True, http=True)
 
 

@@ -48,7 +48,7 @@ from store import Store, as_store
 from . import dicomweb
 from .attempt import EchoResult, SendResult
 from .config import Destination
-from .security import client_ssl_context
+from .security import client_ssl_context, tls_reason
 
 __all__ = ["AttemptObserver", "DeliveryOutcome", "EchoResult", "RetryPolicy", "SendResult", "deliver",
            "deliver_retraction", "echo", "send", "send_files", "tls_context"]
@@ -173,18 +173,6 @@ def _recording_handshake(ctx: ssl.SSLContext) -> list[ssl.SSLError]:
     return errors
 
 
-def _tls_reason(exc: ssl.SSLError) -> str:
-    """``tls_verify_failed: certificate verify failed: <why>`` (the peer's certificate), or
-    ``tls_failed: <reason>`` (``TLSV13_ALERT_CERTIFICATE_REQUIRED``: the peer wants our client certificate)."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"tls_verify_failed: certificate verify failed: {exc.verify_message}"
-    reason = str(exc.reason or exc)
-    if "ALERT" in reason:
-        return f"tls_failed: {reason} (the peer refused the connection: our client certificate, tls_cert, " \
-               "missing or not trusted by it?)"
-    return f"tls_failed: {reason}"
-
-
 def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, Sequence[str]]],
                timeout_s: float) -> tuple[Association | None, SendResult | None]:
     ae = AE(ae_title=ae_title)
@@ -199,7 +187,7 @@ def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, S
     if assoc.is_established:
         return assoc, None
     if tls_errors:  # the TLS handshake failed: the peer's certificate, or ours
-        return None, SendResult(None, _tls_reason(tls_errors[0]), False)
+        return None, SendResult(None, tls_reason(tls_errors[0]), False)
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         result, source, diag = (int(prim.result or 0), int(prim.result_source or 0), int(prim.diagnostic or 0)) \

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import AllowedCaller, TLSConfig
 
-__all__ = ["caller_allowed", "client_ssl_context", "normalise_host", "server_ssl_context"]
+__all__ = ["caller_allowed", "client_ssl_context", "normalise_host", "server_ssl_context", "tls_reason"]
 
 
 def normalise_host(host: str) -> str:
@@ -60,3 +60,16 @@ def client_ssl_context(ca: Path, cert: Path | None = None, key: Path | None = No
     if cert is not None:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key) if key else None)
     return ctx
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    """Why a TLS connection failed, for a delivery attempt's reason: ``tls_verify_failed: certificate verify
+    failed: <why>`` (the peer's certificate did not verify against our CA, or names another host), or
+    ``tls_failed: <OpenSSL's reason>`` (an alert: the peer refused ours)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"tls_verify_failed: certificate verify failed: {exc.verify_message}"
+    reason = str(exc.reason or exc)
+    if "ALERT" in reason or isinstance(exc, ssl.SSLEOFError):
+        return f"tls_failed: {reason} (the peer refused the connection: our client certificate, tls_cert, " \
+               "missing or not trusted by it?)"
+    return f"tls_failed: {reason}"

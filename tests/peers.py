@@ -33,6 +33,7 @@ __all__ = [
     "Orthanc",
     "SeaweedS3",
     "TlsStoreSCP",
+    "TlsTerminator",
     "dcmtk",
     "free_port",
     "peer_env",
@@ -206,6 +207,7 @@ class Orthanc:
     ``dicomweb``: load Debian's DICOMweb plugin (``orthanc-dicomweb``), its root at :attr:`dicomweb_url`.
     ``users``: HTTP basic credentials Orthanc requires (its ``RegisteredUsers``); this helper's own REST
     calls use the first. :meth:`stop` and :meth:`start` again keep the ports and the storage (an outage).
+    (Debian's Orthanc 1.10 crashes serving HTTPS itself, ``SslEnabled``: put :class:`TlsTerminator` in front.)
     """
 
     workdir: Path
@@ -355,6 +357,52 @@ class TlsStoreSCP:
         self._proc = None
 
     def __enter__(self) -> TlsStoreSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------------------------------ TLS in front of HTTP
+@dataclass
+class TlsTerminator:
+    """``socat`` terminating TLS on a free port and forwarding each connection to ``upstream`` (an HTTP
+    port on 127.0.0.1): an https front for a server that speaks plain HTTP. With ``client_ca``, a client
+    must present a certificate that CA signed (mutual TLS)."""
+
+    workdir: Path
+    cert: Path
+    key: Path
+    upstream: int
+    client_ca: Path | None = None
+    port: int = 0
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> TlsTerminator:
+        exe = shutil.which("socat")
+        if exe is None:
+            raise FileNotFoundError("socat is not installed (apt-get install socat)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        verify = f"verify=1,cafile={self.client_ca}" if self.client_ca else "verify=0"
+        listen = f"OPENSSL-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,cert={self.cert},key={self.key},{verify}"
+        log = open(self.workdir / "socat.log", "ab")
+        self._proc = subprocess.Popen([exe, listen, f"TCP:127.0.0.1:{self.upstream}"], stdout=log,
+                                      stderr=subprocess.STDOUT)
+        wait_for(self._listening, timeout=timeout, what=f"socat TLS on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"socat exited with {self._proc.returncode}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        self._proc = None
+
+    def __enter__(self) -> TlsTerminator:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -18,7 +18,8 @@ from dicom_node.scu import RetryPolicy, deliver
 from ledger.schema import AuditEvent, Delivery, DeliveryState
 from tests.integration.dicom_node.helpers import Ledger
 from tests.integration.dicom_node.test_scu_tls import seg_result
-from tests.peers import Orthanc, free_port
+from tests.peers import Orthanc, TlsTerminator, free_port
+from tests.pki import Pki, make_pki
 
 FAST = RetryPolicy(max_attempts=3, backoff_s=0.5, backoff_max_s=10, timeout_s=10)
 PASSWORD = "pw-9f3c1e"  # noqa: S105 - a test server's
@@ -127,3 +128,35 @@ def test_specgate_echo_asks_a_qido_rs_query(orthanc: Orthanc, tmp_path: Path) ->
     assert bad.exit_code == 1 and "HTTP 401: authentication refused" in bad.output, bad.output
     down = CliRunner().invoke(main, ["echo", "down"], env=env, catch_exceptions=False)
     assert down.exit_code == 1 and "did NOT answer QIDO-RS: could not connect" in down.output, down.output
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_https_with_the_destinations_ca_and_client_certificate(sqlite_ledger: Ledger, pki: Pki, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """https through a TLS front (socat) that requires a client certificate: the destination's CA is the one
+    trusted (not the environment's bundle, which requests would otherwise let win), and ours is presented."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.rogue_ca))
+    once = RetryPolicy(max_attempts=2, backoff_s=0, timeout_s=10)
+    with Orthanc(tmp_path / "orthanc", dicomweb=True) as orthanc, \
+            TlsTerminator(tmp_path / "tls", pki.server_cert, pki.server_key, orthanc.http_port,
+                          client_ca=pki.ca) as front:
+        url = f"https://127.0.0.1:{front.port}/dicom-web"
+        cases = [("other CA", {"tls_ca": pki.rogue_ca, "tls_cert": pki.client_cert, "tls_key": pki.client_key},
+                  "tls_verify_failed: certificate verify failed: "),
+                 ("no client certificate", {"tls_ca": pki.ca}, "tls_failed: ")]
+        for what, tls, reason in cases:
+            result_id, _ = seg_result(sqlite_ledger, tmp_path / what)
+            [out] = deliver(sqlite_ledger.sessions, result_id, [Destination(name=what.replace(" ", "-"), url=url,
+                                                                            **tls)],
+                            actor="worker", retry_policy=once, sleep=lambda _: None)
+            assert (out.state, out.attempts) == (DeliveryState.FAILED, 2), what
+            assert out.error is not None and out.error.startswith(reason), (what, out.error)
+        assert orthanc.get("/instances") == []
+        result_id, seg_uid = seg_result(sqlite_ledger, tmp_path / "good")
+        good = Destination(name="good", url=url, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
+        [out] = deliver(sqlite_ledger.sessions, result_id, [good], actor="worker", retry_policy=once)
+        assert out.sent and orthanc.instance_uids() == {seg_uid}
