@@ -1,5 +1,10 @@
 """Sending results: C-STORE a DICOM-SEG to each destination, with retries and back-off; C-ECHO a peer.
 
+A destination is reached the way its kind says (:func:`send`): C-STORE on one association (over TLS 1.2+
+when it names a ``tls_ca``: :func:`tls_context`; a handshake that fails ends the attempt with a reason that
+names it, ``tls_verify_failed: ...``), or STOW-RS to a DICOMweb server (:mod:`dicom_node.dicomweb`). The
+rows, claim, retries, back-off and audit below are the same for both.
+
 The worker calls :func:`deliver` once a result may be sent (released by the gate, or approved)::
 
     outcomes = deliver(sessions, result_id, settings.destinations, actor="worker",

@@ -73,6 +73,17 @@ destinations = [
     assert session_for(web).verify == str(ca)
 
 
+def test_array_of_tables(tmp_path: Path) -> None:
+    cfg = tmp_path / "specgate.toml"
+    cfg.write_text('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\n\n'
+                   '[[destinations]]\nname = "web"\nurl = "http://127.0.0.1:8042/dicom-web"\n')
+    pacs, web = Settings.load(cfg).destinations
+    assert str(pacs) == "pacs=PACS@10.0.0.5:104" and str(web) == "web=http://127.0.0.1:8042/dicom-web"
+    cfg.write_text('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\ncolour = 1\n')
+    with pytest.raises(SettingsError, match=r"SPECGATE_DESTINATIONS\[0\]\.colour: Extra inputs are not permitted"):
+        Settings.load(cfg)
+
+
 def test_credentials_must_be_there_at_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SG_TEST_TOKEN", raising=False)
     with pytest.raises(SettingsError, match=r"token_env names 'SG_TEST_TOKEN', which is not set"):
