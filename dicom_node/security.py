@@ -50,13 +50,17 @@ def server_ssl_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def client_ssl_context(ca: Path, cert: Path | None = None, key: Path | None = None,
+def client_ssl_context(ca: Path | None, cert: Path | None = None, key: Path | None = None,
                        *, check_hostname: bool = True) -> ssl.SSLContext:
-    """A TLS 1.2+ client context that trusts ``ca`` and, for mutual TLS, presents ``cert``/``key``."""
+    """A TLS 1.2+ client context that trusts ``ca`` (None: the system's CAs) and, for mutual TLS, presents
+    ``cert``/``key``. Raises ``OSError`` (``ssl.SSLError``) when a file is missing or does not load."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = check_hostname
-    ctx.load_verify_locations(cafile=str(ca))
+    if ca is None:
+        ctx.load_default_certs()
+    else:
+        ctx.load_verify_locations(cafile=str(ca))
     if cert is not None:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key) if key else None)
     return ctx

@@ -352,7 +352,7 @@ class Settings(BaseSettings):
             for option, path in d.files():
                 if not path.is_file():
                     raise ValueError(f"destination {d.name!r}: {option} {str(path)!r} is not a file")
-            if d.kind == "dimse" and d.tls_ca is not None:
+            if d.tls_ca is not None or d.tls_cert is not None:
                 from dicom_node.security import client_ssl_context
 
                 try:

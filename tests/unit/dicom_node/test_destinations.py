@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import certifi
 import pytest
 from pydicom import Dataset
 
@@ -50,8 +51,7 @@ def test_refused_with_the_reason(text: str, message: str) -> None:
 
 
 def test_toml_tables_and_strings_side_by_side(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("")  # exists; a DICOMweb destination's CA is loaded by requests when it connects
+    ca = Path(certifi.where())  # a real CA bundle (its files are loaded at start-up)
     cfg = tmp_path / "specgate.toml"
     cfg.write_text(f'''
 destinations = [
@@ -90,6 +90,10 @@ def test_credentials_must_be_there_at_start_up(tmp_path: Path, monkeypatch: pyte
         Settings.load(destinations="web=https://h/dw?token_env=SG_TEST_TOKEN")
     with pytest.raises(SettingsError, match=r"password_file '/nonexistent/pw' is not a file"):
         Settings.load(destinations="web=https://h/dw?username=u&password_file=/nonexistent/pw")
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    with pytest.raises(SettingsError, match=r"destination 'web': its TLS files do not load"):
+        Settings.load(destinations=f"web=https://h/dw?tls_ca={empty}")
     pw = tmp_path / "pw"
     pw.write_text(" s3cret \n")
     s = Settings.load(destinations=f"web=https://h/dw?username=u&password_file={pw}")
