@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dicom_node.config import Destination
-from dicom_node.scu import RetryPolicy, deliver
-from ledger.schema import AuditEvent, Delivery, DeliveryState
+from dicom_node.scu import RetryPolicy, deliver, send
+from ledger.db import session_scope
+from ledger.schema import AuditEvent, Delivery, DeliveryState, Result, utcnow
 from tests.integration.dicom_node.helpers import Ledger
 from tests.integration.dicom_node.test_scu_tls import seg_result
 from tests.peers import Orthanc, TlsTerminator, free_port
@@ -109,6 +111,28 @@ def test_server_stopped_is_retried_then_sent_once_it_is_back(sqlite_ledger: Ledg
     orthanc.start()  # and again: what was sent is there, and nothing is sent twice
     [again] = deliver(sqlite_ledger.sessions, result_id, [dest], actor="worker", retry_policy=FAST)
     assert again.already_sent and len(orthanc.get("/instances")) == 1
+
+
+def test_a_stow_rs_delivery_left_sending_is_taken_over_and_stored_once(ledger: Ledger, orthanc: Orthanc,
+                                                                      tmp_path: Path) -> None:
+    """A sender that died after the server stored the SEG and before it wrote that down leaves the row
+    ``sending``: left alone while it may be alive, taken over after the SCU timeout, and the resend (the same
+    SOP Instance UID) leaves one instance on the server."""
+    result_id, seg_uid = seg_result(ledger, tmp_path)
+    dest = _dest(orthanc, tmp_path)
+    with session_scope(ledger.sessions) as s:  # what the dead sender left: its row, and the stored object
+        res = s.get(Result, result_id)
+        s.add(Delivery(job_id=res.job_id, result_id=result_id, destination="web", ae_title="", host="127.0.0.1",
+                       port=orthanc.http_port, state=DeliveryState.SENDING, attempts=0))
+    assert send([tmp_path / "seg.dcm"], dest, timeout_s=10).ok and orthanc.instance_uids() == {seg_uid}
+
+    [busy] = deliver(ledger.sessions, result_id, [dest], actor="worker", retry_policy=FAST)
+    assert busy.busy and _row(ledger, result_id).state == DeliveryState.SENDING
+    with session_scope(ledger.sessions) as s:  # the SCU timeout passes without a refresh of the row
+        s.execute(update(Delivery).where(Delivery.result_id == result_id)
+                  .values(updated_at=utcnow() - timedelta(seconds=FAST.sending_stale_s + 1)))
+    [out] = deliver(ledger.sessions, result_id, [dest], actor="worker", retry_policy=FAST)
+    assert out.sent and out.attempts == 1 and len(orthanc.get("/instances")) == 1
 
 
 def test_specgate_echo_asks_a_qido_rs_query(orthanc: Orthanc, tmp_path: Path) -> None:
