@@ -64,6 +64,7 @@ def _leaf(d: Path, name: str, ca: str, san: str | None = None) -> None:
 def make_pki(d: Path, *, servers: bool = False) -> Pki:
     """The certificates in folder ``d``; ``servers`` also makes :attr:`Pki.rogue_server_cert` and
     :attr:`Pki.other_host_cert`."""
+    d.mkdir(parents=True, exist_ok=True)
     _ca(d, "ca")
     _ca(d, "rogue-ca")
     _leaf(d, "server", "ca", san="IP:127.0.0.1,DNS:localhost")
