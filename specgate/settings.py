@@ -233,7 +233,7 @@ class Settings(BaseSettings):
 
     # --- DICOM SCU (sending results) ---------------------------------------------------------------
     scu_ae_title: str = Field(default="SPECGATE", description="calling AE title of outbound C-STORE/C-ECHO")
-    scu_max_attempts: int = Field(default=5, ge=1, le=100, description="C-STORE attempts per destination")
+    scu_max_attempts: int = Field(default=5, ge=1, le=100, description="C-STORE (or STOW-RS) attempts per destination")
     scu_backoff_seconds: float = Field(default=2.0, ge=0, le=3600,
                                        description="wait before the 2nd attempt; doubles after each")
     scu_backoff_max_seconds: float = Field(default=300.0, ge=0, le=86400, description="cap on one wait")
