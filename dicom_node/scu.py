@@ -185,7 +185,10 @@ def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, S
     ae.connection_timeout = timeout_s
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, list(syntaxes))
-    tls = tls_context(dest)
+    try:
+        tls = tls_context(dest)
+    except OSError as exc:  # ssl.SSLError too: checked at start-up, gone or broken since
+        return None, SendResult(None, f"tls_failed: the destination's TLS files do not load: {exc}", False)
     tls_errors = _recording_handshake(tls[0]) if tls is not None else []
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls,
                          evt_handlers=[(evt.EVT_CONN_OPEN, _bound_socket)])

@@ -137,6 +137,19 @@ def test_mutual_tls_the_peer_requires_our_client_certificate(sqlite_ledger: Ledg
     assert _row(sqlite_ledger, result_id).state == DeliveryState.FAILED and seg_uid not in peer.received_uids()
 
 
+def test_tls_files_gone_since_start_up_fail_the_attempt_with_the_reason(sqlite_ledger: Ledger, pki: Pki,
+                                                                        tmp_path: Path) -> None:
+    result_id, _ = seg_result(sqlite_ledger, tmp_path)
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca.read_bytes())
+    dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port(), tls_ca=ca)
+    ca.unlink()
+    [out] = deliver(sqlite_ledger.sessions, result_id, [dest], actor="worker",
+                    retry_policy=RetryPolicy(max_attempts=2, backoff_s=0, timeout_s=5), sleep=lambda _: None)
+    assert (out.state, out.attempts) == (DeliveryState.FAILED, 2)
+    assert out.error is not None and out.error.startswith("tls_failed: the destination's TLS files do not load: ")
+
+
 def test_settings_refuse_missing_or_unloadable_tls_files(pki: Pki, tmp_path: Path) -> None:
     port = free_port()
     ok = Settings.load(destinations=f"pacs=PACS@127.0.0.1:{port}?tls_ca={pki.ca}&tls_cert={pki.client_cert}"
