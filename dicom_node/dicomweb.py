@@ -32,7 +32,6 @@ same TLS and credentials)::
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 import time
@@ -42,6 +41,7 @@ from typing import Any
 
 import requests
 from dicomweb_client.api import DICOMwebClient
+from pydantic import SecretStr
 from pydicom import Dataset, dcmread
 from requests.adapters import HTTPAdapter
 
@@ -104,12 +104,16 @@ def session(*, ca: Path | None = None, cert: Path | None = None, key: Path | Non
     return s
 
 
-def _secret(value: Any, path: Path | None) -> str | None:
+def _secret(value: SecretStr | None, path: Path | None) -> str | None:
+    """The secret from the settings (an environment variable's, read at start), or read from ``path`` now."""
     if value is not None:
-        return str(value.get_secret_value())
-    if path is not None:
-        return path.read_text(encoding="utf-8").strip()
-    return None
+        return value.get_secret_value()
+    if path is None:
+        return None
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise ValueError(f"{path} is empty")
+    return text
 
 
 def session_for(dest: Destination) -> requests.Session:
@@ -152,7 +156,7 @@ def _body(rsp: requests.Response) -> Dataset:
         return Dataset()
     try:
         return Dataset.from_json(rsp.json())
-    except (ValueError, TypeError, json.JSONDecodeError):
+    except (ValueError, TypeError):  # json.JSONDecodeError is a ValueError
         return Dataset()
 
 
@@ -214,9 +218,9 @@ def store(paths: Sequence[Path], dest: Destination, *, timeout_s: float = 30.0) 
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
     try:
         sess = session_for(dest)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         return SendResult(None, f"cannot read the destination's credentials: {type(exc).__name__}: "
-                                f"{exc.strerror or exc}", True, http=True)
+                                f"{getattr(exc, 'strerror', None) or exc}", True, http=True)
     last = _LastResponse()
     sess.hooks["response"].append(last)
     try:
@@ -241,8 +245,9 @@ def echo(dest: Destination, *, timeout_s: float = 10.0) -> EchoResult:
     t0 = time.monotonic()
     try:
         sess = session_for(dest)
-    except OSError as exc:
-        return EchoResult(False, None, 0.0, f"cannot read the credentials: {exc.strerror or exc}", http=True)
+    except (OSError, ValueError) as exc:
+        return EchoResult(False, None, 0.0, f"cannot read the credentials: {getattr(exc, 'strerror', None) or exc}",
+                          http=True)
     last = _LastResponse()
     sess.hooks["response"].append(last)
     try:

@@ -154,3 +154,20 @@ def test_stow_rs_responses(status: int, body: Dataset, ok: bool, permanent: bool
     assert (r.ok, r.status, r.status_text) == (ok, status, f"HTTP {status}")
     if not ok:
         assert r.permanent is permanent and error is not None and error in (r.error or "")
+
+
+def test_an_empty_or_missing_credentials_file_fails_the_attempt_for_good(tmp_path: Path) -> None:
+    from dicom_node.dicomweb import store
+    from tests.peers import write_ct_series
+
+    series = write_ct_series(tmp_path / "ct", slices=1, size=8)
+    token = tmp_path / "token"
+    token.write_text("\n")
+    dest = Destination(name="web", url="https://127.0.0.1:9/dw", token_file=token)
+    r = store(series.paths, dest)
+    assert (r.ok, r.permanent, r.error) == (False, True, f"cannot read the destination's credentials: ValueError: "
+                                                         f"{token} is empty")
+    token.unlink()  # removed since start-up
+    r = store(series.paths, dest)
+    assert r.permanent and r.error == "cannot read the destination's credentials: FileNotFoundError: " \
+                                      "No such file or directory"
