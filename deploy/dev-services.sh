@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (when missing) and start what specgate's tests and demo need on a Debian machine:
-# PostgreSQL, Redis, dcmtk, Orthanc (and its DICOMweb plugin), dicom3tools, Chromium, and a Compose validator for deploy/compose.yaml. Idempotent; safe to run on every `make test`.
+# PostgreSQL, Redis, dcmtk, Orthanc (with its DICOMweb plugin), dicom3tools, Chromium, and a Compose validator for deploy/compose.yaml. Idempotent; safe to run on every `make test`.
 # Needs root (or sudo) only for what is missing.
 set -euo pipefail
 
@@ -13,8 +13,11 @@ command -v redis-server  >/dev/null 2>&1 || need+=(redis-server)
 # dcmtk by its path: pynetdicom installs a storescu of its own into a virtualenv on PATH
 [ -x /usr/bin/storescu ] && [ -x /usr/bin/storescp ] || need+=(dcmtk)
 command -v Orthanc       >/dev/null 2>&1 || need+=(orthanc)
-# Orthanc's DICOMweb plugin: the archive that the completeness and pull tests ask by QIDO-RS and WADO-RS
+# Orthanc's DICOMweb plugin: the STOW-RS destination tests and the archive that the completeness and pull
+# tests ask by QIDO-RS and WADO-RS (tests.peers.Orthanc(dicomweb=True))
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+# socat: the TLS front (tests.peers.TlsTerminator) of the https DICOMweb destination tests
+command -v socat         >/dev/null 2>&1 || need+=(socat)
 command -v dciodvfy      >/dev/null 2>&1 || need+=(dicom3tools)
 # the review app's browser tests: Debian's Chromium and its ChromeDriver (Selenium downloads nothing)
 [ -x /usr/bin/chromium ]     || need+=(chromium)

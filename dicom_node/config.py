@@ -22,8 +22,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from store import Store, StoreConfig, open_store
 
@@ -83,25 +84,170 @@ class AllowedCaller(BaseModel):
 
 
 class Destination(BaseModel):
-    """One entry of ``SPECGATE_DESTINATIONS``: ``NAME=AE_TITLE@HOST:PORT``."""
+    """One place results go (``SPECGATE_DESTINATIONS``): a DICOM peer by C-STORE (``kind="dimse"``,
+    optionally over TLS) or a DICOMweb server by STOW-RS (``kind="dicomweb"``).
 
-    model_config = ConfigDict(frozen=True)
-    name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    As a string (the environment, or a TOML list of strings): ``NAME=AE_TITLE@HOST:PORT`` or
+    ``NAME=https://host[:port]/path`` (``http://`` too), each optionally followed by ``?key=value&...``
+    naming the options below; as a TOML table (``[[destinations]]``) the same keys. Option values are
+    checked here; that the files exist and the environment variables are set is checked by
+    :class:`specgate.settings.Settings` at start-up (nothing here reads a file or the environment)::
+
+        >>> Destination.parse("pacs=ORTHANC@pacs.local:4242").port
+        4242
+        >>> d = Destination.parse("pacs=PACS@10.0.0.5:2762?tls_ca=/etc/specgate/ca.pem")
+        >>> d.tls, str(d.tls_ca)
+        (True, '/etc/specgate/ca.pem')
+        >>> w = Destination.parse("archive=https://pacs.example.org/dicom-web?token_file=/run/secrets/token")
+        >>> w.kind, w.host, w.port
+        ('dicomweb', 'pacs.example.org', 443)
+        >>> try:
+        ...     Destination.parse("pacs=PACS@10.0.0.5:104?tls_cert=/c.pem")
+        ... except ValueError as exc:
+        ...     print(exc.errors()[0]["msg"])
+        Value error, destination 'pacs': tls_cert and tls_key must be set together, and need tls_ca (the CA that signs the peer's certificate)
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""  # dimse: the peer's AE title (the called AE)
+    host: str = ""  # dimse: given; dicomweb: the URL's host
+    port: int = Field(default=0, ge=0, le=65535)  # dimse: given; dicomweb: the URL's port
+    url: str | None = None  # dicomweb: the base URL (STOW-RS posts to <url>/studies)
+    # TLS (dimse: on when tls_ca is set; dicomweb: https, tls_ca replaces the system's CAs)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None  # our client certificate, for mutual TLS
+    tls_key: Path | None = None
+    tls_verify_hostname: bool = True  # the peer's certificate must name the host we connect to
+    # DICOMweb credentials: a bearer token, or basic credentials; each read from a file or an environment
+    # variable (never written in the settings, the ledger or a log)
+    token_file: Path | None = None
+    token_env: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    # the values of token_env / password_env, filled in by Settings when it reads the environment
+    token: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    password: SecretStr | None = Field(default=None, exclude=True, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*=\s*([^@]+)@(.+):(\d+)\s*", text)
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*=\s*([^?]+?)\s*(?:\?(.*))?", text)
         if not m:
-            raise ValueError(f"destination {text!r} is not of the form NAME=AE_TITLE@HOST:PORT")
-        name, ae, host, port = m.groups()
-        return cls(name=name, ae_title=validate_ae_title(ae, what="destination AE title"),
-                   host=validate_host(host, allow_wildcard=False), port=int(port))
+            raise ValueError(f"destination {text!r} is not of the form NAME=AE_TITLE@HOST:PORT or NAME=https://HOST/PATH")
+        name, target, query = m.groups()
+        options: dict[str, Any] = {}
+        for part in (query or "").split("&"):
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"destination {name!r}: option {part!r} is not KEY=VALUE")
+            options[key.strip()] = value.strip()
+        unknown = sorted(set(options) - _STRING_OPTIONS)
+        if unknown:
+            raise ValueError(f"destination {name!r}: unknown option(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(_STRING_OPTIONS))})")
+        if re.match(r"(?i)https?://", target):
+            return cls(name=name, kind="dicomweb", url=target, **options)
+        d = re.fullmatch(r"([^@]+)@(.+):(\d+)", target)
+        if not d:
+            raise ValueError(f"destination {text!r} is not of the form NAME=AE_TITLE@HOST:PORT or NAME=https://HOST/PATH")
+        ae, host, port = d.groups()
+        return cls(name=name, ae_title=ae, host=host, port=int(port), **options)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dicomweb_from_url(cls, data: Any) -> Any:
+        """A table with a ``url`` and no kind is a DICOMweb destination; its host and port come from it."""
+        if isinstance(data, dict) and data.get("url") and data.get("kind", "dicomweb") == "dicomweb":
+            url = urlsplit(str(data["url"]).strip())
+            if url.scheme.lower() not in ("http", "https") or not url.hostname:
+                raise ValueError(f"destination {data.get('name')!r}: url {data['url']!r} is not an http(s) URL")
+            try:
+                port = url.port or (443 if url.scheme.lower() == "https" else 80)
+            except ValueError as exc:
+                raise ValueError(f"destination {data.get('name')!r}: url {data['url']!r}: {exc}") from None
+            if url.query or url.fragment or url.username or url.password:
+                raise ValueError(f"destination {data.get('name')!r}: url {data['url']!r} must carry no query, "
+                                 "fragment or credentials (give credentials as token_file/password_file)")
+            data = {**data, "kind": "dicomweb", "url": str(data["url"]).strip().rstrip("/"), "host": url.hostname,
+                    "port": port}
+        elif isinstance(data, dict) and data.get("kind", "dimse") == "dimse":
+            where = f"destination {data.get('name')!r}"
+            data = {**data, "ae_title": validate_ae_title(data.get("ae_title", ""), what=f"{where} AE title"),
+                    "host": validate_host(str(data.get("host", "")), allow_wildcard=False)}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Destination:
+        where = f"destination {self.name!r}"
+        if self.kind == "dimse":
+            if not 1 <= self.port <= 65535:
+                raise ValueError(f"{where}: port {self.port} is not 1-65535")
+            web_only = [k for k in _WEB_ONLY if getattr(self, k) is not None]
+            if web_only:
+                raise ValueError(f"{where}: {', '.join(web_only)} belong to a DICOMweb destination (NAME=https://...)")
+        else:
+            if self.url is None:
+                raise ValueError(f"{where}: a DICOMweb destination needs url")
+            if self.ae_title:
+                raise ValueError(f"{where}: a DICOMweb destination has no AE title")
+            if (self.token_file or self.token_env) and (self.username or self.password_file or self.password_env):
+                raise ValueError(f"{where}: a bearer token or basic credentials, not both")
+            if self.token_file and self.token_env:
+                raise ValueError(f"{where}: token_file or token_env, not both")
+            if self.password_file and self.password_env:
+                raise ValueError(f"{where}: password_file or password_env, not both")
+            if bool(self.username) != bool(self.password_file or self.password_env):
+                raise ValueError(f"{where}: basic credentials need username and password_file (or password_env)")
+            if self.tls_ca is not None and not self.https:
+                raise ValueError(f"{where}: tls_ca is set but the url is not https")
+            if self.has_credentials and not self.https and self.host not in _LOOPBACK:
+                raise ValueError(f"{where}: credentials over plain http would cross the network in clear; use https")
+        if (self.tls_cert is None) != (self.tls_key is None) or (self.kind == "dimse" and self.tls_cert is not None
+                                                                and self.tls_ca is None):
+            raise ValueError(f"{where}: tls_cert and tls_key must be set together, and need tls_ca (the CA that "
+                             "signs the peer's certificate)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """True: the connection is TLS (a dimse destination with ``tls_ca``, or an https URL)."""
+        return self.tls_ca is not None if self.kind == "dimse" else self.https
+
+    @property
+    def https(self) -> bool:
+        return self.url is not None and self.url.lower().startswith("https://")
+
+    @property
+    def has_credentials(self) -> bool:
+        return any(x is not None for x in (self.token_file, self.token_env, self.username))
+
+    def files(self) -> list[tuple[str, Path]]:
+        """The files this destination names, by option (for the start-up check that they exist)."""
+        return [(k, p) for k in ("tls_ca", "tls_cert", "tls_key", "token_file", "password_file")
+                if (p := getattr(self, k)) is not None]
+
+    def describe(self) -> str:
+        """Where it is, for people: ``AE@host:port`` (``, TLS``) or the URL."""
+        if self.kind == "dicomweb":
+            return f"STOW-RS {self.url}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
     def __str__(self) -> str:
-        return f"{self.name}={self.ae_title}@{self.host}:{self.port}"
+        """The string form (without secrets: only the names of the files and variables that hold them)."""
+        target = self.url if self.kind == "dicomweb" else f"{self.ae_title}@{self.host}:{self.port}"
+        options = [f"{k}={v}" for k in sorted(_STRING_OPTIONS)
+                   if (v := getattr(self, k)) is not None and not (k == "tls_verify_hostname" and v)]
+        options = [o.replace("=False", "=false") for o in options]
+        return f"{self.name}={target}" + ("?" + "&".join(options) if options else "")
+
+
+_WEB_ONLY = ("url", "token_file", "token_env", "username", "password_file", "password_env")
+_STRING_OPTIONS = frozenset({"tls_ca", "tls_cert", "tls_key", "tls_verify_hostname", *_WEB_ONLY} - {"url"})
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Archive(BaseModel):

@@ -1,5 +1,10 @@
 """Sending results: C-STORE a DICOM-SEG to each destination, with retries and back-off; C-ECHO a peer.
 
+A destination is reached the way its kind says (:func:`send`): C-STORE on one association (over TLS 1.2+
+when it names a ``tls_ca``: :func:`tls_context`; a handshake that fails ends the attempt with a reason that
+names it, ``tls_verify_failed: ...``), or STOW-RS to a DICOMweb server (:mod:`dicom_node.dicomweb`). The
+rows, claim, retries, back-off and audit below are the same for both.
+
 The worker calls :func:`deliver` once a result may be sent (released by the gate, or approved)::
 
     outcomes = deliver(sessions, result_id, settings.destinations, actor="worker",
@@ -24,6 +29,7 @@ association and then neither reads nor answers ends the attempt, it does not han
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,10 +50,13 @@ from ledger.schema import Delivery, DeliveryState, Result, Retraction, Retractio
 from ledger.sql import insert_ignore
 from store import Store, as_store
 
+from . import dicomweb
+from .attempt import EchoResult, SendResult
 from .config import Destination
+from .security import client_ssl_context, tls_reason
 
-__all__ = ["AttemptObserver", "DeliveryOutcome", "EchoResult", "RetryPolicy", "deliver", "deliver_retraction", "echo",
-           "send_files"]
+__all__ = ["AttemptObserver", "DeliveryOutcome", "EchoResult", "RetryPolicy", "SendResult", "deliver",
+           "deliver_retraction", "echo", "send", "send_files", "tls_context"]
 
 log = logging.getLogger("specgate.dicom_node.scu")
 _VERIFICATION = "1.2.840.10008.1.1"
@@ -95,23 +104,6 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class SendResult:
-    """What one C-STORE attempt got."""
-
-    status: int | None  # the DIMSE status, None when no response came
-    error: str | None  # why there was no (successful) response
-    permanent: bool  # True: retrying cannot help
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 0x0000
-
-    @property
-    def warning(self) -> bool:
-        return self.status is not None and (self.status == 0x0001 or 0xB000 <= self.status <= 0xBFFF)
-
-
-@dataclass(frozen=True)
 class DeliveryOutcome:
     destination: str
     state: DeliveryState
@@ -148,6 +140,44 @@ def _bound_socket(event: evt.Event) -> None:
         transport.socket.settimeout(event.assoc.network_timeout)
 
 
+def tls_context(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``dest``: a TLS 1.2+ client context trusting its ``tls_ca`` (with its
+    client certificate for mutual TLS) that checks the peer's certificate names ``dest.host`` (unless
+    ``tls_verify_hostname`` is off), and that host name; None for a destination without TLS."""
+    if not dest.tls or dest.tls_ca is None:
+        return None
+    ctx = client_ssl_context(dest.tls_ca, dest.tls_cert, dest.tls_key, check_hostname=dest.tls_verify_hostname)
+    return ctx, dest.host
+
+
+def _recording_handshake(ctx: ssl.SSLContext) -> list[ssl.SSLError]:
+    """The TLS errors of connections made with ``ctx``, kept for the attempt's reason: pynetdicom catches
+    the handshake's ``ssl.SSLError`` in ``AssociationSocket.connect`` (and a TLS alert that arrives later,
+    in its reader thread) and only logs it. The hook is the standard library's own
+    (``SSLContext.sslsocket_class``: the class ``wrap_socket`` makes)."""
+    errors: list[ssl.SSLError] = []
+
+    class _Recording(ssl.SSLSocket):
+        def connect(self, addr: Any) -> None:
+            try:
+                super().connect(addr)
+            except ssl.SSLError as exc:
+                errors.append(exc)
+                raise
+
+        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+            # TLS 1.3: a server that refuses our client certificate says so after the client's handshake
+            # ended, in an alert that the first read raises
+            try:
+                return super().recv(buflen, flags)
+            except ssl.SSLError as exc:
+                errors.append(exc)
+                raise
+
+    ctx.sslsocket_class = _Recording
+    return errors
+
+
 def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, Sequence[str]]],
                timeout_s: float) -> tuple[Association | None, SendResult | None]:
     ae = AE(ae_title=ae_title)
@@ -155,10 +185,17 @@ def _associate(ae_title: str, dest: Destination, contexts: Sequence[tuple[str, S
     ae.connection_timeout = timeout_s
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, list(syntaxes))
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+    try:
+        tls = tls_context(dest)
+    except OSError as exc:  # ssl.SSLError too: checked at start-up, gone or broken since
+        return None, SendResult(None, f"tls_failed: the destination's TLS files do not load: {exc}", False)
+    tls_errors = _recording_handshake(tls[0]) if tls is not None else []
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls,
                          evt_handlers=[(evt.EVT_CONN_OPEN, _bound_socket)])
     if assoc.is_established:
         return assoc, None
+    if tls_errors:  # the TLS handshake failed: the peer's certificate, or ours
+        return None, SendResult(None, tls_reason(tls_errors[0]), False)
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         result, source, diag = (int(prim.result or 0), int(prim.result_source or 0), int(prim.diagnostic or 0)) \
@@ -206,24 +243,19 @@ def send_files(paths: Sequence[Path], dest: Destination, *, ae_title: str = "SPE
             assoc.release()
 
 
-@dataclass(frozen=True)
-class EchoResult:
-    ok: bool
-    status: int | None
-    seconds: float
-    error: str | None = None
-
-    def describe(self, dest: Destination) -> str:
-        where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
-        if self.ok:
-            return f"{where} answered C-ECHO with status 0x0000 in {self.seconds * 1000:.0f} ms"
-        if self.status is not None:
-            return f"{where} answered C-ECHO with failure status 0x{self.status:04X}"
-        return f"{where} did NOT answer C-ECHO: {self.error}"
+def send(paths: Sequence[Path], dest: Destination, *, ae_title: str = "SPECGATE",
+         timeout_s: float = 30.0) -> SendResult:
+    """One attempt to send ``paths`` to ``dest``, by the protocol its kind names: C-STORE
+    (:func:`send_files`) or STOW-RS (:func:`dicom_node.dicomweb.store`)."""
+    if dest.kind == "dicomweb":
+        return dicomweb.store(paths, dest, timeout_s=timeout_s)
+    return send_files(paths, dest, ae_title=ae_title, timeout_s=timeout_s)
 
 
 def echo(dest: Destination, *, ae_title: str = "SPECGATE", timeout_s: float = 10.0) -> EchoResult:
-    """C-ECHO ``dest`` once."""
+    """C-ECHO ``dest`` once (a DICOMweb destination: one QIDO-RS query, :func:`dicom_node.dicomweb.echo`)."""
+    if dest.kind == "dicomweb":
+        return dicomweb.echo(dest, timeout_s=timeout_s)
     t0 = time.monotonic()
     assoc, failure = _associate(ae_title, dest, [(_VERIFICATION, ["1.2.840.10008.1.2"])], timeout_s)
     if failure is not None:
@@ -371,7 +403,7 @@ def _attempts(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destin
         if wait:
             sleep(wait)
         try:
-            last = send_files(shipment.files, dest, ae_title=policy.ae_title, timeout_s=policy.timeout_s)
+            last = send(shipment.files, dest, ae_title=policy.ae_title, timeout_s=policy.timeout_s)
         except (OSError, ValueError) as exc:  # a file is missing or unreadable: cannot get better
             last = SendResult(None, f"cannot read the files to send: {type(exc).__name__}: {exc}", True)
         final = not last.ok and (last.permanent or n == policy.max_attempts)
@@ -389,8 +421,12 @@ def _attempts(sessions: sessionmaker[Session], shipment: _Shipment, dest: Destin
             row.last_error = last.error
             row.updated_at = utcnow()
             details = {"destination": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
-                       "attempt": row.attempts, "status": None if last.status is None else f"0x{last.status:04X}",
-                       "error": last.error, shipment.owner: shipment.owner_id}
+                       "attempt": row.attempts, "status": last.status_text, "error": last.error,
+                       shipment.owner: shipment.owner_id}
+            if dest.kind == "dicomweb":
+                details |= {"protocol": "STOW-RS", "url": dest.url}
+            elif dest.tls:
+                details["tls"] = True
             if last.ok:
                 row.state, row.sent_at = DeliveryState.SENT, utcnow()
                 audit.append(s, actor=actor, action=f"{object_type}.sent", object_type=object_type,

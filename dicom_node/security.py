@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import AllowedCaller, TLSConfig
 
-__all__ = ["caller_allowed", "client_ssl_context", "normalise_host", "server_ssl_context"]
+__all__ = ["caller_allowed", "client_ssl_context", "normalise_host", "server_ssl_context", "tls_reason"]
 
 
 def normalise_host(host: str) -> str:
@@ -50,13 +50,30 @@ def server_ssl_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def client_ssl_context(ca: Path, cert: Path | None = None, key: Path | None = None,
+def client_ssl_context(ca: Path | None, cert: Path | None = None, key: Path | None = None,
                        *, check_hostname: bool = True) -> ssl.SSLContext:
-    """A TLS 1.2+ client context that trusts ``ca`` and, for mutual TLS, presents ``cert``/``key``."""
+    """A TLS 1.2+ client context that trusts ``ca`` (None: the system's CAs) and, for mutual TLS, presents
+    ``cert``/``key``. Raises ``OSError`` (``ssl.SSLError``) when a file is missing or does not load."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = check_hostname
-    ctx.load_verify_locations(cafile=str(ca))
+    if ca is None:
+        ctx.load_default_certs()
+    else:
+        ctx.load_verify_locations(cafile=str(ca))
     if cert is not None:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key) if key else None)
     return ctx
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    """Why a TLS connection failed, for a delivery attempt's reason: ``tls_verify_failed: certificate verify
+    failed: <why>`` (the peer's certificate did not verify against our CA, or names another host), or
+    ``tls_failed: <OpenSSL's reason>`` (an alert: the peer refused ours)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"tls_verify_failed: certificate verify failed: {exc.verify_message}"
+    reason = str(exc.reason or exc)
+    if "ALERT" in reason or isinstance(exc, ssl.SSLEOFError):
+        return f"tls_failed: {reason} (the peer refused the connection: our client certificate, tls_cert, " \
+               "missing or not trusted by it?)"
+    return f"tls_failed: {reason}"

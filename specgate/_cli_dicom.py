@@ -200,7 +200,8 @@ def _run_receiver(app: AppContext, fd: int) -> None:
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the peer.")
 @pass_app
 def echo_command(app: AppContext, name: str, timeout: float) -> None:
-    """C-ECHO the destination NAME (from SPECGATE_DESTINATIONS) and say whether it answered."""
+    """C-ECHO the destination NAME (from SPECGATE_DESTINATIONS) and say whether it answered (over TLS when it
+    names a tls_ca; a DICOMweb destination: one QIDO-RS query with its credentials)."""
     from dicom_node.scu import echo
     from specgate.settings import SettingsError
 

@@ -25,7 +25,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -179,8 +187,13 @@ class Settings(BaseSettings):
         default_factory=list, description="who may send: AE_TITLE@HOST (HOST may be *), comma-separated in the "
                                           "environment; empty: nobody")
     destinations: Annotated[list[Destination], NoDecode] = Field(
-        default_factory=list, description="where results go: NAME=AE_TITLE@HOST:PORT, comma-separated in the "
-                                          "environment")
+        default_factory=list,
+        description="where results go, comma-separated in the environment: NAME=AE_TITLE@HOST:PORT (C-STORE) or "
+                    "NAME=https://HOST/PATH (DICOMweb STOW-RS), each optionally followed by ?KEY=VALUE&... "
+                    "options: tls_ca, tls_cert, tls_key, tls_verify_hostname (C-STORE over TLS with tls_ca; https), "
+                    "token_file, token_env, username, password_file, password_env (DICOMweb credentials); in TOML "
+                    "also [[destinations]] tables with name, ae_title, host, port or url, and the same keys. "
+                    "The files must exist and the variables be set at start-up")
     study_quiet_seconds: float = Field(default=60.0, gt=0,
                                       description="a study with no new instance this long is complete")
     scp_max_associations: int = Field(default=10, ge=1, le=1000, description="associations open at once")
@@ -222,7 +235,7 @@ class Settings(BaseSettings):
 
     # --- DICOM SCU (sending results) ---------------------------------------------------------------
     scu_ae_title: str = Field(default="SPECGATE", description="calling AE title of outbound C-STORE/C-ECHO")
-    scu_max_attempts: int = Field(default=5, ge=1, le=100, description="C-STORE attempts per destination")
+    scu_max_attempts: int = Field(default=5, ge=1, le=100, description="C-STORE (or STOW-RS) attempts per destination")
     scu_backoff_seconds: float = Field(default=2.0, ge=0, le=3600,
                                        description="wait before the 2nd attempt; doubles after each")
     scu_backoff_max_seconds: float = Field(default=300.0, ge=0, le=86400, description="cap on one wait")
@@ -346,6 +359,37 @@ class Settings(BaseSettings):
     def _parse_callers(cls, v: Any) -> Any:
         v = _split_csv(v)
         return [AllowedCaller.parse(x) if isinstance(x, str) else x for x in v]
+
+    @field_validator("destinations", mode="after")
+    @classmethod
+    def _destinations_usable(cls, v: list[Destination]) -> list[Destination]:
+        """Every file a destination names exists (and a TLS one's certificates load), and every
+        environment variable that holds its credentials is set: read here, once, into the destination
+        (a ``SecretStr``: never shown, dumped or written to the ledger). A token or password file is read
+        again by each attempt (:func:`dicom_node.dicomweb.session_for`), so a rotated token is picked up."""
+        out = []
+        for d in v:
+            for option, path in d.files():
+                if not path.is_file():
+                    raise ValueError(f"destination {d.name!r}: {option} {str(path)!r} is not a file")
+            if d.tls_ca is not None or d.tls_cert is not None:
+                from dicom_node.security import client_ssl_context
+
+                try:
+                    client_ssl_context(d.tls_ca, d.tls_cert, d.tls_key)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    raise ValueError(f"destination {d.name!r}: its TLS files do not load: {exc}") from None
+            secrets: dict[str, SecretStr] = {}
+            for option, field in (("token_env", "token"), ("password_env", "password")):
+                name = getattr(d, option)
+                if name is not None:
+                    value = os.environ.get(name, "")
+                    if not value.strip():
+                        raise ValueError(f"destination {d.name!r}: {option} names {name!r}, which is not set "
+                                         "in the environment")
+                    secrets[field] = SecretStr(value.strip())
+            out.append(d.model_copy(update=secrets) if secrets else d)
+        return out
 
     @field_validator("destinations", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ with ``TCP_NODELAY=1`` in their environment (dcmtk 3.6.7 otherwise waits on Nagl
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -29,9 +30,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 __all__ = [
     "CTSeries",
-    "ORTHANC_DICOMWEB",
     "Orthanc",
     "SeaweedS3",
+    "TlsStoreSCP",
+    "TlsTerminator",
     "dcmtk",
     "free_port",
     "peer_env",
@@ -185,13 +187,28 @@ def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ Orthanc
+_ORTHANC_PLUGINS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
+
+
+def _orthanc_dicomweb_plugin() -> str:
+    """Debian's ``orthanc-dicomweb`` plugin library (``dpkg -L orthanc-dicomweb``)."""
+    for folder in _ORTHANC_PLUGINS:
+        found = sorted(folder.glob("libOrthancDicomWeb.so*")) if folder.is_dir() else []
+        if found:
+            return str(found[0])
+    raise FileNotFoundError("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+
+
 @dataclass
 class Orthanc:
     """An Orthanc PACS (Debian ``Orthanc``) with its own temporary config, storage and free ports.
 
     ``modalities`` maps a name to (AE title, host, port) of the peers it may send to / accept from;
-    ``extra_config`` is merged over the generated configuration (e.g. ``{"Plugins": [...], "DicomWeb":
-    {...}}``, see :data:`ORTHANC_DICOMWEB`).
+    ``extra_config`` is merged over the generated configuration (e.g. ``{"DicomAlwaysAllowFind": True}``).
+    ``dicomweb``: load Debian's DICOMweb plugin (``orthanc-dicomweb``), its root at :attr:`dicomweb_url`.
+    ``users``: HTTP basic credentials Orthanc requires (its ``RegisteredUsers``); this helper's own REST
+    calls use the first. :meth:`stop` and :meth:`start` again keep the ports and the storage (an outage).
+    (Debian's Orthanc 1.10 crashes serving HTTPS itself, ``SslEnabled``: put :class:`TlsTerminator` in front.)
     """
 
     workdir: Path
@@ -199,8 +216,14 @@ class Orthanc:
     modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     http_port: int = 0
     dicom_port: int = 0
+    dicomweb: bool = False
+    users: dict[str, str] = field(default_factory=dict)
     extra_config: dict[str, Any] = field(default_factory=dict)
     _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def start(self, timeout: float = 30.0) -> Orthanc:
         exe = shutil.which("Orthanc")
@@ -219,6 +242,12 @@ class Orthanc:
             "Plugins": [], "StableAge": 1, "ConcurrentJobs": 2, "SaveJobs": False,
             "LogExportedResources": False, "KeepAlive": True, "StorageCompression": False,
         }
+        if self.dicomweb:
+            config["Plugins"] = [_orthanc_dicomweb_plugin()]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}
+        if self.users:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = dict(self.users)
         config.update(self.extra_config)
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))
@@ -257,6 +286,9 @@ class Orthanc:
     def _request(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         with urllib.request.urlopen(req, timeout=timeout) as rsp:
             raw = rsp.read()
         ctype = rsp.headers.get("Content-Type", "")
@@ -283,9 +315,103 @@ class Orthanc:
         return uids
 
 
-#: Orthanc's DICOMweb plugin (Debian ``orthanc-dicomweb``) at ``/dicom-web``: pass as ``extra_config``.
-ORTHANC_DICOMWEB: dict[str, Any] = {"Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
-                                    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+# ------------------------------------------------------------------------------------------ dcmtk storescp over TLS
+@dataclass
+class TlsStoreSCP:
+    """dcmtk's ``storescp`` as a DICOM TLS peer (``+tls key cert``): trusting ``ca`` for client
+    certificates and, with ``require_client_cert``, refusing a caller without one (``-rc``; else ``-ic``).
+    Received files land in ``workdir/received``."""
+
+    workdir: Path
+    cert: Path
+    key: Path
+    ca: Path
+    require_client_cert: bool = False
+    aet: str = "TLSPEER"
+    port: int = 0
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def received(self) -> Path:
+        return self.workdir / "received"
+
+    def received_uids(self) -> set[str]:
+        """SOP Instance UIDs of the files received (storescp names them MODALITY.UID)."""
+        return {p.name.split(".", 1)[1] for p in self.received.iterdir() if "." in p.name}
+
+    def start(self, timeout: float = 20.0) -> TlsStoreSCP:
+        self.received.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        args = [dcmtk_path("storescp"), "+tls", str(self.key), str(self.cert), "+cf", str(self.ca),
+                "-rc" if self.require_client_cert else "-ic", "-aet", self.aet, "-od", str(self.received),
+                str(self.port)]
+        log = open(self.workdir / "storescp.log", "ab")
+        self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=peer_env())
+        wait_for(self._listening, timeout=timeout, what=f"storescp +tls on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"storescp exited with {self._proc.returncode}: "
+                               f"{(self.workdir / 'storescp.log').read_text(errors='replace')[-2000:]}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        self._proc = None
+
+    def __enter__(self) -> TlsStoreSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------------------------------ TLS in front of HTTP
+@dataclass
+class TlsTerminator:
+    """``socat`` terminating TLS on a free port and forwarding each connection to ``upstream`` (an HTTP
+    port on 127.0.0.1): an https front for a server that speaks plain HTTP. With ``client_ca``, a client
+    must present a certificate that CA signed (mutual TLS)."""
+
+    workdir: Path
+    cert: Path
+    key: Path
+    upstream: int
+    client_ca: Path | None = None
+    port: int = 0
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> TlsTerminator:
+        exe = shutil.which("socat")
+        if exe is None:
+            raise FileNotFoundError("socat is not installed (apt-get install socat)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        verify = f"verify=1,cafile={self.client_ca}" if self.client_ca else "verify=0"
+        listen = f"OPENSSL-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,cert={self.cert},key={self.key},{verify}"
+        log = open(self.workdir / "socat.log", "ab")
+        self._proc = subprocess.Popen([exe, listen, f"TCP:127.0.0.1:{self.upstream}"], stdout=log,
+                                      stderr=subprocess.STDOUT)
+        wait_for(self._listening, timeout=timeout, what=f"socat TLS on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"socat exited with {self._proc.returncode}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        self._proc = None
+
+    def __enter__(self) -> TlsTerminator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # ------------------------------------------------------------------------------------------ SeaweedFS (S3)

@@ -22,7 +22,7 @@ from dicom_node.assembler import Assembler, AssemblyResult
 from dicom_node.config import Archive, AssemblyConfig, CompletenessConfig, SeriesRule
 from ledger.schema import Job, Study, utcnow
 from tests.integration.dicom_node.helpers import CALLER, Ledger, store
-from tests.peers import ORTHANC_DICOMWEB, CTSeries, Orthanc, free_port, wait_for, write_ct_series
+from tests.peers import CTSeries, Orthanc, free_port, wait_for, write_ct_series
 
 QUIET = 30.0
 WAIT = 120.0
@@ -31,7 +31,7 @@ WAIT = 120.0
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     # Orthanc answers C-FIND only from peers it knows, unless told to answer anyone
-    with Orthanc(tmp_path_factory.mktemp("orthanc"), extra_config={**ORTHANC_DICOMWEB, "DicomAlwaysAllowFind": True}) as o:
+    with Orthanc(tmp_path_factory.mktemp("orthanc"), dicomweb=True, extra_config={"DicomAlwaysAllowFind": True}) as o:
         yield o
 
 
@@ -208,7 +208,7 @@ def test_dicomweb_archive_with_credentials_from_a_file(tmp_path: Path) -> None:
 
     a, b = two_series_study(tmp_path / "in")
     users = {"AuthenticationEnabled": True, "RegisteredUsers": {"specgate": "pa55-qr-9"}}
-    with Orthanc(tmp_path / "orthanc", extra_config={**ORTHANC_DICOMWEB, **users}) as o:
+    with Orthanc(tmp_path / "orthanc", dicomweb=True, extra_config=users) as o:
         for p in (*a.paths, *b.paths):  # its REST API wants the same credentials now
             req = urllib.request.Request(f"http://127.0.0.1:{o.http_port}/instances", data=p.read_bytes(),
                                          method="POST", headers={"Authorization": "Basic " + base64.b64encode(

@@ -20,7 +20,7 @@ from ledger.schema import Instance, Job, JobState, utcnow
 from specgate.cli import main
 from tests.integration.dicom_node.helpers import CALLER, Ledger, store
 from tests.integration.dicom_node.test_archive_completeness import two_series_study
-from tests.peers import ORTHANC_DICOMWEB, Orthanc, free_port
+from tests.peers import Orthanc, free_port
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def node(sqlite_ledger: Ledger, start_scp, tmp_path: Path) -> Iterator[tuple[Led
     port = free_port()
     start_scp(sqlite_ledger, scp_port=port, allowed_callers=f"{CALLER}@127.0.0.1,ORTHANC@127.0.0.1")
     with Orthanc(tmp_path / "orthanc", modalities={"specgate": ("SPECGATE", "127.0.0.1", port)},
-                 extra_config=ORTHANC_DICOMWEB) as orthanc:
+                 dicomweb=True) as orthanc:
         yield sqlite_ledger, port, orthanc
 
 

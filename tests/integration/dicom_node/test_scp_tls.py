@@ -4,8 +4,6 @@ no certificate or an untrusted one is refused during the handshake, audited, and
 from __future__ import annotations
 
 import ssl
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,47 +13,12 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from dicom_node.security import client_ssl_context
 from tests.integration.dicom_node.helpers import CALLER, Ledger
 from tests.peers import wait_for, write_ct_series
-
-
-@dataclass
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_cert: Path
-    rogue_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
-
-
-def _leaf(d: Path, name: str, ca: str, san: str | None = None) -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", cwd=d)
-    ext = d / f"{name}.ext"
-    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-days", "2", "-out", f"{name}.pem", "-extfile", str(ext), cwd=d)
+from tests.pki import Pki, make_pki
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "rogue-ca")
-    _leaf(d, "server", "ca", san="IP:127.0.0.1,DNS:localhost")
-    _leaf(d, "client", "ca")
-    _leaf(d, "rogue", "rogue-ca")
-    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key",
-               d / "rogue.pem", d / "rogue.key")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ the counts at the source and held per series, or ``archive_unreachable``), which
 the job's evidence and the rule's ``when_incomplete`` reads. All NULL for a study whose source has no
 archive, and for every row made before this revision.
 
-Revision ID: 0014
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-06
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-revision: str = "0014"
-down_revision: str | None = "0010"
+revision: str = "0012"
+down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
