@@ -40,6 +40,8 @@ from dicom_node.config import (
     NodeConfig,
     ReceiveLimits,
     SeriesRule,
+    StowConfig,
+    StowToken,
     TLSConfig,
     validate_ae_title,
     validate_host,
@@ -218,6 +220,20 @@ class Settings(BaseSettings):
     scp_max_inflated_bytes: int = Field(default=256 << 20, ge=1 << 20, le=1 << 40,
                                         description="what a deflated data set may inflate to; more: 0xC000")
 
+    # --- STOW-RS (DICOMweb in, run by specgate scp; dicom_node.stow) -------------------------------------
+    stow_port: int = Field(default=0, ge=0, le=65535,
+                           description="HTTPS port of the STOW-RS endpoint (POST /studies); 0: off")
+    stow_host: str = Field(default="127.0.0.1", description="address the STOW-RS endpoint listens on")
+    stow_tls_cert: Path | None = Field(default=None, description="the STOW-RS endpoint's certificate (PEM); "
+                                                                 "required with stow_port")
+    stow_tls_key: Path | None = Field(default=None, description="the private key of stow_tls_cert")
+    stow_tls_ca: Path | None = Field(default=None,
+                                     description="CA whose client certificates authenticate a caller (named "
+                                                 "by the certificate's common name)")
+    stow_tokens: Annotated[list[StowToken], NoDecode] = Field(
+        default_factory=list, description="callers allowed by bearer token: NAME:SHA256 (hex SHA-256 of the "
+                                          "token, never the token), comma-separated in the environment")
+
     # --- DICOM SCU (sending results) ---------------------------------------------------------------
     scu_ae_title: str = Field(default="SPECGATE", description="calling AE title of outbound C-STORE/C-ECHO")
     scu_max_attempts: int = Field(default=5, ge=1, le=100, description="C-STORE attempts per destination")
@@ -333,6 +349,12 @@ class Settings(BaseSettings):
         v = _split_csv(v)
         return [Destination.parse(x) if isinstance(x, str) else x for x in v]
 
+    @field_validator("stow_tokens", mode="before")
+    @classmethod
+    def _parse_stow_tokens(cls, v: Any) -> Any:
+        v = _split_csv(v)
+        return [StowToken.parse(x) if isinstance(x, str) else x for x in v]
+
     @field_validator("scp_ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
@@ -343,7 +365,7 @@ class Settings(BaseSettings):
     def _scu_ae(cls, v: str) -> str:
         return validate_ae_title(v, what="SCU AE title")
 
-    @field_validator("scp_host", "metrics_host")
+    @field_validator("scp_host", "metrics_host", "stow_host")
     @classmethod
     def _host(cls, v: str) -> str:
         return validate_host(v, allow_wildcard=False)
@@ -429,6 +451,23 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"destination names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _stow_consistent(self) -> Settings:
+        if not self.stow_port:
+            return self
+        if self.stow_tls_cert is None or self.stow_tls_key is None:
+            raise ValueError("stow_port needs stow_tls_cert and stow_tls_key: the STOW-RS endpoint is HTTPS only "
+                             "(bearer tokens and patient data never cross the network in clear)")
+        if not self.stow_tokens and self.stow_tls_ca is None:
+            raise ValueError("stow_port needs stow_tokens or stow_tls_ca: no caller could authenticate")
+        if self.stow_port in (self.scp_port, self.scp_metrics_port):
+            raise ValueError(f"stow_port {self.stow_port} is also the SCP's DICOM or metrics port")
+        names = [t.name for t in self.stow_tokens]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stow_tokens names must be unique, repeated: {', '.join(dupes)}")
         return self
 
     @model_validator(mode="after")
@@ -525,6 +564,13 @@ class Settings(BaseSettings):
                                  sequence_depth=self.scp_max_sequence_depth,
                                  inflated_bytes=self.scp_max_inflated_bytes),
             accept_deflated=self.scp_accept_deflated, data_dir=self.data_dir, store=self.store_config())
+
+    def stow_config(self) -> StowConfig | None:
+        """What :mod:`dicom_node.stow` needs; None when the endpoint is off (``stow_port`` 0)."""
+        if not self.stow_port or self.stow_tls_cert is None or self.stow_tls_key is None:
+            return None
+        return StowConfig(tls=TLSConfig(cert=self.stow_tls_cert, key=self.stow_tls_key, ca=self.stow_tls_ca),
+                          host=self.stow_host, port=self.stow_port, tokens=tuple(self.stow_tokens))
 
     def assembly_config(self) -> AssemblyConfig:
         """What :class:`dicom_node.assembler.Assembler` needs."""
