@@ -35,6 +35,7 @@ from dicom_node.prometheus import StowMetrics
 from dicom_node.security import client_ssl_context
 from dicom_node.stow import StowServer
 from ledger.schema import Instance, Job, utcnow
+from specgate.health import run_checks
 from specgate.settings import Settings
 from tests.integration.dicom_node.helpers import CALLER, Ledger, with_payload
 from tests.integration.dicom_node.test_scp_tls import Pki, pki  # noqa: F401 - the SCP's test CA, reused
@@ -194,6 +195,19 @@ def test_specgate_scp_serves_stow_rs_to_curl(scp_process, sqlite_ledger: Ledger,
     with sqlite_ledger.sessions() as s:
         callers = dict(s.execute(select(Instance.sop_instance_uid, Instance.calling_ae)).all())
     assert {callers[u] for u in series.sop_instance_uids} == {CALLER_NAME}
+
+
+def test_health_reports_the_endpoint(sqlite_ledger: Ledger, start_stow, pki: Pki) -> None:  # noqa: F811
+    server = start_stow(sqlite_ledger)
+    settings = Settings.load(data_dir=sqlite_ledger.data_dir, database_url=sqlite_ledger.url,
+                             stow_port=server.address[1], stow_tls_cert=pki.server_cert,
+                             stow_tls_key=pki.server_key, stow_tokens=f"{CALLER_NAME}:{_sha(TOKEN)}")
+    [check] = run_checks(settings, only=("stow",))
+    assert check.ok and "401 without credentials" in check.detail and "TLSv1." in check.detail, check.detail
+    assert sqlite_ledger.audit("stow.request_refused") == []  # a probe is not an audit event
+    server.stop()
+    [check] = run_checks(settings, only=("stow",), timeout_s=2)
+    assert not check.ok and f":{settings.stow_port}" in check.detail, check.detail
 
 
 def _accepts(port: int) -> bool:
