@@ -27,17 +27,29 @@ from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
+from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from dicom_node.assembler import Assembler
 from dicom_node.config import AssemblyConfig, SeriesRule
 from dicom_node.prometheus import StowMetrics
 from dicom_node.security import client_ssl_context
+from dicom_node.sink import file_meta
 from dicom_node.stow import StowServer
 from ledger.schema import Instance, Job, utcnow
 from specgate.health import run_checks
 from specgate.settings import Settings
-from tests.integration.dicom_node.helpers import CALLER, Ledger, with_payload
+from tests.integration.dicom_node.helpers import (
+    CALLER,
+    PIXEL_BLOCK,
+    Ledger,
+    encode_dataset,
+    explicit_long,
+    image_header,
+    repeated,
+    stored_files,
+    with_payload,
+)
 from tests.integration.dicom_node.test_scp_tls import Pki, pki  # noqa: F401 - the SCP's test CA, reused
 from tests.peers import dcmtk, free_port, wait_for, write_ct_series
 
@@ -84,13 +96,15 @@ def _multipart(parts: Sequence[bytes], *, close: bool = True) -> bytes:
     return body + (f"--{BOUNDARY}--\r\n".encode() if close else b"")
 
 
-def _post(server: StowServer, pki: Pki, body: bytes | Any, *, study: str | None = None,  # noqa: F811
+def _post(server: StowServer | str, pki: Pki, body: bytes | Any, *, study: str | None = None,  # noqa: F811
           token: str | None = TOKEN, content_type: str | None = None) -> httpx.Response:
+    """POST ``body`` (bytes, or an iterator of bytes: sent chunked) to the server (or its base URL)."""
+    url = _url(server, study) if isinstance(server, StowServer) else server + (f"/{study}" if study else "")
     headers = {"Content-Type": content_type or f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     with httpx.Client(verify=client_ssl_context(pki.ca), timeout=30) as client:
-        return client.post(_url(server, study), content=body, headers=headers)
+        return client.post(url, content=body, headers=headers)
 
 
 def _nothing_half_written(ledger: Ledger) -> None:
@@ -195,6 +209,37 @@ def test_specgate_scp_serves_stow_rs_to_curl(scp_process, sqlite_ledger: Ledger,
     with sqlite_ledger.sessions() as s:
         callers = dict(s.execute(select(Instance.sop_instance_uid, Instance.calling_ae)).all())
     assert {callers[u] for u in series.sop_instance_uids} == {CALLER_NAME}
+
+
+def test_a_large_part_is_streamed_to_disk(scp_process, sqlite_ledger: Ledger, pki: Pki,  # noqa: F811
+                                          tmp_path: Path) -> None:
+    """A 64 MiB multi-frame sent chunked to ``specgate scp``: its peak memory does not grow with it."""
+    stow_port = free_port()
+    scp = scp_process(stow_port=str(stow_port), stow_tls_cert=str(pki.server_cert), stow_tls_key=str(pki.server_key),
+                      stow_tokens=f"{CALLER_NAME}:{_sha(TOKEN)}")
+    wait_for(lambda: _accepts(stow_port), timeout=30, what="specgate scp's STOW-RS port")
+    url = f"https://127.0.0.1:{stow_port}/studies"
+    warm = write_ct_series(tmp_path / "warm", slices=1, size=32)  # the first request imports what later ones use
+    assert _post(url, pki, _multipart([warm.paths[0].read_bytes()])).status_code == 200
+    frames = 128
+    pixels = 512 * 512 * 2 * frames
+    ds = image_header(frames=frames)
+    head = (file_meta(CTImageStorage, ds.SOPInstanceUID, "1.2.840.10008.1.2.1", "ANY") + encode_dataset(ds)
+            + explicit_long(0x7FE00010, b"OW", pixels))
+
+    def body() -> Iterator[bytes]:
+        yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + head
+        yield from repeated(pixels, PIXEL_BLOCK)
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    with scp.memory() as memory:
+        r = _post(url, pki, body())
+    assert r.status_code == 200 and _stored(r) == [ds.SOPInstanceUID], r.text
+    assert memory.grown_mib < 32, f"peak memory grew by {memory.grown_mib:.0f} MiB for a 64 MiB part"
+    [path] = [f for f in stored_files(scp) if f.name == f"{ds.SOPInstanceUID}.dcm"]
+    sent = len(encode_dataset(ds)) + 12 + pixels  # the data set as sent, behind the file meta we write
+    assert path.stat().st_size == len(file_meta(CTImageStorage, ds.SOPInstanceUID, "1.2.840.10008.1.2.1",
+                                                CALLER_NAME)) + sent
 
 
 def test_health_reports_the_endpoint(sqlite_ledger: Ledger, start_stow, pki: Pki) -> None:  # noqa: F811
