@@ -334,14 +334,17 @@ class InstanceReceiver:
     def __init__(self, spool: Spool, sessions: sessionmaker[Session], *, actor: str = "dicom_node.scp",
                  image_sop_classes: frozenset[str] | None = None,
                  on_stored: Callable[[int, str], None] | None = None, metrics: InstanceCounters | None = None,
-                 data_dir: Path | None = None, remote_store: bool = False) -> None:
-        """``remote_store``: instances go on to an object store (:class:`dicom_node.uploader.Uploader`):
+                 data_dir: Path | None = None, remote_store: bool = False, protocol: str = "C-STORE") -> None:
+        """``protocol``: how instances arrive, ``C-STORE`` (a refusal's audit row is about the association,
+        ``object_type`` "association") or ``STOW-RS`` (about the HTTP request, "http_request").
+        ``remote_store``: instances go on to an object store (:class:`dicom_node.uploader.Uploader`):
         their row is written without a store key, which the upload sets."""
         self.spool = spool
         self.data_dir = data_dir
         self.remote_store = remote_store
         self.sessions = sessions
         self.actor = actor
+        self.protocol = protocol
         self.image_sop_classes = image_sop_classes
         self.on_stored = on_stored
         self.metrics = metrics
@@ -505,7 +508,7 @@ class InstanceReceiver:
 
     def _audit_refusal(self, refusal: Refused, rq_class: str, rq_instance: str, calling_ae: str,
                        address: str) -> None:
-        log.warning("C-STORE from %s@%s refused: 0x%04X %s (%s)", calling_ae, address, refusal.status,
+        log.warning("%s from %s@%s refused: 0x%04X %s (%s)", self.protocol, calling_ae, address, refusal.status,
                     refusal.reason, refusal.detail)
         if self.metrics is not None:
             self.metrics.instance_refused(refusal.reason, refusal.status)
@@ -521,6 +524,7 @@ class InstanceReceiver:
         try:
             with session_scope(self.sessions) as s:
                 audit.append(s, actor=calling_ae or "unknown", action="instance.refused",
-                             object_type="association", object_id=address, details=details)
+                             object_type="association" if self.protocol == "C-STORE" else "http_request",
+                             object_id=address, details=details)
         except DatabaseUnavailable as exc:
-            log.error("could not audit a refused C-STORE (ledger unavailable): %s", exc)
+            log.error("could not audit a refused %s (ledger unavailable): %s", self.protocol, exc)

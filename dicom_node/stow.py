@@ -540,8 +540,9 @@ class StowServer:
         """The endpoint that stores as ``node``'s SCP does: its spool, ledger, store, bounds, the SOP
         classes and transfer syntaxes its C-STORE accepts (the deflated one only when it is negotiated)."""
         spool = spool or Spool(node.spool_dir, watermark_percent=node.spool_watermark_percent).open()
-        receiver = InstanceReceiver(spool, sessions, actor="dicom_node.stow", image_sop_classes=IMAGE_STORAGE_SOP_CLASSES,
-                                    metrics=metrics, data_dir=node.data_dir,
+        receiver = InstanceReceiver(spool, sessions, actor="dicom_node.stow", protocol="STOW-RS",
+                                    image_sop_classes=IMAGE_STORAGE_SOP_CLASSES, metrics=metrics,
+                                    data_dir=node.data_dir,
                                     remote_store=(node.store is not None and node.store.kind != "fs"))
         syntaxes = frozenset(ts for ts in TRANSFER_SYNTAXES if node.accept_deflated or ts != DEFLATED)
         return cls(config, node.limits, receiver, sessions, sop_classes=IMAGE_STORAGE_SOP_CLASSES,

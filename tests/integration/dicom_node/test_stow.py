@@ -315,7 +315,7 @@ def test_wrong_study_junk_and_bad_content_are_refused_per_part(pg_ledger: Ledger
     assert pg_ledger.count() == 1
     reasons = [e.details["reason"] for e in pg_ledger.audit("instance.refused")]
     assert reasons == ["study_mismatch", "not_part10", "element_too_long"]
-    assert {e.actor for e in pg_ledger.audit("instance.refused")} == {CALLER_NAME}
+    assert {(e.actor, e.object_type) for e in pg_ledger.audit("instance.refused")} == {(CALLER_NAME, "http_request")}
     refused = "specgate_stow_instances_refused_total"
     assert registry.get_sample_value(refused, {"reason": "study_mismatch", "status": "0xA900"}) == 1
     assert registry.get_sample_value(refused, {"reason": "element_too_long", "status": "0xC000"}) == 1
@@ -389,6 +389,27 @@ def test_settings_refuse_an_endpoint_nobody_can_use(tmp_path: Path, pki: Pki) ->
     with pytest.raises(ValueError, match="NAME:SHA256"):
         Settings.load(data_dir=tmp_path, stow_tokens="A:plain-token")
     assert Settings.load(data_dir=tmp_path).stow_config() is None
+
+
+def test_full_spool_and_a_reused_uid_are_answered_as_for_c_store(pg_ledger: Ledger, start_stow, start_scp,
+                                                                 pki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    first = write_ct_series(tmp_path / "first", slices=1, size=32)
+    # the same SOP Instance UID in another study: 0xC409 uid_conflict, the first copy kept
+    reused = dcmread(first.paths[0])
+    reused.StudyInstanceUID, reused.SeriesInstanceUID = generate_uid(), generate_uid()
+    reused.save_as(tmp_path / "reused.dcm")
+    scp = start_scp(pg_ledger)
+    assert dcmtk("storescu", "-aet", CALLER, "-aec", "SPECGATE", *map(str, scp.address),
+                 str(first.paths[0])).returncode == 0
+    r = _post(start_stow(pg_ledger), pki, _multipart([(tmp_path / "reused.dcm").read_bytes()]))
+    assert r.status_code == 409 and _failed(r) == [(first.sop_instance_uids[0], 0xC409)]
+    # the spool's disk above the watermark: 0xA700, nothing kept
+    other = write_ct_series(tmp_path / "other", slices=1, size=32)
+    r = _post(start_stow(pg_ledger, spool_disk_watermark_percent=0.001), pki,
+              _multipart([other.paths[0].read_bytes()]))
+    assert r.status_code == 409 and _failed(r) == [(other.sop_instance_uids[0], 0xA700)]
+    assert [e.details["reason"] for e in pg_ledger.audit("instance.refused")] == ["uid_conflict", "disk_watermark"]
+    assert pg_ledger.count() == 1 and len(pg_ledger.spool_files()) == 1
 
 
 def test_sop_class_and_transfer_syntax_not_accepted(sqlite_ledger: Ledger, start_stow, pki: Pki,  # noqa: F811
