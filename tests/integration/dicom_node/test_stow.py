@@ -36,9 +36,11 @@ from dicom_node.prometheus import StowMetrics
 from dicom_node.security import client_ssl_context
 from dicom_node.sink import file_meta
 from dicom_node.stow import StowServer
+from dicom_node.uploader import Uploader
 from ledger.schema import Instance, Job, utcnow
 from specgate.health import run_checks
 from specgate.settings import Settings
+from store import instance_key, open_store
 from tests.integration.dicom_node.helpers import (
     CALLER,
     PIXEL_BLOCK,
@@ -51,7 +53,7 @@ from tests.integration.dicom_node.helpers import (
     with_payload,
 )
 from tests.integration.dicom_node.test_scp_tls import Pki, pki  # noqa: F401 - the SCP's test CA, reused
-from tests.peers import dcmtk, free_port, wait_for, write_ct_series
+from tests.peers import SeaweedS3, dcmtk, free_port, wait_for, write_ct_series
 
 TOKEN = "stow-token-for-the-ris"
 CALLER_NAME = "RIS01"
@@ -148,6 +150,25 @@ def test_dicomweb_client_stores_a_study_durably(pg_ledger: Ledger, start_stow, p
     again = client.store_instances([dcmread(p) for p in series.paths])
     assert len(again.ReferencedSOPSequence) == 4 and pg_ledger.count() == 4
     assert registry.get_sample_value("specgate_stow_instances_stored_total", {"modality": "CT"}) == 8
+    session.close()  # (an idle keep-alive connection would hold the server's graceful stop)
+
+
+def test_with_an_object_store_stow_instances_are_uploaded(pg_ledger: Ledger, start_stow, pki: Pki,  # noqa: F811
+                                                         s3_server: SeaweedS3, tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=2, size=32)
+    s3 = {"store": "s3", "s3_endpoint_url": s3_server.endpoint_url, "s3_bucket": s3_server.bucket,
+          "s3_access_key": s3_server.access_key, "s3_secret_key": s3_server.secret_key,
+          "s3_prefix": f"stow-{tmp_path.name[-12:]}"}
+    server = start_stow(pg_ledger, **s3)
+    assert _post(server, pki, _multipart([p.read_bytes() for p in series.paths])).status_code == 200
+    with pg_ledger.sessions() as s:  # acknowledged from the spool; the upload sets the key
+        assert list(s.execute(select(Instance.store_key)).scalars()) == [None, None]
+    settings = Settings.load(data_dir=pg_ledger.data_dir, database_url=pg_ledger.url, **s3)
+    files = open_store(settings.store_config(), settings.data_dir)
+    assert Uploader(pg_ledger.sessions, files, settings.data_dir).run_once() == 2
+    with pg_ledger.sessions() as s:
+        rows = s.execute(select(Instance.store_key, Instance.sha256)).all()
+    assert all(key == instance_key(sha) and files.exists(key) for key, sha in rows)
 
 
 def test_client_certificate_authenticates_without_a_token(sqlite_ledger: Ledger, start_stow, pki: Pki,  # noqa: F811
