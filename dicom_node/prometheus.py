@@ -56,7 +56,7 @@ ABORT_REASONS = frozenset({"protocol_error", "pdu_too_long", "command_too_long",
 
 #: Why the STOW-RS endpoint refuses a whole request (:mod:`dicom_node.stow`): a fixed set.
 STOW_REQUEST_REFUSALS = frozenset({"unauthenticated", "forbidden", "unsupported_media_type", "malformed",
-                                   "too_large"})
+                                   "too_large", "timeout"})
 
 
 def modality_label(modality: str | None) -> str:

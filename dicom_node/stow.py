@@ -36,7 +36,8 @@ Answers (the response body is a PS3.18 Store Instances Response, ``application/d
   transfer syntax we do not accept, 0x0110 for an error of ours);
 * 400 a body that is not a multipart body (no parts, a part cut short, no closing boundary), or a study in
   the URL that is not a UID; 415 another content type; 413 a body longer than ``association_bytes``
-  (declared, or once that many bytes arrived): nothing more is read. Parts stored before a 400 or 413 stay
+  (declared, or once that many bytes arrived): nothing more is read; 408 a body silent for
+  ``idle_timeout_s`` (the association's network timeout); 503 more than ``max_connections`` at once. Parts stored before a 400 or 413 stay
   stored (each was durable and answered nowhere else; sending them again is answered as a duplicate).
 
 Nothing about a data set is logged: no patient names or IDs.
@@ -435,7 +436,15 @@ class _Endpoint:
         try:
             parser = MultipartParser(boundary, upload.callbacks())  # type: ignore[arg-type]
             total = 0
-            async for chunk in request.stream():
+            body = request.stream()
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(body), self.config.idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise _Refusal(408, "timeout", f"no part of the body for {self.config.idle_timeout_s:g} s",
+                                   headers={"Connection": "close"}) from None
                 total += len(chunk)
                 if total > bound:
                     raise _Refusal(413, "too_large", f"a body of more than {bound} bytes")
@@ -561,7 +570,9 @@ class StowServer:
         assert tls_context is not None
         config = uvicorn.Config(self.app, host=c.host, port=c.port, http=_ClientCertificateH11, lifespan="off",
                                 log_config=None, access_log=False, ssl_certfile=str(c.tls.cert),
-                                ssl_keyfile=str(c.tls.key), timeout_graceful_shutdown=10)
+                                ssl_keyfile=str(c.tls.key), timeout_graceful_shutdown=10,
+                                # (uvicorn counts the connection asking: N + 1 serves N at once)
+                                limit_concurrency=c.max_connections + 1)
         config.load()
         config.ssl = tls_context  # the node's own context: TLS 1.2+, client certificates against tls.ca
         sock = socket.socket(socket.AF_INET6 if ":" in c.host else socket.AF_INET, socket.SOCK_STREAM)

@@ -570,7 +570,8 @@ class Settings(BaseSettings):
         if not self.stow_port or self.stow_tls_cert is None or self.stow_tls_key is None:
             return None
         return StowConfig(tls=TLSConfig(cert=self.stow_tls_cert, key=self.stow_tls_key, ca=self.stow_tls_ca),
-                          host=self.stow_host, port=self.stow_port, tokens=tuple(self.stow_tokens))
+                          host=self.stow_host, port=self.stow_port, tokens=tuple(self.stow_tokens),
+                          max_connections=self.scp_max_associations, idle_timeout_s=self.scp_network_timeout)
 
     def assembly_config(self) -> AssemblyConfig:
         """What :class:`dicom_node.assembler.Assembler` needs."""

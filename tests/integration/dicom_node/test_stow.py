@@ -401,6 +401,43 @@ def test_past_the_request_bound_is_413(sqlite_ledger: Ledger, start_stow, pki: P
     _nothing_half_written(sqlite_ledger)
 
 
+def test_a_silent_body_ends_with_408_and_nothing_kept(sqlite_ledger: Ledger, start_stow, pki: Pki,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=1, size=32)
+    server = start_stow(sqlite_ledger, scp_network_timeout=1)
+    ctx = client_ssl_context(pki.ca)
+    host, port = server.address
+    part = _multipart([series.paths[0].read_bytes()])
+    half = part[:len(part) // 2]  # into the pixel data: a temporary file exists when the sender falls silent
+    with socket.create_connection((host, port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        tls.sendall((f"POST /studies HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}\r\n'
+                     f"Content-Length: {len(part)}\r\n\r\n").encode() + half)
+        answer = tls.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert [e.details["reason"] for e in sqlite_ledger.audit("stow.request_refused")] == ["timeout"]
+    assert sqlite_ledger.count() == 0
+    _nothing_half_written(sqlite_ledger)
+
+
+def test_connections_past_the_association_limit_get_503(sqlite_ledger: Ledger, start_stow, pki: Pki,  # noqa: F811
+                                                        tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=1, size=32)
+    server = start_stow(sqlite_ledger, scp_max_associations=1)
+    host, port = server.address
+    part = _multipart([series.paths[0].read_bytes()])
+    with socket.create_connection((host, port), timeout=30) as raw, \
+            client_ssl_context(pki.ca).wrap_socket(raw, server_hostname=host) as busy:
+        busy.sendall((f"POST /studies HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                      f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}\r\n'
+                      f"Content-Length: {len(part)}\r\n\r\n").encode() + part[:100])
+        assert _post(server, pki, part).status_code == 503
+        busy.sendall(part[100:])  # the first one completes
+        assert busy.recv(4096).startswith(b"HTTP/1.1 200")
+    assert sqlite_ledger.count() == 1
+
+
 def test_settings_refuse_an_endpoint_nobody_can_use(tmp_path: Path, pki: Pki) -> None:  # noqa: F811
     with pytest.raises(ValueError, match="stow_tls_cert and stow_tls_key"):
         Settings.load(data_dir=tmp_path, stow_port=free_port(), stow_tokens=f"A:{_sha('x')}")
