@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
-from pydicom.uid import generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
@@ -487,3 +488,20 @@ def test_sop_class_and_transfer_syntax_not_accepted(sqlite_ledger: Ledger, start
     assert [reason for _, reason in _failed(r)] == [0x0122, 0xC122]
     _nothing_half_written(sqlite_ledger)
 
+
+def test_deflated_only_when_the_node_accepts_it(sqlite_ledger: Ledger, start_stow, pki: Pki,  # noqa: F811
+                                                tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=1, size=64)
+    ds = dcmread(series.paths[0])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body = _multipart([path.read_bytes()])
+    r = _post(start_stow(sqlite_ledger), pki, body)  # scp_accept_deflated off: as C-STORE does not negotiate it
+    assert r.status_code == 409 and _failed(r) == [(series.sop_instance_uids[0], 0xC122)]
+    r = _post(start_stow(sqlite_ledger, scp_accept_deflated=True), pki, body)
+    assert r.status_code == 200, r.text
+    [stored] = sqlite_ledger.spool_files()
+    raw = path.read_bytes()
+    assert stored.read_bytes().endswith(raw[144 + int.from_bytes(raw[140:144], "little"):])  # as sent
+    assert np.array_equal(dcmread(stored).pixel_array, dcmread(series.paths[0]).pixel_array)
