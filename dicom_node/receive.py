@@ -11,9 +11,9 @@ commit -> 0x0000. Any failure after the file got its final name removes it again
 file and no row.
 
 Statuses: 0xA700 out of resources (disk at the watermark or refusing a write, ledger unavailable), 0xA900 the dataset does not
-match the request (SOP Class/Instance UID differ, an image without pixel data), 0xC000 cannot understand
-(not decodable, a required UID missing or not a UID; or, for STOW-RS, an instance whose Study Instance UID
-is not the study the request names: 0xA900 ``study_mismatch``), 0xC409 the SOP Instance UID is stored already under
+match the request (SOP Class/Instance UID differ, an image without pixel data; for STOW-RS, a Study Instance
+UID other than the study the request names: ``study_mismatch``), 0xC000 cannot understand
+(not decodable, a required UID missing or not a UID), 0xC409 the SOP Instance UID is stored already under
 another series or study. A UID is checked by :func:`dicom_node.spool.validate_uid` from the bytes the
 peer sent (one NUL pad allowed, nothing else taken away), the request's and the data set's before they
 are compared: a value that is not a UID is 0xC000 wherever it comes from, two UIDs that differ 0xA900.
