@@ -96,6 +96,7 @@ TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 #: their C-STORE status (which already is the STOW-RS one: 0xA700, 0xA900, 0xC000, 0xC409).
 FAILURE_REASONS = {"internal_error": PROCESSING_FAILURE}
 _META_MAX = 1 << 16  # a part's file meta information; a few hundred bytes in practice
+_MAX_WAITING = 16  # ended parts waiting to be decided before reading pauses
 _PREFIX = 132 + 12  # preamble, "DICM", the (0002,0000) element
 _DICOM_TYPES = frozenset({"application/dicom"})
 _TLS_SCOPE = "specgate.tls"  # our ASGI scope extension: the verified client certificate's common name
@@ -305,10 +306,14 @@ class _Upload:
         self.finished.clear()
         self.part = None
 
-    def settle(self) -> None:
-        """Decide every part that ended (blocking: fsync, the ledger; run in the thread pool)."""
-        while self.finished:
-            part = self.finished.pop(0)
+    def take(self) -> list[_Part]:
+        """The parts that ended, handed over to :meth:`settle` (no longer this upload's to abandon)."""
+        parts, self.finished = self.finished, []
+        return parts
+
+    def settle(self, parts: list[_Part]) -> None:
+        """Decide ``parts`` in order (blocking: fsync, the ledger; run in the thread pool)."""
+        for part in parts:
             try:
                 outcome = self._decide(part)
             except Exception as exc:  # noqa: BLE001 - the boundary: a bug fails this part, not the request
@@ -433,6 +438,9 @@ class _Endpoint:
             raise _Refusal(413, "too_large", f"a body of {declared} bytes, over {bound}")
         upload = _Upload(limits=self.limits, receiver=self.receiver, caller=caller, address=address, study=study,
                          sop_classes=self.sop_classes, transfer_syntaxes=self.transfer_syntaxes)
+        # Parts are decided in the thread pool while the body goes on arriving (one batch at a time, in
+        # order; at most _MAX_WAITING ended parts wait, each holding a temporary file's descriptor).
+        settling: asyncio.Future[None] | None = None
         try:
             parser = MultipartParser(boundary, upload.callbacks())  # type: ignore[arg-type]
             total = 0
@@ -449,24 +457,30 @@ class _Endpoint:
                 if total > bound:
                     raise _Refusal(413, "too_large", f"a body of more than {bound} bytes")
                 parser.write(chunk)
-                if upload.finished:
-                    await run_in_threadpool(upload.settle)
+                if upload.finished and (settling is None or settling.done()
+                                        or len(upload.finished) >= _MAX_WAITING):
+                    if settling is not None:
+                        await settling
+                    settling = asyncio.ensure_future(run_in_threadpool(upload.settle, upload.take()))
             parser.finalize()
         except MultipartParseError as exc:
             upload.abandon()
             raise _Refusal(400, "malformed", f"not a multipart body: {exc}") from exc
         except ClientDisconnect:
             upload.abandon()
-            log.warning("STOW-RS from %s@%s: the client went away before its body ended (%d parts stored)",
-                        caller, address, sum(1 for r in upload.results if r.outcome.status == SUCCESS))
+            log.warning("STOW-RS from %s@%s: the client went away before its body ended (the parts that "
+                        "ended before are decided and stay stored)", caller, address)
             return Response(status_code=400)  # nobody reads it
         except BaseException:
             upload.abandon()
             raise
+        finally:  # what was handed over is decided before any answer
+            if settling is not None:
+                await settling
         if not upload.ended:
             upload.abandon()
             raise _Refusal(400, "malformed", "the body ends before the multipart closing boundary")
-        await run_in_threadpool(upload.settle)
+        await run_in_threadpool(upload.settle, upload.take())
         if not upload.results:
             raise _Refusal(400, "malformed", "a multipart body without a part")
         stored = [(r.sop_class or "", r.sop_instance or "") for r in upload.results if r.outcome.status == SUCCESS]
