@@ -172,6 +172,19 @@ def test_with_an_object_store_stow_instances_are_uploaded(pg_ledger: Ledger, sta
     assert all(key == instance_key(sha) and files.exists(key) for key, sha in rows)
 
 
+def test_many_parts_in_one_request_are_answered_in_order(sqlite_ledger: Ledger, start_stow, pki: Pki,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    """More parts than wait at once (they are decided while the body arrives), a junk one among them."""
+    series = write_ct_series(tmp_path / "in", slices=40, size=16)
+    parts = [p.read_bytes() for p in series.paths]
+    parts.insert(20, b"junk" * 100)
+    r = _post(start_stow(sqlite_ledger), pki, _multipart(parts))
+    assert r.status_code == 202
+    assert _stored(r) == series.sop_instance_uids and _failed(r) == [(None, 0xC000)]
+    assert sqlite_ledger.count() == 40
+    assert list((sqlite_ledger.settings.spool_dir / "tmp").iterdir()) == []
+
+
 def test_client_certificate_authenticates_without_a_token(sqlite_ledger: Ledger, start_stow, pki: Pki,  # noqa: F811
                                                           tmp_path: Path) -> None:
     series = write_ct_series(tmp_path / "in", slices=2, size=32)
