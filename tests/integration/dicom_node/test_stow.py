@@ -491,12 +491,12 @@ def test_sop_class_and_transfer_syntax_not_accepted(sqlite_ledger: Ledger, start
     sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR
     sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID = generate_uid()
     sr.save_as(tmp_path / "sr.dcm")
-    jpeg = dcmread(series.paths[1])
-    jpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG Baseline: not negotiated either
-    jpeg.PixelData = encapsulate([b"\xff\xd8 not decoded: refused before \xff\xd9"])
-    jpeg.save_as(tmp_path / "jpeg.dcm")
+    mpeg = dcmread(series.paths[1])
+    mpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video: never negotiated either
+    mpeg.PixelData = encapsulate([b"\xff\xd8 not decoded: refused before \xff\xd9"])
+    mpeg.save_as(tmp_path / "mpeg.dcm")
     server = start_stow(sqlite_ledger)
-    r = _post(server, pki, _multipart([(tmp_path / "sr.dcm").read_bytes(), (tmp_path / "jpeg.dcm").read_bytes()]))
+    r = _post(server, pki, _multipart([(tmp_path / "sr.dcm").read_bytes(), (tmp_path / "mpeg.dcm").read_bytes()]))
     assert r.status_code == 409
     assert [reason for _, reason in _failed(r)] == [0x0122, 0xC122]
     _nothing_half_written(sqlite_ledger)
