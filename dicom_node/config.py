@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from store import Store, StoreConfig, open_store
 
 __all__ = ["MOVED_TO_MODEL", "AllowedCaller", "Archive", "AssemblyConfig", "CompletenessConfig", "Destination",
-           "NodeConfig", "ReceiveLimits", "SeriesRule", "TLSConfig", "validate_ae_title", "validate_host"]
+           "NodeConfig", "ReceiveLimits", "SeriesRule", "StowConfig", "StowToken", "TLSConfig", "validate_ae_title",
+           "validate_host"]
 
 _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.\-]*|\[?[0-9A-Fa-f:]+\]?)$")
@@ -292,6 +293,35 @@ class Archive(BaseModel):
         return f"{self.name}={self.url}" if self.url is not None else f"{self.name}={self.ae_title}@{self.host}:{self.port}"
 
 
+class StowToken(BaseModel):
+    """One entry of ``SPECGATE_STOW_TOKENS``: ``NAME:SHA256``, a caller allowed to store by STOW-RS and the
+    SHA-256 (hex) of its bearer token. Only the hash is configured; NAME is what the ledger and the audit rows
+    record for that caller, where C-STORE records the calling AE title, so it follows the AE title's rules.
+
+        >>> StowToken.parse("RIS01:" + "ab" * 32).name
+        'RIS01'
+        >>> StowToken.parse("RIS01:secret")
+        Traceback (most recent call last):
+        ...
+        ValueError: STOW-RS token 'RIS01:...' is not of the form NAME:SHA256 (64 hex digits of the token's SHA-256)
+    """
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    sha256: str = Field(repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> StowToken:
+        name, _, digest = text.strip().partition(":")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ValueError(f"STOW-RS token {name + ':...'!r} is not of the form NAME:SHA256 (64 hex digits of "
+                             "the token's SHA-256)")
+        return cls(name=validate_ae_title(name, what="STOW-RS caller name"), sha256=digest.lower())
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.sha256}"
+
+
 # What a rule once said about the SEG's segment, and where each now is: what a model's output is belongs to
 # the model, a rule only chooses which series go to which model (and which of its labels are sent).
 MOVED_TO_MODEL = ("segment_label", "segment_description", "category_code", "type_code", "display_color")
@@ -491,6 +521,22 @@ class CompletenessConfig:
 
     def credentials_of(self, archive: Archive) -> Path | None:
         return dict(self.credentials).get(archive.name)
+
+
+@dataclass(frozen=True)
+class StowConfig:
+    """The STOW-RS endpoint (:mod:`dicom_node.stow`): where it listens, its TLS (always on; ``tls.ca``
+    verifies client certificates, which authenticate a caller by their subject's common name), and the
+    callers allowed by bearer token. The bounds are the node's :class:`ReceiveLimits`; as for associations,
+    ``max_connections`` are served at once (more: 503) and a body silent for ``idle_timeout_s`` ends its
+    request (408)."""
+
+    tls: TLSConfig
+    host: str = "127.0.0.1"
+    port: int = 0
+    tokens: tuple[StowToken, ...] = ()
+    max_connections: int = 10
+    idle_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["ABORT_REASONS", "MODALITIES", "REJECTION_REASONS", "AssociationsCollector", "NodeMetrics",
-           "modality_label"]
+__all__ = ["ABORT_REASONS", "MODALITIES", "REJECTION_REASONS", "STOW_REQUEST_REFUSALS", "AssociationsCollector",
+           "NodeMetrics", "StowMetrics", "modality_label"]
 
 #: DICOM modality codes kept as label values; any other value is "other", a missing one "unknown".
 MODALITIES = frozenset({"CT", "MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "OT", "SEG", "SR"})
@@ -52,6 +52,11 @@ REJECTION_REASONS = {
 #: Why the SCP aborts an association (:class:`dicom_node.ul.ProtocolError` ``code``): a fixed set.
 ABORT_REASONS = frozenset({"protocol_error", "pdu_too_long", "command_too_long", "instance_too_large",
                            "association_too_large"})
+
+
+#: Why the STOW-RS endpoint refuses a whole request (:mod:`dicom_node.stow`): a fixed set.
+STOW_REQUEST_REFUSALS = frozenset({"unauthenticated", "forbidden", "unsupported_media_type", "malformed",
+                                   "too_large", "timeout"})
 
 
 def modality_label(modality: str | None) -> str:
@@ -91,6 +96,29 @@ class NodeMetrics:
     def association_aborted(self, reason: str) -> None:
         """``reason``: a :class:`dicom_node.ul.ProtocolError` code (:data:`ABORT_REASONS`)."""
         self._aborted.labels(reason=reason if reason in ABORT_REASONS else "other").inc()
+
+
+class StowMetrics:
+    """The STOW-RS endpoint's counters (:mod:`dicom_node.stow`), beside the C-STORE ones: instances stored
+    and refused (the same reason codes, and the STOW-RS Failure Reason), and requests refused as a whole
+    (:data:`STOW_REQUEST_REFUSALS`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._received = Counter("specgate_stow_instances_stored", "STOW-RS instances stored (duplicates "
+                                 "included)", ["modality"], registry=registry)
+        self._refused = Counter("specgate_stow_instances_refused", "STOW-RS instances refused, by reason code "
+                                "and Failure Reason", ["reason", "status"], registry=registry)
+        self._requests = Counter("specgate_stow_requests_refused", "STOW-RS requests refused as a whole, by "
+                                 "reason", ["reason"], registry=registry)
+
+    def instance_received(self, modality: str | None) -> None:
+        self._received.labels(modality=modality_label(modality)).inc()
+
+    def instance_refused(self, reason: str, status: int) -> None:
+        self._refused.labels(reason=reason, status=f"0x{status:04X}").inc()
+
+    def request_refused(self, reason: str) -> None:
+        self._requests.labels(reason=reason if reason in STOW_REQUEST_REFUSALS else "other").inc()
 
 
 class AssociationsCollector(Collector):

@@ -11,7 +11,8 @@ commit -> 0x0000. Any failure after the file got its final name removes it again
 file and no row.
 
 Statuses: 0xA700 out of resources (disk at the watermark or refusing a write, ledger unavailable), 0xA900 the dataset does not
-match the request (SOP Class/Instance UID differ, an image without pixel data), 0xC000 cannot understand
+match the request (SOP Class/Instance UID differ, an image without pixel data; for STOW-RS, a Study Instance
+UID other than the study the request names: ``study_mismatch``), 0xC000 cannot understand
 (not decodable, a required UID missing or not a UID), 0xC409 the SOP Instance UID is stored already under
 another series or study. A UID is checked by :func:`dicom_node.spool.validate_uid` from the bytes the
 peer sent (one NUL pad allowed, nothing else taken away), the request's and the data set's before they
@@ -35,7 +36,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -50,15 +51,13 @@ from ledger.paths import from_ledger, to_ledger
 from .elements import DEFLATED, HEADER_TAGS, PIXEL_TAGS
 from .spool import InvalidUID, Spool, validate_uid
 
-if TYPE_CHECKING:  # prometheus_client is imported only by a process that counts (multiprocess mode)
-    from .prometheus import NodeMetrics
-
 __all__ = [
     "CANNOT_UNDERSTAND",
     "DATASET_MISMATCH",
     "OUT_OF_RESOURCES",
     "SUCCESS",
     "UID_CONFLICT",
+    "InstanceCounters",
     "InstanceHeader",
     "Outcome",
     "InstanceReceiver",
@@ -78,6 +77,15 @@ UID_CONFLICT = 0xC409  # "cannot understand" class (0xCxxx): the same SOP Instan
 
 _PIXEL_KEYWORDS = tuple(PIXEL_TAGS.values())
 _HEADER_TAGS = [*HEADER_TAGS.values(), *_PIXEL_KEYWORDS]  # the four UIDs first, then the texts
+
+
+class InstanceCounters(Protocol):
+    """What a receiver counts (:class:`dicom_node.prometheus.NodeMetrics` for C-STORE,
+    :class:`dicom_node.prometheus.StowMetrics` for STOW-RS)."""
+
+    def instance_received(self, modality: str | None) -> None: ...
+
+    def instance_refused(self, reason: str, status: int) -> None: ...
 
 
 class Refused(Exception):
@@ -212,9 +220,11 @@ class InstanceReceiver:
 
     def __init__(self, spool: Spool, sessions: sessionmaker[Session], *, actor: str = "dicom_node.scp",
                  image_sop_classes: frozenset[str] | None = None,
-                 on_stored: Callable[[int, str], None] | None = None, metrics: NodeMetrics | None = None,
-                 data_dir: Path | None = None, remote_store: bool = False) -> None:
-        """``remote_store``: instances go on to an object store (:class:`dicom_node.uploader.Uploader`):
+                 on_stored: Callable[[int, str], None] | None = None, metrics: InstanceCounters | None = None,
+                 data_dir: Path | None = None, remote_store: bool = False, protocol: str = "C-STORE") -> None:
+        """``protocol``: how instances arrive, ``C-STORE`` (a refusal's audit row is about the association,
+        ``object_type`` "association") or ``STOW-RS`` (about the HTTP request, "http_request").
+        ``remote_store``: instances go on to an object store (:class:`dicom_node.uploader.Uploader`):
         their row is written without a store key, which the upload sets."""
         self.spool = spool
         self.data_dir = data_dir
@@ -224,6 +234,7 @@ class InstanceReceiver:
         self.remote_store = remote_store
         self.sessions = sessions
         self.actor = actor
+        self.protocol = protocol
         self.image_sop_classes = image_sop_classes
         self.on_stored = on_stored
         self.metrics = metrics
@@ -235,15 +246,18 @@ class InstanceReceiver:
 
     # ------------------------------------------------------------------------------------ public
     def receive(self, temp: Path, *, request_sop_class: str, request_sop_instance: str,
-                transfer_syntax: str, calling_ae: str, address: str, received: Received) -> Outcome:
+                transfer_syntax: str, calling_ae: str, address: str, received: Received,
+                study_instance_uid: str | None = None) -> Outcome:
         """Decide the status for the file ``temp`` received under a C-STORE request.
 
         ``temp`` is consumed: on success it has become the spool file, otherwise it is removed.
         ``received``: what the network layer learnt of the file (its digest, the data set's first bytes).
+        ``study_instance_uid``: the study the request names (STOW-RS ``POST /studies/{study}``); an
+        instance of another study is refused 0xA900 ``study_mismatch``.
         """
         try:
             outcome = self._receive(temp, request_sop_class, request_sop_instance, transfer_syntax, calling_ae,
-                                    received)
+                                    received, study_instance_uid)
         except Refused as refusal:
             self.spool.discard_temp(temp)
             self._audit_refusal(refusal, request_sop_class, request_sop_instance, calling_ae, address)
@@ -263,13 +277,16 @@ class InstanceReceiver:
 
     # ----------------------------------------------------------------------------------- private
     def _receive(self, temp: Path, rq_class: str, rq_instance: str, transfer_syntax: str,
-                 calling_ae: str, received: Received) -> Outcome:
+                 calling_ae: str, received: Received, study: str | None = None) -> Outcome:
         try:
             if not self.spool.has_room():
                 raise Refused(OUT_OF_RESOURCES, "disk_watermark",
                               f"spool disk above {self.spool.watermark_percent:g}% used")
             header = self._header(temp, received)
             new = self._checked(header, rq_class, rq_instance, transfer_syntax, calling_ae, received)
+            if study is not None and new.study_instance_uid != study:
+                raise Refused(DATASET_MISMATCH, "study_mismatch",
+                              "dataset Study Instance UID differs from the study the request names")
             outcome = self._store(temp, new)
         except OSError as exc:  # the spool's disk refused: full, read-only, no permission, I/O error
             log.error("spool refused an instance (%s); C-STORE answered 0xA700", exc.strerror or exc)
@@ -385,7 +402,7 @@ class InstanceReceiver:
 
     def _audit_refusal(self, refusal: Refused, rq_class: str, rq_instance: str, calling_ae: str,
                        address: str) -> None:
-        log.warning("C-STORE from %s@%s refused: 0x%04X %s (%s)", calling_ae, address, refusal.status,
+        log.warning("%s from %s@%s refused: 0x%04X %s (%s)", self.protocol, calling_ae, address, refusal.status,
                     refusal.reason, refusal.detail)
         if self.metrics is not None:
             self.metrics.instance_refused(refusal.reason, refusal.status)
@@ -401,6 +418,7 @@ class InstanceReceiver:
         try:
             with session_scope(self.sessions) as s:
                 audit.append(s, actor=calling_ae or "unknown", action="instance.refused",
-                             object_type="association", object_id=address, details=details)
+                             object_type="association" if self.protocol == "C-STORE" else "http_request",
+                             object_id=address, details=details)
         except DatabaseUnavailable as exc:
-            log.error("could not audit a refused C-STORE (ledger unavailable): %s", exc)
+            log.error("could not audit a refused %s (ledger unavailable): %s", self.protocol, exc)

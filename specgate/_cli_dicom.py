@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from dicom_node.handoff import Listener
     from dicom_node.prometheus import NodeMetrics
     from dicom_node.scp import StoreSCP
+    from dicom_node.spool import Spool
+    from dicom_node.stow import StowServer
 
     from ._metrics import MetricsEndpoint
 
@@ -137,7 +139,11 @@ def _run_node(app: AppContext, config_file: Path | None, stop: threading.Event, 
     host, port = front.address
     click.echo(f"specgate scp: {settings.scp_ae_title} listening on {host}:{port} "
                f"({processes} receiver process{'es' if processes > 1 else ''})", err=True)
+    stow: StowServer | None = None
     try:
+        stow = _start_stow(app, spool, metrics_dir)
+        if stow is not None:
+            click.echo("specgate scp: STOW-RS on https://{}:{}/studies".format(*stow.address), err=True)
         while not stop.wait(1.0):
             pass
     finally:
@@ -146,6 +152,8 @@ def _run_node(app: AppContext, config_file: Path | None, stop: threading.Event, 
             left = front.drain(node.network_timeout + node.dimse_timeout)
             if left:
                 log.warning("%d association(s) still open after the drain: aborting them", left)
+        if stow is not None:
+            stow.stop()  # (uvicorn finishes the requests it has, up to 10 s)
         front.stop()  # (the listener: its receivers finish their associations, then exit)
         assembler.stop()
         if uploader is not None:
@@ -153,6 +161,28 @@ def _run_node(app: AppContext, config_file: Path | None, stop: threading.Event, 
         if endpoint is not None:
             endpoint.stop()
         log.info("stopped in %.1f s", time.monotonic() - t0)
+
+
+def _start_stow(app: AppContext, spool: Spool, metrics_dir: Path | None) -> StowServer | None:
+    """The STOW-RS endpoint (``stow_port``), in this process beside the assembler; None when it is off."""
+    config = app.settings.stow_config()
+    if config is None:
+        return None
+    from dicom_node.stow import StowServer
+
+    metrics = None
+    if metrics_dir is not None:
+        from dicom_node.prometheus import StowMetrics
+
+        from ._metrics import require_multiprocess
+
+        require_multiprocess(metrics_dir)
+        metrics = StowMetrics()
+    server = StowServer.for_node(config, app.settings.node_config(), app.sessions(), spool=spool, metrics=metrics)
+    try:
+        return server.start()
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve STOW-RS on {config.host}:{config.port}: {exc}") from exc
 
 
 def _node_metrics(metrics_dir: Path | None) -> NodeMetrics | None:

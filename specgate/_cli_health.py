@@ -18,7 +18,7 @@ __all__ = ["health_command", "register"]
 @click.command("health")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, ok, detail}.")
 @click.option("--only", multiple=True, metavar="CHECK",
-              help="Run only this check or kind (database, broker, store, spool, destination[:NAME], "
+              help="Run only this check or kind (database, broker, store, spool, stow, destination[:NAME], "
                    "model[:NAME], workers); repeatable. A container's readiness probe names its own.")
 @click.option("--skip", multiple=True, metavar="CHECK", help="Do not run this check or kind; repeatable.")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1, max=120),

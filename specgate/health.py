@@ -16,6 +16,10 @@ check naming what did not answer, never a command that hangs. The checks:
 ``spool``
     the spool's file system is below ``spool_disk_watermark_percent``, computed as the SCP computes it
     (:meth:`dicom_node.spool.Spool.usage_percent`; at or above it, the SCP answers C-STORE with 0xA700).
+``stow``
+    with ``stow_port`` set: the STOW-RS endpoint completes a TLS handshake and answers an unauthenticated
+    ``POST /studies`` with 401 (it is up, and it refuses who has no credential; a 401 is counted, never
+    audited, so probes do not fill the audit trail).
 ``destination:NAME``
     each destination answers C-ECHO (:func:`dicom_node.scu.echo`, as ``specgate echo NAME``).
 ``model:NAME``
@@ -67,7 +71,7 @@ if TYPE_CHECKING:
 __all__ = ["CHECK_KINDS", "Check", "run_checks", "selected"]
 
 #: the kinds of check, in the order they run and print
-CHECK_KINDS = ("database", "broker", "store", "spool", "destination", "model", "workers")
+CHECK_KINDS = ("database", "broker", "store", "spool", "stow", "destination", "model", "workers")
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,33 @@ def check_spool(settings: Settings) -> str:
     return text
 
 
+# --------------------------------------------------------------------------------------------- STOW-RS
+def check_stow(settings: Settings, timeout_s: float) -> str:
+    import socket
+    import ssl
+
+    host = "127.0.0.1" if settings.stow_host in ("0.0.0.0", "::") else settings.stow_host
+    # Whether our own endpoint is up and refuses the unauthenticated, not who it is: the certificate is
+    # read, not verified (the callers' CA may not be the one that signed it).
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, settings.stow_port), timeout=timeout_s) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(f"POST /studies HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n"
+                        "Connection: close\r\n\r\n".encode())
+            answer = tls.recv(256).split(b"\r\n", 1)[0].decode("latin-1")
+            version = tls.version()
+    except (OSError, ssl.SSLError) as exc:
+        raise CheckFailed(f"https://{host}:{settings.stow_port}: {exc}") from exc
+    if not answer.startswith("HTTP/1.1 401"):
+        raise CheckFailed(f"https://{host}:{settings.stow_port}/studies answered {answer!r} without credentials, "
+                          "not 401")
+    return f"https://{host}:{settings.stow_port}/studies up ({version}, 401 without credentials)"
+
+
 # -------------------------------------------------------------------------------------- destinations
 def destination_check(settings: Settings, name: str, timeout_s: float) -> Callable[[], str]:
     def run() -> str:
@@ -324,6 +355,8 @@ def run_checks(settings: Settings, *, store_config: StoreConfig | None = None, t
     add("broker", lambda: check_broker(settings, timeout_s), timeout_s + 1)
     add("store", lambda: check_store(settings, store_config), 3 * timeout_s)
     add("spool", lambda: check_spool(settings))
+    if settings.stow_port:
+        add("stow", lambda: check_stow(settings, timeout_s), timeout_s + 1)
     for dest in settings.destinations:
         add(f"destination:{dest.name}", destination_check(settings, dest.name, timeout_s), timeout_s + 1)
     if selected("model", only=only, skip=skip):

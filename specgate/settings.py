@@ -50,6 +50,8 @@ from dicom_node.config import (
     NodeConfig,
     ReceiveLimits,
     SeriesRule,
+    StowConfig,
+    StowToken,
     TLSConfig,
     validate_ae_title,
     validate_host,
@@ -232,6 +234,20 @@ class Settings(BaseSettings):
                                                   "(1.2.840.10008.1.2.1.99)")
     scp_max_inflated_bytes: int = Field(default=256 << 20, ge=1 << 20, le=1 << 40,
                                         description="what a deflated data set may inflate to; more: 0xC000")
+
+    # --- STOW-RS (DICOMweb in, run by specgate scp; dicom_node.stow) -------------------------------------
+    stow_port: int = Field(default=0, ge=0, le=65535,
+                           description="HTTPS port of the STOW-RS endpoint (POST /studies); 0: off")
+    stow_host: str = Field(default="127.0.0.1", description="address the STOW-RS endpoint listens on")
+    stow_tls_cert: Path | None = Field(default=None, description="the STOW-RS endpoint's certificate (PEM); "
+                                                                 "required with stow_port")
+    stow_tls_key: Path | None = Field(default=None, description="the private key of stow_tls_cert")
+    stow_tls_ca: Path | None = Field(default=None,
+                                     description="CA whose client certificates authenticate a caller (named "
+                                                 "by the certificate's common name)")
+    stow_tokens: Annotated[list[StowToken], NoDecode] = Field(
+        default_factory=list, description="callers allowed by bearer token: NAME:SHA256 (hex SHA-256 of the "
+                                          "token, never the token), comma-separated in the environment")
 
     # --- DICOM SCU (sending results) ---------------------------------------------------------------
     scu_ae_title: str = Field(default="SPECGATE", description="calling AE title of outbound C-STORE/C-ECHO")
@@ -449,6 +465,12 @@ class Settings(BaseSettings):
                                   wait_s=self.completeness_wait_seconds, timeout_s=self.archive_timeout_seconds,
                                   ae_title=self.scu_ae_title, credentials=tuple(self.archive_credentials.items()))
 
+    @field_validator("stow_tokens", mode="before")
+    @classmethod
+    def _parse_stow_tokens(cls, v: Any) -> Any:
+        v = _split_csv(v)
+        return [StowToken.parse(x) if isinstance(x, str) else x for x in v]
+
     @field_validator("scp_ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
@@ -459,7 +481,7 @@ class Settings(BaseSettings):
     def _scu_ae(cls, v: str) -> str:
         return validate_ae_title(v, what="SCU AE title")
 
-    @field_validator("scp_host", "metrics_host")
+    @field_validator("scp_host", "metrics_host", "stow_host")
     @classmethod
     def _host(cls, v: str) -> str:
         return validate_host(v, allow_wildcard=False)
@@ -545,6 +567,23 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"destination names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _stow_consistent(self) -> Settings:
+        if not self.stow_port:
+            return self
+        if self.stow_tls_cert is None or self.stow_tls_key is None:
+            raise ValueError("stow_port needs stow_tls_cert and stow_tls_key: the STOW-RS endpoint is HTTPS only "
+                             "(bearer tokens and patient data never cross the network in clear)")
+        if not self.stow_tokens and self.stow_tls_ca is None:
+            raise ValueError("stow_port needs stow_tokens or stow_tls_ca: no caller could authenticate")
+        if self.stow_port in (self.scp_port, self.scp_metrics_port):
+            raise ValueError(f"stow_port {self.stow_port} is also the SCP's DICOM or metrics port")
+        names = [t.name for t in self.stow_tokens]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stow_tokens names must be unique, repeated: {', '.join(dupes)}")
         return self
 
     @model_validator(mode="after")
@@ -641,6 +680,14 @@ class Settings(BaseSettings):
                                  sequence_depth=self.scp_max_sequence_depth,
                                  inflated_bytes=self.scp_max_inflated_bytes),
             accept_deflated=self.scp_accept_deflated, data_dir=self.data_dir, store=self.store_config())
+
+    def stow_config(self) -> StowConfig | None:
+        """What :mod:`dicom_node.stow` needs; None when the endpoint is off (``stow_port`` 0)."""
+        if not self.stow_port or self.stow_tls_cert is None or self.stow_tls_key is None:
+            return None
+        return StowConfig(tls=TLSConfig(cert=self.stow_tls_cert, key=self.stow_tls_key, ca=self.stow_tls_ca),
+                          host=self.stow_host, port=self.stow_port, tokens=tuple(self.stow_tokens),
+                          max_connections=self.scp_max_associations, idle_timeout_s=self.scp_network_timeout)
 
     def assembly_config(self) -> AssemblyConfig:
         """What :class:`dicom_node.assembler.Assembler` needs."""

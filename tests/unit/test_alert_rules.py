@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from dicom_node.prometheus import AssociationsCollector, NodeMetrics
+from dicom_node.prometheus import AssociationsCollector, NodeMetrics, StowMetrics
 from ledger.prometheus import LedgerCollector
 from worker.prometheus import WorkerMetrics
 
@@ -39,6 +39,10 @@ def _exported() -> tuple[set[str], set[str]]:
     node.instance_received("CT")
     node.instance_refused("undecodable", 0xC000)
     node.association_rejected("called AE title not recognised")
+    stow = StowMetrics(registry)
+    stow.instance_received("CT")
+    stow.instance_refused("study_mismatch", 0xA900)
+    stow.request_refused("forbidden")
     names: set[str] = set()
     labels = {"state"}  # specgate_jobs's (LedgerCollector)
     for family in registry.collect():
