@@ -444,6 +444,21 @@ class SeaweedS3:
         return f"http://127.0.0.1:{self.s3_port}"
 
     def start(self, timeout: float = 60.0) -> SeaweedS3:
+        """Start it; the first start picks free ports, and picks again (three tries) when another process
+        took one of them meanwhile (weed exits: address already in use). A later start (after :meth:`stop`:
+        an outage) keeps them, since the clients know the S3 port."""
+        fresh, asked_port = not self._ports, self.s3_port
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except RuntimeError as exc:
+                if not fresh or "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                self.stop()
+                self.s3_port, self._ports = asked_port, {}
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> SeaweedS3:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "data").mkdir(exist_ok=True)
         self.s3_port = self.s3_port or free_port()
