@@ -15,13 +15,14 @@ Printed per syntax: bytes on disk and the ratio to the uncompressed files, the l
 (lossless) or their largest difference in HU (lossy). Printed, never asserted: the seconds depend on the
 machine and its load; read the ratios.
 
-Measured (2026-12-06, 60x512x512, best of two, one thread on a shared 2-core machine under load from other
-jobs, so loose): uncompressed 0.25 s (31.5 MB); RLE 0.62 s (x2.4, 0.54 of the bytes), JPEG Lossless SV1
-2.24 s (x8.8, 0.45), Process 14 1.38 s (x5.4), JPEG-LS lossless 0.68 s (x2.7, 0.43), JPEG 2000 lossless
-2.88 s (x11.3, 0.43), all four voxel for voxel equal; JPEG-LS near-lossless (NEAR 3) 0.66 s, max 3 HU off;
-JPEG 2000 20:1 0.48 s, max 89 HU off; JPEG Extended 0.67 s, max 21 HU off. So a 300-slice CT sent as JPEG
-Lossless or JPEG 2000 costs some 10 to 15 s of decoding in the worker where the uncompressed load takes
-about one: small beside the segmentation, and spent once per job.
+Measured (2026-12-06, 300x512x512, one run, one thread, the shared 2-core machine otherwise quiet, load
+1.3): uncompressed 1.36 s (158 MB). Lossless, voxel for voxel equal: RLE 2.84 s (x2.1, 0.54 of the bytes),
+JPEG Lossless SV1 4.78 s (x3.5, 0.45), Process 14 4.88 s (x3.6), JPEG-LS 2.65 s (x1.9, 0.43), JPEG 2000
+11.19 s (x8.2, 0.43). Lossy: JPEG-LS near-lossless (NEAR 3) 3.06 s, at most 3 HU off; JPEG 2000 20:1
+2.79 s, 108 HU; JPEG Extended 3.39 s, 23 HU. So a CT sent as JPEG 2000 spends some 10 s decoding in the
+worker, more than the rest of the job on this machine (about 7 s for the whole worker on a 300x512x512 CT,
+``bench/pipeline.py``); the decoders hold the GIL (two threads decode no faster than one), and a Celery
+prefork child may not start processes, so decoding in parallel is left to a later change.
 """
 
 from __future__ import annotations
