@@ -7,7 +7,6 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import numpy as np
 import openjpeg
 import pytest
 from pydicom import dcmread
@@ -21,6 +20,7 @@ from dicom_node.dataset_stream import DataSetStream
 from dicom_node.receive import Refused
 from tests.compressed import LOSSLESS, LOSSY, compress_file, j2k_header, rewrap
 from tests.peers import write_ct_series
+from tests.streams import dataset_bytes, feed
 
 J2K = "1.2.840.10008.1.2.4.90"
 RLE = "1.2.840.10008.1.2.5"
@@ -32,26 +32,11 @@ def slice_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_ct_series(tmp_path_factory.mktemp("ct"), slices=1, size=32).paths[0]
 
 
-def _dataset_bytes(path: Path) -> tuple[bytes, str]:
-    meta = read_file_meta_info(path)
-    return path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength):], str(meta.TransferSyntaxUID)
-
-
-def _feed(data: bytes, syntax: str, *, split: int = 0, limits: ReceiveLimits | None = None) -> DataSetStream:
-    stream = DataSetStream(syntax, limits or ReceiveLimits())
-    rng = np.random.default_rng(split)
-    pos = 0
-    while pos < len(data):
-        n = len(data) if split == 0 else int(rng.integers(1, 40))
-        stream.feed(memoryview(data)[pos:pos + n])
-        pos += n
-    stream.finish()
-    return stream
 
 
 def _refusal(data: bytes, syntax: str, **kw: object) -> Refused:
     with pytest.raises(Refused) as info:
-        _feed(data, syntax, **kw)  # type: ignore[arg-type]
+        feed(data, syntax, **kw)  # type: ignore[arg-type]
     assert info.value.status == 0xC000
     return info.value
 
@@ -69,10 +54,10 @@ def test_what_real_encoders_write_is_read_and_passes(slice_file: Path, tmp_path:
     else:
         assert (header.rows, header.columns, header.components) == (32, 32, 1)
         assert header.precision is not None and header.precision <= ds.BitsAllocated
-    data, sent_syntax = _dataset_bytes(path)
+    data, sent_syntax = dataset_bytes(path)
     assert sent_syntax == syntax
     for split in (0, 1, 2):
-        stream = _feed(data, syntax, split=split)
+        stream = feed(data, syntax, split=split)
         assert stream.length == len(data)
 
 
@@ -167,7 +152,7 @@ def test_the_header_may_span_fragments(slice_file: Path, tmp_path: Path) -> None
     ds.PixelData = encapsulate([frame], fragments_per_frame=(len(frame) + 6) // 7)
     ds["PixelData"].is_undefined_length = True
     data = _hostile_bytes(ds)
-    assert _feed(data, J2K, split=5).length == len(data)
+    assert feed(data, J2K, split=5).length == len(data)
     bad = dcmread(path)
     bad.PixelData = encapsulate([j2k_header(60000, 32)], fragments_per_frame=9)
     bad["PixelData"].is_undefined_length = True
@@ -187,7 +172,7 @@ def _hostile_bytes(ds: object) -> bytes:
 def test_pydicoms_hostile_j2k_file_is_refused() -> None:
     """pydicom's JPEG2000-embedded-sequence-delimiter.dcm: its SIZ declares 1024 x 3722445056 pixels
     (Pillow calls it a decompression bomb, openjpeg cannot read it): refused on its header."""
-    data, syntax = _dataset_bytes(Path(get_testdata_file("JPEG2000-embedded-sequence-delimiter.dcm")))
+    data, syntax = dataset_bytes(Path(get_testdata_file("JPEG2000-embedded-sequence-delimiter.dcm")))
     refusal = _refusal(data, syntax)
     assert refusal.reason == "codestream_mismatch" and "3722445056" in refusal.detail
 
@@ -227,6 +212,6 @@ def test_no_compressed_file_a_decoder_reads_is_refused(path: Path) -> None:
     """Every compressed file pydicom ships that its decoders read (colour, 8 to 32 bits, multi-frame, JPEG
     Baseline to JPEG 2000, from half a dozen encoders) passes the stream whole and in pieces: the header
     check refuses no real image."""
-    data, syntax = _dataset_bytes(path)
+    data, syntax = dataset_bytes(path)
     for split in (0, 4):
-        assert _feed(data, syntax, split=split).length == len(data)
+        assert feed(data, syntax, split=split).length == len(data)

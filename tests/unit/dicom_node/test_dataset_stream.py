@@ -7,17 +7,16 @@ import struct
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_file_meta_info
 
 from dicom_node.config import ReceiveLimits
 from dicom_node.dataset_stream import DEFLATED, DataSetStream
 from dicom_node.receive import Refused
 from tests.peers import write_ct_series
+from tests.streams import dataset_bytes, feed
 
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 # pydicom's own test files (shipped with it, nothing downloaded): every encoding we accept, and the oddities
@@ -29,33 +28,17 @@ SHIPPED = ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bi
            "liver_1frame.dcm"]
 
 
-def _dataset_bytes(path: Path) -> tuple[bytes, str]:
-    meta = read_file_meta_info(path)
-    return path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength):], str(meta.TransferSyntaxUID)
-
-
-def _feed(data: bytes, syntax: str, limits: ReceiveLimits | None = None, *, split: int = 0) -> DataSetStream:
-    """The whole of ``data``, in pieces of random sizes (seeded by ``split``; 0: one piece)."""
-    stream = DataSetStream(syntax, limits or ReceiveLimits())
-    rng = np.random.default_rng(split)
-    pos = 0
-    while pos < len(data):
-        n = len(data) if split == 0 else int(rng.integers(1, 40))
-        stream.feed(memoryview(data)[pos:pos + n])
-        pos += n
-    stream.finish()
-    return stream
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 @pytest.mark.parametrize("split", [0, 1, 2])
 def test_pydicoms_own_files_pass_in_any_split(name: str, split: int) -> None:
-    data, syntax = _dataset_bytes(Path(get_testdata_file(name)))
+    data, syntax = dataset_bytes(Path(get_testdata_file(name)))
     if name == "JPEG2000-embedded-sequence-delimiter.dcm":
         # its codestream's header is refused (tests/unit/dicom_node/test_codestream.py); its structure (a
         # sequence delimiter's bytes inside a fragment) is walked as encapsulated data of another syntax
         syntax = "1.2.840.10008.1.2.1"
-    stream = _feed(data, syntax, split=split)
+    stream = feed(data, syntax, split=split)
     assert stream.deflated == (syntax == DEFLATED)
     if not stream.deflated:
         assert stream.length == len(data)
@@ -63,8 +46,8 @@ def test_pydicoms_own_files_pass_in_any_split(name: str, split: int) -> None:
 
 def test_a_deflated_data_set_gives_its_header_from_the_inflated_bytes() -> None:
     path = Path(get_testdata_file("image_dfl.dcm"))
-    data, syntax = _dataset_bytes(path)
-    stream = _feed(data, syntax, split=3)
+    data, syntax = dataset_bytes(path)
+    stream = feed(data, syntax, split=3)
     inflated = zlib.decompress(data, -zlib.MAX_WBITS)
     assert stream.length == len(inflated)
     found = stream.header()
@@ -80,12 +63,12 @@ def test_a_generated_ct_with_nested_sequences_passes(tmp_path: Path) -> None:
     item.AnatomicRegionSequence = [inner]
     ds.ReferencedImageSequence = [item, Dataset()]
     ds.save_as(path, enforce_file_format=True)
-    data, syntax = _dataset_bytes(path)
-    assert _feed(data, syntax, split=4).length == len(data)
+    data, syntax = dataset_bytes(path)
+    assert feed(data, syntax, split=4).length == len(data)
     ds.file_meta.TransferSyntaxUID = IMPLICIT
     ds.save_as(path, enforce_file_format=True)
-    data, syntax = _dataset_bytes(path)
-    assert syntax == IMPLICIT and _feed(data, syntax, split=5).length == len(data)
+    data, syntax = dataset_bytes(path)
+    assert syntax == IMPLICIT and feed(data, syntax, split=5).length == len(data)
 
 
 def _element(tag: int, vr: bytes, value: bytes = b"", length: int | None = None) -> bytes:
@@ -97,7 +80,7 @@ def _element(tag: int, vr: bytes, value: bytes = b"", length: int | None = None)
 
 def _refusal(data: bytes, syntax: str = EXPLICIT, **limits: int) -> Refused:
     with pytest.raises(Refused) as refused:
-        _feed(data, syntax, ReceiveLimits(**limits), split=7)
+        feed(data, syntax, ReceiveLimits(**limits), split=7)
     assert refused.value.status == 0xC000
     return refused.value
 
@@ -106,12 +89,12 @@ def test_an_element_over_the_element_bound_is_refused_at_its_header() -> None:
     stream = DataSetStream(EXPLICIT, ReceiveLimits(element_bytes=1000))
     with pytest.raises(Refused, match="element_too_long: element \\(0009,1001\\) declares 1001 bytes"):
         stream.feed(_element(0x00091001, b"OB", length=1001))  # the header alone: no value sent yet
-    _feed(_element(0x00091001, b"OB", bytes(1000)), EXPLICIT, ReceiveLimits(element_bytes=1000))
+    feed(_element(0x00091001, b"OB", bytes(1000)), EXPLICIT, ReceiveLimits(element_bytes=1000))
 
 
 def test_pixel_data_is_bounded_by_the_instance_not_the_element_bound() -> None:
     pixels = _element(0x7FE00010, b"OW", bytes(4096))
-    _feed(pixels, EXPLICIT, ReceiveLimits(element_bytes=1024, instance_bytes=1 << 20))
+    feed(pixels, EXPLICIT, ReceiveLimits(element_bytes=1024, instance_bytes=1 << 20))
     refusal = _refusal(_element(0x00080060, b"CS", b"CT") + _element(0x7FE00010, b"OW", length=1 << 20),
                        element_bytes=1024, instance_bytes=1 << 20)
     assert refusal.reason == "element_too_long" and "left of the instance's 1048576" in refusal.detail
@@ -136,7 +119,7 @@ def _nested(depth: int, *, implicit: bool = False) -> bytes:
 @pytest.mark.parametrize("implicit", [False, True])
 def test_sequences_are_refused_one_level_past_the_bound(implicit: bool) -> None:
     syntax = IMPLICIT if implicit else EXPLICIT
-    _feed(_nested(8, implicit=implicit), syntax, ReceiveLimits(sequence_depth=8))
+    feed(_nested(8, implicit=implicit), syntax, ReceiveLimits(sequence_depth=8))
     refusal = _refusal(_nested(9, implicit=implicit), syntax, sequence_depth=8)
     assert refusal.reason == "sequence_too_deep" and "deeper than 8" in refusal.detail
 
@@ -146,7 +129,7 @@ def test_defined_length_sequences_count_too() -> None:
     for _ in range(5):
         item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
         inner = _element(0x00091010, b"SQ", item)
-    _feed(inner, EXPLICIT, ReceiveLimits(sequence_depth=5))
+    feed(inner, EXPLICIT, ReceiveLimits(sequence_depth=5))
     assert _refusal(inner, sequence_depth=4).reason == "sequence_too_deep"
 
 
@@ -157,7 +140,7 @@ def test_a_deflate_bomb_is_refused_once_the_inflated_bytes_pass_the_cap() -> Non
     assert len(bomb) < 1 << 15
     refusal = _refusal(bomb, DEFLATED, inflated_bytes=1 << 20)
     assert refusal.reason == "inflated_too_large" and "1048576" in refusal.detail
-    _feed(bomb, DEFLATED, ReceiveLimits(inflated_bytes=5 << 20))
+    feed(bomb, DEFLATED, ReceiveLimits(inflated_bytes=5 << 20))
 
 
 @pytest.mark.parametrize(("data", "reason"), [

@@ -6,17 +6,15 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_file_meta_info
 
 from dicom_node.config import ReceiveLimits
-from dicom_node.dataset_stream import DataSetStream
 from dicom_node.receive import InstanceHeader, Refused, read_header
 from tests.peers import write_ct_series
+from tests.streams import dataset_bytes, feed
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -32,28 +30,11 @@ SHIPPED = [
 ]
 
 
-def _dataset_bytes(path: Path) -> tuple[bytes, str]:
-    raw = path.read_bytes()
-    meta = read_file_meta_info(path)
-    start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-    return raw[start:], str(meta.TransferSyntaxUID)
-
-
-def _walk(data: bytes, syntax: str, *, split: int = 0) -> DataSetStream:
-    stream = DataSetStream(syntax, ReceiveLimits())
-    rng = np.random.default_rng(split)
-    pos = 0
-    while pos < len(data):
-        n = len(data) if split == 0 else int(rng.integers(1, 40))
-        stream.feed(memoryview(data)[pos:pos + n])
-        pos += n
-    stream.finish()
-    return stream
 
 
 def _header(path: Path, split: int = 0) -> InstanceHeader | None:
-    data, syntax = _dataset_bytes(path)
-    found = _walk(data, syntax, split=split).header()
+    data, syntax = dataset_bytes(path)
+    found = feed(data, syntax, split=split).header()
     return None if found is None else InstanceHeader.of(found)
 
 
@@ -89,9 +70,9 @@ def test_truncated_pixel_data_is_refused_like_pydicom(tmp_path: Path) -> None:
     path = write_ct_series(tmp_path / "in", slices=1, size=32).paths[0]
     short = tmp_path / "short.dcm"
     short.write_bytes(path.read_bytes()[:-100])
-    data, syntax = _dataset_bytes(short)
+    data, syntax = dataset_bytes(short)
     with pytest.raises(Refused) as walked:
-        _walk(data, syntax)
+        feed(data, syntax)
     with pytest.raises(Refused) as slow:
         read_header(short)
     assert walked.value.reason == slow.value.reason == "truncated"
@@ -111,17 +92,17 @@ def test_leaves_several_values_and_non_ascii_to_pydicom(tmp_path: Path, value: s
 def test_leaves_a_repeated_or_oversized_header_element_to_pydicom() -> None:
     uid = b"1.2.3\x00"
     el = struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", len(uid)) + uid
-    assert _walk(el + el, EXPLICIT_LE).header() is None  # twice, out of order
+    assert feed(el + el, EXPLICIT_LE).header() is None  # twice, out of order
     long = b"1" * 300
     big = struct.pack("<HH2sH", 0x0008, 0x103E, b"LO", len(long)) + long
-    assert _walk(big, EXPLICIT_LE).header() is None
+    assert feed(big, EXPLICIT_LE).header() is None
     sq = struct.pack("<HH2sHI", 0x0008, 0x0018, b"SQ", 0, 0)  # a UID sent as a sequence
-    assert _walk(sq, EXPLICIT_LE).header() is None
+    assert feed(sq, EXPLICIT_LE).header() is None
 
 
 def test_missing_uid_is_refused() -> None:
     data = struct.pack("<HH2sH", 0x0008, 0x0060, b"CS", 2) + b"CT"
-    found = _walk(data, EXPLICIT_LE).header()
+    found = feed(data, EXPLICIT_LE).header()
     assert found is not None and found.values == {"Modality": "CT"} and not found.has_pixel_data
     with pytest.raises(Refused) as exc:
         InstanceHeader.of(found)
