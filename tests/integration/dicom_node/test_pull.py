@@ -51,14 +51,14 @@ def held(ledger: Ledger) -> dict[str, str]:
         return dict(s.execute(select(Instance.sop_instance_uid, Instance.calling_ae)).all())  # type: ignore[arg-type]
 
 
-def test_pull_by_c_move_completes_a_partly_held_study_with_a_new_job_version(node, tmp_path: Path) -> None:
+def test_pull_by_accession_and_c_move_completes_a_partly_held_study_with_a_new_job_version(node, tmp_path: Path) -> None:
     ledger, port, orthanc = node
-    a, b = two_series_study(tmp_path / "in")
+    a, b = two_series_study(tmp_path / "in", accession="ACC-MOVE-1")
     orthanc.upload([*a.paths, *b.paths])
     assert store(port, a.paths) == [0] * 16  # only the first series was routed to us
     [first] = assemble(ledger)
 
-    res = pull(ledger, orthanc, "--study", a.study_instance_uid, "--from", "pacs", "--as", "dr.moves")
+    res = pull(ledger, orthanc, "--accession", "ACC-MOVE-1", "--from", "pacs", "--as", "dr.moves")
     assert res.exit_code == 0, res.output
     assert "20 instance(s) in 2 series at pacs" in res.output and "4 new, 20 held" in res.output
     assert "20/20 retrieved" in res.output  # progress
