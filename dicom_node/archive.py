@@ -291,15 +291,15 @@ class DicomwebArchive(ArchiveClient):
     def _client(self) -> Any:
         from dicomweb_client import DICOMwebClient
 
-        session = requests.Session()
-        if self.credentials is not None:
-            cred = read_credentials(self.credentials)
-            if isinstance(cred, tuple):
-                session.auth = cred
-            else:
-                session.headers["Authorization"] = f"Bearer {cred}"
+        from .dicomweb import session
+
+        cred = read_credentials(self.credentials) if self.credentials is not None else None
+        if isinstance(cred, tuple):
+            http = session(username=cred[0], password=cred[1])
+        else:
+            http = session(token=cred)
         assert self.archive.url is not None
-        return DICOMwebClient(self.archive.url, session=session, timeout=self.timeout_s)
+        return DICOMwebClient(self.archive.url, session=http, timeout=self.timeout_s)
 
     def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
         try:
