@@ -526,8 +526,8 @@ class CompletenessConfig:
 @dataclass(frozen=True)
 class StowConfig:
     """The STOW-RS endpoint (:mod:`dicom_node.stow`): where it listens, its TLS (always on; ``tls.ca``
-    verifies client certificates, which authenticate a caller by their subject's common name), and the
-    callers allowed by bearer token. The bounds are the node's :class:`ReceiveLimits`; as for associations,
+    verifies client certificates, which authenticate a caller by their subject's common name when it is one
+    of ``certificate_callers``), and the callers allowed by bearer token. The bounds are the node's :class:`ReceiveLimits`; as for associations,
     ``max_connections`` are served at once (more: 503) and a body silent for ``idle_timeout_s`` ends its
     request (408)."""
 
@@ -535,6 +535,7 @@ class StowConfig:
     host: str = "127.0.0.1"
     port: int = 0
     tokens: tuple[StowToken, ...] = ()
+    certificate_callers: tuple[str, ...] = ()
     max_connections: int = 10
     idle_timeout_s: float = 60.0
 

@@ -382,21 +382,25 @@ class _Endpoint:
         common_name = tls.get("client_common_name")
         if common_name is not None:
             try:
-                return validate_ae_title(common_name, what="client certificate common name")
+                name = validate_ae_title(common_name, what="client certificate common name")
             except ValueError as exc:
                 raise _Refusal(403, "forbidden", str(exc)) from exc
+            if name not in self.config.certificate_callers:
+                raise _Refusal(403, "forbidden", f"a client certificate for {name!r}, not an allowed caller "
+                                                 "(stow_tls_callers)")
+            return name
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _Refusal(401, "unauthenticated", "no client certificate and no bearer token", audited=False,
                            headers={"WWW-Authenticate": 'Bearer realm="specgate STOW-RS"'})
         digest = _digest(token.strip())
-        name = None
+        token_name: str | None = None
         for entry in self.config.tokens:  # every entry compared: the time does not tell which one matched
             if hmac.compare_digest(digest, entry.sha256):
-                name = entry.name
-        if name is None:
+                token_name = entry.name
+        if token_name is None:
             raise _Refusal(403, "forbidden", "a bearer token that no allowed caller has")
-        return name
+        return token_name
 
     async def store(self, request: Request) -> Response:
         address = normalise_host(request.client.host if request.client else "unknown")

@@ -244,7 +244,10 @@ class Settings(BaseSettings):
     stow_tls_key: Path | None = Field(default=None, description="the private key of stow_tls_cert")
     stow_tls_ca: Path | None = Field(default=None,
                                      description="CA whose client certificates authenticate a caller (named "
-                                                 "by the certificate's common name)")
+                                                 "by the certificate's common name); needs stow_tls_callers")
+    stow_tls_callers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="the common names of the client certificates (from stow_tls_ca) "
+                                          "allowed to store; another certificate of that CA is refused (403)")
     stow_tokens: Annotated[list[StowToken], NoDecode] = Field(
         default_factory=list, description="callers allowed by bearer token: NAME:SHA256 (hex SHA-256 of the "
                                           "token, never the token), comma-separated in the environment")
@@ -465,6 +468,11 @@ class Settings(BaseSettings):
                                   wait_s=self.completeness_wait_seconds, timeout_s=self.archive_timeout_seconds,
                                   ae_title=self.scu_ae_title, credentials=tuple(self.archive_credentials.items()))
 
+    @field_validator("stow_tls_callers", mode="before")
+    @classmethod
+    def _parse_stow_tls_callers(cls, v: Any) -> Any:
+        return [validate_ae_title(str(x), what="stow_tls_callers common name") for x in _split_csv(v)]
+
     @field_validator("stow_tokens", mode="before")
     @classmethod
     def _parse_stow_tokens(cls, v: Any) -> Any:
@@ -578,6 +586,9 @@ class Settings(BaseSettings):
                              "(bearer tokens and patient data never cross the network in clear)")
         if not self.stow_tokens and self.stow_tls_ca is None:
             raise ValueError("stow_port needs stow_tokens or stow_tls_ca: no caller could authenticate")
+        if (self.stow_tls_ca is None) != (not self.stow_tls_callers):
+            raise ValueError("stow_tls_ca and stow_tls_callers go together: the CA verifies a client "
+                             "certificate, the list names the common names allowed to store")
         if self.stow_port in (self.scp_port, self.scp_metrics_port):
             raise ValueError(f"stow_port {self.stow_port} is also the SCP's DICOM or metrics port")
         names = [t.name for t in self.stow_tokens]
@@ -687,6 +698,7 @@ class Settings(BaseSettings):
             return None
         return StowConfig(tls=TLSConfig(cert=self.stow_tls_cert, key=self.stow_tls_key, ca=self.stow_tls_ca),
                           host=self.stow_host, port=self.stow_port, tokens=tuple(self.stow_tokens),
+                          certificate_callers=tuple(self.stow_tls_callers),
                           max_connections=self.scp_max_associations, idle_timeout_s=self.scp_network_timeout)
 
     def assembly_config(self) -> AssemblyConfig:

@@ -78,7 +78,8 @@ def start_stow(pki: Pki) -> Iterator[Any]:
     def start(ledger: Ledger, *, metrics: StowMetrics | None = None, **overrides: Any) -> StowServer:
         values: dict[str, Any] = {"data_dir": ledger.data_dir, "database_url": ledger.url, "stow_port": free_port(),
                                   "stow_tls_cert": pki.server_cert, "stow_tls_key": pki.server_key,
-                                  "stow_tls_ca": pki.ca, "stow_tokens": f"{CALLER_NAME}:{_sha(TOKEN)}"}
+                                  "stow_tls_ca": pki.ca, "stow_tls_callers": "client",
+                                  "stow_tokens": f"{CALLER_NAME}:{_sha(TOKEN)}"}
         values.update(overrides)
         settings = Settings.load(**values)
         config = settings.stow_config()
@@ -202,6 +203,20 @@ def test_client_certificate_authenticates_without_a_token(sqlite_ledger: Ledger,
     assert sorted(_stored(r)) == sorted(series.sop_instance_uids)
     with sqlite_ledger.sessions() as s:
         assert set(s.execute(select(Instance.calling_ae)).scalars()) == {"client"}  # the certificate's CN
+
+
+def test_a_certificate_of_the_ca_whose_name_is_not_listed_is_refused_and_audited(sqlite_ledger: Ledger, start_stow,
+                                                                                pki: Pki, tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "in", slices=1, size=32)
+    server = start_stow(sqlite_ledger, stow_tls_callers="MODALITY7")  # "client" is signed by the CA, not listed
+    ctx = client_ssl_context(pki.ca, pki.client_cert, pki.client_key)
+    with httpx.Client(verify=ctx, timeout=30) as client:
+        r = client.post(_url(server), content=_multipart([series.paths[0].read_bytes()]),
+                        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'})
+    assert r.status_code == 403
+    assert sqlite_ledger.count() == 0 and list((sqlite_ledger.settings.spool_dir / "tmp").iterdir()) == []
+    [refused] = sqlite_ledger.audit("stow.request_refused")
+    assert "'client', not an allowed caller" in json.dumps(refused.details)
 
 
 def test_a_study_half_by_c_store_half_by_stow_is_one_job(pg_ledger: Ledger, start_scp, start_stow,
@@ -463,6 +478,9 @@ def test_settings_refuse_an_endpoint_nobody_can_use(tmp_path: Path, pki: Pki) ->
     with pytest.raises(ValueError, match="stow_tokens or stow_tls_ca"):
         Settings.load(data_dir=tmp_path, stow_port=free_port(), stow_tls_cert=pki.server_cert,
                       stow_tls_key=pki.server_key)
+    with pytest.raises(ValueError, match="stow_tls_ca and stow_tls_callers go together"):
+        Settings.load(data_dir=tmp_path, stow_port=free_port(), stow_tls_cert=pki.server_cert,
+                      stow_tls_key=pki.server_key, stow_tls_ca=pki.ca)
     with pytest.raises(ValueError, match="NAME:SHA256"):
         Settings.load(data_dir=tmp_path, stow_tokens="A:plain-token")
     assert Settings.load(data_dir=tmp_path).stow_config() is None
