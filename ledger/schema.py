@@ -126,7 +126,7 @@ class Study(Base):
     # lock, does not depend on clocks or commit order the way comparing timestamps would.
     received_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     assembled_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # Completeness by asking the archive (migration 0014, dicom_node.completeness): set when the quiet period
+    # Completeness by asking the archive (migration 0012, dicom_node.completeness): set when the quiet period
     # ended and the source has an archive; the assembler waits for what the archive holds until this time.
     completeness_due_at: Mapped[datetime | None] = mapped_column(default=None)
     # the archive's answer (counts per series) or why it gave none; NULL: not asked (yet)
@@ -198,7 +198,7 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
-    # what the archive said when the job was made (migration 0014): complete, incomplete_at_source (counts at
+    # what the archive said when the job was made (migration 0012): complete, incomplete_at_source (counts at
     # the source and held, per series) or archive_unreachable; NULL: its source has no archive
     completeness: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
     study: Mapped[Study] = relationship(back_populates="jobs")

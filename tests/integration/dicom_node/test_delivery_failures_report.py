@@ -1,4 +1,4 @@
-"""``v_delivery_failures`` and ``specgate report delivery-failures`` (migration 0013) on both ledger backends:
+"""``v_delivery_failures`` and ``specgate report delivery-failures`` (migration 0011) on both ledger backends:
 rows written by real failed deliveries (a STOW-RS 401 from Orthanc, a DICOMweb server that is down, a
 C-STORE peer whose TLS certificate does not verify, a C-STORE peer that is down) each show their own
 status and class; the migration goes down and up again."""
