@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 from .config import NodeConfig
 
-__all__ = ["HANDOFF_ACCEPT", "HANDOFF_OVER_LIMIT", "HandoffReceiver", "Listener", "accept_until", "close_listening",
-           "default_processes"]
+__all__ = ["HANDOFF_ACCEPT", "HANDOFF_OVER_LIMIT", "HandoffReceiver", "Listener", "accept_until", "bind_port",
+           "close_listening", "default_processes"]
 
 log = logging.getLogger("specgate.dicom_node.handoff")
 
@@ -61,6 +61,22 @@ def accept_until(sock: socket.socket, stopping: threading.Event,
                 return
             continue
         handle(conn, address)
+
+
+def bind_port(host: str, port: int, *, backlog: int | None = 128) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (IPv6 when the host has a colon; SO_REUSEADDR), listening with
+    ``backlog`` (None: bound only, the caller listens later). Closed again if binding fails, so the error
+    (the port is taken, the address is not ours) reaches the caller and no socket leaks."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        if backlog is not None:
+            sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def close_listening(sock: socket.socket | None) -> None:
@@ -118,15 +134,7 @@ class Listener:
         a peer that connects as soon as the port opens is served at once instead of waiting for a
         receiver process to import its libraries and open the ledger."""
         c = self.config
-        family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((c.host, c.port))  # bound (the port is ours, errors show now), not listening
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
+        sock = self._sock = bind_port(c.host, c.port, backlog=None)  # the port is ours (errors show now), not listening
         for i in range(self.processes):
             self._spawn(i)
         watch = threading.Thread(target=self._watch_loop, name="specgate-listener-watch", daemon=True)

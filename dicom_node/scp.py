@@ -31,7 +31,7 @@ from ledger.db import DatabaseUnavailable, session_scope
 from . import ul
 from .association import IMAGE_STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, Association, storage_contexts
 from .config import NodeConfig
-from .handoff import HandoffReceiver, accept_until, close_listening
+from .handoff import HandoffReceiver, accept_until, bind_port, close_listening
 from .receive import InstanceReceiver
 from .security import server_ssl_context
 from .sink import IMPLEMENTATION_CLASS_UID
@@ -98,15 +98,7 @@ class StoreSCP:
 
     def _listen(self) -> None:
         c = self.config
-        sock = socket.socket(socket.AF_INET6 if ":" in c.host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((c.host, c.port))
-            sock.listen(128)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
+        sock = self._sock = bind_port(c.host, c.port)
         self._accept = threading.Thread(
             target=accept_until, args=(sock, self._stopping, lambda client, _address: self._serve(client, False)),
             name="specgate-scp-accept", daemon=True)

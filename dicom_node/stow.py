@@ -76,6 +76,7 @@ from ledger.db import DatabaseUnavailable, session_scope
 from .association import IMAGE_STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from .config import NodeConfig, ReceiveLimits, StowConfig, validate_ae_title
 from .dataset_stream import DEFLATED, DataSetStream
+from .handoff import bind_port
 from .receive import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, InstanceReceiver, Outcome, Refused
 from .security import normalise_host, server_ssl_context
 from .sink import TempSink, file_meta
@@ -590,15 +591,7 @@ class StowServer:
                                 limit_concurrency=c.max_connections + 1)
         config.load()
         config.ssl = tls_context  # the node's own context: TLS 1.2+, client certificates against tls.ca
-        sock = socket.socket(socket.AF_INET6 if ":" in c.host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((c.host, c.port))
-            sock.listen(128)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
+        sock = self._sock = bind_port(c.host, c.port)
         server = self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
                                         name="specgate-stow", daemon=True)
