@@ -205,32 +205,42 @@ def gate_chart(rows: Sequence[dict[str, Any]]) -> str:
     """The gate's scorecard per period (``gate-weekly`` or ``gate-monthly`` rows): for each model (its own
     line style) the share of held results a radiologist rejected, of released results retracted for
     quality and of blind-audited releases rejected, each a point at the period's first day with its 95%
-    interval as an error bar (the three side by side, a few hours apart, so the bars do not hide each
-    other). A share of nothing (no decided result of that kind) is not drawn."""
+    interval as an error bar (the three side by side, a tenth of a period apart, so the bars do not hide
+    each other). A share of nothing (no decided result of that kind) is not drawn."""
     def draw(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
         from matplotlib.ticker import PercentFormatter
 
         styles = ("-", "--", ":", "-.")
         models = sorted({str(r["model_id"]) for r in rows})
+        starts = sorted({date.fromisoformat(r["period"]) for r in rows})
+        gap = min((b - a for a, b in zip(starts, starts[1:], strict=False)), default=timedelta(days=7))
+        dodge = gap / 10  # the three shares of a period side by side, a tenth of a period apart
+        drawn = 0
         for m, model in enumerate(models):
             mine = sorted((r for r in rows if str(r["model_id"]) == model), key=lambda r: r["period"])
             for i, (key, label, colour) in enumerate(_GATE_SERIES):
                 pts = [r for r in mine if r[key] is not None]
                 if not pts:
                     continue
-                x = [datetime.combine(date.fromisoformat(r["period"]), time()) + timedelta(hours=6 * (i - 1))
-                     for r in pts]
+                x = [datetime.combine(date.fromisoformat(r["period"]), time()) + dodge * (i - 1) for r in pts]
                 y = [r[key] for r in pts]
                 err = [[v - r[f"{key}_lo"] for v, r in zip(y, pts, strict=True)],
                        [r[f"{key}_hi"] - v for v, r in zip(y, pts, strict=True)]]
                 ax.errorbar(x, y, yerr=err, color=colour, linestyle=styles[m % len(styles)], marker="o",
                             markersize=4, capsize=3, linewidth=1.2,
                             label=label if len(models) == 1 else f"{model}: {label}")
+                drawn += 1
         ax.set_ylim(-0.02, 1.05)
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_ylabel("share, with 95% Wilson interval")
-        _days(ax, [date.fromisoformat(r["period"]) for r in rows])
+        _days(ax, starts)
+        margin = dodge + timedelta(hours=12)  # room for the shares drawn beside the first and last periods
+        ax.set_xlim(datetime.combine(starts[0], time()) - margin, datetime.combine(starts[-1], time()) + margin)
         ax.set_xlabel("period starting (UTC)")
-        _legend(ax.figure)
+        if drawn:
+            _legend(ax.figure)
+        else:  # results, but none decided, retracted or audited yet
+            ax.text(0.5, 0.5, "no labelled results in this period", transform=ax.transAxes, ha="center",
+                    va="center", color="0.4")
 
     return _draw(draw, rows, "The gate's scorecard over time")
