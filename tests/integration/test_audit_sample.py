@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from scipy.stats import binom
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from ledger import audit, audit_sample
 from ledger.db import session_scope
@@ -147,3 +147,31 @@ def test_the_setting_reaches_the_pipeline_and_nonsense_is_refused(tmp_path: Path
     for bad in (-0.1, 1.5):
         with pytest.raises(SettingsError, match="SPECGATE_AUDIT_SAMPLE_SHARE"):
             Settings.load(data_dir=tmp_path, audit_sample_share=bad)
+
+
+def test_verdicts_are_checked_and_a_superseded_sample_leaves_the_queue(migrated) -> None:
+    _, _, sessions = migrated
+    released = _released(sessions, ["2.25.101", "2.25.102"])
+    with session_scope(sessions) as s:
+        ids = [audit_sample.consider(s, job_id=j, result_id=r, study_instance_uid=u, share=1.0, actor="worker").id
+               for j, r, u in released]
+    with session_scope(sessions) as s:
+        assert audit_sample.pending_count(s) == 2 and [p.sample_id for p in audit_sample.pending(s)] == ids
+        for kwargs, message in (({"user": " ", "verdict": "agree"}, "needs the user"),
+                                ({"user": "anna", "verdict": "maybe"}, "agree or reject, not 'maybe'"),
+                                ({"user": "anna", "verdict": "reject", "reason": " "}, "needs a reason")):
+            with pytest.raises(audit_sample.AuditSampleError, match=message):
+                audit_sample.decide(s, ids[0], **kwargs)
+        with pytest.raises(audit_sample.AuditSampleError, match="audit sample 999999 does not exist"):
+            audit_sample.decide(s, 999999, user="anna", verdict="agree")
+        assert str(audit_sample.decide(s, ids[0], user="anna", verdict="agree").state) == "agreed"
+    with session_scope(sessions) as s:
+        with pytest.raises(audit_sample.AuditSampleError, match=r"decided already \(agreed\) by anna"):
+            audit_sample.decide(s, ids[0], user="bob", verdict="reject", reason="artefact")
+        # a newer version of the second study arrived: its earlier result is superseded, the sample leaves
+        s.execute(update(Result).where(Result.job_id == released[1][0]).values(superseded=True))
+    with session_scope(sessions) as s:
+        assert audit_sample.pending_count(s) == 0 and audit_sample.pending(s) == []
+        verdicts = s.execute(select(AuditEvent.action, AuditEvent.actor).where(
+            AuditEvent.action.in_(["audit_sample.agreed", "audit_sample.rejected"]))).all()
+        assert [tuple(v) for v in verdicts] == [("audit_sample.agreed", "user:anna")]
