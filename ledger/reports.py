@@ -38,6 +38,8 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, DateTime, Select, column, select, table
 from sqlalchemy.orm import Session
 
+from . import scorecard
+
 __all__ = ["REPORTS", "Column", "Kind", "Report", "csv_cell", "format_value", "percentile", "to_csv"]
 
 Kind = Literal["text", "day", "int", "float", "seconds", "rate", "datetime", "bool"]
@@ -303,6 +305,27 @@ def _failed_jobs(session: Session, since: date | None, until: date | None) -> li
     return sorted(rows, key=lambda r: _key(r["day"], r["reason_code"]))
 
 
+def _gate_columns(*keys: Column) -> tuple[Column, ...]:
+    """The scorecard's columns (:mod:`ledger.scorecard`) after the row's keys."""
+    ci = int(scorecard.CONFIDENCE * 100)
+
+    def share(name: str, label: str) -> tuple[Column, ...]:
+        return (Column(name, label, "rate"), Column(f"{name}_lo", f"{ci}% low", "rate"),
+                Column(f"{name}_hi", f"{ci}% high", "rate"))
+
+    return (*keys, Column("held", "held", "int"), Column("approved", "approved (too strict)", "int"),
+            Column("rejected", "rejected (right)", "int"), Column("undecided", "undecided", "int"),
+            *share("held_right", "held right"), Column("released", "released", "int"),
+            Column("retracted", "retracted (quality)", "int"), *share("retracted_rate", "retracted"),
+            Column("audited", "blind audit", "int"), Column("audit_agreed", "audit agreed", "int"),
+            Column("audit_rejected", "audit rejected", "int"), *share("audit_miss", "audit missed"))
+
+
+_GATE = ("Held results approved (the gate was too strict) and rejected (it was right) by a radiologist; "
+         "released results later retracted for quality by a person, and the blind audit sample's verdicts "
+         "on released results; each share with its 95% Wilson score interval. Period: the day the gate "
+         "decided (the result was made); later decisions and retractions count with it.")
+
 _PCT = (Column("jobs", "jobs", "int"), Column("p50_s", "p50 (s)", "seconds"), Column("p90_s", "p90 (s)", "seconds"),
         Column("p99_s", "p99 (s)", "seconds"), Column("max_s", "max (s)", "seconds"))
 
@@ -362,4 +385,17 @@ REPORTS: dict[str, Report] = {r.name: r for r in (
            "Jobs now failed, per UTC day they failed and reason code. Period: the day failed.",
            (Column("day", "day", "day"), Column("reason_code", "reason"), Column("jobs", "jobs", "int")),
            _failed_jobs),
+    Report("gate", "The gate's scorecard by model and source",
+           f"{_GATE} Per model, calling AE and station name.",
+           _gate_columns(Column("model_id", "model"), Column("calling_ae", "calling AE"),
+                         Column("station_name", "station")),
+           scorecard.by_source),
+    Report("gate-weekly", "The gate's scorecard per week",
+           f"{_GATE} Per ISO week (from its Monday, UTC) and model.",
+           _gate_columns(Column("period", "week of", "day"), Column("model_id", "model")),
+           scorecard.by_week),
+    Report("gate-monthly", "The gate's scorecard per month",
+           f"{_GATE} Per calendar month (UTC) and model.",
+           _gate_columns(Column("period", "month", "day"), Column("model_id", "model")),
+           scorecard.by_month),
 )}

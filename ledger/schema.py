@@ -31,6 +31,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "AuditEvent",
+    "AuditSample",
+    "AuditSampleState",
     "Base",
     "Delivery",
     "DeliveryState",
@@ -385,6 +387,33 @@ class RegisteredModel(Base):
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     registered_by: Mapped[str] = mapped_column(String(128))
     bank_fitted_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AuditSampleState(enum.StrEnum):
+    """A released result drawn for a blind review (migration 0015): waiting, or the radiologist's verdict."""
+
+    PENDING = "pending"
+    AGREED = "agreed"  # the segmentation is acceptable: a good release
+    REJECTED = "rejected"  # the gate let a failure through
+
+
+class AuditSample(Base):
+    """A released result drawn for a blind review (:mod:`ledger.audit_sample`, migration 0015)."""
+
+    __tablename__ = "audit_samples"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), unique=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="RESTRICT"))
+    share: Mapped[float] = mapped_column(Float)  # audit_sample_share when it was drawn
+    draw: Mapped[float] = mapped_column(Float)  # the study UID's draw in [0, 1): drawn when draw < share
+    state: Mapped[AuditSampleState] = mapped_column(_enum(AuditSampleState, "audit_sample_state"), index=True,
+                                                    default=AuditSampleState.PENDING)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reviewed_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    reviewed_at: Mapped[datetime | None] = mapped_column(default=None)
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    retraction_id: Mapped[int | None] = mapped_column(ForeignKey("retractions.id", ondelete="RESTRICT"),
+                                                      default=None)
 
 
 class AuditEvent(Base):

@@ -52,11 +52,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from ledger import audit
+from ledger import audit, audit_sample
 from ledger.db import DatabaseUnavailable, session_scope
 from ledger.reviews import ReviewError, decide
 
-from . import auth, queries, render
+from . import auth, blind, queries, render
 from .config import ReviewConfig
 from .security import (
     BadInput,
@@ -315,10 +315,22 @@ class ReviewApp:
             rows, total = queries.queue(s, f)
             facets = queries.queue_facets(s)
             waiting = queries.held_count(s)
+            blind_waiting = audit_sample.pending_count(s)
         return self.render(request, "queue.html", me=me, rows=rows, total=total, waiting=waiting, facets=facets,
-                           filter=f)
+                           filter=f, blind_waiting=blind_waiting)
 
     # --- study ------------------------------------------------------------------------------------
+    def study_images(self, view: queries.StudyView) -> tuple[Any, int]:
+        """The slice viewer's images of a study page and the slice it opens on (None, 0: none to show)."""
+        if view.result is None or view.prob_file is None or not view.series_paths:
+            return None, 0
+        try:
+            images = self.images.get(view.job.id, view.series_paths, view.prob_file)
+            return images, render.slice_with_most_foreground(images)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: images cannot be shown (%s)", view.job.id, type(exc).__name__)
+            return None, 0
+
     def study_page(self, request: Request) -> Response:
         me = self.require(request)
         job_id = parse_id(request.path_params["job_id"], "job")
@@ -330,16 +342,9 @@ class ReviewApp:
             audit.append(s, actor=f"user:{me.username}", action="review.viewed", object_type="job",
                          object_id=job_id, details={"state": str(view.job.state)})
             waiting = queries.held_count(s)
-        images = None
         histogram = None
-        start_z = 0
+        images, start_z = self.study_images(view)
         if view.result is not None and view.prob_file is not None and view.series_paths:
-            try:
-                images = self.images.get(view.job.id, view.series_paths, view.prob_file)
-                start_z = render.slice_with_most_foreground(images)
-            except (OSError, ValueError) as exc:
-                log.warning("job %s: images cannot be shown (%s)", job_id, type(exc).__name__)
-                images = None
             loo = view.evidence.get("bank_loo_oodm")
             if loo:
                 histogram = render.bank_histogram_svg(loo, view.result.oodm, view.result.tau)
@@ -452,6 +457,7 @@ class ReviewApp:
             "OOD rate over time": charts.ood_rate_chart(tables.get("ood-rate", [])),
             "Turnaround percentiles": charts.turnaround_chart(tables.get("turnaround-daily", [])),
             "Review queue age": charts.queue_age_chart(tables.get("queue", [])),
+            "The gate's scorecard per week": charts.gate_chart(tables.get("gate-weekly", [])),
         }
         return self.render(request, "reports.html", me=me, reports=REPORTS, tables=tables, figures=figures,
                            since=since, until=until, waiting=waiting)
@@ -628,6 +634,7 @@ def create_app(config: ReviewConfig, sessions: sessionmaker[Session], actions: R
         Route("/users", app.users_post, methods=["POST"]),
         Route("/metrics", app.metrics),
         Route("/healthz", app.health),
+        *blind.routes(app),  # the blind audit sample's queue and pages
         Mount("/static", StaticFiles(packages=[("review", "static")]), name="static"),
     ]
     web = _ReviewStarlette(routes=routes, exception_handlers=_error_handlers(app),

@@ -7,7 +7,9 @@ as a string, without the XML prolog, to inline in HTML:
   and one for all results;
 - :func:`turnaround_chart`: rows of ``REPORTS["turnaround-daily"]``: p50/p90/p99 per day, for results
   sent straight away and for results held for review;
-- :func:`queue_age_chart`: rows of ``REPORTS["queue"]``: how long the held results have waited.
+- :func:`queue_age_chart`: rows of ``REPORTS["queue"]``: how long the held results have waited;
+- :func:`gate_chart`: rows of ``REPORTS["gate-weekly"]`` (or ``gate-monthly``): the gate's scorecard over
+  time, each share with its interval as an error bar.
 
 No rows gives a small chart that says "no data in this period". Text is kept as SVG text (not paths), so
 the page's fonts draw it and a search finds it; matplotlib escapes it for XML, and mathtext is off, so an
@@ -31,7 +33,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-__all__ = ["ood_rate_chart", "queue_age_chart", "turnaround_chart"]
+__all__ = ["gate_chart", "ood_rate_chart", "queue_age_chart", "turnaround_chart"]
 
 _SIZE = (7.5, 3.6)  # inches; at the SVG's 72 points per inch, 540 x 259
 _RC: dict[Any, Any] = {"svg.fonttype": "none", "text.parse_math": False, "font.size": 9.0}
@@ -191,3 +193,54 @@ def queue_age_chart(rows: Sequence[dict[str, Any]]) -> str:
                   title_fontsize=8, frameon=False)
 
     return _draw(draw, rows, "Review queue: age of held results")
+
+
+#: the scorecard's shares (ledger.scorecard.PROPORTIONS) as the chart draws them
+_GATE_SERIES = (("held_right", "held, rejected by a radiologist (gate right)", "tab:green"),
+                ("retracted_rate", "released, retracted for quality", "tab:red"),
+                ("audit_miss", "blind audit: released, rejected", "tab:purple"))
+
+
+def gate_chart(rows: Sequence[dict[str, Any]]) -> str:
+    """The gate's scorecard per period (``gate-weekly`` or ``gate-monthly`` rows): for each model (its own
+    line style) the share of held results a radiologist rejected, of released results retracted for
+    quality and of blind-audited releases rejected, each a point at the period's first day with its 95%
+    interval as an error bar (the three side by side, a tenth of a period apart, so the bars do not hide
+    each other). A share of nothing (no decided result of that kind) is not drawn."""
+    def draw(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+        from matplotlib.ticker import PercentFormatter
+
+        styles = ("-", "--", ":", "-.")
+        models = sorted({str(r["model_id"]) for r in rows})
+        starts = sorted({date.fromisoformat(r["period"]) for r in rows})
+        gap = min((b - a for a, b in zip(starts, starts[1:], strict=False)), default=timedelta(days=7))
+        dodge = gap / 10  # the three shares of a period side by side, a tenth of a period apart
+        drawn = 0
+        for m, model in enumerate(models):
+            mine = sorted((r for r in rows if str(r["model_id"]) == model), key=lambda r: r["period"])
+            for i, (key, label, colour) in enumerate(_GATE_SERIES):
+                pts = [r for r in mine if r[key] is not None]
+                if not pts:
+                    continue
+                x = [datetime.combine(date.fromisoformat(r["period"]), time()) + dodge * (i - 1) for r in pts]
+                y = [r[key] for r in pts]
+                err = [[v - r[f"{key}_lo"] for v, r in zip(y, pts, strict=True)],
+                       [r[f"{key}_hi"] - v for v, r in zip(y, pts, strict=True)]]
+                ax.errorbar(x, y, yerr=err, color=colour, linestyle=styles[m % len(styles)], marker="o",
+                            markersize=4, capsize=3, linewidth=1.2,
+                            label=label if len(models) == 1 else f"{model}: {label}")
+                drawn += 1
+        ax.set_ylim(-0.02, 1.05)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_ylabel("share, with 95% Wilson interval")
+        _days(ax, starts)
+        margin = dodge + timedelta(hours=12)  # room for the shares drawn beside the first and last periods
+        ax.set_xlim(datetime.combine(starts[0], time()) - margin, datetime.combine(starts[-1], time()) + margin)
+        ax.set_xlabel("period starting (UTC)")
+        if drawn:
+            _legend(ax.figure)
+        else:  # results, but none decided, retracted or audited yet
+            ax.text(0.5, 0.5, "no labelled results in this period", transform=ax.transAxes, ha="center",
+                    va="center", color="0.4")
+
+    return _draw(draw, rows, "The gate's scorecard over time")

@@ -94,7 +94,8 @@ def _list_reports(fmt: str) -> None:
 def report_command(app: AppContext, name: str | None, since: datetime | None, until: datetime | None, fmt: str,
                    list_only: bool) -> None:
     """Print an administrators' report: volume, turnaround, OOD rate, review queue, reviewers,
-    delivery failures, failed jobs (``specgate report --list``). Days are UTC and both ends are included."""
+    delivery failures, failed jobs, the gate's scorecard (``specgate report --list``). Days are UTC and
+    both ends are included."""
     from sqlalchemy.exc import DBAPIError
 
     from ledger.db import DatabaseUnavailable

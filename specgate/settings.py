@@ -356,6 +356,12 @@ class Settings(BaseSettings):
     review_hash_concurrency: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1, le=64,
                                          description="password verifications at once (argon2id, CPU-bound)")
 
+    # --- the gate's scorecard: blind audit sample (ledger.audit_sample) ------------------------------
+    audit_sample_share: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="share of released results also queued for a blind review in the review app (0: off; "
+                    "e.g. 0.05); drawn reproducibly from the Study Instance UID, delivery is not delayed")
+
     # --- metrics (Prometheus) ------------------------------------------------------------------------
     scp_metrics_port: int = Field(default=0, ge=0, le=65535,
                                   description="/metrics of the SCP on this port (0: off)")
@@ -721,7 +727,8 @@ class Settings(BaseSettings):
             pipeline=PipelineConfig(results_dir=self.results_dir, data_dir=self.data_dir, store=self.store_config(),
                                     installation=self.installation,
                                     rules=tuple(self.rules), heartbeat_s=self.worker_heartbeat_seconds,
-                                    stale_after_s=self.worker_stale_seconds),
+                                    stale_after_s=self.worker_stale_seconds,
+                                    audit_sample_share=self.audit_sample_share),
             models=(ModelSpec(DEFAULT_MODEL, self.model_weights, self.model_bank,
                               segment=self.models.get(DEFAULT_MODEL, ModelFiles()).segment()),
                     *(ModelSpec(name, m.weights, m.bank, segment=m.segment())

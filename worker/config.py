@@ -108,6 +108,8 @@ class PipelineConfig:
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0
     actor: str = "worker"
+    #: share of released results also queued for a blind review (ledger.audit_sample); 0: off
+    audit_sample_share: float = 0.0
 
     def rule(self, name: str | None) -> SeriesRule | None:
         """The rule called ``name``, or None when no rule has that name (any more)."""

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import SeriesRule
 from dicom_series import LossySource, SeriesError, Volume, load_series, lossy_source
 from dicom_series.headers import read_instance
-from ledger import audit, jobs
+from ledger import audit, audit_sample, jobs
 from ledger.db import session_scope
 from ledger.leases import LeaseRefresher
 from ledger.paths import to_ledger
@@ -462,5 +462,8 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
                               "gate_reason": out.gate_reason, "model": configured_model,
                               "model_id": model_id,
                               "timings_s": {k: round(v, 3) for k, v in timings.items()}})
+        if to == JobState.RELEASED:  # the blind audit sample: drawn with the release, never delaying it
+            audit_sample.consider(s, job_id=c.job_id, result_id=result.id, study_instance_uid=c.study_instance_uid,
+                                  share=cfg.audit_sample_share, actor=cfg.actor)
     return StudyOutcome(c.job_id, str(to), oodm=out.oodm, tau=out.tau, timings=timings)
 
