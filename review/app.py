@@ -452,6 +452,7 @@ class ReviewApp:
             "OOD rate over time": charts.ood_rate_chart(tables.get("ood-rate", [])),
             "Turnaround percentiles": charts.turnaround_chart(tables.get("turnaround-daily", [])),
             "Review queue age": charts.queue_age_chart(tables.get("queue", [])),
+            "Shadow models beside the live ones": charts.shadow_chart(tables.get("shadow", [])),
         }
         return self.render(request, "reports.html", me=me, reports=REPORTS, tables=tables, figures=figures,
                            since=since, until=until, waiting=waiting)
@@ -469,6 +470,17 @@ class ReviewApp:
             rows = report.run(s, since, until)
         return Response(to_csv(report, rows), media_type="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="specgate-{name}.csv"'})
+
+    # --- shadow (silent mode, ledger.shadow) --------------------------------------------------------
+    def shadow_page(self, request: Request) -> Response:
+        """Shadow results beside their live jobs; read-only, for every signed-in user."""
+        me = self.require(request)
+        from ledger.shadow import shadow_results
+
+        with session_scope(self.sessions) as s:
+            rows = shadow_results(s)
+            waiting = queries.held_count(s)
+        return self.render(request, "shadow.html", me=me, rows=rows, waiting=waiting)
 
     # --- users ------------------------------------------------------------------------------------
     def users_page(self, request: Request) -> Response:
@@ -622,6 +634,7 @@ def create_app(config: ReviewConfig, sessions: sessionmaker[Session], actions: R
         Route("/studies/{job_id:int}/approve", app.approve, methods=["POST"]),
         Route("/studies/{job_id:int}/reject", app.reject, methods=["POST"]),
         Route("/studies/{job_id:int}/retract", app.retract, methods=["POST"]),
+        Route("/shadow", app.shadow_page),
         Route("/reports", app.reports_page),
         Route("/reports/{name}.csv", app.report_csv),
         Route("/users", app.users_page, methods=["GET"]),
