@@ -28,7 +28,7 @@ from ledger.db import open_engine, session_scope, sessionmaker_for
 from ledger.schema import AuditEvent, Job, JobState, Study
 from review.app import ReviewActions
 from specgate.settings import Settings
-from tests.browser import chromium, sign_in, wait
+from tests.browser import sign_in, wait
 from tests.integration.review.helpers import (
     PASSWORD,
     Client,
@@ -39,6 +39,7 @@ from tests.integration.review.helpers import (
     review_config,
 )
 from tests.integration.review.multilabel import multilabel_job, write_result
+from tests.integration.review.test_multilabel_browser import browser  # noqa: F401 (its Chromium fixture)
 from worker.labels import ModelIdentity
 from worker.shadow import compare_ready
 
@@ -132,16 +133,7 @@ def test_the_reports_page_shows_the_side_by_side_report(site: Site) -> None:
     assert "Shadow models: the two gates" in page  # the chart (review/charts.py), drawn with the row
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    driver = chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def test_the_shadow_tab_renders_in_chromium(browser: WebDriver, site: Site, tmp_path: Path) -> None:
+def test_the_shadow_tab_renders_in_chromium(browser: WebDriver, site: Site, tmp_path: Path) -> None:  # noqa: F811
     sign_in(browser, site.url, "anna", PASSWORD)
     browser.find_element(By.ID, "nav-shadow").click()
     wait(browser).until(lambda d: d.current_url == f"{site.url}/shadow")
