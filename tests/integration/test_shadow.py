@@ -35,6 +35,7 @@ from dicom_node.config import AssemblyConfig, SeriesRule
 from dicom_series import load_series
 from ledger import jobs, migrations, models, shadow
 from ledger.db import open_engine, session_scope, sessionmaker_for
+from ledger.prometheus import snapshot
 from ledger.reports import REPORTS
 from ledger.reviews import ReviewError, decide
 from ledger.schema import (
@@ -236,10 +237,13 @@ def test_a_shadow_result_is_never_approved_or_sent(migrated, tmp_path: Path) -> 
     redeliver_lost(sessions, enqueue_delivery=again.append, queued_deadline_s=60, now=utcnow(), actor="test")
     assert again == [released.live]
 
-    # the radiologists' queue and count: live results only
+    # the radiologists' queue and count, the queue report and the queue-depth gauge: live results only
     with sessions() as s:
         rows, total = queries.queue(s, queries.QueueFilter())
         assert ([r.job_id for r in rows], total, queries.held_count(s)) == ([held.live], 1, 1)
+        assert [r["job_id"] for r in REPORTS["queue"].run(s)] == [held.live]
+        gauges = snapshot(s)
+        assert (gauges.queue_depth, gauges.jobs_by_state["released"]) == (1, 1)
     with pytest.raises(RetractionError, match="shadow result: it is never sent"):
         retract_job(sessions, released.shadow, user="anna", reason="quality", files=settings.data_dir)
 
