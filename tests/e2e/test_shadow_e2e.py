@@ -95,6 +95,7 @@ def test_a_shadow_model_beside_the_live_one_sends_nothing_until_promoted(stack: 
     shadow_uids = {res[beside.id].seg_sop_instance_uid, res[beside.id].sr_sop_instance_uid}
     assert not shadow_uids & held_by_pacs
     assert {res[live.id].seg_sop_instance_uid, res[live.id].sr_sop_instance_uid} <= held_by_pacs
+    assert f"beside job {live.id}: never approved or sent" in stack.cli("jobs", "show", str(beside.id)).stdout
     refused = stack.cli("jobs", "approve", str(beside.id), "--user", "dr.house", check=False)
     assert refused.returncode != 0 and f"job {beside.id} is a shadow result" in refused.stdout + refused.stderr
     report = json.loads(stack.cli("report", "shadow", "--format", "json").stdout)
