@@ -409,3 +409,21 @@ def test_a_model_is_put_in_shadow_once_and_promoted_only_with_a_bank(migrated) -
     for e in _audit(sessions, "model.shadowed"):
         counts[e.object_id] += 1
     assert dict(counts) == {"no-bank": 1}
+
+
+def test_a_shadow_job_neither_keeps_a_study_from_pruning_nor_is_left_behind(migrated) -> None:
+    """``specgate spool prune``: a shadow job stays released or held for good; the live job decides."""
+    from specgate.retention import plan
+
+    settings, _, sessions = migrated
+    done = _pair(sessions, live_state=JobState.SENT, shadow_state=JobState.RELEASED, live_ood=False, shadow_ood=False)
+    waiting = _pair(sessions, live_state=JobState.HELD, shadow_state=JobState.RELEASED, live_ood=True,
+                    shadow_ood=False)
+    with session_scope(sessions) as s:
+        s.execute(update(Job).where(Job.id.in_([done.live, waiting.live]))
+                  .values(finished_at=utcnow() - timedelta(days=40)))
+    with sessions() as s:
+        planned = plan(s, settings.worker_config().pipeline.files, older_than=timedelta(days=30))
+        shadow_seg = s.execute(select(Result.seg_path).where(Result.job_id == done.shadow)).scalar_one()
+    assert [sorted(p.jobs) for p in planned] == [sorted([done.live, done.shadow])]
+    assert shadow_seg in planned[0].result_keys  # its files go with the study's
