@@ -12,7 +12,9 @@ A match creates a job (state ``queued``, next version, the rule's ``model`` reco
 the job's queue, ``gpu.<model>``) and calls the enqueue hook after the commit; a study
 whose instances arrive after it was queued gets a new version and every earlier version that can still
 move is ``superseded`` (its result marked superseded). No match is recorded with an audit event and left
-alone.
+alone. Shadow rules (``shadow = true``, or a rule whose model is registered as shadow) do not take part in
+that choice: each one that matches makes a shadow job beside the live one, of the same version
+(:mod:`ledger.shadow` says the whole design).
 
 A study whose sender has an archive to ask (``completeness_archive``) is not assembled when its quiet period
 ends: :mod:`dicom_node.completeness` asks the archive and holds it back, at most ``completeness_wait_seconds``,
@@ -37,11 +39,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ledger import audit, jobs
+from ledger import audit, jobs, shadow
 from ledger.db import DatabaseUnavailable, session_scope
 from ledger.schema import Instance, Job, JobState, Result, Series, Study, utcnow
 
@@ -102,6 +105,7 @@ class AssemblyResult:
     job_id: int | None
     rule: str | None
     superseded: tuple[int, ...] = ()
+    shadow_jobs: tuple[int, ...] = ()  # silent mode: the shadow jobs made beside it (ledger.shadow)
 
 
 class Assembler:
@@ -172,8 +176,9 @@ class Assembler:
             if result is None:
                 continue
             results.append(result)
-            if result.job_id is not None:
-                self._enqueue(result.job_id)
+            for job_id in (result.job_id, *result.shadow_jobs):
+                if job_id is not None:
+                    self._enqueue(job_id)
         cutoff = now - timedelta(seconds=self.config.quiet_seconds)
         log.debug("assembly pass finished (cutoff %s)", cutoff.isoformat())
         return results
@@ -206,43 +211,70 @@ class Assembler:
                                                         {f.series_instance_uid: f.instances for f in facts}, now)
                 if completeness is None:
                     return None  # waiting for the archive's answer, or for what it holds
-            choice = choose_series(self.config.rules, facts)
+            shadows = shadow.shadow_models(s)
+            choice = choose_series([r for r in self.config.rules if not shadow.is_shadow_rule(r, shadows)], facts)
+            beside = [c for c in (choose_series([r], facts) for r in self.config.rules
+                                  if shadow.is_shadow_rule(r, shadows)) if c is not None]
             seen = study.received_count
             s.execute(update(Study).where(Study.id == study.id)
                       .values(assembled_count=seen, assembled_at=now, completeness_due_at=None,
                               completeness=None))
             summary = [{"series_instance_uid": f.series_instance_uid, "modality": f.modality,
                         "instances": f.instances} for f in facts]
-            if choice is None:
+            if choice is None and not beside:
                 audit.append(s, actor=ACTOR, action="study.no_matching_series", object_type="study",
                              object_id=study.id, details={"study_instance_uid": study.study_instance_uid,
                                                           "instances": seen, "series": summary,
                                                           "completeness": completeness})
                 log.info("study %d: no series matches a rule; left alone", study.id)
                 return AssemblyResult(study.id, None, None)
-            rule, series = choice
             earlier = list(s.execute(select(Job).where(Job.study_id == study.id)).scalars())
-            job = jobs.create_job(s, study, actor=ACTOR, state=JobState.QUEUED,
-                                  series_instance_uid=series.series_instance_uid, rule_name=rule.name,
-                                  model_name=rule.model, max_attempts=self.config.job_max_attempts,
-                                  details={"instances": seen, "series_instances": series.instances,
-                                           "model": rule.model, **({"completeness": completeness["state"]}
-                                                                   if completeness else {})})
-            job.completeness = completeness
-            superseded = []
-            for old in earlier:
-                s.execute(update(Result).where(Result.job_id == old.id).values(superseded=True))
-                if jobs.is_allowed(old.state, JobState.SUPERSEDED):
-                    jobs.transition(s, old.id, JobState.SUPERSEDED, actor=ACTOR, superseded_by_id=job.id,
-                                    details={"superseded_by": job.id, "reason": "new instances"})
-                    superseded.append(old.id)
-                else:
-                    s.execute(update(Job).where(Job.id == old.id).values(superseded_by_id=job.id))
-                    audit.append(s, actor=ACTOR, action="job.result_superseded", object_type="job",
-                                 object_id=old.id, details={"superseded_by": job.id, "state": str(old.state)})
-            log.info("study %d: job %d v%d queued (rule %s, series of %d instances)", study.id, job.id,
-                     job.version, rule.name, series.instances)
-            return AssemblyResult(study.id, job.id, rule.name, tuple(superseded))
+            job = None
+            superseded: list[int] = []
+            if choice is not None:
+                rule, series = choice
+                job = self._create(s, study, rule, series, seen, completeness)
+                superseded = self._supersede(s, earlier, job)
+                log.info("study %d: job %d v%d queued (rule %s, series of %d instances)", study.id, job.id,
+                         job.version, rule.name, series.instances)
+            made: list[Job] = []
+            for rule, series in beside:  # silent mode: beside the live job, same version (ledger.shadow)
+                made.append(self._create(s, study, rule, series, seen, completeness, beside=True, shadow_of=job,
+                                         version=made[0].version if made and job is None else None))
+                log.info("study %d: shadow job %d v%d queued (rule %s, model %s)", study.id, made[-1].id,
+                         made[-1].version, rule.name, rule.model)
+            return AssemblyResult(study.id, None if job is None else job.id, None if choice is None else choice[0].name,
+                                  tuple(superseded), tuple(j.id for j in made))
+
+    def _create(self, s: Session, study: Study, rule: SeriesRule, series: SeriesFacts, seen: int,
+                completeness: dict[str, Any] | None, *, beside: bool = False, shadow_of: Job | None = None,
+                version: int | None = None) -> Job:
+        """The study's job for ``rule``'s ``series``: the live one, or (``beside``) a shadow job."""
+        job = jobs.create_job(s, study, actor=ACTOR, state=JobState.QUEUED,
+                              series_instance_uid=series.series_instance_uid, rule_name=rule.name,
+                              model_name=rule.model, max_attempts=self.config.job_max_attempts,
+                              details={"instances": seen, "series_instances": series.instances,
+                                       "model": rule.model, **({"completeness": completeness["state"]}
+                                                               if completeness else {})},
+                              shadow=beside, shadow_of=shadow_of, version=version)
+        job.completeness = completeness
+        return job
+
+    @staticmethod
+    def _supersede(s: Session, earlier: list[Job], job: Job) -> list[int]:
+        """Every earlier job of the study (live and shadow) gives way to the new live ``job``."""
+        superseded = []
+        for old in earlier:
+            s.execute(update(Result).where(Result.job_id == old.id).values(superseded=True))
+            if jobs.is_allowed(old.state, JobState.SUPERSEDED):
+                jobs.transition(s, old.id, JobState.SUPERSEDED, actor=ACTOR, superseded_by_id=job.id,
+                                details={"superseded_by": job.id, "reason": "new instances"})
+                superseded.append(old.id)
+            else:
+                s.execute(update(Job).where(Job.id == old.id).values(superseded_by_id=job.id))
+                audit.append(s, actor=ACTOR, action="job.result_superseded", object_type="job",
+                             object_id=old.id, details={"superseded_by": job.id, "state": str(old.state)})
+        return superseded
 
     @staticmethod
     def _series_facts(s: Session, study_id: int) -> list[SeriesFacts]:

@@ -361,6 +361,10 @@ class SeriesRule(BaseModel):
     # A series with any lossy compressed instance (Lossy Image Compression "01", or received in a lossy
     # transfer syntax) is not segmented: its job ends failed with reason lossy_source_refused.
     refuse_lossy: bool = False
+    # Silent mode (ledger.shadow): the rule runs beside the live rules (it does not compete for the first
+    # match) and its jobs are shadow jobs: stored and scored, never sent. A rule whose model is registered
+    # as shadow (``specgate model shadow NAME``) is one too, until the model is promoted.
+    shadow: bool = False
 
     @model_validator(mode="before")
     @classmethod

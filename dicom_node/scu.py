@@ -43,7 +43,7 @@ from pynetdicom.association import Association
 from sqlalchemy import Update, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ledger import audit
+from ledger import audit, shadow
 from ledger.db import session_scope
 from ledger.leases import LeaseRefresher
 from ledger.schema import Delivery, DeliveryState, Result, Retraction, RetractionDelivery, utcnow
@@ -302,7 +302,8 @@ def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Seque
     retries (the worker runs it in its task). ``sleep`` is injectable so a test can count the waits.
     ``on_attempt`` is told of every attempt (:data:`AttemptObserver`). ``files``: where the objects are
     read from (a :class:`store.Store`; a data directory or None: ``fs``); fetched fresh, not from a cache
-    (an approval rewrites them under the same keys).
+    (an approval rewrites them under the same keys). A shadow job's result (:mod:`ledger.shadow`) is
+    refused before any delivery row exists: :class:`ledger.shadow.ShadowError`, ``delivery.refused`` audited.
     """
     with session_scope(sessions) as s:
         result = s.get(Result, result_id)
@@ -310,6 +311,10 @@ def deliver(sessions: sessionmaker[Session], result_id: int, destinations: Seque
             raise LookupError(f"result {result_id} does not exist")
         keys = [p for p in (result.seg_path, result.sr_path) if p]
         job_id = result.job_id
+        refused = shadow.refuse(s, job_id, actor=actor, action="delivery.refused", what="sent") \
+            if shadow.is_shadow_job(s, job_id) else None
+    if refused is not None:  # silent mode: no delivery row is ever made for a shadow result (audited above)
+        raise refused
     store = as_store(files)
     shipment = _Shipment(Delivery, "result_id", result_id, job_id, tuple(store.path(k, fresh=True) for k in keys),
                          f"result {result_id}", "delivery")

@@ -1,6 +1,6 @@
-"""Screenshots of the review app for the README: the queue, a held study and the reports page.
+"""Screenshots of the review app for the README: the queue, a held study, the reports page and the Shadow tab.
 
-    .venv/bin/python docs/screenshots.py              # writes docs/review-{queue,study,reports}.png
+    .venv/bin/python docs/screenshots.py              # writes docs/review-{queue,study,reports,shadow}.png
     .venv/bin/python docs/screenshots.py --out /tmp   # somewhere else
 
 Builds a throw-away ledger (SQLite, in a temporary folder) the way a reading room would see it:
@@ -12,7 +12,10 @@ Builds a throw-away ledger (SQLite, in a temporary folder) the way a reading roo
   a day;
 * two weeks of history seeded directly as ledger rows (studies, instances, jobs, results, reviews by three
   radiologists, deliveries to two destinations with a few retries and failures, failed jobs, and the
-  audit events the report views read), so the reports have something to show.
+  audit events the report views read), so the reports have something to show;
+* beside a third of the CT studies, a shadow model (silent mode, ``ledger.shadow``) with its own result, its
+  gate mostly agreeing with the live one, and the DSC of the two masks, for the Shadow tab and the
+  side-by-side report.
 
 The held studies run in a scratch ledger; their rows and audit events are copied into the screenshot
 ledger moved into the past, and every audit event is appended in time order with its hash chained, so
@@ -60,6 +63,7 @@ from ledger.schema import (  # noqa: E402
     Review,
     ReviewDecision,
     Series,
+    ShadowComparison,
     Study,
 )
 from review.app import ReviewActions  # noqa: E402
@@ -295,6 +299,35 @@ def seed_history(sessions: sessionmaker[Session], *, days: int, now: datetime, r
         s.execute(insert(Instance), instances)
 
 
+def seed_shadow(sessions: sessionmaker[Session], *, rng: np.random.Generator, model: str = "liver-ct-v2") -> int:
+    """A shadow job beside a third of the seeded CT results, as the worker leaves one: its result (its gate
+    agreeing with the live one nine times in ten) and its comparison (DSC mostly high). Returns how many."""
+    made = 0
+    with session_scope(sessions) as s:
+        live = s.execute(select(Job, Result).join(Result, Result.job_id == Job.id).join(Study)
+                         .where(Study.calling_ae.in_([src.calling_ae for src in SOURCES if src.modality == "CT"]))
+                         .order_by(Job.id)).all()
+        for job, result in live:
+            if rng.random() > 1 / 3:
+                continue
+            is_ood = bool(result.is_ood) != bool(rng.random() < 0.1)
+            shadow = Job(study_id=job.study_id, version=job.version, state=JobState.HELD if is_ood else JobState.RELEASED,
+                         series_instance_uid=job.series_instance_uid, rule_name="ct-v2", model_name=model,
+                         attempts=1, shadow=True, shadow_of_id=job.id, created_at=job.created_at,
+                         updated_at=job.updated_at)
+            s.add(shadow)
+            s.flush()
+            oodm = float(result.tau) * float(rng.uniform(1.1, 2.0) if is_ood else rng.uniform(0.3, 0.95))
+            s.add(Result(job_id=shadow.id, seg_path=f"{result.seg_path}.shadow", seg_sop_instance_uid=generate_uid(),
+                         seg_series_instance_uid=generate_uid(), oodm=oodm, tau=result.tau, is_ood=is_ood,
+                         model_id=f"{model}:2.0.0", weights_sha256="5e" * 32, created_at=result.created_at))
+            s.add(ShadowComparison(shadow_job_id=shadow.id, live_job_id=job.id, dsc=float(1 - rng.beta(1.2, 14)),
+                                   shadow_voxels=int(rng.integers(40_000, 90_000)),
+                                   live_voxels=int(rng.integers(40_000, 90_000)), computed_at=result.created_at))
+            made += 1
+    return made
+
+
 def _seed_study(s: Session, src: Source, received: datetime, now: datetime, rng: np.random.Generator,
                 template: Result, reasons: list[tuple[str, str]], events: list[dict[str, Any]],
                 instances: list[dict[str, Any]]) -> None:
@@ -429,6 +462,8 @@ def capture(url: str, out: Path, job_id: int) -> list[Path]:
         sign_in(driver, url, ADMIN[0], PASSWORD)
         driver.get(url + "/reports")
         written.append(_shot(driver, out / "review-reports.png"))
+        driver.get(url + "/shadow")
+        written.append(_shot(driver, out / "review-shadow.png"))
     finally:
         driver.quit()
     return written
@@ -477,6 +512,8 @@ def main() -> None:
         seed_history(sessions, days=args.days, now=datetime.now(UTC), rng=np.random.default_rng(args.seed),
                      template=template, events=events)
         write_events(sessions, events)
+        print(f"shadow model beside {seed_shadow(sessions, rng=np.random.default_rng(args.seed + 1))} CT studies",
+              flush=True)
         with session_scope(sessions) as s:
             for name, display in RADIOLOGISTS:
                 add_user(s, name, role="radiologist", password=PASSWORD, actor="screenshots", display_name=display)

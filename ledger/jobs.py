@@ -29,8 +29,10 @@ from .schema import Job, JobAttempt, JobState, Study, utcnow
 
 __all__ = [
     "ALLOWED",
+    "SHADOW_NEVER",
     "TERMINAL",
     "IllegalTransition",
+    "ShadowRefused",
     "StaleTransition",
     "TransitionError",
     "create_job",
@@ -74,6 +76,18 @@ class StaleTransition(TransitionError):
         self.job_id, self.expected, self.to = job_id, expected, to
 
 
+class ShadowRefused(TransitionError):
+    """A shadow job (:mod:`ledger.shadow`) is never approved or sent, whoever asks."""
+
+    def __init__(self, job_id: int, to: JobState) -> None:
+        super().__init__(f"job {job_id} is a shadow job: its result is never approved or sent (refused: -> {to})")
+        self.job_id, self.to = job_id, to
+
+
+#: what a shadow job never reaches
+SHADOW_NEVER = frozenset({S.APPROVED, S.SENT})
+
+
 def is_allowed(current: JobState | str, to: JobState | str) -> bool:
     return JobState(to) in ALLOWED[JobState(current)]
 
@@ -81,19 +95,30 @@ def is_allowed(current: JobState | str, to: JobState | str) -> bool:
 def create_job(session: Session, study: Study, *, actor: str, state: JobState = JobState.QUEUED,
                series_instance_uid: str | None = None, rule_name: str | None = None,
                model_name: str | None = None, max_attempts: int = 3,
-               details: Mapping[str, Any] | None = None) -> Job:
+               details: Mapping[str, Any] | None = None, shadow: bool = False,
+               shadow_of: Job | None = None, version: int | None = None) -> Job:
     """Create the next version of ``study``'s job, audited. ``model_name``: the model it is for (its rule's
-    ``model``), which decides its queue (:func:`worker.celery_app.segment_queue_of`)."""
+    ``model``), which decides its queue (:func:`worker.celery_app.segment_queue_of`). ``shadow``: a shadow
+    job (:mod:`ledger.shadow`), of the same version as ``shadow_of``, the live job it runs beside (or of
+    ``version``: shadow jobs of one assembly that no live job matched)."""
     if state not in (JobState.RECEIVING, JobState.QUEUED):
         raise ValueError(f"a new job starts as receiving or queued, not {state}")
-    last = session.execute(select(func.max(Job.version)).where(Job.study_id == study.id)).scalar()
-    job = Job(study_id=study.id, version=(last or 0) + 1, state=state, series_instance_uid=series_instance_uid,
-              rule_name=rule_name, model_name=model_name, max_attempts=max_attempts)
+    if (shadow_of is not None or version is not None) and not shadow:
+        raise ValueError("only a shadow job runs beside another job or takes a given version")
+    if shadow_of is not None:
+        version = shadow_of.version
+    elif version is None:
+        last = session.execute(select(func.max(Job.version)).where(Job.study_id == study.id)).scalar()
+        version = (last or 0) + 1
+    job = Job(study_id=study.id, version=version, state=state, series_instance_uid=series_instance_uid,
+              rule_name=rule_name, model_name=model_name, max_attempts=max_attempts, shadow=shadow,
+              shadow_of_id=None if shadow_of is None else shadow_of.id)
     session.add(job)
     session.flush()
     audit.append(session, actor=actor, action="job.created", object_type="job", object_id=job.id,
                  details={"study_id": study.id, "version": job.version, "state": str(state),
-                          "series_instance_uid": series_instance_uid, "rule": rule_name, **(details or {})})
+                          "series_instance_uid": series_instance_uid, "rule": rule_name,
+                          **({"shadow": True, "shadow_of": job.shadow_of_id} if shadow else {}), **(details or {})})
     return job
 
 
@@ -117,6 +142,8 @@ def transition(session: Session, job_id: int, to: JobState | str, *, actor: str,
         raise StaleTransition(job_id, JobState(expect), to)
     if to not in ALLOWED[current]:
         raise IllegalTransition(job_id, current, to)
+    if to in SHADOW_NEVER and session.execute(select(Job.shadow).where(Job.id == job_id)).scalar():
+        raise ShadowRefused(job_id, to)
     now = utcnow()
     values: dict[str, Any] = {"state": to, "updated_at": now, **fields}
     if reason_code is not None or to == JobState.FAILED:

@@ -1,9 +1,11 @@
 """The registry of the hospital's models (table ``models``): register, read, record a fitted OOD bank.
 
 One module changes the table, and every change writes an audit event in the same transaction
-(``model.registered``, ``model.bank_fitted``): who registered which files (their SHA-256) and which bank
+(``model.registered``, ``model.bank_fitted``, ``model.shadowed``, ``model.promoted``): who registered which files (their SHA-256) and which bank
 each model was judged by, from when. A model is ``registered`` until its bank is fitted, then ``live``;
-only a live model may be routed to (a model without a bank would leave every result unjudged).
+only a live model may be routed to (a model without a bank would leave every result unjudged). Apart from
+its state, a model may be *shadow* (silent mode, :mod:`ledger.shadow`): its rules' jobs run beside the live
+ones and are never sent, until it is promoted.
 
 Names are validated here, at the boundary, with the bad value in the message::
 
@@ -33,8 +35,8 @@ from sqlalchemy.orm import Session
 from . import audit
 from .schema import ModelState, RegisteredModel, utcnow
 
-__all__ = ["ModelRegistryError", "get", "list_models", "recorded_files", "register", "require", "set_bank",
-           "validate_name"]
+__all__ = ["ModelRegistryError", "get", "list_models", "promote", "recorded_files", "register", "require",
+           "set_bank", "set_shadow", "validate_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -164,4 +166,46 @@ def set_bank(session: Session, name: str, *, bank_path: str, bank_sha256: str, a
     audit.append(session, actor=actor, action="model.bank_fitted", object_type="model", object_id=name,
                  details={"bank_path": bank_path, "bank_sha256": bank_sha256, "previous": previous,
                           **dict(details or {})})
+    return row
+
+
+def _locked(session: Session, name: str) -> RegisteredModel:
+    row = session.execute(select(RegisteredModel).where(RegisteredModel.name == name)
+                          .with_for_update()).scalar_one_or_none()
+    return row if row is not None else require(session, name)  # require raises, naming the registered ones
+
+
+def set_shadow(session: Session, name: str, *, actor: str, why: str | None = None) -> RegisteredModel:
+    """Put model ``name`` in shadow (silent mode, :mod:`ledger.shadow`), audited ``model.shadowed``: the
+    rules that name it make shadow jobs from the next study on. Refused if it is in shadow already."""
+    row = _locked(session, name)
+    if row.shadow:
+        raise ModelRegistryError(f"model {name!r} is in shadow already")
+    row.shadow = True
+    session.flush()
+    audit.append(session, actor=actor, action="model.shadowed", object_type="model", object_id=name,
+                 details={"state": str(row.state), "why": why})
+    return row
+
+
+def promote(session: Session, name: str, *, actor: str, demote: str | None = None,
+            why: str | None = None) -> RegisteredModel:
+    """Make shadow model ``name`` live (its rules' next jobs are released or held by its gate, and sent),
+    audited ``model.promoted`` with who. Refused unless it is in shadow and its bank is fitted. ``demote``:
+    a registered model put in shadow in the same transaction (it goes on running beside, silent); the
+    previously live model is otherwise left as it is (what its rules match decides what it still runs)."""
+    row = _locked(session, name)
+    if not row.shadow:
+        raise ModelRegistryError(f"model {name!r} is not in shadow: nothing to promote")
+    if row.state != ModelState.LIVE:
+        raise ModelRegistryError(f"model {name!r} has no OOD bank: fit one with 'specgate model fit-ood {name} "
+                                 "--data DIR' before it is promoted")
+    if demote is not None:
+        if demote == name:
+            raise ModelRegistryError(f"model {name!r} cannot be promoted and put in shadow at once")
+        set_shadow(session, demote, actor=actor, why=f"promotion of {name}")
+    row.shadow = False
+    session.flush()
+    audit.append(session, actor=actor, action="model.promoted", object_type="model", object_id=name,
+                 details={"version": row.version, "bank_sha256": row.bank_sha256, "demoted": demote, "why": why})
     return row

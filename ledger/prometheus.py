@@ -64,7 +64,9 @@ def snapshot(session: Session, *, now: datetime | None = None) -> LedgerSnapshot
     """The numbers behind the gauges, in one GROUP BY."""
     counts = {str(s): 0 for s in JobState}
     oldest_held: datetime | None = None
-    rows = session.execute(select(Job.state, func.count(), func.min(Job.updated_at)).group_by(Job.state)).all()
+    # shadow jobs (ledger.shadow) stay released or held for good, and nobody reviews them: not counted here
+    rows = session.execute(select(Job.state, func.count(), func.min(Job.updated_at)).where(Job.shadow.is_(False))
+                           .group_by(Job.state)).all()
     for state, count, first in rows:
         counts[str(JobState(state))] = int(count)
         if JobState(state) == JobState.HELD and first is not None:

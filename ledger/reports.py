@@ -256,6 +256,10 @@ def _ood_rate(session: Session, since: date | None, until: date | None) -> list[
                                            r["model_id"]))
 
 
+#: shadow jobs (ledger.shadow): held for good, reviewed by nobody, so never in the review queue
+_SHADOW_JOBS = select(table("jobs", column("id")).c.id).where(column("shadow"))
+
+
 def _queue(session: Session, since: date | None, until: date | None) -> list[Row]:
     v = _view("v_review_queue", "job_id", "day", "held_at", "age_seconds", "modality", "body_part",
               "calling_ae", "station_name", "model_id", "oodm", "tau", timestamps=("held_at",))
@@ -263,7 +267,7 @@ def _queue(session: Session, since: date | None, until: date | None) -> list[Row
              "modality": r["modality"], "body_part": r["body_part"], "calling_ae": r["calling_ae"],
              "station_name": r["station_name"], "model_id": r["model_id"], "oodm": _float(r["oodm"]),
              "tau": _float(r["tau"])}
-            for r in _rows(session, _period(select(v), v.c.day, since, until))]
+            for r in _rows(session, _period(select(v).where(v.c.job_id.not_in(_SHADOW_JOBS)), v.c.day, since, until))]
     return sorted(rows, key=lambda r: (r["held_at"], r["job_id"]))
 
 
@@ -398,4 +402,26 @@ REPORTS: dict[str, Report] = {r.name: r for r in (
            f"{_GATE} Per calendar month (UTC) and model.",
            _gate_columns(Column("period", "month", "day"), Column("model_id", "model")),
            scorecard.by_month),
+    Report("shadow", "Shadow models beside the live ones",
+           "Per shadow model and the live model it ran beside, on the same studies (neither result superseded): "
+           "the Dice similarity of the two masks, the two gates' OOD decisions (2x2), and where the live result "
+           "was held, what the radiologists decided against what the shadow gate said. Nothing of a shadow "
+           "model is ever sent. Period: the day the shadow result was made.",
+           (Column("shadow_model", "shadow model"), Column("live_model", "live model"),
+            Column("studies", "studies", "int"), Column("compared", "compared", "int"),
+            Column("dsc_mean", "DSC mean", "float"), Column("dsc_median", "DSC median", "float"),
+            Column("dsc_min", "DSC min", "float"), Column("both_in", "both in", "int"),
+            Column("live_in_shadow_ood", "live in, shadow OOD", "int"),
+            Column("live_ood_shadow_in", "live OOD, shadow in", "int"), Column("both_ood", "both OOD", "int"),
+            Column("held", "live held", "int"), Column("held_approved", "approved", "int"),
+            Column("held_rejected", "rejected", "int"), Column("held_pending", "undecided", "int"),
+            Column("held_approved_shadow_in", "approved, shadow in", "int"),
+            Column("held_rejected_shadow_in", "rejected, shadow in", "int")),
+           lambda session, since, until: _shadow_side_by_side(session, since, until)),
 )}
+
+
+def _shadow_side_by_side(session: Session, since: date | None, until: date | None) -> list[Row]:
+    from .shadow import side_by_side  # it reads the tables, not the views of 0006
+
+    return side_by_side(session, since, until)

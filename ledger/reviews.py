@@ -1,6 +1,7 @@
 """A radiologist's decision on a held result: approve (then it is sent) or reject (never sent).
 
-One function, used by ``specgate jobs approve|reject`` and the review app alike. The decision row, the
+One function, used by ``specgate jobs approve|reject`` and the review app alike. A shadow job's result
+(:mod:`ledger.shadow`) is refused, and the refusal is committed as an audit event ``review.refused``. The decision row, the
 state move and the audit event land in one transaction; two approvals at once: one wins, the other gets a
 :class:`ledger.jobs.TransitionError`, so the result is sent once.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from . import audit, jobs
+from . import audit, jobs, shadow
 from .schema import Job, JobState, Review, ReviewDecision
 
 __all__ = ["ReviewError", "decide"]
@@ -31,6 +32,11 @@ def decide(session: Session, job_id: int, *, user: str, decision: ReviewDecision
     job = session.get(Job, job_id)
     if job is None:
         raise ReviewError(f"job {job_id} does not exist")
+    if job.shadow:  # silent mode: nobody decides on it, and the refusal is kept (committed, then raised)
+        error = shadow.refuse(session, job_id, actor=f"user:{user}", action="review.refused",
+                              what="approved" if decision == ReviewDecision.APPROVE else "rejected")
+        session.commit()
+        raise ReviewError(str(error))
     if job.state != JobState.HELD:
         raise ReviewError(f"job {job_id} is {job.state}, not held: only held results are reviewed")
     to = JobState.APPROVED if decision == ReviewDecision.APPROVE else JobState.REJECTED

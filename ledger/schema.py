@@ -25,6 +25,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -47,6 +49,7 @@ __all__ = [
     "ReviewDecision",
     "ReviewSession",
     "Series",
+    "ShadowComparison",
     "Study",
     "User",
     "utcnow",
@@ -175,7 +178,11 @@ class Instance(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("study_id", "version", name="uq_jobs_study_version"),
+        # one live job per study version, and beside it one shadow job per shadow rule (migration 0014)
+        Index("uq_jobs_live_version", "study_id", "version", unique=True, sqlite_where=text("NOT shadow"),
+              postgresql_where=text("NOT shadow")),
+        Index("uq_jobs_shadow_version", "study_id", "version", "rule_name", unique=True,
+              sqlite_where=text("shadow"), postgresql_where=text("shadow")),
         Index("ix_jobs_state_updated", "state", "updated_at"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -203,6 +210,10 @@ class Job(Base):
     # what the archive said when the job was made (migration 0012): complete, incomplete_at_source (counts at
     # the source and held, per series) or archive_unreachable; NULL: its source has no archive
     completeness: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
+    # silent mode (migration 0014, ledger.shadow): a shadow job runs and is scored but is never approved or
+    # sent; shadow_of_id is the live job of the same study version it runs beside (NULL: none matched)
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    shadow_of_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None, index=True)
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job")
     reviews: Mapped[list[Review]] = relationship(back_populates="job", order_by="Review.id")
@@ -387,6 +398,24 @@ class RegisteredModel(Base):
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     registered_by: Mapped[str] = mapped_column(String(128))
     bank_fitted_at: Mapped[datetime | None] = mapped_column(default=None)
+    # silent mode (migration 0014): the rules' jobs for this model run beside the live ones, never sent
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class ShadowComparison(Base):
+    """A shadow job's result against its live job's (migration 0014, :mod:`ledger.shadow`): the Dice
+    similarity of the two SEGs' label maps (foreground: any segment), NULL with ``note`` saying why when
+    they cannot be compared (different series)."""
+
+    __tablename__ = "shadow_comparisons"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shadow_job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), unique=True)
+    live_job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), index=True)
+    dsc: Mapped[float | None] = mapped_column(Float, default=None)
+    shadow_voxels: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    live_voxels: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    note: Mapped[str | None] = mapped_column(String(256), default=None)
+    computed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditSampleState(enum.StrEnum):

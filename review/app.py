@@ -458,6 +458,7 @@ class ReviewApp:
             "Turnaround percentiles": charts.turnaround_chart(tables.get("turnaround-daily", [])),
             "Review queue age": charts.queue_age_chart(tables.get("queue", [])),
             "The gate's scorecard per week": charts.gate_chart(tables.get("gate-weekly", [])),
+            "Shadow models beside the live ones": charts.shadow_chart(tables.get("shadow", [])),
         }
         return self.render(request, "reports.html", me=me, reports=REPORTS, tables=tables, figures=figures,
                            since=since, until=until, waiting=waiting)
@@ -475,6 +476,17 @@ class ReviewApp:
             rows = report.run(s, since, until)
         return Response(to_csv(report, rows), media_type="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="specgate-{name}.csv"'})
+
+    # --- shadow (silent mode, ledger.shadow) --------------------------------------------------------
+    def shadow_page(self, request: Request) -> Response:
+        """Shadow results beside their live jobs; read-only, for every signed-in user."""
+        me = self.require(request)
+        from ledger.shadow import shadow_results
+
+        with session_scope(self.sessions) as s:
+            rows = shadow_results(s)
+            waiting = queries.held_count(s)
+        return self.render(request, "shadow.html", me=me, rows=rows, waiting=waiting)
 
     # --- users ------------------------------------------------------------------------------------
     def users_page(self, request: Request) -> Response:
@@ -628,6 +640,7 @@ def create_app(config: ReviewConfig, sessions: sessionmaker[Session], actions: R
         Route("/studies/{job_id:int}/approve", app.approve, methods=["POST"]),
         Route("/studies/{job_id:int}/reject", app.reject, methods=["POST"]),
         Route("/studies/{job_id:int}/retract", app.retract, methods=["POST"]),
+        Route("/shadow", app.shadow_page),
         Route("/reports", app.reports_page),
         Route("/reports/{name}.csv", app.report_csv),
         Route("/users", app.users_page, methods=["GET"]),

@@ -10,6 +10,8 @@ as a string, without the XML prolog, to inline in HTML:
 - :func:`queue_age_chart`: rows of ``REPORTS["queue"]``: how long the held results have waited;
 - :func:`gate_chart`: rows of ``REPORTS["gate-weekly"]`` (or ``gate-monthly``): the gate's scorecard over
   time, each share with its interval as an error bar.
+- :func:`shadow_chart`: rows of ``REPORTS["shadow"]``: per shadow model, the two gates' decisions on the
+  same studies (stacked) and the masks' mean DSC.
 
 No rows gives a small chart that says "no data in this period". Text is kept as SVG text (not paths), so
 the page's fonts draw it and a search finds it; matplotlib escapes it for XML, and mathtext is off, so an
@@ -33,7 +35,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-__all__ = ["gate_chart", "ood_rate_chart", "queue_age_chart", "turnaround_chart"]
+__all__ = ["gate_chart", "ood_rate_chart", "queue_age_chart", "shadow_chart", "turnaround_chart"]
 
 _SIZE = (7.5, 3.6)  # inches; at the SVG's 72 points per inch, 540 x 259
 _RC: dict[Any, Any] = {"svg.fonttype": "none", "text.parse_math": False, "font.size": 9.0}
@@ -244,3 +246,31 @@ def gate_chart(rows: Sequence[dict[str, Any]]) -> str:
                     va="center", color="0.4")
 
     return _draw(draw, rows, "The gate's scorecard over time")
+
+
+#: the cells of the shadow report's 2x2 table of OOD decisions, in the order they are stacked
+_AGREEMENT = (("both_in", "both in distribution", "#4caf50"), ("both_ood", "both OOD", "#9e9e9e"),
+              ("live_in_shadow_ood", "live in, shadow OOD", "#ff9800"),
+              ("live_ood_shadow_in", "live OOD, shadow in", "#e53935"))
+
+
+def shadow_chart(rows: Sequence[dict[str, Any]]) -> str:
+    """Each shadow model against its live model (``shadow`` rows): one bar of studies, stacked by the two
+    gates' decisions (agreeing in green and grey, disagreeing in orange and red), the masks' mean DSC in
+    the bar's name."""
+    def draw(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+        from matplotlib.ticker import MaxNLocator
+
+        names = [f"{r['shadow_model']} vs {r['live_model']}\nDSC " +
+                 (f"{r['dsc_mean']:.3f}" if r["dsc_mean"] is not None else "n/a") for r in rows]
+        left = [0] * len(rows)
+        for key, label, color in _AGREEMENT:
+            counts = [int(r[key]) for r in rows]
+            ax.barh(names, counts, left=left, color=color, label=label)
+            left = [a + b for a, b in zip(left, counts, strict=True)]
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("studies both models ran on")
+        ax.invert_yaxis()
+        _legend(ax.figure)
+
+    return _draw(draw, rows, "Shadow models: the two gates' decisions on the same studies")

@@ -88,7 +88,7 @@ def _held(session: Session, f: QueueFilter) -> Any:
          .join(Study, Study.id == Job.study_id)
          .join(Result, Result.job_id == Job.id)
          .outerjoin(Series, Series.series_instance_uid == Job.series_instance_uid)
-         .where(Job.state == JobState.HELD))
+         .where(Job.state == JobState.HELD, Job.shadow.is_(False)))  # shadow results: never reviewed
     if f.modality:
         q = q.where(func.upper(Series.modality) == f.modality.upper())
     if f.calling_ae:
@@ -118,7 +118,7 @@ def queue_facets(session: Session) -> dict[str, list[str]]:
     """The modalities and calling AEs that have held results (the filter menus)."""
     base = (select(Series.modality, Study.calling_ae).select_from(Job).join(Study, Study.id == Job.study_id)
             .outerjoin(Series, Series.series_instance_uid == Job.series_instance_uid)
-            .where(Job.state == JobState.HELD))
+            .where(Job.state == JobState.HELD, Job.shadow.is_(False)))
     mods, aes = set(), set()
     for m, ae in session.execute(base.distinct()):
         if m:
@@ -128,7 +128,8 @@ def queue_facets(session: Session) -> dict[str, list[str]]:
 
 
 def held_count(session: Session) -> int:
-    return int(session.execute(select(func.count()).select_from(Job).where(Job.state == JobState.HELD)).scalar_one())
+    return int(session.execute(select(func.count()).select_from(Job)
+                               .where(Job.state == JobState.HELD, Job.shadow.is_(False))).scalar_one())
 
 
 @dataclass
@@ -151,7 +152,8 @@ class StudyView:
 
     @property
     def held(self) -> bool:
-        return self.job.state == JobState.HELD
+        """Held for a radiologist: a shadow job's result (ledger.shadow) never is (its page is read-only)."""
+        return self.job.state == JobState.HELD and not self.job.shadow
 
     @property
     def decision(self) -> Review | None:
@@ -185,7 +187,8 @@ def study_view(session: Session, job_id: int, files: Store | Path | None = None)
         select(AuditEvent).where(or_(*[(AuditEvent.object_type == t) & (AuditEvent.object_id == i)
                                        for t, i in objects]))
         .order_by(AuditEvent.id).limit(500)).scalars())
-    newer = session.execute(select(Job.id).where(Job.study_id == job.study_id, Job.version > job.version)
+    newer = session.execute(select(Job.id).where(Job.study_id == job.study_id, Job.version > job.version,
+                                                 Job.shadow.is_(False))
                             .order_by(Job.version.desc()).limit(1)).scalar_one_or_none()
     return StudyView(job=job, study=study, series=series, result=result, evidence=evidence, series_paths=paths,
                      reviews=reviews, deliveries=deliveries, retraction=retraction, history=history,

@@ -48,6 +48,8 @@ def _job_dict(job: Job, *, full: bool = False, files: Store | None = None) -> di
         "series_instance_uid": job.series_instance_uid,
         "rule": job.rule_name,
         "model": job.model_name,
+        "shadow_of": job.shadow_of_id if job.shadow else None,  # silent mode (ledger.shadow)
+        "shadow": job.shadow,
         "oodm": result.oodm if result else None,
         "tau": result.tau if result else None,
         "created_at": job.created_at.isoformat(),
@@ -171,6 +173,8 @@ def jobs_show(app: AppContext, job_id: int, as_json: bool) -> None:
                  if a["ended_at"] else "running")
         click.echo(f"{'attempt ' + str(a['attempt']):>20}: host {a['host']} pid {a['pid']} device {a['device']}; "
                    f"started {a['started_at']}, {ended}")
+    if d["shadow"]:
+        click.echo(f"{'shadow':>20}: yes, beside job {d['shadow_of'] or '-'}: never approved or sent")
     if d["completeness"]:
         click.echo(f"{'completeness':>20}: {json.dumps(d['completeness'])}")
     if d["result"]:

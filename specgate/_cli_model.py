@@ -369,4 +369,8 @@ def register(main: click.Group) -> None:
     model_group.add_command(register_cmd)
     model_group.add_command(experiment_group)
     model_group.add_command(list_cmd)
+    from ._cli_shadow import promote_cmd, shadow_cmd  # silent mode (ledger.shadow)
+
+    model_group.add_command(shadow_cmd)
+    model_group.add_command(promote_cmd)
     main.add_command(model_group)

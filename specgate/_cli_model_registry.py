@@ -279,14 +279,15 @@ def _model_dict(row: RegisteredModel) -> dict[str, Any]:
     return {"name": row.name, "state": str(row.state), "format": row.format, "version": row.version,
             "path": row.path, "layer": row.layer, "labels": row.labels, "codes": row.codes,
             "files_sha256": row.files_sha256, "bank_path": row.bank_path, "bank_sha256": row.bank_sha256,
-            "registered_at": row.registered_at.isoformat(), "registered_by": row.registered_by}
+            "registered_at": row.registered_at.isoformat(), "registered_by": row.registered_by,
+            "shadow": row.shadow}
 
 
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @pass_app
 def list_cmd(app: AppContext, as_json: bool) -> None:
-    """List the registered models: state (registered / live), format, labels, bank."""
+    """List the registered models: state (registered / live; /shadow in silent mode), format, labels, bank."""
     rows = [_model_dict(r) for r in app.registered_models()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -298,7 +299,8 @@ def list_cmd(app: AppContext, as_json: bool) -> None:
     for r in rows:
         bank = r["bank_sha256"][:12] if r["bank_sha256"] else "-"
         labels = ",".join(f"{v}={n}" for v, n in r["labels"].items())
-        click.echo(f"{r['name']:<20} {r['state']:<10} {r['format']:<12} {r['version']:<12} {bank:<14} {labels}")
+        state = f"{r['state']}{'/shadow' if r['shadow'] else ''}"
+        click.echo(f"{r['name']:<20} {state:<10} {r['format']:<12} {r['version']:<12} {bank:<14} {labels}")
 
 
 def _site_cases(paths: tuple[Path, ...], modality: str | None) -> Iterator[BankCase]:

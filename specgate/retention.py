@@ -12,6 +12,9 @@ A study may go when the ledger says nothing more will happen to it:
   becoming a new job version;
 - no withdrawal note (KOS) is still being sent to a destination.
 
+Shadow jobs (silent mode, :mod:`ledger.shadow`) stay ``released`` or ``held`` for good: they neither keep a
+study nor count for it; their result files go with the study's.
+
 What goes: each instance's file (the store key: the spool path on ``fs``; the content-addressed object on
 ``s3``, and the SCP's local spool copy when this host has it) and each result file of each job version
 (SEG, SR, probability map, evidence, preview, withdrawal KOS), through :class:`store.Store`. A
@@ -121,7 +124,7 @@ def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
 def _eligible(session: Session, cutoff: datetime) -> list[tuple[Study, list[Job], datetime]]:
     """The studies that may go (module docstring), with their jobs and newest finishing time."""
     done = [str(s) for s in DONE]
-    not_done = select(Job.study_id).where(Job.state.not_in(done))
+    not_done = select(Job.study_id).where(Job.state.not_in(done), Job.shadow.is_(False))
     pending_kos = (select(RetractionDelivery.job_id)
                    .where(RetractionDelivery.state.in_([str(DeliveryState.PENDING), str(DeliveryState.SENDING)])))
     rows = session.execute(
@@ -133,9 +136,10 @@ def _eligible(session: Session, cutoff: datetime) -> list[tuple[Study, list[Job]
     out = []
     for study in rows:
         jobs = list(session.execute(select(Job).where(Job.study_id == study.id).order_by(Job.version)).scalars())
-        if not any(JobState(j.state) in FINISHED for j in jobs) or any(j.finished_at is None for j in jobs):
+        live = [j for j in jobs if not j.shadow]  # a shadow job never finishes: it decides nothing here
+        if not any(JobState(j.state) in FINISHED for j in live) or any(j.finished_at is None for j in live):
             continue
-        out.append((study, jobs, max(_aware(j.finished_at) for j in jobs if j.finished_at is not None)))
+        out.append((study, jobs, max(_aware(j.finished_at) for j in live if j.finished_at is not None)))
     if not out:
         return out
     pruned: dict[str, datetime] = {}

@@ -3,7 +3,8 @@
 The per-destination work (one ``deliveries`` row each, retries with back-off, idempotence: a destination
 already ``sent`` is never sent again, one sender at a time) is :func:`dicom_node.scu.deliver`. This module
 owns the job's side: ``sent`` only when every destination answered 0x0000, ``failed``
-(``delivery_failed``) when one gave up, untouched while another process is still sending.
+(``delivery_failed``) when one gave up, untouched while another process is still sending. A shadow job
+(:mod:`ledger.shadow`) is refused (``delivery.refused``, audited): nothing of it is sent.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import scu
-from ledger import audit, jobs
+from ledger import audit, jobs, shadow
 from ledger.db import session_scope
 from ledger.schema import Delivery, Job, JobState, Result
 
@@ -44,6 +45,9 @@ def deliver_job(sessions: sessionmaker[Session], job_id: int, config: DeliveryCo
     attempts, the deliveries given up and the job's failure."""
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
+        if job is not None and job.shadow:  # silent mode (ledger.shadow): never sent, and the ask is recorded
+            shadow.refuse(s, job_id, actor=actor, action="delivery.refused", what="sent")
+            return "refused (shadow job)"
         if job is None or job.state not in (JobState.RELEASED, JobState.APPROVED):
             return f"skipped ({job.state if job else 'no such job'})"
         state = job.state

@@ -74,6 +74,7 @@ class Claim:
     model_name: str | None = None  # the job's model (None: a job made before revision 0009; its rule's)
     # what the source archive said when the job was made (dicom_node.completeness; None: no archive asked)
     completeness: dict[str, Any] | None = None
+    shadow: bool = False  # silent mode (ledger.shadow): scored like any job, never sent
 
 
 @dataclass
@@ -84,6 +85,7 @@ class StudyOutcome:
     oodm: float | None = None
     tau: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    shadow: bool = False
 
 
 def _as_aware(ts: Any) -> Any:
@@ -137,7 +139,7 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, task_id: str, worker_
         return Claim(job_id=job.id, task_id=task_id, attempt=job.attempts, version=job.version,
                      study_instance_uid=job.study.study_instance_uid,
                      series_instance_uid=job.series_instance_uid, rule_name=job.rule_name,
-                     model_name=job.model_name, completeness=job.completeness)
+                     model_name=job.model_name, completeness=job.completeness, shadow=job.shadow)
 
 
 def heartbeat(sessions: sessionmaker[Session], job_id: int, task_id: str, every_s: float) -> LeaseRefresher:
@@ -462,8 +464,9 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
                               "gate_reason": out.gate_reason, "model": configured_model,
                               "model_id": model_id,
                               "timings_s": {k: round(v, 3) for k, v in timings.items()}})
-        if to == JobState.RELEASED:  # the blind audit sample: drawn with the release, never delaying it
+        if to == JobState.RELEASED and not c.shadow:  # the blind audit sample: drawn with the release, never
+            # delaying it; a shadow result is never sent, so it is not a release to audit
             audit_sample.consider(s, job_id=c.job_id, result_id=result.id, study_instance_uid=c.study_instance_uid,
                                   share=cfg.audit_sample_share, actor=cfg.actor)
-    return StudyOutcome(c.job_id, str(to), oodm=out.oodm, tau=out.tau, timings=timings)
+    return StudyOutcome(c.job_id, str(to), oodm=out.oodm, tau=out.tau, timings=timings, shadow=c.shadow)
 

@@ -206,7 +206,8 @@ def redeliver_lost(sessions: sessionmaker[Session], *, enqueue_delivery: Callabl
     queued_cut = now - timedelta(seconds=queued_deadline_s)
     with session_scope(sessions) as s:
         to_send = [j for j in s.execute(select(Job.id).where(
-            Job.state.in_([JobState.RELEASED, JobState.APPROVED]), Job.updated_at < queued_cut)).scalars()
+            Job.state.in_([JobState.RELEASED, JobState.APPROVED]), Job.updated_at < queued_cut,
+            Job.shadow.is_(False))).scalars()  # a shadow job is never sent (ledger.shadow)
             if j not in already]
         for job_id in to_send:
             s.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow())

@@ -58,6 +58,8 @@ def retract_job(sessions: sessionmaker[Session], job_id: int, *, user: str, reas
         job = s.get(Job, job_id)
         if job is None:
             raise RetractionError(f"job {job_id} does not exist")
+        if job.shadow:  # silent mode (ledger.shadow): nothing of it ever left specgate
+            raise RetractionError(f"job {job_id} is a shadow result: it is never sent, so nothing to retract")
         result = s.execute(select(Result).where(Result.job_id == job_id)).scalar_one_or_none()
         if result is None:
             raise RetractionError(f"job {job_id} has no result: nothing to retract")

@@ -126,6 +126,7 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
                    metrics: WorkerMetrics | None = None) -> None:
     from .celery_app import Enqueuer
     from .pipeline import AttemptFailed, claim, retry_or_fail, run_job
+    from .shadow import compare_ready
 
     runtime = Runtime(config, device, metrics)
     app.specgate_runtime = runtime  # type: ignore[attr-defined]
@@ -159,8 +160,10 @@ def register_tasks(app: Celery, config: WorkerConfig, *, device: str = "cpu",
                 Enqueuer(app, runtime.sessions, cfg.rules).segment(job_id, countdown=countdown)
             return "error"
         log.info("job %s -> %s (oodm=%s tau=%s)", job_id, outcome.state, outcome.oodm, outcome.tau)
-        if outcome.state == "released":
+        if outcome.state == "released" and not outcome.shadow:  # a shadow result is never sent
             app.send_task("specgate.deliver", args=[job_id])
+        if outcome.state in ("released", "held"):  # silent mode: the DSC of a shadow/live pair now complete,
+            compare_ready(runtime.sessions, job_id, cfg.files, actor="worker")  # after the delivery is on its way
         return outcome.state
 
     @app.task(name="specgate.deliver", bind=True, acks_late=True, reject_on_worker_lost=True, shared=False)

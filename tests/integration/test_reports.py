@@ -502,6 +502,11 @@ def test_reports_match_the_spec(seeded, since, until) -> None:
 
 def test_reports_rows_have_their_columns(seeded) -> None:
     _, sessions, _ = seeded
+    from ledger.schema import JobState
+    from tests.integration.test_shadow import _pair
+
+    # one shadow model's result beside a live one, for the shadow report (its figures: tests/integration/test_shadow.py)
+    _pair(sessions, live_state=JobState.SENT, shadow_state=JobState.RELEASED, live_ood=False, shadow_ood=True)
     for name, report in REPORTS.items():
         rows = _run(sessions, name)
         assert rows, name

@@ -21,7 +21,7 @@ def _walk(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, .
 def test_every_command_is_registered_and_has_help() -> None:
     paths = _walk(main)
     expected = {("model", "register"), ("model", "list"), ("model", "fit-ood"), ("model", "evaluate"),
-                ("model", "train"), ("model", "experiment"), ("model", "experiment", "calibration"),
+                ("model", "train"), ("model", "shadow"), ("model", "promote"), ("model", "experiment"), ("model", "experiment", "calibration"),
                 ("model", "experiment", "ood"), ("model", "experiment", "failures"),
                 ("jobs", "list"), ("jobs", "show"), ("jobs", "approve"), ("jobs", "reject"), ("jobs", "retry"), ("jobs", "retract"), ("worker",), ("reconcile",), ("scp",), ("echo",),
                 ("review",), ("users", "add"), ("report",), ("db", "upgrade"), ("audit", "verify"), ("demo",)}

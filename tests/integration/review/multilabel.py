@@ -84,40 +84,49 @@ def multilabel_job(sessions: Any, root: Path, results_dir: Path, *, patient_name
                               rule_name=RULE.name)
         job_id, version = job.id, job.version
         jobs.transition(s, job_id, JobState.RUNNING, actor="test", task_id="t", attempts=1)
-
     volume = load_series(series.paths)
+    segments = write_result(sessions, results_dir, job_id, version, volume, lm, is_ood=True)
+    return MultiLabelJob(job_id=job_id, label_map=lm, segments=segments, spacing=volume.spacing,
+                         seg_path=job_paths(results_dir, job_id, version)["seg"])
+
+
+def write_result(sessions: Any, results_dir: Path, job_id: int, version: int, volume: Any, lm: np.ndarray, *,
+                 is_ood: bool, model: ModelIdentity = MODEL) -> tuple[SegmentDefinition, ...]:
+    """The result folder and ``results`` row of running job ``job_id`` for label map ``lm`` on ``volume``
+    (its SEG, SR, probability map and evidence, as the worker keeps them), and the job moved to ``held``
+    (``is_ood``) or ``released``. Returns the SEG's segments."""
     segments = segments_for(RULE, LABELS)
-    evidence = GateEvidence(oodm=0.0912, tau=0.052, c=2.5, is_ood=True, gate_reason="oodm_above_tau")
+    evidence = GateEvidence(oodm=0.0912 if is_ood else 0.031, tau=0.052, c=2.5, is_ood=is_ood,
+                            gate_reason="oodm_above_tau" if is_ood else None)
     release = Release("gate")
-    uids = ObjectUIDs.for_job("TEST", series.study_instance_uid, job_id, version)
+    uids = ObjectUIDs.for_job("TEST", volume.study_instance_uid, job_id, version)
     paths = job_paths(results_dir, job_id, version)
     paths["dir"].mkdir(parents=True, exist_ok=True)
-    seg = encode_seg(volume, lm, model=MODEL, evidence=evidence, release=release, segments=segments,
+    seg = encode_seg(volume, lm, model=model, evidence=evidence, release=release, segments=segments,
                      sop_instance_uid=uids.seg, series_instance_uid=uids.seg_series)
-    sr = encode_sr(volume, seg, model=MODEL, evidence=evidence, release=release, sop_instance_uid=uids.sr,
+    sr = encode_sr(volume, seg, model=model, evidence=evidence, release=release, sop_instance_uid=uids.sr,
                    series_instance_uid=uids.sr_series)
     write_dicom(seg, paths["seg"])
     write_dicom(sr, paths["sr"])
     prob = np.where(lm > 0, 230, 0).astype(np.uint8)
     atomic_write(paths["prob"], lambda fh: np.savez_compressed(
         fh, prob_fg_u8=prob, scale=np.float32(1 / 255), mask_bits=np.packbits(lm > 0, axis=None),
-        shape=np.asarray(SHAPE, dtype=np.int64), **review_arrays(lm, segments)))
-    record = {"oodm": evidence.oodm, "tau": evidence.tau, "is_ood": True, "gate_reason": evidence.gate_reason,
+        shape=np.asarray(lm.shape, dtype=np.int64), **review_arrays(lm, segments)))
+    record = {"oodm": evidence.oodm, "tau": evidence.tau, "is_ood": is_ood, "gate_reason": evidence.gate_reason,
               "c": evidence.c, "clinical_use": False, "bank_loo_oodm": [0.02, 0.025, 0.03, 0.031, 0.04],
-              "rule": RULE.name, "rule_config": RULE.model_dump(mode="json"), "model": MODEL.name,
-              "model_version": MODEL.version, "weights_sha256": MODEL.weights_sha256,
+              "rule": RULE.name, "rule_config": RULE.model_dump(mode="json"), "model": model.name,
+              "model_version": model.version, "weights_sha256": model.weights_sha256,
               "foreground_voxels": int((lm > 0).sum()), "segments": segments_evidence(segments, lm, volume.spacing)}
     atomic_write(paths["evidence"], json.dumps(record, indent=2).encode())
     with session_scope(sessions) as s:
         result = Result(job_id=job_id, seg_path=str(paths["seg"]), seg_sop_instance_uid=uids.seg,
                         seg_series_instance_uid=uids.seg_series, sr_path=str(paths["sr"]), sr_sop_instance_uid=uids.sr,
                         sr_series_instance_uid=uids.sr_series, prob_path=str(paths["prob"]),
-                        evidence_path=str(paths["evidence"]), oodm=evidence.oodm, tau=evidence.tau, is_ood=True,
-                        model_id=f"{MODEL.name}:{MODEL.version}", weights_sha256=MODEL.weights_sha256,
-                        bank_percentile=100.0)
+                        evidence_path=str(paths["evidence"]), oodm=evidence.oodm, tau=evidence.tau, is_ood=is_ood,
+                        model_id=f"{model.name}:{model.version}", weights_sha256=model.weights_sha256,
+                        bank_percentile=100.0 if is_ood else 50.0)
         s.add(result)
         s.flush()
-        jobs.transition(s, job_id, JobState.HELD, actor="test", expect=JobState.RUNNING,
-                        details={"result_id": result.id})
-    return MultiLabelJob(job_id=job_id, label_map=lm, segments=segments, spacing=volume.spacing,
-                         seg_path=paths["seg"])
+        jobs.transition(s, job_id, JobState.HELD if is_ood else JobState.RELEASED, actor="test",
+                        expect=JobState.RUNNING, details={"result_id": result.id})
+    return segments
