@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dicom_node.config import Destination, SeriesRule
 from dicom_node.scu import RetryPolicy
+from ledger.drift import DriftConfig
 from store import Store, StoreConfig, open_store
 
 from .segments import PHANTOM_SEGMENT, SegmentDefinition
@@ -108,6 +109,7 @@ class PipelineConfig:
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0
     actor: str = "worker"
+    drift: DriftConfig | None = None  # the drift watch (ledger.drift); None: off
 
     def rule(self, name: str | None) -> SeriesRule | None:
         """The rule called ``name``, or None when no rule has that name (any more)."""

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import SeriesRule
 from dicom_series import LossySource, SeriesError, Volume, load_series, lossy_source
 from dicom_series.headers import read_instance
-from ledger import audit, jobs
+from ledger import audit, drift, jobs
 from ledger.db import session_scope
 from ledger.leases import LeaseRefresher
 from ledger.paths import to_ledger
@@ -249,7 +249,9 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             metrics.job_failed(exc.reason_code)
         return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
     outcome = finish(sessions, c, cfg, paths=paths, uids=uids, out=out, segmenter=segmenter,
-                     configured_model=model, timings=timings, hold_incomplete=rule.when_incomplete == "hold")
+                     configured_model=model, timings=timings, hold_incomplete=rule.when_incomplete == "hold",
+                     series_meta=drift.SeriesMetadata.from_headers(volume.headers, modality=volume.modality,
+                                                                   spacing=volume.spacing))
     if metrics is not None:
         metrics.ood_decision(is_ood=out.is_ood, reason=out.gate_reason, model=model, modality=volume.modality)
     return outcome
@@ -428,9 +430,11 @@ def _publish(cfg: PipelineConfig, c: Claim, paths: dict[str, Path]) -> dict[str,
 
 def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, paths: dict[str, Path],
            uids: ObjectUIDs, out: SegmentOutput, segmenter: Segmenter, configured_model: str,
-           timings: dict[str, float], hold_incomplete: bool = False) -> StudyOutcome:
+           timings: dict[str, float], hold_incomplete: bool = False,
+           series_meta: drift.SeriesMetadata | None = None) -> StudyOutcome:
     """The result recorded and the job ``held`` (out of distribution; or ``incomplete_at_source`` under a
-    rule whose ``when_incomplete`` is ``hold``) or ``released``."""
+    rule whose ``when_incomplete`` is ``hold``; or its source's drift stop alarm is open: ``drift_stop``)
+    or ``released``. ``series_meta``: the series' acquisition metadata, charted (:mod:`ledger.drift`)."""
     incomplete = (c.completeness or {}).get("state") == "incomplete_at_source"
     held_incomplete = incomplete and hold_incomplete
     to = JobState.HELD if out.is_ood or held_incomplete else JobState.RELEASED
@@ -452,15 +456,28 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
             result.oodm, result.tau, result.is_ood = out.oodm, out.tau, out.is_ood
             result.bank_percentile = segmenter.gate.percentile(out.oodm)
         s.flush()
+        # drift watch (ledger.drift): chart this job; an open stop alarm of its source holds it
+        watch = drift.Watch()
+        if cfg.drift is not None and cfg.drift.enabled and series_meta is not None:
+            watch = drift.observe(s, c.job_id, model=configured_model, meta=series_meta, oodm=out.oodm, tau=out.tau,
+                                  is_ood=out.is_ood, cfg=cfg.drift, actor=cfg.actor)
+        drift_stop = watch.stop_alarm_id is not None and to == JobState.RELEASED
+        to = JobState.HELD if drift_stop else to
         jobs.transition(s, c.job_id, to, actor=cfg.actor, expect=JobState.RUNNING,
                         guard=[Job.task_id == c.task_id], heartbeat_at=utcnow(),
                         details={"oodm": round(out.oodm, 6), "tau": round(out.tau, 6), "result_id": result.id,
                                  "seg_sop_instance_uid": seg_uid,
-                                 **({"held_for": "incomplete_at_source"} if held_incomplete else {})})
+                                 **({"held_for": "incomplete_at_source"} if held_incomplete else {}),
+                                 **({"held_for": "drift_stop", "drift_alarm_id": watch.stop_alarm_id}
+                                    if drift_stop else {})})
         audit.append(s, actor=cfg.actor, action="result.created", object_type="result", object_id=result.id,
                      details={"job_id": c.job_id, "gate": "ood" if out.is_ood else "in_distribution",
                               "gate_reason": out.gate_reason, "model": configured_model,
                               "model_id": model_id,
                               "timings_s": {k: round(v, 3) for k, v in timings.items()}})
+    if watch.opened and cfg.drift is not None and cfg.drift.notify_url:
+        from .drift_notify import notify
+
+        notify(sessions, cfg.drift, watch.opened, actor=cfg.actor)
     return StudyOutcome(c.job_id, str(to), oodm=out.oodm, tau=out.tau, timings=timings)
 
