@@ -2,7 +2,7 @@
 :mod:`review.charts`: matplotlib's object API, text kept as text, ids made unique per chart).
 
 Two panels over the chart's studies in order (baseline studies shaded): the EWMA of the standardised
-``log(OODM / tau)`` against its control and stop limits, and the EWMA of the OOD rate against its own;
+``log(OODM / tau)`` against its control and stop limits, and the EWMA of the OOD rate against its control limit;
 a study the gate held for its OODM is marked with a red tick.
 
     >>> svg = drift_chart([], "CT_EAST / CT-EAST-1, model default")
@@ -34,7 +34,7 @@ def drift_chart(points: Sequence[dict[str, Any]], title: str) -> str:
             fig = _figure((7.5, 4.6))
             top, bottom = fig.subplots(2, 1, sharex=True)
             _panel(top, points, "ewma_oodm", "limit_oodm", "stop_oodm", "EWMA of log(OODM/tau), sd")
-            _panel(bottom, points, "ewma_rate", "limit_rate", "stop_rate", "EWMA of OOD rate")
+            _panel(bottom, points, "ewma_rate", "limit_rate", None, "EWMA of OOD rate")
             ood = [i + 1 for i, p in enumerate(points) if p["is_ood"]]
             if ood:
                 bottom.plot(ood, [0.0] * len(ood), linestyle="none", marker="|", markersize=9, color="tab:red",
@@ -46,7 +46,7 @@ def drift_chart(points: Sequence[dict[str, Any]], title: str) -> str:
     return svg.replace("<svg ", f"<svg role=\"img\" aria-label={quoteattr(title)} ", 1)
 
 
-def _panel(ax: Any, points: Sequence[dict[str, Any]], value: str, limit: str, stop: str, label: str) -> None:
+def _panel(ax: Any, points: Sequence[dict[str, Any]], value: str, limit: str, stop: str | None, label: str) -> None:
     xs = list(range(1, len(points) + 1))
     base = [x for x, p in zip(xs, points, strict=True) if p["in_baseline"]]
     if base:
@@ -59,8 +59,9 @@ def _panel(ax: Any, points: Sequence[dict[str, Any]], value: str, limit: str, st
                 label="EWMA" if value == "ewma_oodm" else None)
         ax.step(cx, [p[limit] for _, p in charted], where="mid", linestyle="--", color="tab:orange",
                 label="control limit" if value == "ewma_oodm" else None)
-        ax.step(cx, [p[stop] for _, p in charted], where="mid", linestyle=":", color="tab:red",
-                label="stop limit" if value == "ewma_oodm" else None)
+        if stop is not None:  # the stop rule reads the OODM chart alone (ledger.drift)
+            ax.step(cx, [p[stop] for _, p in charted], where="mid", linestyle=":", color="tab:red",
+                    label="stop limit")
     ax.set_xlim(0.5, len(points) + 0.5)
     ax.set_ylim(bottom=0)
     ax.set_ylabel(label)

@@ -16,7 +16,7 @@ __all__ = ["drift", "register"]
 _COLUMNS = (("chart", "CHART"), ("model", "MODEL"), ("calling_ae", "AE"), ("station_name", "STATION"),
             ("manufacturer_model", "SCANNER"), ("software_versions", "SOFTWARE"), ("studies", "STUDIES"),
             ("baseline_n", "BASELINE"), ("ewma_oodm", "EWMA OODM"), ("limit_oodm", "LIMIT"), ("stop_oodm", "STOP"),
-            ("ewma_rate", "EWMA RATE"), ("limit_rate", "LIMIT"), ("stop_rate", "STOP"), ("open_alarms", "OPEN ALARMS"))
+            ("ewma_rate", "EWMA RATE"), ("limit_rate", "LIMIT"), ("open_alarms", "OPEN ALARMS"))
 
 
 def _cell(value: Any) -> str:
