@@ -4,7 +4,10 @@ metadata novelty, clearing (who and why), the status rows and the Prometheus gau
 
 from __future__ import annotations
 
+import http.server
+import json
 import math
+import threading
 import uuid
 
 import numpy as np
@@ -167,3 +170,68 @@ def test_a_job_observed_twice_counts_once(migrated) -> None:
         drift.observe(s, job_id, model="default", meta=SCANNER, oodm=0.01, tau=TAU, is_ood=False, cfg=CFG)
         assert s.execute(select(func.count()).select_from(DriftObservation)).scalar() == 1
         assert drift.charts_status(s, CFG)[0]["studies"] == 1
+
+
+def test_drift_cli_status_and_clear(migrated, cli) -> None:
+    _, _, sessions = migrated
+    rng = np.random.default_rng(7)
+    scores = _baseline(sessions, "CT_EAST", rng)
+    mean, sd = float(np.mean(scores)), float(np.std(scores, ddof=1))
+    watch = drift.Watch()
+    while watch.stop_alarm_id is None:
+        _, watch = _observe(sessions, "CT_EAST", TAU * math.exp(mean + 4 * sd))
+    table = cli("drift", "status").output
+    header, _, row = table.splitlines()[:3]
+    assert header.split()[:4] == ["CHART", "MODEL", "AE", "STATION"] and row.split()[1:4] == ["default", "CT_EAST",
+                                                                                             "CT-EAST"]
+    assert f"alarm {watch.stop_alarm_id} stop  RESULTS HELD: CT_EAST / CT-EAST / VA40, model default" in table
+    as_json = json.loads(cli("drift", "status", "--format", "json").output)
+    assert [a["kind"] for a in as_json["open_alarms"]] == ["stop", "oodm"]
+    assert as_json["charts"][0]["baseline_n"] == CFG.baseline_studies
+    assert "not cleared: no drift alarm 999" in cli("drift", "clear", "999", "--reason", "x", expect=1).output
+    out = cli("drift", "clear", str(watch.stop_alarm_id), "--reason", "vendor fixed it", "--user", "root").output
+    assert f"drift alarm {watch.stop_alarm_id} (stop) cleared by user:root" in out
+    assert [a["kind"] for a in json.loads(cli("drift", "status", "--format", "json").output)["open_alarms"]] == ["oodm"]
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(json.loads(body))
+        self.send_response(204 if self.path == "/ok" else 500)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return None  # quiet: the test reads what arrived
+
+
+def test_webhook_gets_each_new_alarm_and_a_failure_is_audited(migrated) -> None:
+    from worker.drift_notify import notify
+
+    _, _, sessions = migrated
+    rng = np.random.default_rng(7)
+    scores = _baseline(sessions, "CT_EAST", rng)
+    _, watch = _observe(sessions, "CT_EAST", TAU * math.exp(float(np.mean(scores)) + 12 * float(np.std(scores))))
+    assert [a.kind for a in watch.opened] == ["oodm", "stop"]
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        _Hook.received.clear()
+        assert notify(sessions, DriftConfig(notify_url=base + "/ok"), watch.opened) == 2
+        assert [(m["event"], m["kind"], m["calling_ae"], m["id"]) for m in _Hook.received] == [
+            ("specgate.drift_alarm", a.kind, "CT_EAST", a.id) for a in watch.opened]
+        assert notify(sessions, DriftConfig(notify_url=base + "/broken"), watch.opened[:1]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert notify(sessions, DriftConfig(notify_url=base + "/ok", notify_timeout_s=2), watch.opened[:1]) == 0
+    with session_scope(sessions) as s:
+        failed = s.execute(select(AuditEvent).where(AuditEvent.action == "drift.notify_failed")
+                           .order_by(AuditEvent.id)).scalars().all()
+        assert [(e.object_id, e.details["status"]) for e in failed] == [(str(watch.opened[0].id), 500),
+                                                                      (str(watch.opened[0].id), 0)]
+        assert "Connection refused" in failed[1].details["error"]
