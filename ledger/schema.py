@@ -410,7 +410,19 @@ class AuditEvent(Base):
 
 
 # --- drift alarms (migration 0013; ledger.drift) ------------------------------------------------------------
-class DriftChart(Base):
+class _DriftSource:
+    """A source (calling AE, station, manufacturer, the manufacturer's model name, software versions, as
+    the series' headers say) and the model its studies ran through: shared by a chart and its observations."""
+
+    model: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    station_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    manufacturer: Mapped[str | None] = mapped_column(String(64), default=None)
+    manufacturer_model: Mapped[str | None] = mapped_column(String(64), default=None)
+    software_versions: Mapped[str | None] = mapped_column(String(128), default=None)
+
+
+class DriftChart(_DriftSource, Base):
     """One control chart: a source (calling AE, station, manufacturer, model name, software versions) and
     the model its studies ran through. Its baseline (in-control mean and sd of log(OODM/tau), OOD count, the
     metadata seen) and its EWMA statistics now; changed only through :mod:`ledger.drift`."""
@@ -418,12 +430,6 @@ class DriftChart(Base):
     __tablename__ = "drift_charts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     source_key: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the source fields and model
-    model: Mapped[str] = mapped_column(String(64))
-    calling_ae: Mapped[str] = mapped_column(String(16))
-    station_name: Mapped[str | None] = mapped_column(String(64), default=None)
-    manufacturer: Mapped[str | None] = mapped_column(String(64), default=None)
-    manufacturer_model: Mapped[str | None] = mapped_column(String(64), default=None)
-    software_versions: Mapped[str | None] = mapped_column(String(128), default=None)
     baseline_n: Mapped[int] = mapped_column(Integer, default=0)
     baseline_sum: Mapped[float] = mapped_column(Float, default=0.0)
     baseline_sumsq: Mapped[float] = mapped_column(Float, default=0.0)
@@ -439,7 +445,7 @@ class DriftChart(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class DriftObservation(Base):
+class DriftObservation(_DriftSource, Base):
     """One finished job as its source's chart saw it: the series' acquisition metadata, the gate's numbers
     and the chart's statistics after it. Written in the transaction that records the job's result."""
 
@@ -447,12 +453,6 @@ class DriftObservation(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), unique=True)
     chart_id: Mapped[int] = mapped_column(ForeignKey("drift_charts.id", ondelete="RESTRICT"), index=True)
-    model: Mapped[str] = mapped_column(String(64))
-    calling_ae: Mapped[str] = mapped_column(String(16))
-    station_name: Mapped[str | None] = mapped_column(String(64), default=None)
-    manufacturer: Mapped[str | None] = mapped_column(String(64), default=None)
-    manufacturer_model: Mapped[str | None] = mapped_column(String(64), default=None)
-    software_versions: Mapped[str | None] = mapped_column(String(128), default=None)
     modality: Mapped[str | None] = mapped_column(String(16), default=None)
     slice_thickness: Mapped[float | None] = mapped_column(Float, default=None)
     pixel_spacing: Mapped[float | None] = mapped_column(Float, default=None)

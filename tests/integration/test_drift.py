@@ -235,3 +235,31 @@ def test_webhook_gets_each_new_alarm_and_a_failure_is_audited(migrated) -> None:
         assert [(e.object_id, e.details["status"]) for e in failed] == [(str(watch.opened[0].id), 500),
                                                                       (str(watch.opened[0].id), 0)]
         assert "Connection refused" in failed[1].details["error"]
+
+
+def test_baseline_by_date_range(migrated) -> None:
+    """With ``baseline_until``: studies before ``baseline_since`` are neither baseline nor charted, those
+    in the range are the baseline, the first after it closes the baseline and is charted. Time passes here
+    as the configured range moves past "now" between studies."""
+    from datetime import timedelta
+
+    from ledger.schema import utcnow
+
+    _, _, sessions = migrated
+    later = utcnow() + timedelta(days=1)
+    before = DriftConfig(baseline_since=later, baseline_until=later + timedelta(days=1))
+    _observe(sessions, "CT_EAST", 0.01, cfg=before)
+    during = DriftConfig(baseline_since=utcnow() - timedelta(days=1), baseline_until=later, baseline_studies=1000)
+    for oodm in (0.010, 0.012, 0.011, 0.013):
+        _observe(sessions, "CT_EAST", oodm, cfg=during)
+    after = DriftConfig(baseline_since=utcnow() - timedelta(days=2), baseline_until=utcnow() - timedelta(seconds=1))
+    job_id, _ = _observe(sessions, "CT_EAST", 0.012, cfg=after)
+    with session_scope(sessions) as s:
+        rows = s.execute(select(DriftObservation).order_by(DriftObservation.id)).scalars().all()
+        assert [r.in_baseline for r in rows] == [False, True, True, True, True, False]
+        assert [r.ewma_oodm is not None for r in rows] == [False] * 5 + [True]
+        [chart] = drift.charts_status(s, after)
+        assert (chart["baseline_n"], chart["baseline_done"], chart["studies"]) == (4, True, 6)
+        scores = [math.log(o / TAU) for o in (0.010, 0.012, 0.011, 0.013)]
+        assert chart["baseline_mean"] == pytest.approx(np.mean(scores), abs=1e-4)
+        assert chart["baseline_sd"] == pytest.approx(np.std(scores, ddof=1), abs=1e-4)

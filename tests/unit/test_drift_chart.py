@@ -5,6 +5,7 @@ shifted source is caught within the chain's run length; the metadata read from h
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -73,3 +74,26 @@ def test_series_metadata_from_headers() -> None:
     bare = SimpleNamespace(KVP="not a number", StationName="")  # as a lenient read gives it back
     assert SeriesMetadata.from_headers([bare], modality="MR", spacing=(3.0, 1.5, 1.5)) == SeriesMetadata(
         modality="MR", pixel_spacing=1.5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"drift_limit_l": 4.0, "drift_stop_l": 3.5}, "drift_stop_l (3.5) must be above drift_limit_l (4.0)"),
+    ({"drift_baseline_since": "2026-01-01T00:00:00Z"}, "drift_baseline_since needs drift_baseline_until"),
+    ({"drift_notify_url": "file:///etc/passwd"}, "drift_notify_url must be an http(s) URL"),
+    ({"drift_baseline_studies": 1}, "SPECGATE_DRIFT_BASELINE_STUDIES: Input should be greater than or equal to 2"),
+])
+def test_settings_refuse_nonsense(tmp_path, overrides: dict, message: str) -> None:
+    from specgate.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        Settings.load(data_dir=tmp_path, **overrides)
+
+
+def test_settings_build_the_drift_config(tmp_path) -> None:
+    from specgate.settings import Settings
+
+    s = Settings.load(data_dir=tmp_path, drift_baseline_studies=12, drift_limit_l=2.5, drift_stop_l=5.0,
+                      drift_notify_url="https://hooks.example/drift")
+    cfg = s.drift_config()
+    assert (cfg.baseline_studies, cfg.limit_l, cfg.stop_l, cfg.notify_url) == (12, 2.5, 5.0, "https://hooks.example/drift")
+    assert s.worker_config().pipeline.drift == cfg
