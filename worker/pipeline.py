@@ -15,7 +15,9 @@ Every step that must not be forgotten is in the ledger:
    (``worker.dicom_seg``) whose UIDs derive from (installation, study, job, version): a re-run writes the same
    object. The probability map and the gate's evidence are kept beside it for review.
 3. **Route or hold** (:func:`finish`): a ``results`` row and ``running -> released`` (OODM <= tau) or
-   ``running -> held``, guarded by the task id, so only the attempt that owns the job finishes it.
+   ``running -> held``, guarded by the task id, so only the attempt that owns the job finishes it. In the
+   same transaction the job is charted on its source's drift chart (:mod:`ledger.drift`); while that
+   source's stop alarm is open the job is held whatever its OODM.
 
 Delivery (``released``/``approved`` -> ``sent``) is a separate task on the ``deliver`` queue.
 """

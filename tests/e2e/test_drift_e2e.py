@@ -9,7 +9,8 @@ the reconstruction kernel went soft) while the other two go on as before. Stated
 ``CT_EAST`` alarms (``oodm``) within ``ALARM_WITHIN`` changed studies and its stop rule fires within
 ``STOP_WITHIN``; no alarm on the other two sources; ``CT_EAST``'s next, unchanged study, whose OODM is
 below tau, is held (``held_for: drift_stop``) and not sent to Orthanc; the alarm is cleared with
-``specgate drift clear`` (audited with who and why) and the source's next study is released again.
+``specgate drift clear`` (audited with who and why) and the source's next study is released again. Last,
+``CT_WEST``'s software version changes: a metadata alarm on the new source, its study still sent.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Sources:
     def __init__(self, stack: Stack, tmp: Path) -> None:
         self.stack, self.tmp, self.seed = stack, tmp, 0
 
-    def send(self, ae_title: str, *, blur: float = 0.0) -> str:
+    def send(self, ae_title: str, *, blur: float = 0.0, headers: dict[str, str] | None = None) -> str:
         self.seed += 1
         case = phantom_study("ct_liver", seed=100 + self.seed)
         image = gaussian_filter(case.image.astype(np.float32), sigma=blur) if blur else case.image
@@ -66,7 +67,7 @@ class Sources:
         try:
             for path in series.paths:
                 ds = dcmread(path)
-                for keyword, value in SOURCES[ae_title].items():
+                for keyword, value in {**SOURCES[ae_title], **(headers or {})}.items():
                     setattr(ds, keyword, value)
                 assert int(assoc.send_c_store(ds).Status) == 0
         finally:
@@ -163,3 +164,13 @@ def test_drift_on_one_source_alarms_stops_it_and_is_cleared(stack: Stack, tmp_pa
     state, job_id = src.finish(again)[again]
     assert state == "sent"
     assert _seg_uids_at(stack.orthanc, again) == [_result(stack, job_id).seg_sop_instance_uid]
+
+    # CT_WEST's scanner gets a software update: a new source, and a metadata alarm (nothing held for it)
+    updated = src.send("CT_WEST", headers={"SoftwareVersions": "VB30"})
+    state, job_id = src.finish(updated)[updated]
+    assert state == "sent"
+    with stack.sessions() as s:  # type: ignore[operator]
+        [(alarm, chart)] = s.execute(select(DriftAlarm, DriftChart).join(DriftChart, DriftChart.id == DriftAlarm.chart_id)
+                                     .where(DriftAlarm.kind == "metadata")).all()
+        assert (chart.calling_ae, chart.software_versions, alarm.first_job_id) == ("CT_WEST", "VB30", job_id)
+        assert alarm.detail["novel"] == {"software_versions": "VB30"} and alarm.state == "open"
