@@ -130,9 +130,13 @@ class LedgerCollector(Collector):
 
 
 def ledger_registry(sessions: sessionmaker[Session], *, clock: Callable[[], datetime] = utcnow) -> CollectorRegistry:
-    """A registry holding only the ledger's gauges (what the review app's ``/metrics`` shows)."""
+    """A registry holding only the ledger's gauges and its drift alarms' (what the review app's ``/metrics``
+    shows)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(LedgerCollector(sessions, clock=clock))
+    from .drift_prometheus import DriftCollector  # the drift alarms (ledger.drift)
+
+    registry.register(DriftCollector(sessions))
     return registry
 
 

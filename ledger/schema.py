@@ -38,6 +38,9 @@ __all__ = [
     "Base",
     "Delivery",
     "DeliveryState",
+    "DriftAlarm",
+    "DriftChart",
+    "DriftObservation",
     "Instance",
     "Job",
     "JobAttempt",
@@ -462,3 +465,88 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSONType)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+# --- drift alarms (migration 0013; ledger.drift) ------------------------------------------------------------
+class _DriftSource:
+    """A source (calling AE, station, manufacturer, the manufacturer's model name, software versions, as
+    the series' headers say) and the model its studies ran through: shared by a chart and its observations."""
+
+    model: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    station_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    manufacturer: Mapped[str | None] = mapped_column(String(64), default=None)
+    manufacturer_model: Mapped[str | None] = mapped_column(String(64), default=None)
+    software_versions: Mapped[str | None] = mapped_column(String(128), default=None)
+
+
+class DriftChart(_DriftSource, Base):
+    """One control chart: a source (calling AE, station, manufacturer, model name, software versions) and
+    the model its studies ran through. Its baseline (in-control mean and sd of log(OODM/tau), OOD count, the
+    metadata seen) and its EWMA statistics now; changed only through :mod:`ledger.drift`."""
+
+    __tablename__ = "drift_charts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_key: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the source fields and model
+    baseline_n: Mapped[int] = mapped_column(Integer, default=0)
+    baseline_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    baseline_sumsq: Mapped[float] = mapped_column(Float, default=0.0)
+    baseline_ood: Mapped[int] = mapped_column(Integer, default=0)
+    baseline_done: Mapped[bool] = mapped_column(Boolean, default=False)
+    # what the baseline's studies carried: field -> sorted values (text) or [min, max] (numbers)
+    baseline_metadata: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    ewma_oodm: Mapped[float] = mapped_column(Float, default=0.0)
+    ewma_rate: Mapped[float | None] = mapped_column(Float, default=None)
+    charted: Mapped[int] = mapped_column(Integer, default=0)  # observations charted since the last restart
+    observations: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DriftObservation(_DriftSource, Base):
+    """One finished job as its source's chart saw it: the series' acquisition metadata, the gate's numbers
+    and the chart's statistics after it. Written in the transaction that records the job's result."""
+
+    __tablename__ = "drift_observations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"), unique=True)
+    chart_id: Mapped[int] = mapped_column(ForeignKey("drift_charts.id", ondelete="RESTRICT"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), default=None)
+    slice_thickness: Mapped[float | None] = mapped_column(Float, default=None)
+    pixel_spacing: Mapped[float | None] = mapped_column(Float, default=None)
+    kvp: Mapped[float | None] = mapped_column(Float, default=None)
+    convolution_kernel: Mapped[str | None] = mapped_column(String(64), default=None)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    oodm: Mapped[float] = mapped_column(Float)
+    tau: Mapped[float] = mapped_column(Float)
+    is_ood: Mapped[bool] = mapped_column(Boolean)
+    in_baseline: Mapped[bool] = mapped_column(Boolean, default=False)
+    # the chart after this study (NULL while the baseline is being gathered)
+    ewma_oodm: Mapped[float | None] = mapped_column(Float, default=None)
+    limit_oodm: Mapped[float | None] = mapped_column(Float, default=None)
+    stop_oodm: Mapped[float | None] = mapped_column(Float, default=None)
+    ewma_rate: Mapped[float | None] = mapped_column(Float, default=None)
+    limit_rate: Mapped[float | None] = mapped_column(Float, default=None)
+    stop_rate: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class DriftAlarm(Base):
+    """A raised hand: ``kind`` ``oodm`` / ``ood_rate`` (the EWMA past its control limit), ``stop`` (past the
+    stop limit: the source's results are held until it is cleared) or ``metadata`` (a station, software
+    version, kernel... the baseline never saw). ``open`` until an admin clears it, with who and why."""
+
+    __tablename__ = "drift_alarms"
+    __table_args__ = (Index("ix_drift_alarms_state_chart", "state", "chart_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chart_id: Mapped[int] = mapped_column(ForeignKey("drift_charts.id", ondelete="RESTRICT"))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="open")
+    statistic: Mapped[float | None] = mapped_column(Float, default=None)
+    threshold: Mapped[float | None] = mapped_column(Float, default=None)  # the limit it crossed
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    first_job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"))
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    cleared_at: Mapped[datetime | None] = mapped_column(default=None)
+    cleared_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    clear_reason: Mapped[str | None] = mapped_column(Text, default=None)

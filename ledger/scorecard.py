@@ -111,7 +111,8 @@ def _labelled_results(session: Session, since: date | None, until: date | None) 
         select(Result.id, Result.job_id, Result.model_id, Result.is_ood, Result.superseded, Result.created_at,
                Job.state, Study.calling_ae, Series.station_name)
         .join(Job, Job.id == Result.job_id).join(Study, Study.id == Job.study_id)
-        .outerjoin(Series, Series.series_instance_uid == Job.series_instance_uid).where(*period)).all()
+        .outerjoin(Series, Series.series_instance_uid == Job.series_instance_uid)
+        .where(*period, Job.shadow.is_(False))).all()  # a shadow model's verdicts are never acted on
     decisions: dict[int, ReviewDecision] = {}
     for job_id, decided in session.execute(
             select(Review.job_id, Review.decision).join(Result, Result.job_id == Review.job_id)

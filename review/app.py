@@ -27,6 +27,7 @@ Security, as a hospital's review would ask (and a penetration tester with OWASP 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -56,7 +57,7 @@ from ledger import audit, audit_sample
 from ledger.db import DatabaseUnavailable, session_scope
 from ledger.reviews import ReviewError, decide
 
-from . import auth, blind, queries, render
+from . import auth, blind, drift_view, queries, render
 from .config import ReviewConfig
 from .security import (
     BadInput,
@@ -453,6 +454,7 @@ class ReviewApp:
             for name, report in REPORTS.items():
                 tables[name] = report.run(s, since, until)
             waiting = queries.held_count(s)
+            drift = drift_view.panel(s)  # open drift alarms and their charts (review.drift_view)
         figures = {
             "OOD rate over time": charts.ood_rate_chart(tables.get("ood-rate", [])),
             "Turnaround percentiles": charts.turnaround_chart(tables.get("turnaround-daily", [])),
@@ -461,7 +463,7 @@ class ReviewApp:
             "Shadow models beside the live ones": charts.shadow_chart(tables.get("shadow", [])),
         }
         return self.render(request, "reports.html", me=me, reports=REPORTS, tables=tables, figures=figures,
-                           since=since, until=until, waiting=waiting)
+                           since=since, until=until, waiting=waiting, drift=drift, message=self.flash(request))
 
     def report_csv(self, request: Request) -> Response:
         self.require(request, admin=True)
@@ -643,6 +645,7 @@ def create_app(config: ReviewConfig, sessions: sessionmaker[Session], actions: R
         Route("/shadow", app.shadow_page),
         Route("/reports", app.reports_page),
         Route("/reports/{name}.csv", app.report_csv),
+        Route("/drift/{alarm_id:int}/clear", functools.partial(drift_view.clear_alarm, app), methods=["POST"]),
         Route("/users", app.users_page, methods=["GET"]),
         Route("/users", app.users_post, methods=["POST"]),
         Route("/metrics", app.metrics),

@@ -84,13 +84,15 @@ def scp_command(app: AppContext, receiver_fd: int | None) -> None:
 def _metrics_endpoint(app: AppContext, directory: Path, open_associations: Callable[[], int]) -> MetricsEndpoint:
     """The SCP's /metrics: the receivers' counters, the open associations, the ledger's gauges."""
     from dicom_node.prometheus import AssociationsCollector
+    from ledger.drift_prometheus import DriftCollector
     from ledger.prometheus import LedgerCollector
 
     from ._metrics import MetricsEndpoint
 
     s = app.settings
     endpoint = MetricsEndpoint(s.metrics_host, s.scp_metrics_port, directory,
-                               [AssociationsCollector(open_associations), LedgerCollector(app.sessions())])
+                               [AssociationsCollector(open_associations), LedgerCollector(app.sessions()),
+                                DriftCollector(app.sessions())])
     try:
         return endpoint.start()
     except OSError as exc:

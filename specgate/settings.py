@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,6 +58,7 @@ from dicom_node.config import (
     validate_host,
 )
 from dicom_node.scu import RetryPolicy
+from ledger.drift import DriftConfig
 from review.config import ReviewConfig, validate_viewer_url
 from store import StoreConfig
 from worker.anatomy import AnatomyCode
@@ -368,6 +370,30 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=0, ge=0, le=65535,
                                      description="/metrics of a worker on this port (0: off); one per process")
     metrics_host: str = Field(default="127.0.0.1", description="address the SCP and worker metrics listen on")
+
+    # --- drift alarms (ledger.drift) -----------------------------------------------------------------
+    drift_enabled: bool = Field(default=True, description="chart every finished job per source and model; "
+                                "alarms, the stop rule (off: nothing recorded, nothing held for drift)")
+    drift_baseline_studies: int = Field(default=30, ge=2, le=100000,
+                                        description="a chart's baseline: its source's first N studies")
+    drift_baseline_since: datetime | None = Field(
+        default=None, description="baseline by dates instead: studies from this time (with drift_baseline_until)")
+    drift_baseline_until: datetime | None = Field(
+        default=None, description="baseline by dates: studies before this time (UTC); charted after it")
+    drift_ewma_lambda: float = Field(default=0.2, gt=0, le=1, description="EWMA weight of the OODM chart")
+    drift_rate_lambda: float = Field(default=0.05, gt=0, le=1, description="EWMA weight of the OOD-rate chart")
+    drift_limit_l: float = Field(default=3.0, gt=0, le=20,
+                                 description="control limit: L asymptotic sd of the EWMA (an alarm past it)")
+    drift_stop_l: float = Field(default=4.5, gt=0, le=30,
+                                description="stop limit, above drift_limit_l: past it the source's results are held "
+                                            "until an admin clears the alarm")
+    drift_sd_floor: float = Field(default=0.05, gt=0, le=10,
+                                  description="smallest baseline sd of log(OODM/tau) the chart divides by")
+    drift_metadata_tolerance: float = Field(
+        default=0.05, ge=0, le=10,
+        description="slice thickness, pixel spacing, kVp past the baseline's range by more than this (relative) alarm")
+    drift_notify_url: str | None = Field(default=None, description="POST each new drift alarm as JSON here "
+                                                                   "(a webhook); a failure is audited, not fatal")
 
     # --- logging -----------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
@@ -728,7 +754,7 @@ class Settings(BaseSettings):
                                     installation=self.installation,
                                     rules=tuple(self.rules), heartbeat_s=self.worker_heartbeat_seconds,
                                     stale_after_s=self.worker_stale_seconds,
-                                    audit_sample_share=self.audit_sample_share),
+                                    audit_sample_share=self.audit_sample_share, drift=self.drift_config()),
             models=(ModelSpec(DEFAULT_MODEL, self.model_weights, self.model_bank,
                               segment=self.models.get(DEFAULT_MODEL, ModelFiles()).segment()),
                     *(ModelSpec(name, m.weights, m.bank, segment=m.segment())
@@ -744,6 +770,24 @@ class Settings(BaseSettings):
                               deliver_soft_s=self.worker_delivery_soft_time_limit_seconds,
                               deliver_hard_s=self.worker_delivery_time_limit_seconds,
                               visibility_timeout_s=self.broker_visibility_timeout_seconds))
+
+    def drift_config(self) -> DriftConfig:
+        """What :mod:`ledger.drift` (the worker's charts, ``specgate drift``) needs."""
+        return DriftConfig(enabled=self.drift_enabled, baseline_studies=self.drift_baseline_studies,
+                           baseline_since=self.drift_baseline_since, baseline_until=self.drift_baseline_until,
+                           ewma_lambda=self.drift_ewma_lambda, rate_lambda=self.drift_rate_lambda,
+                           limit_l=self.drift_limit_l, stop_l=self.drift_stop_l, sd_floor=self.drift_sd_floor,
+                           metadata_tolerance=self.drift_metadata_tolerance, notify_url=self.drift_notify_url)
+
+    @model_validator(mode="after")
+    def _drift_limits(self) -> Settings:
+        if self.drift_stop_l <= self.drift_limit_l:
+            raise ValueError(f"drift_stop_l ({self.drift_stop_l}) must be above drift_limit_l ({self.drift_limit_l})")
+        if self.drift_baseline_since is not None and self.drift_baseline_until is None:
+            raise ValueError("drift_baseline_since needs drift_baseline_until (the end of the baseline period)")
+        if self.drift_notify_url is not None and not self.drift_notify_url.startswith(("https://", "http://")):
+            raise ValueError(f"drift_notify_url must be an http(s) URL, not {self.drift_notify_url[:80]!r}")
+        return self
 
     def review_config(self) -> ReviewConfig:
         """What :mod:`review` (the web app) needs."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dicom_node.config import Destination, SeriesRule
 from dicom_node.scu import RetryPolicy
+from ledger.drift import DriftConfig
 from store import Store, StoreConfig, open_store
 
 from .segments import PHANTOM_SEGMENT, SegmentDefinition
@@ -110,6 +111,7 @@ class PipelineConfig:
     actor: str = "worker"
     #: share of released results also queued for a blind review (ledger.audit_sample); 0: off
     audit_sample_share: float = 0.0
+    drift: DriftConfig | None = None  # the drift watch (ledger.drift); None: off
 
     def rule(self, name: str | None) -> SeriesRule | None:
         """The rule called ``name``, or None when no rule has that name (any more)."""

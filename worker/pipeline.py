@@ -15,7 +15,9 @@ Every step that must not be forgotten is in the ledger:
    (``worker.dicom_seg``) whose UIDs derive from (installation, study, job, version): a re-run writes the same
    object. The probability map and the gate's evidence are kept beside it for review.
 3. **Route or hold** (:func:`finish`): a ``results`` row and ``running -> released`` (OODM <= tau) or
-   ``running -> held``, guarded by the task id, so only the attempt that owns the job finishes it.
+   ``running -> held``, guarded by the task id, so only the attempt that owns the job finishes it. In the
+   same transaction the job is charted on its source's drift chart (:mod:`ledger.drift`); while that
+   source's stop alarm is open the job is held whatever its OODM.
 
 Delivery (``released``/``approved`` -> ``sent``) is a separate task on the ``deliver`` queue.
 """
@@ -40,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import SeriesRule
 from dicom_series import LossySource, SeriesError, Volume, load_series, lossy_source
 from dicom_series.headers import read_instance
-from ledger import audit, audit_sample, jobs
+from ledger import audit, audit_sample, drift, jobs
 from ledger.db import session_scope
 from ledger.leases import LeaseRefresher
 from ledger.paths import to_ledger
@@ -251,7 +253,9 @@ def run_job(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *,
             metrics.job_failed(exc.reason_code)
         return StudyOutcome(c.job_id, "failed", reason_code=exc.reason_code)
     outcome = finish(sessions, c, cfg, paths=paths, uids=uids, out=out, segmenter=segmenter,
-                     configured_model=model, timings=timings, hold_incomplete=rule.when_incomplete == "hold")
+                     configured_model=model, timings=timings, hold_incomplete=rule.when_incomplete == "hold",
+                     series_meta=drift.SeriesMetadata.from_headers(volume.headers, modality=volume.modality,
+                                                                   spacing=volume.spacing))
     if metrics is not None:
         metrics.ood_decision(is_ood=out.is_ood, reason=out.gate_reason, model=model, modality=volume.modality)
     return outcome
@@ -430,9 +434,11 @@ def _publish(cfg: PipelineConfig, c: Claim, paths: dict[str, Path]) -> dict[str,
 
 def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, paths: dict[str, Path],
            uids: ObjectUIDs, out: SegmentOutput, segmenter: Segmenter, configured_model: str,
-           timings: dict[str, float], hold_incomplete: bool = False) -> StudyOutcome:
+           timings: dict[str, float], hold_incomplete: bool = False,
+           series_meta: drift.SeriesMetadata | None = None) -> StudyOutcome:
     """The result recorded and the job ``held`` (out of distribution; or ``incomplete_at_source`` under a
-    rule whose ``when_incomplete`` is ``hold``) or ``released``."""
+    rule whose ``when_incomplete`` is ``hold``; or its source's drift stop alarm is open: ``drift_stop``)
+    or ``released``. ``series_meta``: the series' acquisition metadata, charted (:mod:`ledger.drift`)."""
     incomplete = (c.completeness or {}).get("state") == "incomplete_at_source"
     held_incomplete = incomplete and hold_incomplete
     to = JobState.HELD if out.is_ood or held_incomplete else JobState.RELEASED
@@ -454,11 +460,20 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
             result.oodm, result.tau, result.is_ood = out.oodm, out.tau, out.is_ood
             result.bank_percentile = segmenter.gate.percentile(out.oodm)
         s.flush()
+        # drift watch (ledger.drift): chart this job; an open stop alarm of its source holds it
+        watch = drift.Watch()
+        if cfg.drift is not None and cfg.drift.enabled and series_meta is not None:
+            watch = drift.observe(s, c.job_id, model=configured_model, meta=series_meta, oodm=out.oodm, tau=out.tau,
+                                  is_ood=out.is_ood, cfg=cfg.drift, actor=cfg.actor)
+        drift_stop = watch.stop_alarm_id is not None and to == JobState.RELEASED
+        to = JobState.HELD if drift_stop else to
         jobs.transition(s, c.job_id, to, actor=cfg.actor, expect=JobState.RUNNING,
                         guard=[Job.task_id == c.task_id], heartbeat_at=utcnow(),
                         details={"oodm": round(out.oodm, 6), "tau": round(out.tau, 6), "result_id": result.id,
                                  "seg_sop_instance_uid": seg_uid,
-                                 **({"held_for": "incomplete_at_source"} if held_incomplete else {})})
+                                 **({"held_for": "incomplete_at_source"} if held_incomplete else {}),
+                                 **({"held_for": "drift_stop", "drift_alarm_id": watch.stop_alarm_id}
+                                    if drift_stop else {})})
         audit.append(s, actor=cfg.actor, action="result.created", object_type="result", object_id=result.id,
                      details={"job_id": c.job_id, "gate": "ood" if out.is_ood else "in_distribution",
                               "gate_reason": out.gate_reason, "model": configured_model,
@@ -468,5 +483,9 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
             # delaying it; a shadow result is never sent, so it is not a release to audit
             audit_sample.consider(s, job_id=c.job_id, result_id=result.id, study_instance_uid=c.study_instance_uid,
                                   share=cfg.audit_sample_share, actor=cfg.actor)
+    if watch.opened and cfg.drift is not None and cfg.drift.notify_url:
+        from .drift_notify import notify
+
+        notify(sessions, cfg.drift, watch.opened, actor=cfg.actor)
     return StudyOutcome(c.job_id, str(to), oodm=out.oodm, tau=out.tau, timings=timings, shadow=c.shadow)
 

@@ -7,7 +7,7 @@ reproducible): the share and the draw it was made with, and the radiologist's ve
 to. Studies not drawn have no row; their draw is in the audit trail (``audit_sample.drawn``).
 
 Revision ID: 0015
-Revises: 0012
+Revises: 0014
 Create Date: 2026-12-06
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0015"
-down_revision: str | None = "0012"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -39,9 +39,10 @@ LIVER, KIDNEY = "liver:1.0", "kidney:2.0"
 
 def case(model: str, source: tuple[str, str | None], day: date, *, ood: bool, state: str, expect: str | None,
          review: str | None = None, retraction: tuple[str, str] | None = None, audit: str | None = None,
-         superseded: bool = False) -> dict[str, Any]:
+         superseded: bool = False, shadow: bool = False) -> dict[str, Any]:
     return {"model": model, "ae": source[0], "station": source[1], "day": day, "ood": ood, "state": state,
-            "expect": expect, "review": review, "retraction": retraction, "audit": audit, "superseded": superseded}
+            "expect": expect, "review": review, "retraction": retraction, "audit": audit, "superseded": superseded,
+            "shadow": shadow}
 
 
 CASES = [
@@ -75,6 +76,9 @@ CASES = [
     # held for another reason than the gate (a rule's when_incomplete): neither side
     case(LIVER, A, D1, ood=False, state="sent", review="approve", expect=None),
     case(LIVER, A, D2, ood=False, state="held", expect=None),
+    # a shadow model's results (ledger.shadow: never sent, never reviewed) are no verdicts of a live gate
+    case(LIVER, A, D1, ood=False, state="released", shadow=True, expect=None),
+    case(LIVER, A, D2, ood=True, state="held", shadow=True, expect=None),
 ]
 
 
@@ -88,8 +92,15 @@ def _seed(sessions: Any) -> None:
             s.flush()
             s.add(Series(study_id=study.id, series_instance_uid=f"1.2.826.0.1.9.{i}.1", modality="CT",
                          station_name=c["station"]))
+            live = None
+            if c["shadow"]:  # the live job it ran beside (its own result is not seeded)
+                live = Job(study_id=study.id, state="queued", series_instance_uid=f"1.2.826.0.1.9.{i}.1",
+                           rule_name="r", created_at=made, updated_at=made)
+                s.add(live)
+                s.flush()
             job = Job(study_id=study.id, state=c["state"], series_instance_uid=f"1.2.826.0.1.9.{i}.1",
-                      rule_name="r", created_at=made, updated_at=made)
+                      rule_name="silent" if c["shadow"] else "r", created_at=made, updated_at=made,
+                      shadow=c["shadow"], shadow_of_id=live.id if live is not None else None)
             s.add(job)
             s.flush()
             res = Result(job_id=job.id, seg_path=f"r/{i}/seg.dcm", seg_sop_instance_uid=f"2.25.{i}",

@@ -353,7 +353,7 @@ def test_the_dsc_of_the_two_segs_is_stored_when_the_pair_completes(migrated, tmp
 
 
 def test_migration_0014_keeps_one_live_job_per_version(db_url: str) -> None:
-    migrations.upgrade(db_url, "0012")
+    migrations.upgrade(db_url, "0013")
     engine = open_engine(db_url)
     try:
         sessions = sessionmaker_for(engine)
@@ -381,11 +381,11 @@ def test_migration_0014_keeps_one_live_job_per_version(db_url: str) -> None:
                                                    shadow=True, rule_name="silent"))
         engine.dispose()
         with pytest.raises(RuntimeError, match="shadow jobs exist"):
-            migrations.downgrade(db_url, "0012")
+            migrations.downgrade(db_url, "0013")
         with session_scope(sessions) as s:
             s.execute(Job.__table__.delete().where(Job.shadow))
         engine.dispose()
-        migrations.downgrade(db_url, "0012")
+        migrations.downgrade(db_url, "0013")
         migrations.upgrade(db_url)
         with sessions() as s:
             assert s.execute(select(func.count()).select_from(Job)).scalar_one() == 1

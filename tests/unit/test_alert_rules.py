@@ -17,6 +17,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from dicom_node.prometheus import AssociationsCollector, NodeMetrics, StowMetrics
+from ledger.drift_prometheus import DriftCollector
 from ledger.prometheus import LedgerCollector
 from worker.prometheus import WorkerMetrics
 
@@ -44,13 +45,13 @@ def _exported() -> tuple[set[str], set[str]]:
     stow.instance_refused("study_mismatch", 0xA900)
     stow.request_refused("forbidden")
     names: set[str] = set()
-    labels = {"state"}  # specgate_jobs's (LedgerCollector)
+    labels = {"state", "kind"}  # specgate_jobs's (LedgerCollector), specgate_drift_alarms_open's (DriftCollector)
     for family in registry.collect():
         for sample in family.samples:
             if not sample.name.endswith("_created"):  # not in multiprocess mode, which the services use
                 names.add(sample.name)
                 labels.update(sample.labels)
-    for collector in (LedgerCollector(sessions=None), AssociationsCollector(lambda: 0)):
+    for collector in (LedgerCollector(sessions=None), AssociationsCollector(lambda: 0), DriftCollector(sessions=None)):
         names.update(family.name for family in collector.describe())  # gauges: the family's name is the sample's
     return names, labels
 
