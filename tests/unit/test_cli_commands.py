@@ -24,7 +24,8 @@ def test_every_command_is_registered_and_has_help() -> None:
                 ("model", "train"), ("model", "experiment"), ("model", "experiment", "calibration"),
                 ("model", "experiment", "ood"), ("model", "experiment", "failures"),
                 ("jobs", "list"), ("jobs", "show"), ("jobs", "approve"), ("jobs", "reject"), ("jobs", "retry"), ("jobs", "retract"), ("worker",), ("reconcile",), ("scp",), ("echo",),
-                ("review",), ("users", "add"), ("report",), ("db", "upgrade"), ("audit", "verify"), ("demo",)}
+                ("review",), ("users", "add"), ("report",), ("db", "upgrade"), ("audit", "verify"), ("demo",),
+                ("export",)}
     assert expected <= set(paths), sorted(expected - set(paths))
     for path in paths:
         res = CliRunner().invoke(main, [*path, "--help"], catch_exceptions=False)
