@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
@@ -313,6 +313,7 @@ def deidentify(ds: Dataset, profile: Profile) -> Dataset:
     every private attribute removed, dates shifted (``shift``), then the Annex E recipe run by ``deid``
     over every element and nested item, and the de-identification attributes set."""
     from deid.config import DeidRecipe
+    from deid.dicom.fields import _get_fields_inner
     from deid.dicom.parser import DicomParser
 
     p = profile.pseudonyms
@@ -339,10 +340,17 @@ def deidentify(ds: Dataset, profile: Profile) -> Dataset:
 
     listed = annex_e_actions()
     recipe = DeidRecipe(deid=_recipe_file(profile.dates, frozenset(t for t in _tags(ds) if t in listed)), base=False)
-    parser = DicomParser(ds, recipe=recipe)
-    for name, func in (("uid", uid), ("dummy", dummy), ("patient", patient)):
-        parser.define(name, func)
-    parser.parse(remove_private=True)
+    if not isinstance(ds, FileDataset):  # deid hashes a FileDataset by its identity; a plain Dataset it cannot
+        ds = FileDataset("", ds, file_meta=getattr(ds, "file_meta", None), preamble=b"\0" * 128)
+    try:
+        parser = DicomParser(ds, recipe=recipe)
+        for name, func in (("uid", uid), ("dummy", dummy), ("patient", patient)):
+            parser.define(name, func)
+        parser.parse(remove_private=True)
+    finally:
+        # deid memoises the fields of every data set it parses (functools.cache keyed on the data set): the
+        # cache would keep each one, pixels included, for the life of the process
+        _get_fields_inner.cache_clear()
     out: Dataset = parser.dicom
     _mark(out, profile)
     if getattr(out, "file_meta", None) is not None:

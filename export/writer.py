@@ -82,9 +82,9 @@ def _reviews(selected: Selected, include_notes: bool) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"decision": r.decision}
         if r.reason:
             m = _REASON.match(r.reason.strip())
-            code = m.group("code") if m and m.group("code") in REJECT_REASONS else "other"
-            item["reason_code"] = code
-            note = (m.group("note") if m and code != "other" else r.reason) or None
+            listed = m is not None and m.group("code") in REJECT_REASONS
+            item["reason_code"] = m.group("code") if m is not None and listed else "other"
+            note = (m.group("note") if m is not None and listed else r.reason) or None
             if include_notes and note:
                 item["note"] = note.strip()
         out.append(item)

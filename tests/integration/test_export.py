@@ -29,7 +29,7 @@ from dicom_series import load_series
 from export.confidentiality import annex_e_actions, annex_e_masks
 from ledger.db import session_scope
 from ledger.reviews import decide
-from ledger.schema import AuditEvent, Job, Result
+from ledger.schema import AuditEvent, Instance, Job, Result
 from model.data.volumes import MSDDataset, load_nifti
 from store import FsStore
 from tests.integration.review.helpers import held_job
@@ -89,7 +89,7 @@ def seeded(migrated: Any, tmp_path: Path, tiny_model: Any) -> dict[str, Any]:
 
 def _originals(sessions: Any, job_id: int) -> tuple[list[Dataset], Dataset]:
     """The job's source images (as stored) and its SEG, read from the ledger's records."""
-    from ledger.schema import Instance, Series
+    from ledger.schema import Series
 
     with session_scope(sessions) as s:
         job = s.get(Job, job_id)
@@ -241,12 +241,15 @@ def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dic
 
     # the same key gives the same UIDs and pseudonyms; a random key others; refusals are audited
     again = tmp_path / "again"
-    cli("export", "--rejected", "--since", today, "--to", str(again), "--key-file", str(key), "--user", "alice")
+    cli("export", "--rejected", "--since", today, "--to", str(again), "--key-file", str(key), "--user", "alice",
+        "--include-notes")
     other = tmp_path / "other"
     cli("export", "--rejected", "--since", today, "--to", str(other), "--dates", "remove")
     first = json.loads((again / "manifest.json").read_text())["cases"][0]
     assert {k: first[k] for k in ("study_instance_uid", "patient")} == \
         {k: cases["rejected"][k] for k in ("study_instance_uid", "patient")}
+    assert first["reviews"] == [{"decision": "reject", "reason_code": "segmentation_wrong",
+                                 "note": "DOE^JANE liver missed"}]  # asked for: the reviewer's words as written
     removed = json.loads((other / "manifest.json").read_text())["cases"][0]
     assert removed["study_instance_uid"] != first["study_instance_uid"] and removed["patient"] != first["patient"]
     some = dcmread(sorted((other / removed["dicom"] / "image").iterdir())[0])
@@ -265,3 +268,73 @@ def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dic
         assert [e.details["reason"] for e in refused] == ["the target exists and is not an empty folder",
                                                           "no study matches"]
     assert cli("audit", "verify").exit_code == 0
+
+
+def test_export_from_the_s3_store_on_a_host_without_the_files(migrated: Any, tmp_path: Path, tiny_model: Any,
+                                                              s3_server: Any) -> None:
+    """A study received by the real SCP, uploaded to S3 (SeaweedFS) and segmented by a worker of its own
+    data directory; the export runs on a third host whose data directory is empty: everything comes from
+    the store, each instance checked against the SHA-256 the ledger recorded (a corrupted copy stops the
+    export, naming the job; nothing is written)."""
+    from click.testing import CliRunner
+
+    from dicom_node.uploader import Uploader
+    from ledger import jobs
+    from ledger.schema import Study
+    from specgate.cli import main
+    from store import instance_key, open_store
+    from tests.integration.test_store_pipeline import _receive, _run, _s3_settings
+    from tests.integration.worker.test_pipeline import _segmenter, _signature_of
+    from worker.config import PipelineConfig
+
+    base, _, sessions = migrated
+    prefix = f"x-{tmp_path.name[-12:]}"
+    scp = _s3_settings(base, tmp_path / "scp-host", s3_server, prefix)
+    case, series = _receive(scp, sessions, tmp_path)
+    assert Uploader(sessions, open_store(scp.store_config(), scp.data_dir), scp.data_dir).run_once() == len(series.paths)
+    with session_scope(sessions) as s:
+        study = s.execute(select(Study)).scalar_one()
+        job_id = jobs.create_job(s, study, actor="test", series_instance_uid=series.series_instance_uid,
+                                 rule_name="default-ct-mr").id
+    shutil.rmtree(scp.data_dir)
+    worker = _s3_settings(base, tmp_path / "worker-host", s3_server, prefix)
+    cfg = PipelineConfig(results_dir=worker.results_dir, data_dir=worker.data_dir, store=worker.store_config(),
+                         installation="TEST", rules=tuple(worker.rules), heartbeat_s=0.2)
+    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    far = -_signature_of(probe, case)
+    seg = _segmenter(tiny_model, tmp_path, np.stack([far, far + 1e-4, far - 1e-4, far + 2e-4]))
+    assert _run(sessions, job_id, cfg, seg, "task-1").state == "held"
+    shutil.rmtree(worker.data_dir)
+
+    host = _s3_settings(base, tmp_path / "export-host", s3_server, prefix)
+    env = {"SPECGATE_DATA_DIR": str(host.data_dir), "SPECGATE_DATABASE_URL": host.db_url, "SPECGATE_STORE": "s3",
+           "SPECGATE_S3_ENDPOINT_URL": s3_server.endpoint_url, "SPECGATE_S3_BUCKET": s3_server.bucket,
+           "SPECGATE_S3_ACCESS_KEY": s3_server.access_key, "SPECGATE_S3_SECRET_KEY": s3_server.secret_key,
+           "SPECGATE_S3_PREFIX": prefix}
+    today = datetime.now(UTC).date().isoformat()
+
+    def export(to: Path):
+        return CliRunner().invoke(main, ["export", "--held", "--since", today, "--to", str(to), "--user", "bo"],
+                                  env=env, catch_exceptions=False)
+
+    res = export(tmp_path / "out")
+    assert res.exit_code == 0 and "exported 1 studies" in res.output, res.output
+    exported = [dcmread(p) for p in sorted((tmp_path / "out" / "dicom" / "case_0001" / "image").iterdir())]
+    seg = dcmread(tmp_path / "out" / "dicom" / "case_0001" / "seg.dcm")
+    assert len(exported) == len(series.paths)
+    refs = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert refs == {str(ds.SOPInstanceUID) for ds in exported}
+    assert seg.StudyInstanceUID == exported[0].StudyInstanceUID != series.study_instance_uid
+
+    # a cached copy that no longer hashes to the ledger's SHA-256: refused, named, audited, nothing written
+    with session_scope(sessions) as s:
+        key, sha = s.execute(select(Instance.store_key, Instance.sha256).order_by(Instance.id)).first()
+    assert key == instance_key(sha)
+    cached = open_store(host.store_config(), host.data_dir).path(key, sha)
+    cached.write_bytes(b"\0" * 300 + cached.read_bytes()[300:])
+    res = export(tmp_path / "again")
+    assert res.exit_code == 1 and f"job {job_id}: a file cannot be read from the store" in res.output, res.output
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again.partial-*"))
+    with session_scope(sessions) as s:
+        refused = s.execute(select(AuditEvent).where(AuditEvent.action == "export_refused")).scalar_one()
+        assert refused.actor == "bo" and refused.details["jobs"] == [job_id] and "SHA-256" in refused.details["reason"]
