@@ -21,8 +21,8 @@ Where each piece comes from:
   (:meth:`Pseudonyms.random`), unless the site keeps one in a file to make successive exports agree
   (:meth:`Pseudonyms.from_file`);
 - **patient identity**: Patient's Name and Patient ID (Z and Z/D: "a zero-length or a dummy value") become
-  one pseudonym per patient, ``SG`` + 16 hex digits of the HMAC of the original ID, so that a patient's
-  studies stay together in a training split;
+  one pseudonym per patient, ``SG`` + 16 hex digits of the HMAC of the original ID and its issuer, so that
+  a patient's studies stay together in a training split (a study without a Patient ID: a patient of its own);
 - **dates and times** (the table's DA, DT and TM attributes), one of PS3.15's options:
   ``shift`` (Retain Longitudinal Temporal Information with Modified Dates Option, E.3.6): every date and
   time moved back by one offset per patient (whole days plus a number of seconds, both from the HMAC of
@@ -55,7 +55,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
 __all__ = ["ANNEX_E_EDITION", "DateOption", "Profile", "Pseudonyms", "annex_e_actions", "annex_e_masks",
-           "annex_e_recipe", "deidentify"]
+           "annex_e_recipe", "deidentify", "patient_key"]
 
 ANNEX_E_EDITION = "2026c"
 DateOption = Literal["shift", "remove"]
@@ -299,6 +299,22 @@ def _dummy(vr: str) -> Any:
     return "ANONYMIZED"
 
 
+def patient_key(ds: Dataset) -> str:
+    """Who the patient is, for the pseudonym and the date offset: the Patient ID within its issuer; a data
+    set without a Patient ID is a patient of its own (its study).
+
+    >>> d = Dataset(); d.PatientID = "123"; d.StudyInstanceUID = "1.2"
+    >>> patient_key(d).split("\\x00")
+    ['123', '']
+    >>> d.IssuerOfPatientID = "B"; patient_key(d).split("\\x00")
+    ['123', 'B']
+    >>> d.PatientID = ""; patient_key(d).split("\\x00")
+    ['study', '1.2']
+    """
+    ident = (str(ds.get("PatientID", "") or "").strip(), str(ds.get("IssuerOfPatientID", "") or "").strip())
+    return "\x00".join(ident) if ident[0] else "study\x00" + str(ds.get("StudyInstanceUID", ""))
+
+
 def _walk_masked(ds: Dataset) -> Iterator[tuple[Dataset, BaseTag]]:
     for elem in list(ds):
         if elem.VR == "SQ":
@@ -317,7 +333,7 @@ def deidentify(ds: Dataset, profile: Profile) -> Dataset:
     from deid.dicom.parser import DicomParser
 
     p = profile.pseudonyms
-    original_patient = str(ds.get("PatientID", "") or "")
+    original_patient = patient_key(ds)
     for parent, tag in list(_walk_masked(ds)):
         del parent[tag]
     if profile.dates == "shift":

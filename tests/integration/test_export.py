@@ -27,6 +27,7 @@ from sqlalchemy import select
 
 from dicom_series import load_series
 from export.confidentiality import annex_e_actions, annex_e_masks
+from ledger import jobs
 from ledger.db import session_scope
 from ledger.reviews import decide
 from ledger.schema import AuditEvent, Instance, Job, Result
@@ -84,6 +85,7 @@ def seeded(migrated: Any, tmp_path: Path, tiny_model: Any) -> dict[str, Any]:
     with session_scope(sessions) as s:
         decide(s, rejected, user="anna", decision="reject", reason="segmentation_wrong: DOE^JANE liver missed")
         decide(s, approved, user="anna", decision="approve")
+        jobs.transition(s, approved, "sent", actor="test")  # what its delivery does once sent
     return {"held": held, "rejected": rejected, "approved": approved}
 
 
@@ -140,8 +142,9 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
 
 
-def _dt(ds: Dataset) -> datetime:
-    return datetime.strptime(f"{ds.StudyDate}{str(ds.StudyTime)[:6]}", "%Y%m%d%H%M%S")
+def _dt(ds: Dataset, what: str = "Study") -> datetime:
+    """``<what>Date`` and ``<what>Time`` as one instant."""
+    return datetime.strptime(f"{ds[what + 'Date'].value}{str(ds[what + 'Time'].value)[:6]}", "%Y%m%d%H%M%S")
 
 
 def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dict[str, Any], cli: Any,
@@ -192,9 +195,7 @@ def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dic
             assert str(new.PatientName) == case["patient"] + "^" and new.PatientID == case["patient"]
             assert new.StudyDate != orig.StudyDate and new.AcquisitionTime != orig.AcquisitionTime
             # the patient's own intervals stay: birth to study, study to acquisition
-            birth, study = (datetime.strptime(x, "%Y%m%d") for x in (orig.PatientBirthDate, orig.StudyDate))
-            nbirth, nstudy = (datetime.strptime(x, "%Y%m%d") for x in (new.PatientBirthDate, new.StudyDate))
-            assert study - birth == nstudy - nbirth
+            assert _dt(orig, "Study") - _dt(orig, "PatientBirth") == _dt(new, "Study") - _dt(new, "PatientBirth")
             assert (datetime.strptime(str(orig.AcquisitionDateTime), "%Y%m%d%H%M%S.%f") - _dt(orig)
                     == datetime.strptime(str(new.AcquisitionDateTime), "%Y%m%d%H%M%S.%f") - _dt(new))
         study_times[state] = (_dt(originals[0]), _dt(next(iter(exported.values()))))
@@ -238,6 +239,9 @@ def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dic
     res = cli("model", "fit-ood", "--weights", str(weights), "--data", str(out / "CT"), "--out", str(bank),
               "--block", "32", "--overlap", "8", "--device", "cpu")
     assert "bank of 3 signatures (3 images" in res.output, res.output
+    res = cli("model", "train", "--dataset", f"retrain={out / 'CT'}", "--out", str(tmp_path / "train"), "--block", "32",
+              "--max-iterations", "2", "--eval-every", "1", "--base-features", "4", "--levels", "2", "--device", "cpu")
+    assert "retrain: 3 cases" in res.output and (tmp_path / "train" / "best.pt").is_file(), res.output
 
     # the same key gives the same UIDs and pseudonyms; a random key others; refusals are audited
     again = tmp_path / "again"

@@ -11,7 +11,14 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from export.confidentiality import Profile, Pseudonyms, annex_e_actions, annex_e_recipe, deidentify
+from export.confidentiality import (
+    Profile,
+    Pseudonyms,
+    annex_e_actions,
+    annex_e_recipe,
+    deidentify,
+    patient_key,
+)
 
 KEY = Pseudonyms(b"s" * 32)
 
@@ -40,13 +47,16 @@ def test_dates_and_times_move_together_per_patient() -> None:
     a = deidentify(_ds(date="20250301", time="233000"), Profile(KEY))
     b = deidentify(_ds(date="20250305", time="010000"), Profile(KEY))
     other = deidentify(_ds(patient="P2"), Profile(KEY))
-    offset = KEY.offset("P1")
+    offset = KEY.offset(patient_key(_ds()))
     assert offset.seconds > 0 and offset.days >= 1
     assert _instant(a) == datetime(2025, 3, 1, 23, 30) - offset  # date and time as one instant (midnight crossed or not)
     assert _instant(b) - _instant(a) == datetime(2025, 3, 5, 1) - datetime(2025, 3, 1, 23, 30)
     assert datetime.strptime(str(a.AcquisitionDateTime), "%Y%m%d%H%M%S.%f") == datetime(2025, 3, 1, 23, 30, 0, 250000) - offset
     assert a.PatientID == b.PatientID != other.PatientID and _instant(other) != _instant(a)
     assert a.LongitudinalTemporalInformationModified == "MODIFIED"
+    x, y = _ds(patient=""), _ds(patient="")  # no Patient ID: each study a patient of its own
+    y.StudyInstanceUID = "1.2.3.5"
+    assert deidentify(x, Profile(KEY)).PatientID != deidentify(y, Profile(KEY)).PatientID
 
 
 def test_remove_option_and_actions() -> None:
