@@ -15,6 +15,8 @@ SOP Instance UIDs), so a reference the remapping broke stops the export. Which l
 case is in the audit row only (``export`` event: job ids in case order), not in the folder. Nothing is
 written under ``DIR`` until every case is done: the export is made beside it and renamed into place in
 the transaction that appends the audit row; a failure leaves no folder and an ``export_refused`` row.
+A study with an image marked Burned In Annotation ``YES`` is left out (its pixels may show a name the
+profile cannot reach); the audit row lists it under ``left_out``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ __all__ = ["ExportError", "ExportSummary", "nifti_affine", "run_export"]
 _REASON = re.compile(r"^(?P<code>[a-z_]+)(?::\s*(?P<note>.*))?$", re.DOTALL)
 
 
+class _Skipped(Exception):
+    """This study is left out of the export (the others go on); ``reason`` says why, without patient data."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class ExportError(Exception):
     """The export cannot be made (nothing selected, a file missing from the store, a reference broken);
     the message says which job and why, and names no patient."""
@@ -56,6 +66,7 @@ class ExportSummary:
     out: Path
     cases: list[dict[str, Any]] = field(default_factory=list)
     job_ids: list[int] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"job": id, "reason": text}
     audit_id: int | None = None
 
 
@@ -109,7 +120,11 @@ def _export_case(store: Store, selected: Selected, case: str, root: Path, profil
     study = frame = series = patient = None
     try:
         for key, sha in selected.instances:
-            ds = deidentify(dcmread(store.verified_path(key, sha)), profile)
+            source = dcmread(store.verified_path(key, sha))
+            if str(source.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+                # the basic profile removes identity from the header; text burned into the pixels it cannot
+                raise _Skipped("an image has burned-in annotation (BurnedInAnnotation YES)")
+            ds = deidentify(source, profile)
             new_sops.add(str(ds.SOPInstanceUID))
             study, frame, series, patient = (str(ds.StudyInstanceUID), str(ds.get("FrameOfReferenceUID", "")),
                                              str(ds.SeriesInstanceUID), str(ds.PatientID))
@@ -221,16 +236,28 @@ def run_export(sessions: sessionmaker[Session], store: Store, out: Path, criteri
     summary = ExportSummary(out=out)
     renamed = False
     try:
-        cases = []
-        for n, sel in enumerate(selected, start=1):
-            case = f"case_{n:04d}"
+        cases: list[dict[str, Any]] = []
+        exported: list[Selected] = []
+        for sel in selected:
+            case = f"case_{len(cases) + 1:04d}"
             if progress is not None:
                 progress(f"{case}: job {sel.job_id} ({sel.kind}, {len(sel.instances)} images)")
-            c = _export_case(store, sel, case, work, profile)
+            try:
+                c = _export_case(store, sel, case, work, profile)
+            except _Skipped as skip:
+                shutil.rmtree(work / "dicom" / case, ignore_errors=True)
+                summary.skipped.append({"job": sel.job_id, "reason": skip.reason})
+                if progress is not None:
+                    progress(f"  job {sel.job_id} left out: {skip.reason}")
+                continue
+            exported.append(sel)
             c.update({"state": sel.kind, "model": sel.model, "model_id": sel.model_id,
                       "weights_sha256": sel.weights_sha256, "oodm": sel.oodm, "tau": sel.tau, "is_ood": sel.is_ood,
                       "bank_percentile": sel.bank_percentile, "reviews": _reviews(sel, include_notes)})
             cases.append(c)
+        if not cases:
+            raise ExportError("every selected study was left out: " + "; ".join(
+                f"job {x['job']}: {x['reason']}" for x in summary.skipped))
         labels = _write_datasets(work, cases)
         manifest = {
             "created": datetime.now(UTC).date().isoformat(),
@@ -249,8 +276,9 @@ def run_export(sessions: sessionmaker[Session], store: Store, out: Path, criteri
         with session_scope(sessions) as s:
             event = audit.append(s, actor=actor, action="export", object_type="export",
                                  object_id=work.name.rsplit("-", 1)[1],
-                                 details={**request, "jobs": [x.job_id for x in selected],
-                                          "studies": [x.study_id for x in selected], "cases": len(cases)})
+                                 details={**request, "jobs": [x.job_id for x in exported],
+                                          "studies": [x.study_id for x in exported], "cases": len(cases),
+                                          "left_out": summary.skipped})
             if out.exists():
                 out.rmdir()  # empty (checked above)
             os.replace(work, out)
@@ -264,5 +292,5 @@ def run_export(sessions: sessionmaker[Session], store: Store, out: Path, criteri
             exc = ExportError(f"export failed: {type(exc).__name__}: {str(exc)[:300]}")
         _refuse(sessions, actor, {**request, "jobs": [x.job_id for x in selected]}, str(exc))
         raise exc from None
-    summary.cases, summary.job_ids = cases, [x.job_id for x in selected]
+    summary.cases, summary.job_ids = cases, [x.job_id for x in exported]
     return summary

@@ -65,6 +65,8 @@ def export_command(app: AppContext, held: bool, rejected: bool, approved: bool, 
         by_mod[c["modality"]] = by_mod.get(c["modality"], 0) + 1
     click.echo(f"exported {len(summary.cases)} studies to {summary.out} ("
                + ", ".join(f"{m}: {n}" for m, n in sorted(by_mod.items())) + f"); audit event {summary.audit_id}")
+    for skipped in summary.skipped:
+        click.echo(f"  left out: job {skipped['job']}: {skipped['reason']}")
     for m in sorted(by_mod):
         click.echo(f"  specgate model fit-ood NAME --data {summary.out / m}")
 

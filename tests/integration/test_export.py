@@ -74,7 +74,8 @@ def _prepare(study_date: str, study_time: str):
 
 @pytest.fixture
 def seeded(migrated: Any, tmp_path: Path, tiny_model: Any) -> dict[str, Any]:
-    """Three held studies through the real pipeline; one rejected, one approved."""
+    """Four held studies through the real pipeline; one rejected, one approved (and sent), one with an
+    image marked as having burned-in text."""
     settings, _, sessions = migrated
     held = held_job(migrated, tmp_path, tiny_model, seed=11, patient_name="DOE^JANE", patient_id="PID-JANE",
                     prepare=_prepare("20250301", "101010"))
@@ -82,11 +83,20 @@ def seeded(migrated: Any, tmp_path: Path, tiny_model: Any) -> dict[str, Any]:
                         prepare=_prepare("20250317", "231500"))
     approved = held_job(migrated, tmp_path, tiny_model, seed=13, patient_name="ROE^RICHARD", patient_id="PID-RICH",
                         prepare=_prepare("20250402", "080000"))
+    burned = held_job(migrated, tmp_path, tiny_model, seed=14, patient_name="POE^EDGAR", patient_id="PID-EDGAR",
+                      prepare=_burned_in)
     with session_scope(sessions) as s:
         decide(s, rejected, user="anna", decision="reject", reason="segmentation_wrong: DOE^JANE liver missed")
         decide(s, approved, user="anna", decision="approve")
         jobs.transition(s, approved, "sent", actor="test")  # what its delivery does once sent
-    return {"held": held, "rejected": rejected, "approved": approved}
+    return {"held": held, "rejected": rejected, "approved": approved, "burned": burned}
+
+
+def _burned_in(paths: list[Path]) -> None:
+    """One slice marked as carrying burned-in text (a scanner's dose page, a screenshot)."""
+    ds = dcmread(paths[3])
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(paths[3], enforce_file_format=True)
 
 
 def _originals(sessions: Any, job_id: int) -> tuple[list[Dataset], Dataset]:
@@ -156,7 +166,9 @@ def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dic
     out = tmp_path / "export"
     res = cli("export", "--held", "--rejected", "--approved", "--since", today, "--to", str(out),
               "--user", "alice", "--key-file", str(key))
-    assert "exported 3 studies" in res.output, res.output
+    assert "exported 3 studies" in res.output and f"left out: job {seeded['burned']}: an image has burned-in" \
+        in res.output, res.output
+    burned = seeded.pop("burned")
     manifest = json.loads((out / "manifest.json").read_text())
     cases = {c["state"]: c for c in manifest["cases"]}
     assert set(cases) == {"held", "rejected", "approved"} and len(manifest["cases"]) == 3
@@ -175,6 +187,8 @@ def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dic
         assert event.actor == "alice" and event.object_type == "export"
         assert event.details["jobs"] == [seeded["held"], seeded["rejected"], seeded["approved"]]
         assert event.details["key"] == "file" and event.details["dates"] == "shift"
+        assert event.details["left_out"] == [{"job": burned, "reason": "an image has burned-in annotation "
+                                                                      "(BurnedInAnnotation YES)"}]
 
     study_times: dict[str, tuple[datetime, datetime]] = {}
     checked_total = 0
