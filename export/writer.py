@@ -148,9 +148,10 @@ def _export_case(store: Store, selected: Selected, case: str, root: Path, profil
                                                assert_missing_frames_are_empty=True)
     numbers = [int(s.SegmentNumber) for s in seg_ds.SegmentSequence]
     names = [str(s.SegmentLabel) for s in seg_ds.SegmentSequence]
-    label = np.zeros(volume.shape, np.uint16)
+    label = np.zeros(volume.shape, _label_dtype(len(numbers)))
     for k in range(len(numbers)):
         label[pixels[..., k] > 0] = k + 1  # renumbered to the dataset's labels when the dataset is written
+    del pixels
     affine = nifti_affine(volume.affine)
     mod = volume.modality
     img_rel = f"{mod}/imagesTr/{case}_0000.nii.gz"
@@ -158,19 +159,24 @@ def _export_case(store: Store, selected: Selected, case: str, root: Path, profil
     for rel in (img_rel, lab_rel):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.ascontiguousarray(volume.array.transpose(2, 1, 0)), affine), str(root / img_rel))
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(label.transpose(2, 1, 0)), affine), str(root / lab_rel))
     return {
         "case": case, "modality": mod, "patient": patient, "study_instance_uid": study,
         "series_instance_uid": series, "seg_sop_instance_uid": str(seg_ds.SOPInstanceUID),
         "frame_of_reference_uid": frame, "instances": len(new_sops), "shape": list(volume.shape),
         "spacing_mm": [round(float(s), 6) for s in volume.spacing], "segments": names,
         "image": img_rel, "label": lab_rel, "dicom": f"dicom/{case}",
-        "_label": label, "_affine": affine,
     }
 
 
+def _label_dtype(top: int) -> type[np.unsignedinteger[Any]]:
+    return np.uint8 if top <= 255 else np.uint16
+
+
 def _write_datasets(root: Path, cases: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per modality: labels by name (one value per segment label across its cases), each case's label map
-    renumbered to them and written, and ``dataset.json`` (MSD's ``training``/``modality`` and nnU-Net
+    """Per modality: labels by name (one value per segment label across its cases), a case's label map
+    (written with its SEG's segment order, 1..n) renumbered to them where they differ (cases of models
+    with other labels), and ``dataset.json`` (MSD's ``training``/``modality`` and nnU-Net
     v2's ``channel_names``/``file_ending``/``labels`` name -> value, both of which
     :func:`model.data.volumes.declared_label_names` reads)."""
     import nibabel as nib
@@ -183,13 +189,10 @@ def _write_datasets(root: Path, cases: list[dict[str, Any]]) -> dict[str, dict[s
             for name in c["segments"]:
                 values.setdefault(name, len(values) + 1)
         for c in mine:
-            lut = np.zeros(len(c["segments"]) + 1, np.uint16)
-            for k, name in enumerate(c["segments"], start=1):
-                lut[k] = values[name]
-            lab = lut[c.pop("_label")]
-            lab = lab.astype(np.uint8) if len(values) <= 255 else lab
-            nib.save(nib.Nifti1Image(np.ascontiguousarray(lab.transpose(2, 1, 0)), c.pop("_affine")),
-                     str(root / c["label"]))
+            lut = np.array([0, *(values[name] for name in c["segments"])], _label_dtype(len(values)))
+            if not np.array_equal(lut, np.arange(len(lut))) or lut.dtype != _label_dtype(len(c["segments"])):
+                img = nib.Nifti1Image.from_filename(str(root / c["label"]))
+                nib.save(nib.Nifti1Image(lut[np.asarray(img.dataobj)], img.affine), str(root / c["label"]))
             c["labels"] = {name: values[name] for name in c["segments"]}
         meta = {
             "name": f"specgate-export-{mod}", "description": "specgate export, de-identified (PS3.15 Annex E)",

@@ -169,6 +169,7 @@ def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dic
     assert "exported 3 studies" in res.output and f"left out: job {seeded['burned']}: an image has burned-in" \
         in res.output, res.output
     burned = seeded.pop("burned")
+    assert not any(phi in res.output for phi in ("DOE", "ROE", "POE", "PID-")), res.output  # nor in what it prints
     manifest = json.loads((out / "manifest.json").read_text())
     cases = {c["state"]: c for c in manifest["cases"]}
     assert set(cases) == {"held", "rejected", "approved"} and len(manifest["cases"]) == 3
