@@ -350,8 +350,9 @@ def deidentify(ds: Dataset, profile: Profile) -> Dataset:
             return uid(field=field)
         return _dummy(field.element.VR)
 
+    pseudonym = p.patient(original_patient)
+
     def patient(item: Any = None, value: Any = None, field: Any = None, dicom: Any = None) -> Any:
-        pseudonym = p.patient(original_patient)
         return pseudonym + "^" if field.element.VR == "PN" else pseudonym
 
     listed = annex_e_actions()
@@ -368,6 +369,7 @@ def deidentify(ds: Dataset, profile: Profile) -> Dataset:
         # cache would keep each one, pixels included, for the life of the process
         _get_fields_inner.cache_clear()
     out: Dataset = parser.dicom
+    out.PatientName, out.PatientID = pseudonym + "^", pseudonym  # also where the source had none (Type 2)
     _mark(out, profile)
     if getattr(out, "file_meta", None) is not None:
         out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID

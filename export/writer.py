@@ -144,8 +144,13 @@ def _export_case(store: Store, selected: Selected, case: str, root: Path, profil
 
     volume = load_series(sorted(image_dir.iterdir()), compact=True)
     seg = hd.seg.Segmentation.from_dataset(seg_ds, copy=False)
-    pixels = seg.get_pixels_by_source_instance([ref.sop_instance_uid for ref in volume.slices],
-                                               assert_missing_frames_are_empty=True)
+    if volume.is_multiframe:  # one Enhanced CT/MR instance: the SEG's frames reference its frames
+        pixels = seg.get_pixels_by_source_frame(volume.slices[0].sop_instance_uid,
+                                                [int(ref.frame_number or 0) for ref in volume.slices],
+                                                assert_missing_frames_are_empty=True)
+    else:
+        pixels = seg.get_pixels_by_source_instance([ref.sop_instance_uid for ref in volume.slices],
+                                                   assert_missing_frames_are_empty=True)
     numbers = [int(s.SegmentNumber) for s in seg_ds.SegmentSequence]
     names = [str(s.SegmentLabel) for s in seg_ds.SegmentSequence]
     label = np.zeros(volume.shape, _label_dtype(len(numbers)))

@@ -357,3 +357,52 @@ def test_export_from_the_s3_store_on_a_host_without_the_files(migrated: Any, tmp
     with session_scope(sessions) as s:
         refused = s.execute(select(AuditEvent).where(AuditEvent.action == "export_refused")).scalar_one()
         assert refused.actor == "bo" and refused.details["jobs"] == [job_id] and "SHA-256" in refused.details["reason"]
+
+
+def test_export_of_an_enhanced_multiframe_series(migrated: Any, tmp_path: Path, tiny_model: Any, cli: Any) -> None:
+    """One Enhanced CT instance (every slice a frame) through the pipeline and the export: the profile applied
+    in its functional group sequences too, the SEG's frames pointing at the new instance's frames, the
+    labels equal to the SEG's, and dciodvfy finds no error the source did not already have."""
+    from model.data.volumes import Case
+    from specgate.synthetic import SyntheticSeries
+    from tests.dicom_factory import SeriesSpec
+    from tests.dicom_factory import write_series as write_factory_series
+    from tests.integration.worker.test_pipeline import _ingest, _run, _segmenter, _signature_of
+
+    settings, _, sessions = migrated
+    spec = SeriesSpec(slices=24, rows=48, cols=48, pixel_spacing=(4.0, 4.0), slice_spacing=4.0)
+    [path] = write_factory_series(spec, tmp_path / "enhanced", enhanced=True)
+    source = dcmread(path)
+    for kw, value in PHI.items():
+        setattr(source, kw, value)
+    source.save_as(path, enforce_file_format=True)
+    volume = load_series([path])
+    case = Case(name="enhanced", image=volume.array.astype(np.float32), spacing=volume.spacing, modality="CT")
+    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    far = -_signature_of(probe, case)
+    seg = _segmenter(tiny_model, tmp_path, np.stack([far, far + 1e-4, far - 1e-4, far + 2e-4]))
+    series = SyntheticSeries(spec.study_instance_uid, spec.series_instance_uid, [path], "CT")
+    job_id = _ingest(sessions, series)
+    assert _run(settings, sessions, job_id, seg, "task-enh").state == "held"
+
+    out = tmp_path / "export"
+    cli("export", "--held", "--since", datetime.now(UTC).date().isoformat(), "--to", str(out))
+    [entry] = json.loads((out / "manifest.json").read_text())["cases"]
+    [image] = sorted((out / entry["dicom"] / "image").iterdir())
+    new, new_seg = dcmread(image), dcmread(out / entry["dicom"] / "seg.dcm")
+    checked, kept = _kept_values(dcmread(path), new)
+    assert checked >= len(PHI) and not kept, kept
+    original_seg = dcmread(FsStore(settings.data_dir).path(_originals(sessions, job_id)[1]))
+    assert not _kept_values(original_seg, new_seg)[1]
+    frames = {(src.ReferencedSOPInstanceUID, int(src.ReferencedFrameNumber))
+              for f in new_seg.PerFrameFunctionalGroupsSequence for d in f.DerivationImageSequence
+              for src in d.SourceImageSequence}
+    assert {uid for uid, _ in frames} == {new.SOPInstanceUID} and new.SOPInstanceUID != source.SOPInstanceUID
+    assert {n for _, n in frames} <= set(range(1, spec.slices + 1))
+    truth = hd.seg.Segmentation.from_dataset(original_seg).get_pixels_by_source_frame(
+        source.SOPInstanceUID, [int(r.frame_number) for r in volume.slices], assert_missing_frames_are_empty=True)
+    label, _ = load_nifti(out / entry["label"])
+    assert label.shape == truth.shape[:3] and int(label.sum()) == int((truth > 0).sum()) > 0
+    before = set(_dciodvfy_errors(path))
+    assert set(_dciodvfy_errors(image)) <= before, set(_dciodvfy_errors(image)) - before
+    assert _dciodvfy_errors(out / entry["dicom"] / "seg.dcm") == []
