@@ -68,6 +68,7 @@ class ExportSummary:
     job_ids: list[int] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"job": id, "reason": text}
     audit_id: int | None = None
+    export_id: str = ""
 
 
 def nifti_affine(volume_affine: np.ndarray) -> np.ndarray:
@@ -239,7 +240,8 @@ def run_export(sessions: sessionmaker[Session], store: Store, out: Path, criteri
         _refuse(sessions, actor, request, "no study matches")
         raise ExportError("no study matches: nothing exported")
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    export_id = secrets.token_hex(8)  # the manifest's and the audit row's: which row tells which job a case was
+    work = out.parent / f".{out.name}.partial-{export_id}"
     work.mkdir()
     summary = ExportSummary(out=out)
     renamed = False
@@ -268,6 +270,7 @@ def run_export(sessions: sessionmaker[Session], store: Store, out: Path, criteri
                 f"job {x['job']}: {x['reason']}" for x in summary.skipped))
         labels = _write_datasets(work, cases)
         manifest = {
+            "export_id": export_id,
             "created": datetime.now(UTC).date().isoformat(),
             "profile": {"standard": f"DICOM PS3.15 Annex E ({ANNEX_E_EDITION}), Basic Application Level "
                                     "Confidentiality Profile", "engine": "deid",
@@ -283,7 +286,7 @@ def run_export(sessions: sessionmaker[Session], store: Store, out: Path, criteri
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         with session_scope(sessions) as s:
             event = audit.append(s, actor=actor, action="export", object_type="export",
-                                 object_id=work.name.rsplit("-", 1)[1],
+                                 object_id=export_id,
                                  details={**request, "jobs": [x.job_id for x in exported],
                                           "studies": [x.study_id for x in exported], "cases": len(cases),
                                           "left_out": summary.skipped})
@@ -291,7 +294,7 @@ def run_export(sessions: sessionmaker[Session], store: Store, out: Path, criteri
                 out.rmdir()  # empty (checked above)
             os.replace(work, out)
             renamed = True
-            summary.audit_id = event.id
+            summary.audit_id, summary.export_id = event.id, export_id
     except BaseException as exc:
         shutil.rmtree(out if renamed else work, ignore_errors=True)  # renamed: the audit row did not commit
         if not isinstance(exc, Exception):

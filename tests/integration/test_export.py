@@ -185,7 +185,7 @@ def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dic
             assert (cases[state]["oodm"], cases[state]["tau"], cases[state]["is_ood"]) == (r.oodm, r.tau, True)
             assert cases[state]["model"] == "default" and cases[state]["weights_sha256"] == r.weights_sha256
         event = s.execute(select(AuditEvent).where(AuditEvent.action == "export")).scalar_one()
-        assert event.actor == "alice" and event.object_type == "export"
+        assert event.actor == "alice" and event.object_type == "export" and event.object_id == manifest["export_id"]
         assert event.details["jobs"] == [seeded["held"], seeded["rejected"], seeded["approved"]]
         assert event.details["key"] == "file" and event.details["dates"] == "shift"
         assert event.details["left_out"] == [{"job": burned, "reason": "an image has burned-in annotation "
