@@ -33,7 +33,7 @@ from ledger.reviews import decide
 from ledger.schema import AuditEvent, Instance, Job, Result
 from model.data.volumes import MSDDataset, load_nifti
 from store import FsStore
-from tests.integration.review.helpers import held_job
+from tests.integration.review.helpers import held_job, holding_segmenter
 
 DCIODVFY = shutil.which("dciodvfy")
 
@@ -303,7 +303,6 @@ def test_export_from_the_s3_store_on_a_host_without_the_files(migrated: Any, tmp
     from specgate.cli import main
     from store import instance_key, open_store
     from tests.integration.test_store_pipeline import _receive, _run, _s3_settings
-    from tests.integration.worker.test_pipeline import _segmenter, _signature_of
     from worker.config import PipelineConfig
 
     base, _, sessions = migrated
@@ -319,9 +318,7 @@ def test_export_from_the_s3_store_on_a_host_without_the_files(migrated: Any, tmp
     worker = _s3_settings(base, tmp_path / "worker-host", s3_server, prefix)
     cfg = PipelineConfig(results_dir=worker.results_dir, data_dir=worker.data_dir, store=worker.store_config(),
                          installation="TEST", rules=tuple(worker.rules), heartbeat_s=0.2)
-    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
-    far = -_signature_of(probe, case)
-    seg = _segmenter(tiny_model, tmp_path, np.stack([far, far + 1e-4, far - 1e-4, far + 2e-4]))
+    seg = holding_segmenter(tiny_model, tmp_path, case)
     assert _run(sessions, job_id, cfg, seg, "task-1").state == "held"
     shutil.rmtree(worker.data_dir)
 
@@ -367,7 +364,7 @@ def test_export_of_an_enhanced_multiframe_series(migrated: Any, tmp_path: Path, 
     from specgate.synthetic import SyntheticSeries
     from tests.dicom_factory import SeriesSpec
     from tests.dicom_factory import write_series as write_factory_series
-    from tests.integration.worker.test_pipeline import _ingest, _run, _segmenter, _signature_of
+    from tests.integration.worker.test_pipeline import _ingest, _run
 
     settings, _, sessions = migrated
     spec = SeriesSpec(slices=24, rows=48, cols=48, pixel_spacing=(4.0, 4.0), slice_spacing=4.0)
@@ -378,9 +375,7 @@ def test_export_of_an_enhanced_multiframe_series(migrated: Any, tmp_path: Path, 
     source.save_as(path, enforce_file_format=True)
     volume = load_series([path])
     case = Case(name="enhanced", image=volume.array.astype(np.float32), spacing=volume.spacing, modality="CT")
-    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
-    far = -_signature_of(probe, case)
-    seg = _segmenter(tiny_model, tmp_path, np.stack([far, far + 1e-4, far - 1e-4, far + 2e-4]))
+    seg = holding_segmenter(tiny_model, tmp_path, case)
     series = SyntheticSeries(spec.study_instance_uid, spec.series_instance_uid, [path], "CT")
     job_id = _ingest(sessions, series)
     assert _run(settings, sessions, job_id, seg, "task-enh").state == "held"

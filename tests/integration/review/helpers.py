@@ -138,6 +138,13 @@ def make_user(sessions: Any, name: str, role: str, password: str = PASSWORD) -> 
         add_user(s, name, role=role, password=password, actor="test")
 
 
+def holding_segmenter(tiny_model: Any, tmp_path: Path, case: Any) -> Any:
+    """The tiny model with a bank far from ``case``'s signature: the gate holds that study."""
+    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    far = -_signature_of(probe, case)
+    return _segmenter(tiny_model, tmp_path, np.stack([far, far + 1e-4, far - 1e-4, far + 2e-4]))
+
+
 def held_job(migrated: Any, tmp_path: Path, tiny_model: Any, *, seed: int = 11, calling_ae: str = "CT_SCANNER",
              patient_name: str = "DOE^JANE", series_description: str = "ABD PORTAL VENOUS",
              station_name: str | None = None, patient_id: str | None = None,
@@ -152,9 +159,7 @@ def held_job(migrated: Any, tmp_path: Path, tiny_model: Any, *, seed: int = 11, 
                           body_part="ABDOMEN")
     if prepare is not None:
         prepare(series.paths)
-    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
-    far = -_signature_of(probe, case)
-    seg = _segmenter(tiny_model, tmp_path, np.stack([far, far + 1e-4, far - 1e-4, far + 2e-4]))
+    seg = holding_segmenter(tiny_model, tmp_path, case)
     job_id = _ingest(sessions, series, calling_ae=calling_ae)
     with session_scope(sessions) as s:
         ser = s.execute(select(Series).where(Series.series_instance_uid == series.series_instance_uid)).scalar_one()
