@@ -44,7 +44,7 @@ import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -328,7 +328,6 @@ def deidentify(ds: Dataset, profile: Profile) -> Dataset:
     """Apply the profile to ``ds`` (changed in place and returned): the curve and overlay groups and
     every private attribute removed, dates shifted (``shift``), then the Annex E recipe run by ``deid``
     over every element and nested item, and the de-identification attributes set."""
-    from deid.config import DeidRecipe
     from deid.dicom.fields import _get_fields_inner
     from deid.dicom.parser import DicomParser
 
@@ -356,7 +355,7 @@ def deidentify(ds: Dataset, profile: Profile) -> Dataset:
         return pseudonym + "^" if field.element.VR == "PN" else pseudonym
 
     listed = annex_e_actions()
-    recipe = DeidRecipe(deid=_recipe_file(profile.dates, frozenset(t for t in _tags(ds) if t in listed)), base=False)
+    recipe = _recipe(profile.dates, frozenset(t for t in _tags(ds) if t in listed))
     if not isinstance(ds, FileDataset):  # deid hashes a FileDataset by its identity; a plain Dataset it cannot
         ds = FileDataset("", ds, file_meta=getattr(ds, "file_meta", None), preamble=b"\0" * 128)
     try:
@@ -384,16 +383,18 @@ def _tags(ds: Dataset) -> Iterator[int]:
                 yield from _tags(item)
 
 
-@cache
-def _recipe_file(dates: DateOption, only: frozenset[int]) -> str:
-    """deid reads a recipe from a file: the generated one, written once per process and set of tags (the
-    slices of a series share one) to a temporary file."""
+@lru_cache(maxsize=64)
+def _recipe(dates: DateOption, only: frozenset[int]) -> Any:
+    """The profile as a parsed ``deid`` recipe, once per set of tags (the slices of a series share one).
+    deid reads a recipe from a file only: written to a temporary folder, read, and removed."""
     import tempfile
 
-    fd, path = tempfile.mkstemp(prefix=f"specgate-annex-e-{dates}-", suffix=".dicom")
-    with open(fd, "w", encoding="utf-8") as fh:
-        fh.write(annex_e_recipe(dates, only))
-    return path
+    from deid.config import DeidRecipe
+
+    with tempfile.TemporaryDirectory(prefix="specgate-annex-e-") as folder:
+        path = Path(folder) / f"annex-e-{dates}.dicom"
+        path.write_text(annex_e_recipe(dates, only), encoding="utf-8")
+        return DeidRecipe(deid=str(path), base=False)
 
 
 def _mark(ds: Dataset, profile: Profile) -> None:
