@@ -245,10 +245,12 @@ def run_export(sessions: sessionmaker[Session], store: Store, out: Path, criteri
     work.mkdir()
     summary = ExportSummary(out=out)
     renamed = False
+    current: int | None = None  # the job being exported, for a failure's message
     try:
         cases: list[dict[str, Any]] = []
         exported: list[Selected] = []
         for sel in selected:
+            current = sel.job_id
             case = f"case_{len(cases) + 1:04d}"
             if progress is not None:
                 progress(f"{case}: job {sel.job_id} ({sel.kind}, {len(sel.instances)} images)")
@@ -299,9 +301,13 @@ def run_export(sessions: sessionmaker[Session], store: Store, out: Path, criteri
         shutil.rmtree(out if renamed else work, ignore_errors=True)  # renamed: the audit row did not commit
         if not isinstance(exc, Exception):
             raise
-        if not isinstance(exc, ExportError):
-            exc = ExportError(f"export failed: {type(exc).__name__}: {str(exc)[:300]}")
-        _refuse(sessions, actor, {**request, "jobs": [x.job_id for x in selected]}, str(exc))
-        raise exc from None
+        where = f"job {current}: " if current is not None else ""
+        if isinstance(exc, ExportError):
+            recorded, shown = str(exc), exc
+        else:  # a library's message may quote a value from the data: the operator sees it, the audit row not
+            recorded = f"{where}{type(exc).__name__} (the message was shown to the operator)"
+            shown = ExportError(f"{where}export failed: {type(exc).__name__}: {str(exc)[:300]}")
+        _refuse(sessions, actor, {**request, "jobs": [x.job_id for x in selected]}, recorded)
+        raise shown from exc
     summary.cases, summary.job_ids = cases, [x.job_id for x in exported]
     return summary

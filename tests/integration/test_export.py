@@ -286,6 +286,17 @@ def test_export_deidentifies_remaps_and_feeds_fit_ood(migrated: Any, seeded: dic
                             .order_by(AuditEvent.id)).scalars().all()
         assert [e.details["reason"] for e in refused] == ["the target exists and is not an empty folder",
                                                           "no study matches"]
+    # a kept SEG that is no longer DICOM: the export stops naming the job; the audit row names the error's
+    # kind only (a library's message may quote the data)
+    seg_file = store.path(_originals(sessions, seeded["rejected"])[1])
+    seg_file.write_bytes(b"not a DICOM file" * 8)
+    res = cli("export", "--rejected", "--since", today, "--to", str(tmp_path / "broken"), expect=1)
+    assert f"job {seeded['rejected']}: export failed: InvalidDicomError" in res.output, res.output
+    assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".broken.partial-*"))
+    with session_scope(sessions) as s:
+        last = s.execute(select(AuditEvent).order_by(AuditEvent.id.desc())).scalars().first()
+        assert last.action == "export_refused" and last.details["reason"] == \
+            f"job {seeded['rejected']}: InvalidDicomError (the message was shown to the operator)"
     assert cli("audit", "verify").exit_code == 0
 
 
