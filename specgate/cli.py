@@ -13,6 +13,7 @@ from . import (
     _cli_db,
     _cli_dicom,
     _cli_drift,
+    _cli_export,
     _cli_health,
     _cli_jobs,
     _cli_model,
@@ -150,7 +151,7 @@ def demo(app: AppContext, timeout: float) -> None:
 
 # One way of registering commands: each module adds its own to ``main``.
 for _commands in (_cli_config, _cli_db, _cli_jobs, _cli_worker, _cli_model, _cli_report, _cli_dicom, _cli_review,
-                  _cli_health, _cli_spool, _cli_studies, _cli_drift):
+                  _cli_health, _cli_spool, _cli_studies, _cli_drift, _cli_export):
     _commands.register(main)
 
 if __name__ == "__main__":  # pragma: no cover

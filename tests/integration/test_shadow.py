@@ -19,7 +19,7 @@ import random
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from dicom_node import scu
 from dicom_node.assembler import Assembler
 from dicom_node.config import AssemblyConfig, SeriesRule
 from dicom_series import load_series
+from export.selection import Criteria, select_jobs
 from ledger import jobs, migrations, models, shadow
 from ledger.db import open_engine, session_scope, sessionmaker_for
 from ledger.prometheus import snapshot
@@ -427,3 +428,14 @@ def test_a_shadow_job_neither_keeps_a_study_from_pruning_nor_is_left_behind(migr
         shadow_seg = s.execute(select(Result.seg_path).where(Result.job_id == done.shadow)).scalar_one()
     assert [sorted(p.jobs) for p in planned] == [sorted([done.live, done.shadow])]
     assert shadow_seg in planned[0].result_keys  # its files go with the study's
+
+
+def test_an_export_takes_the_live_held_result_not_the_shadow_one_beside_it(migrated) -> None:
+    """``specgate export --held`` selects a held study once, by its live job: the shadow job beside it (held
+    by its own gate, never reviewed) is not a radiologist's case."""
+    _, _, sessions = migrated
+    pair = _pair(sessions, live_state=JobState.HELD, shadow_state=JobState.HELD, live_ood=True, shadow_ood=True)
+    with session_scope(sessions) as s:
+        chosen = select_jobs(s, Criteria(frozenset({"held"}), since=date(2000, 1, 1)))
+    assert [c.job_id for c in chosen] == [pair.live]
+

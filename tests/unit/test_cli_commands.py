@@ -25,7 +25,7 @@ def test_every_command_is_registered_and_has_help() -> None:
                 ("model", "experiment", "ood"), ("model", "experiment", "failures"),
                 ("jobs", "list"), ("jobs", "show"), ("jobs", "approve"), ("jobs", "reject"), ("jobs", "retry"), ("jobs", "retract"), ("worker",), ("reconcile",), ("scp",), ("echo",),
                 ("review",), ("users", "add"), ("report",), ("db", "upgrade"), ("audit", "verify"), ("demo",),
-                ("drift", "status"), ("drift", "clear")}
+                ("drift", "status"), ("drift", "clear"), ("export",)}
     assert expected <= set(paths), sorted(expected - set(paths))
     for path in paths:
         res = CliRunner().invoke(main, [*path, "--help"], catch_exceptions=False)

@@ -9,6 +9,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,18 +138,28 @@ def make_user(sessions: Any, name: str, role: str, password: str = PASSWORD) -> 
         add_user(s, name, role=role, password=password, actor="test")
 
 
+def holding_segmenter(tiny_model: Any, tmp_path: Path, case: Any) -> Any:
+    """The tiny model with a bank far from ``case``'s signature: the gate holds that study."""
+    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
+    far = -_signature_of(probe, case)
+    return _segmenter(tiny_model, tmp_path, np.stack([far, far + 1e-4, far - 1e-4, far + 2e-4]))
+
+
 def held_job(migrated: Any, tmp_path: Path, tiny_model: Any, *, seed: int = 11, calling_ae: str = "CT_SCANNER",
              patient_name: str = "DOE^JANE", series_description: str = "ABD PORTAL VENOUS",
-             station_name: str | None = None) -> int:
-    """A study run through the real pipeline and held by the gate (a bank far from its signature)."""
+             station_name: str | None = None, patient_id: str | None = None,
+             prepare: Callable[[list[Path]], None] | None = None) -> int:
+    """A study run through the real pipeline and held by the gate (a bank far from its signature).
+    ``prepare``: changes the written files before they are recorded (as if the scanner had sent them so)."""
     settings, _, sessions = migrated
     case = phantom_study("ct_liver", seed=seed)
     out = tmp_path / f"series-{seed}"
-    series = write_series(case.image, case.spacing, "CT", out, patient_name=patient_name, patient_id=f"PID-{seed}",
-                          series_description=series_description, body_part="ABDOMEN")
-    probe = _segmenter(tiny_model, tmp_path, np.stack([np.ones(4) / 2, np.full(4, -0.5)]))
-    far = -_signature_of(probe, case)
-    seg = _segmenter(tiny_model, tmp_path, np.stack([far, far + 1e-4, far - 1e-4, far + 2e-4]))
+    series = write_series(case.image, case.spacing, "CT", out, patient_name=patient_name,
+                          patient_id=patient_id or f"PID-{seed}", series_description=series_description,
+                          body_part="ABDOMEN")
+    if prepare is not None:
+        prepare(series.paths)
+    seg = holding_segmenter(tiny_model, tmp_path, case)
     job_id = _ingest(sessions, series, calling_ae=calling_ae)
     with session_scope(sessions) as s:
         ser = s.execute(select(Series).where(Series.series_instance_uid == series.series_instance_uid)).scalar_one()
