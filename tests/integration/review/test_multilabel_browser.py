@@ -20,7 +20,7 @@ from ledger import migrations
 from ledger.db import open_engine, sessionmaker_for
 from review.app import ReviewActions
 from specgate.settings import Settings
-from tests.browser import chromium, image_loaded, sign_in, wait
+from tests.browser import image_loaded, sign_in, wait
 from tests.integration.review.helpers import PASSWORD, Recorder, ReviewServer, make_user, review_config
 from tests.integration.review.multilabel import SLICE, MultiLabelJob, multilabel_job
 
@@ -50,15 +50,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, MultiL
             yield srv.url, job
     finally:
         engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    driver = chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _pixel(driver: WebDriver, y: int, x: int) -> list[int]:

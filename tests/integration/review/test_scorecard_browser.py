@@ -17,7 +17,7 @@ from ledger import migrations
 from ledger.db import open_engine, sessionmaker_for
 from review.app import ReviewActions
 from specgate.settings import Settings
-from tests.browser import chromium, sign_in, statuses
+from tests.browser import sign_in, statuses
 from tests.integration.review.helpers import PASSWORD, Recorder, ReviewServer, make_user, review_config
 from tests.integration.test_gate_scorecard import _seed
 
@@ -40,15 +40,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             yield srv.url
     finally:
         engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    driver = chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _cells(section: Any) -> list[list[str]]:

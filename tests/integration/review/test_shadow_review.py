@@ -39,7 +39,6 @@ from tests.integration.review.helpers import (
     review_config,
 )
 from tests.integration.review.multilabel import multilabel_job, write_result
-from tests.integration.review.test_multilabel_browser import browser  # noqa: F401 (its Chromium fixture)
 from worker.labels import ModelIdentity
 from worker.shadow import compare_ready
 
@@ -133,7 +132,7 @@ def test_the_reports_page_shows_the_side_by_side_report(site: Site) -> None:
     assert "Shadow models: the two gates" in page  # the chart (review/charts.py), drawn with the row
 
 
-def test_the_shadow_tab_renders_in_chromium(browser: WebDriver, site: Site, tmp_path: Path) -> None:  # noqa: F811
+def test_the_shadow_tab_renders_in_chromium(browser: WebDriver, site: Site, tmp_path: Path) -> None:
     sign_in(browser, site.url, "anna", PASSWORD)
     browser.find_element(By.ID, "nav-shadow").click()
     wait(browser).until(lambda d: d.current_url == f"{site.url}/shadow")
