@@ -159,6 +159,17 @@ class StudyView:
     def decision(self) -> Review | None:
         return self.reviews[-1] if self.reviews else None
 
+    @property
+    def held_for(self) -> dict[str, Any] | None:
+        """Why a result the gate released was held anyway, from the job's move to ``held`` (worker.pipeline:
+        ``incomplete_at_source``, or ``drift_stop`` with its ``drift_alarm_id``); None: held by the gate, or
+        not held."""
+        for event in reversed(self.history):
+            details = event.details or {}
+            if event.object_type == "job" and "held_for" in details:
+                return details
+        return None
+
 
 def study_view(session: Session, job_id: int, files: Store | Path | None = None) -> StudyView | None:
     """``files``: where the ledger's keys are read from (:mod:`store`; a data directory: ``fs``)."""

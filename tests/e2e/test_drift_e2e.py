@@ -29,9 +29,12 @@ from sqlalchemy import select
 
 from ledger.schema import AuditEvent, DriftAlarm, DriftChart, DriftObservation, Result
 from model.data.phantoms import phantom_study
+from review.app import ReviewActions
+from specgate.settings import Settings
 from specgate.synthetic import write_series
 from tests.e2e import test_pipeline_e2e as pipeline_e2e
 from tests.e2e.test_pipeline_e2e import Stack, _port_open, _seg_uids_at
+from tests.integration.review.helpers import Client, Recorder, ReviewServer, make_user, review_config
 from tests.peers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -148,6 +151,16 @@ def test_drift_on_one_source_alarms_stops_it_and_is_cleared(stack: Stack, tmp_pa
         assert (observed.calling_ae, observed.station_name, observed.software_versions, observed.kvp) == (
             "CT_EAST", "CT-EAST-1", "VA40", 120.0)
     assert _seg_uids_at(stack.orthanc, normal) == []  # nothing of it reached the PACS
+    # the radiologist's study page says why a result in distribution waits for them
+    settings = Settings.load(data_dir=Path(stack.env["SPECGATE_DATA_DIR"]),
+                             database_url=stack.env["SPECGATE_DATABASE_URL"])
+    make_user(stack.sessions, "dr.drift", "radiologist")
+    with ReviewServer(review_config(settings), stack.sessions, ReviewActions(deliver=Recorder().deliver)) as srv:
+        reader = Client(srv.url)
+        assert reader.login("dr.drift").status == 303
+        page = reader.get(f"/studies/{job_id}")
+    assert page.status == 200 and 'id="held-for"' in page.text
+    assert f"drift stop alarm #{stop_id} is open" in page.text
 
     status = json.loads(stack.cli("drift", "status", "--format", "json").stdout)
     assert {a["id"] for a in status["open_alarms"] if a["kind"] == "stop"} == {stop_id}
