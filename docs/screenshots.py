@@ -6,7 +6,8 @@
 Builds a throw-away ledger (SQLite, in a temporary folder) the way a reading room would see it:
 
 * six held studies, each run through the real pipeline with the shipped model (so every image, overlay,
-  OODM and histogram on the pages is what the product computes): a borderline prostate MR, two head MRs
+  OODM and histogram on the pages is what the product computes): a prostate MR blurred by patient motion
+  (sigma 2 voxels, which the model segments badly and the gate holds; ``docs/evidence.md``), two head MRs
   (an organ the model never saw), two PET scans (a modality it never saw) and a CT with a metal artefact,
   from different scanners (calling AE, station name), back-dated so they have waited 9 minutes to
   a day;
@@ -141,6 +142,19 @@ def _metal_ct() -> tuple[np.ndarray, Any, str]:
     return np.clip(image, -1024.0, 3071.0), case.spacing, "CT"
 
 
+def _blurred(kind: str, index: int, sigma: float) -> Callable[[], tuple[np.ndarray, Any, str]]:
+    """A clinical case blurred (motion, a soft kernel) by a Gaussian of ``sigma`` voxels."""
+    from scipy import ndimage
+
+    clear = _clinical(kind, index)
+
+    def make() -> tuple[np.ndarray, Any, str]:
+        image, spacing, modality = clear()
+        return ndimage.gaussian_filter(image, sigma=sigma, mode="nearest"), spacing, modality
+
+    return make
+
+
 def _hippocampus(index: int) -> Callable[[], tuple[np.ndarray, Any, str]]:
     from model.data.clinical import Geometry
 
@@ -149,7 +163,7 @@ def _hippocampus(index: int) -> Callable[[], tuple[np.ndarray, Any, str]]:
 
 HELD = (
     HeldCase("prostate", "MR_3T_A", ("NORDMANN^ERIK", "PID-448213", "19570314", "M"), timedelta(minutes=26),
-             _clinical("mr_prostate", 1002)),
+             _blurred("mr_prostate", 1002, 2.0)),
     HeldCase("pet-1", "PETCT_1", ("OKONKWO^GRACE", "PID-501177", "19660921", "F"), timedelta(minutes=9),
              _clinical("pt_tumour", 1000)),
     HeldCase("head-1", "MR_15T", ("SILVA^MARTA", "PID-390561", "19880402", "F"), timedelta(hours=2, minutes=12),
