@@ -439,3 +439,15 @@ def test_an_export_takes_the_live_held_result_not_the_shadow_one_beside_it(migra
         chosen = select_jobs(s, Criteria(frozenset({"held"}), since=date(2000, 1, 1)))
     assert [c.job_id for c in chosen] == [pair.live]
 
+
+def test_the_ood_rate_counts_the_live_result_of_a_study_not_the_shadow_one(migrated) -> None:
+    """Migration 0016: ``v_ood_rate`` (the reports page's OOD-rate chart) leaves shadow results out; a shadow
+    model that holds everything does not move the live gate's rate."""
+    _, _, sessions = migrated
+    for _ in range(3):
+        _pair(sessions, live_state=JobState.RELEASED, shadow_state=JobState.HELD, live_ood=False, shadow_ood=True)
+    with session_scope(sessions) as s:
+        rows = REPORTS["ood-rate"].run(s)
+    assert {r["model_id"] for r in rows} == {"default:1"}
+    assert (sum(r["results"] for r in rows), sum(r["ood"] for r in rows)) == (3, 0)
+
