@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ledger.schema import Instance, Job, JobState, Result, Review, ReviewDecision, Series
+from ledger.sql import day_start, past_day
 
 __all__ = ["KINDS", "Criteria", "Selected", "select_jobs"]
 
@@ -82,13 +83,14 @@ def _kind(state: JobState, decisions: Collection[str]) -> str | None:
 
 def select_jobs(session: Session, criteria: Criteria) -> list[Selected]:
     """The jobs ``criteria`` select, oldest first."""
-    start = datetime.combine(criteria.since, time(), tzinfo=UTC)
+    start = day_start(criteria.since)
     q = (select(Job, Result).join(Result, Result.job_id == Job.id)
          .where(Job.state.in_([JobState.HELD, JobState.REJECTED, JobState.APPROVED, JobState.SENT]),
                 Job.created_at >= start, Result.superseded.is_(False), Job.shadow.is_(False))
          .order_by(Job.created_at, Job.id))
-    if criteria.until is not None:
-        q = q.where(Job.created_at < datetime.combine(criteria.until + timedelta(days=1), time(), tzinfo=UTC))
+    end = past_day(criteria.until) if criteria.until is not None else None
+    if end is not None:
+        q = q.where(Job.created_at < end)
     if criteria.model is not None:
         q = q.where(func.coalesce(Job.model_name, "default") == criteria.model)
     out = []

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, timedelta
 from statistics import NormalDist
 from typing import Any
 
@@ -57,6 +57,7 @@ from .schema import (
     Series,
     Study,
 )
+from .sql import day_start, past_day
 
 __all__ = ["CONFIDENCE", "FIGURES", "PROPORTIONS", "SYSTEM_USER", "by_month", "by_source", "by_week", "proportion", "wilson"]
 
@@ -102,10 +103,11 @@ FIGURES = ("held", "approved", "rejected", "undecided", "held_right", "held_righ
 def _labelled_results(session: Session, since: date | None, until: date | None) -> list[Row]:
     """One row per result of the period: its model, source, day, and the labels people gave it."""
     period = []
+    end = past_day(until) if until is not None else None
     if since is not None:
-        period.append(Result.created_at >= datetime.combine(since, time(), UTC))
-    if until is not None:
-        period.append(Result.created_at < datetime.combine(until + timedelta(days=1), time(), UTC))
+        period.append(Result.created_at >= day_start(since))
+    if end is not None:
+        period.append(Result.created_at < end)
     in_period = select(Result.id).where(*period)
     results = session.execute(
         select(Result.id, Result.job_id, Result.model_id, Result.is_ood, Result.superseded, Result.created_at,

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import threading
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-__all__ = ["Prepared", "RawConnections", "insert_ignore"]
+__all__ = ["Prepared", "RawConnections", "day_start", "insert_ignore", "past_day"]
+
+
+def day_start(day: date) -> datetime:
+    """The first instant of a UTC day, for ``column >= day_start(since)``."""
+    return datetime.combine(day, time(), UTC)
+
+
+def past_day(day: date) -> datetime | None:
+    """The first instant after a UTC day, for ``column < past_day(until)`` (both ends of a period of days
+    included); None for the last day a date can name (9999-12-31), after which no instant can be::
+
+        >>> past_day(date(2026, 12, 31)).isoformat(), past_day(date.max)
+        ('2027-01-01T00:00:00+00:00', None)
+    """
+    return None if day == date.max else datetime.combine(day + timedelta(days=1), time(), UTC)
 
 
 def insert_ignore(session: Session, model: Any, values: dict[str, Any]) -> int:
