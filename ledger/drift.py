@@ -106,6 +106,8 @@ class DriftConfig:
     metadata_tolerance: float = 0.05
     notify_url: str | None = None
     notify_timeout_s: float = 5.0
+    #: hold a chart's results while its ``metadata`` alarm is open, as while a ``stop`` alarm is
+    hold_on_metadata: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_lambda <= 1.0 or not 0.0 < self.rate_lambda <= 1.0:
@@ -263,6 +265,18 @@ class Watch:
 
     stop_alarm_id: int | None = None
     opened: tuple[OpenedAlarm, ...] = ()
+    #: the chart's open ``metadata`` alarm when the settings hold on one (``hold_on_metadata``), else None
+    metadata_alarm_id: int | None = None
+
+    @property
+    def hold(self) -> tuple[int, str] | None:
+        """(alarm id, ``held_for``) when the result must be held: a ``stop`` alarm first, then a held-on
+        ``metadata`` alarm; None otherwise."""
+        if self.stop_alarm_id is not None:
+            return self.stop_alarm_id, "drift_stop"
+        if self.metadata_alarm_id is not None:
+            return self.metadata_alarm_id, "drift_metadata"
+        return None
 
 
 def source_key(calling_ae: str, meta: SeriesMetadata, model: str) -> str:
@@ -384,7 +398,7 @@ def observe(s: Session, job_id: int, *, model: str, meta: SeriesMetadata, oodm: 
     chart = _chart(s, calling_ae, meta, model)
     already = s.execute(select(DriftObservation.id).where(DriftObservation.job_id == job_id)).scalar()
     if already is not None:
-        return Watch(_open_kinds(s, chart.id).get("stop"))
+        return _watch(_open_kinds(s, chart.id), (), cfg)
     now = utcnow()
     x = score(oodm, tau)
     row = DriftObservation(job_id=job_id, chart_id=chart.id, model=model[:64], calling_ae=calling_ae,
@@ -423,8 +437,11 @@ def observe(s: Session, job_id: int, *, model: str, meta: SeriesMetadata, oodm: 
                  details={"chart_id": chart.id, "model": model, "score": round(x, 6), "in_baseline": row.in_baseline,
                           "ewma_oodm": row.ewma_oodm, "ewma_rate": row.ewma_rate,
                           "metadata": row.metadata_})
-    stop = _open_kinds(s, chart.id).get("stop")
-    return Watch(stop, tuple(opened))
+    return _watch(_open_kinds(s, chart.id), tuple(opened), cfg)
+
+
+def _watch(open_kinds: Mapping[str, int], opened: tuple[OpenedAlarm, ...], cfg: DriftConfig) -> Watch:
+    return Watch(open_kinds.get("stop"), opened, open_kinds.get("metadata") if cfg.hold_on_metadata else None)
 
 
 def baseline_stats(chart: DriftChart, cfg: DriftConfig) -> tuple[float, float, float]:

@@ -392,6 +392,10 @@ class Settings(BaseSettings):
     drift_metadata_tolerance: float = Field(
         default=0.05, ge=0, le=10,
         description="slice thickness, pixel spacing, kVp past the baseline's range by more than this (relative) alarm")
+    drift_hold_on_metadata: bool = Field(
+        default=False, description="while a source's metadata alarm is open (a software version, station or kernel "
+                                   "its sender's baselines never saw), hold its results whatever their OODM, until an "
+                                   "admin clears the alarm (the new source's own chart is still gathering its baseline)")
     drift_notify_url: str | None = Field(default=None, description="POST each new drift alarm as JSON here "
                                                                    "(a webhook); a failure is audited, not fatal")
 
@@ -777,7 +781,8 @@ class Settings(BaseSettings):
                            baseline_since=self.drift_baseline_since, baseline_until=self.drift_baseline_until,
                            ewma_lambda=self.drift_ewma_lambda, rate_lambda=self.drift_rate_lambda,
                            limit_l=self.drift_limit_l, stop_l=self.drift_stop_l, sd_floor=self.drift_sd_floor,
-                           metadata_tolerance=self.drift_metadata_tolerance, notify_url=self.drift_notify_url)
+                           metadata_tolerance=self.drift_metadata_tolerance, notify_url=self.drift_notify_url,
+                           hold_on_metadata=self.drift_hold_on_metadata)
 
     @model_validator(mode="after")
     def _drift_limits(self) -> Settings:

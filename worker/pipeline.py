@@ -437,8 +437,9 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
            timings: dict[str, float], hold_incomplete: bool = False,
            series_meta: drift.SeriesMetadata | None = None) -> StudyOutcome:
     """The result recorded and the job ``held`` (out of distribution; or ``incomplete_at_source`` under a
-    rule whose ``when_incomplete`` is ``hold``; or its source's drift stop alarm is open: ``drift_stop``)
-    or ``released``. ``series_meta``: the series' acquisition metadata, charted (:mod:`ledger.drift`)."""
+    rule whose ``when_incomplete`` is ``hold``; or its source's drift stop alarm is open: ``drift_stop``; or,
+    with ``drift_hold_on_metadata``, its metadata alarm: ``drift_metadata``) or ``released``. ``series_meta``:
+    the series' acquisition metadata, charted (:mod:`ledger.drift`)."""
     incomplete = (c.completeness or {}).get("state") == "incomplete_at_source"
     held_incomplete = incomplete and hold_incomplete
     to = JobState.HELD if out.is_ood or held_incomplete else JobState.RELEASED
@@ -465,15 +466,15 @@ def finish(sessions: sessionmaker[Session], c: Claim, cfg: PipelineConfig, *, pa
         if cfg.drift is not None and cfg.drift.enabled and series_meta is not None:
             watch = drift.observe(s, c.job_id, model=configured_model, meta=series_meta, oodm=out.oodm, tau=out.tau,
                                   is_ood=out.is_ood, cfg=cfg.drift, actor=cfg.actor)
-        drift_stop = watch.stop_alarm_id is not None and to == JobState.RELEASED
-        to = JobState.HELD if drift_stop else to
+        drift_hold = watch.hold if to == JobState.RELEASED else None  # a stop (or held-on metadata) alarm
+        to = JobState.HELD if drift_hold is not None else to
         jobs.transition(s, c.job_id, to, actor=cfg.actor, expect=JobState.RUNNING,
                         guard=[Job.task_id == c.task_id], heartbeat_at=utcnow(),
                         details={"oodm": round(out.oodm, 6), "tau": round(out.tau, 6), "result_id": result.id,
                                  "seg_sop_instance_uid": seg_uid,
                                  **({"held_for": "incomplete_at_source"} if held_incomplete else {}),
-                                 **({"held_for": "drift_stop", "drift_alarm_id": watch.stop_alarm_id}
-                                    if drift_stop else {})})
+                                 **({"held_for": drift_hold[1], "drift_alarm_id": drift_hold[0]}
+                                    if drift_hold is not None else {})})
         audit.append(s, actor=cfg.actor, action="result.created", object_type="result", object_id=result.id,
                      details={"job_id": c.job_id, "gate": "ood" if out.is_ood else "in_distribution",
                               "gate_reason": out.gate_reason, "model": configured_model,

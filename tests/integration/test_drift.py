@@ -146,7 +146,7 @@ def test_metadata_novelty_new_software_version_accepted_by_clearing(migrated) ->
     job_id, watch = _observe(sessions, "CT_EAST", TAU * 0.4, updated)
     assert [(a.kind, a.detail["novel"]) for a in watch.opened] == [
         ("metadata", {"software_versions": "VB10", "slice_thickness": 2.5})]
-    assert watch.stop_alarm_id is None  # a metadata alarm does not hold results
+    assert watch.stop_alarm_id is None and watch.hold is None  # by default a metadata alarm does not hold results
     _, second = _observe(sessions, "CT_EAST", TAU * 0.4, updated)
     assert second.opened == ()  # one open alarm per chart and kind
     with session_scope(sessions) as s:
@@ -263,3 +263,34 @@ def test_baseline_by_date_range(migrated) -> None:
         scores = [math.log(o / TAU) for o in (0.010, 0.012, 0.011, 0.013)]
         assert chart["baseline_mean"] == pytest.approx(np.mean(scores), abs=1e-4)
         assert chart["baseline_sd"] == pytest.approx(np.std(scores, ddof=1), abs=1e-4)
+
+
+def test_with_hold_on_metadata_a_new_software_version_is_held_until_cleared(migrated) -> None:
+    """``drift_hold_on_metadata``: the studies of a source whose metadata alarm is open are held (the worker
+    holds them ``drift_metadata``), like a stop; clearing the alarm releases the next ones."""
+    _, _, sessions = migrated
+    hold = DriftConfig(**{**CFG.__dict__, "hold_on_metadata": True})
+    rng = np.random.default_rng(7)
+    for x in rng.normal(-1.0, 0.2, CFG.baseline_studies):
+        _, watch = _observe(sessions, "CT_EAST", TAU * math.exp(x), cfg=hold)
+        assert watch.hold is None
+    updated = SeriesMetadata(**{**SCANNER.__dict__, "software_versions": "VB10"})
+    _, first = _observe(sessions, "CT_EAST", TAU * 0.4, updated, cfg=hold)
+    [alarm] = first.opened
+    assert alarm.kind == "metadata" and first.hold == (alarm.id, "drift_metadata")
+    _, second = _observe(sessions, "CT_EAST", TAU * 0.4, updated, cfg=hold)
+    assert second.opened == () and second.hold == (alarm.id, "drift_metadata")  # still held, one alarm
+    _, other = _observe(sessions, "CT_EAST", TAU * 0.4, cfg=hold)  # the scanner that was not updated
+    assert other.hold is None
+    with session_scope(sessions) as s:
+        drift.clear(s, alarm.id, user="user:root", reason="VB10 checked by physics on a phantom")
+    _, after = _observe(sessions, "CT_EAST", TAU * 0.4, updated, cfg=hold)
+    assert after.hold is None
+
+
+def test_the_hold_on_metadata_setting_reaches_the_drift_config(tmp_path) -> None:
+    from specgate.settings import Settings
+
+    assert Settings.load(data_dir=tmp_path).drift_config().hold_on_metadata is False
+    assert Settings.load(data_dir=tmp_path, drift_hold_on_metadata=True).drift_config().hold_on_metadata is True
+
