@@ -82,6 +82,11 @@ class Uploader:
                 continue
             except DatabaseUnavailable as exc:
                 log.error("uploader: ledger unavailable, retrying: %s", exc)
+            except Exception:  # noqa: BLE001 - a bug must not end the uploads for good (the SCP keeps running)
+                backoff = min(30.0, max(1.0, backoff * 2))
+                log.exception("uploader: unexpected error, retrying in %.0f s (the spool keeps every file)", backoff)
+                self._stop.wait(backoff)
+                continue
             self._stop.wait(self.interval_s)
 
     def pending(self) -> list[tuple[int, str, str]]:

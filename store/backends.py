@@ -259,7 +259,9 @@ class S3Store(Store):
         return self.prefix + _clean_key(key)
 
     def _error(self, what: str, key: str, exc: Exception) -> StoreError:
-        detail = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
+        # a ClientError's response is a dict; botocore's connection errors carry ``response = None``
+        response = getattr(exc, "response", None)
+        detail = response.get("Error", {}) if isinstance(response, dict) else {}
         code = detail.get("Code") if isinstance(detail, dict) else None
         why = f"{code}: {detail.get('Message', '')}".strip(": ") if code else f"{type(exc).__name__}: {exc}"
         return StoreError(f"{self.describe()}: {what} {key}: {why}"[:1000])

@@ -125,3 +125,37 @@ def test_a_failed_fetch_leaves_no_partial_file(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         cache.get("keys/results/x", broken)
     assert [p for p in (tmp_path / "c").rglob("*") if p.is_file()] == []
+
+
+def test_a_connection_the_store_closes_mid_request_is_a_store_error(tmp_path: Path, s3_store_config) -> None:
+    """An S3 server killed mid-upload: botocore's ConnectionClosedError carries ``response = None``, which
+    once turned the StoreError into an AttributeError that ended the SCP's uploader thread for good."""
+    import socket
+    import threading
+    from dataclasses import replace
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def close_each() -> None:  # accept, read the request's head, close without a word
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.recv(65536)
+            conn.close()
+
+    thread = threading.Thread(target=close_each, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        s = S3Store(replace(s3_store_config, endpoint_url=endpoint, connect_timeout_s=1.0, read_timeout_s=2.0),
+                    tmp_path)
+        with pytest.raises(StoreError, match="cannot store instances/x.dcm: ConnectionClosedError"):
+            s.put("instances/x.dcm", _file(tmp_path, "x.dcm", b"DICM"))
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from store import StoreError, instance_key, open_store
 from tests.integration.dicom_node.helpers import CALLER, store
 from tests.integration.review.helpers import Client, Recorder, ReviewServer, make_user, review_config
 from tests.integration.worker.test_pipeline import _segmenter, _signature_of
-from tests.peers import SeaweedS3, free_port
+from tests.peers import SeaweedS3, free_port, wait_for
 from worker.config import PipelineConfig
 from worker.pipeline import AttemptFailed, claim, retry_or_fail, run_job
 
@@ -228,3 +229,36 @@ def test_an_object_lost_from_the_store_ends_the_job_failed_not_waiting_forever(m
         job = s.get(Job, job_id)
         assert (job.state, job.attempts, job.reason_code) == (JobState.FAILED, 2, "input_missing")
         assert lost in job.reason_detail
+
+
+class _BuggyOnce:
+    """The store with a bug in its first upload (what no StoreError names): the uploader must go on."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.failed = store, 0
+
+    def put(self, key: str, src: Path) -> None:
+        if not self.failed:
+            self.failed += 1
+            raise RuntimeError("a bug in the first upload")
+        self.store.put(key, src)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_the_uploader_outlives_an_unexpected_error(migrated, tmp_path: Path) -> None:
+    base, _, sessions = migrated
+    server = SeaweedS3(tmp_path / "s3").start()
+    try:
+        scp_settings = _s3_settings(base, tmp_path / "scp-host", server, "bug", study_quiet_seconds=0.001)
+        _, series = _receive(scp_settings, sessions, tmp_path, seed=14)
+        store = _BuggyOnce(open_store(scp_settings.store_config(), scp_settings.data_dir))
+        uploader = Uploader(sessions, store, scp_settings.data_dir, interval_s=0.05).start()  # type: ignore[arg-type]
+        try:
+            wait_for(lambda: None not in _keys(sessions), timeout=60, what="every instance uploaded after the bug")
+        finally:
+            uploader.stop()
+        assert store.failed == 1 and len(_keys(sessions)) == len(series.paths)
+    finally:
+        server.stop()
